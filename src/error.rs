@@ -1,0 +1,100 @@
+//! Every error pg_emit raises, with its SQLSTATE.
+//!
+//! Callers match on SQLSTATE, so each variant maps to the class PostgreSQL
+//! itself uses for the same kind of fault: bad arguments are 22023 like
+//! any built-in function's, a trigger attached to the wrong event is
+//! 39P01 like `tsvector_update_trigger`'s, and delivery failures promoted
+//! by `pg_emit.on_error = error` are class 08 (connection exception).
+
+use crate::options::OptionError;
+use crate::transport::tcp::SendError;
+use pgrx::pg_sys::panic::ErrorReport;
+use pgrx::{PgLogLevel, PgSqlErrorCode};
+
+#[derive(Debug, thiserror::Error)]
+pub enum EmitError {
+    /// A bad argument to an SQL function; `func` names it.
+    #[error("{func}: {source}")]
+    Argument {
+        func: &'static str,
+        source: OptionError,
+    },
+    /// A bad trigger argument; `trigger` is `row_to_socket trigger "x" on "s"."t"`.
+    #[error("{trigger}: {source}")]
+    TriggerArgument {
+        trigger: String,
+        source: OptionError,
+    },
+    /// Attached to an event it cannot handle.
+    #[error("{trigger}: {problem}")]
+    TriggerEvent { trigger: String, problem: String },
+    /// A delivery mode this build does not provide.
+    #[error("{trigger}: delivery={mode} is not available in this version of pg_emit")]
+    DeliveryUnavailable { trigger: String, mode: &'static str },
+    /// A failed delivery under `pg_emit.on_error = error`.
+    #[error("{context}: could not send to {dest}: {source}")]
+    Delivery {
+        context: String,
+        dest: String,
+        source: SendError,
+    },
+    /// A destination skipped because it failed moments ago.
+    #[error("{context}: not sending to {dest}: it failed {ago_ms} ms ago ({reason}); next attempt in {left_ms} ms (pg_emit.failure_cooldown)")]
+    CoolingDown {
+        context: String,
+        dest: String,
+        reason: String,
+        ago_ms: u128,
+        left_ms: u128,
+    },
+}
+
+impl EmitError {
+    pub fn sqlstate(&self) -> PgSqlErrorCode {
+        use PgSqlErrorCode::*;
+        match self {
+            EmitError::Argument { .. } | EmitError::TriggerArgument { .. } => {
+                ERRCODE_INVALID_PARAMETER_VALUE
+            }
+            EmitError::TriggerEvent { .. } => ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED,
+            EmitError::DeliveryUnavailable { .. } => ERRCODE_FEATURE_NOT_SUPPORTED,
+            EmitError::Delivery { source, .. } => match source {
+                SendError::HostNotFound { .. }
+                | SendError::ResolveTimeout { .. }
+                | SendError::Refused(_)
+                | SendError::ConnectTimeout { .. }
+                | SendError::Connect { .. } => ERRCODE_SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
+                _ => ERRCODE_CONNECTION_FAILURE,
+            },
+            EmitError::CoolingDown { .. } => ERRCODE_SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
+        }
+    }
+
+    fn hint(&self) -> Option<&'static str> {
+        match self {
+            EmitError::TriggerArgument { .. } => Some(
+                "row_to_socket takes (host, port [, 'key=value' ...]) with keys delivery=sync|commit|async, format=json|td, framing=close|ndjson.",
+            ),
+            _ => None,
+        }
+    }
+
+    fn report(&self) -> ErrorReport {
+        let r = ErrorReport::new(self.sqlstate(), self.to_string(), "pg_emit");
+        match self.hint() {
+            Some(h) => r.set_hint(h),
+            None => r,
+        }
+    }
+
+    /// Raises this as an ERROR; does not return.
+    pub fn raise(self) -> ! {
+        self.report().report(PgLogLevel::ERROR);
+        unreachable!("ERROR returned")
+    }
+
+    /// Logs this as a WARNING and carries on.
+    pub fn warn(self) {
+        self.report().report(PgLogLevel::WARNING);
+    }
+}

@@ -1,0 +1,242 @@
+//! The event envelope.
+//!
+//! Row bodies arrive already serialized by PostgreSQL's `row_to_json`, so
+//! type fidelity (numerics, jsonb, arrays, timestamps) is PostgreSQL's own;
+//! this module only wraps them. It writes bytes straight into a reused
+//! buffer: at tens of thousands of rows per second a serde tree per row
+//! would cost more than the socket write.
+
+use crate::options::Format;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Insert,
+    Update,
+    Delete,
+    Truncate,
+}
+
+impl Op {
+    pub fn name(self) -> &'static str {
+        match self {
+            Op::Insert => "INSERT",
+            Op::Update => "UPDATE",
+            Op::Delete => "DELETE",
+            Op::Truncate => "TRUNCATE",
+        }
+    }
+}
+
+/// Facts about the firing that only `format=td` needs beyond the basics.
+#[derive(Debug, Clone, Copy)]
+pub struct Event<'a> {
+    pub op: Op,
+    pub schema: &'a str,
+    pub table: &'a str,
+    /// `BEFORE`, `AFTER` or `INSTEAD OF`.
+    pub when: &'a str,
+    /// `ROW` or `STATEMENT`.
+    pub level: &'a str,
+    pub trigger_name: &'a str,
+    pub relid: u32,
+    /// All trigger arguments, as plpython exposes them in `TD["args"]`.
+    pub args: &'a [&'a str],
+}
+
+/// Appends one event to `buf`. `new`/`old` are `row_to_json` output.
+///
+/// With `one_line`, raw line breaks are turned into spaces: a `json`
+/// column keeps the whitespace it was stored with, and a line break
+/// outside a JSON string is insignificant, so the document stays
+/// equivalent while it can no longer split an ndjson line.
+pub fn write_event(
+    buf: &mut Vec<u8>,
+    format: Format,
+    ev: &Event<'_>,
+    new: Option<&[u8]>,
+    old: Option<&[u8]>,
+    one_line: bool,
+) {
+    match format {
+        Format::Json => {
+            buf.extend_from_slice(b"{\"op\":\"");
+            buf.extend_from_slice(ev.op.name().as_bytes());
+            buf.extend_from_slice(b"\",\"schema\":");
+            push_string(buf, ev.schema);
+            buf.extend_from_slice(b",\"table\":");
+            push_string(buf, ev.table);
+            buf.extend_from_slice(b",\"new\":");
+            push_row(buf, new, one_line);
+            buf.extend_from_slice(b",\"old\":");
+            push_row(buf, old, one_line);
+            buf.push(b'}');
+        }
+        Format::Td => {
+            buf.extend_from_slice(b"{\"event\":\"");
+            buf.extend_from_slice(ev.op.name().as_bytes());
+            buf.extend_from_slice(b"\",\"when\":");
+            push_string(buf, ev.when);
+            buf.extend_from_slice(b",\"level\":");
+            push_string(buf, ev.level);
+            buf.extend_from_slice(b",\"name\":");
+            push_string(buf, ev.trigger_name);
+            buf.extend_from_slice(b",\"table_name\":");
+            push_string(buf, ev.table);
+            buf.extend_from_slice(b",\"table_schema\":");
+            push_string(buf, ev.schema);
+            // plpython renders relid with oidout, i.e. as a string.
+            buf.extend_from_slice(b",\"relid\":\"");
+            buf.extend_from_slice(ev.relid.to_string().as_bytes());
+            buf.extend_from_slice(b"\",\"new\":");
+            push_row(buf, new, one_line);
+            buf.extend_from_slice(b",\"old\":");
+            push_row(buf, old, one_line);
+            buf.extend_from_slice(b",\"args\":");
+            // plpython gives None, not an empty list, without arguments.
+            if ev.args.is_empty() {
+                buf.extend_from_slice(b"null");
+            } else {
+                buf.push(b'[');
+                for (i, a) in ev.args.iter().enumerate() {
+                    if i > 0 {
+                        buf.push(b',');
+                    }
+                    push_string(buf, a);
+                }
+                buf.push(b']');
+            }
+            buf.push(b'}');
+        }
+    }
+}
+
+fn push_row(buf: &mut Vec<u8>, row: Option<&[u8]>, one_line: bool) {
+    match row {
+        None => buf.extend_from_slice(b"null"),
+        Some(json) if one_line => buf.extend(json.iter().map(|&b| match b {
+            b'\n' | b'\r' => b' ',
+            b => b,
+        })),
+        Some(json) => buf.extend_from_slice(json),
+    }
+}
+
+/// Appends `s` as a JSON string literal.
+pub fn push_string(buf: &mut Vec<u8>, s: &str) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    buf.push(b'"');
+    let bytes = s.as_bytes();
+    let mut start = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        let esc: &[u8] = match b {
+            b'"' => b"\\\"",
+            b'\\' => b"\\\\",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            b'\t' => b"\\t",
+            0..=0x1f => b"",
+            _ => continue,
+        };
+        buf.extend_from_slice(&bytes[start..i]);
+        if esc.is_empty() {
+            buf.extend_from_slice(b"\\u00");
+            buf.push(HEX[(b >> 4) as usize]);
+            buf.push(HEX[(b & 0xf) as usize]);
+        } else {
+            buf.extend_from_slice(esc);
+        }
+        start = i + 1;
+    }
+    buf.extend_from_slice(&bytes[start..]);
+    buf.push(b'"');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(op: Op) -> Event<'static> {
+        Event {
+            op,
+            schema: "public",
+            table: "orders",
+            when: "AFTER",
+            level: "ROW",
+            trigger_name: "orders_out",
+            relid: 16384,
+            args: &["127.0.0.1", "26200"],
+        }
+    }
+
+    fn render(
+        format: Format,
+        op: Op,
+        new: Option<&str>,
+        old: Option<&str>,
+        one_line: bool,
+    ) -> String {
+        let mut buf = Vec::new();
+        write_event(
+            &mut buf,
+            format,
+            &ev(op),
+            new.map(str::as_bytes),
+            old.map(str::as_bytes),
+            one_line,
+        );
+        String::from_utf8(buf).unwrap()
+    }
+
+    #[test]
+    fn json_envelope_matches_the_contract() {
+        assert_eq!(
+            render(
+                Format::Json,
+                Op::Update,
+                Some(r#"{"id":1,"total":9.50}"#),
+                Some(r#"{"id":1,"total":7.00}"#),
+                false
+            ),
+            r#"{"op":"UPDATE","schema":"public","table":"orders","new":{"id":1,"total":9.50},"old":{"id":1,"total":7.00}}"#
+        );
+        assert_eq!(
+            render(Format::Json, Op::Truncate, None, None, false),
+            r#"{"op":"TRUNCATE","schema":"public","table":"orders","new":null,"old":null}"#
+        );
+    }
+
+    #[test]
+    fn td_envelope_uses_plpython_names() {
+        assert_eq!(
+            render(Format::Td, Op::Insert, Some(r#"{"id":1}"#), None, false),
+            r#"{"event":"INSERT","when":"AFTER","level":"ROW","name":"orders_out","table_name":"orders","table_schema":"public","relid":"16384","new":{"id":1},"old":null,"args":["127.0.0.1","26200"]}"#
+        );
+        let mut buf = Vec::new();
+        let mut e = ev(Op::Delete);
+        e.args = &[];
+        write_event(&mut buf, Format::Td, &e, None, Some(b"{}"), false);
+        assert!(String::from_utf8(buf)
+            .unwrap()
+            .ends_with(r#""old":{},"args":null}"#));
+    }
+
+    #[test]
+    fn one_line_removes_raw_line_breaks_only() {
+        let row = "{\"j\":{\"a\":\r\n 1},\"s\":\"x\\ny\"}";
+        let out = render(Format::Json, Op::Insert, Some(row), None, true);
+        assert!(!out.contains('\n') && !out.contains('\r'));
+        assert!(out.contains(r#""s":"x\ny""#), "escaped newline kept: {out}");
+        let kept = render(Format::Json, Op::Insert, Some(row), None, false);
+        assert!(kept.contains("\r\n"));
+    }
+
+    #[test]
+    fn strings_are_escaped() {
+        let mut buf = Vec::new();
+        push_string(&mut buf, "a\"b\\c\nd\te\u{1}f\u{7f}é\r");
+        assert_eq!(
+            String::from_utf8(buf).unwrap(),
+            "\"a\\\"b\\\\c\\nd\\te\\u0001f\u{7f}é\\r\""
+        );
+    }
+}

@@ -1,0 +1,337 @@
+//! Trigger arguments.
+//!
+//! `row_to_socket(host, port [, 'key=value' ...])`. PostgreSQL stores trigger
+//! arguments as plain strings and cannot check them at `CREATE TRIGGER`, so
+//! the first firing is where a typo surfaces. Every mistake is reported with
+//! the 1-based argument position as the DBA wrote it, so `CREATE TRIGGER`
+//! lines with five arguments stay easy to fix; nothing falls back to a
+//! silent default.
+
+use std::fmt;
+
+/// When an event leaves the database (see the delivery-modes table in the README).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    Sync,
+    Commit,
+    Async,
+}
+
+impl Delivery {
+    pub fn name(self) -> &'static str {
+        match self {
+            Delivery::Sync => "sync",
+            Delivery::Commit => "commit",
+            Delivery::Async => "async",
+        }
+    }
+}
+
+/// Shape of the event JSON.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Format {
+    /// `{"op","schema","table","new","old"}`.
+    #[default]
+    Json,
+    /// plpython's `TD` dictionary key names, for receivers of the old recipe.
+    Td,
+}
+
+/// How messages are delimited on a TCP connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Framing {
+    /// One connection per message; end-of-stream marks the end, exactly as
+    /// the plpython recipe did.
+    #[default]
+    Close,
+    /// One kept-open connection per destination, one JSON document per line.
+    Ndjson,
+}
+
+/// Parsed `'key=value'` options. `delivery` stays `None` when not given so
+/// that `pg_emit.default_delivery` is read at firing time, not frozen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Options {
+    pub delivery: Option<Delivery>,
+    pub format: Format,
+    pub framing: Framing,
+}
+
+/// `host` and `port` as given to `row_to_socket`, after validation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SocketTarget {
+    pub host: String,
+    pub port: u16,
+    pub options: Options,
+}
+
+/// Longest host name DNS can carry (RFC 1035 limits names to 253
+/// characters plus the dot); anything longer is a mistake or an attack.
+pub const MAX_HOST_LEN: usize = 255;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OptionError {
+    #[error("missing host: expected arguments (host, port [, 'key=value' ...])")]
+    MissingHost,
+    #[error("missing port: expected arguments (host, port [, 'key=value' ...])")]
+    MissingPort,
+    #[error("host must not be empty")]
+    EmptyHost,
+    #[error("host is {0} bytes long; the limit is 255")]
+    HostTooLong(usize),
+    #[error("host {0:?} contains a control character or whitespace")]
+    HostBadChar(String),
+    #[error("port {0:?} is not an integer between 1 and 65535")]
+    BadPort(String),
+    #[error("argument {pos} {arg:?} is not of the form key=value")]
+    Malformed { pos: usize, arg: String },
+    #[error("argument {pos}: unknown option {key:?} (known options: delivery, format, framing)")]
+    UnknownKey { pos: usize, key: String },
+    #[error("argument {pos}: {key}={value:?} is not valid (expected {expected})")]
+    BadValue {
+        pos: usize,
+        key: &'static str,
+        value: String,
+        expected: &'static str,
+    },
+    #[error("argument {pos}: option {key:?} is given twice")]
+    Duplicate { pos: usize, key: &'static str },
+}
+
+/// Validates a host as given by a user: the network layer only sees names
+/// that could be real, so error messages can blame the argument rather than
+/// a later "host not found".
+pub fn check_host(host: &str) -> Result<(), OptionError> {
+    if host.is_empty() {
+        return Err(OptionError::EmptyHost);
+    }
+    if host.len() > MAX_HOST_LEN {
+        return Err(OptionError::HostTooLong(host.len()));
+    }
+    if host.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err(OptionError::HostBadChar(host.to_string()));
+    }
+    Ok(())
+}
+
+/// Port from an SQL integer argument.
+pub fn check_port(port: i32) -> Result<u16, OptionError> {
+    u16::try_from(port)
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| OptionError::BadPort(port.to_string()))
+}
+
+/// Port from a trigger argument (text).
+pub fn parse_port(port: &str) -> Result<u16, OptionError> {
+    port.trim()
+        .parse::<u16>()
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| OptionError::BadPort(port.to_string()))
+}
+
+/// Parses `row_to_socket` trigger arguments.
+pub fn parse_socket_args<S: AsRef<str>>(args: &[S]) -> Result<SocketTarget, OptionError> {
+    let host = args.first().ok_or(OptionError::MissingHost)?.as_ref();
+    check_host(host)?;
+    let port = parse_port(args.get(1).ok_or(OptionError::MissingPort)?.as_ref())?;
+    let options = parse_options(&args[2..], 3)?;
+    Ok(SocketTarget {
+        host: host.to_string(),
+        port,
+        options,
+    })
+}
+
+/// Parses `'key=value'` arguments; `first_pos` is the 1-based position of
+/// the first of them among all trigger arguments.
+pub fn parse_options<S: AsRef<str>>(args: &[S], first_pos: usize) -> Result<Options, OptionError> {
+    let mut opts = Options::default();
+    let mut seen = [false; 3];
+    for (i, arg) in args.iter().enumerate() {
+        let pos = first_pos + i;
+        let arg = arg.as_ref();
+        let (key, value) = arg
+            .split_once('=')
+            .map(|(k, v)| (k.trim(), v.trim()))
+            .filter(|(k, _)| !k.is_empty())
+            .ok_or_else(|| OptionError::Malformed {
+                pos,
+                arg: arg.to_string(),
+            })?;
+        let bad = |key: &'static str, expected: &'static str| OptionError::BadValue {
+            pos,
+            key,
+            value: value.to_string(),
+            expected,
+        };
+        let slot = match key.to_ascii_lowercase().as_str() {
+            "delivery" => {
+                opts.delivery = Some(match value.to_ascii_lowercase().as_str() {
+                    "sync" => Delivery::Sync,
+                    "commit" => Delivery::Commit,
+                    "async" => Delivery::Async,
+                    _ => return Err(bad("delivery", "sync, commit or async")),
+                });
+                (0, "delivery")
+            }
+            "format" => {
+                opts.format = match value.to_ascii_lowercase().as_str() {
+                    "json" => Format::Json,
+                    "td" => Format::Td,
+                    _ => return Err(bad("format", "json or td")),
+                };
+                (1, "format")
+            }
+            "framing" => {
+                opts.framing = match value.to_ascii_lowercase().as_str() {
+                    "close" => Framing::Close,
+                    "ndjson" => Framing::Ndjson,
+                    _ => return Err(bad("framing", "close or ndjson")),
+                };
+                (2, "framing")
+            }
+            _ => {
+                return Err(OptionError::UnknownKey {
+                    pos,
+                    key: key.to_string(),
+                })
+            }
+        };
+        if std::mem::replace(&mut seen[slot.0], true) {
+            return Err(OptionError::Duplicate { pos, key: slot.1 });
+        }
+    }
+    Ok(opts)
+}
+
+impl fmt::Display for Framing {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Framing::Close => "close",
+            Framing::Ndjson => "ndjson",
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_and_port_only() {
+        let t = parse_socket_args(&["127.0.0.1", "26200"]).unwrap();
+        assert_eq!(t.host, "127.0.0.1");
+        assert_eq!(t.port, 26200);
+        assert_eq!(t.options, Options::default());
+    }
+
+    #[test]
+    fn all_options() {
+        let t = parse_socket_args(&[
+            "::1",
+            "1",
+            "delivery=commit",
+            " format = TD ",
+            "framing=ndjson",
+        ])
+        .unwrap();
+        assert_eq!(t.port, 1);
+        assert_eq!(t.options.delivery, Some(Delivery::Commit));
+        assert_eq!(t.options.format, Format::Td);
+        assert_eq!(t.options.framing, Framing::Ndjson);
+    }
+
+    #[test]
+    fn missing_arguments() {
+        assert_eq!(
+            parse_socket_args::<&str>(&[]),
+            Err(OptionError::MissingHost)
+        );
+        assert_eq!(
+            parse_socket_args(&["localhost"]),
+            Err(OptionError::MissingPort)
+        );
+        assert_eq!(parse_socket_args(&["", "1"]), Err(OptionError::EmptyHost));
+    }
+
+    #[test]
+    fn bad_ports() {
+        for p in ["0", "65536", "-1", "http", "", "12.5", "99999999999"] {
+            assert_eq!(
+                parse_socket_args(&["h", p]),
+                Err(OptionError::BadPort(p.into())),
+                "{p}"
+            );
+        }
+        assert_eq!(check_port(0), Err(OptionError::BadPort("0".into())));
+        assert_eq!(check_port(65536), Err(OptionError::BadPort("65536".into())));
+        assert_eq!(check_port(65535), Ok(65535));
+    }
+
+    #[test]
+    fn bad_hosts() {
+        let long = "a".repeat(256);
+        assert_eq!(check_host(&long), Err(OptionError::HostTooLong(256)));
+        assert!(matches!(
+            check_host("a b"),
+            Err(OptionError::HostBadChar(_))
+        ));
+        assert!(matches!(
+            check_host("a\r\nb"),
+            Err(OptionError::HostBadChar(_))
+        ));
+        assert!(check_host("example.com").is_ok());
+    }
+
+    #[test]
+    fn option_errors_name_the_argument() {
+        assert_eq!(
+            parse_socket_args(&["h", "1", "format=json", "fromat=td"]),
+            Err(OptionError::UnknownKey {
+                pos: 4,
+                key: "fromat".into()
+            })
+        );
+        assert_eq!(
+            parse_socket_args(&["h", "1", "ndjson"]),
+            Err(OptionError::Malformed {
+                pos: 3,
+                arg: "ndjson".into()
+            })
+        );
+        assert_eq!(
+            parse_socket_args(&["h", "1", "=x"]),
+            Err(OptionError::Malformed {
+                pos: 3,
+                arg: "=x".into()
+            })
+        );
+        assert_eq!(
+            parse_socket_args(&["h", "1", "delivery=later"]),
+            Err(OptionError::BadValue {
+                pos: 3,
+                key: "delivery",
+                value: "later".into(),
+                expected: "sync, commit or async"
+            })
+        );
+        assert_eq!(
+            parse_socket_args(&["h", "1", "format=td", "format=json"]),
+            Err(OptionError::Duplicate {
+                pos: 4,
+                key: "format"
+            })
+        );
+    }
+
+    #[test]
+    fn messages_are_readable() {
+        let e = parse_socket_args(&["h", "1", "fromat=td"]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "argument 3: unknown option \"fromat\" (known options: delivery, format, framing)"
+        );
+    }
+}

@@ -1,0 +1,50 @@
+//! Getting bytes to a receiver. Free of pgrx: the backend supplies an
+//! [`Interrupt`] that knows how to honour cancel requests, tests supply none.
+
+pub mod tcp;
+
+use std::time::{Duration, Instant};
+
+/// Lets a wait give way to `pg_cancel_backend`, `statement_timeout` and
+/// shutdown. Waits are sliced (see [`SLICE`]) and call this between slices
+/// and after every signal, so a cancel takes effect within milliseconds.
+pub trait Interrupt {
+    /// `Err` means "stop now". Inside a statement the backend's
+    /// implementation raises the pending ERROR itself and never returns.
+    fn check(&self) -> Result<(), Cancelled>;
+}
+
+/// The wait was abandoned because the backend was asked to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cancelled;
+
+/// For callers with nothing to honour (unit tests).
+pub struct Uninterruptible;
+
+impl Interrupt for Uninterruptible {
+    fn check(&self) -> Result<(), Cancelled> {
+        Ok(())
+    }
+}
+
+/// Longest single sleep inside a wait. Signals interrupt `poll(2)` at once,
+/// so this only bounds how late a cancel is noticed if a signal was missed.
+pub const SLICE: Duration = Duration::from_millis(50);
+
+/// The two timeouts every network operation is bounded by.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// Name resolution plus TCP handshake.
+    pub connect: Duration,
+    /// Writing one whole message.
+    pub write: Duration,
+}
+
+impl Timeouts {
+    pub fn connect_deadline(&self) -> Instant {
+        Instant::now() + self.connect
+    }
+    pub fn write_deadline(&self) -> Instant {
+        Instant::now() + self.write
+    }
+}

@@ -1,0 +1,476 @@
+//! TCP: resolve, connect, write, each bounded by a deadline.
+//!
+//! Sockets are non-blocking and every wait is a `poll(2)` of at most
+//! [`SLICE`], so a receiver that hangs costs at most the timeout and a
+//! cancel request is honoured within milliseconds. The blocking
+//! `std::net` calls cannot offer either: `connect_timeout` cannot be
+//! interrupted and DNS has no timeout at all.
+
+use super::{Cancelled, Interrupt, Timeouts, SLICE};
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+use std::io;
+use std::mem::MaybeUninit;
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::os::fd::AsRawFd;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error("host {host:?} not found: {detail}")]
+    HostNotFound { host: String, detail: String },
+    #[error("name lookup of {host:?} timed out after {ms} ms (pg_emit.connect_timeout)")]
+    ResolveTimeout { host: String, ms: u128 },
+    #[error("connection refused by {0}")]
+    Refused(SocketAddr),
+    #[error("connect to {addr} timed out after {ms} ms (pg_emit.connect_timeout)")]
+    ConnectTimeout { addr: SocketAddr, ms: u128 },
+    #[error("connect to {addr} failed: {err}")]
+    Connect { addr: SocketAddr, err: io::Error },
+    #[error(
+        "write timed out after {ms} ms with {left} of {len} bytes unsent (pg_emit.write_timeout)"
+    )]
+    WriteTimeout { ms: u128, left: usize, len: usize },
+    #[error("connection closed by the receiver")]
+    Closed,
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    #[error("cancelled")]
+    Cancelled,
+}
+
+impl From<Cancelled> for SendError {
+    fn from(_: Cancelled) -> Self {
+        SendError::Cancelled
+    }
+}
+
+enum Wait {
+    TimedOut,
+    Cancelled,
+}
+
+/// Waits until `fd` is ready for `events` (or has an error to report).
+fn wait(fd: i32, events: i16, deadline: Instant, intr: &dyn Interrupt) -> Result<(), Wait> {
+    loop {
+        intr.check().map_err(|_| Wait::Cancelled)?;
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(Wait::TimedOut);
+        }
+        let slice = (deadline - now).min(SLICE);
+        let mut pfd = libc::pollfd {
+            fd,
+            events,
+            revents: 0,
+        };
+        // Round up so a 0.4 ms remainder does not spin with timeout 0.
+        let ms = slice.as_micros().div_ceil(1000) as i32;
+        // SAFETY: one valid pollfd, count 1.
+        let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+        if n > 0 {
+            return Ok(());
+        }
+        // n == 0: slice elapsed; n < 0: EINTR from a signal (e.g. a cancel
+        // request): both loop back to the interrupt check.
+    }
+}
+
+fn millis(d: Duration) -> u128 {
+    d.as_millis()
+}
+
+/// Resolves `host`. IP literals (also `[::1]`) never touch DNS; names are
+/// looked up on a helper thread so the lookup obeys the deadline and
+/// cancellation, which `getaddrinfo` alone does not.
+pub fn resolve(
+    host: &str,
+    port: u16,
+    deadline: Instant,
+    intr: &dyn Interrupt,
+) -> Result<Vec<SocketAddr>, SendError> {
+    let literal = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    if let Ok(ip) = literal.parse::<IpAddr>() {
+        return Ok(vec![SocketAddr::new(ip, port)]);
+    }
+    let started = Instant::now();
+    let (tx, rx) = mpsc::channel();
+    let name = host.to_string();
+    spawn_without_signals(move || {
+        let _ = tx.send(
+            (name.as_str(), port)
+                .to_socket_addrs()
+                .map(|a| a.collect::<Vec<_>>()),
+        );
+    })?;
+    loop {
+        intr.check()?;
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(SendError::ResolveTimeout {
+                host: host.to_string(),
+                ms: millis(now - started),
+            });
+        }
+        match rx.recv_timeout((deadline - now).min(SLICE)) {
+            Ok(Ok(addrs)) if !addrs.is_empty() => return Ok(addrs),
+            Ok(Ok(_)) => {
+                return Err(SendError::HostNotFound {
+                    host: host.to_string(),
+                    detail: "no addresses".into(),
+                })
+            }
+            Ok(Err(e)) => {
+                return Err(SendError::HostNotFound {
+                    host: host.to_string(),
+                    detail: e.to_string(),
+                })
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => continue,
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                return Err(SendError::HostNotFound {
+                    host: host.to_string(),
+                    detail: "lookup thread failed".into(),
+                })
+            }
+        }
+    }
+}
+
+/// Spawns a detached thread with every signal blocked. PostgreSQL's signal
+/// handlers must run on the backend's own thread; a helper thread that
+/// could receive SIGINT or SIGALRM would swallow a cancel request.
+fn spawn_without_signals(f: impl FnOnce() + Send + 'static) -> io::Result<()> {
+    // SAFETY: sigset_t is plain data; pthread_sigmask only reads/writes the
+    // sets we pass and the calling thread's mask, which we restore.
+    unsafe {
+        let mut all = MaybeUninit::<libc::sigset_t>::uninit();
+        let mut old = MaybeUninit::<libc::sigset_t>::uninit();
+        libc::sigfillset(all.as_mut_ptr());
+        libc::pthread_sigmask(libc::SIG_SETMASK, all.as_ptr(), old.as_mut_ptr());
+        let spawned = std::thread::Builder::new()
+            .name("pg_emit-resolve".into())
+            .stack_size(128 * 1024)
+            .spawn(f);
+        libc::pthread_sigmask(libc::SIG_SETMASK, old.as_ptr(), std::ptr::null_mut());
+        spawned.map(drop)
+    }
+}
+
+/// Connects to the first address that accepts, all within one deadline.
+pub fn connect(
+    addrs: &[SocketAddr],
+    deadline: Instant,
+    intr: &dyn Interrupt,
+) -> Result<Socket, SendError> {
+    let started = Instant::now();
+    let mut last = None;
+    for addr in addrs {
+        match connect_one(*addr, started, deadline, intr) {
+            Ok(s) => return Ok(s),
+            Err(e @ (SendError::Cancelled | SendError::ConnectTimeout { .. })) => return Err(e),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or(SendError::HostNotFound {
+        host: String::new(),
+        detail: "no addresses".into(),
+    }))
+}
+
+fn connect_one(
+    addr: SocketAddr,
+    started: Instant,
+    deadline: Instant,
+    intr: &dyn Interrupt,
+) -> Result<Socket, SendError> {
+    let sock = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.nonblocking(),
+        Some(Protocol::TCP),
+    )?;
+    // Events are small and already complete: waiting for Nagle's timer
+    // would add up to 40 ms per message on a kept-open connection.
+    sock.set_tcp_nodelay(true)?;
+    let refused = |err: io::Error| match err.raw_os_error() {
+        Some(libc::ECONNREFUSED) => SendError::Refused(addr),
+        _ => SendError::Connect { addr, err },
+    };
+    match sock.connect(&SockAddr::from(addr)) {
+        Ok(()) => return Ok(sock),
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(refused(e)),
+    }
+    match wait(sock.as_raw_fd(), libc::POLLOUT, deadline, intr) {
+        Ok(()) => {}
+        Err(Wait::Cancelled) => return Err(SendError::Cancelled),
+        Err(Wait::TimedOut) => {
+            return Err(SendError::ConnectTimeout {
+                addr,
+                ms: millis(started.elapsed()),
+            })
+        }
+    }
+    match sock.take_error()? {
+        Some(e) => Err(refused(e)),
+        None => Ok(sock),
+    }
+}
+
+/// Writes all of `buf` or fails; never blocks past `deadline`.
+pub fn write_all(
+    sock: &Socket,
+    buf: &[u8],
+    deadline: Instant,
+    intr: &dyn Interrupt,
+) -> Result<(), SendError> {
+    let started = Instant::now();
+    let mut rest = buf;
+    while !rest.is_empty() {
+        // MSG_NOSIGNAL: a receiver that went away must give EPIPE, not
+        // kill the backend with SIGPIPE.
+        match sock.send_with_flags(rest, libc::MSG_NOSIGNAL) {
+            Ok(0) => return Err(SendError::Closed),
+            Ok(n) => rest = &rest[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                match wait(sock.as_raw_fd(), libc::POLLOUT, deadline, intr) {
+                    Ok(()) => {}
+                    Err(Wait::Cancelled) => return Err(SendError::Cancelled),
+                    Err(Wait::TimedOut) => {
+                        return Err(SendError::WriteTimeout {
+                            ms: millis(started.elapsed()),
+                            left: rest.len(),
+                            len: buf.len(),
+                        })
+                    }
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EPIPE) | Some(libc::ECONNRESET)) => {
+                return Err(SendError::Closed)
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+/// Resolves and connects within one connect deadline, so a slow DNS
+/// server and a slow handshake together still cost at most the timeout.
+pub fn open(
+    host: &str,
+    port: u16,
+    timeouts: &Timeouts,
+    intr: &dyn Interrupt,
+) -> Result<Socket, SendError> {
+    let deadline = timeouts.connect_deadline();
+    let addrs = resolve(host, port, deadline, intr)?;
+    connect(&addrs, deadline, intr)
+}
+
+/// One message on its own connection: connect, write, close. The close
+/// (end of stream) is the message boundary receivers of the plpython
+/// recipe read until.
+pub fn send_once(
+    host: &str,
+    port: u16,
+    msg: &[u8],
+    timeouts: &Timeouts,
+    intr: &dyn Interrupt,
+) -> Result<(), SendError> {
+    let sock = open(host, port, timeouts, intr)?;
+    write_all(&sock, msg, timeouts.write_deadline(), intr)?;
+    // An orderly FIN after the data; the kernel still delivers what is
+    // queued after close, so there is nothing more to wait for.
+    let _ = sock.shutdown(std::net::Shutdown::Write);
+    Ok(())
+}
+
+/// Whether the receiver has closed a kept-open connection. A write to such
+/// a socket would "succeed" into the kernel buffer and the message would be
+/// lost, so the ndjson path asks before every write: one non-blocking
+/// `recv`. Anything the receiver sent us is read and discarded so its
+/// replies can never fill our receive buffer.
+pub fn peer_closed(sock: &Socket) -> bool {
+    let mut scratch = [MaybeUninit::<u8>::uninit(); 512];
+    loop {
+        match sock.recv_with_flags(&mut scratch, libc::MSG_DONTWAIT) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => return true,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transport::Uninterruptible;
+    use std::io::Read;
+    use std::net::TcpListener;
+
+    fn timeouts(ms: u64) -> Timeouts {
+        Timeouts {
+            connect: Duration::from_millis(ms),
+            write: Duration::from_millis(ms),
+        }
+    }
+
+    #[test]
+    fn literal_addresses_skip_dns() {
+        let far = Instant::now(); // already expired: any lookup would time out
+        let v4 = resolve("127.0.0.1", 80, far, &Uninterruptible).unwrap();
+        assert_eq!(v4, vec!["127.0.0.1:80".parse().unwrap()]);
+        let v6 = resolve("[::1]", 81, far, &Uninterruptible).unwrap();
+        assert_eq!(v6, vec!["[::1]:81".parse().unwrap()]);
+    }
+
+    #[test]
+    fn names_resolve() {
+        let addrs = resolve(
+            "localhost",
+            5,
+            Instant::now() + Duration::from_secs(5),
+            &Uninterruptible,
+        )
+        .unwrap();
+        assert!(addrs.iter().all(|a| a.ip().is_loopback() && a.port() == 5));
+    }
+
+    #[test]
+    fn unknown_name_is_reported() {
+        let e = resolve(
+            "no-such-host.invalid",
+            5,
+            Instant::now() + Duration::from_secs(5),
+            &Uninterruptible,
+        )
+        .unwrap_err();
+        assert!(matches!(e, SendError::HostNotFound { .. }), "{e}");
+    }
+
+    #[test]
+    fn message_then_eof() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut s = l.accept().unwrap().0;
+            let mut got = Vec::new();
+            s.read_to_end(&mut got).unwrap();
+            got
+        });
+        let (host, port) = (addr.ip().to_string(), addr.port());
+        send_once(&host, port, b"{\"a\":1}", &timeouts(2000), &Uninterruptible).unwrap();
+        assert_eq!(reader.join().unwrap(), b"{\"a\":1}");
+    }
+
+    #[test]
+    fn refused_is_named() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        drop(l);
+        let e = send_once(
+            "127.0.0.1",
+            addr.port(),
+            b"x",
+            &timeouts(2000),
+            &Uninterruptible,
+        )
+        .unwrap_err();
+        assert!(matches!(e, SendError::Refused(a) if a == addr), "{e}");
+    }
+
+    #[test]
+    fn falls_through_to_the_next_address() {
+        let dead = TcpListener::bind("127.0.0.1:0").unwrap();
+        let dead_addr = dead.local_addr().unwrap();
+        drop(dead);
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let s = connect(
+            &[dead_addr, addr],
+            Instant::now() + Duration::from_secs(2),
+            &Uninterruptible,
+        )
+        .unwrap();
+        assert_eq!(s.peer_addr().unwrap().as_socket(), Some(addr));
+    }
+
+    #[test]
+    fn stalled_receiver_hits_write_timeout() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let sock = connect(
+            &[addr],
+            Instant::now() + Duration::from_secs(2),
+            &Uninterruptible,
+        )
+        .unwrap();
+        let _held = l.accept().unwrap(); // accepted, never read
+        let big = vec![b'x'; 64 << 20];
+        let t = Instant::now();
+        let e = write_all(
+            &sock,
+            &big,
+            Instant::now() + Duration::from_millis(300),
+            &Uninterruptible,
+        )
+        .unwrap_err();
+        assert!(matches!(e, SendError::WriteTimeout { .. }), "{e}");
+        assert!(t.elapsed() < Duration::from_secs(2));
+    }
+
+    #[test]
+    fn cancel_stops_a_wait() {
+        struct CancelAfter(Instant);
+        impl Interrupt for CancelAfter {
+            fn check(&self) -> Result<(), Cancelled> {
+                if Instant::now() >= self.0 {
+                    Err(Cancelled)
+                } else {
+                    Ok(())
+                }
+            }
+        }
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let sock = connect(
+            &[l.local_addr().unwrap()],
+            Instant::now() + Duration::from_secs(2),
+            &Uninterruptible,
+        )
+        .unwrap();
+        let _held = l.accept().unwrap();
+        let big = vec![b'x'; 64 << 20];
+        let t = Instant::now();
+        let e = write_all(
+            &sock,
+            &big,
+            Instant::now() + Duration::from_secs(30),
+            &CancelAfter(Instant::now() + Duration::from_millis(100)),
+        )
+        .unwrap_err();
+        assert!(matches!(e, SendError::Cancelled), "{e}");
+        assert!(t.elapsed() < Duration::from_secs(1));
+    }
+
+    #[test]
+    fn closed_peer_is_detected() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let sock = connect(
+            &[l.local_addr().unwrap()],
+            Instant::now() + Duration::from_secs(2),
+            &Uninterruptible,
+        )
+        .unwrap();
+        let (peer, _) = l.accept().unwrap();
+        assert!(!peer_closed(&sock));
+        drop(peer);
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(peer_closed(&sock));
+    }
+}

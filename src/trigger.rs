@@ -1,0 +1,236 @@
+//! `row_to_socket`: trigger event → JSON → destination.
+
+use crate::delivery::sync;
+use crate::error::EmitError;
+use crate::event::{self, Event, Op};
+use crate::options::{self, Delivery, Framing, OptionError, SocketTarget};
+use crate::settings;
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use std::cell::RefCell;
+use std::convert::Infallible;
+use std::ffi::CStr;
+
+extern "C-unwind" {
+    /// PostgreSQL's own `row_to_json(record)`: calling it directly gives
+    /// receivers exactly the JSON that SQL users see, for every type,
+    /// including domains, composites and extension types.
+    fn row_to_json(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum;
+}
+
+thread_local! {
+    /// Reused envelope buffer: one allocation per backend, not per row.
+    static BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The parts of a firing that the envelope needs, read once.
+struct Firing<'a> {
+    td: &'a pg_sys::TriggerData,
+    name: &'a str,
+    schema: String,
+    table: &'a str,
+    args: Vec<&'a str>,
+}
+
+impl Firing<'_> {
+    fn describe(&self, func: &str) -> String {
+        format!(
+            "{func} trigger \"{}\" on \"{}\".\"{}\"",
+            self.name, self.schema, self.table
+        )
+    }
+}
+
+fn cstr<'a>(p: *const std::ffi::c_char) -> &'a str {
+    // SAFETY: callers pass NUL-terminated strings owned by the trigger
+    // data, which outlive the firing. Names and arguments are in the
+    // server encoding; pg_emit requires a UTF-8 database like any JSON
+    // producer, and a non-UTF-8 byte shows up as U+FFFD-free empty text
+    // rather than undefined behaviour.
+    unsafe { CStr::from_ptr(p) }.to_str().unwrap_or("")
+}
+
+/// Serializes a heap tuple with `row_to_json`. TOASTed values are
+/// detoasted by `heap_copy_tuple_as_datum`, so receivers always get whole
+/// values, however large.
+///
+/// # Safety
+/// `tuple` and `desc` must belong to the firing's relation.
+unsafe fn tuple_json<'a>(tuple: pg_sys::HeapTuple, desc: pg_sys::TupleDesc) -> &'a [u8] {
+    let datum = pg_sys::heap_copy_tuple_as_datum(tuple, desc);
+    let json = pg_sys::DirectFunctionCall1Coll(Some(row_to_json), pg_sys::InvalidOid, datum);
+    pgrx::varlena::varlena_to_byte_slice(json.cast_mut_ptr::<pg_sys::varlena>())
+}
+
+fn op_of(event: u32) -> Op {
+    match event & pg_sys::TRIGGER_EVENT_OPMASK {
+        pg_sys::TRIGGER_EVENT_INSERT => Op::Insert,
+        pg_sys::TRIGGER_EVENT_UPDATE => Op::Update,
+        pg_sys::TRIGGER_EVENT_DELETE => Op::Delete,
+        _ => Op::Truncate,
+    }
+}
+
+fn when_of(event: u32) -> &'static str {
+    match event & pg_sys::TRIGGER_EVENT_TIMINGMASK {
+        pg_sys::TRIGGER_EVENT_BEFORE => "BEFORE",
+        pg_sys::TRIGGER_EVENT_INSTEAD => "INSTEAD OF",
+        _ => "AFTER",
+    }
+}
+
+/// Sends each row change (or TRUNCATE) to `host:port` as JSON.
+///
+/// Arguments: `(host, port [, 'key=value' ...])`, see [`options`].
+#[pg_trigger]
+fn row_to_socket<'a>(
+    trigger: &'a PgTrigger<'a>,
+) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, Infallible> {
+    let td = trigger.trigger_data();
+    let tg = trigger.trigger();
+    // SAFETY: PostgreSQL hands us an open relation with a valid rd_rel.
+    let (rel, relid, namespace) = unsafe {
+        let rel = &*td.tg_relation;
+        (rel, rel.rd_id, (*rel.rd_rel).relnamespace)
+    };
+    // SAFETY: rd_rel.relname is a NUL-terminated NameData.
+    let table = cstr(unsafe { (*rel.rd_rel).relname.data.as_ptr() });
+    // SAFETY: a valid namespace oid of an open relation; result is palloc'd.
+    let schema_ptr = unsafe { pg_sys::get_namespace_name(namespace) };
+    let nargs = usize::try_from(tg.tgnargs).unwrap_or(0);
+    let args: Vec<&str> = (0..nargs)
+        // SAFETY: tgargs holds tgnargs C strings.
+        .map(|i| cstr(unsafe { *tg.tgargs.add(i) }))
+        .collect();
+    let firing = Firing {
+        td,
+        name: cstr(tg.tgname),
+        schema: if schema_ptr.is_null() {
+            String::new()
+        } else {
+            cstr(schema_ptr).to_string()
+        },
+        table,
+        args,
+    };
+
+    let target = options::parse_socket_args(&firing.args).unwrap_or_else(|source| {
+        EmitError::TriggerArgument {
+            trigger: firing.describe("row_to_socket"),
+            source,
+        }
+        .raise()
+    });
+    check_event(&firing, &target);
+
+    let event = td.tg_event;
+    let op = op_of(event);
+    let row_level = event & pg_sys::TRIGGER_EVENT_ROW != 0;
+    // SAFETY: tuples and descriptor come from the firing itself.
+    let (new, old) = unsafe {
+        let desc = (*td.tg_relation).rd_att;
+        match (row_level, op) {
+            (false, _) => (None, None),
+            (true, Op::Insert) => (Some(tuple_json(td.tg_trigtuple, desc)), None),
+            (true, Op::Update) => (
+                Some(tuple_json(td.tg_newtuple, desc)),
+                Some(tuple_json(td.tg_trigtuple, desc)),
+            ),
+            (true, _) => (None, Some(tuple_json(td.tg_trigtuple, desc))),
+        }
+    };
+
+    let framing = target.options.framing;
+    let ev = Event {
+        op,
+        schema: &firing.schema,
+        table: firing.table,
+        when: when_of(event),
+        level: if row_level { "ROW" } else { "STATEMENT" },
+        trigger_name: firing.name,
+        relid: relid.to_u32(),
+        args: &firing.args,
+    };
+    BUF.with_borrow_mut(|buf| {
+        buf.clear();
+        let ndjson = framing == Framing::Ndjson;
+        event::write_event(buf, target.options.format, &ev, new, old, ndjson);
+        if ndjson {
+            buf.push(b'\n');
+        }
+        sync::deliver(
+            &|| firing.describe("row_to_socket"),
+            &target.host,
+            target.port,
+            buf,
+            framing,
+        );
+        // Large rows must not pin megabytes per backend for its lifetime.
+        if buf.capacity() > 1 << 20 {
+            *buf = Vec::new();
+        }
+    });
+
+    // A BEFORE (or INSTEAD OF) row trigger must hand the row back, or
+    // PostgreSQL would skip the operation; AFTER triggers' results are
+    // ignored.
+    let before = event & pg_sys::TRIGGER_EVENT_TIMINGMASK != pg_sys::TRIGGER_EVENT_AFTER;
+    Ok(match (row_level && before, op) {
+        (false, _) => None,
+        (true, Op::Update) => trigger.new(),
+        (true, Op::Insert) => trigger.new(),
+        (true, _) => trigger.old(),
+    })
+}
+
+/// Rejects firings the trigger cannot serve, naming the trigger.
+fn check_event(firing: &Firing<'_>, target: &SocketTarget) {
+    let event = firing.td.tg_event;
+    let row_level = event & pg_sys::TRIGGER_EVENT_ROW != 0;
+    let op = op_of(event);
+    if !row_level && op != Op::Truncate {
+        EmitError::TriggerEvent {
+            trigger: firing.describe("row_to_socket"),
+            problem: format!(
+                "a statement-level {} trigger has no rows to send; create it FOR EACH ROW",
+                op.name()
+            ),
+        }
+        .raise();
+    }
+    let mode = target
+        .options
+        .delivery
+        .unwrap_or_else(settings::default_delivery);
+    if mode != Delivery::Sync {
+        EmitError::DeliveryUnavailable {
+            trigger: firing.describe("row_to_socket"),
+            mode: mode.name(),
+        }
+        .raise();
+    }
+}
+
+/// `send_socket(msg, host, port)`: connect, write `msg`, close.
+///
+/// Returns 1 when every byte was written and 0 when delivery failed (with a
+/// WARNING saying why). STRICT: any NULL argument gives NULL.
+#[pg_extern(volatile, parallel_unsafe)]
+fn send_socket(msg: &str, host: &str, port: i32) -> i32 {
+    let bad = |source: OptionError| -> ! {
+        EmitError::Argument {
+            func: "send_socket",
+            source,
+        }
+        .raise()
+    };
+    options::check_host(host).unwrap_or_else(|e| bad(e));
+    let port = options::check_port(port).unwrap_or_else(|e| bad(e));
+    i32::from(sync::deliver(
+        &|| "send_socket".to_string(),
+        host,
+        port,
+        msg.as_bytes(),
+        Framing::Close,
+    ))
+}
