@@ -1,0 +1,68 @@
+"""Fixtures: one real PostgreSQL 15 cluster for the session, with pg_emit
+installed by `make test` (cargo pgrx install) before pytest starts."""
+
+import hashlib
+import os
+import re
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from pgcluster import Cluster  # noqa: E402
+
+DB = "emit_test"
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    c = Cluster("pg_emit-test", port=int(os.environ.get("PG_EMIT_TEST_PORT", "54329")))
+    c.init().start()
+    c.create_db(DB)
+    with c.connect(DB) as conn:
+        conn.execute("CREATE EXTENSION pg_emit")
+    yield c
+    c.destroy()
+
+
+class Session:
+    """A connection that records the NOTICE/WARNING messages it receives."""
+
+    def __init__(self, cluster, dbname=DB, user="postgres"):
+        self.conn = cluster.connect(dbname, user)
+        self.notices = []
+        # A Diagnostic is only valid inside the callback: copy what we need.
+        self.conn.add_notice_handler(
+            lambda d: self.notices.append((d.severity_nonlocalized, d.sqlstate, d.message_primary))
+        )
+
+    def execute(self, sql, params=None):
+        return self.conn.execute(sql, params)
+
+    def one(self, sql, params=None):
+        return self.conn.execute(sql, params).fetchone()[0]
+
+    def warnings(self):
+        return [msg for sev, _, msg in self.notices if sev == "WARNING"]
+
+    def close(self):
+        self.conn.close()
+
+
+@pytest.fixture
+def db(cluster):
+    s = Session(cluster)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def table(db, request):
+    """A fresh table name per test, dropped afterwards."""
+    node = request.node.name
+    digest = hashlib.sha1(node.encode()).hexdigest()[:8]
+    name = "t_" + re.sub(r"\W", "_", node.split("[")[0])[:40] + "_" + digest
+    db.execute(f"DROP TABLE IF EXISTS {name} CASCADE")
+    yield name
+    db.execute(f"DROP TABLE IF EXISTS {name} CASCADE")

@@ -1,0 +1,161 @@
+"""Real receivers on 127.0.0.1 for tests and benchmarks.
+
+Every receiver binds 127.0.0.1 on a free port, never another address.
+"""
+
+import socket
+import threading
+import time
+
+
+class Receiver:
+    """TCP receiver. `mode="eof"`: one message per connection, read until
+    end of stream (what the plpython recipe's receivers do); `mode="ndjson"`:
+    one message per line on long-lived connections."""
+
+    def __init__(self, mode="eof", port=0, host="127.0.0.1"):
+        assert host in ("127.0.0.1", "::1"), "receivers listen on loopback only"
+        self.mode = mode
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, port))
+        self.sock.listen(512)
+        self.port = self.sock.getsockname()[1]
+        self.messages = []
+        self.connections = 0
+        self.cond = threading.Condition()
+        self.conns = []
+        self.closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with self.cond:
+                self.connections += 1
+                self.conns.append(conn)
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn):
+        buf = bytearray()
+        try:
+            while True:
+                chunk = conn.recv(1 << 20)
+                if not chunk:
+                    break
+                buf += chunk
+                if self.mode == "ndjson" and b"\n" in buf:
+                    *lines, rest = bytes(buf).split(b"\n")
+                    buf = bytearray(rest)
+                    with self.cond:
+                        self.messages.extend(lines)
+                        self.cond.notify_all()
+        except OSError:
+            pass
+        finally:
+            conn.close()
+        if self.mode == "eof" or buf:
+            with self.cond:
+                self.messages.append(bytes(buf))
+                self.cond.notify_all()
+
+    def wait_for(self, n, timeout=10.0):
+        """Waits until at least n messages arrived; returns them all."""
+        end = time.monotonic() + timeout
+        with self.cond:
+            while len(self.messages) < n:
+                left = end - time.monotonic()
+                if left <= 0:
+                    break
+                self.cond.wait(left)
+            return list(self.messages)
+
+    def drop_connections(self):
+        """Closes every accepted connection, as a restarting receiver would."""
+        with self.cond:
+            conns, self.conns = self.conns, []
+        for c in conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self):
+        self.sock.close()
+        self.drop_connections()
+
+
+class Stalled:
+    """A loopback listener whose accept queue is full and never drained:
+    new connects hang in SYN-SENT, like a host that drops packets."""
+
+    def __init__(self):
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(0)
+        self.port = self.sock.getsockname()[1]
+        self.fillers = []
+        # Fill the queue until a connect no longer completes.
+        for _ in range(16):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.setblocking(False)
+            try:
+                s.connect(("127.0.0.1", self.port))
+            except BlockingIOError:
+                pass
+            self.fillers.append(s)
+            time.sleep(0.02)
+            if s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0 and not self._connected(s):
+                break
+
+    @staticmethod
+    def _connected(s):
+        try:
+            s.getpeername()
+            return True
+        except OSError:
+            return False
+
+    def close(self):
+        for s in self.fillers:
+            s.close()
+        self.sock.close()
+
+
+class Sink:
+    """Accepts connections but never reads: writes stall once buffers fill."""
+
+    def __init__(self):
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.conns = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            self.conns.append(c)
+
+    def close(self):
+        for c in self.conns:
+            c.close()
+        self.sock.close()
+
+
+def free_port():
+    """A port on 127.0.0.1 that nothing listens on (connects are refused)."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
