@@ -25,6 +25,9 @@ pub enum EmitError {
         trigger: String,
         source: OptionError,
     },
+    /// A trigger function called as a plain function.
+    #[error("{0}: must be called as a trigger")]
+    NotTrigger(&'static str),
     /// Attached to an event it cannot handle.
     #[error("{trigger}: {problem}")]
     TriggerEvent { trigger: String, problem: String },
@@ -56,7 +59,9 @@ impl EmitError {
             EmitError::Argument { .. } | EmitError::TriggerArgument { .. } => {
                 ERRCODE_INVALID_PARAMETER_VALUE
             }
-            EmitError::TriggerEvent { .. } => ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED,
+            EmitError::TriggerEvent { .. } | EmitError::NotTrigger(_) => {
+                ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED
+            }
             EmitError::DeliveryUnavailable { .. } => ERRCODE_FEATURE_NOT_SUPPORTED,
             EmitError::Delivery { source, .. } => match source {
                 SendError::HostNotFound { .. }

@@ -13,6 +13,7 @@ pub mod error;
 pub mod event;
 pub mod interrupts;
 pub mod options;
+pub mod send;
 pub mod settings;
 pub mod transport;
 pub mod trigger;
@@ -20,6 +21,7 @@ pub mod trigger;
 ::pgrx::pg_module_magic!();
 
 pgrx::extension_sql_file!("../sql/bootstrap.sql", name = "bootstrap", bootstrap);
+pgrx::extension_sql_file!("../sql/triggers.sql", name = "triggers");
 
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {

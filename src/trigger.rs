@@ -3,12 +3,11 @@
 use crate::delivery::sync;
 use crate::error::EmitError;
 use crate::event::{self, Event, Op};
-use crate::options::{self, Delivery, Framing, OptionError, SocketTarget};
+use crate::options::{self, Delivery, Framing, SocketTarget};
 use crate::settings;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use std::cell::RefCell;
-use std::convert::Infallible;
 use std::ffi::CStr;
 
 extern "C-unwind" {
@@ -79,15 +78,36 @@ fn when_of(event: u32) -> &'static str {
     }
 }
 
+#[unsafe(no_mangle)]
+#[doc(hidden)]
+pub extern "C" fn pg_finfo_row_to_socket() -> &'static pg_sys::Pg_finfo_record {
+    const V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
+    &V1
+}
+
 /// Sends each row change (or TRUNCATE) to `host:port` as JSON.
 ///
-/// Arguments: `(host, port [, 'key=value' ...])`, see [`options`].
-#[pg_trigger]
-fn row_to_socket<'a>(
-    trigger: &'a PgTrigger<'a>,
-) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, Infallible> {
-    let td = trigger.trigger_data();
-    let tg = trigger.trigger();
+/// Arguments: `(host, port [, 'key=value' ...])`, see [`options`]. A raw
+/// fmgr entry point rather than `#[pg_trigger]`, so that a direct call
+/// (`SELECT row_to_socket()`) is a clean 39P01 instead of a panic, and the
+/// row goes back to PostgreSQL without being re-wrapped.
+///
+/// # Safety
+/// Called by PostgreSQL's function manager with a valid `fcinfo`.
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn row_to_socket(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    if !pgrx::trigger_support::called_as_trigger(fcinfo) {
+        EmitError::NotTrigger("row_to_socket").raise();
+    }
+    // SAFETY: the trigger manager passes a TriggerData as context.
+    let td = &*((*fcinfo).context as *const pg_sys::TriggerData);
+    fire(td)
+}
+
+fn fire(td: &pg_sys::TriggerData) -> pg_sys::Datum {
+    // SAFETY: a TriggerData always carries its Trigger.
+    let tg = unsafe { &*td.tg_trigger };
     // SAFETY: PostgreSQL hands us an open relation with a valid rd_rel.
     let (rel, relid, namespace) = unsafe {
         let rel = &*td.tg_relation;
@@ -175,12 +195,12 @@ fn row_to_socket<'a>(
     // PostgreSQL would skip the operation; AFTER triggers' results are
     // ignored.
     let before = event & pg_sys::TRIGGER_EVENT_TIMINGMASK != pg_sys::TRIGGER_EVENT_AFTER;
-    Ok(match (row_level && before, op) {
-        (false, _) => None,
-        (true, Op::Update) => trigger.new(),
-        (true, Op::Insert) => trigger.new(),
-        (true, _) => trigger.old(),
-    })
+    let row = match (row_level && before, op) {
+        (false, _) => std::ptr::null_mut(),
+        (true, Op::Update) => td.tg_newtuple,
+        (true, _) => td.tg_trigtuple,
+    };
+    pg_sys::Datum::from(row)
 }
 
 /// Rejects firings the trigger cannot serve, naming the trigger.
@@ -209,28 +229,4 @@ fn check_event(firing: &Firing<'_>, target: &SocketTarget) {
         }
         .raise();
     }
-}
-
-/// `send_socket(msg, host, port)`: connect, write `msg`, close.
-///
-/// Returns 1 when every byte was written and 0 when delivery failed (with a
-/// WARNING saying why). STRICT: any NULL argument gives NULL.
-#[pg_extern(volatile, parallel_unsafe)]
-fn send_socket(msg: &str, host: &str, port: i32) -> i32 {
-    let bad = |source: OptionError| -> ! {
-        EmitError::Argument {
-            func: "send_socket",
-            source,
-        }
-        .raise()
-    };
-    options::check_host(host).unwrap_or_else(|e| bad(e));
-    let port = options::check_port(port).unwrap_or_else(|e| bad(e));
-    i32::from(sync::deliver(
-        &|| "send_socket".to_string(),
-        host,
-        port,
-        msg.as_bytes(),
-        Framing::Close,
-    ))
 }

@@ -1,0 +1,6 @@
+-- Trigger functions. Their entry points are plain fmgr functions in the
+-- shared library (see src/trigger.rs).
+CREATE FUNCTION row_to_socket() RETURNS trigger
+  LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'row_to_socket';
+COMMENT ON FUNCTION row_to_socket() IS
+  'Trigger: send each row change as JSON to (host, port [, ''key=value'' ...])';

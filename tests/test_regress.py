@@ -1,0 +1,28 @@
+"""Runs the pg_regress suite in pg_test/ against the session cluster."""
+
+import os
+import shutil
+import subprocess
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PG_REGRESS = "/usr/lib/postgresql/15/lib/pgxs/src/test/regress/pg_regress"
+
+
+def test_pg_regress_suite(cluster):
+    tests = sorted(f[:-4] for f in os.listdir(os.path.join(ROOT, "pg_test", "sql")) if f.endswith(".sql"))
+    assert tests
+    out = tempfile.mkdtemp(prefix="pg_emit-regress-")
+    cluster.create_db("emit_regress")
+    r = subprocess.run(
+        [
+            PG_REGRESS, "--use-existing", f"--host={cluster.sock}", f"--port={cluster.port}",
+            "--user=postgres", "--dbname=emit_regress",
+            f"--inputdir={os.path.join(ROOT, 'pg_test')}", f"--outputdir={out}", *tests,
+        ],
+        capture_output=True, text=True,
+    )
+    diffs = os.path.join(out, "regression.diffs")
+    detail = open(diffs).read() if os.path.exists(diffs) else ""
+    assert r.returncode == 0, f"{r.stdout}\n{detail}\n(results kept in {out})"
+    shutil.rmtree(out)
