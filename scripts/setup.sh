@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Installs everything pg_emit needs to build, test, demo and benchmark, on a
+# Debian bookworm machine that may have nothing but Rust. Idempotent: each
+# step is skipped when already done, so every make target can call it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PGRX_VERSION=0.18.1
+PG_CONFIG=/usr/lib/postgresql/15/bin/pg_config
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO=sudo
+
+say() { printf '\033[1m==> %s\033[0m\n' "$*"; }
+
+# 1. Debian packages: PostgreSQL 15 with headers, plpython (the old recipe,
+#    for compatibility tests and benchmarks), clang for bindgen.
+pkgs=(postgresql-15 postgresql-server-dev-15 postgresql-plpython3-15 libclang-dev clang pkg-config sudo)
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  say "apt-get install ${missing[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+# 2. cargo-pgrx, pinned: 0.19 needs a newer rustc than this machine has.
+if ! cargo pgrx --version 2>/dev/null | grep -q " $PGRX_VERSION\$"; then
+  say "cargo install cargo-pgrx $PGRX_VERSION (a few minutes, once)"
+  cargo install cargo-pgrx --version "$PGRX_VERSION" --locked --quiet
+fi
+
+# 3. Point pgrx at Debian's PostgreSQL 15 (no download).
+if ! grep -qs '^pg15 = ' "${PGRX_HOME:-$HOME/.pgrx}/config.toml"; then
+  say "cargo pgrx init --pg15 $PG_CONFIG"
+  cargo pgrx init --pg15 "$PG_CONFIG" >/dev/null
+fi
+
+# 4. Python for the integration tests, demo and benchmarks.
+if [ ! -x .venv/bin/pytest ] || ! .venv/bin/python -c 'import psycopg' 2>/dev/null; then
+  say "python venv with pytest and psycopg"
+  if ! python3 -m venv .venv 2>/dev/null; then
+    $SUDO apt-get install -y -qq python3-venv >/dev/null
+    python3 -m venv .venv
+  fi
+  .venv/bin/pip install -q --disable-pip-version-check pytest 'psycopg[binary]'
+fi
