@@ -43,3 +43,7 @@ itest:
 clean:
 	cargo clean
 	rm -rf .venv /tmp/pg_emit-pgtest
+
+## make bench: the side-by-side benchmark (release build).
+bench: setup install-release
+	.venv/bin/python bench/bench.py
