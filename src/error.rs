@@ -41,6 +41,20 @@ pub enum EmitError {
         dest: String,
         source: SendError,
     },
+    /// `delivery=commit` events exceed `pg_emit.commit_buffer_size`.
+    #[error("{context}: the events held for delivery=commit exceed {limit} bytes (pg_emit.commit_buffer_size)")]
+    BufferFull { context: String, limit: usize },
+    /// `PREPARE TRANSACTION` with `delivery=commit` events held.
+    #[error("cannot prepare a transaction that holds {events} delivery=commit event(s)")]
+    PrepareWithHeldEvents { events: usize },
+    /// After commit: some held events could not be sent (a WARNING).
+    #[error("{failed} of {total} delivery=commit event(s) for {dest} were not sent after commit; first failure: {first}")]
+    CommitDeliveryIncomplete {
+        dest: String,
+        failed: usize,
+        total: usize,
+        first: String,
+    },
     /// A destination skipped because it failed moments ago.
     #[error("{context}: not sending to {dest}: it failed {ago_ms} ms ago ({reason}); next attempt in {left_ms} ms (pg_emit.failure_cooldown)")]
     CoolingDown {
@@ -72,11 +86,20 @@ impl EmitError {
                 _ => ERRCODE_CONNECTION_FAILURE,
             },
             EmitError::CoolingDown { .. } => ERRCODE_SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
+            EmitError::BufferFull { .. } => ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+            EmitError::PrepareWithHeldEvents { .. } => ERRCODE_FEATURE_NOT_SUPPORTED,
+            EmitError::CommitDeliveryIncomplete { .. } => ERRCODE_CONNECTION_FAILURE,
         }
     }
 
     fn hint(&self) -> Option<&'static str> {
         match self {
+            EmitError::BufferFull { .. } => Some(
+                "Use delivery=async for transactions this large: its events wait in a table, not in memory.",
+            ),
+            EmitError::PrepareWithHeldEvents { .. } => {
+                Some("Use delivery=sync or delivery=async in two-phase transactions.")
+            }
             EmitError::TriggerArgument { .. } => Some(
                 "row_to_socket takes (host, port [, 'key=value' ...]) with keys delivery=sync|commit|async, format=json|td, framing=close|ndjson.",
             ),

@@ -16,3 +16,25 @@ impl Interrupt for Statement {
         Ok(())
     }
 }
+
+/// After commit: PostgreSQL holds interrupts while it finishes the commit,
+/// and raising there would be a PANIC. A pending cancel or shutdown makes
+/// the send stop instead; the caller reports what was not sent.
+pub struct AfterCommit;
+
+impl Interrupt for AfterCommit {
+    fn check(&self) -> Result<(), Cancelled> {
+        // SAFETY: plain reads of flags that signal handlers set.
+        let (cancel, die) = unsafe {
+            (
+                std::ptr::addr_of!(pg_sys::QueryCancelPending).read_volatile(),
+                std::ptr::addr_of!(pg_sys::ProcDiePending).read_volatile(),
+            )
+        };
+        if cancel != 0 || die != 0 {
+            Err(Cancelled)
+        } else {
+            Ok(())
+        }
+    }
+}

@@ -26,6 +26,7 @@ pgrx::extension_sql_file!("../sql/triggers.sql", name = "triggers");
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
     settings::init();
+    delivery::init();
 }
 
 /// In-backend tests. They run inside a transaction that is rolled back,

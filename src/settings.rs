@@ -14,6 +14,7 @@ use std::time::Duration;
 pub static CONNECT_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(1000);
 pub static WRITE_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(2000);
 pub static FAILURE_COOLDOWN: GucSetting<i32> = GucSetting::<i32>::new(5000);
+pub static COMMIT_BUFFER_SIZE: GucSetting<i32> = GucSetting::<i32>::new(64 * 1024);
 pub static ON_ERROR: GucSetting<OnError> = GucSetting::<OnError>::new(OnError::Warning);
 pub static DEFAULT_DELIVERY: GucSetting<DefaultDelivery> =
     GucSetting::<DefaultDelivery>::new(DefaultDelivery::Sync);
@@ -68,6 +69,16 @@ pub fn init() {
         GucContext::Userset,
         GucFlags::UNIT_MS,
     );
+    GucRegistry::define_int_guc(
+        c"pg_emit.commit_buffer_size",
+        c"Most event bytes one transaction may hold for delivery=commit.",
+        c"Beyond it the statement fails; delivery=async has no such limit.",
+        &COMMIT_BUFFER_SIZE,
+        1,
+        i32::MAX,
+        GucContext::Userset,
+        GucFlags::UNIT_KB,
+    );
     GucRegistry::define_enum_guc(
         c"pg_emit.on_error",
         c"What a failed delivery does: warning (default) or error.",
@@ -107,4 +118,8 @@ pub fn default_delivery() -> Delivery {
         DefaultDelivery::Commit => Delivery::Commit,
         DefaultDelivery::Async => Delivery::Async,
     }
+}
+
+pub fn commit_buffer_bytes() -> usize {
+    COMMIT_BUFFER_SIZE.get().max(0) as usize * 1024
 }

@@ -1,6 +1,6 @@
 //! `row_to_socket`: trigger event → JSON → destination.
 
-use crate::delivery::sync;
+use crate::delivery::{commit, sync, Target};
 use crate::error::EmitError;
 use crate::event::{self, Event, Op};
 use crate::options::{self, Delivery, Framing, SocketTarget};
@@ -141,7 +141,7 @@ fn fire(td: &pg_sys::TriggerData) -> pg_sys::Datum {
         }
         .raise()
     });
-    check_event(&firing, &target);
+    let mode = check_event(&firing, &target);
 
     let event = td.tg_event;
     let op = op_of(event);
@@ -178,13 +178,22 @@ fn fire(td: &pg_sys::TriggerData) -> pg_sys::Datum {
         if ndjson {
             buf.push(b'\n');
         }
-        sync::deliver(
-            &|| firing.describe("row_to_socket"),
-            &target.host,
-            target.port,
-            buf,
-            framing,
-        );
+        let context = || firing.describe("row_to_socket");
+        match mode {
+            Delivery::Sync => {
+                sync::deliver(&context, &target.host, target.port, buf, framing);
+            }
+            Delivery::Commit => commit::hold(
+                &context,
+                &Target {
+                    host: target.host.clone(),
+                    port: target.port,
+                    framing,
+                },
+                buf,
+            ),
+            Delivery::Async => unreachable!("refused by check_event"),
+        }
         // Large rows must not pin megabytes per backend for its lifetime.
         if buf.capacity() > 1 << 20 {
             *buf = Vec::new();
@@ -203,8 +212,9 @@ fn fire(td: &pg_sys::TriggerData) -> pg_sys::Datum {
     pg_sys::Datum::from(row)
 }
 
-/// Rejects firings the trigger cannot serve, naming the trigger.
-fn check_event(firing: &Firing<'_>, target: &SocketTarget) {
+/// Rejects firings the trigger cannot serve, naming the trigger; returns
+/// the delivery mode in force.
+fn check_event(firing: &Firing<'_>, target: &SocketTarget) -> Delivery {
     let event = firing.td.tg_event;
     let row_level = event & pg_sys::TRIGGER_EVENT_ROW != 0;
     let op = op_of(event);
@@ -222,11 +232,12 @@ fn check_event(firing: &Firing<'_>, target: &SocketTarget) {
         .options
         .delivery
         .unwrap_or_else(settings::default_delivery);
-    if mode != Delivery::Sync {
+    if mode == Delivery::Async {
         EmitError::DeliveryUnavailable {
             trigger: firing.describe("row_to_socket"),
             mode: mode.name(),
         }
         .raise();
     }
+    mode
 }

@@ -38,6 +38,7 @@ class Cluster:
             "fsync": "off",
             "shared_buffers": "128MB",
             "max_connections": "50",
+            "max_prepared_transactions": "4",
         }
         self.conf.update(conf or {})
         if os.geteuid() == 0:

@@ -1,4 +1,77 @@
-//! When and how an event leaves the database. Only `sync` exists so far:
-//! the message is sent inside the statement that produced it.
+//! When an event leaves the database.
+//!
+//! - `sync`: inside the statement ([`sync`]).
+//! - `commit`: held in backend memory, sent once the transaction has
+//!   committed and released its locks ([`commit`]).
+//!
+//! The transaction callbacks registered here route transaction and
+//! savepoint boundaries to the modes that hold events.
 
+pub mod commit;
+pub mod pending;
 pub mod sync;
+
+use crate::options::Framing;
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use std::ffi::c_void;
+
+/// A TCP destination as a trigger names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub host: String,
+    pub port: u16,
+    pub framing: Framing,
+}
+
+pub fn init() {
+    // SAFETY: registering static callbacks once, from _PG_init.
+    unsafe {
+        pg_sys::RegisterXactCallback(Some(on_xact), std::ptr::null_mut());
+        pg_sys::RegisterSubXactCallback(Some(on_subxact), std::ptr::null_mut());
+        pg_sys::RegisterResourceReleaseCallback(Some(on_release), std::ptr::null_mut());
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut c_void) {
+    use pg_sys::XactEvent::*;
+    match event {
+        // Still inside the transaction: an ERROR here aborts it cleanly.
+        XACT_EVENT_PRE_PREPARE => commit::refuse_prepare(),
+        XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE => commit::forget(),
+        _ => {}
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn on_subxact(
+    event: pg_sys::SubXactEvent::Type,
+    sub: pg_sys::SubTransactionId,
+    _parent: pg_sys::SubTransactionId,
+    _arg: *mut c_void,
+) {
+    use pg_sys::SubXactEvent::*;
+    match event {
+        SUBXACT_EVENT_START_SUB => commit::start_sub(sub),
+        SUBXACT_EVENT_COMMIT_SUB => commit::commit_sub(sub),
+        SUBXACT_EVENT_ABORT_SUB => commit::abort_sub(sub),
+        _ => {}
+    }
+}
+
+/// Runs three times per resource owner; the one that matters is the top
+/// transaction's `AFTER_LOCKS` phase on commit: the commit record is
+/// durable, the changes are visible and every lock is released, so a slow
+/// receiver delays only the COMMIT reply, never another session.
+#[pg_guard]
+unsafe extern "C-unwind" fn on_release(
+    phase: pg_sys::ResourceReleasePhase::Type,
+    is_commit: bool,
+    is_top: bool,
+    _arg: *mut c_void,
+) {
+    if is_top && is_commit && phase == pg_sys::ResourceReleasePhase::RESOURCE_RELEASE_AFTER_LOCKS {
+        commit::send_after_commit();
+    }
+}

@@ -35,23 +35,30 @@ pub fn dest_name(host: &str, port: u16) -> String {
     }
 }
 
-/// Sends `msg` (already newline-terminated for ndjson). Returns whether it
-/// was written; a failure is reported as a WARNING, or raised as an ERROR
-/// under `pg_emit.on_error = error`. `context` names the caller in those
-/// messages and is only built when something failed.
-pub fn deliver(
-    context: &dyn Fn() -> String,
+/// Why a message was not sent.
+pub enum Failure {
+    /// The destination failed moments ago; no attempt was made.
+    CoolingDown {
+        reason: String,
+        ago_ms: u128,
+        left_ms: u128,
+    },
+    Send(SendError),
+}
+
+/// Sends `msg` (already newline-terminated for ndjson) through this
+/// backend's connections and cooldowns, without reporting anything.
+pub fn try_send(
     host: &str,
     port: u16,
     msg: &[u8],
     framing: Framing,
-) -> bool {
+    intr: &dyn Interrupt,
+) -> Result<(), Failure> {
     let now = Instant::now();
-    let failure = STATE.with_borrow_mut(|st| {
+    STATE.with_borrow_mut(|st| {
         if let Some(down) = st.cooldowns.blocked(host, port, now) {
-            return Some(EmitError::CoolingDown {
-                context: context(),
-                dest: dest_name(host, port),
+            return Err(Failure::CoolingDown {
                 reason: down.reason.clone(),
                 ago_ms: (now - down.since).as_millis(),
                 left_ms: (down.until - now).as_millis(),
@@ -59,38 +66,67 @@ pub fn deliver(
         }
         let timeouts = settings::timeouts();
         let sent = match framing {
-            Framing::Close => tcp::send_once(host, port, msg, &timeouts, &interrupts::Statement),
-            Framing::Ndjson => send_ndjson(
-                &mut st.conns,
-                host,
-                port,
-                msg,
-                &timeouts,
-                &interrupts::Statement,
-            ),
+            Framing::Close => tcp::send_once(host, port, msg, &timeouts, intr),
+            Framing::Ndjson => send_ndjson(&mut st.conns, host, port, msg, &timeouts, intr),
         };
         match sent {
             Ok(()) => {
                 st.cooldowns.succeeded(host, port);
-                None
+                Ok(())
             }
-            Err(source) => {
-                let reason = source.to_string();
+            // A cancel says nothing about the receiver.
+            Err(SendError::Cancelled) => Err(Failure::Send(SendError::Cancelled)),
+            Err(e) => {
                 let window = settings::failure_cooldown();
                 st.cooldowns
-                    .failed(host, port, Instant::now(), window, reason);
-                Some(EmitError::Delivery {
-                    context: context(),
-                    dest: dest_name(host, port),
-                    source,
-                })
+                    .failed(host, port, Instant::now(), window, e.to_string());
+                Err(Failure::Send(e))
             }
         }
-    });
-    match failure {
-        None => true,
-        Some(e) if settings::ON_ERROR.get() == OnError::Error => e.raise(),
-        Some(e) => {
+    })
+}
+
+impl Failure {
+    pub fn into_error(self, context: String, dest: String) -> EmitError {
+        match self {
+            Failure::CoolingDown {
+                reason,
+                ago_ms,
+                left_ms,
+            } => EmitError::CoolingDown {
+                context,
+                dest,
+                reason,
+                ago_ms,
+                left_ms,
+            },
+            Failure::Send(source) => EmitError::Delivery {
+                context,
+                dest,
+                source,
+            },
+        }
+    }
+}
+
+/// Sends `msg` inside a statement. Returns whether it was written; a
+/// failure is a WARNING, or an ERROR under `pg_emit.on_error = error`.
+/// `context` names the caller in those messages and is only built when
+/// something failed.
+pub fn deliver(
+    context: &dyn Fn() -> String,
+    host: &str,
+    port: u16,
+    msg: &[u8],
+    framing: Framing,
+) -> bool {
+    match try_send(host, port, msg, framing, &interrupts::Statement) {
+        Ok(()) => true,
+        Err(f) => {
+            let e = f.into_error(context(), dest_name(host, port));
+            if settings::ON_ERROR.get() == OnError::Error {
+                e.raise()
+            }
             e.warn();
             false
         }

@@ -1,0 +1,113 @@
+//! `delivery=commit`: hold events until the transaction commits.
+//!
+//! Nothing is sent for a rolled-back transaction or for work undone by
+//! `ROLLBACK TO SAVEPOINT`. Sending happens after the commit, where an
+//! ERROR would be promoted to PANIC, so this path only ever warns: one
+//! WARNING per destination that missed events, with counts, rather than
+//! one per event.
+
+use super::pending::Pending;
+use super::sync::{self, dest_name, Failure};
+use super::Target;
+use crate::error::EmitError;
+use crate::interrupts;
+use crate::settings;
+use crate::transport::tcp::SendError;
+use std::cell::RefCell;
+
+thread_local! {
+    static HELD: RefCell<Pending<Target>> = RefCell::default();
+}
+
+/// Holds one event (newline-terminated for ndjson) until commit.
+pub fn hold(context: &dyn Fn() -> String, target: &Target, msg: &[u8]) {
+    let limit = settings::commit_buffer_bytes();
+    if let Err(full) = HELD.with_borrow_mut(|p| p.push(target, msg, limit)) {
+        EmitError::BufferFull {
+            context: context(),
+            limit: full.limit,
+        }
+        .raise();
+    }
+}
+
+pub fn start_sub(sub: u32) {
+    HELD.with_borrow_mut(|p| p.start_sub(sub));
+}
+
+pub fn commit_sub(sub: u32) {
+    HELD.with_borrow_mut(|p| p.commit_sub(sub));
+}
+
+pub fn abort_sub(sub: u32) {
+    HELD.with_borrow_mut(|p| p.abort_sub(sub));
+}
+
+pub fn forget() {
+    HELD.with_borrow_mut(|p| p.clear());
+}
+
+/// A prepared transaction may be committed by another session, long after
+/// this backend is gone; held events could not follow it.
+pub fn refuse_prepare() {
+    let n = HELD.with_borrow(|p| p.len());
+    if n > 0 {
+        EmitError::PrepareWithHeldEvents { events: n }.raise();
+    }
+}
+
+/// Sends what the committed transaction held. Never raises.
+pub fn send_after_commit() {
+    let held = HELD.with_borrow_mut(std::mem::take);
+    if held.is_empty() {
+        return;
+    }
+    // Per destination: (total, failed, first failure).
+    let mut tally: Vec<(&Target, usize, usize, Option<String>)> = Vec::new();
+    let mut cancelled = false;
+    for (target, msg) in held.iter() {
+        let i = match tally.iter().position(|t| t.0 == target) {
+            Some(i) => i,
+            None => {
+                tally.push((target, 0, 0, None));
+                tally.len() - 1
+            }
+        };
+        let entry = &mut tally[i];
+        entry.1 += 1;
+        if cancelled {
+            entry.2 += 1;
+            continue;
+        }
+        let sent = sync::try_send(
+            &target.host,
+            target.port,
+            msg,
+            target.framing,
+            &interrupts::AfterCommit,
+        );
+        if let Err(f) = sent {
+            if matches!(f, Failure::Send(SendError::Cancelled)) {
+                cancelled = true;
+            }
+            entry.2 += 1;
+            if entry.3.is_none() {
+                entry.3 = Some(
+                    f.into_error("row_to_socket".into(), dest_name(&target.host, target.port))
+                        .to_string(),
+                );
+            }
+        }
+    }
+    for (target, total, failed, first) in tally {
+        if failed > 0 {
+            EmitError::CommitDeliveryIncomplete {
+                dest: dest_name(&target.host, target.port),
+                failed,
+                total,
+                first: first.unwrap_or_default(),
+            }
+            .warn();
+        }
+    }
+}

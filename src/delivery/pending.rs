@@ -1,0 +1,200 @@
+//! Events held in backend memory until the transaction ends.
+//!
+//! Savepoints are handled with a stack of marks rather than per-event
+//! subtransaction ids: events are appended in order, so everything a
+//! subtransaction added is the tail after its mark. `ROLLBACK TO SAVEPOINT`
+//! truncates to the mark, `RELEASE` just drops the mark; both O(1), so a
+//! plpgsql loop with an exception block per row stays linear.
+//!
+//! All messages share one byte arena: a million small events are two
+//! vectors, not a million allocations.
+
+/// Held events for destinations of type `K`. Destinations are interned: a
+/// transaction usually talks to one or two, and events refer to them by
+/// index.
+#[derive(Debug)]
+pub struct Pending<K> {
+    dests: Vec<K>,
+    bytes: Vec<u8>,
+    /// (destination index, end offset in `bytes`).
+    events: Vec<(u32, usize)>,
+    /// (subtransaction id, events.len(), bytes.len()) at its start.
+    marks: Vec<(u32, usize, usize)>,
+}
+
+impl<K> Default for Pending<K> {
+    fn default() -> Self {
+        Pending {
+            dests: Vec::new(),
+            bytes: Vec::new(),
+            events: Vec::new(),
+            marks: Vec::new(),
+        }
+    }
+}
+
+/// Held events exceed the limit; nothing was added.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Full {
+    pub limit: usize,
+}
+
+impl<K: PartialEq + Clone> Pending<K> {
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.events.len()
+    }
+
+    pub fn bytes_len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    /// Adds one message for `dest`, refusing to grow past `limit` bytes.
+    pub fn push(&mut self, dest: &K, msg: &[u8], limit: usize) -> Result<(), Full> {
+        if self.bytes.len() + msg.len() > limit {
+            return Err(Full { limit });
+        }
+        let idx = match self.dests.iter().position(|d| d == dest) {
+            Some(i) => i,
+            None => {
+                self.dests.push(dest.clone());
+                self.dests.len() - 1
+            }
+        } as u32;
+        self.bytes.extend_from_slice(msg);
+        self.events.push((idx, self.bytes.len()));
+        Ok(())
+    }
+
+    /// Whether no held event belongs to a level that encloses the current
+    /// subtransaction, i.e. a subtransaction abort could take all of them.
+    pub fn all_in_current_level(&self) -> bool {
+        self.marks.last().is_none_or(|&(_, start, _)| start == 0)
+    }
+
+    pub fn start_sub(&mut self, sub: u32) {
+        self.marks.push((sub, self.events.len(), self.bytes.len()));
+    }
+
+    /// `RELEASE SAVEPOINT` (or the end of an exception block without error):
+    /// the events stay and now belong to the parent.
+    pub fn commit_sub(&mut self, sub: u32) {
+        if let Some(i) = self.marks.iter().rposition(|m| m.0 == sub) {
+            self.marks.truncate(i);
+        }
+    }
+
+    /// `ROLLBACK TO SAVEPOINT`: forget everything the subtransaction added,
+    /// including what its already-released children added.
+    pub fn abort_sub(&mut self, sub: u32) {
+        if let Some(i) = self.marks.iter().rposition(|m| m.0 == sub) {
+            let (_, events, bytes) = self.marks[i];
+            self.events.truncate(events);
+            self.bytes.truncate(bytes);
+            self.marks.truncate(i);
+        }
+    }
+
+    /// Forgets everything (transaction end).
+    pub fn clear(&mut self) {
+        self.dests.clear();
+        self.bytes.clear();
+        self.events.clear();
+        self.marks.clear();
+        // Do not keep a 64 MB arena alive for the rest of the session.
+        if self.bytes.capacity() > 1 << 20 {
+            self.bytes = Vec::new();
+            self.events = Vec::new();
+        }
+    }
+
+    /// Events in order, each with its destination.
+    pub fn iter(&self) -> impl Iterator<Item = (&K, &[u8])> {
+        let mut start = 0;
+        self.events.iter().map(move |&(d, end)| {
+            let msg = &self.bytes[start..end];
+            start = end;
+            (&self.dests[d as usize], msg)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msgs(p: &Pending<&'static str>) -> Vec<(String, String)> {
+        p.iter()
+            .map(|(d, m)| (d.to_string(), String::from_utf8(m.to_vec()).unwrap()))
+            .collect()
+    }
+
+    #[test]
+    fn keeps_order_and_destinations() {
+        let mut p = Pending::default();
+        p.push(&"a", b"1", 100).unwrap();
+        p.push(&"b", b"2", 100).unwrap();
+        p.push(&"a", b"3", 100).unwrap();
+        assert_eq!(
+            msgs(&p),
+            [("a", "1"), ("b", "2"), ("a", "3")].map(|(a, b)| (a.into(), b.into()))
+        );
+        assert_eq!(p.len(), 3);
+    }
+
+    #[test]
+    fn savepoint_rollback_drops_only_its_tail() {
+        let mut p = Pending::default();
+        p.push(&"a", b"top", 100).unwrap();
+        p.start_sub(2);
+        p.push(&"a", b"s1", 100).unwrap();
+        p.start_sub(3);
+        p.push(&"a", b"s2", 100).unwrap();
+        p.commit_sub(3); // RELEASE inner: its event now belongs to sub 2
+        p.abort_sub(2); // ROLLBACK TO outer: both go
+        p.push(&"a", b"after", 100).unwrap();
+        let got: Vec<_> = msgs(&p).into_iter().map(|(_, m)| m).collect();
+        assert_eq!(got, ["top", "after"]);
+    }
+
+    #[test]
+    fn released_savepoint_keeps_events() {
+        let mut p = Pending::default();
+        p.start_sub(2);
+        p.push(&"a", b"x", 100).unwrap();
+        p.commit_sub(2);
+        assert_eq!(p.len(), 1);
+        assert!(p.all_in_current_level());
+    }
+
+    #[test]
+    fn level_tracking() {
+        let mut p = Pending::default();
+        assert!(p.all_in_current_level());
+        p.push(&"a", b"x", 100).unwrap();
+        p.start_sub(2);
+        assert!(!p.all_in_current_level());
+        p.abort_sub(2);
+        assert!(p.all_in_current_level());
+    }
+
+    #[test]
+    fn limit_is_enforced() {
+        let mut p = Pending::default();
+        p.push(&"a", b"12345", 8).unwrap();
+        assert_eq!(p.push(&"a", b"6789", 8), Err(Full { limit: 8 }));
+        assert_eq!(p.len(), 1);
+    }
+
+    #[test]
+    fn clear_forgets_everything() {
+        let mut p = Pending::default();
+        p.start_sub(2);
+        p.push(&"a", b"x", 100).unwrap();
+        p.clear();
+        assert!(p.is_empty() && p.all_in_current_level());
+    }
+}
