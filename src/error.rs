@@ -31,9 +31,6 @@ pub enum EmitError {
     /// Attached to an event it cannot handle.
     #[error("{trigger}: {problem}")]
     TriggerEvent { trigger: String, problem: String },
-    /// A delivery mode this build does not provide.
-    #[error("{trigger}: delivery={mode} is not available in this version of pg_emit")]
-    DeliveryUnavailable { trigger: String, mode: &'static str },
     /// A failed delivery under `pg_emit.on_error = error`.
     #[error("{context}: could not send to {dest}: {source}")]
     Delivery {
@@ -76,7 +73,6 @@ impl EmitError {
             EmitError::TriggerEvent { .. } | EmitError::NotTrigger(_) => {
                 ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED
             }
-            EmitError::DeliveryUnavailable { .. } => ERRCODE_FEATURE_NOT_SUPPORTED,
             EmitError::Delivery { source, .. } => match source {
                 SendError::HostNotFound { .. }
                 | SendError::ResolveTimeout { .. }

@@ -7,6 +7,7 @@
 
 use pgrx::prelude::*;
 
+pub mod backoff;
 pub mod cooldown;
 pub mod delivery;
 pub mod error;
@@ -17,16 +18,26 @@ pub mod send;
 pub mod settings;
 pub mod transport;
 pub mod trigger;
+pub mod worker;
 
 ::pgrx::pg_module_magic!();
 
 pgrx::extension_sql_file!("../sql/bootstrap.sql", name = "bootstrap", bootstrap);
 pgrx::extension_sql_file!("../sql/triggers.sql", name = "triggers");
+pgrx::extension_sql_file!(
+    "../sql/outbox.sql",
+    name = "outbox",
+    requires = ["bootstrap"]
+);
 
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
     settings::init();
     delivery::init();
+    // SAFETY: reading a flag PostgreSQL sets while preloading libraries.
+    if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
+        worker::launcher::register();
+    }
 }
 
 /// In-backend tests. They run inside a transaction that is rolled back,

@@ -15,6 +15,10 @@ pub static CONNECT_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(1000);
 pub static WRITE_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(2000);
 pub static FAILURE_COOLDOWN: GucSetting<i32> = GucSetting::<i32>::new(5000);
 pub static COMMIT_BUFFER_SIZE: GucSetting<i32> = GucSetting::<i32>::new(64 * 1024);
+pub static RETRY_MIN: GucSetting<i32> = GucSetting::<i32>::new(100);
+pub static RETRY_MAX: GucSetting<i32> = GucSetting::<i32>::new(30_000);
+pub static MAX_ATTEMPTS: GucSetting<i32> = GucSetting::<i32>::new(50);
+pub static MAX_AGE: GucSetting<i32> = GucSetting::<i32>::new(86_400);
 pub static ON_ERROR: GucSetting<OnError> = GucSetting::<OnError>::new(OnError::Warning);
 pub static DEFAULT_DELIVERY: GucSetting<DefaultDelivery> =
     GucSetting::<DefaultDelivery>::new(DefaultDelivery::Sync);
@@ -78,6 +82,46 @@ pub fn init() {
         i32::MAX,
         GucContext::Userset,
         GucFlags::UNIT_KB,
+    );
+    GucRegistry::define_int_guc(
+        c"pg_emit.retry_backoff_min",
+        c"First retry delay of the async worker after a failed delivery.",
+        c"Doubles with each failed attempt up to pg_emit.retry_backoff_max, with jitter.",
+        &RETRY_MIN,
+        1,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"pg_emit.retry_backoff_max",
+        c"Longest retry delay of the async worker.",
+        c"",
+        &RETRY_MAX,
+        1,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"pg_emit.max_attempts",
+        c"Failed delivery attempts after which async events go to emit.dead_letter.",
+        c"",
+        &MAX_ATTEMPTS,
+        1,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"pg_emit.max_age",
+        c"Age after which undeliverable async events go to emit.dead_letter. 0 disables.",
+        c"Checked when an attempt fails, so healthy destinations never lose events to it.",
+        &MAX_AGE,
+        0,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
     );
     GucRegistry::define_enum_guc(
         c"pg_emit.on_error",

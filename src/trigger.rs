@@ -1,6 +1,6 @@
 //! `row_to_socket`: trigger event → JSON → destination.
 
-use crate::delivery::{commit, sync, Target};
+use crate::delivery::{commit, outbox, sync, Target};
 use crate::error::EmitError;
 use crate::event::{self, Event, Op};
 use crate::options::{self, Delivery, Framing, SocketTarget};
@@ -173,9 +173,10 @@ fn fire(td: &pg_sys::TriggerData) -> pg_sys::Datum {
     };
     BUF.with_borrow_mut(|buf| {
         buf.clear();
-        let ndjson = framing == Framing::Ndjson;
-        event::write_event(buf, target.options.format, &ev, new, old, ndjson);
-        if ndjson {
+        // Async events are stored one per line; ndjson sends one per line.
+        let one_line = framing == Framing::Ndjson || mode == Delivery::Async;
+        event::write_event(buf, target.options.format, &ev, new, old, one_line);
+        if framing == Framing::Ndjson && mode != Delivery::Async {
             buf.push(b'\n');
         }
         let context = || firing.describe("row_to_socket");
@@ -192,7 +193,15 @@ fn fire(td: &pg_sys::TriggerData) -> pg_sys::Datum {
                 },
                 buf,
             ),
-            Delivery::Async => unreachable!("refused by check_event"),
+            Delivery::Async => outbox::queue(
+                &context,
+                &Target {
+                    host: target.host.clone(),
+                    port: target.port,
+                    framing,
+                },
+                buf,
+            ),
         }
         // Large rows must not pin megabytes per backend for its lifetime.
         if buf.capacity() > 1 << 20 {
@@ -228,16 +237,8 @@ fn check_event(firing: &Firing<'_>, target: &SocketTarget) -> Delivery {
         }
         .raise();
     }
-    let mode = target
+    target
         .options
         .delivery
-        .unwrap_or_else(settings::default_delivery);
-    if mode == Delivery::Async {
-        EmitError::DeliveryUnavailable {
-            trigger: firing.describe("row_to_socket"),
-            mode: mode.name(),
-        }
-        .raise();
-    }
-    mode
+        .unwrap_or_else(settings::default_delivery)
 }

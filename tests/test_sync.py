@@ -417,16 +417,6 @@ def test_on_error_error_aborts_the_statement(db, table):
         db.execute("SELECT send_socket('x', '127.0.0.1', %s)", (port,))
 
 
-def test_unavailable_delivery_mode_is_an_error(db, table):
-    db.execute(f"CREATE TABLE {table} (id int)")
-    db.execute(
-        f"CREATE TRIGGER out AFTER INSERT ON {table} FOR EACH ROW "
-        f"EXECUTE FUNCTION row_to_socket('127.0.0.1', '1', 'delivery=async')"
-    )
-    with pytest.raises(psycopg.errors.FeatureNotSupported):
-        db.execute(f"INSERT INTO {table} VALUES (1)")
-
-
 def test_shutdown_interrupts_a_hanging_connect(cluster):
     """`pg_ctl stop -m fast` must not wait for a backend stuck in connect."""
     stalled = Stalled()

@@ -3,11 +3,14 @@
 //! - `sync`: inside the statement ([`sync`]).
 //! - `commit`: held in backend memory, sent once the transaction has
 //!   committed and released its locks ([`commit`]).
+//! - `async`: written to `emit.outbox` in the transaction and delivered by
+//!   the background worker ([`outbox`], [`crate::worker`]).
 //!
 //! The transaction callbacks registered here route transaction and
 //! savepoint boundaries to the modes that hold events.
 
 pub mod commit;
+pub mod outbox;
 pub mod pending;
 pub mod sync;
 
@@ -38,8 +41,16 @@ unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut c
     use pg_sys::XactEvent::*;
     match event {
         // Still inside the transaction: an ERROR here aborts it cleanly.
-        XACT_EVENT_PRE_PREPARE => commit::refuse_prepare(),
-        XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE => commit::forget(),
+        XACT_EVENT_PRE_COMMIT => outbox::pre_commit(),
+        XACT_EVENT_PRE_PREPARE => {
+            commit::refuse_prepare();
+            outbox::pre_commit();
+        }
+        XACT_EVENT_COMMIT => outbox::on_commit(),
+        XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE => {
+            commit::forget();
+            outbox::forget();
+        }
         _ => {}
     }
 }
@@ -53,9 +64,18 @@ unsafe extern "C-unwind" fn on_subxact(
 ) {
     use pg_sys::SubXactEvent::*;
     match event {
-        SUBXACT_EVENT_START_SUB => commit::start_sub(sub),
-        SUBXACT_EVENT_COMMIT_SUB => commit::commit_sub(sub),
-        SUBXACT_EVENT_ABORT_SUB => commit::abort_sub(sub),
+        SUBXACT_EVENT_START_SUB => {
+            commit::start_sub(sub);
+            outbox::start_sub(sub);
+        }
+        SUBXACT_EVENT_COMMIT_SUB => {
+            commit::commit_sub(sub);
+            outbox::commit_sub(sub);
+        }
+        SUBXACT_EVENT_ABORT_SUB => {
+            commit::abort_sub(sub);
+            outbox::abort_sub(sub);
+        }
         _ => {}
     }
 }

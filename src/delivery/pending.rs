@@ -98,6 +98,15 @@ impl<K: PartialEq + Clone> Pending<K> {
         }
     }
 
+    /// Empties the buffer after its events were written elsewhere. Only
+    /// valid when [`Self::all_in_current_level`]: every mark then points
+    /// at offset zero and stays correct.
+    pub fn drain_keep_marks(&mut self) {
+        debug_assert!(self.all_in_current_level());
+        self.bytes.clear();
+        self.events.clear();
+    }
+
     /// Forgets everything (transaction end).
     pub fn clear(&mut self) {
         self.dests.clear();
@@ -187,6 +196,17 @@ mod tests {
         p.push(&"a", b"12345", 8).unwrap();
         assert_eq!(p.push(&"a", b"6789", 8), Err(Full { limit: 8 }));
         assert_eq!(p.len(), 1);
+    }
+
+    #[test]
+    fn drain_keeps_savepoints_working() {
+        let mut p = Pending::default();
+        p.start_sub(2);
+        p.push(&"a", b"x", 100).unwrap();
+        p.drain_keep_marks();
+        p.push(&"a", b"y", 100).unwrap();
+        p.abort_sub(2);
+        assert!(p.is_empty());
     }
 
     #[test]

@@ -48,3 +48,23 @@ impl Timeouts {
         Instant::now() + self.write
     }
 }
+
+/// Spawns a detached thread with every signal blocked. PostgreSQL's signal
+/// handlers must run on the backend's own thread; a helper thread that
+/// could receive SIGINT or SIGALRM would swallow a cancel request.
+pub fn spawn_without_signals(name: &str, f: impl FnOnce() + Send + 'static) -> std::io::Result<()> {
+    // SAFETY: sigset_t is plain data; pthread_sigmask only reads/writes the
+    // sets we pass and the calling thread's mask, which we restore.
+    unsafe {
+        let mut all = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+        let mut old = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+        libc::sigfillset(all.as_mut_ptr());
+        libc::pthread_sigmask(libc::SIG_SETMASK, all.as_ptr(), old.as_mut_ptr());
+        let spawned = std::thread::Builder::new()
+            .name(name.into())
+            .stack_size(256 * 1024)
+            .spawn(f);
+        libc::pthread_sigmask(libc::SIG_SETMASK, old.as_ptr(), std::ptr::null_mut());
+        spawned.map(drop)
+    }
+}

@@ -99,7 +99,7 @@ pub fn resolve(
     let started = Instant::now();
     let (tx, rx) = mpsc::channel();
     let name = host.to_string();
-    spawn_without_signals(move || {
+    super::spawn_without_signals("pg_emit-resolve", move || {
         let _ = tx.send(
             (name.as_str(), port)
                 .to_socket_addrs()
@@ -137,26 +137,6 @@ pub fn resolve(
                 })
             }
         }
-    }
-}
-
-/// Spawns a detached thread with every signal blocked. PostgreSQL's signal
-/// handlers must run on the backend's own thread; a helper thread that
-/// could receive SIGINT or SIGALRM would swallow a cancel request.
-fn spawn_without_signals(f: impl FnOnce() + Send + 'static) -> io::Result<()> {
-    // SAFETY: sigset_t is plain data; pthread_sigmask only reads/writes the
-    // sets we pass and the calling thread's mask, which we restore.
-    unsafe {
-        let mut all = MaybeUninit::<libc::sigset_t>::uninit();
-        let mut old = MaybeUninit::<libc::sigset_t>::uninit();
-        libc::sigfillset(all.as_mut_ptr());
-        libc::pthread_sigmask(libc::SIG_SETMASK, all.as_ptr(), old.as_mut_ptr());
-        let spawned = std::thread::Builder::new()
-            .name("pg_emit-resolve".into())
-            .stack_size(128 * 1024)
-            .spawn(f);
-        libc::pthread_sigmask(libc::SIG_SETMASK, old.as_ptr(), std::ptr::null_mut());
-        spawned.map(drop)
     }
 }
 

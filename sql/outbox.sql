@@ -1,0 +1,92 @@
+-- delivery=async: the durable outbox, dead letters and delivery statistics.
+--
+-- One outbox row holds the events one transaction queued for one
+-- destination (split at 8 MB), one per line, so a 20,000-row INSERT costs
+-- one row here rather than 20,000. The worker numbers events when it claims
+-- a row: that makes event ids increase in delivery order, which is commit
+-- order, even when transactions commit in a different order than they
+-- started writing.
+
+CREATE TABLE emit.outbox (
+    id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    destination     text    NOT NULL,
+    host            text    NOT NULL,
+    port            integer NOT NULL,
+    framing         text    NOT NULL CHECK (framing IN ('close', 'ndjson')),
+    events          integer NOT NULL CHECK (events > 0),
+    payload         text    NOT NULL,
+    -- Set by the worker when it claims the row: events get ids
+    -- first_event_id .. first_event_id + events - 1.
+    first_event_id  bigint,
+    -- Events of this row already delivered (framing=close delivers them one
+    -- connection at a time, so a failure can come halfway).
+    sent            integer NOT NULL DEFAULT 0,
+    attempts        integer NOT NULL DEFAULT 0,
+    last_error      text,
+    enqueued_at     timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+CREATE INDEX outbox_destination_id ON emit.outbox (destination, id);
+CREATE INDEX outbox_claimed ON emit.outbox (destination, first_event_id)
+    WHERE first_event_id IS NOT NULL;
+COMMENT ON TABLE emit.outbox IS
+    'pg_emit: events queued by delivery=async triggers, one row per transaction and destination';
+
+CREATE TABLE emit.dead_letter (
+    id              bigint PRIMARY KEY,
+    destination     text    NOT NULL,
+    host            text    NOT NULL,
+    port            integer NOT NULL,
+    framing         text    NOT NULL,
+    events          integer NOT NULL,
+    payload         text    NOT NULL,
+    attempts        integer NOT NULL,
+    last_error      text,
+    enqueued_at     timestamptz NOT NULL,
+    dead_at         timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+COMMENT ON TABLE emit.dead_letter IS
+    'pg_emit: async events given up on after pg_emit.max_attempts or pg_emit.max_age';
+
+-- Counters the worker keeps per destination.
+CREATE TABLE emit.destinations (
+    destination       text PRIMARY KEY,
+    delivered         bigint NOT NULL DEFAULT 0,
+    failed_attempts   bigint NOT NULL DEFAULT 0,
+    dead_lettered     bigint NOT NULL DEFAULT 0,
+    last_error        text,
+    last_error_at     timestamptz,
+    last_delivered_at timestamptz
+);
+
+-- Single-row state: the next event id, and which process is the worker
+-- (committing backends read it to wake the worker up).
+CREATE TABLE emit.worker (
+    one            boolean PRIMARY KEY DEFAULT true CHECK (one),
+    next_event_id  bigint  NOT NULL DEFAULT 1,
+    pid            integer,
+    started_at     timestamptz
+);
+INSERT INTO emit.worker DEFAULT VALUES;
+
+CREATE VIEW emit.stats AS
+SELECT d.destination,
+       coalesce(q.queued, 0)    AS queued,
+       coalesce(q.in_flight, 0) AS in_flight,
+       coalesce(s.delivered, 0)       AS delivered,
+       coalesce(s.failed_attempts, 0) AS failed_attempts,
+       coalesce(s.dead_lettered, 0)   AS dead_lettered,
+       s.last_error,
+       s.last_error_at,
+       s.last_delivered_at,
+       q.oldest_enqueued_at
+  FROM (SELECT destination FROM emit.outbox
+        UNION SELECT destination FROM emit.destinations) d
+  LEFT JOIN (SELECT destination,
+                    sum(events - sent) FILTER (WHERE first_event_id IS NULL)     AS queued,
+                    sum(events - sent) FILTER (WHERE first_event_id IS NOT NULL) AS in_flight,
+                    min(enqueued_at) AS oldest_enqueued_at
+               FROM emit.outbox GROUP BY destination) q USING (destination)
+  LEFT JOIN emit.destinations s USING (destination);
+COMMENT ON VIEW emit.stats IS 'pg_emit: async delivery per destination (no payloads)';
+
+REVOKE ALL ON emit.outbox, emit.dead_letter, emit.destinations, emit.worker, emit.stats FROM PUBLIC;

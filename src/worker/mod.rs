@@ -1,0 +1,613 @@
+//! The async delivery worker: one background worker per database.
+//!
+//! The main thread owns every database interaction, in short transactions:
+//! claim rows (number their events), then later acknowledge what was
+//! delivered. Network I/O happens on one thread per destination (see
+//! [`send`]), which signals the main thread's latch when a job is done, so
+//! nothing waits on a timer: a commit that queued events sets the latch,
+//! and so does every finished job. A destination that fails is retried
+//! with exponential backoff, on its own, while the others keep flowing.
+//!
+//! Without `shared_preload_libraries` the first transaction that queues
+//! events starts the worker; with it, [`launcher`] starts one per database
+//! at server start, so a backlog left by a crash is delivered without
+//! waiting for a new write.
+
+pub mod launcher;
+pub mod send;
+
+use crate::backoff::{self, Backoff};
+use crate::options::Framing;
+use crate::settings;
+use crate::transport::{self, Cancelled, Interrupt};
+use pgrx::bgworkers::{
+    BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, DynamicBackgroundWorker,
+    SignalWakeFlags,
+};
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use send::{Job, Outcome, Row};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// First key of the session advisory lock that makes a worker the only one
+/// in its database ("pgEm"); the second key is the database oid.
+const LOCK_KEY: i32 = 0x7067_456d;
+/// Most rows and payload bytes claimed for one destination at a time.
+const CLAIM_ROWS: i64 = 1000;
+const CLAIM_BYTES: usize = 8 << 20;
+/// Safety net for wakeups nobody sends (COMMIT PREPARED of an async
+/// transaction, rows re-queued by hand with INSERT).
+const IDLE_RESCAN: Duration = Duration::from_secs(10);
+
+/// Set when the worker is stopping: sender threads abandon their waits.
+static STOPPING: AtomicBool = AtomicBool::new(false);
+
+struct Stopping;
+
+impl Interrupt for Stopping {
+    fn check(&self) -> Result<(), Cancelled> {
+        if STOPPING.load(Ordering::Relaxed) {
+            Err(Cancelled)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+unsafe extern "C" {
+    /// Declared here without pgrx's FFI guard, which only allows calls from
+    /// the main thread: sender threads use it to wake the main thread.
+    /// SetLatch is async-signal-safe, so it is safe from any thread.
+    #[link_name = "SetLatch"]
+    fn set_latch_from_any_thread(latch: *mut pg_sys::Latch);
+}
+
+/// Runs `f` in a transaction with a snapshot. pgrx's own helper demands
+/// unwind-safe closures; an ERROR here ends the worker anyway (it restarts).
+fn transaction<R>(f: impl FnOnce() -> R) -> R {
+    // SAFETY: the standard bgworker transaction bracket.
+    unsafe {
+        pg_sys::SetCurrentStatementStartTimestamp();
+        pg_sys::StartTransactionCommand();
+        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+    }
+    let r = f();
+    // SAFETY: closes what was opened above.
+    unsafe {
+        pg_sys::PopActiveSnapshot();
+        pg_sys::CommitTransactionCommand();
+    }
+    r
+}
+
+/// Registers a worker for database `db`.
+pub fn start(
+    db: pg_sys::Oid,
+) -> Result<DynamicBackgroundWorker, pgrx::bgworkers::DynamicBackgroundWorkerLoadError> {
+    builder(db).load_dynamic()
+}
+
+fn builder(db: pg_sys::Oid) -> BackgroundWorkerBuilder {
+    BackgroundWorkerBuilder::new(&format!("pg_emit worker for database {}", db.to_u32()))
+        .set_type("pg_emit worker")
+        .set_library("pg_emit")
+        .set_function("pg_emit_worker_main")
+        .set_argument(Some(pg_sys::Datum::from(db.to_u32())))
+        .enable_spi_access()
+        .set_start_time(BgWorkerStartTime::RecoveryFinished)
+        // pg_terminate_backend or a crash: back within a second.
+        .set_restart_time(Some(Duration::from_secs(1)))
+}
+
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn pg_emit_worker_main(arg: pg_sys::Datum) {
+    let db = pg_sys::Oid::from(arg.value() as u32);
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    BackgroundWorker::connect_worker_to_spi_by_oid(Some(db), None);
+    let claimed = transaction(|| {
+        Spi::connect_mut(|c| {
+            let missing = c
+                .select(
+                    "SELECT 1 FROM pg_extension WHERE extname = 'pg_emit'",
+                    None,
+                    &[],
+                )?
+                .is_empty();
+            if missing {
+                return Ok(false);
+            }
+            let got = c
+                .update(
+                    "SELECT pg_try_advisory_lock($1, $2)",
+                    None,
+                    &[LOCK_KEY.into(), (db.to_u32() as i32).into()],
+                )?
+                .first()
+                .get_one::<bool>()?
+                .unwrap_or(false);
+            if got {
+                c.update(
+                    "UPDATE emit.worker SET pid = pg_backend_pid(), started_at = now()",
+                    None,
+                    &[],
+                )?;
+            }
+            Ok::<_, pgrx::spi::Error>(got)
+        })
+    });
+    match claimed {
+        // The extension is not here, or another worker serves this
+        // database: exit 0, which tells the postmaster not to restart us.
+        Ok(false) => return,
+        Err(e) => pgrx::error!("pg_emit worker: could not start: {e}"),
+        Ok(true) => {}
+    }
+    pgrx::log!("pg_emit worker started");
+    let stop = Worker::new().run();
+    STOPPING.store(true, Ordering::Relaxed);
+    match stop {
+        Stop::ExtensionDropped => pgrx::log!("pg_emit worker: extension dropped, exiting"),
+        // Terminated (pg_terminate_backend) or shutting down: exit 1 so a
+        // terminated worker comes back; during shutdown no restart happens.
+        Stop::Terminated => unsafe { pg_sys::proc_exit(1) },
+    }
+}
+
+enum Stop {
+    Terminated,
+    ExtensionDropped,
+}
+
+/// A destination as the worker tracks it.
+struct Dest {
+    jobs: mpsc::Sender<Job>,
+    busy: bool,
+    failures: u32,
+    retry_at: Option<Instant>,
+}
+
+struct Worker {
+    dests: HashMap<String, Dest>,
+    done_tx: mpsc::Sender<(String, Job, Outcome)>,
+    done_rx: mpsc::Receiver<(String, Job, Outcome)>,
+    rng: u64,
+}
+
+struct WorkerSettings {
+    backoff: Backoff,
+    max_attempts: i32,
+    max_age_s: i32,
+}
+
+fn worker_settings() -> WorkerSettings {
+    WorkerSettings {
+        backoff: Backoff {
+            min: Duration::from_millis(settings::RETRY_MIN.get().max(1) as u64),
+            max: Duration::from_millis(settings::RETRY_MAX.get().max(1) as u64),
+        },
+        max_attempts: settings::MAX_ATTEMPTS.get(),
+        max_age_s: settings::MAX_AGE.get(),
+    }
+}
+
+impl Worker {
+    fn new() -> Self {
+        let (done_tx, done_rx) = mpsc::channel();
+        // SAFETY: MyProcPid is set for the life of the process.
+        let seed = unsafe { pg_sys::MyProcPid } as u64;
+        Worker {
+            dests: HashMap::new(),
+            done_tx,
+            done_rx,
+            rng: 0x9e37_79b9_7f4a_7c15 ^ seed ^ (Instant::now().elapsed().as_nanos() as u64),
+        }
+    }
+
+    fn run(&mut self) -> Stop {
+        let mut scan = true;
+        loop {
+            if scan {
+                scan = false;
+                if let Err(stop) = self.claim_and_dispatch() {
+                    return stop;
+                }
+            }
+            let timeout = self.next_timeout();
+            // SAFETY: waiting on our own latch, as every bgworker does.
+            let rc = unsafe {
+                pg_sys::WaitLatch(
+                    pg_sys::MyLatch,
+                    (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH)
+                        as i32,
+                    timeout.as_millis() as std::ffi::c_long,
+                    pg_sys::PG_WAIT_EXTENSION,
+                )
+            };
+            // SAFETY: as above.
+            unsafe { pg_sys::ResetLatch(pg_sys::MyLatch) };
+            if BackgroundWorker::sigterm_received() {
+                return Stop::Terminated;
+            }
+            if BackgroundWorker::sighup_received() {
+                // SAFETY: the documented way for a bgworker to reload.
+                unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+            }
+            let done: Vec<_> = self.done_rx.try_iter().collect();
+            if !done.is_empty() {
+                self.acknowledge(done);
+                scan = true;
+            }
+            // A latch set by a committing backend, a backoff that expired,
+            // or the idle rescan: look for work.
+            if rc & pg_sys::WL_LATCH_SET as i32 != 0 || rc & pg_sys::WL_TIMEOUT as i32 != 0 {
+                scan = true;
+            }
+        }
+    }
+
+    /// How long to sleep: until the earliest retry, else the idle rescan.
+    fn next_timeout(&self) -> Duration {
+        let now = Instant::now();
+        self.dests
+            .values()
+            .filter(|d| !d.busy)
+            .filter_map(|d| d.retry_at)
+            .map(|t| t.saturating_duration_since(now))
+            .min()
+            .unwrap_or(IDLE_RESCAN)
+            .min(IDLE_RESCAN)
+            .max(Duration::from_millis(1))
+    }
+
+    /// One transaction: find destinations with work, claim rows for the
+    /// idle ones, then hand the jobs to their threads.
+    fn claim_and_dispatch(&mut self) -> Result<(), Stop> {
+        let now = Instant::now();
+        let timeouts = settings::timeouts();
+        let ready =
+            |d: Option<&Dest>| d.is_none_or(|d| !d.busy && d.retry_at.is_none_or(|t| t <= now));
+        let dests = &self.dests;
+        let jobs = transaction(|| {
+            Spi::connect_mut(
+                |c| -> Result<Option<Vec<(String, Job)>>, pgrx::spi::Error> {
+                    if c.select("SELECT to_regclass('emit.outbox')::oid", None, &[])?
+                        .first()
+                        .get_one::<pg_sys::Oid>()?
+                        .is_none()
+                    {
+                        return Ok(None);
+                    }
+                    let keys: Vec<String> = c
+                        .select(DESTINATIONS_SQL, None, &[])?
+                        .filter_map(|r| r.get::<String>(1).ok().flatten())
+                        .collect();
+                    let mut jobs = Vec::new();
+                    for key in keys {
+                        if !ready(dests.get(&key)) {
+                            continue;
+                        }
+                        if let Some(job) = claim(c, &key, timeouts)? {
+                            jobs.push((key, job));
+                        }
+                    }
+                    Ok(Some(jobs))
+                },
+            )
+        });
+        let jobs = match jobs {
+            Ok(Some(jobs)) => jobs,
+            Ok(None) => return Err(Stop::ExtensionDropped),
+            Err(e) => pgrx::error!("pg_emit worker: claiming events failed: {e}"),
+        };
+        for (key, job) in jobs {
+            let dest = self.dest(&key);
+            dest.busy = true;
+            if dest.jobs.send(job).is_err() {
+                pgrx::error!("pg_emit worker: sender thread for {key} is gone");
+            }
+        }
+        Ok(())
+    }
+
+    fn dest(&mut self, key: &str) -> &mut Dest {
+        if !self.dests.contains_key(key) {
+            let (tx, rx) = mpsc::channel::<Job>();
+            let done = self.done_tx.clone();
+            let name = key.to_string();
+            // SAFETY: MyLatch points at this process's latch for its life.
+            let latch = unsafe { pg_sys::MyLatch } as usize;
+            transport::spawn_without_signals("pg_emit-sender", move || {
+                let mut conn = None;
+                for job in rx {
+                    let out = send::send_job(&mut conn, &job, &Stopping);
+                    if done.send((name.clone(), job, out)).is_err() {
+                        return;
+                    }
+                    // SAFETY: see set_latch_from_any_thread.
+                    unsafe { set_latch_from_any_thread(latch as *mut pg_sys::Latch) };
+                }
+            })
+            .unwrap_or_else(|e| pgrx::error!("pg_emit worker: cannot start a sender thread: {e}"));
+            self.dests.insert(
+                key.to_string(),
+                Dest {
+                    jobs: tx,
+                    busy: false,
+                    failures: 0,
+                    retry_at: None,
+                },
+            );
+        }
+        self.dests.get_mut(key).expect("inserted above")
+    }
+
+    /// One transaction: record what finished jobs achieved.
+    fn acknowledge(&mut self, done: Vec<(String, Job, Outcome)>) {
+        let ws = worker_settings();
+        let mut logs = Vec::new();
+        let result = transaction(|| {
+            Spi::connect_mut(|c| -> Result<Vec<i64>, pgrx::spi::Error> {
+                let mut dead = Vec::new();
+                for (key, job, out) in &done {
+                    dead.push(record(c, key, job, out, &ws)?);
+                }
+                Ok(dead)
+            })
+        });
+        let dead = match result {
+            Ok(d) => d,
+            Err(e) => pgrx::error!("pg_emit worker: recording deliveries failed: {e}"),
+        };
+        for ((key, _, out), dead) in done.into_iter().zip(dead) {
+            let rng = &mut self.rng;
+            let dest = self.dests.get_mut(&key).expect("dispatched before");
+            dest.busy = false;
+            match out.error {
+                None => {
+                    if dest.failures > 0 {
+                        logs.push(format!(
+                            "pg_emit: delivery to {key} resumed after {} failed attempt(s)",
+                            dest.failures
+                        ));
+                    }
+                    dest.failures = 0;
+                    dest.retry_at = None;
+                }
+                Some(e) => {
+                    dest.failures += 1;
+                    let delay = ws.backoff.delay(dest.failures, backoff::jitter(rng));
+                    dest.retry_at = Some(Instant::now() + delay);
+                    logs.push(format!(
+                        "pg_emit: delivery to {key} failed (attempt {}): {e}; retrying in {} ms",
+                        dest.failures,
+                        delay.as_millis()
+                    ));
+                }
+            }
+            if dead > 0 {
+                logs.push(format!(
+                    "pg_emit: moved {dead} event(s) for {key} to emit.dead_letter \
+                     (pg_emit.max_attempts = {}, pg_emit.max_age = {} s)",
+                    ws.max_attempts, ws.max_age_s
+                ));
+            }
+        }
+        for l in logs {
+            pgrx::warning!("{l}");
+        }
+    }
+}
+
+/// Destinations with rows, by a loose index scan over (destination, id):
+/// one index probe per destination however long the backlog is.
+const DESTINATIONS_SQL: &str = "
+WITH RECURSIVE d(destination) AS (
+    (SELECT destination FROM emit.outbox ORDER BY destination LIMIT 1)
+  UNION ALL
+    SELECT (SELECT o.destination FROM emit.outbox o
+             WHERE o.destination > d.destination ORDER BY o.destination LIMIT 1)
+      FROM d WHERE d.destination IS NOT NULL
+)
+SELECT destination FROM d WHERE destination IS NOT NULL";
+
+/// Claims the next rows of `key`: rows already numbered (a job that failed,
+/// or was cut short by a restart) go first, with the same ids, so a
+/// receiver can drop what it already has; otherwise the oldest visible rows
+/// get the next ids.
+fn claim(
+    c: &mut pgrx::spi::SpiClient<'_>,
+    key: &str,
+    timeouts: transport::Timeouts,
+) -> Result<Option<Job>, pgrx::spi::Error> {
+    let mut rows = Vec::new();
+    let mut target: Option<(String, u16, Framing)> = None;
+    let mut bytes = 0;
+    for pass in [CLAIMED_SQL, UNCLAIMED_SQL] {
+        for r in c.select(pass, Some(CLAIM_ROWS as _), &[key.into()])? {
+            let payload: String = r.get(6)?.unwrap_or_default();
+            if !rows.is_empty() && bytes + payload.len() > CLAIM_BYTES {
+                break;
+            }
+            bytes += payload.len();
+            if target.is_none() {
+                let framing = match r.get::<String>(4)?.as_deref() {
+                    Some("ndjson") => Framing::Ndjson,
+                    _ => Framing::Close,
+                };
+                let port = r.get::<i32>(3)?.unwrap_or(0) as u16;
+                target = Some((r.get::<String>(2)?.unwrap_or_default(), port, framing));
+            }
+            rows.push(Row {
+                id: r.get(1)?.unwrap_or(0),
+                first_event_id: r.get(5)?.unwrap_or(0),
+                sent: r.get::<i32>(7)?.unwrap_or(0) as u32,
+                payload,
+            });
+        }
+        if !rows.is_empty() {
+            if pass == UNCLAIMED_SQL {
+                number_events(c, &mut rows)?;
+            }
+            break;
+        }
+    }
+    Ok(target.map(|(host, port, framing)| Job {
+        host,
+        port,
+        framing,
+        rows,
+        timeouts,
+    }))
+}
+
+const CLAIMED_SQL: &str = "
+SELECT id, host, port, framing, first_event_id, payload, sent FROM emit.outbox
+ WHERE destination = $1 AND first_event_id IS NOT NULL ORDER BY first_event_id";
+const UNCLAIMED_SQL: &str = "
+SELECT id, host, port, framing, first_event_id, payload, sent FROM emit.outbox
+ WHERE destination = $1 AND first_event_id IS NULL ORDER BY id";
+
+/// Gives freshly claimed rows consecutive event ids, in claim order.
+fn number_events(
+    c: &mut pgrx::spi::SpiClient<'_>,
+    rows: &mut [Row],
+) -> Result<(), pgrx::spi::Error> {
+    let total: i64 = rows.iter().map(|r| i64::from(r.events())).sum();
+    let first: i64 = c
+        .update(
+            "UPDATE emit.worker SET next_event_id = next_event_id + $1 RETURNING next_event_id - $1",
+            None,
+            &[total.into()],
+        )?
+        .first()
+        .get_one()?
+        .unwrap_or(1);
+    let mut next = first;
+    for r in rows.iter_mut() {
+        r.first_event_id = next;
+        next += i64::from(r.events());
+    }
+    let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+    let firsts: Vec<i64> = rows.iter().map(|r| r.first_event_id).collect();
+    c.update(
+        "UPDATE emit.outbox o SET first_event_id = v.f
+           FROM unnest($1::bigint[], $2::bigint[]) v(id, f) WHERE o.id = v.id",
+        None,
+        &[ids.into(), firsts.into()],
+    )?;
+    Ok(())
+}
+
+/// Applies one job's outcome: delete delivered rows, keep progress, count
+/// a failed attempt, move rows past the limits to the dead letters, and
+/// update the destination's counters. Returns the dead-lettered events.
+fn record(
+    c: &mut pgrx::spi::SpiClient<'_>,
+    key: &str,
+    job: &Job,
+    out: &Outcome,
+    ws: &WorkerSettings,
+) -> Result<i64, pgrx::spi::Error> {
+    let mut delivered_rows = Vec::new();
+    let mut partial: (Vec<i64>, Vec<i32>) = (Vec::new(), Vec::new());
+    let mut unfinished = Vec::new();
+    let mut delivered: i64 = 0;
+    for (row, &sent) in job.rows.iter().zip(&out.sent) {
+        delivered += i64::from(sent - row.sent);
+        if sent == row.events() {
+            delivered_rows.push(row.id);
+        } else {
+            unfinished.push(row.id);
+            if sent != row.sent {
+                partial.0.push(row.id);
+                partial.1.push(sent as i32);
+            }
+        }
+    }
+    if !delivered_rows.is_empty() {
+        c.update(
+            "DELETE FROM emit.outbox WHERE id = ANY($1)",
+            None,
+            &[delivered_rows.into()],
+        )?;
+    }
+    if !partial.0.is_empty() {
+        c.update(
+            "UPDATE emit.outbox o SET sent = v.s
+               FROM unnest($1::bigint[], $2::int[]) v(id, s) WHERE o.id = v.id",
+            None,
+            &[partial.0.into(), partial.1.into()],
+        )?;
+    }
+    let error = out.error.as_ref().map(|e| e.to_string());
+    let mut dead: i64 = 0;
+    if let Some(err) = &error {
+        c.update(
+            "UPDATE emit.outbox SET attempts = attempts + 1, last_error = $2 WHERE id = ANY($1)",
+            None,
+            &[unfinished.clone().into(), err.as_str().into()],
+        )?;
+        dead = c
+            .update(
+                DEAD_LETTER_SQL,
+                None,
+                &[
+                    unfinished.into(),
+                    ws.max_attempts.into(),
+                    ws.max_age_s.into(),
+                ],
+            )?
+            .first()
+            .get_one::<i64>()?
+            .unwrap_or(0);
+    }
+    c.update(
+        "INSERT INTO emit.destinations AS d
+             (destination, delivered, failed_attempts, dead_lettered, last_error, last_error_at, last_delivered_at)
+         VALUES ($1, $2, $3, $4, $5,
+                 CASE WHEN $5 IS NOT NULL THEN now() END,
+                 CASE WHEN $2 > 0 THEN now() END)
+         ON CONFLICT (destination) DO UPDATE SET
+             delivered = d.delivered + excluded.delivered,
+             failed_attempts = d.failed_attempts + excluded.failed_attempts,
+             dead_lettered = d.dead_lettered + excluded.dead_lettered,
+             last_error = coalesce(excluded.last_error, d.last_error),
+             last_error_at = coalesce(excluded.last_error_at, d.last_error_at),
+             last_delivered_at = coalesce(excluded.last_delivered_at, d.last_delivered_at)",
+        None,
+        &[
+            key.into(),
+            delivered.into(),
+            i64::from(error.is_some()).into(),
+            dead.into(),
+            error.into(),
+        ],
+    )?;
+    Ok(dead)
+}
+
+/// Moves unfinished rows past `max_attempts` (or older than `max_age`
+/// seconds, when that is positive) to `emit.dead_letter`, keeping only
+/// their undelivered events. Returns how many events moved.
+const DEAD_LETTER_SQL: &str = "
+WITH dead AS (
+    DELETE FROM emit.outbox
+     WHERE id = ANY($1)
+       AND (attempts >= $2
+            OR ($3 > 0 AND enqueued_at < clock_timestamp() - make_interval(secs => $3)))
+    RETURNING *
+), moved AS (
+    INSERT INTO emit.dead_letter
+        (id, destination, host, port, framing, events, payload, attempts, last_error, enqueued_at)
+    SELECT id, destination, host, port, framing, events - sent,
+           CASE WHEN sent = 0 THEN payload
+                ELSE array_to_string((string_to_array(payload, E'\\n'))[sent + 1:], E'\\n') END,
+           attempts, last_error, enqueued_at
+      FROM dead
+    RETURNING events
+)
+SELECT coalesce(sum(events), 0)::bigint FROM moved";

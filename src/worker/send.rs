@@ -1,0 +1,219 @@
+//! The worker's network side: deliver claimed outbox rows to one
+//! destination. Runs on a per-destination thread and never touches
+//! PostgreSQL, so a receiver that hangs holds up only its own destination.
+
+use crate::options::Framing;
+use crate::transport::tcp::{self, SendError};
+use crate::transport::{Interrupt, Timeouts};
+use socket2::Socket;
+
+/// A claimed outbox row: `payload` holds one event per line; event `k`
+/// (0-based) has id `first_event_id + k`; the first `sent` are delivered.
+#[derive(Debug, Clone)]
+pub struct Row {
+    pub id: i64,
+    pub first_event_id: i64,
+    pub sent: u32,
+    pub payload: String,
+}
+
+impl Row {
+    pub fn events(&self) -> u32 {
+        self.payload.split('\n').count() as u32
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub host: String,
+    pub port: u16,
+    pub framing: Framing,
+    pub rows: Vec<Row>,
+    pub timeouts: Timeouts,
+}
+
+/// How far a job got: the new `sent` count of each row, and the error that
+/// stopped it, if any.
+#[derive(Debug)]
+pub struct Outcome {
+    pub sent: Vec<u32>,
+    pub error: Option<SendError>,
+}
+
+/// Writes `{"id":N,` + the rest of `event` (a JSON object) into `buf`:
+/// the id becomes the first key without re-serializing the event.
+pub fn push_with_id(buf: &mut Vec<u8>, id: i64, event: &str) {
+    buf.extend_from_slice(b"{\"id\":");
+    buf.extend_from_slice(id.to_string().as_bytes());
+    let rest = event.strip_prefix('{').unwrap_or(event);
+    if !rest.starts_with('}') {
+        buf.push(b',');
+    }
+    buf.extend_from_slice(rest.as_bytes());
+}
+
+/// Delivers a job in order, stopping at the first failure. `conn` is the
+/// destination's kept-open ndjson connection, reused across jobs.
+pub fn send_job(conn: &mut Option<Socket>, job: &Job, intr: &dyn Interrupt) -> Outcome {
+    let mut sent: Vec<u32> = job.rows.iter().map(|r| r.sent).collect();
+    let mut buf = Vec::new();
+    for (i, row) in job.rows.iter().enumerate() {
+        let lines = row.payload.split('\n').enumerate().skip(row.sent as usize);
+        let result = match job.framing {
+            Framing::Ndjson => {
+                buf.clear();
+                for (k, line) in lines {
+                    push_with_id(&mut buf, row.first_event_id + k as i64, line);
+                    buf.push(b'\n');
+                }
+                write_ndjson(conn, job, &buf, intr).map(|()| sent[i] = row.events())
+            }
+            Framing::Close => lines.into_iter().try_for_each(|(k, line)| {
+                buf.clear();
+                push_with_id(&mut buf, row.first_event_id + k as i64, line);
+                tcp::send_once(&job.host, job.port, &buf, &job.timeouts, intr)?;
+                sent[i] += 1;
+                Ok(())
+            }),
+        };
+        if let Err(e) = result {
+            return Outcome {
+                sent,
+                error: Some(e),
+            };
+        }
+    }
+    Outcome { sent, error: None }
+}
+
+/// One write on the kept-open connection; a connection the receiver closed
+/// since the last job is replaced once.
+fn write_ndjson(
+    conn: &mut Option<Socket>,
+    job: &Job,
+    buf: &[u8],
+    intr: &dyn Interrupt,
+) -> Result<(), SendError> {
+    if let Some(sock) = conn.take() {
+        if !tcp::peer_closed(&sock) {
+            match tcp::write_all(&sock, buf, job.timeouts.write_deadline(), intr) {
+                Ok(()) => {
+                    *conn = Some(sock);
+                    return Ok(());
+                }
+                Err(SendError::Closed) => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    let sock = tcp::open(&job.host, job.port, &job.timeouts, intr)?;
+    tcp::write_all(&sock, buf, job.timeouts.write_deadline(), intr)?;
+    *conn = Some(sock);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transport::Uninterruptible;
+    use std::io::{BufRead, BufReader, Read};
+    use std::net::TcpListener;
+    use std::time::Duration;
+
+    fn job(port: u16, framing: Framing, rows: Vec<Row>) -> Job {
+        Job {
+            host: "127.0.0.1".into(),
+            port,
+            framing,
+            rows,
+            timeouts: Timeouts {
+                connect: Duration::from_secs(2),
+                write: Duration::from_secs(2),
+            },
+        }
+    }
+
+    fn row(id: i64, first: i64, sent: u32, payload: &str) -> Row {
+        Row {
+            id,
+            first_event_id: first,
+            sent,
+            payload: payload.into(),
+        }
+    }
+
+    #[test]
+    fn id_becomes_the_first_key() {
+        let mut b = Vec::new();
+        push_with_id(&mut b, 7, r#"{"op":"INSERT"}"#);
+        assert_eq!(b, br#"{"id":7,"op":"INSERT"}"#);
+        b.clear();
+        push_with_id(&mut b, 8, "{}");
+        assert_eq!(b, br#"{"id":8}"#);
+    }
+
+    #[test]
+    fn ndjson_job_numbers_events_and_skips_sent_ones() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let rows = vec![
+            row(1, 10, 1, "{\"a\":1}\n{\"a\":2}"),
+            row(2, 12, 0, "{\"a\":3}"),
+        ];
+        let mut conn = None;
+        let out = send_job(
+            &mut conn,
+            &job(port, Framing::Ndjson, rows),
+            &Uninterruptible,
+        );
+        assert!(out.error.is_none());
+        assert_eq!(out.sent, vec![2, 1]);
+        let r = BufReader::new(l.accept().unwrap().0);
+        drop(conn);
+        let lines: Vec<String> = r.lines().map(Result::unwrap).collect();
+        assert_eq!(lines, [r#"{"id":11,"a":2}"#, r#"{"id":12,"a":3}"#]);
+    }
+
+    #[test]
+    fn close_framing_sends_one_connection_per_event() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let reader = std::thread::spawn(move || {
+            (0..2)
+                .map(|_| {
+                    let mut got = String::new();
+                    l.accept().unwrap().0.read_to_string(&mut got).unwrap();
+                    got
+                })
+                .collect::<Vec<_>>()
+        });
+        let rows = vec![row(1, 5, 0, "{\"a\":1}\n{\"a\":2}")];
+        let out = send_job(
+            &mut None,
+            &job(port, Framing::Close, rows),
+            &Uninterruptible,
+        );
+        assert!(out.error.is_none());
+        assert_eq!(out.sent, vec![2]);
+        assert_eq!(
+            reader.join().unwrap(),
+            [r#"{"id":5,"a":1}"#, r#"{"id":6,"a":2}"#]
+        );
+    }
+
+    #[test]
+    fn failure_keeps_progress_and_reports_the_error() {
+        let port = {
+            let l = TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let rows = vec![row(1, 5, 1, "{\"a\":1}\n{\"a\":2}"), row(2, 7, 0, "{}")];
+        let out = send_job(
+            &mut None,
+            &job(port, Framing::Close, rows),
+            &Uninterruptible,
+        );
+        assert_eq!(out.sent, vec![1, 0]);
+        assert!(matches!(out.error, Some(SendError::Refused(_))));
+    }
+}
