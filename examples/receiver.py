@@ -10,8 +10,12 @@ the database runs on another machine.
 import argparse
 import json
 import socketserver
+import sys
+import threading
 
 HOST = "127.0.0.1"
+# Connections are handled on parallel threads: one line at a time.
+PRINT_LOCK = threading.Lock()
 
 
 class PerConnection(socketserver.StreamRequestHandler):
@@ -35,7 +39,9 @@ def show(raw):
     except ValueError:
         print("non-JSON message:", raw[:200])
         return
-    print(json.dumps(event, ensure_ascii=False), flush=True)
+    with PRINT_LOCK:
+        sys.stdout.write(json.dumps(event, ensure_ascii=False) + "\n")
+        sys.stdout.flush()
 
 
 def main():

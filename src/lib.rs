@@ -7,6 +7,7 @@
 
 use pgrx::prelude::*;
 
+pub mod admin;
 pub mod backoff;
 pub mod cooldown;
 pub mod delivery;

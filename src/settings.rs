@@ -139,6 +139,9 @@ pub fn init() {
         GucContext::Userset,
         GucFlags::default(),
     );
+    // After defining every setting (SAFETY: PostgreSQL 15 API): now `SET pg_emit.typo = ...` is an
+    // error instead of a silently ignored placeholder.
+    unsafe { pgrx::pg_sys::MarkGUCPrefixReserved(c"pg_emit".as_ptr()) };
 }
 
 fn ms(setting: &GucSetting<i32>) -> Duration {

@@ -37,10 +37,11 @@ class Receiver:
                 return
             with self.cond:
                 self.connections += 1
+                seq = self.connections
                 self.conns.append(conn)
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+            threading.Thread(target=self._serve, args=(conn, seq), daemon=True).start()
 
-    def _serve(self, conn):
+    def _serve(self, conn, seq):
         buf = bytearray()
         try:
             while True:
@@ -60,7 +61,10 @@ class Receiver:
             conn.close()
         if self.mode == "eof" or buf:
             with self.cond:
-                self.messages.append(bytes(buf))
+                # Connections are served by parallel threads: keep messages
+                # in the order their connections were accepted, which is
+                # the order a sequential sender sent them.
+                self.messages.append((seq, bytes(buf)) if self.mode == "eof" else bytes(buf))
                 self.cond.notify_all()
 
     def wait_for(self, n, timeout=10.0):
@@ -72,7 +76,12 @@ class Receiver:
                 if left <= 0:
                     break
                 self.cond.wait(left)
-            return list(self.messages)
+            return self._ordered()
+
+    def _ordered(self):
+        if self.mode == "eof":
+            return [m for _, m in sorted(self.messages, key=lambda x: x[0])]
+        return list(self.messages)
 
     def drop_connections(self):
         """Closes every accepted connection, as a restarting receiver would."""

@@ -1,0 +1,42 @@
+//! Functions for the DBA, in schema `emit`.
+
+use pgrx::prelude::*;
+
+#[pg_schema]
+mod emit {
+    use crate::delivery::outbox;
+    use pgrx::prelude::*;
+
+    /// Moves dead letters (all, or one destination's) back into the outbox
+    /// and wakes the worker at commit. Returns the number of events.
+    /// They get new event ids: their old ones are below what receivers
+    /// have seen since, and would be dropped as duplicates.
+    #[pg_extern(volatile, parallel_unsafe)]
+    fn requeue_dead_letters(destination: default!(Option<&str>, "NULL")) -> i64 {
+        let n = Spi::get_one_with_args::<i64>(
+            "WITH moved AS (
+                 DELETE FROM emit.dead_letter
+                  WHERE $1::text IS NULL OR destination = $1
+                 RETURNING *
+             ), queued AS (
+                 INSERT INTO emit.outbox (destination, host, port, framing, events, payload)
+                 SELECT destination, host, port, framing, events, payload FROM moved ORDER BY id
+                 RETURNING events
+             )
+             SELECT coalesce(sum(events), 0)::bigint FROM queued",
+            &[destination.into()],
+        )
+        .unwrap_or_else(|e| error!("pg_emit: re-queueing dead letters failed: {e}"))
+        .unwrap_or(0);
+        if n > 0 {
+            outbox::note_written();
+        }
+        n
+    }
+}
+
+extension_sql!(
+    "REVOKE EXECUTE ON FUNCTION emit.requeue_dead_letters(text) FROM PUBLIC;",
+    name = "admin_grants",
+    requires = [emit::requeue_dead_letters]
+);
