@@ -222,7 +222,7 @@ def test_a_hanging_destination_does_not_hold_up_others(cluster, db, table):
 def test_worker_terminated_mid_delivery_resumes(cluster, db, table):
     slow = SlowReceiver()
     try:
-        attach(db, table, slow.port)
+        attach(db, table, slow.port, "framing=ndjson")
         for i in range(10):
             db.execute(f"INSERT INTO {table} SELECT g, 'x' FROM generate_series({i * 30 + 1}, {i * 30 + 30}) g")
         assert wait_until(lambda: len(slow.messages) >= 20, 10)
@@ -301,35 +301,47 @@ def test_large_transaction_spills_to_several_outbox_rows(db, table):
 
 
 class SlowReceiver:
-    """EOF-framed receiver that accepts one connection every 5 ms (until
-    `hurry()`), so a few hundred events take seconds to deliver."""
+    """ndjson receiver that reads 512 bytes every 5 ms (until `hurry()`)
+    through a small receive buffer, so the worker's writes block and a few
+    thousand events take seconds to deliver."""
 
-    def __init__(self, port=0):
+    def __init__(self):
         self.sock = socket.socket()
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", port))
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(64)
         self.port = self.sock.getsockname()[1]
         self.messages = []
         self.delay = 0.005
-        threading.Thread(target=self._run, daemon=True).start()
+        threading.Thread(target=self._accept, daemon=True).start()
 
     def hurry(self):
         self.delay = 0
 
-    def _run(self):
+    def _accept(self):
         while True:
             try:
                 c, _ = self.sock.accept()
             except OSError:
                 return
-            data = b""
-            while chunk := c.recv(65536):
-                data += chunk
-            c.close()
-            self.messages.append(data)
+            threading.Thread(target=self._read, args=(c,), daemon=True).start()
+
+    def _read(self, c):
+        buf = b""
+        while True:
+            try:
+                chunk = c.recv(512 if self.delay else 1 << 20)
+            except OSError:
+                break
+            if not chunk:
+                break
+            buf += chunk
+            *lines, buf = buf.split(b"\n")
+            self.messages.extend(lines)
             if self.delay:
                 time.sleep(self.delay)
+        c.close()
 
     def distinct(self):
         return distinct(list(self.messages))
@@ -360,7 +372,7 @@ def test_immediate_shutdown_mid_delivery_then_restart(preloaded):
             c.execute("CREATE TABLE crash (id int primary key)")
             c.execute(
                 "CREATE TRIGGER out AFTER INSERT ON crash FOR EACH ROW EXECUTE FUNCTION "
-                f"row_to_socket('127.0.0.1', {slow.port}, 'delivery=async')"
+                f"row_to_socket('127.0.0.1', {slow.port}, 'delivery=async', 'framing=ndjson')"
             )
             for i in range(30):  # 3000 events in 30 transactions
                 c.execute(f"INSERT INTO crash SELECT generate_series({i * 100 + 1}, {i * 100 + 100})")
