@@ -99,6 +99,10 @@ def scenarios(port):
         ("plpython recipe", False, f"recipe_to_socket('127.0.0.1', '{port}')"),
         ("row_to_socket sync, conn/message", False, f"row_to_socket('127.0.0.1', {port})"),
         ("row_to_socket sync, ndjson", True, f"row_to_socket('127.0.0.1', {port}, 'framing=ndjson')"),
+        ("row_to_socket commit, ndjson", True,
+         f"row_to_socket('127.0.0.1', {port}, 'framing=ndjson', 'delivery=commit')"),
+        ("row_to_socket async (enqueue)", True,
+         f"row_to_socket('127.0.0.1', {port}, 'framing=ndjson', 'delivery=async')"),
     ]
 
 
@@ -123,6 +127,91 @@ def run_one(conn, trigger, ndjson):
     return elapsed
 
 
+class TimingReceiver:
+    """ndjson receiver that records when each event (by its row id)
+    arrived."""
+
+    def __init__(self):
+        self.lsock = socket.socket()
+        self.lsock.bind(("127.0.0.1", 0))
+        self.lsock.listen(16)
+        self.port = self.lsock.getsockname()[1]
+        self.arrived = {}
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    def accept(self):
+        while True:
+            try:
+                c, _ = self.lsock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self.read, args=(c,), daemon=True).start()
+
+    def read(self, c):
+        buf = b""
+        while chunk := c.recv(1 << 16):
+            now = time.perf_counter()
+            buf += chunk
+            *lines, buf = buf.split(b"\n")
+            for line in lines:
+                # {"id":N,"op":"INSERT",...,"new":{"id":K,...
+                k = int(line.split(b'"new":{"id":', 1)[1].split(b",", 1)[0])
+                self.arrived.setdefault(k, now)
+
+    def close(self):
+        self.lsock.close()
+
+
+def async_throughput(conn, events):
+    """Events/s from the COMMIT of one big INSERT to the last receipt."""
+    rx = CountingReceiver(ndjson=True)
+    conn.execute("DROP TABLE IF EXISTS bench_tp")
+    conn.execute("CREATE TABLE bench_tp (id int, note text)")
+    conn.execute(
+        "CREATE TRIGGER out AFTER INSERT ON bench_tp FOR EACH ROW EXECUTE FUNCTION "
+        f"row_to_socket('127.0.0.1', {rx.port}, 'framing=ndjson', 'delivery=async')"
+    )
+    conn.execute("BEGIN")
+    conn.execute(f"INSERT INTO bench_tp SELECT g, 'note ' || g FROM generate_series(1, {events}) g")
+    t = time.perf_counter()
+    conn.execute("COMMIT")
+    got = rx.wait_for(events, timeout=120)
+    elapsed = time.perf_counter() - t
+    rx.close()
+    if got != events:
+        raise SystemExit(f"async throughput: got {got} of {events}")
+    return events / elapsed
+
+
+def async_latency(conn, rate, seconds):
+    """Commit-to-receipt latency of single-row transactions at a steady rate."""
+    rx = TimingReceiver()
+    conn.execute("DROP TABLE IF EXISTS bench_lat")
+    conn.execute("CREATE TABLE bench_lat (id int, note text)")
+    conn.execute(
+        "CREATE TRIGGER out AFTER INSERT ON bench_lat FOR EACH ROW EXECUTE FUNCTION "
+        f"row_to_socket('127.0.0.1', {rx.port}, 'framing=ndjson', 'delivery=async')"
+    )
+    n = rate * seconds
+    sent = {}
+    start = time.perf_counter()
+    for i in range(1, n + 1):
+        due = start + i / rate
+        while (now := time.perf_counter()) < due:
+            time.sleep(min(due - now, 0.0005))
+        sent[i] = time.perf_counter()
+        conn.execute("INSERT INTO bench_lat VALUES (%s, 'x')", (i,))
+    achieved = n / (time.perf_counter() - start)
+    end = time.monotonic() + 30
+    while len(rx.arrived) < n and time.monotonic() < end:
+        time.sleep(0.01)
+    rx.close()
+    lat = sorted((rx.arrived[i] - sent[i]) * 1000 for i in sent if i in rx.arrived)
+    if len(lat) != n:
+        raise SystemExit(f"async latency: got {len(lat)} of {n}")
+    return achieved, lat[len(lat) // 2], lat[int(len(lat) * 0.99)]
+
+
 def main():
     cluster = Cluster("pg_emit-bench", port=54331)
     cluster.init().start()
@@ -136,6 +225,8 @@ def main():
                 times = [run_one(conn, trigger, ndjson) for _ in range(REPEAT)]
                 results.append((name, statistics.median(times)))
                 print(f"  measured {name}: {[round(x, 3) for x in times]}", file=sys.stderr)
+            tp = statistics.median(async_throughput(conn, 200_000) for _ in range(REPEAT))
+            rate, p50, p99 = async_latency(conn, 1000, 5)
     finally:
         cluster.destroy()
     floor = results[0][1]
@@ -148,6 +239,8 @@ def main():
             f"| {name:<34} | {secs:>8.3f} | {secs / ROWS * 1e6:>8.1f} | {secs / floor:>8.1f} | "
             f"{secs / recipe:>9.3f} |"
         )
+    print(f"\nasync delivery throughput (200,000 events, COMMIT to last receipt, ndjson): {tp:,.0f} events/s")
+    print(f"async commit-to-receipt latency at {rate:,.0f} single-row commits/s: p50 {p50:.2f} ms, p99 {p99:.2f} ms")
 
 
 if __name__ == "__main__":
