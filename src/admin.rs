@@ -1,8 +1,6 @@
 //! Functions for the DBA, in schema `emit`.
 
-use pgrx::prelude::*;
-
-#[pg_schema]
+#[pgrx::pg_schema]
 mod emit {
     use crate::delivery::outbox;
     use pgrx::prelude::*;
@@ -11,7 +9,10 @@ mod emit {
     /// and wakes the worker at commit. Returns the number of events.
     /// They get new event ids: their old ones are below what receivers
     /// have seen since, and would be dropped as duplicates.
-    #[pg_extern(volatile, parallel_unsafe)]
+    /// SECURITY DEFINER so that `emit_admin` needs no rights on the
+    /// outbox itself; every name in it is schema-qualified.
+    #[pg_extern(volatile, parallel_unsafe, security_definer)]
+    #[search_path(pg_catalog, pg_temp)]
     fn requeue_dead_letters(destination: default!(Option<&str>, "NULL")) -> i64 {
         let n = Spi::get_one_with_args::<i64>(
             "WITH moved AS (
@@ -34,9 +35,3 @@ mod emit {
         n
     }
 }
-
-extension_sql!(
-    "REVOKE EXECUTE ON FUNCTION emit.requeue_dead_letters(text) FROM PUBLIC;",
-    name = "admin_grants",
-    requires = [emit::requeue_dead_letters]
-);

@@ -52,6 +52,23 @@ pub enum EmitError {
         total: usize,
         first: String,
     },
+    /// Refused by `pg_emit.allowed_destinations`.
+    #[error("{context}: {why}")]
+    NotAllowed { context: String, why: String },
+    /// A message over `pg_emit.max_message_size`.
+    #[error("{context}: message of {size} bytes exceeds pg_emit.max_message_size ({limit} bytes)")]
+    TooLarge {
+        context: String,
+        size: usize,
+        limit: usize,
+    },
+    /// `emit.outbox` is over `pg_emit.max_outbox_size`.
+    #[error("emit.outbox holds {size} bytes, over pg_emit.max_outbox_size ({limit} bytes): {events} event(s) not queued")]
+    OutboxFull {
+        size: i64,
+        limit: i64,
+        events: usize,
+    },
     /// A destination skipped because it failed moments ago.
     #[error("{context}: not sending to {dest}: it failed {ago_ms} ms ago ({reason}); next attempt in {left_ms} ms (pg_emit.failure_cooldown)")]
     CoolingDown {
@@ -82,7 +99,11 @@ impl EmitError {
                 _ => ERRCODE_CONNECTION_FAILURE,
             },
             EmitError::CoolingDown { .. } => ERRCODE_SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
-            EmitError::BufferFull { .. } => ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+            EmitError::BufferFull { .. } | EmitError::TooLarge { .. } => {
+                ERRCODE_PROGRAM_LIMIT_EXCEEDED
+            }
+            EmitError::NotAllowed { .. } => ERRCODE_INSUFFICIENT_PRIVILEGE,
+            EmitError::OutboxFull { .. } => ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
             EmitError::PrepareWithHeldEvents { .. } => ERRCODE_FEATURE_NOT_SUPPORTED,
             EmitError::CommitDeliveryIncomplete { .. } => ERRCODE_CONNECTION_FAILURE,
         }
@@ -96,6 +117,9 @@ impl EmitError {
             EmitError::PrepareWithHeldEvents { .. } => {
                 Some("Use delivery=sync or delivery=async in two-phase transactions.")
             }
+            EmitError::OutboxFull { .. } => Some(
+                "The worker cannot keep up or a receiver is down: see emit.stats and emit.dead_letter.",
+            ),
             EmitError::TriggerArgument { .. } => Some(
                 "row_to_socket takes (host, port [, 'key=value' ...]) with keys delivery=sync|commit|async, format=json|td, framing=close|ndjson.",
             ),

@@ -15,6 +15,7 @@ pub mod error;
 pub mod event;
 pub mod interrupts;
 pub mod options;
+pub mod security;
 pub mod send;
 pub mod settings;
 pub mod transport;
@@ -30,6 +31,7 @@ pgrx::extension_sql_file!(
     name = "outbox",
     requires = ["bootstrap"]
 );
+pgrx::extension_sql_file!("../sql/grants.sql", name = "grants", finalize);
 
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {

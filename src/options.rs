@@ -81,6 +81,8 @@ pub enum OptionError {
     HostTooLong(usize),
     #[error("host {0:?} contains a control character or whitespace")]
     HostBadChar(String),
+    #[error("host {0:?} is neither a name nor an IP address (give the port separately)")]
+    HostWithPort(String),
     #[error("port {0:?} is not an integer between 1 and 65535")]
     BadPort(String),
     #[error("argument {pos} {arg:?} is not of the form key=value")]
@@ -110,6 +112,17 @@ pub fn check_host(host: &str) -> Result<(), OptionError> {
     }
     if host.chars().any(|c| c.is_control() || c.is_whitespace()) {
         return Err(OptionError::HostBadChar(host.to_string()));
+    }
+    // A colon only belongs in an IPv6 address; `10.0.0.1:22` or
+    // `[::1]:22` would smuggle a second port past the port argument.
+    if host.contains([':', '/', '@', '[', ']']) {
+        let bare = host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host);
+        if bare.parse::<std::net::Ipv6Addr>().is_err() {
+            return Err(OptionError::HostWithPort(host.to_string()));
+        }
     }
     Ok(())
 }
@@ -283,6 +296,13 @@ mod tests {
             Err(OptionError::HostBadChar(_))
         ));
         assert!(check_host("example.com").is_ok());
+        for smuggled in ["10.0.0.1:22", "[::1]:22", "user@host", "h/x", "a]b"] {
+            assert!(
+                matches!(check_host(smuggled), Err(OptionError::HostWithPort(_))),
+                "{smuggled}"
+            );
+        }
+        assert!(check_host("::1").is_ok() && check_host("[fe80::1]").is_ok());
     }
 
     #[test]
@@ -333,5 +353,41 @@ mod tests {
             e.to_string(),
             "argument 3: unknown option \"fromat\" (known options: delivery, format, framing)"
         );
+    }
+}
+
+/// Randomized inputs: hostile trigger arguments must give an error value,
+/// never a panic (which would surface as an internal error).
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn arbitrary_arguments_never_panic(args in proptest::collection::vec(".{0,40}", 0..6)) {
+            if let Ok(t) = parse_socket_args(&args) {
+                prop_assert!(t.port >= 1);
+                prop_assert!(check_host(&t.host).is_ok());
+            }
+        }
+
+        #[test]
+        fn option_like_arguments_never_panic(
+            opts in proptest::collection::vec("(delivery|format|framing|x)?=?[a-zA-Z= ]{0,10}", 0..5)
+        ) {
+            let _ = parse_options(&opts, 3);
+        }
+
+        #[test]
+        fn hosts_never_panic(host in "\\PC{0,300}") {
+            let _ = check_host(&host);
+        }
+    }
+
+    #[test]
+    fn megabyte_host_is_refused() {
+        let host = "a".repeat(1 << 20);
+        assert_eq!(check_host(&host), Err(OptionError::HostTooLong(1 << 20)));
     }
 }

@@ -3,6 +3,7 @@
 use crate::delivery::sync;
 use crate::error::EmitError;
 use crate::options::{self, Framing, OptionError};
+use crate::settings;
 use pgrx::prelude::*;
 
 /// `send_socket(msg, host, port)`: connect, write `msg`, close.
@@ -20,6 +21,15 @@ fn send_socket(msg: &str, host: &str, port: i32) -> i32 {
     };
     options::check_host(host).unwrap_or_else(|e| bad(e));
     let port = options::check_port(port).unwrap_or_else(|e| bad(e));
+    let limit = settings::max_message_bytes();
+    if msg.len() > limit {
+        EmitError::TooLarge {
+            context: "send_socket".into(),
+            size: msg.len(),
+            limit,
+        }
+        .raise();
+    }
     i32::from(sync::deliver(
         &|| "send_socket".to_string(),
         host,

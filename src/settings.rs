@@ -6,9 +6,14 @@
 //! `failure_cooldown` only once per five seconds.
 
 use crate::options::Delivery;
+use crate::security::Allowlist;
 use crate::transport::Timeouts;
 use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
+use pgrx::pg_sys;
 use pgrx::PostgresGucEnum;
+use std::cell::RefCell;
+use std::ffi::{c_char, c_void, CStr, CString};
+use std::rc::Rc;
 use std::time::Duration;
 
 pub static CONNECT_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(1000);
@@ -19,6 +24,10 @@ pub static RETRY_MIN: GucSetting<i32> = GucSetting::<i32>::new(100);
 pub static RETRY_MAX: GucSetting<i32> = GucSetting::<i32>::new(30_000);
 pub static MAX_ATTEMPTS: GucSetting<i32> = GucSetting::<i32>::new(50);
 pub static MAX_AGE: GucSetting<i32> = GucSetting::<i32>::new(86_400);
+pub static ALLOWED_DESTINATIONS: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(None);
+pub static MAX_MESSAGE_SIZE: GucSetting<i32> = GucSetting::<i32>::new(64 * 1024);
+pub static MAX_OUTBOX_SIZE: GucSetting<i32> = GucSetting::<i32>::new(1024 * 1024);
 pub static ON_ERROR: GucSetting<OnError> = GucSetting::<OnError>::new(OnError::Warning);
 pub static DEFAULT_DELIVERY: GucSetting<DefaultDelivery> =
     GucSetting::<DefaultDelivery>::new(DefaultDelivery::Sync);
@@ -43,6 +52,41 @@ pub enum DefaultDelivery {
 }
 
 pub fn init() {
+    // SAFETY: the hook is a plain function with the signature PostgreSQL
+    // expects; it only parses the proposed value.
+    unsafe {
+        GucRegistry::define_string_guc_with_hooks(
+            c"pg_emit.allowed_destinations",
+            c"Where pg_emit may connect: host, host:port, CIDR[:port], URL prefixes, or *.",
+            c"Empty allows everything except link-local and cloud metadata addresses. Superuser only.",
+            &ALLOWED_DESTINATIONS,
+            GucContext::Suset,
+            GucFlags::default(),
+            Some(check_allowed_destinations),
+            None,
+            None,
+        );
+    }
+    GucRegistry::define_int_guc(
+        c"pg_emit.max_message_size",
+        c"Largest message pg_emit sends; bigger ones are an error.",
+        c"",
+        &MAX_MESSAGE_SIZE,
+        1,
+        i32::MAX,
+        GucContext::Suset,
+        GucFlags::UNIT_KB,
+    );
+    GucRegistry::define_int_guc(
+        c"pg_emit.max_outbox_size",
+        c"Size of emit.outbox past which delivery=async refuses new events. 0 disables.",
+        c"What happens then follows pg_emit.on_error: an ERROR, or a WARNING and the events are not queued.",
+        &MAX_OUTBOX_SIZE,
+        0,
+        i32::MAX,
+        GucContext::Suset,
+        GucFlags::UNIT_KB,
+    );
     GucRegistry::define_int_guc(
         c"pg_emit.connect_timeout",
         c"Longest wait for name lookup plus TCP connect, per message.",
@@ -169,4 +213,65 @@ pub fn default_delivery() -> Delivery {
 
 pub fn commit_buffer_bytes() -> usize {
     COMMIT_BUFFER_SIZE.get().max(0) as usize * 1024
+}
+
+/// Rejects a malformed allowlist at `SET`/reload time, naming the entry.
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn check_allowed_destinations(
+    newval: *mut *mut c_char,
+    _extra: *mut *mut c_void,
+    _source: pg_sys::GucSource::Type,
+) -> bool {
+    let value = if newval.is_null() || (*newval).is_null() {
+        ""
+    } else {
+        CStr::from_ptr(*newval).to_str().unwrap_or("\u{fffd}")
+    };
+    match Allowlist::parse(value) {
+        Ok(_) => true,
+        Err(detail) => {
+            let detail = CString::new(detail).unwrap_or_default();
+            pg_sys::GUC_check_errcode(pgrx::PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE as i32);
+            pg_sys::GUC_check_errdetail_string = pg_sys::pstrdup(detail.as_ptr());
+            false
+        }
+    }
+}
+
+thread_local! {
+    /// The parsed allowlist and the text it was parsed from.
+    static ALLOWLIST: RefCell<(CString, Rc<Allowlist>)> = RefCell::default();
+}
+
+/// The allowlist in force, parsed again only when the setting's text
+/// changes: the per-message cost is one string comparison.
+pub fn allowlist() -> Rc<Allowlist> {
+    // SAFETY: the GUC machinery keeps this pointer valid (or NULL) between
+    // statements; we only read it.
+    let raw = unsafe { *ALLOWED_DESTINATIONS.as_ptr() };
+    let text: &CStr = if raw.is_null() {
+        c""
+    } else {
+        unsafe { CStr::from_ptr(raw) }
+    };
+    ALLOWLIST.with_borrow_mut(|(cached, list)| {
+        if cached.as_c_str() != text {
+            // The check hook validated the text; should parsing fail
+            // anyway, refuse everything rather than allow everything.
+            let parsed = Allowlist::parse(&text.to_string_lossy())
+                .unwrap_or_else(|_| Allowlist::parse("0.0.0.0/32").expect("valid"));
+            *list = Rc::new(parsed);
+            *cached = text.to_owned();
+        }
+        list.clone()
+    })
+}
+
+pub fn max_message_bytes() -> usize {
+    MAX_MESSAGE_SIZE.get().max(0) as usize * 1024
+}
+
+/// 0 means no limit.
+pub fn max_outbox_bytes() -> i64 {
+    i64::from(MAX_OUTBOX_SIZE.get().max(0)) * 1024
 }

@@ -180,6 +180,15 @@ fn fire(td: &pg_sys::TriggerData) -> pg_sys::Datum {
             buf.push(b'\n');
         }
         let context = || firing.describe("row_to_socket");
+        let limit = settings::max_message_bytes();
+        if buf.len() > limit {
+            EmitError::TooLarge {
+                context: context(),
+                size: buf.len(),
+                limit,
+            }
+            .raise();
+        }
         match mode {
             Delivery::Sync => {
                 sync::deliver(&context, &target.host, target.port, buf, framing);
@@ -222,7 +231,10 @@ fn fire(td: &pg_sys::TriggerData) -> pg_sys::Datum {
 }
 
 /// Rejects firings the trigger cannot serve, naming the trigger; returns
-/// the delivery mode in force.
+/// the delivery mode in force. Destinations that send later (commit,
+/// async) are checked against the allowlist now, without DNS, so that a
+/// refused one fails the statement rather than being discovered after
+/// commit; the check at connect time stays the authoritative one.
 fn check_event(firing: &Firing<'_>, target: &SocketTarget) -> Delivery {
     let event = firing.td.tg_event;
     let row_level = event & pg_sys::TRIGGER_EVENT_ROW != 0;
@@ -237,8 +249,19 @@ fn check_event(firing: &Firing<'_>, target: &SocketTarget) -> Delivery {
         }
         .raise();
     }
-    target
+    let mode = target
         .options
         .delivery
-        .unwrap_or_else(settings::default_delivery)
+        .unwrap_or_else(settings::default_delivery);
+    if mode != Delivery::Sync && !settings::allowlist().may_allow(&target.host, target.port, None) {
+        EmitError::NotAllowed {
+            context: firing.describe("row_to_socket"),
+            why: format!(
+                "{} is not allowed by pg_emit.allowed_destinations",
+                sync::dest_name(&target.host, target.port)
+            ),
+        }
+        .raise();
+    }
+    mode
 }

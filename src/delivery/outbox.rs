@@ -116,6 +116,30 @@ fn flush() {
     if rows.is_empty() {
         return;
     }
+    let events: usize = rows
+        .iter()
+        .flat_map(|(_, chunks)| chunks.iter().map(|c| c.0 as usize))
+        .sum();
+    let limit = settings::max_outbox_bytes();
+    if limit > 0 {
+        // Cheap: relation sizes come from the storage manager, no scan.
+        let size = as_owner(|| Spi::get_one::<i64>("SELECT pg_total_relation_size('emit.outbox')"))
+            .ok()
+            .flatten()
+            .unwrap_or(0);
+        if size > limit {
+            let e = EmitError::OutboxFull {
+                size,
+                limit,
+                events,
+            };
+            if settings::ON_ERROR.get() == settings::OnError::Error {
+                e.raise();
+            }
+            e.warn();
+            return;
+        }
+    }
     as_owner(|| {
         Spi::connect_mut(|client| {
             for (target, chunks) in &rows {

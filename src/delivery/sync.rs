@@ -9,6 +9,7 @@ use crate::cooldown::Cooldowns;
 use crate::error::EmitError;
 use crate::interrupts;
 use crate::options::Framing;
+use crate::security::Allowlist;
 use crate::settings::{self, OnError};
 use crate::transport::tcp::{self, SendError};
 use crate::transport::{Interrupt, Timeouts};
@@ -65,17 +66,18 @@ pub fn try_send(
             });
         }
         let timeouts = settings::timeouts();
+        let allow = settings::allowlist();
         let sent = match framing {
-            Framing::Close => tcp::send_once(host, port, msg, &timeouts, intr),
-            Framing::Ndjson => send_ndjson(&mut st.conns, host, port, msg, &timeouts, intr),
+            Framing::Close => tcp::send_once(host, port, msg, &timeouts, &allow, intr),
+            Framing::Ndjson => send_ndjson(&mut st.conns, host, port, msg, &timeouts, &allow, intr),
         };
         match sent {
             Ok(()) => {
                 st.cooldowns.succeeded(host, port);
                 Ok(())
             }
-            // A cancel says nothing about the receiver.
-            Err(SendError::Cancelled) => Err(Failure::Send(SendError::Cancelled)),
+            // A cancel or a refusal by policy says nothing about the receiver.
+            Err(e @ (SendError::Cancelled | SendError::NotAllowed(_))) => Err(Failure::Send(e)),
             Err(e) => {
                 let window = settings::failure_cooldown();
                 st.cooldowns
@@ -110,7 +112,9 @@ impl Failure {
 }
 
 /// Sends `msg` inside a statement. Returns whether it was written; a
-/// failure is a WARNING, or an ERROR under `pg_emit.on_error = error`.
+/// failure is a WARNING, or an ERROR under `pg_emit.on_error = error`. A
+/// destination the allowlist refuses is always an ERROR: that is a
+/// permission problem, not a delivery failure.
 /// `context` names the caller in those messages and is only built when
 /// something failed.
 pub fn deliver(
@@ -122,6 +126,11 @@ pub fn deliver(
 ) -> bool {
     match try_send(host, port, msg, framing, &interrupts::Statement) {
         Ok(()) => true,
+        Err(Failure::Send(SendError::NotAllowed(why))) => EmitError::NotAllowed {
+            context: context(),
+            why,
+        }
+        .raise(),
         Err(f) => {
             let e = f.into_error(context(), dest_name(host, port));
             if settings::ON_ERROR.get() == OnError::Error {
@@ -143,8 +152,18 @@ fn send_ndjson(
     port: u16,
     msg: &[u8],
     timeouts: &Timeouts,
+    allow: &Allowlist,
     intr: &dyn Interrupt,
 ) -> Result<(), SendError> {
+    // A kept-open connection was checked when it was opened; the allowlist
+    // can only be changed by a superuser, who then also wants it to apply
+    // to connections already open: re-check its peer.
+    if let Some(i) = conns.iter().position(|(h, p, _)| *p == port && h == host) {
+        let peer = conns[i].2.peer_addr().ok().and_then(|a| a.as_socket());
+        if peer.is_none_or(|a| allow.filter(host, port, None, &[a]).is_err()) {
+            conns.swap_remove(i);
+        }
+    }
     if let Some(i) = conns.iter().position(|(h, p, _)| *p == port && h == host) {
         let (h, p, sock) = conns.swap_remove(i);
         if !tcp::peer_closed(&sock) {
@@ -159,7 +178,7 @@ fn send_ndjson(
             }
         }
     }
-    let sock = tcp::open(host, port, timeouts, intr)?;
+    let sock = tcp::open(host, port, timeouts, allow, intr)?;
     tcp::write_all(&sock, msg, timeouts.write_deadline(), intr)?;
     conns.push((host.to_string(), port, sock));
     Ok(())

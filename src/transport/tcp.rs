@@ -7,6 +7,7 @@
 //! interrupted and DNS has no timeout at all.
 
 use super::{Cancelled, Interrupt, Timeouts, SLICE};
+use crate::security::Allowlist;
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use std::io;
 use std::mem::MaybeUninit;
@@ -37,6 +38,8 @@ pub enum SendError {
     Io(#[from] io::Error),
     #[error("cancelled")]
     Cancelled,
+    #[error("{0}")]
+    NotAllowed(String),
 }
 
 impl From<Cancelled> for SendError {
@@ -238,16 +241,22 @@ pub fn write_all(
     Ok(())
 }
 
-/// Resolves and connects within one connect deadline, so a slow DNS
-/// server and a slow handshake together still cost at most the timeout.
+/// Resolves, checks the addresses against the allowlist and connects to
+/// one that passed, within one connect deadline: a slow DNS server and a
+/// slow handshake together still cost at most the timeout, and the address
+/// connected to is always one that was checked.
 pub fn open(
     host: &str,
     port: u16,
     timeouts: &Timeouts,
+    allow: &Allowlist,
     intr: &dyn Interrupt,
 ) -> Result<Socket, SendError> {
     let deadline = timeouts.connect_deadline();
     let addrs = resolve(host, port, deadline, intr)?;
+    let addrs = allow
+        .filter(host, port, None, &addrs)
+        .map_err(|r| SendError::NotAllowed(r.0))?;
     connect(&addrs, deadline, intr)
 }
 
@@ -259,9 +268,10 @@ pub fn send_once(
     port: u16,
     msg: &[u8],
     timeouts: &Timeouts,
+    allow: &Allowlist,
     intr: &dyn Interrupt,
 ) -> Result<(), SendError> {
-    let sock = open(host, port, timeouts, intr)?;
+    let sock = open(host, port, timeouts, allow, intr)?;
     write_all(&sock, msg, timeouts.write_deadline(), intr)?;
     // An orderly FIN after the data; the kernel still delivers what is
     // queued after close, so there is nothing more to wait for.
@@ -345,7 +355,15 @@ mod tests {
             got
         });
         let (host, port) = (addr.ip().to_string(), addr.port());
-        send_once(&host, port, b"{\"a\":1}", &timeouts(2000), &Uninterruptible).unwrap();
+        send_once(
+            &host,
+            port,
+            b"{\"a\":1}",
+            &timeouts(2000),
+            &Allowlist::default(),
+            &Uninterruptible,
+        )
+        .unwrap();
         assert_eq!(reader.join().unwrap(), b"{\"a\":1}");
     }
 
@@ -359,10 +377,30 @@ mod tests {
             addr.port(),
             b"x",
             &timeouts(2000),
+            &Allowlist::default(),
             &Uninterruptible,
         )
         .unwrap_err();
         assert!(matches!(e, SendError::Refused(a) if a == addr), "{e}");
+    }
+
+    #[test]
+    fn disallowed_destination_is_never_connected() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        l.set_nonblocking(true).unwrap();
+        let port = l.local_addr().unwrap().port();
+        let allow = Allowlist::parse("10.0.0.0/8").unwrap();
+        let e = send_once(
+            "localhost",
+            port,
+            b"x",
+            &timeouts(2000),
+            &allow,
+            &Uninterruptible,
+        )
+        .unwrap_err();
+        assert!(matches!(e, SendError::NotAllowed(ref m) if m.contains("allowed_destinations")));
+        assert!(l.accept().is_err(), "no connection was made");
     }
 
     #[test]

@@ -18,7 +18,9 @@ pub mod send;
 
 use crate::backoff::{self, Backoff};
 use crate::options::Framing;
+use crate::security::Allowlist;
 use crate::settings;
+use crate::transport::tcp::SendError;
 use crate::transport::{self, Cancelled, Interrupt};
 use pgrx::bgworkers::{
     BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, DynamicBackgroundWorker,
@@ -268,6 +270,7 @@ impl Worker {
     fn claim_and_dispatch(&mut self) -> Result<(), Stop> {
         let now = Instant::now();
         let timeouts = settings::timeouts();
+        let allow = settings::allowlist();
         let ready =
             |d: Option<&Dest>| d.is_none_or(|d| !d.busy && d.retry_at.is_none_or(|t| t <= now));
         let dests = &self.dests;
@@ -290,7 +293,7 @@ impl Worker {
                         if !ready(dests.get(&key)) {
                             continue;
                         }
-                        if let Some(job) = claim(c, &key, timeouts)? {
+                        if let Some(job) = claim(c, &key, timeouts, &allow)? {
                             jobs.push((key, job));
                         }
                     }
@@ -422,6 +425,7 @@ fn claim(
     c: &mut pgrx::spi::SpiClient<'_>,
     key: &str,
     timeouts: transport::Timeouts,
+    allow: &Allowlist,
 ) -> Result<Option<Job>, pgrx::spi::Error> {
     let mut rows = Vec::new();
     let mut target: Option<(String, u16, Framing)> = None;
@@ -461,6 +465,7 @@ fn claim(
         framing,
         rows,
         timeouts,
+        allow: allow.clone(),
     }))
 }
 
@@ -551,15 +556,17 @@ fn record(
             None,
             &[unfinished.clone().into(), err.as_str().into()],
         )?;
+        // A destination the allowlist refuses will not become deliverable
+        // by retrying: dead-letter at once.
+        let max_attempts = match out.error {
+            Some(SendError::NotAllowed(_)) => 0,
+            _ => ws.max_attempts,
+        };
         dead = c
             .update(
                 DEAD_LETTER_SQL,
                 None,
-                &[
-                    unfinished.into(),
-                    ws.max_attempts.into(),
-                    ws.max_age_s.into(),
-                ],
+                &[unfinished.into(), max_attempts.into(), ws.max_age_s.into()],
             )?
             .first()
             .get_one::<i64>()?

@@ -3,6 +3,7 @@
 //! PostgreSQL, so a receiver that hangs holds up only its own destination.
 
 use crate::options::Framing;
+use crate::security::Allowlist;
 use crate::transport::tcp::{self, SendError};
 use crate::transport::{Interrupt, Timeouts};
 use socket2::Socket;
@@ -30,6 +31,9 @@ pub struct Job {
     pub framing: Framing,
     pub rows: Vec<Row>,
     pub timeouts: Timeouts,
+    /// `pg_emit.allowed_destinations` as of the claim: checked again at
+    /// delivery, so a destination disallowed after queueing is refused.
+    pub allow: Allowlist,
 }
 
 /// How far a job got: the new `sent` count of each row, and the error that
@@ -71,7 +75,7 @@ pub fn send_job(conn: &mut Option<Socket>, job: &Job, intr: &dyn Interrupt) -> O
             Framing::Close => lines.into_iter().try_for_each(|(k, line)| {
                 buf.clear();
                 push_with_id(&mut buf, row.first_event_id + k as i64, line);
-                tcp::send_once(&job.host, job.port, &buf, &job.timeouts, intr)?;
+                tcp::send_once(&job.host, job.port, &buf, &job.timeouts, &job.allow, intr)?;
                 sent[i] += 1;
                 Ok(())
             }),
@@ -106,7 +110,7 @@ fn write_ndjson(
             }
         }
     }
-    let sock = tcp::open(&job.host, job.port, &job.timeouts, intr)?;
+    let sock = tcp::open(&job.host, job.port, &job.timeouts, &job.allow, intr)?;
     tcp::write_all(&sock, buf, job.timeouts.write_deadline(), intr)?;
     *conn = Some(sock);
     Ok(())
@@ -130,6 +134,7 @@ mod tests {
                 connect: Duration::from_secs(2),
                 write: Duration::from_secs(2),
             },
+            allow: Allowlist::default(),
         }
     }
 
@@ -199,6 +204,20 @@ mod tests {
             reader.join().unwrap(),
             [r#"{"id":5,"a":1}"#, r#"{"id":6,"a":2}"#]
         );
+    }
+
+    #[test]
+    fn allowlist_is_checked_at_delivery() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut j = job(
+            l.local_addr().unwrap().port(),
+            Framing::Ndjson,
+            vec![row(1, 1, 0, "{}")],
+        );
+        j.allow = Allowlist::parse("10.0.0.0/8").unwrap();
+        let out = send_job(&mut None, &j, &Uninterruptible);
+        assert_eq!(out.sent, vec![0]);
+        assert!(matches!(out.error, Some(SendError::NotAllowed(_))));
     }
 
     #[test]
