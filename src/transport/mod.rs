@@ -1,6 +1,7 @@
 //! Getting bytes to a receiver. Free of pgrx: the backend supplies an
 //! [`Interrupt`] that knows how to honour cancel requests, tests supply none.
 
+pub mod http;
 pub mod tcp;
 
 use std::time::{Duration, Instant};

@@ -1,0 +1,608 @@
+//! HTTP(S) with ureq: validation, signing, and a client whose every
+//! request is bounded, cancellable and checked against the allowlist.
+//!
+//! ureq is blocking, so a request runs on a helper thread while the caller
+//! waits in slices that honour cancellation ([`request_interruptible`]). The
+//! client resolves names itself ([`GuardedResolver`]) so the allowlist sees
+//! the addresses that will really be connected to, and it never follows
+//! redirects: a redirect could lead outside the allowed destinations, so a
+//! 3xx is reported as what it is.
+
+use super::{Cancelled, Interrupt, SLICE};
+use crate::security::Allowlist;
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+use std::io::Read;
+use std::net::ToSocketAddrs;
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use ureq::config::Config;
+use ureq::http::Uri;
+use ureq::tls::{Certificate, RootCerts, TlsConfig};
+use ureq::unversioned::resolver::{ResolvedSocketAddrs, Resolver};
+use ureq::unversioned::transport::{DefaultConnector, NextTimeout};
+
+/// Longest response body excerpt kept for error messages and dead letters.
+pub const EXCERPT_BYTES: usize = 512;
+
+/// Response bodies are read to the end (up to this) so the keep-alive
+/// connection can be reused; a longer body just closes the connection.
+const DRAIN_BYTES: u64 = 64 * 1024;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UrlError {
+    #[error("url {0:?} is not a valid absolute URL")]
+    Invalid(String),
+    #[error("url {0:?}: only http and https are supported")]
+    Scheme(String),
+    #[error("url {0:?} must not contain user credentials; send them in a header")]
+    Credentials(String),
+    #[error(
+        "header {0:?} is not of the form \"Name: value\" with a valid name and printable value"
+    )]
+    Header(String),
+    #[error("method {0:?} is not a valid HTTP method")]
+    Method(String),
+    #[error("content type {0:?} contains a control character")]
+    ContentType(String),
+}
+
+/// A checked destination URL: scheme, host and port resolved from it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Url {
+    pub url: String,
+    pub host: String,
+    pub port: u16,
+}
+
+pub fn parse_url(url: &str) -> Result<Url, UrlError> {
+    if url.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err(UrlError::Invalid(url.to_string()));
+    }
+    let uri: Uri = url
+        .parse()
+        .map_err(|_| UrlError::Invalid(url.to_string()))?;
+    let port = match uri.scheme_str().map(str::to_ascii_lowercase).as_deref() {
+        Some("http") => 80,
+        Some("https") => 443,
+        Some(_) => return Err(UrlError::Scheme(url.to_string())),
+        None => return Err(UrlError::Invalid(url.to_string())),
+    };
+    let auth = uri
+        .authority()
+        .ok_or_else(|| UrlError::Invalid(url.to_string()))?;
+    if auth.as_str().contains('@') {
+        return Err(UrlError::Credentials(url.to_string()));
+    }
+    let host = auth.host().trim_matches(['[', ']']).to_string();
+    if host.is_empty() {
+        return Err(UrlError::Invalid(url.to_string()));
+    }
+    Ok(Url {
+        url: url.to_string(),
+        host,
+        port: auth.port_u16().unwrap_or(port),
+    })
+}
+
+/// Parses `Name: value`, refusing anything that could split a header
+/// (CR, LF or other control characters) or is not a valid header name.
+pub fn parse_header(h: &str) -> Result<(String, String), UrlError> {
+    let bad = || UrlError::Header(h.to_string());
+    let (name, value) = h.split_once(':').ok_or_else(bad)?;
+    let (name, value) = (name.trim(), value.trim());
+    check_header(name, value).map_err(|_| bad())?;
+    Ok((name.to_string(), value.to_string()))
+}
+
+pub fn check_header(name: &str, value: &str) -> Result<(), UrlError> {
+    let token = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
+    if name.is_empty()
+        || !name.chars().all(token)
+        || value.chars().any(|c| c.is_control() && c != '\t')
+    {
+        return Err(UrlError::Header(format!("{name}: {value}")));
+    }
+    Ok(())
+}
+
+pub fn check_method(m: &str) -> Result<(), UrlError> {
+    if m.is_empty() || !m.chars().all(|c| c.is_ascii_uppercase()) {
+        return Err(UrlError::Method(m.to_string()));
+    }
+    Ok(())
+}
+
+/// `X-Emit-Signature` value for `body` at `timestamp` (Unix seconds):
+/// `v1=` + hex HMAC-SHA256 over `"<timestamp>.<body>"`. Binding the
+/// timestamp into the MAC lets receivers reject replays of old requests.
+pub fn signature(secret: &[u8], timestamp: u64, body: &[u8]) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes any key length");
+    mac.update(timestamp.to_string().as_bytes());
+    mac.update(b".");
+    mac.update(body);
+    let tag = mac.finalize().into_bytes();
+    let mut out = String::with_capacity(3 + 64);
+    out.push_str("v1=");
+    for b in tag {
+        out.push_str(&format!("{b:02x}"));
+    }
+    out
+}
+
+/// Where trust comes from for HTTPS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Trust {
+    /// The operating system's store, as a DBA configures it.
+    System,
+    /// PEM CA certificates (`pg_emit.ca_file`), instead of the system store.
+    Pem(Vec<u8>),
+}
+
+/// Everything a client is built from; a change in any of it means a new
+/// client (and new connections).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientConfig {
+    pub connect_timeout: Duration,
+    pub request_timeout: Duration,
+    pub trust: Trust,
+    pub allow: Allowlist,
+}
+
+/// A keep-alive HTTP client.
+#[derive(Debug, Clone)]
+pub struct Client {
+    agent: ureq::Agent,
+    pub config: ClientConfig,
+}
+
+/// Resolves with the system resolver and keeps only the addresses the
+/// allowlist accepts; ureq connects to what this returns, nothing else.
+#[derive(Debug)]
+struct GuardedResolver {
+    allow: Allowlist,
+}
+
+/// The allowlist's refusal, carried through ureq's error type.
+#[derive(Debug)]
+struct Refused(String);
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Refused {}
+
+impl Resolver for GuardedResolver {
+    fn resolve(
+        &self,
+        uri: &Uri,
+        _config: &Config,
+        _timeout: NextTimeout,
+    ) -> Result<ResolvedSocketAddrs, ureq::Error> {
+        let url = parse_url(&uri.to_string()).map_err(|e| ureq::Error::BadUri(e.to_string()))?;
+        let found: Vec<_> = (url.host.as_str(), url.port)
+            .to_socket_addrs()
+            .map_err(|_| ureq::Error::HostNotFound)?
+            .collect();
+        let ok = self
+            .allow
+            .filter(&url.host, url.port, Some(&url.url), &found)
+            .map_err(|r| ureq::Error::Other(Box::new(Refused(r.0))))?;
+        let mut out = self.empty();
+        for a in ok.into_iter().take(16) {
+            out.push(a);
+        }
+        Ok(out)
+    }
+}
+
+impl Client {
+    pub fn new(config: ClientConfig) -> Result<Client, String> {
+        let roots = match &config.trust {
+            Trust::System => RootCerts::PlatformVerifier,
+            Trust::Pem(pem) => {
+                let certs: Vec<Certificate<'static>> = ureq::tls::parse_pem(pem)
+                    .filter_map(|item| match item {
+                        Ok(ureq::tls::PemItem::Certificate(c)) => Some(Ok(c)),
+                        Ok(_) => None,
+                        Err(e) => Some(Err(e)),
+                    })
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| format!("pg_emit.ca_file: {e}"))?;
+                if certs.is_empty() {
+                    return Err("pg_emit.ca_file holds no PEM certificate".into());
+                }
+                RootCerts::Specific(Arc::new(certs))
+            }
+        };
+        let agent_config = Config::builder()
+            .http_status_as_error(false)
+            .max_redirects(0)
+            .timeout_connect(Some(config.connect_timeout))
+            .timeout_global(Some(config.request_timeout))
+            .user_agent(concat!("pg_emit/", env!("CARGO_PKG_VERSION")))
+            .tls_config(TlsConfig::builder().root_certs(roots).build())
+            .build();
+        let agent = ureq::Agent::with_parts(
+            agent_config,
+            DefaultConnector::default(),
+            GuardedResolver {
+                allow: config.allow.clone(),
+            },
+        );
+        Ok(Client { agent, config })
+    }
+}
+
+/// A request, owned so it can move to a helper thread.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub method: String,
+    pub url: String,
+    pub content_type: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    /// Signs the request when set (the signing secret).
+    pub secret: Option<Vec<u8>>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Response {
+    pub status: u16,
+    pub excerpt: String,
+    pub retry_after: Option<Duration>,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum HttpError {
+    #[error("{0}")]
+    NotAllowed(String),
+    #[error(
+        "request to {url} timed out after {ms} ms (pg_emit.connect_timeout / pg_emit.http_timeout)"
+    )]
+    Timeout { url: String, ms: u128 },
+    #[error("request to {url} failed: {detail}")]
+    Failed { url: String, detail: String },
+    #[error("cancelled")]
+    Cancelled,
+}
+
+impl Response {
+    pub fn success(&self) -> bool {
+        (200..300).contains(&self.status)
+    }
+
+    /// Worth retrying later: the receiver is overloaded, timing out or
+    /// broken, which can pass. Other 4xx (and 3xx) will fail the same way.
+    pub fn retryable(&self) -> bool {
+        matches!(self.status, 408 | 425 | 429) || self.status >= 500
+    }
+
+    pub fn describe(&self, url: &str) -> String {
+        let kind = if (300..400).contains(&self.status) {
+            " (redirects are not followed)"
+        } else {
+            ""
+        };
+        if self.excerpt.is_empty() {
+            format!("HTTP {} from {url}{kind}", self.status)
+        } else {
+            format!("HTTP {} from {url}{kind}: {}", self.status, self.excerpt)
+        }
+    }
+}
+
+/// `Retry-After` in seconds or as an HTTP date, capped at an hour.
+pub fn parse_retry_after(v: &str, now: SystemTime) -> Option<Duration> {
+    let cap = Duration::from_secs(3600);
+    if let Ok(s) = v.trim().parse::<u64>() {
+        return Some(Duration::from_secs(s).min(cap));
+    }
+    httpdate::parse_http_date(v.trim())
+        .ok()
+        .map(|t| t.duration_since(now).unwrap_or_default().min(cap))
+}
+
+/// Performs `req` on the calling thread.
+pub fn request(client: &Client, req: &Request) -> Result<Response, HttpError> {
+    let started = Instant::now();
+    let mut b = ureq::http::Request::builder()
+        .method(req.method.as_str())
+        .uri(req.url.as_str())
+        .header("Content-Type", req.content_type.as_str());
+    for (k, v) in &req.headers {
+        b = b.header(k.as_str(), v.as_str());
+    }
+    if let Some(secret) = &req.secret {
+        let ts = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        b = b
+            .header("X-Emit-Timestamp", ts.to_string())
+            .header("X-Emit-Signature", signature(secret, ts, &req.body));
+    }
+    let http_req = b.body(req.body.as_slice()).map_err(|e| HttpError::Failed {
+        url: req.url.clone(),
+        detail: e.to_string(),
+    })?;
+    match client.agent.run(http_req) {
+        Ok(mut resp) => {
+            let status = resp.status().as_u16();
+            let retry_after = resp
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| parse_retry_after(v, SystemTime::now()));
+            let mut body = Vec::new();
+            let _ = resp
+                .body_mut()
+                .as_reader()
+                .take(DRAIN_BYTES)
+                .read_to_end(&mut body);
+            body.truncate(EXCERPT_BYTES);
+            let excerpt = String::from_utf8_lossy(&body)
+                .chars()
+                .map(|c| if c.is_control() { ' ' } else { c })
+                .collect::<String>()
+                .trim()
+                .to_string();
+            Ok(Response {
+                status,
+                excerpt,
+                retry_after,
+            })
+        }
+        Err(e) => Err(classify(e, &req.url, started)),
+    }
+}
+
+fn classify(e: ureq::Error, url: &str, started: Instant) -> HttpError {
+    match e {
+        ureq::Error::Other(inner) => match inner.downcast::<Refused>() {
+            Ok(r) => HttpError::NotAllowed(r.0),
+            Err(other) => HttpError::Failed {
+                url: url.to_string(),
+                detail: other.to_string(),
+            },
+        },
+        ureq::Error::Timeout(_) => HttpError::Timeout {
+            url: url.to_string(),
+            ms: started.elapsed().as_millis(),
+        },
+        ureq::Error::HostNotFound => HttpError::Failed {
+            url: url.to_string(),
+            detail: "host not found".into(),
+        },
+        ureq::Error::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused => {
+            HttpError::Failed {
+                url: url.to_string(),
+                detail: "connection refused".into(),
+            }
+        }
+        other => HttpError::Failed {
+            url: url.to_string(),
+            detail: other.to_string(),
+        },
+    }
+}
+
+/// Performs `req` on a helper thread, waiting in slices that honour
+/// `intr`. On cancel the thread is abandoned; it ends by itself within the
+/// request timeout.
+pub fn request_interruptible(
+    client: &Client,
+    req: Request,
+    intr: &dyn Interrupt,
+) -> Result<Response, HttpError> {
+    let (tx, rx) = mpsc::channel();
+    let client = client.clone();
+    super::spawn_without_signals("pg_emit-http", move || {
+        let _ = tx.send(request(&client, &req));
+    })
+    .map_err(|e| HttpError::Failed {
+        url: String::new(),
+        detail: e.to_string(),
+    })?;
+    loop {
+        if let Err(Cancelled) = intr.check() {
+            return Err(HttpError::Cancelled);
+        }
+        match rx.recv_timeout(SLICE) {
+            Ok(r) => return r,
+            Err(mpsc::RecvTimeoutError::Timeout) => continue,
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                return Err(HttpError::Failed {
+                    url: String::new(),
+                    detail: "request thread failed".into(),
+                })
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transport::Uninterruptible;
+    use std::io::{BufRead, BufReader, Write};
+    use std::net::TcpListener;
+
+    fn client(allow: &str) -> Client {
+        Client::new(ClientConfig {
+            connect_timeout: Duration::from_secs(2),
+            request_timeout: Duration::from_millis(500),
+            trust: Trust::System,
+            allow: Allowlist::parse(allow).unwrap(),
+        })
+        .unwrap()
+    }
+
+    /// Serves one request with `reply`, returning what it received.
+    fn serve_once(reply: &'static str) -> (String, std::thread::JoinHandle<String>) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://127.0.0.1:{}/hook", l.local_addr().unwrap().port());
+        let h = std::thread::spawn(move || {
+            let (s, _) = l.accept().unwrap();
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            let mut head = String::new();
+            let mut len = 0;
+            loop {
+                let mut line = String::new();
+                r.read_line(&mut line).unwrap();
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    len = v.trim().parse().unwrap();
+                }
+                head.push_str(&line);
+                if line == "\r\n" {
+                    break;
+                }
+            }
+            let mut body = vec![0; len];
+            r.read_exact(&mut body).unwrap();
+            (&s).write_all(reply.as_bytes()).unwrap();
+            head + &String::from_utf8(body).unwrap()
+        });
+        (url, h)
+    }
+
+    fn post(url: &str, body: &str) -> Request {
+        Request {
+            method: "POST".into(),
+            url: url.into(),
+            content_type: "application/json".into(),
+            headers: vec![("X-Trace".into(), "abc".into())],
+            body: body.as_bytes().to_vec(),
+            secret: Some(b"k".to_vec()),
+        }
+    }
+
+    #[test]
+    fn posts_json_with_headers_and_signature() {
+        let (url, h) = serve_once("HTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nok");
+        let r =
+            request_interruptible(&client(""), post(&url, "{\"a\":1}"), &Uninterruptible).unwrap();
+        assert_eq!((r.status, r.excerpt.as_str()), (201, "ok"));
+        let got = h.join().unwrap();
+        assert!(got.starts_with("POST /hook HTTP/1.1\r\n"), "{got}");
+        assert!(
+            got.contains("content-type: application/json\r\n")
+                || got.contains("Content-Type: application/json\r\n")
+        );
+        assert!(got.to_ascii_lowercase().contains("x-trace: abc\r\n"));
+        let ts = got
+            .lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("x-emit-timestamp: ")
+                    .map(str::to_string)
+            })
+            .unwrap();
+        let sig = signature(b"k", ts.parse().unwrap(), b"{\"a\":1}");
+        assert!(got.contains(&sig), "{got}");
+        assert!(got.ends_with("\r\n\r\n{\"a\":1}"));
+    }
+
+    #[test]
+    fn redirects_are_reported_not_followed() {
+        let (url, h) = serve_once(
+            "HTTP/1.1 302 Found\r\nLocation: http://169.254.169.254/\r\nContent-Length: 0\r\n\r\n",
+        );
+        let r = request(&client(""), &post(&url, "{}")).unwrap();
+        h.join().unwrap();
+        assert_eq!(r.status, 302);
+        assert!(!r.retryable() && !r.success());
+        assert!(r.describe(&url).contains("redirects are not followed"));
+    }
+
+    #[test]
+    fn allowlist_applies_to_resolved_addresses() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://localhost:{}/", l.local_addr().unwrap().port());
+        let e = request(&client("10.0.0.0/8"), &post(&url, "{}")).unwrap_err();
+        assert!(
+            matches!(e, HttpError::NotAllowed(ref m) if m.contains("allowed_destinations")),
+            "{e}"
+        );
+        let e = request(&client(""), &post("http://169.254.169.254/latest", "{}")).unwrap_err();
+        assert!(matches!(e, HttpError::NotAllowed(_)), "{e}");
+    }
+
+    #[test]
+    fn silent_server_times_out() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://127.0.0.1:{}/", l.local_addr().unwrap().port());
+        let t = Instant::now();
+        let e = request(&client(""), &post(&url, "{}")).unwrap_err();
+        assert!(matches!(e, HttpError::Timeout { .. }), "{e}");
+        assert!(t.elapsed() < Duration::from_secs(2));
+        drop(l);
+    }
+
+    #[test]
+    fn urls_headers_and_methods_are_validated() {
+        assert_eq!(
+            parse_url("https://h.example:8443/x?y=1").unwrap().port,
+            8443
+        );
+        assert_eq!(parse_url("http://[::1]/").unwrap().host, "::1");
+        for bad in [
+            "ftp://h/",
+            "h/path",
+            "http://",
+            "http://a b/",
+            "http://u:p@h/",
+            "http://h/\r\nX: y",
+            "",
+        ] {
+            assert!(parse_url(bad).is_err(), "{bad:?}");
+        }
+        assert!(matches!(
+            parse_url("file:///etc/passwd"),
+            Err(UrlError::Scheme(_) | UrlError::Invalid(_))
+        ));
+        assert_eq!(
+            parse_header("X-A: b c").unwrap(),
+            ("X-A".into(), "b c".into())
+        );
+        for bad in [
+            "X-A b",
+            "X A: b",
+            "X-A: b\r\nInjected: 1",
+            ": v",
+            "X-A: \u{0}",
+        ] {
+            assert!(parse_header(bad).is_err(), "{bad:?}");
+        }
+        assert!(
+            check_method("PUT").is_ok()
+                && check_method("get").is_err()
+                && check_method("P T").is_err()
+        );
+    }
+
+    #[test]
+    fn retry_after_forms() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_000_000_000);
+        assert_eq!(parse_retry_after("3", now), Some(Duration::from_secs(3)));
+        assert_eq!(
+            parse_retry_after("999999", now),
+            Some(Duration::from_secs(3600))
+        );
+        let date = httpdate::fmt_http_date(now + Duration::from_secs(10));
+        assert_eq!(parse_retry_after(&date, now), Some(Duration::from_secs(10)));
+        assert_eq!(parse_retry_after("soon", now), None);
+    }
+
+    #[test]
+    fn signature_is_stable() {
+        // Reference value computed with Python's hmac module.
+        assert_eq!(
+            signature(b"secret", 1700000000, b"{\"id\":1}"),
+            "v1=3dd1b9aef568d75f6790a84bd2e5dfa1f44409eef3cbdbd3f10b837376100c11"
+        );
+    }
+}
