@@ -2,7 +2,9 @@
 -- trigger (CREATE TRIGGER requires EXECUTE on the trigger function; firing
 -- does not, so existing triggers keep working for every writer).
 REVOKE EXECUTE ON FUNCTION send_socket(text, text, integer) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION send_http(text, text, text, text, jsonb) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION row_to_socket() FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION row_to_http() FROM PUBLIC;
 
 -- Two optional roles bundle what a DBA hands out. Roles are cluster-wide:
 -- created by the first database that installs pg_emit, kept by
@@ -16,11 +18,13 @@ BEGIN
     CREATE ROLE emit_admin NOLOGIN;
   END IF;
 END $$;
-COMMENT ON ROLE emit_sender IS 'pg_emit: may call send_socket and attach row_to_socket triggers';
+COMMENT ON ROLE emit_sender IS 'pg_emit: may call send_socket/send_http and attach row_to_socket/row_to_http triggers';
 COMMENT ON ROLE emit_admin IS 'pg_emit: emit_sender, plus emit.stats, emit.dead_letter and re-queueing';
 
 GRANT EXECUTE ON FUNCTION send_socket(text, text, integer) TO emit_sender;
+GRANT EXECUTE ON FUNCTION send_http(text, text, text, text, jsonb) TO emit_sender;
 GRANT EXECUTE ON FUNCTION row_to_socket() TO emit_sender;
+GRANT EXECUTE ON FUNCTION row_to_http() TO emit_sender;
 GRANT emit_sender TO emit_admin;
 GRANT USAGE ON SCHEMA emit TO emit_admin;
 GRANT SELECT ON emit.stats TO emit_admin;

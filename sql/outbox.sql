@@ -12,7 +12,11 @@ CREATE TABLE emit.outbox (
     destination     text    NOT NULL,
     host            text    NOT NULL,
     port            integer NOT NULL,
-    framing         text    NOT NULL CHECK (framing IN ('close', 'ndjson')),
+    -- 'close' or 'ndjson' (TCP), or 'http'.
+    framing         text    NOT NULL CHECK (framing IN ('close', 'ndjson', 'http')),
+    url             text,
+    -- Extra request headers, one "Name: value" per line.
+    headers         text,
     events          integer NOT NULL CHECK (events > 0),
     payload         text    NOT NULL,
     -- Set by the worker when it claims the row: events get ids
@@ -32,15 +36,22 @@ COMMENT ON TABLE emit.outbox IS
     'pg_emit: events queued by delivery=async triggers, one row per transaction and destination';
 
 CREATE TABLE emit.dead_letter (
-    id              bigint PRIMARY KEY,
+    id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    outbox_id       bigint  NOT NULL,
     destination     text    NOT NULL,
     host            text    NOT NULL,
     port            integer NOT NULL,
     framing         text    NOT NULL,
+    url             text,
+    headers         text,
     events          integer NOT NULL,
     payload         text    NOT NULL,
     attempts        integer NOT NULL,
     last_error      text,
+    -- HTTP: the status that made the event undeliverable, and the start of
+    -- the response body.
+    status          integer,
+    response        text,
     enqueued_at     timestamptz NOT NULL,
     dead_at         timestamptz NOT NULL DEFAULT clock_timestamp()
 );

@@ -4,3 +4,8 @@ CREATE FUNCTION row_to_socket() RETURNS trigger
   LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'row_to_socket';
 COMMENT ON FUNCTION row_to_socket() IS
   'Trigger: send each row change as JSON to (host, port [, ''key=value'' ...])';
+
+CREATE FUNCTION row_to_http() RETURNS trigger
+  LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'row_to_http';
+COMMENT ON FUNCTION row_to_http() IS
+  'Trigger: POST each row change as JSON to (url [, ''key=value'' ...])';

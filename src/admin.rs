@@ -20,8 +20,10 @@ mod emit {
                   WHERE $1::text IS NULL OR destination = $1
                  RETURNING *
              ), queued AS (
-                 INSERT INTO emit.outbox (destination, host, port, framing, events, payload)
-                 SELECT destination, host, port, framing, events, payload FROM moved ORDER BY id
+                 INSERT INTO emit.outbox
+                     (destination, host, port, framing, url, headers, events, payload)
+                 SELECT destination, host, port, framing, url, headers, events, payload
+                   FROM moved ORDER BY id
                  RETURNING events
              )
              SELECT coalesce(sum(events), 0)::bigint FROM queued",

@@ -7,7 +7,6 @@
 //! by `pg_emit.on_error = error` are class 08 (connection exception).
 
 use crate::options::OptionError;
-use crate::transport::tcp::SendError;
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::{PgLogLevel, PgSqlErrorCode};
 
@@ -23,6 +22,7 @@ pub enum EmitError {
     #[error("{trigger}: {source}")]
     TriggerArgument {
         trigger: String,
+        func: &'static str,
         source: OptionError,
     },
     /// A trigger function called as a plain function.
@@ -31,12 +31,13 @@ pub enum EmitError {
     /// Attached to an event it cannot handle.
     #[error("{trigger}: {problem}")]
     TriggerEvent { trigger: String, problem: String },
-    /// A failed delivery under `pg_emit.on_error = error`.
-    #[error("{context}: could not send to {dest}: {source}")]
+    /// A failed delivery: WARNING, or ERROR under `pg_emit.on_error = error`.
+    #[error("{context}: {reason}")]
     Delivery {
         context: String,
-        dest: String,
-        source: SendError,
+        reason: String,
+        /// No connection could be made (08001) rather than broke (08006).
+        connect: bool,
     },
     /// `delivery=commit` events exceed `pg_emit.commit_buffer_size`.
     #[error("{context}: the events held for delivery=commit exceed {limit} bytes (pg_emit.commit_buffer_size)")]
@@ -69,15 +70,6 @@ pub enum EmitError {
         limit: i64,
         events: usize,
     },
-    /// A destination skipped because it failed moments ago.
-    #[error("{context}: not sending to {dest}: it failed {ago_ms} ms ago ({reason}); next attempt in {left_ms} ms (pg_emit.failure_cooldown)")]
-    CoolingDown {
-        context: String,
-        dest: String,
-        reason: String,
-        ago_ms: u128,
-        left_ms: u128,
-    },
 }
 
 impl EmitError {
@@ -90,15 +82,10 @@ impl EmitError {
             EmitError::TriggerEvent { .. } | EmitError::NotTrigger(_) => {
                 ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED
             }
-            EmitError::Delivery { source, .. } => match source {
-                SendError::HostNotFound { .. }
-                | SendError::ResolveTimeout { .. }
-                | SendError::Refused(_)
-                | SendError::ConnectTimeout { .. }
-                | SendError::Connect { .. } => ERRCODE_SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
-                _ => ERRCODE_CONNECTION_FAILURE,
-            },
-            EmitError::CoolingDown { .. } => ERRCODE_SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
+            EmitError::Delivery { connect: true, .. } => {
+                ERRCODE_SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION
+            }
+            EmitError::Delivery { connect: false, .. } => ERRCODE_CONNECTION_FAILURE,
             EmitError::BufferFull { .. } | EmitError::TooLarge { .. } => {
                 ERRCODE_PROGRAM_LIMIT_EXCEEDED
             }
@@ -110,6 +97,15 @@ impl EmitError {
     }
 
     fn hint(&self) -> Option<&'static str> {
+        if let EmitError::TriggerArgument {
+            func: "row_to_http",
+            ..
+        } = self
+        {
+            return Some(
+                "row_to_http takes (url [, 'key=value' ...]) with keys delivery=sync|commit|async, format=json|td, header=Name: value.",
+            );
+        }
         match self {
             EmitError::BufferFull { .. } => Some(
                 "Use delivery=async for transactions this large: its events wait in a table, not in memory.",

@@ -1,6 +1,7 @@
 //! Trigger arguments.
 //!
-//! `row_to_socket(host, port [, 'key=value' ...])`. PostgreSQL stores trigger
+//! `row_to_socket(host, port [, 'key=value' ...])` and
+//! `row_to_http(url [, 'key=value' ...])`. PostgreSQL stores trigger
 //! arguments as plain strings and cannot check them at `CREATE TRIGGER`, so
 //! the first firing is where a typo surfaces. Every mistake is reported with
 //! the 1-based argument position as the DBA wrote it, so `CREATE TRIGGER`
@@ -50,11 +51,36 @@ pub enum Framing {
 
 /// Parsed `'key=value'` options. `delivery` stays `None` when not given so
 /// that `pg_emit.default_delivery` is read at firing time, not frozen.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Options {
     pub delivery: Option<Delivery>,
     pub format: Format,
     pub framing: Framing,
+    /// `header=Name: value` (row_to_http only), in order.
+    pub headers: Vec<(String, String)>,
+}
+
+/// Which trigger the options belong to: each accepts its own keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Socket,
+    Http,
+}
+
+impl Kind {
+    fn known(self) -> &'static str {
+        match self {
+            Kind::Socket => "delivery, format, framing",
+            Kind::Http => "delivery, format, header",
+        }
+    }
+}
+
+/// `url` as given to `row_to_http`, after validation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpTarget {
+    pub url: crate::transport::http::Url,
+    pub options: Options,
 }
 
 /// `host` and `port` as given to `row_to_socket`, after validation.
@@ -87,8 +113,21 @@ pub enum OptionError {
     BadPort(String),
     #[error("argument {pos} {arg:?} is not of the form key=value")]
     Malformed { pos: usize, arg: String },
-    #[error("argument {pos}: unknown option {key:?} (known options: delivery, format, framing)")]
-    UnknownKey { pos: usize, key: String },
+    #[error("argument {pos}: unknown option {key:?} (known options: {known})")]
+    UnknownKey {
+        pos: usize,
+        key: String,
+        known: &'static str,
+    },
+    #[error("missing url: expected arguments (url [, 'key=value' ...])")]
+    MissingUrl,
+    #[error("{0}")]
+    Url(#[from] crate::transport::http::UrlError),
+    #[error("argument {pos}: {source}")]
+    Header {
+        pos: usize,
+        source: crate::transport::http::UrlError,
+    },
     #[error("argument {pos}: {key}={value:?} is not valid (expected {expected})")]
     BadValue {
         pos: usize,
@@ -149,7 +188,7 @@ pub fn parse_socket_args<S: AsRef<str>>(args: &[S]) -> Result<SocketTarget, Opti
     let host = args.first().ok_or(OptionError::MissingHost)?.as_ref();
     check_host(host)?;
     let port = parse_port(args.get(1).ok_or(OptionError::MissingPort)?.as_ref())?;
-    let options = parse_options(&args[2..], 3)?;
+    let options = parse_options(&args[2..], 3, Kind::Socket)?;
     Ok(SocketTarget {
         host: host.to_string(),
         port,
@@ -157,9 +196,21 @@ pub fn parse_socket_args<S: AsRef<str>>(args: &[S]) -> Result<SocketTarget, Opti
     })
 }
 
+/// Parses `row_to_http` trigger arguments.
+pub fn parse_http_args<S: AsRef<str>>(args: &[S]) -> Result<HttpTarget, OptionError> {
+    let url = args.first().ok_or(OptionError::MissingUrl)?.as_ref();
+    let url = crate::transport::http::parse_url(url)?;
+    let options = parse_options(&args[1..], 2, Kind::Http)?;
+    Ok(HttpTarget { url, options })
+}
+
 /// Parses `'key=value'` arguments; `first_pos` is the 1-based position of
 /// the first of them among all trigger arguments.
-pub fn parse_options<S: AsRef<str>>(args: &[S], first_pos: usize) -> Result<Options, OptionError> {
+pub fn parse_options<S: AsRef<str>>(
+    args: &[S],
+    first_pos: usize,
+    kind: Kind,
+) -> Result<Options, OptionError> {
     let mut opts = Options::default();
     let mut seen = [false; 3];
     for (i, arg) in args.iter().enumerate() {
@@ -180,6 +231,13 @@ pub fn parse_options<S: AsRef<str>>(args: &[S], first_pos: usize) -> Result<Opti
             expected,
         };
         let slot = match key.to_ascii_lowercase().as_str() {
+            // Repeatable: one header per argument.
+            "header" if kind == Kind::Http => {
+                let h = crate::transport::http::parse_header(value)
+                    .map_err(|source| OptionError::Header { pos, source })?;
+                opts.headers.push(h);
+                continue;
+            }
             "delivery" => {
                 opts.delivery = Some(match value.to_ascii_lowercase().as_str() {
                     "sync" => Delivery::Sync,
@@ -197,7 +255,7 @@ pub fn parse_options<S: AsRef<str>>(args: &[S], first_pos: usize) -> Result<Opti
                 };
                 (1, "format")
             }
-            "framing" => {
+            "framing" if kind == Kind::Socket => {
                 opts.framing = match value.to_ascii_lowercase().as_str() {
                     "close" => Framing::Close,
                     "ndjson" => Framing::Ndjson,
@@ -209,6 +267,7 @@ pub fn parse_options<S: AsRef<str>>(args: &[S], first_pos: usize) -> Result<Opti
                 return Err(OptionError::UnknownKey {
                     pos,
                     key: key.to_string(),
+                    known: kind.known(),
                 })
             }
         };
@@ -311,7 +370,8 @@ mod tests {
             parse_socket_args(&["h", "1", "format=json", "fromat=td"]),
             Err(OptionError::UnknownKey {
                 pos: 4,
-                key: "fromat".into()
+                key: "fromat".into(),
+                known: "delivery, format, framing"
             })
         );
         assert_eq!(
@@ -347,6 +407,36 @@ mod tests {
     }
 
     #[test]
+    fn http_arguments() {
+        let t = parse_http_args(&[
+            "https://hooks.example/x",
+            "delivery=async",
+            "header=Authorization: Bearer t",
+            "header=X-Tenant: 7",
+        ])
+        .unwrap();
+        assert_eq!(t.url.port, 443);
+        assert_eq!(t.options.delivery, Some(Delivery::Async));
+        assert_eq!(t.options.headers.len(), 2);
+        assert!(matches!(
+            parse_http_args(&["https://h/", "framing=ndjson"]),
+            Err(OptionError::UnknownKey { pos: 2, .. })
+        ));
+        assert!(matches!(
+            parse_http_args(&["https://h/", "header=X: a\r\nB: c"]),
+            Err(OptionError::Header { pos: 2, .. })
+        ));
+        assert!(matches!(
+            parse_http_args(&["ftp://h/"]),
+            Err(OptionError::Url(_))
+        ));
+        assert!(matches!(
+            parse_http_args::<&str>(&[]),
+            Err(OptionError::MissingUrl)
+        ));
+    }
+
+    #[test]
     fn messages_are_readable() {
         let e = parse_socket_args(&["h", "1", "fromat=td"]).unwrap_err();
         assert_eq!(
@@ -376,7 +466,8 @@ mod fuzz {
         fn option_like_arguments_never_panic(
             opts in proptest::collection::vec("(delivery|format|framing|x)?=?[a-zA-Z= ]{0,10}", 0..5)
         ) {
-            let _ = parse_options(&opts, 3);
+            let _ = parse_options(&opts, 3, Kind::Socket);
+            let _ = parse_options(&opts, 2, Kind::Http);
         }
 
         #[test]

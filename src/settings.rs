@@ -7,12 +7,14 @@
 
 use crate::options::Delivery;
 use crate::security::Allowlist;
+use crate::transport::http::{ClientConfig, Trust};
 use crate::transport::Timeouts;
 use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
 use pgrx::pg_sys;
 use pgrx::PostgresGucEnum;
 use std::cell::RefCell;
 use std::ffi::{c_char, c_void, CStr, CString};
+use std::os::unix::ffi::OsStrExt;
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -28,6 +30,9 @@ pub static ALLOWED_DESTINATIONS: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(None);
 pub static MAX_MESSAGE_SIZE: GucSetting<i32> = GucSetting::<i32>::new(64 * 1024);
 pub static MAX_OUTBOX_SIZE: GucSetting<i32> = GucSetting::<i32>::new(1024 * 1024);
+pub static HTTP_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(5000);
+pub static SIGNING_SECRET: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+pub static CA_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static ON_ERROR: GucSetting<OnError> = GucSetting::<OnError>::new(OnError::Warning);
 pub static DEFAULT_DELIVERY: GucSetting<DefaultDelivery> =
     GucSetting::<DefaultDelivery>::new(DefaultDelivery::Sync);
@@ -67,6 +72,32 @@ pub fn init() {
             None,
         );
     }
+    GucRegistry::define_int_guc(
+        c"pg_emit.http_timeout",
+        c"Longest wait for a whole HTTP request, connect to last response byte.",
+        c"",
+        &HTTP_TIMEOUT,
+        1,
+        i32::MAX,
+        GucContext::Userset,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_string_guc(
+        c"pg_emit.signing_secret",
+        c"HMAC-SHA256 key for X-Emit-Signature on every HTTP request; empty: unsigned.",
+        c"Only superusers can set or see it.",
+        &SIGNING_SECRET,
+        GucContext::Suset,
+        GucFlags::SUPERUSER_ONLY | GucFlags::NO_SHOW_ALL,
+    );
+    GucRegistry::define_string_guc(
+        c"pg_emit.ca_file",
+        c"PEM file of CA certificates trusted for HTTPS instead of the system store.",
+        c"Empty: the operating system's trust store.",
+        &CA_FILE,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
     GucRegistry::define_int_guc(
         c"pg_emit.max_message_size",
         c"Largest message pg_emit sends; bigger ones are an error.",
@@ -274,4 +305,49 @@ pub fn max_message_bytes() -> usize {
 /// 0 means no limit.
 pub fn max_outbox_bytes() -> i64 {
     i64::from(MAX_OUTBOX_SIZE.get().max(0)) * 1024
+}
+
+/// The signing secret, when one is set.
+pub fn signing_secret() -> Option<Vec<u8>> {
+    SIGNING_SECRET
+        .get()
+        .map(|s| s.into_bytes())
+        .filter(|s| !s.is_empty())
+}
+
+thread_local! {
+    /// `pg_emit.ca_file` contents, keyed by path and modification time so
+    /// a replaced file is picked up without a reload.
+    static CA_PEM: RefCell<Option<(CString, std::time::SystemTime, Vec<u8>)>> =
+        const { RefCell::new(None) };
+}
+
+fn trust() -> Result<Trust, String> {
+    let Some(path) = CA_FILE.get().filter(|p| !p.is_empty()) else {
+        return Ok(Trust::System);
+    };
+    let p = std::path::PathBuf::from(std::ffi::OsStr::from_bytes(path.as_bytes()));
+    let mtime = std::fs::metadata(&p)
+        .and_then(|m| m.modified())
+        .map_err(|e| format!("pg_emit.ca_file {}: {e}", p.display()))?;
+    CA_PEM.with_borrow_mut(|slot| {
+        if let Some((cp, ct, pem)) = slot {
+            if *cp == path && *ct == mtime {
+                return Ok(Trust::Pem(pem.clone()));
+            }
+        }
+        let pem = std::fs::read(&p).map_err(|e| format!("pg_emit.ca_file {}: {e}", p.display()))?;
+        *slot = Some((path, mtime, pem.clone()));
+        Ok(Trust::Pem(pem))
+    })
+}
+
+/// Everything the HTTP client depends on, from the current settings.
+pub fn http_client_config() -> Result<ClientConfig, String> {
+    Ok(ClientConfig {
+        connect_timeout: ms(&CONNECT_TIMEOUT),
+        request_timeout: ms(&HTTP_TIMEOUT),
+        trust: trust()?,
+        allow: (*allowlist()).clone(),
+    })
 }

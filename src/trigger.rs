@@ -1,9 +1,13 @@
-//! `row_to_socket`: trigger event → JSON → destination.
+//! `row_to_socket` and `row_to_http`: trigger event → JSON → destination.
+//!
+//! Both are raw fmgr entry points rather than `#[pg_trigger]`, so that a
+//! direct call (`SELECT row_to_socket()`) is a clean 39P01 instead of a
+//! panic, and the row goes back to PostgreSQL without being re-wrapped.
 
 use crate::delivery::{commit, outbox, sync, Target};
 use crate::error::EmitError;
 use crate::event::{self, Event, Op};
-use crate::options::{self, Delivery, Framing, SocketTarget};
+use crate::options::{self, Delivery, Framing, OptionError, Options};
 use crate::settings;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
@@ -22,8 +26,48 @@ thread_local! {
     static BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
+/// The two trigger functions differ only in how their arguments name the
+/// destination.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Func {
+    Socket,
+    Http,
+}
+
+impl Func {
+    fn name(self) -> &'static str {
+        match self {
+            Func::Socket => "row_to_socket",
+            Func::Http => "row_to_http",
+        }
+    }
+
+    fn parse(self, args: &[&str]) -> Result<(Target, Options), OptionError> {
+        match self {
+            Func::Socket => {
+                let t = options::parse_socket_args(args)?;
+                let target = Target::Tcp {
+                    host: t.host,
+                    port: t.port,
+                    framing: t.options.framing,
+                };
+                Ok((target, t.options))
+            }
+            Func::Http => {
+                let t = options::parse_http_args(args)?;
+                let target = Target::Http {
+                    url: t.url.url,
+                    headers: t.options.headers.clone(),
+                };
+                Ok((target, t.options))
+            }
+        }
+    }
+}
+
 /// The parts of a firing that the envelope needs, read once.
 struct Firing<'a> {
+    func: Func,
     td: &'a pg_sys::TriggerData,
     name: &'a str,
     schema: String,
@@ -32,20 +76,21 @@ struct Firing<'a> {
 }
 
 impl Firing<'_> {
-    fn describe(&self, func: &str) -> String {
+    fn describe(&self) -> String {
         format!(
-            "{func} trigger \"{}\" on \"{}\".\"{}\"",
-            self.name, self.schema, self.table
+            "{} trigger \"{}\" on \"{}\".\"{}\"",
+            self.func.name(),
+            self.name,
+            self.schema,
+            self.table
         )
     }
 }
 
 fn cstr<'a>(p: *const std::ffi::c_char) -> &'a str {
     // SAFETY: callers pass NUL-terminated strings owned by the trigger
-    // data, which outlive the firing. Names and arguments are in the
-    // server encoding; pg_emit requires a UTF-8 database like any JSON
-    // producer, and a non-UTF-8 byte shows up as U+FFFD-free empty text
-    // rather than undefined behaviour.
+    // data, which outlive the firing. pg_emit needs a UTF-8 database (JSON
+    // is UTF-8); in any other encoding a non-ASCII name reads as empty.
     unsafe { CStr::from_ptr(p) }.to_str().unwrap_or("")
 }
 
@@ -85,27 +130,45 @@ pub extern "C" fn pg_finfo_row_to_socket() -> &'static pg_sys::Pg_finfo_record {
     &V1
 }
 
+#[unsafe(no_mangle)]
+#[doc(hidden)]
+pub extern "C" fn pg_finfo_row_to_http() -> &'static pg_sys::Pg_finfo_record {
+    const V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
+    &V1
+}
+
 /// Sends each row change (or TRUNCATE) to `host:port` as JSON.
-///
-/// Arguments: `(host, port [, 'key=value' ...])`, see [`options`]. A raw
-/// fmgr entry point rather than `#[pg_trigger]`, so that a direct call
-/// (`SELECT row_to_socket()`) is a clean 39P01 instead of a panic, and the
-/// row goes back to PostgreSQL without being re-wrapped.
+/// Arguments: `(host, port [, 'key=value' ...])`, see [`options`].
 ///
 /// # Safety
 /// Called by PostgreSQL's function manager with a valid `fcinfo`.
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub unsafe extern "C-unwind" fn row_to_socket(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    entry(fcinfo, Func::Socket)
+}
+
+/// POSTs each row change (or TRUNCATE) to a URL as JSON.
+/// Arguments: `(url [, 'key=value' ...])`, see [`options`].
+///
+/// # Safety
+/// Called by PostgreSQL's function manager with a valid `fcinfo`.
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn row_to_http(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    entry(fcinfo, Func::Http)
+}
+
+unsafe fn entry(fcinfo: pg_sys::FunctionCallInfo, func: Func) -> pg_sys::Datum {
     if !pgrx::trigger_support::called_as_trigger(fcinfo) {
-        EmitError::NotTrigger("row_to_socket").raise();
+        EmitError::NotTrigger(func.name()).raise();
     }
     // SAFETY: the trigger manager passes a TriggerData as context.
     let td = &*((*fcinfo).context as *const pg_sys::TriggerData);
-    fire(td)
+    fire(td, func)
 }
 
-fn fire(td: &pg_sys::TriggerData) -> pg_sys::Datum {
+fn fire(td: &pg_sys::TriggerData, func: Func) -> pg_sys::Datum {
     // SAFETY: a TriggerData always carries its Trigger.
     let tg = unsafe { &*td.tg_trigger };
     // SAFETY: PostgreSQL hands us an open relation with a valid rd_rel.
@@ -123,6 +186,7 @@ fn fire(td: &pg_sys::TriggerData) -> pg_sys::Datum {
         .map(|i| cstr(unsafe { *tg.tgargs.add(i) }))
         .collect();
     let firing = Firing {
+        func,
         td,
         name: cstr(tg.tgname),
         schema: if schema_ptr.is_null() {
@@ -134,14 +198,15 @@ fn fire(td: &pg_sys::TriggerData) -> pg_sys::Datum {
         args,
     };
 
-    let target = options::parse_socket_args(&firing.args).unwrap_or_else(|source| {
+    let (target, opts) = func.parse(&firing.args).unwrap_or_else(|source| {
         EmitError::TriggerArgument {
-            trigger: firing.describe("row_to_socket"),
+            trigger: firing.describe(),
+            func: func.name(),
             source,
         }
         .raise()
     });
-    let mode = check_event(&firing, &target);
+    let mode = check_event(&firing, &target, &opts);
 
     let event = td.tg_event;
     let op = op_of(event);
@@ -160,7 +225,13 @@ fn fire(td: &pg_sys::TriggerData) -> pg_sys::Datum {
         }
     };
 
-    let framing = target.options.framing;
+    let ndjson = matches!(
+        target,
+        Target::Tcp {
+            framing: Framing::Ndjson,
+            ..
+        }
+    );
     let ev = Event {
         op,
         schema: &firing.schema,
@@ -174,12 +245,12 @@ fn fire(td: &pg_sys::TriggerData) -> pg_sys::Datum {
     BUF.with_borrow_mut(|buf| {
         buf.clear();
         // Async events are stored one per line; ndjson sends one per line.
-        let one_line = framing == Framing::Ndjson || mode == Delivery::Async;
-        event::write_event(buf, target.options.format, &ev, new, old, one_line);
-        if framing == Framing::Ndjson && mode != Delivery::Async {
+        let one_line = ndjson || mode == Delivery::Async;
+        event::write_event(buf, opts.format, &ev, new, old, one_line);
+        if ndjson && mode != Delivery::Async {
             buf.push(b'\n');
         }
-        let context = || firing.describe("row_to_socket");
+        let context = || firing.describe();
         let limit = settings::max_message_bytes();
         if buf.len() > limit {
             EmitError::TooLarge {
@@ -191,26 +262,10 @@ fn fire(td: &pg_sys::TriggerData) -> pg_sys::Datum {
         }
         match mode {
             Delivery::Sync => {
-                sync::deliver(&context, &target.host, target.port, buf, framing);
+                sync::deliver(&context, &target, buf);
             }
-            Delivery::Commit => commit::hold(
-                &context,
-                &Target {
-                    host: target.host.clone(),
-                    port: target.port,
-                    framing,
-                },
-                buf,
-            ),
-            Delivery::Async => outbox::queue(
-                &context,
-                &Target {
-                    host: target.host.clone(),
-                    port: target.port,
-                    framing,
-                },
-                buf,
-            ),
+            Delivery::Commit => commit::hold(&context, &target, buf),
+            Delivery::Async => outbox::queue(&context, &target, buf),
         }
         // Large rows must not pin megabytes per backend for its lifetime.
         if buf.capacity() > 1 << 20 {
@@ -235,13 +290,13 @@ fn fire(td: &pg_sys::TriggerData) -> pg_sys::Datum {
 /// async) are checked against the allowlist now, without DNS, so that a
 /// refused one fails the statement rather than being discovered after
 /// commit; the check at connect time stays the authoritative one.
-fn check_event(firing: &Firing<'_>, target: &SocketTarget) -> Delivery {
+fn check_event(firing: &Firing<'_>, target: &Target, opts: &Options) -> Delivery {
     let event = firing.td.tg_event;
     let row_level = event & pg_sys::TRIGGER_EVENT_ROW != 0;
     let op = op_of(event);
     if !row_level && op != Op::Truncate {
         EmitError::TriggerEvent {
-            trigger: firing.describe("row_to_socket"),
+            trigger: firing.describe(),
             problem: format!(
                 "a statement-level {} trigger has no rows to send; create it FOR EACH ROW",
                 op.name()
@@ -249,19 +304,23 @@ fn check_event(firing: &Firing<'_>, target: &SocketTarget) -> Delivery {
         }
         .raise();
     }
-    let mode = target
-        .options
-        .delivery
-        .unwrap_or_else(settings::default_delivery);
-    if mode != Delivery::Sync && !settings::allowlist().may_allow(&target.host, target.port, None) {
-        EmitError::NotAllowed {
-            context: firing.describe("row_to_socket"),
-            why: format!(
-                "{} is not allowed by pg_emit.allowed_destinations",
-                sync::dest_name(&target.host, target.port)
-            ),
+    let mode = opts.delivery.unwrap_or_else(settings::default_delivery);
+    if mode != Delivery::Sync {
+        let allowed = match target {
+            Target::Tcp { host, port, .. } => settings::allowlist().may_allow(host, *port, None),
+            Target::Http { url, .. } => crate::transport::http::parse_url(url)
+                .is_ok_and(|u| settings::allowlist().may_allow(&u.host, u.port, Some(url))),
+        };
+        if !allowed {
+            EmitError::NotAllowed {
+                context: firing.describe(),
+                why: format!(
+                    "{} is not allowed by pg_emit.allowed_destinations",
+                    target.name()
+                ),
+            }
+            .raise();
         }
-        .raise();
     }
     mode
 }

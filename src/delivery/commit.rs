@@ -7,12 +7,11 @@
 //! one per event.
 
 use super::pending::Pending;
-use super::sync::{self, dest_name, Failure};
+use super::sync;
 use super::Target;
 use crate::error::EmitError;
 use crate::interrupts;
 use crate::settings;
-use crate::transport::tcp::SendError;
 use std::cell::RefCell;
 
 thread_local! {
@@ -79,30 +78,18 @@ pub fn send_after_commit() {
             entry.2 += 1;
             continue;
         }
-        let sent = sync::try_send(
-            &target.host,
-            target.port,
-            msg,
-            target.framing,
-            &interrupts::AfterCommit,
-        );
-        if let Err(f) = sent {
-            if matches!(f, Failure::Send(SendError::Cancelled)) {
-                cancelled = true;
-            }
+        if let Err(f) = sync::try_send(target, msg, &interrupts::AfterCommit) {
+            cancelled = f.cancelled();
             entry.2 += 1;
             if entry.3.is_none() {
-                entry.3 = Some(
-                    f.into_error("row_to_socket".into(), dest_name(&target.host, target.port))
-                        .to_string(),
-                );
+                entry.3 = Some(f.reason(&target.name()));
             }
         }
     }
     for (target, total, failed, first) in tally {
         if failed > 0 {
             EmitError::CommitDeliveryIncomplete {
-                dest: dest_name(&target.host, target.port),
+                dest: target.name(),
                 failed,
                 total,
                 first: first.unwrap_or_default(),

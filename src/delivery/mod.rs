@@ -19,12 +19,50 @@ use pgrx::pg_sys;
 use pgrx::prelude::*;
 use std::ffi::c_void;
 
-/// A TCP destination as a trigger names it.
+/// A destination as a trigger or function names it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Target {
-    pub host: String,
-    pub port: u16,
-    pub framing: Framing,
+pub enum Target {
+    Tcp {
+        host: String,
+        port: u16,
+        framing: Framing,
+    },
+    Http {
+        url: String,
+        headers: Vec<(String, String)>,
+    },
+}
+
+impl Target {
+    /// For messages: `host:port` or the URL.
+    pub fn name(&self) -> String {
+        match self {
+            Target::Tcp { host, port, .. } => sync::dest_name(host, *port),
+            Target::Http { url, .. } => url.clone(),
+        }
+    }
+
+    /// The destination key of `emit.outbox` and `emit.stats`. Headers are
+    /// not shown (they may hold credentials), only told apart by a hash.
+    pub fn key(&self) -> String {
+        match self {
+            Target::Tcp {
+                framing: Framing::Close,
+                ..
+            } => format!("tcp://{}", self.name()),
+            Target::Tcp {
+                framing: Framing::Ndjson,
+                ..
+            } => format!("tcp://{}?framing=ndjson", self.name()),
+            Target::Http { url, headers } if headers.is_empty() => url.clone(),
+            Target::Http { url, headers } => {
+                use std::hash::{Hash, Hasher};
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                headers.hash(&mut h);
+                format!("{url} (headers {:08x})", h.finish() as u32)
+            }
+        }
+    }
 }
 
 pub fn init() {

@@ -11,7 +11,6 @@
 use super::pending::Pending;
 use super::Target;
 use crate::error::EmitError;
-use crate::options::Framing;
 use crate::settings;
 use crate::worker;
 use pgrx::bgworkers::DynamicBackgroundWorker;
@@ -38,15 +37,6 @@ thread_local! {
     /// When this backend last started a worker, to avoid a storm of
     /// registrations while one is starting up.
     static LAST_START: Cell<Option<Instant>> = const { Cell::new(None) };
-}
-
-/// Destination key shown in `emit.stats` and used to group outbox rows.
-pub fn destination_key(t: &Target) -> String {
-    let name = super::sync::dest_name(&t.host, t.port);
-    match t.framing {
-        Framing::Close => format!("tcp://{name}"),
-        Framing::Ndjson => format!("tcp://{name}?framing=ndjson"),
-    }
 }
 
 /// Queues one event (a JSON object, no newline).
@@ -143,21 +133,48 @@ fn flush() {
     as_owner(|| {
         Spi::connect_mut(|client| {
             for (target, chunks) in &rows {
-                let dest = destination_key(target);
-                let framing = target.framing.to_string();
+                let dest = target.key();
+                let (host, port, framing, url, headers) = match target {
+                    Target::Tcp {
+                        host,
+                        port,
+                        framing,
+                    } => (
+                        host.clone(),
+                        i32::from(*port),
+                        framing.to_string(),
+                        None,
+                        None,
+                    ),
+                    Target::Http { url, headers } => {
+                        let u = crate::transport::http::parse_url(url).ok();
+                        let lines: String =
+                            headers.iter().map(|(k, v)| format!("{k}: {v}\n")).collect();
+                        (
+                            u.as_ref().map(|u| u.host.clone()).unwrap_or_default(),
+                            u.map_or(0, |u| i32::from(u.port)),
+                            "http".to_string(),
+                            Some(url.as_str()),
+                            (!lines.is_empty()).then_some(lines),
+                        )
+                    }
+                };
                 for (events, payload) in chunks {
                     // Events are row_to_json output in the server encoding,
                     // which pg_emit requires to be UTF-8.
                     let payload = std::str::from_utf8(payload).unwrap_or_default();
                     client.update(
-                        "INSERT INTO emit.outbox (destination, host, port, framing, events, payload) \
-                         VALUES ($1, $2, $3, $4, $5, $6)",
+                        "INSERT INTO emit.outbox \
+                             (destination, host, port, framing, url, headers, events, payload) \
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
                         None,
                         &[
                             dest.as_str().into(),
-                            target.host.as_str().into(),
-                            i32::from(target.port).into(),
+                            host.as_str().into(),
+                            port.into(),
                             framing.as_str().into(),
+                            url.into(),
+                            headers.as_deref().into(),
                             (*events).into(),
                             payload.into(),
                         ],

@@ -1,16 +1,18 @@
 //! Sync delivery: the message is written before the statement goes on.
 //!
-//! Per-backend state lives here: the kept-open ndjson connections and the
-//! failure cooldowns. Both are short lists scanned linearly; a backend
+//! Per-backend state lives here: the kept-open ndjson connections, the
+//! HTTP client (keep-alive), and the failure cooldowns. Both are short lists scanned linearly; a backend
 //! talks to a handful of destinations, and a scan of three entries costs
 //! less than hashing a key.
 
+use super::Target;
 use crate::cooldown::Cooldowns;
 use crate::error::EmitError;
 use crate::interrupts;
 use crate::options::Framing;
 use crate::security::Allowlist;
 use crate::settings::{self, OnError};
+use crate::transport::http::{self, HttpError, Request, Response};
 use crate::transport::tcp::{self, SendError};
 use crate::transport::{Interrupt, Timeouts};
 use socket2::Socket;
@@ -25,6 +27,7 @@ struct State {
 
 thread_local! {
     static STATE: RefCell<State> = RefCell::default();
+    static HTTP: RefCell<Option<http::Client>> = const { RefCell::new(None) };
 }
 
 /// `host:port`, with IPv6 literals bracketed so the port stays readable.
@@ -45,101 +48,233 @@ pub enum Failure {
         left_ms: u128,
     },
     Send(SendError),
+    Http(HttpError),
+    /// A response outside 2xx (from a trigger's point of view).
+    Status(Response),
 }
 
-/// Sends `msg` (already newline-terminated for ndjson) through this
-/// backend's connections and cooldowns, without reporting anything.
-pub fn try_send(
+impl Failure {
+    fn not_allowed(&self) -> Option<&str> {
+        match self {
+            Failure::Send(SendError::NotAllowed(m)) | Failure::Http(HttpError::NotAllowed(m)) => {
+                Some(m)
+            }
+            _ => None,
+        }
+    }
+
+    pub fn cancelled(&self) -> bool {
+        matches!(
+            self,
+            Failure::Send(SendError::Cancelled) | Failure::Http(HttpError::Cancelled)
+        )
+    }
+
+    /// No connection could be made (for SQLSTATE 08001 vs 08006).
+    fn before_connect(&self) -> bool {
+        matches!(
+            self,
+            Failure::CoolingDown { .. }
+                | Failure::Send(
+                    SendError::HostNotFound { .. }
+                        | SendError::ResolveTimeout { .. }
+                        | SendError::Refused(_)
+                        | SendError::ConnectTimeout { .. }
+                        | SendError::Connect { .. }
+                )
+        )
+    }
+
+    pub fn reason(&self, dest: &str) -> String {
+        match self {
+            Failure::CoolingDown {
+                reason,
+                ago_ms,
+                left_ms,
+            } => format!(
+                "not sending to {dest}: it failed {ago_ms} ms ago ({reason}); \
+                 next attempt in {left_ms} ms (pg_emit.failure_cooldown)"
+            ),
+            Failure::Send(e) => format!("could not send to {dest}: {e}"),
+            Failure::Http(e) => format!("could not send to {dest}: {e}"),
+            Failure::Status(r) => r.describe(dest),
+        }
+    }
+
+    pub fn into_error(self, context: String, dest: &str) -> EmitError {
+        if let Some(why) = self.not_allowed() {
+            return EmitError::NotAllowed {
+                context,
+                why: why.to_string(),
+            };
+        }
+        EmitError::Delivery {
+            context,
+            reason: self.reason(dest),
+            connect: self.before_connect(),
+        }
+    }
+}
+
+/// Sends `msg` (newline-terminated for ndjson, a whole body for HTTP)
+/// through this backend's connections and cooldowns, without reporting.
+/// A response outside 2xx counts as a failure.
+pub fn try_send(target: &Target, msg: &[u8], intr: &dyn Interrupt) -> Result<(), Failure> {
+    match target {
+        Target::Tcp {
+            host,
+            port,
+            framing,
+        } => try_send_tcp(host, *port, msg, *framing, intr),
+        Target::Http { url, headers } => {
+            let r = http_request(url, "POST", "application/json", headers, msg, intr)?;
+            if r.success() {
+                Ok(())
+            } else {
+                Err(Failure::Status(r))
+            }
+        }
+    }
+}
+
+/// Runs `f` unless `key` is cooling down, and records its outcome.
+/// `failed` tells which errors say something about the receiver.
+fn guarded<T>(
+    key: &str,
+    port: u16,
+    f: impl FnOnce() -> Result<T, Failure>,
+    failed: impl Fn(&Result<T, Failure>) -> Option<String>,
+) -> Result<T, Failure> {
+    let now = Instant::now();
+    let blocked = STATE.with_borrow(|st| {
+        st.cooldowns
+            .blocked(key, port, now)
+            .map(|down| Failure::CoolingDown {
+                reason: down.reason.clone(),
+                ago_ms: (now - down.since).as_millis(),
+                left_ms: (down.until - now).as_millis(),
+            })
+    });
+    if let Some(f) = blocked {
+        return Err(f);
+    }
+    let r = f();
+    let window = settings::failure_cooldown();
+    STATE.with_borrow_mut(|st| match failed(&r) {
+        Some(reason) => st
+            .cooldowns
+            .failed(key, port, Instant::now(), window, reason),
+        None if r.is_ok() => st.cooldowns.succeeded(key, port),
+        None => {}
+    });
+    r
+}
+
+fn try_send_tcp(
     host: &str,
     port: u16,
     msg: &[u8],
     framing: Framing,
     intr: &dyn Interrupt,
 ) -> Result<(), Failure> {
-    let now = Instant::now();
-    STATE.with_borrow_mut(|st| {
-        if let Some(down) = st.cooldowns.blocked(host, port, now) {
-            return Err(Failure::CoolingDown {
-                reason: down.reason.clone(),
-                ago_ms: (now - down.since).as_millis(),
-                left_ms: (down.until - now).as_millis(),
-            });
-        }
-        let timeouts = settings::timeouts();
-        let allow = settings::allowlist();
-        let sent = match framing {
-            Framing::Close => tcp::send_once(host, port, msg, &timeouts, &allow, intr),
-            Framing::Ndjson => send_ndjson(&mut st.conns, host, port, msg, &timeouts, &allow, intr),
-        };
-        match sent {
-            Ok(()) => {
-                st.cooldowns.succeeded(host, port);
-                Ok(())
+    guarded(
+        host,
+        port,
+        || {
+            let timeouts = settings::timeouts();
+            let allow = settings::allowlist();
+            match framing {
+                Framing::Close => tcp::send_once(host, port, msg, &timeouts, &allow, intr),
+                Framing::Ndjson => STATE.with_borrow_mut(|st| {
+                    send_ndjson(&mut st.conns, host, port, msg, &timeouts, &allow, intr)
+                }),
             }
+            .map_err(Failure::Send)
+        },
+        |r| match r {
             // A cancel or a refusal by policy says nothing about the receiver.
-            Err(e @ (SendError::Cancelled | SendError::NotAllowed(_))) => Err(Failure::Send(e)),
-            Err(e) => {
-                let window = settings::failure_cooldown();
-                st.cooldowns
-                    .failed(host, port, Instant::now(), window, e.to_string());
-                Err(Failure::Send(e))
-            }
-        }
-    })
+            Err(f) if f.cancelled() || f.not_allowed().is_some() => None,
+            Err(f) => Some(f.reason(&dest_name(host, port))),
+            Ok(()) => None,
+        },
+    )
 }
 
-impl Failure {
-    pub fn into_error(self, context: String, dest: String) -> EmitError {
-        match self {
-            Failure::CoolingDown {
-                reason,
-                ago_ms,
-                left_ms,
-            } => EmitError::CoolingDown {
-                context,
-                dest,
-                reason,
-                ago_ms,
-                left_ms,
-            },
-            Failure::Send(source) => EmitError::Delivery {
-                context,
-                dest,
-                source,
-            },
+/// One HTTP request with this backend's client; any status is a response.
+/// Network failures and 5xx put the URL in cooldown.
+pub fn http_request(
+    url: &str,
+    method: &str,
+    content_type: &str,
+    headers: &[(String, String)],
+    body: &[u8],
+    intr: &dyn Interrupt,
+) -> Result<Response, Failure> {
+    guarded(
+        url,
+        0,
+        || {
+            let client = http_client().map_err(|e| {
+                Failure::Http(HttpError::Failed {
+                    url: url.to_string(),
+                    detail: e,
+                })
+            })?;
+            let req = Request {
+                method: method.to_string(),
+                url: url.to_string(),
+                content_type: content_type.to_string(),
+                headers: headers.to_vec(),
+                body: body.to_vec(),
+                secret: settings::signing_secret(),
+            };
+            http::request_interruptible(&client, req, intr).map_err(Failure::Http)
+        },
+        |r| match r {
+            Ok(resp) if resp.status >= 500 => Some(resp.describe(url)),
+            Ok(_) => None,
+            Err(f) if f.cancelled() || f.not_allowed().is_some() => None,
+            Err(f) => Some(f.reason(url)),
+        },
+    )
+}
+
+/// This backend's HTTP client, rebuilt when a setting it depends on
+/// changes (keep-alive connections live in it).
+fn http_client() -> Result<http::Client, String> {
+    let config = settings::http_client_config()?;
+    HTTP.with_borrow_mut(|slot| match slot {
+        Some(c) if c.config == config => Ok(c.clone()),
+        _ => {
+            let c = http::Client::new(config)?;
+            *slot = Some(c.clone());
+            Ok(c)
         }
-    }
+    })
 }
 
 /// Sends `msg` inside a statement. Returns whether it was written; a
 /// failure is a WARNING, or an ERROR under `pg_emit.on_error = error`. A
 /// destination the allowlist refuses is always an ERROR: that is a
 /// permission problem, not a delivery failure.
-/// `context` names the caller in those messages and is only built when
-/// something failed.
-pub fn deliver(
-    context: &dyn Fn() -> String,
-    host: &str,
-    port: u16,
-    msg: &[u8],
-    framing: Framing,
-) -> bool {
-    match try_send(host, port, msg, framing, &interrupts::Statement) {
+pub fn deliver(context: &dyn Fn() -> String, target: &Target, msg: &[u8]) -> bool {
+    match try_send(target, msg, &interrupts::Statement) {
         Ok(()) => true,
-        Err(Failure::Send(SendError::NotAllowed(why))) => EmitError::NotAllowed {
-            context: context(),
-            why,
-        }
-        .raise(),
         Err(f) => {
-            let e = f.into_error(context(), dest_name(host, port));
-            if settings::ON_ERROR.get() == OnError::Error {
-                e.raise()
-            }
-            e.warn();
+            report(f, context, &target.name());
             false
         }
     }
+}
+
+/// Reports a failure inside a statement (see [`deliver`]).
+pub fn report(f: Failure, context: &dyn Fn() -> String, dest: &str) {
+    let policy = f.not_allowed().is_some();
+    let e = f.into_error(context(), dest);
+    if policy || settings::ON_ERROR.get() == OnError::Error {
+        e.raise()
+    }
+    e.warn();
 }
 
 /// Writes on the kept-open connection to `host:port`, opening (or

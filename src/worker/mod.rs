@@ -20,7 +20,7 @@ use crate::backoff::{self, Backoff};
 use crate::options::Framing;
 use crate::security::Allowlist;
 use crate::settings;
-use crate::transport::tcp::SendError;
+use crate::transport::http::ClientConfig;
 use crate::transport::{self, Cancelled, Interrupt};
 use pgrx::bgworkers::{
     BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, DynamicBackgroundWorker,
@@ -28,7 +28,7 @@ use pgrx::bgworkers::{
 };
 use pgrx::pg_sys;
 use pgrx::prelude::*;
-use send::{Job, Outcome, Row};
+use send::{Dest as JobDest, Job, JobError, Outcome, Row};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
@@ -271,6 +271,7 @@ impl Worker {
         let now = Instant::now();
         let timeouts = settings::timeouts();
         let allow = settings::allowlist();
+        let http = settings::http_client_config();
         let ready =
             |d: Option<&Dest>| d.is_none_or(|d| !d.busy && d.retry_at.is_none_or(|t| t <= now));
         let dests = &self.dests;
@@ -293,7 +294,7 @@ impl Worker {
                         if !ready(dests.get(&key)) {
                             continue;
                         }
-                        if let Some(job) = claim(c, &key, timeouts, &allow)? {
+                        if let Some(job) = claim(c, &key, timeouts, &allow, &http)? {
                             jobs.push((key, job));
                         }
                     }
@@ -324,7 +325,7 @@ impl Worker {
             // SAFETY: MyLatch points at this process's latch for its life.
             let latch = unsafe { pg_sys::MyLatch } as usize;
             transport::spawn_without_signals("pg_emit-sender", move || {
-                let mut conn = None;
+                let mut conn = send::Conn::default();
                 for job in rx {
                     let out = send::send_job(&mut conn, &job, &Stopping);
                     if done.send((name.clone(), job, out)).is_err() {
@@ -380,9 +381,18 @@ impl Worker {
                     dest.failures = 0;
                     dest.retry_at = None;
                 }
+                // One event refused for good: it is a dead letter now and
+                // the destination carries on at once.
+                Some(JobError::Reject { .. }) => dest.retry_at = None,
                 Some(e) => {
                     dest.failures += 1;
-                    let delay = ws.backoff.delay(dest.failures, backoff::jitter(rng));
+                    let mut delay = ws.backoff.delay(dest.failures, backoff::jitter(rng));
+                    if let JobError::Retry {
+                        after: Some(after), ..
+                    } = e
+                    {
+                        delay = delay.max(after);
+                    }
                     dest.retry_at = Some(Instant::now() + delay);
                     logs.push(format!(
                         "pg_emit: delivery to {key} failed (attempt {}): {e}; retrying in {} ms",
@@ -394,7 +404,7 @@ impl Worker {
             if dead > 0 {
                 logs.push(format!(
                     "pg_emit: moved {dead} event(s) for {key} to emit.dead_letter \
-                     (pg_emit.max_attempts = {}, pg_emit.max_age = {} s)",
+                     (see its last_error; pg_emit.max_attempts = {}, pg_emit.max_age = {} s)",
                     ws.max_attempts, ws.max_age_s
                 ));
             }
@@ -426,9 +436,10 @@ fn claim(
     key: &str,
     timeouts: transport::Timeouts,
     allow: &Allowlist,
+    http: &Result<ClientConfig, String>,
 ) -> Result<Option<Job>, pgrx::spi::Error> {
     let mut rows = Vec::new();
-    let mut target: Option<(String, u16, Framing)> = None;
+    let mut target: Option<JobDest> = None;
     let mut bytes = 0;
     for pass in [CLAIMED_SQL, UNCLAIMED_SQL] {
         for r in c.select(pass, Some(CLAIM_ROWS as _), &[key.into()])? {
@@ -438,12 +449,37 @@ fn claim(
             }
             bytes += payload.len();
             if target.is_none() {
-                let framing = match r.get::<String>(4)?.as_deref() {
-                    Some("ndjson") => Framing::Ndjson,
-                    _ => Framing::Close,
-                };
+                let host = r.get::<String>(2)?.unwrap_or_default();
                 let port = r.get::<i32>(3)?.unwrap_or(0) as u16;
-                target = Some((r.get::<String>(2)?.unwrap_or_default(), port, framing));
+                target = Some(match r.get::<String>(4)?.as_deref() {
+                    Some("http") => {
+                        let headers: String = r.get(9)?.unwrap_or_default();
+                        JobDest::Http {
+                            url: r.get::<String>(8)?.unwrap_or_default(),
+                            headers: headers
+                                .lines()
+                                .filter_map(|l| crate::transport::http::parse_header(l).ok())
+                                .collect(),
+                            secret: settings::signing_secret(),
+                            // A broken pg_emit.ca_file fails every attempt
+                            // with its message, like a network error.
+                            client: match http {
+                                Ok(c) => c.clone(),
+                                Err(e) => pgrx::error!("pg_emit worker: {e}"),
+                            },
+                        }
+                    }
+                    Some("ndjson") => JobDest::Tcp {
+                        host,
+                        port,
+                        framing: Framing::Ndjson,
+                    },
+                    _ => JobDest::Tcp {
+                        host,
+                        port,
+                        framing: Framing::Close,
+                    },
+                });
             }
             rows.push(Row {
                 id: r.get(1)?.unwrap_or(0),
@@ -459,10 +495,8 @@ fn claim(
             break;
         }
     }
-    Ok(target.map(|(host, port, framing)| Job {
-        host,
-        port,
-        framing,
+    Ok(target.map(|dest| Job {
+        dest,
         rows,
         timeouts,
         allow: allow.clone(),
@@ -470,10 +504,10 @@ fn claim(
 }
 
 const CLAIMED_SQL: &str = "
-SELECT id, host, port, framing, first_event_id, payload, sent FROM emit.outbox
+SELECT id, host, port, framing, first_event_id, payload, sent, url, headers FROM emit.outbox
  WHERE destination = $1 AND first_event_id IS NOT NULL ORDER BY first_event_id";
 const UNCLAIMED_SQL: &str = "
-SELECT id, host, port, framing, first_event_id, payload, sent FROM emit.outbox
+SELECT id, host, port, framing, first_event_id, payload, sent, url, headers FROM emit.outbox
  WHERE destination = $1 AND first_event_id IS NULL ORDER BY id";
 
 /// Gives freshly claimed rows consecutive event ids, in claim order.
@@ -517,11 +551,40 @@ fn record(
     out: &Outcome,
     ws: &WorkerSettings,
 ) -> Result<i64, pgrx::spi::Error> {
+    let mut sent_now = out.sent.clone();
+    let mut dead: i64 = 0;
+    // A refused event becomes a dead letter of its own, with the status
+    // and the response excerpt; the rest of its row carries on.
+    if let Some(JobError::Reject {
+        status,
+        message,
+        excerpt,
+    }) = &out.error
+    {
+        if let Some(r) = (0..job.rows.len()).find(|&r| sent_now[r] < job.rows[r].events()) {
+            let row = &job.rows[r];
+            let k = sent_now[r] as usize;
+            let event = row.payload.split('\n').nth(k).unwrap_or_default();
+            c.update(
+                REJECTED_SQL,
+                None,
+                &[
+                    row.id.into(),
+                    event.into(),
+                    message.as_str().into(),
+                    i32::from(*status).into(),
+                    excerpt.as_str().into(),
+                ],
+            )?;
+            sent_now[r] += 1;
+            dead = 1;
+        }
+    }
     let mut delivered_rows = Vec::new();
     let mut partial: (Vec<i64>, Vec<i32>) = (Vec::new(), Vec::new());
     let mut unfinished = Vec::new();
-    let mut delivered: i64 = 0;
-    for (row, &sent) in job.rows.iter().zip(&out.sent) {
+    let mut delivered: i64 = -dead;
+    for (row, &sent) in job.rows.iter().zip(&sent_now) {
         delivered += i64::from(sent - row.sent);
         if sent == row.events() {
             delivered_rows.push(row.id);
@@ -549,8 +612,11 @@ fn record(
         )?;
     }
     let error = out.error.as_ref().map(|e| e.to_string());
-    let mut dead: i64 = 0;
-    if let Some(err) = &error {
+    let retry = out
+        .error
+        .as_ref()
+        .filter(|e| !matches!(e, JobError::Reject { .. }));
+    if let Some(err) = retry.map(|e| e.to_string()) {
         c.update(
             "UPDATE emit.outbox SET attempts = attempts + 1, last_error = $2 WHERE id = ANY($1)",
             None,
@@ -559,10 +625,10 @@ fn record(
         // A destination the allowlist refuses will not become deliverable
         // by retrying: dead-letter at once.
         let max_attempts = match out.error {
-            Some(SendError::NotAllowed(_)) => 0,
+            Some(JobError::NotAllowed(_)) => 0,
             _ => ws.max_attempts,
         };
-        dead = c
+        dead += c
             .update(
                 DEAD_LETTER_SQL,
                 None,
@@ -589,13 +655,22 @@ fn record(
         &[
             key.into(),
             delivered.into(),
-            i64::from(error.is_some()).into(),
+            i64::from(retry.is_some()).into(),
             dead.into(),
             error.into(),
         ],
     )?;
     Ok(dead)
 }
+
+/// One event the receiver refused, as a dead letter of its own.
+const REJECTED_SQL: &str = "
+INSERT INTO emit.dead_letter
+    (outbox_id, destination, host, port, framing, url, headers, events, payload, attempts,
+     last_error, status, response, enqueued_at)
+SELECT id, destination, host, port, framing, url, headers, 1, $2, attempts + 1,
+       $3, $4, $5, enqueued_at
+  FROM emit.outbox WHERE id = $1";
 
 /// Moves unfinished rows past `max_attempts` (or older than `max_age`
 /// seconds, when that is positive) to `emit.dead_letter`, keeping only
@@ -609,8 +684,9 @@ WITH dead AS (
     RETURNING *
 ), moved AS (
     INSERT INTO emit.dead_letter
-        (id, destination, host, port, framing, events, payload, attempts, last_error, enqueued_at)
-    SELECT id, destination, host, port, framing, events - sent,
+        (outbox_id, destination, host, port, framing, url, headers, events, payload, attempts,
+         last_error, enqueued_at)
+    SELECT id, destination, host, port, framing, url, headers, events - sent,
            CASE WHEN sent = 0 THEN payload
                 ELSE array_to_string((string_to_array(payload, E'\\n'))[sent + 1:], E'\\n') END,
            attempts, last_error, enqueued_at

@@ -4,9 +4,11 @@
 
 use crate::options::Framing;
 use crate::security::Allowlist;
+use crate::transport::http::{self, ClientConfig, HttpError, Request};
 use crate::transport::tcp::{self, SendError};
 use crate::transport::{Interrupt, Timeouts};
 use socket2::Socket;
+use std::time::Duration;
 
 /// A claimed outbox row: `payload` holds one event per line; event `k`
 /// (0-based) has id `first_event_id + k`; the first `sent` are delivered.
@@ -24,11 +26,26 @@ impl Row {
     }
 }
 
+/// Where a job goes.
+#[derive(Debug, Clone)]
+pub enum Dest {
+    Tcp {
+        host: String,
+        port: u16,
+        framing: Framing,
+    },
+    /// One POST per event.
+    Http {
+        url: String,
+        headers: Vec<(String, String)>,
+        secret: Option<Vec<u8>>,
+        client: ClientConfig,
+    },
+}
+
 #[derive(Debug, Clone)]
 pub struct Job {
-    pub host: String,
-    pub port: u16,
-    pub framing: Framing,
+    pub dest: Dest,
     pub rows: Vec<Row>,
     pub timeouts: Timeouts,
     /// `pg_emit.allowed_destinations` as of the claim: checked again at
@@ -36,12 +53,63 @@ pub struct Job {
     pub allow: Allowlist,
 }
 
+/// Why a job stopped.
+#[derive(Debug)]
+pub enum JobError {
+    /// Worth trying again later (network trouble, 5xx, 408, 429), after at
+    /// least `after` if the receiver said so (Retry-After).
+    Retry {
+        message: String,
+        after: Option<Duration>,
+    },
+    /// The receiver refused this event for good (3xx, other 4xx): it goes
+    /// to the dead letters and the destination carries on.
+    Reject {
+        status: u16,
+        message: String,
+        excerpt: String,
+    },
+    /// The allowlist refuses the destination.
+    NotAllowed(String),
+}
+
+impl From<SendError> for JobError {
+    fn from(e: SendError) -> Self {
+        match e {
+            SendError::NotAllowed(m) => JobError::NotAllowed(m),
+            e => JobError::Retry {
+                message: e.to_string(),
+                after: None,
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for JobError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            JobError::Retry { message, .. } | JobError::Reject { message, .. } => {
+                f.write_str(message)
+            }
+            JobError::NotAllowed(m) => f.write_str(m),
+        }
+    }
+}
+
 /// How far a job got: the new `sent` count of each row, and the error that
 /// stopped it, if any.
 #[derive(Debug)]
 pub struct Outcome {
     pub sent: Vec<u32>,
-    pub error: Option<SendError>,
+    pub error: Option<JobError>,
+}
+
+/// What a sender thread keeps between jobs: the kept-open ndjson
+/// connection, or the keep-alive HTTP client.
+#[derive(Default)]
+pub struct Conn {
+    tcp: Option<Socket>,
+    http: Option<http::Client>,
 }
 
 /// Writes `{"id":N,` + the rest of `event` (a JSON object) into `buf`:
@@ -56,28 +124,51 @@ pub fn push_with_id(buf: &mut Vec<u8>, id: i64, event: &str) {
     buf.extend_from_slice(rest.as_bytes());
 }
 
-/// Delivers a job in order, stopping at the first failure. `conn` is the
-/// destination's kept-open ndjson connection, reused across jobs.
-pub fn send_job(conn: &mut Option<Socket>, job: &Job, intr: &dyn Interrupt) -> Outcome {
+/// Delivers a job in order, stopping at the first failure.
+pub fn send_job(conn: &mut Conn, job: &Job, intr: &dyn Interrupt) -> Outcome {
     let mut sent: Vec<u32> = job.rows.iter().map(|r| r.sent).collect();
     let mut buf = Vec::new();
     for (i, row) in job.rows.iter().enumerate() {
         let lines = row.payload.split('\n').enumerate().skip(row.sent as usize);
-        let result = match job.framing {
-            Framing::Ndjson => {
+        let result = match &job.dest {
+            Dest::Tcp {
+                framing: Framing::Ndjson,
+                host,
+                port,
+            } => {
                 buf.clear();
                 for (k, line) in lines {
                     push_with_id(&mut buf, row.first_event_id + k as i64, line);
                     buf.push(b'\n');
                 }
-                write_ndjson(conn, job, &buf, intr).map(|()| sent[i] = row.events())
+                write_ndjson(&mut conn.tcp, host, *port, job, &buf, intr)
+                    .map(|()| sent[i] = row.events())
+                    .map_err(JobError::from)
             }
-            Framing::Close => lines.into_iter().try_for_each(|(k, line)| {
+            Dest::Tcp {
+                framing: Framing::Close,
+                host,
+                port,
+            } => lines.into_iter().try_for_each(|(k, line)| {
                 buf.clear();
                 push_with_id(&mut buf, row.first_event_id + k as i64, line);
-                tcp::send_once(&job.host, job.port, &buf, &job.timeouts, &job.allow, intr)?;
+                tcp::send_once(host, *port, &buf, &job.timeouts, &job.allow, intr)?;
                 sent[i] += 1;
                 Ok(())
+            }),
+            Dest::Http {
+                url,
+                headers,
+                secret,
+                client,
+            } => http_client(&mut conn.http, client).and_then(|c| {
+                lines.into_iter().try_for_each(|(k, line)| {
+                    buf.clear();
+                    push_with_id(&mut buf, row.first_event_id + k as i64, line);
+                    post(&c, url, headers, secret, &buf)?;
+                    sent[i] += 1;
+                    Ok(())
+                })
             }),
         };
         if let Err(e) = result {
@@ -90,10 +181,63 @@ pub fn send_job(conn: &mut Option<Socket>, job: &Job, intr: &dyn Interrupt) -> O
     Outcome { sent, error: None }
 }
 
+fn http_client(
+    slot: &mut Option<http::Client>,
+    cfg: &ClientConfig,
+) -> Result<http::Client, JobError> {
+    match slot {
+        Some(c) if c.config == *cfg => Ok(c.clone()),
+        _ => {
+            let c = http::Client::new(cfg.clone()).map_err(|message| JobError::Retry {
+                message,
+                after: None,
+            })?;
+            *slot = Some(c.clone());
+            Ok(c)
+        }
+    }
+}
+
+fn post(
+    client: &http::Client,
+    url: &str,
+    headers: &[(String, String)],
+    secret: &Option<Vec<u8>>,
+    body: &[u8],
+) -> Result<(), JobError> {
+    let req = Request {
+        method: "POST".into(),
+        url: url.to_string(),
+        content_type: "application/json".into(),
+        headers: headers.to_vec(),
+        body: body.to_vec(),
+        secret: secret.clone(),
+    };
+    match http::request(client, &req) {
+        Ok(r) if r.success() => Ok(()),
+        Ok(r) if r.retryable() => Err(JobError::Retry {
+            message: r.describe(url),
+            after: r.retry_after,
+        }),
+        Ok(r) => Err(JobError::Reject {
+            status: r.status,
+            message: r.describe(url),
+            excerpt: r.excerpt,
+        }),
+        Err(HttpError::NotAllowed(m)) => Err(JobError::NotAllowed(m)),
+        Err(e) => Err(JobError::Retry {
+            message: e.to_string(),
+            after: None,
+        }),
+    }
+}
+
 /// One write on the kept-open connection; a connection the receiver closed
 /// since the last job is replaced once.
 fn write_ndjson(
     conn: &mut Option<Socket>,
+    host: &str,
+    port: u16,
     job: &Job,
     buf: &[u8],
     intr: &dyn Interrupt,
@@ -110,7 +254,7 @@ fn write_ndjson(
             }
         }
     }
-    let sock = tcp::open(&job.host, job.port, &job.timeouts, &job.allow, intr)?;
+    let sock = tcp::open(host, port, &job.timeouts, &job.allow, intr)?;
     tcp::write_all(&sock, buf, job.timeouts.write_deadline(), intr)?;
     *conn = Some(sock);
     Ok(())
@@ -126,9 +270,11 @@ mod tests {
 
     fn job(port: u16, framing: Framing, rows: Vec<Row>) -> Job {
         Job {
-            host: "127.0.0.1".into(),
-            port,
-            framing,
+            dest: Dest::Tcp {
+                host: "127.0.0.1".into(),
+                port,
+                framing,
+            },
             rows,
             timeouts: Timeouts {
                 connect: Duration::from_secs(2),
@@ -165,7 +311,7 @@ mod tests {
             row(1, 10, 1, "{\"a\":1}\n{\"a\":2}"),
             row(2, 12, 0, "{\"a\":3}"),
         ];
-        let mut conn = None;
+        let mut conn = Conn::default();
         let out = send_job(
             &mut conn,
             &job(port, Framing::Ndjson, rows),
@@ -194,7 +340,7 @@ mod tests {
         });
         let rows = vec![row(1, 5, 0, "{\"a\":1}\n{\"a\":2}")];
         let out = send_job(
-            &mut None,
+            &mut Conn::default(),
             &job(port, Framing::Close, rows),
             &Uninterruptible,
         );
@@ -215,9 +361,9 @@ mod tests {
             vec![row(1, 1, 0, "{}")],
         );
         j.allow = Allowlist::parse("10.0.0.0/8").unwrap();
-        let out = send_job(&mut None, &j, &Uninterruptible);
+        let out = send_job(&mut Conn::default(), &j, &Uninterruptible);
         assert_eq!(out.sent, vec![0]);
-        assert!(matches!(out.error, Some(SendError::NotAllowed(_))));
+        assert!(matches!(out.error, Some(JobError::NotAllowed(_))));
     }
 
     #[test]
@@ -228,11 +374,13 @@ mod tests {
         };
         let rows = vec![row(1, 5, 1, "{\"a\":1}\n{\"a\":2}"), row(2, 7, 0, "{}")];
         let out = send_job(
-            &mut None,
+            &mut Conn::default(),
             &job(port, Framing::Close, rows),
             &Uninterruptible,
         );
         assert_eq!(out.sent, vec![1, 0]);
-        assert!(matches!(out.error, Some(SendError::Refused(_))));
+        assert!(
+            matches!(out.error, Some(JobError::Retry { ref message, .. }) if message.contains("refused"))
+        );
     }
 }
