@@ -5,6 +5,7 @@ import hashlib
 import os
 import re
 import sys
+import time
 
 import pytest
 
@@ -66,3 +67,19 @@ def table(db, request):
     db.execute(f"DROP TABLE IF EXISTS {name} CASCADE")
     yield name
     db.execute(f"DROP TABLE IF EXISTS {name} CASCADE")
+
+
+def wait_running(cluster, pid, text, timeout=10.0):
+    """Waits until backend `pid` is executing a statement containing `text`
+    (a cancel sent earlier would be ignored by an idle backend)."""
+    with cluster.connect() as c:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            row = c.execute(
+                "SELECT state, query FROM pg_stat_activity WHERE pid = %s", (pid,)
+            ).fetchone()
+            if row and row[0] == "active" and text in row[1]:
+                time.sleep(0.1)  # past parsing, into the wait
+                return
+            time.sleep(0.01)
+    raise AssertionError(f"backend {pid} never ran {text!r}")

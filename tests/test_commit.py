@@ -7,6 +7,7 @@ import time
 import psycopg
 import pytest
 
+from conftest import wait_running
 from receivers import Receiver, Stalled, free_port
 
 
@@ -154,6 +155,7 @@ def test_locks_are_released_before_sending(cluster, db, table):
         db.execute(f"INSERT INTO {table} VALUES (1, 'a')")
         attach(db, table, stalled.port)
         db.execute("SET pg_emit.connect_timeout = '3s'")
+        pid = db.one("SELECT pg_backend_pid()")
         db.execute("BEGIN")
         db.execute(f"UPDATE {table} SET v = 'b' WHERE id = 1")
         done = {}
@@ -165,7 +167,7 @@ def test_locks_are_released_before_sending(cluster, db, table):
 
         th = threading.Thread(target=commit)
         th.start()
-        time.sleep(0.3)
+        wait_running(cluster, pid, "COMMIT")
         with cluster.connect("emit_test") as other:
             other.execute("SET lock_timeout = '1s'")
             t = time.monotonic()
@@ -196,7 +198,7 @@ def test_cancel_stops_sending_after_commit(cluster, db, table):
 
         th = threading.Thread(target=commit)
         th.start()
-        time.sleep(0.5)
+        wait_running(cluster, pid, "COMMIT")
         t = time.monotonic()
         with cluster.connect("emit_test") as other:
             other.execute("SELECT pg_cancel_backend(%s)", (pid,))

@@ -9,6 +9,7 @@ from decimal import Decimal
 import psycopg
 import pytest
 
+from conftest import wait_running
 from receivers import Receiver, Sink, Stalled, free_port
 
 
@@ -389,7 +390,7 @@ def test_pg_cancel_backend_cancels_a_hanging_write(cluster, db):
 
         th = threading.Thread(target=run)
         th.start()
-        time.sleep(0.5)
+        wait_running(cluster, pid, "send_socket")
         with cluster.connect("emit_test") as other:
             t = time.monotonic()
             other.execute("SELECT pg_cancel_backend(%s)", (pid,))
@@ -423,6 +424,7 @@ def test_shutdown_interrupts_a_hanging_connect(cluster):
     try:
         conn = cluster.connect("emit_test")
         conn.execute("SET pg_emit.connect_timeout = '60s'")
+        pid = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
 
         def run():
             try:
@@ -432,7 +434,7 @@ def test_shutdown_interrupts_a_hanging_connect(cluster):
 
         th = threading.Thread(target=run)
         th.start()
-        time.sleep(0.5)
+        wait_running(cluster, pid, "send_socket")
         t = time.monotonic()
         r = cluster.stop("fast")
         assert r.returncode == 0, r.stderr
