@@ -13,8 +13,9 @@ SUDO=""
 say() { printf '\033[1m==> %s\033[0m\n' "$*"; }
 
 # 1. Debian packages: PostgreSQL 15 with headers, plpython (the old recipe,
-#    for compatibility tests and benchmarks), clang for bindgen.
-pkgs=(postgresql-15 postgresql-server-dev-15 postgresql-plpython3-15 libclang-dev clang pkg-config sudo)
+#    for compatibility tests and benchmarks), clang for bindgen, openssl for
+#    the test CA of the HTTPS tests.
+pkgs=(postgresql-15 postgresql-server-dev-15 postgresql-plpython3-15 libclang-dev clang pkg-config sudo openssl)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

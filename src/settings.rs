@@ -31,7 +31,8 @@ pub static ALLOWED_DESTINATIONS: GucSetting<Option<CString>> =
 pub static MAX_MESSAGE_SIZE: GucSetting<i32> = GucSetting::<i32>::new(64 * 1024);
 pub static MAX_OUTBOX_SIZE: GucSetting<i32> = GucSetting::<i32>::new(1024 * 1024);
 pub static HTTP_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(5000);
-pub static SIGNING_SECRET: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+pub static SIGNING_SECRET_FILE: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(None);
 pub static CA_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static ON_ERROR: GucSetting<OnError> = GucSetting::<OnError>::new(OnError::Warning);
 pub static DEFAULT_DELIVERY: GucSetting<DefaultDelivery> =
@@ -83,12 +84,13 @@ pub fn init() {
         GucFlags::UNIT_MS,
     );
     GucRegistry::define_string_guc(
-        c"pg_emit.signing_secret",
-        c"HMAC-SHA256 key for X-Emit-Signature on every HTTP request; empty: unsigned.",
-        c"Only superusers can set or see it.",
-        &SIGNING_SECRET,
+        c"pg_emit.signing_secret_file",
+        c"File holding the HMAC-SHA256 key that signs every HTTP request; empty: unsigned.",
+        c"A file, like ssl_key_file: a setting's value can be read by other roles in sessions \
+          that have not loaded pg_emit yet, a file readable only by the server's OS user cannot.",
+        &SIGNING_SECRET_FILE,
         GucContext::Suset,
-        GucFlags::SUPERUSER_ONLY | GucFlags::NO_SHOW_ALL,
+        GucFlags::default(),
     );
     GucRegistry::define_string_guc(
         c"pg_emit.ca_file",
@@ -307,39 +309,57 @@ pub fn max_outbox_bytes() -> i64 {
     i64::from(MAX_OUTBOX_SIZE.get().max(0)) * 1024
 }
 
-/// The signing secret, when one is set.
-pub fn signing_secret() -> Option<Vec<u8>> {
-    SIGNING_SECRET
-        .get()
-        .map(|s| s.into_bytes())
-        .filter(|s| !s.is_empty())
-}
+/// A file named by a setting, kept in memory and read again when its
+/// path or modification time changes (a rotated key or CA bundle is picked
+/// up without a reload).
+type FileCache = RefCell<Option<(CString, std::time::SystemTime, Vec<u8>)>>;
 
 thread_local! {
-    /// `pg_emit.ca_file` contents, keyed by path and modification time so
-    /// a replaced file is picked up without a reload.
-    static CA_PEM: RefCell<Option<(CString, std::time::SystemTime, Vec<u8>)>> =
-        const { RefCell::new(None) };
+    static CA_PEM: FileCache = const { RefCell::new(None) };
+    static SECRET: FileCache = const { RefCell::new(None) };
 }
 
-fn trust() -> Result<Trust, String> {
-    let Some(path) = CA_FILE.get().filter(|p| !p.is_empty()) else {
-        return Ok(Trust::System);
+/// The contents of the file `setting` names, or None when it is empty.
+fn setting_file(
+    setting: &GucSetting<Option<CString>>,
+    name: &str,
+    cache: &'static std::thread::LocalKey<FileCache>,
+) -> Result<Option<Vec<u8>>, String> {
+    let Some(path) = setting.get().filter(|p| !p.is_empty()) else {
+        return Ok(None);
     };
     let p = std::path::PathBuf::from(std::ffi::OsStr::from_bytes(path.as_bytes()));
     let mtime = std::fs::metadata(&p)
         .and_then(|m| m.modified())
-        .map_err(|e| format!("pg_emit.ca_file {}: {e}", p.display()))?;
-    CA_PEM.with_borrow_mut(|slot| {
-        if let Some((cp, ct, pem)) = slot {
+        .map_err(|e| format!("{name} {}: {e}", p.display()))?;
+    cache.with_borrow_mut(|slot| {
+        if let Some((cp, ct, data)) = slot {
             if *cp == path && *ct == mtime {
-                return Ok(Trust::Pem(pem.clone()));
+                return Ok(Some(data.clone()));
             }
         }
-        let pem = std::fs::read(&p).map_err(|e| format!("pg_emit.ca_file {}: {e}", p.display()))?;
-        *slot = Some((path, mtime, pem.clone()));
-        Ok(Trust::Pem(pem))
+        let data = std::fs::read(&p).map_err(|e| format!("{name} {}: {e}", p.display()))?;
+        *slot = Some((path, mtime, data.clone()));
+        Ok(Some(data))
     })
+}
+
+fn trust() -> Result<Trust, String> {
+    Ok(setting_file(&CA_FILE, "pg_emit.ca_file", &CA_PEM)?.map_or(Trust::System, Trust::Pem))
+}
+
+/// The signing key, trailing line break removed, when one is configured.
+pub fn signing_secret() -> Result<Option<Vec<u8>>, String> {
+    Ok(
+        setting_file(&SIGNING_SECRET_FILE, "pg_emit.signing_secret_file", &SECRET)?.and_then(
+            |mut k| {
+                while k.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+                    k.pop();
+                }
+                (!k.is_empty()).then_some(k)
+            },
+        ),
+    )
 }
 
 /// Everything the HTTP client depends on, from the current settings.

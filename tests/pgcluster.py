@@ -73,8 +73,12 @@ class Cluster:
         self.conf.update({k: str(v) for k, v in kv.items()})
         self.write_conf()
 
-    def start(self):
-        r = self.run(f"{BIN}/pg_ctl", "-D", self.data, "-l", self.log, "-w", "-t", "60", "start", check=False)
+    def start(self, env=None):
+        """`env`: extra environment for the server (e.g. SSL_CERT_FILE)."""
+        r = subprocess.run(
+            _as_server_user([f"{BIN}/pg_ctl", "-D", self.data, "-l", self.log, "-w", "-t", "60", "start"]),
+            capture_output=True, text=True, env={**os.environ, **(env or {})},
+        )
         if r.returncode != 0:
             raise RuntimeError(f"pg_ctl start failed: {r.stdout}{r.stderr}\n{self.tail_log()}")
         return self

@@ -168,3 +168,71 @@ def free_port():
     port = s.getsockname()[1]
     s.close()
     return port
+
+
+class HttpReceiver:
+    """HTTP/1.1 server on 127.0.0.1 (keep-alive) that records every request
+    and answers from a script: a list of (status, headers, body) used one
+    per request, then `default`. `tls` is an ssl.SSLContext for HTTPS."""
+
+    def __init__(self, script=None, default=(200, {}, b"ok"), tls=None, hang=False):
+        import http.server
+
+        self.requests = []
+        self.peers = set()
+        self.script = list(script or [])
+        self.default = default
+        self.hang = hang
+        self.cond = threading.Condition()
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _any(self):
+                n = int(self.headers.get("Content-Length", "0"))
+                body = self.rfile.read(n)
+                with outer.cond:
+                    outer.requests.append(
+                        (self.command, self.path, {k.lower(): v for k, v in self.headers.items()}, body,
+                         time.monotonic())
+                    )
+                    outer.peers.add(self.client_address)
+                    status, headers, reply = outer.script.pop(0) if outer.script else outer.default
+                    outer.cond.notify_all()
+                if outer.hang:
+                    time.sleep(3600)
+                self.send_response(status)
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(reply)))
+                self.end_headers()
+                self.wfile.write(reply)
+
+            do_POST = do_PUT = do_GET = do_PATCH = do_DELETE = _any
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        if tls is not None:
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
+        self.port = self.server.server_address[1]
+        scheme = "https" if tls is not None else "http"
+        self.url = f"{scheme}://127.0.0.1:{self.port}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def wait_for(self, n, timeout=10.0):
+        end = time.monotonic() + timeout
+        with self.cond:
+            while len(self.requests) < n:
+                left = end - time.monotonic()
+                if left <= 0:
+                    break
+                self.cond.wait(left)
+            return list(self.requests)
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()

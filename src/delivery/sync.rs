@@ -214,19 +214,21 @@ pub fn http_request(
         url,
         0,
         || {
-            let client = http_client().map_err(|e| {
+            let setup = |detail: String| {
                 Failure::Http(HttpError::Failed {
                     url: url.to_string(),
-                    detail: e,
+                    detail,
                 })
-            })?;
+            };
+            let client = http_client().map_err(setup)?;
+            let secret = settings::signing_secret().map_err(setup)?;
             let req = Request {
                 method: method.to_string(),
                 url: url.to_string(),
                 content_type: content_type.to_string(),
                 headers: headers.to_vec(),
                 body: body.to_vec(),
-                secret: settings::signing_secret(),
+                secret,
             };
             http::request_interruptible(&client, req, intr).map_err(Failure::Http)
         },

@@ -271,7 +271,10 @@ impl Worker {
         let now = Instant::now();
         let timeouts = settings::timeouts();
         let allow = settings::allowlist();
-        let http = settings::http_client_config();
+        // A broken pg_emit.ca_file or signing key file fails HTTP jobs
+        // with its message (retried like a network error), not the worker.
+        let http =
+            settings::http_client_config().and_then(|c| settings::signing_secret().map(|s| (c, s)));
         let ready =
             |d: Option<&Dest>| d.is_none_or(|d| !d.busy && d.retry_at.is_none_or(|t| t <= now));
         let dests = &self.dests;
@@ -436,7 +439,7 @@ fn claim(
     key: &str,
     timeouts: transport::Timeouts,
     allow: &Allowlist,
-    http: &Result<ClientConfig, String>,
+    http: &Result<(ClientConfig, Option<Vec<u8>>), String>,
 ) -> Result<Option<Job>, pgrx::spi::Error> {
     let mut rows = Vec::new();
     let mut target: Option<JobDest> = None;
@@ -460,13 +463,7 @@ fn claim(
                                 .lines()
                                 .filter_map(|l| crate::transport::http::parse_header(l).ok())
                                 .collect(),
-                            secret: settings::signing_secret(),
-                            // A broken pg_emit.ca_file fails every attempt
-                            // with its message, like a network error.
-                            client: match http {
-                                Ok(c) => c.clone(),
-                                Err(e) => pgrx::error!("pg_emit worker: {e}"),
-                            },
+                            setup: http.clone(),
                         }
                     }
                     Some("ndjson") => JobDest::Tcp {

@@ -38,8 +38,8 @@ pub enum Dest {
     Http {
         url: String,
         headers: Vec<(String, String)>,
-        secret: Option<Vec<u8>>,
-        client: ClientConfig,
+        /// Client settings and signing key, or why they could not be read.
+        setup: Result<(ClientConfig, Option<Vec<u8>>), String>,
     },
 }
 
@@ -159,17 +159,23 @@ pub fn send_job(conn: &mut Conn, job: &Job, intr: &dyn Interrupt) -> Outcome {
             Dest::Http {
                 url,
                 headers,
-                secret,
-                client,
-            } => http_client(&mut conn.http, client).and_then(|c| {
-                lines.into_iter().try_for_each(|(k, line)| {
-                    buf.clear();
-                    push_with_id(&mut buf, row.first_event_id + k as i64, line);
-                    post(&c, url, headers, secret, &buf)?;
-                    sent[i] += 1;
-                    Ok(())
+                setup,
+            } => setup
+                .as_ref()
+                .map_err(|e| JobError::Retry {
+                    message: e.clone(),
+                    after: None,
                 })
-            }),
+                .and_then(|(client, secret)| Ok((http_client(&mut conn.http, client)?, secret)))
+                .and_then(|(c, secret)| {
+                    lines.into_iter().try_for_each(|(k, line)| {
+                        buf.clear();
+                        push_with_id(&mut buf, row.first_event_id + k as i64, line);
+                        post(&c, url, headers, secret, &buf)?;
+                        sent[i] += 1;
+                        Ok(())
+                    })
+                }),
         };
         if let Err(e) = result {
             return Outcome {

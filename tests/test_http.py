@@ -1,0 +1,391 @@
+"""send_http and row_to_http against real HTTP(S) servers on 127.0.0.1."""
+
+import hashlib
+import hmac
+import json
+import os
+import shutil
+import ssl
+import subprocess
+import tempfile
+import threading
+import time
+
+import psycopg
+import pytest
+
+from conftest import wait_running
+from pgcluster import Cluster, wait_until
+from receivers import HttpReceiver, free_port
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fast_retries(cluster):
+    with cluster.connect() as c:
+        c.execute("LOAD 'pg_emit'")
+        c.execute("ALTER SYSTEM SET pg_emit.retry_backoff_min = '20ms'")
+        c.execute("ALTER SYSTEM SET pg_emit.retry_backoff_max = '300ms'")
+        c.execute("SELECT pg_reload_conf()")
+    yield
+    with cluster.connect() as c:
+        c.execute("LOAD 'pg_emit'")
+        c.execute("ALTER SYSTEM RESET pg_emit.retry_backoff_min")
+        c.execute("ALTER SYSTEM RESET pg_emit.retry_backoff_max")
+        c.execute("SELECT pg_reload_conf()")
+
+
+@pytest.fixture
+def web():
+    r = HttpReceiver()
+    yield r
+    r.close()
+
+
+def body_json(req):
+    return json.loads(req[3])
+
+
+# --- send_http -----------------------------------------------------------------
+
+
+def test_status_codes_pass_through(db):
+    srv = HttpReceiver(script=[(201, {}, b""), (404, {}, b"nope"), (500, {}, b"boom")])
+    try:
+        assert [db.one("SELECT send_http(%s, '{}')", (srv.url,)) for _ in range(3)] == [201, 404, 500]
+        assert db.warnings() == []
+    finally:
+        srv.close()
+
+
+def test_method_headers_and_body_exactly_as_sent(db, web):
+    body = '{"hello": "wörld", "n": [1, 2]}'
+    status = db.one(
+        "SELECT send_http(%s, %s, 'PUT', 'application/vnd.test+json', %s)",
+        (web.url + "?x=1", body, json.dumps({"X-Tenant": "7", "Authorization": "Bearer t"})),
+    )
+    assert status == 200
+    method, path, headers, got, _ = web.wait_for(1)[0]
+    assert (method, path) == ("PUT", "/hook?x=1")
+    assert got == body.encode()
+    assert headers["content-type"] == "application/vnd.test+json"
+    assert headers["x-tenant"] == "7" and headers["authorization"] == "Bearer t"
+    assert headers["user-agent"].startswith("pg_emit/")
+
+
+def test_defaults_are_post_json(db, web):
+    assert db.one("SELECT send_http(%s, '[1]')", (web.url,)) == 200
+    method, _, headers, got, _ = web.wait_for(1)[0]
+    assert method == "POST" and headers["content-type"] == "application/json" and got == b"[1]"
+
+
+def test_network_failure_is_zero_with_warning(db):
+    port = free_port()
+    assert db.one("SELECT send_http(%s, '{}')", (f"http://127.0.0.1:{port}/",)) == 0
+    assert "connection refused" in db.warnings()[0] or "Connection refused" in db.warnings()[0]
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        ("'ftp://127.0.0.1/x', '{}'", "only http and https"),
+        ("'not a url', '{}'", "not a valid absolute URL"),
+        ("'http://user:pw@127.0.0.1/', '{}'", "credentials"),
+        ("'http://127.0.0.1/', '{}', 'post'", "method"),
+        ("'http://127.0.0.1/', '{}', 'POST', 'application/json', '{\"X-A\": \"b\\r\\nInjected: 1\"}'", "header"),
+        ("'http://127.0.0.1/', '{}', 'POST', 'application/json', '[1]'", "header"),
+        ("'http://127.0.0.1/', '{}', 'POST', E'text/plain\\r\\nX: y'", "content type"),
+    ],
+)
+def test_bad_arguments_are_22023(db, args, fragment):
+    with pytest.raises(psycopg.errors.InvalidParameterValue) as e:
+        db.execute(f"SELECT send_http({args})")
+    assert fragment in str(e.value) and "send_http" in str(e.value)
+
+
+def test_null_arguments_give_null(db):
+    assert db.one("SELECT send_http(NULL, '{}')") is None
+    assert db.one("SELECT send_http('http://127.0.0.1/', NULL)") is None
+
+
+def test_redirects_are_not_followed(db):
+    elsewhere = HttpReceiver()
+    srv = HttpReceiver(script=[(302, {"Location": elsewhere.url}, b"")])
+    try:
+        assert db.one("SELECT send_http(%s, '{}')", (srv.url,)) == 302
+        assert elsewhere.wait_for(1, timeout=0.3) == []
+    finally:
+        srv.close()
+        elsewhere.close()
+
+
+def test_silent_server_hits_the_timeout(db):
+    srv = HttpReceiver(hang=True)
+    try:
+        db.execute("SET pg_emit.http_timeout = '500ms'")
+        t = time.monotonic()
+        assert db.one("SELECT send_http(%s, '{}')", (srv.url,)) == 0
+        assert time.monotonic() - t < 2.0
+        assert "timed out" in db.warnings()[0]
+    finally:
+        srv.close()
+
+
+def test_statement_timeout_cancels_a_request(cluster, db):
+    srv = HttpReceiver(hang=True)
+    try:
+        db.execute("SET pg_emit.http_timeout = '60s'")
+        db.execute("SET statement_timeout = '300ms'")
+        t = time.monotonic()
+        with pytest.raises(psycopg.errors.QueryCanceled):
+            db.execute("SELECT send_http(%s, '{}')", (srv.url,))
+        assert time.monotonic() - t < 1.0
+    finally:
+        srv.close()
+
+
+# --- row_to_http -------------------------------------------------------------------
+
+
+def attach(db, table, url, *opts, ops="INSERT"):
+    extra = "".join(", " + psycopg.sql.quote(o) for o in opts) if opts else ""
+    db.execute(f"CREATE TABLE IF NOT EXISTS {table} (id int primary key, v text)")
+    db.execute(
+        f"CREATE TRIGGER out AFTER {ops} ON {table} FOR EACH ROW "
+        f"EXECUTE FUNCTION row_to_http({psycopg.sql.quote(url)}{extra})"
+    )
+
+
+def test_row_to_http_sync_posts_the_event(db, table, web):
+    attach(db, table, web.url, "header=X-Source: pg", ops="INSERT OR UPDATE")
+    db.execute(f"INSERT INTO {table} VALUES (1, 'a')")
+    db.execute(f"UPDATE {table} SET v = 'b'")
+    reqs = web.wait_for(2)
+    assert [body_json(r)["op"] for r in reqs] == ["INSERT", "UPDATE"]
+    assert body_json(reqs[1]) == {
+        "op": "UPDATE", "schema": "public", "table": table,
+        "new": {"id": 1, "v": "b"}, "old": {"id": 1, "v": "a"},
+    }
+    assert reqs[0][2]["x-source"] == "pg" and reqs[0][2]["content-type"] == "application/json"
+
+
+def test_row_to_http_non_2xx_is_a_warning(db, table):
+    srv = HttpReceiver(default=(503, {}, b"down for maintenance"))
+    try:
+        attach(db, table, srv.url)
+        db.execute(f"INSERT INTO {table} VALUES (1, 'a')")
+        assert "HTTP 503" in db.warnings()[0] and "down for maintenance" in db.warnings()[0]
+    finally:
+        srv.close()
+
+
+def test_row_to_http_commit_mode(db, table, web):
+    attach(db, table, web.url, "delivery=commit")
+    db.execute("BEGIN")
+    db.execute(f"INSERT INTO {table} VALUES (1, 'a')")
+    assert web.wait_for(1, timeout=0.3) == []
+    db.execute("COMMIT")
+    assert body_json(web.wait_for(1)[0])["new"]["id"] == 1
+
+
+def test_bad_row_to_http_arguments(db, table):
+    db.execute(f"CREATE TABLE {table} (id int)")
+    db.execute(
+        f"CREATE TRIGGER bad AFTER INSERT ON {table} FOR EACH ROW "
+        "EXECUTE FUNCTION row_to_http('http://127.0.0.1/', 'framing=ndjson')"
+    )
+    with pytest.raises(psycopg.errors.InvalidParameterValue) as e:
+        db.execute(f"INSERT INTO {table} VALUES (1)")
+    assert 'row_to_http trigger "bad"' in str(e.value) and "header" in e.value.diag.message_hint
+
+
+# --- async ---------------------------------------------------------------------------
+
+
+def test_async_500_three_times_then_200(db, table):
+    srv = HttpReceiver(script=[(500, {}, b"oops")] * 3)
+    try:
+        attach(db, table, srv.url, "delivery=async")
+        db.execute(f"INSERT INTO {table} VALUES (1, 'a')")
+        reqs = srv.wait_for(4, timeout=10)
+        assert len(reqs) == 4
+        ids = {body_json(r)["id"] for r in reqs}
+        assert len(ids) == 1  # the same event, retried with its id
+        assert wait_until(lambda: db.one("SELECT delivered FROM emit.stats WHERE destination = %s",
+                                         (srv.url,)) == 1)
+        assert db.one("SELECT failed_attempts FROM emit.stats WHERE destination = %s", (srv.url,)) == 3
+    finally:
+        srv.close()
+
+
+def test_async_400_dead_letters_at_once_and_the_rest_flows(db, table):
+    srv = HttpReceiver(script=[(400, {}, b'{"error":"bad field v"}')])
+    try:
+        attach(db, table, srv.url, "delivery=async")
+        db.execute(f"INSERT INTO {table} VALUES (1, 'rejected'), (2, 'fine')")
+        reqs = srv.wait_for(2, timeout=5)
+        assert [body_json(r)["new"]["id"] for r in reqs] == [1, 2]
+        assert wait_until(lambda: db.one(
+            "SELECT count(*) FROM emit.dead_letter WHERE url = %s", (srv.url,)) == 1)
+        status, response, payload, err = db.conn.execute(
+            "SELECT status, response, payload, last_error FROM emit.dead_letter WHERE url = %s", (srv.url,)
+        ).fetchone()
+        assert status == 400 and response == '{"error":"bad field v"}'
+        assert json.loads(payload)["new"]["id"] == 1 and "HTTP 400" in err
+        assert wait_until(lambda: db.one("SELECT count(*) FROM emit.outbox WHERE url = %s", (srv.url,)) == 0)
+    finally:
+        srv.close()
+
+
+def test_async_429_honours_retry_after(db, table):
+    srv = HttpReceiver(script=[(429, {"Retry-After": "1"}, b"slow down")])
+    try:
+        attach(db, table, srv.url, "delivery=async")
+        db.execute(f"INSERT INTO {table} VALUES (1, 'a')")
+        reqs = srv.wait_for(2, timeout=10)
+        assert len(reqs) == 2
+        # pg_emit.retry_backoff_max is 300 ms here: only Retry-After explains this.
+        assert reqs[1][4] - reqs[0][4] >= 0.95
+    finally:
+        srv.close()
+
+
+def test_async_reuses_keep_alive_connections(db, table, web):
+    attach(db, table, web.url, "delivery=async")
+    db.execute(f"INSERT INTO {table} SELECT g, 'x' FROM generate_series(1, 50) g")
+    reqs = web.wait_for(50, timeout=10)
+    assert len(reqs) == 50
+    assert [body_json(r)["new"]["id"] for r in reqs] == list(range(1, 51))
+    assert len(web.peers) == 1  # one connection for all 50 requests
+
+
+# --- signing ---------------------------------------------------------------------------
+
+
+def verify(secret, headers, body, max_age=300):
+    """The receiver-side check documented in the README."""
+    ts = headers["x-emit-timestamp"]
+    expected = "v1=" + hmac.new(secret, f"{ts}.".encode() + body, hashlib.sha256).hexdigest()
+    fresh = abs(time.time() - int(ts)) <= max_age
+    return fresh and hmac.compare_digest(expected, headers["x-emit-signature"])
+
+
+@pytest.fixture
+def secret_file():
+    """A key file as a DBA would make it: readable by the server's OS user only."""
+    d = tempfile.mkdtemp(prefix="pg_emit-key-")
+    os.chmod(d, 0o755)
+    path = os.path.join(d, "signing.key")
+
+    def write(key):
+        with open(path, "w") as f:
+            f.write(key + "\n")
+        os.chmod(path, 0o600)
+        if os.geteuid() == 0:
+            shutil.chown(path, "postgres", "postgres")
+        return path
+
+    yield write
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_signature_verifies_with_the_right_key_only(cluster, db, table, web, secret_file):
+    path = secret_file("s3cret")
+    db.execute("LOAD 'pg_emit'")
+    db.execute(f"SET pg_emit.signing_secret_file = '{path}'")
+    assert db.one("SELECT send_http(%s, '{\"a\":1}')", (web.url,)) == 200
+    _, _, headers, body, _ = web.wait_for(1)[0]
+    assert verify(b"s3cret", headers, body)
+    assert not verify(b"wrong", headers, body)
+    assert not verify(b"s3cret", headers, body + b" ")
+    # A rotated key is used at once, and the worker signs too.
+    secret_file("w0rker")
+    time.sleep(0.01)
+    os.utime(path)
+    db.execute(f"ALTER SYSTEM SET pg_emit.signing_secret_file = '{path}'")
+    db.execute("SELECT pg_reload_conf()")
+    try:
+        time.sleep(0.3)
+        attach(db, table, web.url, "delivery=async")
+        db.execute(f"INSERT INTO {table} VALUES (1, 'a')")
+        _, _, headers, body, _ = web.wait_for(2)[1]
+        assert verify(b"w0rker", headers, body)
+    finally:
+        db.execute("ALTER SYSTEM RESET pg_emit.signing_secret_file")
+        db.execute("SELECT pg_reload_conf()")
+
+
+def test_signing_key_is_not_readable_by_ordinary_roles(cluster, db, secret_file):
+    path = secret_file("topsecret")
+    db.execute("DROP ROLE IF EXISTS carol")
+    db.execute("CREATE ROLE carol LOGIN")
+    try:
+        with cluster.connect("emit_test", user="carol") as c:
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                c.execute("SELECT pg_read_file(%s)", (path,))
+        assert oct(os.stat(path).st_mode & 0o777) == "0o600"
+    finally:
+        db.execute("DROP ROLE carol")
+
+
+# --- HTTPS with a locally generated CA -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pki():
+    d = tempfile.mkdtemp(prefix="pg_emit-pki-")
+    os.chmod(d, 0o755)
+
+    def run(*args):
+        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
+        "-days", "2", "-subj", "/CN=pg_emit test CA")
+    run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
+        "-subj", "/CN=localhost")
+    with open(os.path.join(d, "san.ext"), "w") as f:
+        f.write("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    run("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+        "-out", "server.pem", "-days", "2", "-extfile", "san.ext")
+    for f in os.listdir(d):
+        os.chmod(os.path.join(d, f), 0o644)
+    return d
+
+
+@pytest.fixture
+def https(pki):
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(os.path.join(pki, "server.pem"), os.path.join(pki, "server.key"))
+    srv = HttpReceiver(tls=ctx)
+    yield srv
+    srv.close()
+
+
+def test_https_needs_a_trusted_ca(db, https, pki):
+    db.execute("LOAD 'pg_emit'")
+    db.execute("SET pg_emit.failure_cooldown = 0")
+    assert db.one("SELECT send_http(%s, '{}')", (https.url,)) == 0
+    assert "certificate" in db.warnings()[0].lower() or "unknown" in db.warnings()[0].lower()
+    db.execute(f"SET pg_emit.ca_file = '{os.path.join(pki, 'ca.pem')}'")
+    assert db.one("SELECT send_http(%s, '{}')", (https.url,)) == 200, db.warnings()
+
+
+def test_https_trusted_through_the_system_store(pki, https):
+    """The platform verifier reads the system store; SSL_CERT_FILE is how
+    this test points it at a bundle with the local CA, without changing the
+    machine's store."""
+    c = Cluster("pg_emit-tls", port=54333)
+    c.init().start(env={"SSL_CERT_FILE": os.path.join(pki, "ca.pem")})
+    try:
+        with c.connect() as conn:
+            conn.execute("CREATE EXTENSION pg_emit")
+            assert conn.execute("SELECT send_http(%s, '{}')", (https.url,)).fetchone()[0] == 200
+    finally:
+        c.destroy()
+
+
+def test_url_prefix_allowlist(db, web):
+    db.execute(f"SET pg_emit.allowed_destinations = 'http://127.0.0.1:{web.port}/hook'")
+    assert db.one("SELECT send_http(%s, '{}')", (web.url + "/ok",)) == 200
+    with pytest.raises(psycopg.errors.InsufficientPrivilege):
+        db.execute("SELECT send_http(%s, '{}')", (f"http://127.0.0.1:{web.port}/admin",))
+    assert len(web.wait_for(2, timeout=0.3)) == 1
