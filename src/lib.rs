@@ -13,6 +13,7 @@ pub mod cooldown;
 pub mod delivery;
 pub mod error;
 pub mod event;
+pub mod hooks;
 pub mod interrupts;
 pub mod options;
 pub mod security;
@@ -37,6 +38,8 @@ pgrx::extension_sql_file!("../sql/grants.sql", name = "grants", finalize);
 pub extern "C-unwind" fn _PG_init() {
     settings::init();
     delivery::init();
+    hooks::init();
+    trigger::init();
     // SAFETY: reading a flag PostgreSQL sets while preloading libraries.
     if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
         worker::launcher::register();

@@ -38,11 +38,13 @@ fn send_socket(msg: &str, host: &str, port: i32) -> i32 {
         port,
         framing: Framing::Close,
     };
-    i32::from(sync::deliver(
-        &|| "send_socket".to_string(),
-        &target,
-        msg.as_bytes(),
-    ))
+    match sync::try_send(&target, msg.as_bytes(), &interrupts::Statement) {
+        Ok(()) => 1,
+        Err(f) => {
+            sync::report(f, &|| "send_socket".to_string(), &target.name());
+            0
+        }
+    }
 }
 
 /// `send_http(url, body [, method, content_type, headers])`: one request.

@@ -13,6 +13,7 @@ use pgrx::pg_sys;
 use pgrx::prelude::*;
 use std::cell::RefCell;
 use std::ffi::CStr;
+use std::rc::Rc;
 
 extern "C-unwind" {
     /// PostgreSQL's own `row_to_json(record)`: calling it directly gives
@@ -24,6 +25,75 @@ extern "C-unwind" {
 thread_local! {
     /// Reused envelope buffer: one allocation per backend, not per row.
     static BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    /// Parsed arguments per trigger, so a row costs a comparison of the
+    /// argument strings instead of a parse with allocations.
+    static PLANS: RefCell<Vec<Rc<Plan>>> = const { RefCell::new(Vec::new()) };
+    /// Schema name per relation, so a row costs no catalog lookup.
+    static SCHEMAS: RefCell<Vec<(pg_sys::Oid, pg_sys::Oid, Rc<str>)>> =
+        const { RefCell::new(Vec::new()) };
+}
+
+/// A trigger's arguments, parsed. Keyed by trigger oid and checked against
+/// the arguments it was parsed from (`CREATE OR REPLACE TRIGGER` keeps the
+/// oid but may change them).
+struct Plan {
+    tgoid: pg_sys::Oid,
+    func: Func,
+    args: Vec<String>,
+    target: Target,
+    opts: Options,
+}
+
+impl Plan {
+    fn matches(&self, tg: &pg_sys::Trigger, func: Func) -> bool {
+        let n = usize::try_from(tg.tgnargs).unwrap_or(0);
+        self.tgoid == tg.tgoid
+            && self.func == func
+            && self.args.len() == n
+            // SAFETY: tgargs holds tgnargs C strings.
+            && (0..n).all(|i| unsafe { CStr::from_ptr(*tg.tgargs.add(i)) }.to_bytes() == self.args[i].as_bytes())
+    }
+}
+
+/// Registers the invalidation that keeps [`SCHEMAS`] right across
+/// `ALTER SCHEMA ... RENAME`. (A table moved to another schema changes its
+/// namespace oid, which the cache compares on every lookup.)
+pub fn init() {
+    // SAFETY: registering a static callback once, from _PG_init.
+    unsafe {
+        pg_sys::CacheRegisterSyscacheCallback(
+            pg_sys::SysCacheIdentifier::NAMESPACEOID as i32,
+            Some(forget_schemas),
+            pg_sys::Datum::from(0),
+        );
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn forget_schemas(_arg: pg_sys::Datum, _cache: i32, _hash: u32) {
+    SCHEMAS.with_borrow_mut(|s| s.clear());
+}
+
+fn schema_of(relid: pg_sys::Oid, nsp: pg_sys::Oid) -> Rc<str> {
+    if let Some(name) = SCHEMAS.with_borrow(|s| {
+        s.iter()
+            .find(|(r, n, _)| *r == relid && *n == nsp)
+            .map(|(_, _, name)| name.clone())
+    }) {
+        return name;
+    }
+    // SAFETY: a valid namespace oid of an open relation; result is palloc'd.
+    let ptr = unsafe { pg_sys::get_namespace_name(nsp) };
+    let name: Rc<str> = if ptr.is_null() {
+        "".into()
+    } else {
+        cstr(ptr).into()
+    };
+    SCHEMAS.with_borrow_mut(|s| {
+        s.retain(|(r, _, _)| *r != relid);
+        s.push((relid, nsp, name.clone()));
+    });
+    name
 }
 
 /// The two trigger functions differ only in how their arguments name the
@@ -70,9 +140,8 @@ struct Firing<'a> {
     func: Func,
     td: &'a pg_sys::TriggerData,
     name: &'a str,
-    schema: String,
+    schema: Rc<str>,
     table: &'a str,
-    args: Vec<&'a str>,
 }
 
 impl Firing<'_> {
@@ -176,37 +245,17 @@ fn fire(td: &pg_sys::TriggerData, func: Func) -> pg_sys::Datum {
         let rel = &*td.tg_relation;
         (rel, rel.rd_id, (*rel.rd_rel).relnamespace)
     };
-    // SAFETY: rd_rel.relname is a NUL-terminated NameData.
-    let table = cstr(unsafe { (*rel.rd_rel).relname.data.as_ptr() });
-    // SAFETY: a valid namespace oid of an open relation; result is palloc'd.
-    let schema_ptr = unsafe { pg_sys::get_namespace_name(namespace) };
-    let nargs = usize::try_from(tg.tgnargs).unwrap_or(0);
-    let args: Vec<&str> = (0..nargs)
-        // SAFETY: tgargs holds tgnargs C strings.
-        .map(|i| cstr(unsafe { *tg.tgargs.add(i) }))
-        .collect();
     let firing = Firing {
         func,
         td,
         name: cstr(tg.tgname),
-        schema: if schema_ptr.is_null() {
-            String::new()
-        } else {
-            cstr(schema_ptr).to_string()
-        },
-        table,
-        args,
+        schema: schema_of(relid, namespace),
+        // SAFETY: rd_rel.relname is a NUL-terminated NameData.
+        table: cstr(unsafe { (*rel.rd_rel).relname.data.as_ptr() }),
     };
-
-    let (target, opts) = func.parse(&firing.args).unwrap_or_else(|source| {
-        EmitError::TriggerArgument {
-            trigger: firing.describe(),
-            func: func.name(),
-            source,
-        }
-        .raise()
-    });
-    let mode = check_event(&firing, &target, &opts);
+    let plan = plan_for(tg, &firing);
+    let (target, opts) = (&plan.target, &plan.opts);
+    let mode = check_event(&firing, target, opts);
 
     let event = td.tg_event;
     let op = op_of(event);
@@ -232,6 +281,10 @@ fn fire(td: &pg_sys::TriggerData, func: Func) -> pg_sys::Datum {
             ..
         }
     );
+    let args: Vec<&str> = match opts.format {
+        options::Format::Td => plan.args.iter().map(String::as_str).collect(),
+        options::Format::Json => Vec::new(),
+    };
     let ev = Event {
         op,
         schema: &firing.schema,
@@ -240,7 +293,7 @@ fn fire(td: &pg_sys::TriggerData, func: Func) -> pg_sys::Datum {
         level: if row_level { "ROW" } else { "STATEMENT" },
         trigger_name: firing.name,
         relid: relid.to_u32(),
-        args: &firing.args,
+        args: &args,
     };
     BUF.with_borrow_mut(|buf| {
         buf.clear();
@@ -261,11 +314,9 @@ fn fire(td: &pg_sys::TriggerData, func: Func) -> pg_sys::Datum {
             .raise();
         }
         match mode {
-            Delivery::Sync => {
-                sync::deliver(&context, &target, buf);
-            }
-            Delivery::Commit => commit::hold(&context, &target, buf),
-            Delivery::Async => outbox::queue(&context, &target, buf),
+            Delivery::Sync => sync::deliver(&context, target, buf),
+            Delivery::Commit => commit::hold(&context, target, buf),
+            Delivery::Async => outbox::queue(&context, target, buf),
         }
         // Large rows must not pin megabytes per backend for its lifetime.
         if buf.capacity() > 1 << 20 {
@@ -283,6 +334,42 @@ fn fire(td: &pg_sys::TriggerData, func: Func) -> pg_sys::Datum {
         (true, _) => td.tg_trigtuple,
     };
     pg_sys::Datum::from(row)
+}
+
+/// The parsed arguments of `tg`, from the cache or parsed now; bad
+/// arguments raise the ERROR that names the trigger and the argument.
+fn plan_for(tg: &pg_sys::Trigger, firing: &Firing<'_>) -> Rc<Plan> {
+    let func = firing.func;
+    if let Some(p) = PLANS.with_borrow(|plans| plans.iter().find(|p| p.matches(tg, func)).cloned())
+    {
+        return p;
+    }
+    let n = usize::try_from(tg.tgnargs).unwrap_or(0);
+    let args: Vec<String> = (0..n)
+        // SAFETY: tgargs holds tgnargs C strings.
+        .map(|i| cstr(unsafe { *tg.tgargs.add(i) }).to_string())
+        .collect();
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (target, opts) = func.parse(&refs).unwrap_or_else(|source| {
+        EmitError::TriggerArgument {
+            trigger: firing.describe(),
+            func: func.name(),
+            source,
+        }
+        .raise()
+    });
+    let plan = Rc::new(Plan {
+        tgoid: tg.tgoid,
+        func,
+        args,
+        target,
+        opts,
+    });
+    PLANS.with_borrow_mut(|plans| {
+        plans.retain(|p| p.tgoid != tg.tgoid);
+        plans.push(plan.clone());
+    });
+    plan
 }
 
 /// Rejects firings the trigger cannot serve, naming the trigger; returns

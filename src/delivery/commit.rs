@@ -64,7 +64,27 @@ pub fn send_after_commit() {
     // Per destination: (total, failed, first failure).
     let mut tally: Vec<(&Target, usize, usize, Option<String>)> = Vec::new();
     let mut cancelled = false;
-    for (target, msg) in held.iter() {
+    // Consecutive ndjson events for one destination go out in one write of
+    // up to COALESCE_BYTES, as in sync mode.
+    let mut batch: Vec<u8> = Vec::new();
+    let mut events = held.iter().peekable();
+    while let Some((target, msg)) = events.next() {
+        let mut count = 1;
+        let payload: &[u8] = if target.coalesces() {
+            batch.clear();
+            batch.extend_from_slice(msg);
+            while let Some((next, m)) = events.peek() {
+                if *next != target || batch.len() + m.len() > sync::COALESCE_BYTES {
+                    break;
+                }
+                batch.extend_from_slice(m);
+                count += 1;
+                events.next();
+            }
+            &batch
+        } else {
+            msg
+        };
         let i = match tally.iter().position(|t| t.0 == target) {
             Some(i) => i,
             None => {
@@ -73,14 +93,14 @@ pub fn send_after_commit() {
             }
         };
         let entry = &mut tally[i];
-        entry.1 += 1;
+        entry.1 += count;
         if cancelled {
-            entry.2 += 1;
+            entry.2 += count;
             continue;
         }
-        if let Err(f) = sync::try_send(target, msg, &interrupts::AfterCommit) {
+        if let Err(f) = sync::try_send(target, payload, &interrupts::AfterCommit) {
             cancelled = f.cancelled();
-            entry.2 += 1;
+            entry.2 += count;
             if entry.3.is_none() {
                 entry.3 = Some(f.reason(&target.name()));
             }

@@ -42,6 +42,17 @@ impl Target {
         }
     }
 
+    /// Whether messages can share a write (kept-open ndjson connections).
+    pub fn coalesces(&self) -> bool {
+        matches!(
+            self,
+            Target::Tcp {
+                framing: Framing::Ndjson,
+                ..
+            }
+        )
+    }
+
     /// The destination key of `emit.outbox` and `emit.stats`. Headers are
     /// not shown (they may hold credentials), only told apart by a hash.
     pub fn key(&self) -> String {
@@ -79,13 +90,24 @@ unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut c
     use pg_sys::XactEvent::*;
     match event {
         // Still inside the transaction: an ERROR here aborts it cleanly.
-        XACT_EVENT_PRE_COMMIT => outbox::pre_commit(),
+        // Deferred triggers have fired by now; their ndjson events go out
+        // before the commit like any statement's.
+        XACT_EVENT_PRE_COMMIT => {
+            sync::flush_all();
+            outbox::pre_commit();
+        }
         XACT_EVENT_PRE_PREPARE => {
+            sync::flush_all();
             commit::refuse_prepare();
             outbox::pre_commit();
         }
         XACT_EVENT_COMMIT => outbox::on_commit(),
-        XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE => {
+        XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT => {
+            sync::discard_all();
+            commit::forget();
+            outbox::forget();
+        }
+        XACT_EVENT_PREPARE => {
             commit::forget();
             outbox::forget();
         }

@@ -28,6 +28,7 @@ struct State {
 thread_local! {
     static STATE: RefCell<State> = RefCell::default();
     static HTTP: RefCell<Option<http::Client>> = const { RefCell::new(None) };
+    static OUTGOING: RefCell<Vec<Outgoing>> = const { RefCell::new(Vec::new()) };
 }
 
 /// `host:port`, with IPv6 literals bracketed so the port stays readable.
@@ -255,18 +256,95 @@ fn http_client() -> Result<http::Client, String> {
     })
 }
 
-/// Sends `msg` inside a statement. Returns whether it was written; a
-/// failure is a WARNING, or an ERROR under `pg_emit.on_error = error`. A
-/// destination the allowlist refuses is always an ERROR: that is a
-/// permission problem, not a delivery failure.
-pub fn deliver(context: &dyn Fn() -> String, target: &Target, msg: &[u8]) -> bool {
-    match try_send(target, msg, &interrupts::Statement) {
-        Ok(()) => true,
-        Err(f) => {
-            report(f, context, &target.name());
-            false
+/// Sends `msg` inside a statement. A failure is a WARNING, or an ERROR
+/// under `pg_emit.on_error = error`. A destination the allowlist refuses
+/// is always an ERROR: that is a permission problem, not a delivery
+/// failure.
+///
+/// ndjson messages are coalesced: a statement's events for one destination
+/// are written together when the statement ends ([`flush_all`], from the
+/// executor and utility hooks) or every [`COALESCE_BYTES`]. At 20,000 rows
+/// that is a few dozen `send(2)` calls instead of 20,000, which is most of
+/// the cost of sync delivery (see the README's Performance section).
+pub fn deliver(context: &dyn Fn() -> String, target: &Target, msg: &[u8]) {
+    if let Target::Tcp {
+        host,
+        port,
+        framing: Framing::Ndjson,
+    } = target
+    {
+        let full = OUTGOING.with_borrow_mut(|out| {
+            let i = match out.iter().position(|o| o.port == *port && o.host == *host) {
+                Some(i) => i,
+                None => {
+                    out.push(Outgoing {
+                        host: host.clone(),
+                        port: *port,
+                        buf: Vec::new(),
+                        events: 0,
+                        context: context(),
+                    });
+                    out.len() - 1
+                }
+            };
+            out[i].buf.extend_from_slice(msg);
+            out[i].events += 1;
+            (out[i].buf.len() >= COALESCE_BYTES).then_some(i)
+        });
+        if let Some(i) = full {
+            flush_one(i);
         }
+        return;
     }
+    if let Err(f) = try_send(target, msg, &interrupts::Statement) {
+        report(f, context, &target.name());
+    }
+}
+
+/// Coalesced ndjson events of the running statement for one destination.
+struct Outgoing {
+    host: String,
+    port: u16,
+    buf: Vec<u8>,
+    events: usize,
+    /// The trigger that queued the first of them, for messages.
+    context: String,
+}
+
+/// Flush threshold of coalesced ndjson events.
+pub const COALESCE_BYTES: usize = 64 * 1024;
+
+/// Writes the coalesced events of one destination and reports a failure.
+fn flush_one(i: usize) {
+    let Some(o) = OUTGOING.with_borrow_mut(|out| (i < out.len()).then(|| out.swap_remove(i)))
+    else {
+        return;
+    };
+    let sent = try_send_tcp(
+        &o.host,
+        o.port,
+        &o.buf,
+        Framing::Ndjson,
+        &interrupts::Statement,
+    );
+    if let Err(f) = sent {
+        let dest = dest_name(&o.host, o.port);
+        let what = format!("{} ({} event(s))", o.context, o.events);
+        report(f, &|| what.clone(), &dest);
+    }
+}
+
+/// Writes every destination's coalesced events: the end of a statement.
+pub fn flush_all() {
+    while OUTGOING.with_borrow(|out| !out.is_empty()) {
+        flush_one(0);
+    }
+}
+
+/// Forgets coalesced events of a statement that failed: they were never
+/// written, like everything the statement did.
+pub fn discard_all() {
+    OUTGOING.with_borrow_mut(|out| out.clear());
 }
 
 /// Reports a failure inside a statement (see [`deliver`]).
