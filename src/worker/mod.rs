@@ -69,20 +69,61 @@ unsafe extern "C" {
 
 /// Runs `f` in a transaction with a snapshot. pgrx's own helper demands
 /// unwind-safe closures; an ERROR here ends the worker anyway (it restarts).
-fn transaction<R>(f: impl FnOnce() -> R) -> R {
+///
+/// An ERROR inside `f` (pgrx turns it into an unwinding panic) aborts the
+/// transaction and comes back as `Err` with its message, so the caller can
+/// tell a dropped extension from a real fault.
+fn transaction<R, E: std::fmt::Display>(f: impl FnOnce() -> Result<R, E>) -> Result<R, String> {
     // SAFETY: the standard bgworker transaction bracket.
     unsafe {
         pg_sys::SetCurrentStatementStartTimestamp();
         pg_sys::StartTransactionCommand();
         pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
     }
-    let r = f();
-    // SAFETY: closes what was opened above.
-    unsafe {
-        pg_sys::PopActiveSnapshot();
-        pg_sys::CommitTransactionCommand();
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    match r {
+        Ok(Ok(v)) => {
+            // SAFETY: closes what was opened above.
+            unsafe {
+                pg_sys::PopActiveSnapshot();
+                pg_sys::CommitTransactionCommand();
+            }
+            Ok(v)
+        }
+        Ok(Err(e)) => {
+            // SAFETY: abort releases locks, snapshots and SPI state.
+            unsafe { pg_sys::AbortCurrentTransaction() };
+            Err(e.to_string())
+        }
+        Err(panic) => {
+            // SAFETY: as above; pgrx already flushed PostgreSQL's error
+            // state when it turned the ERROR into this panic.
+            unsafe { pg_sys::AbortCurrentTransaction() };
+            Err(match panic.downcast::<pgrx::pg_sys::panic::CaughtError>() {
+                Ok(e) => match *e {
+                    pgrx::pg_sys::panic::CaughtError::PostgresError(r)
+                    | pgrx::pg_sys::panic::CaughtError::ErrorReport(r)
+                    | pgrx::pg_sys::panic::CaughtError::RustPanic { ereport: r, .. } => {
+                        r.message().to_string()
+                    }
+                },
+                Err(_) => "unexpected panic".to_string(),
+            })
+        }
     }
-    r
+}
+
+/// After a failed transaction: a missing extension means DROP EXTENSION
+/// won the race with this worker, which then just stops; anything else is
+/// a real fault, raised (the worker restarts in a second).
+fn stop_or_raise(what: &str, err: String) -> Stop {
+    let installed = transaction(|| {
+        Spi::get_one::<bool>("SELECT EXISTS (SELECT FROM pg_extension WHERE extname = 'pg_emit')")
+    });
+    match installed {
+        Ok(Some(false)) => Stop::ExtensionDropped,
+        _ => pgrx::error!("pg_emit worker: {what} failed: {err}"),
+    }
 }
 
 /// Registers a worker for database `db`.
@@ -240,7 +281,9 @@ impl Worker {
             }
             let done: Vec<_> = self.done_rx.try_iter().collect();
             if !done.is_empty() {
-                self.acknowledge(done);
+                if let Err(stop) = self.acknowledge(done) {
+                    return stop;
+                }
                 scan = true;
             }
             // A latch set by a committing backend, a backoff that expired,
@@ -308,7 +351,7 @@ impl Worker {
         let jobs = match jobs {
             Ok(Some(jobs)) => jobs,
             Ok(None) => return Err(Stop::ExtensionDropped),
-            Err(e) => pgrx::error!("pg_emit worker: claiming events failed: {e}"),
+            Err(e) => return Err(stop_or_raise("claiming events", e)),
         };
         for (key, job) in jobs {
             let dest = self.dest(&key);
@@ -353,7 +396,7 @@ impl Worker {
     }
 
     /// One transaction: record what finished jobs achieved.
-    fn acknowledge(&mut self, done: Vec<(String, Job, Outcome)>) {
+    fn acknowledge(&mut self, done: Vec<(String, Job, Outcome)>) -> Result<(), Stop> {
         let ws = worker_settings();
         let mut logs = Vec::new();
         let result = transaction(|| {
@@ -367,7 +410,7 @@ impl Worker {
         });
         let dead = match result {
             Ok(d) => d,
-            Err(e) => pgrx::error!("pg_emit worker: recording deliveries failed: {e}"),
+            Err(e) => return Err(stop_or_raise("recording deliveries", e)),
         };
         for ((key, _, out), dead) in done.into_iter().zip(dead) {
             let rng = &mut self.rng;
@@ -415,6 +458,7 @@ impl Worker {
         for l in logs {
             pgrx::warning!("{l}");
         }
+        Ok(())
     }
 }
 
