@@ -30,6 +30,15 @@ CREATE TABLE emit.outbox (
     enqueued_at     timestamptz NOT NULL DEFAULT clock_timestamp()
 );
 CREATE INDEX outbox_destination_id ON emit.outbox (destination, id);
+-- Payloads are JSON text of up to 8 MB: lz4 compresses them several-fold at
+-- a fraction of pglz's CPU cost (pglz was a fifth of the async enqueue time
+-- in profiles). Builds without lz4 keep the default.
+DO $$
+BEGIN
+  ALTER TABLE emit.outbox ALTER COLUMN payload SET COMPRESSION lz4;
+EXCEPTION WHEN feature_not_supported THEN
+  NULL;
+END $$;
 CREATE INDEX outbox_claimed ON emit.outbox (destination, first_event_id)
     WHERE first_event_id IS NOT NULL;
 COMMENT ON TABLE emit.outbox IS
