@@ -92,22 +92,84 @@ pub fn write_event(
             buf.extend_from_slice(b",\"old\":");
             push_row(buf, old, one_line);
             buf.extend_from_slice(b",\"args\":");
-            // plpython gives None, not an empty list, without arguments.
-            if ev.args.is_empty() {
-                buf.extend_from_slice(b"null");
-            } else {
-                buf.push(b'[');
-                for (i, a) in ev.args.iter().enumerate() {
-                    if i > 0 {
-                        buf.push(b',');
-                    }
-                    push_string(buf, a);
-                }
-                buf.push(b']');
-            }
+            push_args(buf, ev.args);
             buf.push(b'}');
         }
     }
+}
+
+/// Opens a statement-level message: the envelope of [`write_event`] with
+/// `"rows":[` where `new`/`old` would be. Rows follow with
+/// [`push_batch_row`], then [`end_batch`].
+pub fn begin_batch(buf: &mut Vec<u8>, format: Format, ev: &Event<'_>) {
+    match format {
+        Format::Json => {
+            buf.extend_from_slice(b"{\"op\":\"");
+            buf.extend_from_slice(ev.op.name().as_bytes());
+            buf.extend_from_slice(b"\",\"schema\":");
+            push_string(buf, ev.schema);
+            buf.extend_from_slice(b",\"table\":");
+            push_string(buf, ev.table);
+        }
+        Format::Td => {
+            buf.extend_from_slice(b"{\"event\":\"");
+            buf.extend_from_slice(ev.op.name().as_bytes());
+            buf.extend_from_slice(b"\",\"when\":");
+            push_string(buf, ev.when);
+            buf.extend_from_slice(b",\"level\":");
+            push_string(buf, ev.level);
+            buf.extend_from_slice(b",\"name\":");
+            push_string(buf, ev.trigger_name);
+            buf.extend_from_slice(b",\"table_name\":");
+            push_string(buf, ev.table);
+            buf.extend_from_slice(b",\"table_schema\":");
+            push_string(buf, ev.schema);
+            buf.extend_from_slice(b",\"relid\":\"");
+            buf.extend_from_slice(ev.relid.to_string().as_bytes());
+            buf.extend_from_slice(b"\",\"args\":");
+            push_args(buf, ev.args);
+        }
+    }
+    buf.extend_from_slice(b",\"rows\":[");
+}
+
+/// Appends `{"new":...,"old":...}`; `first` is false for every row after
+/// the first of a message.
+pub fn push_batch_row(
+    buf: &mut Vec<u8>,
+    first: bool,
+    new: Option<&[u8]>,
+    old: Option<&[u8]>,
+    one_line: bool,
+) {
+    if !first {
+        buf.push(b',');
+    }
+    buf.extend_from_slice(b"{\"new\":");
+    push_row(buf, new, one_line);
+    buf.extend_from_slice(b",\"old\":");
+    push_row(buf, old, one_line);
+    buf.push(b'}');
+}
+
+pub fn end_batch(buf: &mut Vec<u8>) {
+    buf.extend_from_slice(b"]}");
+}
+
+fn push_args(buf: &mut Vec<u8>, args: &[&str]) {
+    // plpython gives None, not an empty list, without arguments.
+    if args.is_empty() {
+        buf.extend_from_slice(b"null");
+        return;
+    }
+    buf.push(b'[');
+    for (i, a) in args.iter().enumerate() {
+        if i > 0 {
+            buf.push(b',');
+        }
+        push_string(buf, a);
+    }
+    buf.push(b']');
 }
 
 fn push_row(buf: &mut Vec<u8>, row: Option<&[u8]>, one_line: bool) {
@@ -228,6 +290,34 @@ mod tests {
         assert!(out.contains(r#""s":"x\ny""#), "escaped newline kept: {out}");
         let kept = render(Format::Json, Op::Insert, Some(row), None, false);
         assert!(kept.contains("\r\n"));
+    }
+
+    #[test]
+    fn statement_batches() {
+        let mut buf = Vec::new();
+        let mut e = ev(Op::Update);
+        e.level = "STATEMENT";
+        begin_batch(&mut buf, Format::Json, &e);
+        push_batch_row(
+            &mut buf,
+            true,
+            Some(b"{\"id\":1}"),
+            Some(b"{\"id\":0}"),
+            false,
+        );
+        push_batch_row(&mut buf, false, Some(b"{\"id\":2}"), None, false);
+        end_batch(&mut buf);
+        assert_eq!(
+            String::from_utf8(buf).unwrap(),
+            r#"{"op":"UPDATE","schema":"public","table":"orders","rows":[{"new":{"id":1},"old":{"id":0}},{"new":{"id":2},"old":null}]}"#
+        );
+        let mut buf = Vec::new();
+        begin_batch(&mut buf, Format::Td, &e);
+        end_batch(&mut buf);
+        assert_eq!(
+            String::from_utf8(buf).unwrap(),
+            r#"{"event":"UPDATE","when":"AFTER","level":"STATEMENT","name":"orders_out","table_name":"orders","table_schema":"public","relid":"16384","args":["127.0.0.1","26200"],"rows":[]}"#
+        );
     }
 
     #[test]

@@ -34,6 +34,7 @@ pub static HTTP_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(5000);
 pub static SIGNING_SECRET_FILE: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(None);
 pub static CA_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+pub static STATEMENT_BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(1024);
 pub static ON_ERROR: GucSetting<OnError> = GucSetting::<OnError>::new(OnError::Warning);
 pub static DEFAULT_DELIVERY: GucSetting<DefaultDelivery> =
     GucSetting::<DefaultDelivery>::new(DefaultDelivery::Sync);
@@ -199,6 +200,16 @@ pub fn init() {
         i32::MAX,
         GucContext::Sighup,
         GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"pg_emit.statement_batch_size",
+        c"Largest message of a statement-level trigger; more rows go in further messages.",
+        c"",
+        &STATEMENT_BATCH_SIZE,
+        1,
+        i32::MAX,
+        GucContext::Userset,
+        GucFlags::UNIT_KB,
     );
     GucRegistry::define_enum_guc(
         c"pg_emit.on_error",
@@ -370,4 +381,8 @@ pub fn http_client_config() -> Result<ClientConfig, String> {
         trust: trust()?,
         allow: (*allowlist()).clone(),
     })
+}
+
+pub fn statement_batch_bytes() -> usize {
+    STATEMENT_BATCH_SIZE.get().max(1) as usize * 1024
 }

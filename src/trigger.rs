@@ -7,10 +7,11 @@
 use crate::delivery::{commit, outbox, sync, Target};
 use crate::error::EmitError;
 use crate::event::{self, Event, Op};
-use crate::options::{self, Delivery, Framing, OptionError, Options};
+use crate::options::{self, Delivery, OptionError, Options};
 use crate::settings;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
+use pgrx::PgMemoryContexts;
 use std::cell::RefCell;
 use std::ffi::CStr;
 use std::rc::Rc;
@@ -255,11 +256,15 @@ fn fire(td: &pg_sys::TriggerData, func: Func) -> pg_sys::Datum {
     };
     let plan = plan_for(tg, &firing);
     let (target, opts) = (&plan.target, &plan.opts);
-    let mode = check_event(&firing, target, opts);
+    let mode = delivery_mode(&firing, target, opts);
 
     let event = td.tg_event;
     let op = op_of(event);
     let row_level = event & pg_sys::TRIGGER_EVENT_ROW != 0;
+    if !row_level && op != Op::Truncate {
+        fire_statement(&firing, &plan, mode);
+        return pg_sys::Datum::from(0);
+    }
     // SAFETY: tuples and descriptor come from the firing itself.
     let (new, old) = unsafe {
         let desc = (*td.tg_relation).rd_att;
@@ -274,13 +279,6 @@ fn fire(td: &pg_sys::TriggerData, func: Func) -> pg_sys::Datum {
         }
     };
 
-    let ndjson = matches!(
-        target,
-        Target::Tcp {
-            framing: Framing::Ndjson,
-            ..
-        }
-    );
     let args: Vec<&str> = match opts.format {
         options::Format::Td => plan.args.iter().map(String::as_str).collect(),
         options::Format::Json => Vec::new(),
@@ -297,27 +295,8 @@ fn fire(td: &pg_sys::TriggerData, func: Func) -> pg_sys::Datum {
     };
     BUF.with_borrow_mut(|buf| {
         buf.clear();
-        // Async events are stored one per line; ndjson sends one per line.
-        let one_line = ndjson || mode == Delivery::Async;
-        event::write_event(buf, opts.format, &ev, new, old, one_line);
-        if ndjson && mode != Delivery::Async {
-            buf.push(b'\n');
-        }
-        let context = || firing.describe();
-        let limit = settings::max_message_bytes();
-        if buf.len() > limit {
-            EmitError::TooLarge {
-                context: context(),
-                size: buf.len(),
-                limit,
-            }
-            .raise();
-        }
-        match mode {
-            Delivery::Sync => sync::deliver(&context, target, buf),
-            Delivery::Commit => commit::hold(&context, target, buf),
-            Delivery::Async => outbox::queue(&context, target, buf),
-        }
+        event::write_event(buf, opts.format, &ev, new, old, one_line(target, mode));
+        send(&firing, target, mode, buf);
         // Large rows must not pin megabytes per backend for its lifetime.
         if buf.capacity() > 1 << 20 {
             *buf = Vec::new();
@@ -334,6 +313,153 @@ fn fire(td: &pg_sys::TriggerData, func: Func) -> pg_sys::Datum {
         (true, _) => td.tg_trigtuple,
     };
     pg_sys::Datum::from(row)
+}
+
+/// Async events are stored one per line, and ndjson sends one per line.
+fn one_line(target: &Target, mode: Delivery) -> bool {
+    target.coalesces() || mode == Delivery::Async
+}
+
+/// Hands one finished message in `buf` to its delivery mode.
+fn send(firing: &Firing<'_>, target: &Target, mode: Delivery, buf: &mut Vec<u8>) {
+    if target.coalesces() && mode != Delivery::Async {
+        buf.push(b'\n');
+    }
+    let context = || firing.describe();
+    let limit = settings::max_message_bytes();
+    if buf.len() > limit {
+        EmitError::TooLarge {
+            context: context(),
+            size: buf.len(),
+            limit,
+        }
+        .raise();
+    }
+    match mode {
+        Delivery::Sync => sync::deliver(&context, target, buf),
+        Delivery::Commit => commit::hold(&context, target, buf),
+        Delivery::Async => outbox::queue(&context, target, buf),
+    }
+}
+
+/// A statement-level trigger with transition tables: all changed rows in
+/// one message (`"rows":[{"new":..,"old":..},..]`), split into several
+/// when it grows past `pg_emit.statement_batch_size`. For UPDATE the old
+/// and new transition tables hold the rows in the same order, so they are
+/// read in lockstep and paired.
+fn fire_statement(firing: &Firing<'_>, plan: &Plan, mode: Delivery) {
+    let td = firing.td;
+    let (new_ts, old_ts) = (td.tg_newtable, td.tg_oldtable);
+    if new_ts.is_null() && old_ts.is_null() {
+        EmitError::TriggerEvent {
+            trigger: firing.describe(),
+            problem: format!(
+                "a statement-level {} trigger needs REFERENCING NEW TABLE AS ... and/or \
+                 OLD TABLE AS ... to have rows to send (or create it FOR EACH ROW)",
+                op_of(td.tg_event).name()
+            ),
+        }
+        .raise();
+    }
+    let (target, opts) = (&plan.target, &plan.opts);
+    let args: Vec<&str> = match opts.format {
+        options::Format::Td => plan.args.iter().map(String::as_str).collect(),
+        options::Format::Json => Vec::new(),
+    };
+    // SAFETY: the relation is open for the firing.
+    let relid = unsafe { (*td.tg_relation).rd_id };
+    let ev = Event {
+        op: op_of(td.tg_event),
+        schema: &firing.schema,
+        table: firing.table,
+        when: when_of(td.tg_event),
+        level: "STATEMENT",
+        trigger_name: firing.name,
+        relid: relid.to_u32(),
+        args: &args,
+    };
+    let cap = settings::statement_batch_bytes();
+    let one_line = one_line(target, mode);
+    // SAFETY: transition tables and the descriptor belong to this firing;
+    // each gets its own read pointer so other triggers reading the same
+    // tables are not disturbed.
+    unsafe {
+        let desc = (*td.tg_relation).rd_att;
+        let open = |ts: *mut pg_sys::Tuplestorestate| {
+            if ts.is_null() {
+                return None;
+            }
+            let ptr = pg_sys::tuplestore_alloc_read_pointer(ts, 0);
+            let slot = pg_sys::MakeSingleTupleTableSlot(desc, &pg_sys::TTSOpsMinimalTuple);
+            Some((ts, ptr, slot))
+        };
+        let (new_r, old_r) = (open(new_ts), open(old_ts));
+        for (ts, ptr, _) in new_r.iter().chain(old_r.iter()) {
+            pg_sys::tuplestore_select_read_pointer(*ts, *ptr);
+            pg_sys::tuplestore_rescan(*ts);
+        }
+        // Row JSON is built in a context reset per row: a million-row
+        // statement must not keep a million detoasted rows in memory.
+        let mut rows_cx = PgMemoryContexts::new("pg_emit statement rows");
+        let mut buf = Vec::new();
+        let mut in_message = 0usize;
+        loop {
+            let next = |r: &Option<(
+                *mut pg_sys::Tuplestorestate,
+                i32,
+                *mut pg_sys::TupleTableSlot,
+            )>,
+                        cx: &mut PgMemoryContexts|
+             -> Option<Vec<u8>> {
+                let (ts, ptr, slot) = (*r)?;
+                pg_sys::tuplestore_select_read_pointer(ts, ptr);
+                if !pg_sys::tuplestore_gettupleslot(ts, true, false, slot) {
+                    return None;
+                }
+                Some(cx.switch_to(|_| {
+                    let datum = pg_sys::ExecFetchSlotHeapTupleDatum(slot);
+                    let json = pg_sys::DirectFunctionCall1Coll(
+                        Some(row_to_json),
+                        pg_sys::InvalidOid,
+                        datum,
+                    );
+                    pgrx::varlena::varlena_to_byte_slice(json.cast_mut_ptr::<pg_sys::varlena>())
+                        .to_vec()
+                }))
+            };
+            let new = next(&new_r, &mut rows_cx);
+            let old = next(&old_r, &mut rows_cx);
+            rows_cx.reset();
+            if new.is_none() && old.is_none() {
+                break;
+            }
+            let row_len = new.as_ref().map_or(4, Vec::len) + old.as_ref().map_or(4, Vec::len);
+            if in_message > 0 && buf.len() + row_len > cap {
+                event::end_batch(&mut buf);
+                send(firing, target, mode, &mut buf);
+                buf.clear();
+                in_message = 0;
+            }
+            if in_message == 0 {
+                event::begin_batch(&mut buf, opts.format, &ev);
+            }
+            event::push_batch_row(
+                &mut buf,
+                in_message == 0,
+                new.as_deref(),
+                old.as_deref(),
+                one_line,
+            );
+            in_message += 1;
+        }
+        if in_message > 0 {
+            event::end_batch(&mut buf);
+            send(firing, target, mode, &mut buf);
+        }
+        for (_, _, slot) in new_r.iter().chain(old_r.iter()) {
+            pg_sys::ExecDropSingleTupleTableSlot(*slot);
+        }
+    }
 }
 
 /// The parsed arguments of `tg`, from the cache or parsed now; bad
@@ -372,25 +498,12 @@ fn plan_for(tg: &pg_sys::Trigger, firing: &Firing<'_>) -> Rc<Plan> {
     plan
 }
 
-/// Rejects firings the trigger cannot serve, naming the trigger; returns
-/// the delivery mode in force. Destinations that send later (commit,
+/// The delivery mode in force; refuses, naming the trigger, a destination
+/// the allowlist cannot allow. Destinations that send later (commit,
 /// async) are checked against the allowlist now, without DNS, so that a
 /// refused one fails the statement rather than being discovered after
 /// commit; the check at connect time stays the authoritative one.
-fn check_event(firing: &Firing<'_>, target: &Target, opts: &Options) -> Delivery {
-    let event = firing.td.tg_event;
-    let row_level = event & pg_sys::TRIGGER_EVENT_ROW != 0;
-    let op = op_of(event);
-    if !row_level && op != Op::Truncate {
-        EmitError::TriggerEvent {
-            trigger: firing.describe(),
-            problem: format!(
-                "a statement-level {} trigger has no rows to send; create it FOR EACH ROW",
-                op.name()
-            ),
-        }
-        .raise();
-    }
+fn delivery_mode(firing: &Firing<'_>, target: &Target, opts: &Options) -> Delivery {
     let mode = opts.delivery.unwrap_or_else(settings::default_delivery);
     if mode != Delivery::Sync {
         let allowed = match target {
