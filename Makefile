@@ -46,4 +46,5 @@ clean:
 
 ## make bench: the side-by-side benchmark (release build).
 bench: setup install-release
+	.venv/bin/python -c 'import matplotlib' 2>/dev/null || .venv/bin/pip install -q matplotlib
 	.venv/bin/python bench/bench.py
