@@ -72,6 +72,21 @@ def main():
         down = free_port()
         sql(f"SELECT send_socket('lost', '127.0.0.1', {down})")
 
+        step(f"delivery=async: nothing is lost while the receiver on port {down} is down")
+        sql("CREATE TABLE payments (id int PRIMARY KEY, amount numeric)")
+        sql(
+            "CREATE TRIGGER payments_out AFTER INSERT ON payments FOR EACH ROW "
+            f"EXECUTE FUNCTION row_to_socket('127.0.0.1', {down}, 'delivery=async', 'framing=ndjson')"
+        )
+        sql("INSERT INTO payments VALUES (1, 10.00), (2, 20.00)")
+        time.sleep(0.5)
+        sql("SELECT destination, queued + in_flight AS waiting, failed_attempts, last_error FROM emit.stats")
+        late = Receiver("ndjson", port=down)
+        print(f"   {DIM}(receiver started on 127.0.0.1:{down}; the worker retries with backoff){OFF}")
+        for m in late.wait_for(2, timeout=10):
+            print(f"   {BOLD}received:{OFF} {m.decode()}")
+        late.close()
+
         conn.close()
     finally:
         cluster.destroy()

@@ -1,9 +1,11 @@
-//! pg_emit: send row changes and messages out of PostgreSQL over TCP.
+//! pg_emit: send row changes and messages out of PostgreSQL over TCP and
+//! HTTP.
 //!
-//! Pure logic (`options`, `event`, `cooldown`, `transport`) has no pgrx
-//! dependency and is unit-tested with plain `cargo test`; the modules that
-//! touch the backend (`settings`, `error`, `interrupts`, `delivery`,
-//! `trigger`) are thin glue around it.
+//! Pure logic (`options`, `event`, `cooldown`, `backoff`, `security`,
+//! `transport`, `delivery::pending`, `worker::send`) has no pgrx dependency
+//! and is unit-tested with plain `cargo test --lib`; the modules that touch
+//! the backend (`settings`, `error`, `interrupts`, `hooks`, `trigger`,
+//! `send`, `delivery`, `worker`, `admin`) are glue around it.
 
 use pgrx::prelude::*;
 

@@ -17,9 +17,13 @@ import psycopg
 BIN = os.environ.get("PG_BIN", "/usr/lib/postgresql/15/bin")
 
 
+# /usr/sbin is not on every root PATH (cron, CI runners, `env -i`).
+RUNUSER = shutil.which("runuser") or "/usr/sbin/runuser"
+
+
 def _as_server_user(cmd):
     if os.geteuid() == 0:
-        return ["runuser", "-u", "postgres", "--"] + cmd
+        return [RUNUSER, "-u", "postgres", "--"] + cmd
     return cmd
 
 

@@ -130,6 +130,7 @@ def test_receiver_down_while_2000_rows_commit_then_up(db, table):
     try:
         got = distinct(nd.wait_for(2000, timeout=15))
         assert sorted(e["new"]["id"] for e in got.values()) == list(range(1, 2001))
+        assert nd.connections == 1  # 20 outbox rows, one kept-open connection
         assert wait_until(lambda: db.one(
             "SELECT delivered FROM emit.stats WHERE destination LIKE %s", (f"%:{port}?%",)) == 2000)
     finally:

@@ -258,6 +258,22 @@ def test_async_reuses_keep_alive_connections(db, table, web):
     assert len(web.peers) == 1  # one connection for all 50 requests
 
 
+def test_worker_holds_no_transaction_while_waiting_on_http(db, table):
+    srv = HttpReceiver(hang=True)
+    try:
+        attach(db, table, srv.url, "delivery=async")
+        db.execute(f"INSERT INTO {table} VALUES (1, 'a')")
+        assert srv.wait_for(1, timeout=5)  # the request is in flight, unanswered
+        state, xact = db.conn.execute(
+            "SELECT state, xact_start FROM pg_stat_activity "
+            "WHERE backend_type = 'pg_emit worker' AND datname = current_database()"
+        ).fetchone()
+        assert state == "idle" and xact is None
+    finally:
+        srv.close()
+        db.execute("DELETE FROM emit.outbox WHERE url = %s", (srv.url,))
+
+
 # --- signing ---------------------------------------------------------------------------
 
 

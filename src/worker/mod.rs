@@ -73,15 +73,24 @@ unsafe extern "C" {
 /// An ERROR inside `f` (pgrx turns it into an unwinding panic) aborts the
 /// transaction and comes back as `Err` with its message, so the caller can
 /// tell a dropped extension from a real fault.
-fn transaction<R, E: std::fmt::Display>(f: impl FnOnce() -> Result<R, E>) -> Result<R, String> {
-    // SAFETY: the standard bgworker transaction bracket.
+///
+/// `what` shows in `pg_stat_activity.query` while it runs; afterwards the
+/// worker reports itself idle, so a DBA sees it never sits in a
+/// transaction while it waits on a receiver.
+fn transaction<R, E: std::fmt::Display>(
+    what: &std::ffi::CStr,
+    f: impl FnOnce() -> Result<R, E>,
+) -> Result<R, String> {
+    // SAFETY: reporting activity and the standard bgworker transaction
+    // bracket.
     unsafe {
+        pg_sys::pgstat_report_activity(pg_sys::BackendState::STATE_RUNNING, what.as_ptr());
         pg_sys::SetCurrentStatementStartTimestamp();
         pg_sys::StartTransactionCommand();
         pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
     }
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
-    match r {
+    let r = match r {
         Ok(Ok(v)) => {
             // SAFETY: closes what was opened above.
             unsafe {
@@ -110,14 +119,17 @@ fn transaction<R, E: std::fmt::Display>(f: impl FnOnce() -> Result<R, E>) -> Res
                 Err(_) => "unexpected panic".to_string(),
             })
         }
-    }
+    };
+    // SAFETY: as above.
+    unsafe { pg_sys::pgstat_report_activity(pg_sys::BackendState::STATE_IDLE, std::ptr::null()) };
+    r
 }
 
 /// After a failed transaction: a missing extension means DROP EXTENSION
 /// won the race with this worker, which then just stops; anything else is
 /// a real fault, raised (the worker restarts in a second).
 fn stop_or_raise(what: &str, err: String) -> Stop {
-    let installed = transaction(|| {
+    let installed = transaction(c"pg_emit: checking the extension", || {
         Spi::get_one::<bool>("SELECT EXISTS (SELECT FROM pg_extension WHERE extname = 'pg_emit')")
     });
     match installed {
@@ -151,7 +163,7 @@ pub extern "C-unwind" fn pg_emit_worker_main(arg: pg_sys::Datum) {
     let db = pg_sys::Oid::from(arg.value() as u32);
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(db), None);
-    let claimed = transaction(|| {
+    let claimed = transaction(c"pg_emit: starting", || {
         Spi::connect_mut(|c| {
             let missing = c
                 .select(
@@ -246,7 +258,7 @@ impl Worker {
             dests: HashMap::new(),
             done_tx,
             done_rx,
-            rng: 0x9e37_79b9_7f4a_7c15 ^ seed ^ (Instant::now().elapsed().as_nanos() as u64),
+            rng: 0x9e37_79b9_7f4a_7c15 ^ seed.rotate_left(32) ^ now_nanos(),
         }
     }
 
@@ -321,7 +333,7 @@ impl Worker {
         let ready =
             |d: Option<&Dest>| d.is_none_or(|d| !d.busy && d.retry_at.is_none_or(|t| t <= now));
         let dests = &self.dests;
-        let jobs = transaction(|| {
+        let jobs = transaction(c"pg_emit: claiming events", || {
             Spi::connect_mut(
                 |c| -> Result<Option<Vec<(String, Job)>>, pgrx::spi::Error> {
                     if c.select("SELECT to_regclass('emit.outbox')::oid", None, &[])?
@@ -399,7 +411,7 @@ impl Worker {
     fn acknowledge(&mut self, done: Vec<(String, Job, Outcome)>) -> Result<(), Stop> {
         let ws = worker_settings();
         let mut logs = Vec::new();
-        let result = transaction(|| {
+        let result = transaction(c"pg_emit: recording deliveries", || {
             Spi::connect_mut(|c| -> Result<Vec<i64>, pgrx::spi::Error> {
                 let mut dead = Vec::new();
                 for (key, job, out) in &done {
@@ -735,3 +747,10 @@ WITH dead AS (
     RETURNING events
 )
 SELECT coalesce(sum(events), 0)::bigint FROM moved";
+
+/// Wall-clock nanoseconds, to seed the jitter differently in every worker.
+fn now_nanos() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
