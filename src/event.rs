@@ -57,6 +57,24 @@ pub fn write_event(
     old: Option<&[u8]>,
     one_line: bool,
 ) {
+    push_header(buf, format, ev);
+    buf.extend_from_slice(b",\"new\":");
+    push_row(buf, new, one_line);
+    buf.extend_from_slice(b",\"old\":");
+    push_row(buf, old, one_line);
+    buf.push(b'}');
+}
+
+/// Opens a statement-level message: the envelope of [`write_event`] with
+/// `"rows":[` where `new`/`old` would be. Rows follow with
+/// [`push_batch_row`], then [`end_batch`].
+pub fn begin_batch(buf: &mut Vec<u8>, format: Format, ev: &Event<'_>) {
+    push_header(buf, format, ev);
+    buf.extend_from_slice(b",\"rows\":[");
+}
+
+/// The keys every message of `format` starts with, object left open.
+fn push_header(buf: &mut Vec<u8>, format: Format, ev: &Event<'_>) {
     match format {
         Format::Json => {
             buf.extend_from_slice(b"{\"op\":\"");
@@ -65,11 +83,6 @@ pub fn write_event(
             push_string(buf, ev.schema);
             buf.extend_from_slice(b",\"table\":");
             push_string(buf, ev.table);
-            buf.extend_from_slice(b",\"new\":");
-            push_row(buf, new, one_line);
-            buf.extend_from_slice(b",\"old\":");
-            push_row(buf, old, one_line);
-            buf.push(b'}');
         }
         Format::Td => {
             buf.extend_from_slice(b"{\"event\":\"");
@@ -87,50 +100,10 @@ pub fn write_event(
             // plpython renders relid with oidout, i.e. as a string.
             buf.extend_from_slice(b",\"relid\":\"");
             buf.extend_from_slice(ev.relid.to_string().as_bytes());
-            buf.extend_from_slice(b"\",\"new\":");
-            push_row(buf, new, one_line);
-            buf.extend_from_slice(b",\"old\":");
-            push_row(buf, old, one_line);
-            buf.extend_from_slice(b",\"args\":");
-            push_args(buf, ev.args);
-            buf.push(b'}');
-        }
-    }
-}
-
-/// Opens a statement-level message: the envelope of [`write_event`] with
-/// `"rows":[` where `new`/`old` would be. Rows follow with
-/// [`push_batch_row`], then [`end_batch`].
-pub fn begin_batch(buf: &mut Vec<u8>, format: Format, ev: &Event<'_>) {
-    match format {
-        Format::Json => {
-            buf.extend_from_slice(b"{\"op\":\"");
-            buf.extend_from_slice(ev.op.name().as_bytes());
-            buf.extend_from_slice(b"\",\"schema\":");
-            push_string(buf, ev.schema);
-            buf.extend_from_slice(b",\"table\":");
-            push_string(buf, ev.table);
-        }
-        Format::Td => {
-            buf.extend_from_slice(b"{\"event\":\"");
-            buf.extend_from_slice(ev.op.name().as_bytes());
-            buf.extend_from_slice(b"\",\"when\":");
-            push_string(buf, ev.when);
-            buf.extend_from_slice(b",\"level\":");
-            push_string(buf, ev.level);
-            buf.extend_from_slice(b",\"name\":");
-            push_string(buf, ev.trigger_name);
-            buf.extend_from_slice(b",\"table_name\":");
-            push_string(buf, ev.table);
-            buf.extend_from_slice(b",\"table_schema\":");
-            push_string(buf, ev.schema);
-            buf.extend_from_slice(b",\"relid\":\"");
-            buf.extend_from_slice(ev.relid.to_string().as_bytes());
             buf.extend_from_slice(b"\",\"args\":");
             push_args(buf, ev.args);
         }
     }
-    buf.extend_from_slice(b",\"rows\":[");
 }
 
 /// Appends `{"new":...,"old":...}`; `first` is false for every row after
@@ -271,7 +244,7 @@ mod tests {
     fn td_envelope_uses_plpython_names() {
         assert_eq!(
             render(Format::Td, Op::Insert, Some(r#"{"id":1}"#), None, false),
-            r#"{"event":"INSERT","when":"AFTER","level":"ROW","name":"orders_out","table_name":"orders","table_schema":"public","relid":"16384","new":{"id":1},"old":null,"args":["127.0.0.1","26200"]}"#
+            r#"{"event":"INSERT","when":"AFTER","level":"ROW","name":"orders_out","table_name":"orders","table_schema":"public","relid":"16384","args":["127.0.0.1","26200"],"new":{"id":1},"old":null}"#
         );
         let mut buf = Vec::new();
         let mut e = ev(Op::Delete);
@@ -279,7 +252,7 @@ mod tests {
         write_event(&mut buf, Format::Td, &e, None, Some(b"{}"), false);
         assert!(String::from_utf8(buf)
             .unwrap()
-            .ends_with(r#""old":{},"args":null}"#));
+            .ends_with(r#""args":null,"new":null,"old":{}}"#));
     }
 
     #[test]

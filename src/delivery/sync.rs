@@ -10,11 +10,10 @@ use crate::cooldown::Cooldowns;
 use crate::error::EmitError;
 use crate::interrupts;
 use crate::options::Framing;
-use crate::security::Allowlist;
 use crate::settings::{self, OnError};
 use crate::transport::http::{self, HttpError, Request, Response};
 use crate::transport::tcp::{self, SendError};
-use crate::transport::{Interrupt, Timeouts};
+use crate::transport::Interrupt;
 use socket2::Socket;
 use std::cell::RefCell;
 use std::time::Instant;
@@ -22,7 +21,8 @@ use std::time::Instant;
 #[derive(Default)]
 struct State {
     cooldowns: Cooldowns,
-    conns: Vec<(String, u16, Socket)>,
+    /// Kept-open ndjson connections per destination.
+    conns: Vec<(String, u16, Option<Socket>)>,
 }
 
 thread_local! {
@@ -187,7 +187,18 @@ fn try_send_tcp(
             match framing {
                 Framing::Close => tcp::send_once(host, port, msg, &timeouts, &allow, intr),
                 Framing::Ndjson => STATE.with_borrow_mut(|st| {
-                    send_ndjson(&mut st.conns, host, port, msg, &timeouts, &allow, intr)
+                    let i = match st
+                        .conns
+                        .iter()
+                        .position(|(h, p, _)| *p == port && h == host)
+                    {
+                        Some(i) => i,
+                        None => {
+                            st.conns.push((host.to_string(), port, None));
+                            st.conns.len() - 1
+                        }
+                    };
+                    tcp::write_kept(&mut st.conns[i].2, host, port, msg, &timeouts, &allow, intr)
                 }),
             }
             .map_err(Failure::Send)
@@ -355,46 +366,4 @@ pub fn report(f: Failure, context: &dyn Fn() -> String, dest: &str) {
         e.raise()
     }
     e.warn();
-}
-
-/// Writes on the kept-open connection to `host:port`, opening (or
-/// re-opening, once) as needed. A connection is only put back after a
-/// complete write, so a timeout or cancel mid-message never leaves half a
-/// line in front of the next message.
-fn send_ndjson(
-    conns: &mut Vec<(String, u16, Socket)>,
-    host: &str,
-    port: u16,
-    msg: &[u8],
-    timeouts: &Timeouts,
-    allow: &Allowlist,
-    intr: &dyn Interrupt,
-) -> Result<(), SendError> {
-    // A kept-open connection was checked when it was opened; the allowlist
-    // can only be changed by a superuser, who then also wants it to apply
-    // to connections already open: re-check its peer.
-    if let Some(i) = conns.iter().position(|(h, p, _)| *p == port && h == host) {
-        let peer = conns[i].2.peer_addr().ok().and_then(|a| a.as_socket());
-        if peer.is_none_or(|a| allow.filter(host, port, None, &[a]).is_err()) {
-            conns.swap_remove(i);
-        }
-    }
-    if let Some(i) = conns.iter().position(|(h, p, _)| *p == port && h == host) {
-        let (h, p, sock) = conns.swap_remove(i);
-        if !tcp::peer_closed(&sock) {
-            match tcp::write_all(&sock, msg, timeouts.write_deadline(), intr) {
-                Ok(()) => {
-                    conns.push((h, p, sock));
-                    return Ok(());
-                }
-                // The receiver went away between messages: reconnect.
-                Err(SendError::Closed) => {}
-                Err(e) => return Err(e),
-            }
-        }
-    }
-    let sock = tcp::open(host, port, timeouts, allow, intr)?;
-    tcp::write_all(&sock, msg, timeouts.write_deadline(), intr)?;
-    conns.push((host.to_string(), port, sock));
-    Ok(())
 }

@@ -279,6 +279,45 @@ pub fn send_once(
     Ok(())
 }
 
+/// Writes `msg` on the kept-open connection in `slot`, opening (or
+/// re-opening, once) as needed. The connection is only put back after a
+/// complete write, so a timeout or cancel mid-message never leaves half a
+/// line in front of the next message. Its peer is checked against `allow`
+/// again: a superuser who narrows the allowlist means it for connections
+/// already open too.
+pub fn write_kept(
+    slot: &mut Option<Socket>,
+    host: &str,
+    port: u16,
+    msg: &[u8],
+    timeouts: &Timeouts,
+    allow: &Allowlist,
+    intr: &dyn Interrupt,
+) -> Result<(), SendError> {
+    if let Some(sock) = slot.take() {
+        let peer_allowed = sock
+            .peer_addr()
+            .ok()
+            .and_then(|a| a.as_socket())
+            .is_some_and(|a| allow.filter(host, port, None, &[a]).is_ok());
+        if peer_allowed && !peer_closed(&sock) {
+            match write_all(&sock, msg, timeouts.write_deadline(), intr) {
+                Ok(()) => {
+                    *slot = Some(sock);
+                    return Ok(());
+                }
+                // The receiver went away between messages: reconnect.
+                Err(SendError::Closed) => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    let sock = open(host, port, timeouts, allow, intr)?;
+    write_all(&sock, msg, timeouts.write_deadline(), intr)?;
+    *slot = Some(sock);
+    Ok(())
+}
+
 /// Whether the receiver has closed a kept-open connection. A write to such
 /// a socket would "succeed" into the kernel buffer and the message would be
 /// lost, so the ndjson path asks before every write: one non-blocking

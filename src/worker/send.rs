@@ -141,9 +141,17 @@ pub fn send_job(conn: &mut Conn, job: &Job, intr: &dyn Interrupt) -> Outcome {
                     push_with_id(&mut buf, row.first_event_id + k as i64, line);
                     buf.push(b'\n');
                 }
-                write_ndjson(&mut conn.tcp, host, *port, job, &buf, intr)
-                    .map(|()| sent[i] = row.events())
-                    .map_err(JobError::from)
+                tcp::write_kept(
+                    &mut conn.tcp,
+                    host,
+                    *port,
+                    &buf,
+                    &job.timeouts,
+                    &job.allow,
+                    intr,
+                )
+                .map(|()| sent[i] = row.events())
+                .map_err(JobError::from)
             }
             Dest::Tcp {
                 framing: Framing::Close,
@@ -236,34 +244,6 @@ fn post(
             after: None,
         }),
     }
-}
-
-/// One write on the kept-open connection; a connection the receiver closed
-/// since the last job is replaced once.
-fn write_ndjson(
-    conn: &mut Option<Socket>,
-    host: &str,
-    port: u16,
-    job: &Job,
-    buf: &[u8],
-    intr: &dyn Interrupt,
-) -> Result<(), SendError> {
-    if let Some(sock) = conn.take() {
-        if !tcp::peer_closed(&sock) {
-            match tcp::write_all(&sock, buf, job.timeouts.write_deadline(), intr) {
-                Ok(()) => {
-                    *conn = Some(sock);
-                    return Ok(());
-                }
-                Err(SendError::Closed) => {}
-                Err(e) => return Err(e),
-            }
-        }
-    }
-    let sock = tcp::open(host, port, &job.timeouts, &job.allow, intr)?;
-    tcp::write_all(&sock, buf, job.timeouts.write_deadline(), intr)?;
-    *conn = Some(sock);
-    Ok(())
 }
 
 #[cfg(test)]
