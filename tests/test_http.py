@@ -8,30 +8,17 @@ import shutil
 import ssl
 import subprocess
 import tempfile
-import threading
 import time
 
 import psycopg
 import pytest
 
-from conftest import wait_running
 from pgcluster import Cluster, wait_until
 from receivers import HttpReceiver, free_port
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_retries(cluster):
-    with cluster.connect() as c:
-        c.execute("LOAD 'pg_emit'")
-        c.execute("ALTER SYSTEM SET pg_emit.retry_backoff_min = '20ms'")
-        c.execute("ALTER SYSTEM SET pg_emit.retry_backoff_max = '300ms'")
-        c.execute("SELECT pg_reload_conf()")
-    yield
-    with cluster.connect() as c:
-        c.execute("LOAD 'pg_emit'")
-        c.execute("ALTER SYSTEM RESET pg_emit.retry_backoff_min")
-        c.execute("ALTER SYSTEM RESET pg_emit.retry_backoff_max")
-        c.execute("SELECT pg_reload_conf()")
+# Retries every 20–300 ms instead of 100 ms–30 s, so failure tests are quick.
+pytestmark = pytest.mark.usefixtures("fast_retries")
 
 
 @pytest.fixture
