@@ -24,6 +24,7 @@ test: setup lint unit pgtest install itest
 lint:
 	cargo fmt --all -- --check
 	cargo clippy --all-targets --features pg_test -- -D warnings
+	.venv/bin/python -m pyflakes tests bench examples
 
 unit:
 	cargo test --lib
