@@ -28,7 +28,7 @@ unsafe extern "C-unwind" fn executor_end(query: *mut pg_sys::QueryDesc) {
         Some(prev) => prev(query),
         None => pg_sys::standard_ExecutorEnd(query),
     }
-    sync::flush_all();
+    flush();
 }
 
 #[pg_guard]
@@ -56,5 +56,15 @@ unsafe extern "C-unwind" fn process_utility(
             qc,
         ),
     }
-    sync::flush_all();
+    flush();
+}
+
+/// Flushes at the end of a statement, never while a transaction is being
+/// aborted (portal cleanup can end executors then): the abort callback
+/// discards instead.
+fn flush() {
+    // SAFETY: reads the transaction state.
+    if unsafe { pg_sys::IsTransactionState() } {
+        sync::flush_all();
+    }
 }

@@ -29,6 +29,7 @@ thread_local! {
     static STATE: RefCell<State> = RefCell::default();
     static HTTP: RefCell<Option<http::Client>> = const { RefCell::new(None) };
     static OUTGOING: RefCell<Vec<Outgoing>> = const { RefCell::new(Vec::new()) };
+    static SKIPPED: RefCell<Vec<Skipped>> = const { RefCell::new(Vec::new()) };
 }
 
 /// `host:port`, with IPv6 literals bracketed so the port stays readable.
@@ -312,6 +313,16 @@ pub fn deliver(context: &dyn Fn() -> String, target: &Target, msg: &[u8]) {
     }
 }
 
+/// Events of the running statement skipped because their destination is
+/// cooling down: one WARNING per destination at the end of the statement
+/// ("49 event(s) not sent: ...") instead of one per row.
+struct Skipped {
+    dest: String,
+    context: String,
+    events: usize,
+    reason: String,
+}
+
 /// Coalesced ndjson events of the running statement for one destination.
 struct Outgoing {
     host: String,
@@ -350,19 +361,46 @@ pub fn flush_all() {
     while OUTGOING.with_borrow(|out| !out.is_empty()) {
         flush_one(0);
     }
+    for s in SKIPPED.with_borrow_mut(std::mem::take) {
+        EmitError::Delivery {
+            context: s.context,
+            reason: format!("{} event(s) not sent: {}", s.events, s.reason),
+            connect: true,
+        }
+        .warn();
+    }
 }
 
 /// Forgets coalesced events of a statement that failed: they were never
 /// written, like everything the statement did.
 pub fn discard_all() {
     OUTGOING.with_borrow_mut(|out| out.clear());
+    SKIPPED.with_borrow_mut(|s| s.clear());
 }
 
 /// Reports a failure inside a statement (see [`deliver`]).
 pub fn report(f: Failure, context: &dyn Fn() -> String, dest: &str) {
     let policy = f.not_allowed().is_some();
+    let raise = policy || settings::ON_ERROR.get() == OnError::Error;
+    if !raise {
+        if let Failure::CoolingDown { .. } = f {
+            let reason = f.reason(dest);
+            SKIPPED.with_borrow_mut(
+                |skipped| match skipped.iter_mut().find(|s| s.dest == dest) {
+                    Some(s) => s.events += 1,
+                    None => skipped.push(Skipped {
+                        dest: dest.to_string(),
+                        context: context(),
+                        events: 1,
+                        reason,
+                    }),
+                },
+            );
+            return;
+        }
+    }
     let e = f.into_error(context(), dest);
-    if policy || settings::ON_ERROR.get() == OnError::Error {
+    if raise {
         e.raise()
     }
     e.warn();
