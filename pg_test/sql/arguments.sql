@@ -25,12 +25,29 @@ SELECT send_socket(NULL, '127.0.0.1', 80) IS NULL AS null_msg,
        send_socket('x', NULL, 80) IS NULL AS null_host,
        send_socket('x', '127.0.0.1', NULL) IS NULL AS null_port;
 
+-- send_http: invalid URL, scheme, method, header are 22023.
+SELECT pg_temp.try($$SELECT send_http('ftp://127.0.0.1/x', '{}')$$);
+SELECT pg_temp.try($$SELECT send_http('127.0.0.1/x', '{}')$$);
+SELECT pg_temp.try($$SELECT send_http('http://127.0.0.1/', '{}', 'get')$$);
+SELECT pg_temp.try($$SELECT send_http('http://127.0.0.1/', '{}', 'POST', 'application/json', '{"X-A": "b\r\nC: d"}')$$);
+SELECT send_http(NULL, '{}') IS NULL AS null_url;
+
+-- Nobody but superusers may send or attach triggers until granted.
+SELECT p.proname, NOT has_function_privilege('public', p.oid, 'EXECUTE') AS public_revoked
+  FROM pg_proc p
+ WHERE p.proname IN ('send_socket', 'send_http', 'row_to_socket', 'row_to_http') ORDER BY 1;
+SELECT has_function_privilege('emit_sender', 'send_socket(text, text, integer)', 'EXECUTE') AS sender_may_send,
+       has_schema_privilege('public', 'emit', 'USAGE') AS public_sees_emit;
+
 -- Settings: units, defaults, bad values.
 SHOW pg_emit.connect_timeout;
 SHOW pg_emit.write_timeout;
 SHOW pg_emit.failure_cooldown;
 SHOW pg_emit.on_error;
 SHOW pg_emit.default_delivery;
+SHOW pg_emit.http_timeout;
+SHOW pg_emit.statement_batch_size;
+SELECT pg_temp.try($$SET pg_emit.allowed_destinations = '10.0.0.0/33'$$);
 SET pg_emit.connect_timeout = '2s';
 SHOW pg_emit.connect_timeout;
 SELECT pg_temp.try($$SET pg_emit.on_error = 'sometimes'$$);
@@ -59,6 +76,10 @@ CREATE TRIGGER twice AFTER INSERT ON orders FOR EACH ROW
   EXECUTE FUNCTION row_to_socket('127.0.0.1', '26200', 'format=td', 'format=json');
 SELECT pg_temp.try($$INSERT INTO orders VALUES (1)$$);
 DROP TRIGGER twice ON orders;
+CREATE TRIGGER http_bad AFTER INSERT ON orders FOR EACH ROW
+  EXECUTE FUNCTION row_to_http('http://127.0.0.1/', 'header=Bad Header: x');
+SELECT pg_temp.try($$INSERT INTO orders VALUES (1)$$);
+DROP TRIGGER http_bad ON orders;
 CREATE TRIGGER per_statement AFTER UPDATE ON orders FOR EACH STATEMENT
   EXECUTE FUNCTION row_to_socket('127.0.0.1', '26200');
 SELECT pg_temp.try($$UPDATE orders SET id = 2$$);
