@@ -223,7 +223,12 @@ struct Dest {
     busy: bool,
     failures: u32,
     retry_at: Option<Instant>,
+    last_job: Instant,
 }
+
+/// A destination with nothing to do for this long loses its thread and
+/// its kept-open connection; the next event starts them again.
+const IDLE_DEST: Duration = Duration::from_secs(300);
 
 struct Worker {
     dests: HashMap<String, Dest>,
@@ -324,6 +329,11 @@ impl Worker {
     /// idle ones, then hand the jobs to their threads.
     fn claim_and_dispatch(&mut self) -> Result<(), Stop> {
         let now = Instant::now();
+        // Dropping a destination's sender ends its thread, which closes
+        // its connections: a worker that once served a thousand receivers
+        // does not keep a thousand threads.
+        self.dests
+            .retain(|_, d| d.busy || d.failures > 0 || now.duration_since(d.last_job) < IDLE_DEST);
         let timeouts = settings::timeouts();
         let allow = settings::allowlist();
         // A broken pg_emit.ca_file or signing key file fails HTTP jobs
@@ -368,6 +378,7 @@ impl Worker {
         for (key, job) in jobs {
             let dest = self.dest(&key);
             dest.busy = true;
+            dest.last_job = Instant::now();
             if dest.jobs.send(job).is_err() {
                 pgrx::error!("pg_emit worker: sender thread for {key} is gone");
             }
@@ -401,6 +412,7 @@ impl Worker {
                     busy: false,
                     failures: 0,
                     retry_at: None,
+                    last_job: Instant::now(),
                 },
             );
         }
