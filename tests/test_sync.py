@@ -457,3 +457,20 @@ def test_skipped_sends_are_summed_up_per_statement(db):
     assert len(w) == 2, w
     assert "connection refused" in w[0]
     assert w[1].startswith("send_socket: 99 event(s) not sent: not sending to 127.0.0.1:")
+
+
+def test_instead_of_trigger_on_a_view(db, table, rx):
+    """A view whose writes only emit events: INSTEAD OF hands the row back,
+    so PostgreSQL counts it as done."""
+    db.execute(f"CREATE TABLE {table} (id int, v text)")
+    db.execute(f"CREATE VIEW {table}_v AS SELECT * FROM {table}")
+    db.execute(
+        f"CREATE TRIGGER out INSTEAD OF INSERT ON {table}_v FOR EACH ROW "
+        f"EXECUTE FUNCTION row_to_socket('127.0.0.1', {rx.port})"
+    )
+    cur = db.execute(f"INSERT INTO {table}_v VALUES (1, 'only an event')")
+    assert cur.rowcount == 1
+    assert db.one(f"SELECT count(*) FROM {table}") == 0
+    ev = json.loads(rx.wait_for(1)[0])
+    assert ev["op"] == "INSERT" and ev["table"] == f"{table}_v" and ev["new"]["v"] == "only an event"
+    db.execute(f"DROP VIEW {table}_v")
