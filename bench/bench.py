@@ -20,6 +20,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
 from pgcluster import Cluster  # noqa: E402
+from receivers import Listener  # noqa: E402
 
 ROWS = int(sys.argv[1]) if len(sys.argv) > 1 else int(os.environ.get("BENCH_ROWS", "20000"))
 REPEAT = int(os.environ.get("BENCH_REPEAT", "3"))
@@ -99,7 +100,7 @@ $$ LANGUAGE plpython3u
 """
 
 
-class CountingHttpReceiver:
+class CountingHttpReceiver(Listener):
     """Minimal HTTP/1.1 keep-alive server on 127.0.0.1 that answers every
     request with 204 and counts them: the async worker sends one request
     at a time per destination, so the receiver's per-request cost bounds
@@ -108,24 +109,11 @@ class CountingHttpReceiver:
     RESPONSE = b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n"
 
     def __init__(self):
-        self.lsock = socket.socket()
-        self.lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.lsock.bind(("127.0.0.1", 0))
-        self.lsock.listen(64)
-        self.port = self.lsock.getsockname()[1]
         self.count = 0
         self.lock = threading.Lock()
-        threading.Thread(target=self.accept, daemon=True).start()
+        super().__init__(backlog=64)
 
-    def accept(self):
-        while True:
-            try:
-                c, _ = self.lsock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self.serve, args=(c,), daemon=True).start()
-
-    def serve(self, c):
+    def serve(self, c, seq):
         buf = b""
         while True:
             head_end = buf.find(b"\r\n\r\n")
@@ -154,9 +142,6 @@ class CountingHttpReceiver:
         while self.count < n and time.monotonic() < end:
             time.sleep(0.005)
         return self.count
-
-    def close(self):
-        self.lsock.close()
 
 
 # name, receiver ("eof", "ndjson", "http" or None), trigger function call,
@@ -212,27 +197,15 @@ def run_one(conn, kind, trigger, level):
     return elapsed
 
 
-class TimingReceiver:
+class TimingReceiver(Listener):
     """ndjson receiver that records when each event (by its row id)
     arrived."""
 
     def __init__(self):
-        self.lsock = socket.socket()
-        self.lsock.bind(("127.0.0.1", 0))
-        self.lsock.listen(16)
-        self.port = self.lsock.getsockname()[1]
         self.arrived = {}
-        threading.Thread(target=self.accept, daemon=True).start()
+        super().__init__(backlog=16)
 
-    def accept(self):
-        while True:
-            try:
-                c, _ = self.lsock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self.read, args=(c,), daemon=True).start()
-
-    def read(self, c):
+    def serve(self, c, seq):
         buf = b""
         while chunk := c.recv(1 << 16):
             now = time.perf_counter()
@@ -242,9 +215,6 @@ class TimingReceiver:
                 # {"id":N,"op":"INSERT",...,"new":{"id":K,...
                 k = int(line.split(b'"new":{"id":', 1)[1].split(b",", 1)[0])
                 self.arrived.setdefault(k, now)
-
-    def close(self):
-        self.lsock.close()
 
 
 def async_throughput(conn, events, kind):

@@ -8,25 +8,24 @@ import threading
 import time
 
 
-class Receiver:
-    """TCP receiver. `mode="eof"`: one message per connection, read until
-    end of stream (what the plpython recipe's receivers do); `mode="ndjson"`:
-    one message per line on long-lived connections."""
+class Listener:
+    """A TCP listener on loopback that hands every accepted connection to
+    `serve(conn, seq)` on a thread of its own (`seq` counts connections
+    from 1). Subclasses set their state before calling `__init__`, which
+    starts accepting."""
 
-    def __init__(self, mode="eof", port=0, host="127.0.0.1"):
+    def __init__(self, port=0, host="127.0.0.1", backlog=512, rcvbuf=None):
         assert host in ("127.0.0.1", "::1"), "receivers listen on loopback only"
-        self.mode = mode
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.sock = socket.socket(family, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if rcvbuf:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         self.sock.bind((host, port))
-        self.sock.listen(512)
+        self.sock.listen(backlog)
         self.port = self.sock.getsockname()[1]
-        self.messages = []
-        self.connections = 0
-        self.cond = threading.Condition()
         self.conns = []
-        self.closed = False
+        self.connections = 0
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self):
@@ -35,13 +34,29 @@ class Receiver:
                 conn, _ = self.sock.accept()
             except OSError:
                 return
-            with self.cond:
-                self.connections += 1
-                seq = self.connections
-                self.conns.append(conn)
-            threading.Thread(target=self._serve, args=(conn, seq), daemon=True).start()
+            self.connections += 1
+            self.conns.append(conn)
+            threading.Thread(target=self.serve, args=(conn, self.connections), daemon=True).start()
 
-    def _serve(self, conn, seq):
+    def serve(self, conn, seq):
+        raise NotImplementedError
+
+    def close(self):
+        self.sock.close()
+
+
+class Receiver(Listener):
+    """TCP receiver. `mode="eof"`: one message per connection, read until
+    end of stream (what the plpython recipe's receivers do); `mode="ndjson"`:
+    one message per line on long-lived connections."""
+
+    def __init__(self, mode="eof", port=0, host="127.0.0.1"):
+        self.mode = mode
+        self.messages = []
+        self.cond = threading.Condition()
+        super().__init__(port, host)
+
+    def serve(self, conn, seq):
         buf = bytearray()
         try:
             while True:
@@ -85,8 +100,7 @@ class Receiver:
 
     def drop_connections(self):
         """Closes every accepted connection, as a restarting receiver would."""
-        with self.cond:
-            conns, self.conns = self.conns, []
+        conns, self.conns = self.conns, []
         for c in conns:
             try:
                 c.shutdown(socket.SHUT_RDWR)
@@ -94,7 +108,7 @@ class Receiver:
                 pass
 
     def close(self):
-        self.sock.close()
+        super().close()
         self.drop_connections()
 
 
@@ -135,30 +149,19 @@ class Stalled:
         self.sock.close()
 
 
-class Sink:
+class Sink(Listener):
     """Accepts connections but never reads: writes stall once buffers fill."""
 
     def __init__(self):
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.port = self.sock.getsockname()[1]
-        self.conns = []
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__(backlog=16, rcvbuf=4096)
 
-    def _accept(self):
-        while True:
-            try:
-                c, _ = self.sock.accept()
-            except OSError:
-                return
-            c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            self.conns.append(c)
+    def serve(self, conn, seq):
+        pass  # kept open in self.conns, never read
 
     def close(self):
         for c in self.conns:
             c.close()
-        self.sock.close()
+        super().close()
 
 
 def free_port():

@@ -3,14 +3,12 @@ clusters: one started on demand (no preloading), one preloaded for the
 crash and restart tests."""
 
 import json
-import socket
-import threading
 import time
 
 import pytest
 
 from pgcluster import Cluster, wait_until
-from receivers import Receiver, Stalled, free_port
+from receivers import Listener, Receiver, Stalled, free_port
 
 
 # Retries every 20–300 ms instead of 100 ms–30 s, so failure tests are quick.
@@ -289,34 +287,20 @@ def test_large_transaction_spills_to_several_outbox_rows(db, table):
 # --- crash safety, on a cluster with shared_preload_libraries ---------------
 
 
-class SlowReceiver:
+class SlowReceiver(Listener):
     """ndjson receiver that reads 512 bytes every 5 ms (until `hurry()`)
     through a small receive buffer, so the worker's writes block and a few
     thousand events take seconds to deliver."""
 
     def __init__(self):
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.port = self.sock.getsockname()[1]
         self.messages = []
         self.delay = 0.005
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__(backlog=64, rcvbuf=4096)
 
     def hurry(self):
         self.delay = 0
 
-    def _accept(self):
-        while True:
-            try:
-                c, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._read, args=(c,), daemon=True).start()
-
-    def _read(self, c):
+    def serve(self, c, seq):
         buf = b""
         while True:
             try:
@@ -334,9 +318,6 @@ class SlowReceiver:
 
     def distinct(self):
         return distinct(list(self.messages))
-
-    def close(self):
-        self.sock.close()
 
 
 @pytest.fixture(scope="module")
