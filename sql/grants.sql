@@ -11,10 +11,12 @@ REVOKE EXECUTE ON FUNCTION row_to_http() FROM PUBLIC;
 -- DROP EXTENSION.
 DO $$
 BEGIN
-  IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'emit_sender') THEN
+  IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles
+                 WHERE rolname OPERATOR(pg_catalog.=) 'emit_sender') THEN
     CREATE ROLE emit_sender NOLOGIN;
   END IF;
-  IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'emit_admin') THEN
+  IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles
+                 WHERE rolname OPERATOR(pg_catalog.=) 'emit_admin') THEN
     CREATE ROLE emit_admin NOLOGIN;
   END IF;
 END $$;

@@ -11,6 +11,29 @@ use pgrx::prelude::*;
 static mut PREV_EXECUTOR_END: pg_sys::ExecutorEnd_hook_type = None;
 static mut PREV_PROCESS_UTILITY: pg_sys::ProcessUtility_hook_type = None;
 
+// PostgreSQL's own entry points, declared here without pgrx's FFI guard.
+// The guard turns an ERROR into a Rust panic and raises it again on the
+// way out, which keeps only message, detail and hint: CONTEXT, schema,
+// table and constraint names were lost, and with RUST_BACKTRACE set a Rust
+// backtrace landed in DETAIL. Called directly, an ERROR longjmps straight
+// through the hooks below, exactly as through a C hook; they hold nothing
+// that needs dropping while they call these.
+unsafe extern "C-unwind" {
+    #[link_name = "standard_ExecutorEnd"]
+    fn standard_executor_end(query: *mut pg_sys::QueryDesc);
+    #[link_name = "standard_ProcessUtility"]
+    fn standard_process_utility(
+        pstmt: *mut pg_sys::PlannedStmt,
+        query: *const std::ffi::c_char,
+        read_only_tree: bool,
+        context: pg_sys::ProcessUtilityContext::Type,
+        params: pg_sys::ParamListInfo,
+        env: *mut pg_sys::QueryEnvironment,
+        dest: *mut pg_sys::DestReceiver,
+        qc: *mut pg_sys::QueryCompletion,
+    );
+}
+
 pub fn init() {
     // SAFETY: hooks are installed once per process, from _PG_init, chaining
     // whatever was installed before.
@@ -22,16 +45,17 @@ pub fn init() {
     }
 }
 
-#[pg_guard]
+/// Not `#[pg_guard]`ed on purpose (see above): errors of the statement pass
+/// through untouched. Our own work happens in [`statement_end`], which is.
 unsafe extern "C-unwind" fn executor_end(query: *mut pg_sys::QueryDesc) {
     match PREV_EXECUTOR_END {
         Some(prev) => prev(query),
-        None => pg_sys::standard_ExecutorEnd(query),
+        None => standard_executor_end(query),
     }
-    flush();
+    statement_end();
 }
 
-#[pg_guard]
+/// Not `#[pg_guard]`ed on purpose, like [`executor_end`].
 #[allow(clippy::too_many_arguments)]
 unsafe extern "C-unwind" fn process_utility(
     pstmt: *mut pg_sys::PlannedStmt,
@@ -45,24 +69,18 @@ unsafe extern "C-unwind" fn process_utility(
 ) {
     match PREV_PROCESS_UTILITY {
         Some(prev) => prev(pstmt, query, read_only_tree, context, params, env, dest, qc),
-        None => pg_sys::standard_ProcessUtility(
-            pstmt,
-            query,
-            read_only_tree,
-            context,
-            params,
-            env,
-            dest,
-            qc,
-        ),
+        None => {
+            standard_process_utility(pstmt, query, read_only_tree, context, params, env, dest, qc)
+        }
     }
-    flush();
+    statement_end();
 }
 
 /// Flushes at the end of a statement, never while a transaction is being
 /// aborted (portal cleanup can end executors then): the abort callback
 /// discards instead.
-fn flush() {
+#[pg_guard]
+extern "C-unwind" fn statement_end() {
     // SAFETY: reads the transaction state.
     if unsafe { pg_sys::IsTransactionState() } {
         sync::flush_all();

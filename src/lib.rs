@@ -18,6 +18,7 @@ pub mod event;
 pub mod hooks;
 pub mod interrupts;
 pub mod options;
+pub mod privileged;
 pub mod security;
 pub mod send;
 pub mod settings;
@@ -29,6 +30,7 @@ pub mod worker;
 
 pgrx::extension_sql_file!("../sql/bootstrap.sql", name = "bootstrap", bootstrap);
 pgrx::extension_sql_file!("../sql/triggers.sql", name = "triggers");
+pgrx::extension_sql_file!("../sql/send_http.sql", name = "send_http");
 pgrx::extension_sql_file!(
     "../sql/outbox.sql",
     name = "outbox",

@@ -10,12 +10,17 @@
 //! Entries, comma-separated:
 //! - `host` or `host:port`: a name (matched case-insensitively) or an IP;
 //! - `10.0.0.0/8`, `10.0.0.0/8:443`, `2001:db8::/32`, `[2001:db8::/32]:443`;
-//! - `https://api.example.com/hooks/`: a URL prefix (HTTP destinations);
+//! - `https://api.example.com/hooks/`: a URL prefix (HTTP destinations):
+//!   scheme, host and port must be equal, and the entry's path a prefix of
+//!   the URL's in whole segments (`/hooks` allows `/hooks/1`, never
+//!   `/hooksX`); both are parsed as URLs, never compared as strings;
 //! - `*`: anything.
 //!
 //! An empty list restricts nothing, except that link-local and cloud
 //! metadata addresses (169.254.0.0/16, fe80::/10, fd00:ec2::254,
-//! 100.100.100.200) are refused unless an IP or network entry names them:
+//! 100.100.100.200, and IPv6 addresses that embed one of the IPv4 ones:
+//! mapped, compatible, translated, NAT64, 6to4, Teredo) are refused unless
+//! an IP or network entry names them:
 //! a name entry or `*` is not enough, because a name is exactly what an
 //! attacker controls.
 
@@ -32,7 +37,40 @@ enum HostPat {
 enum Rule {
     Any,
     Host { host: HostPat, port: Option<u16> },
-    UrlPrefix(String),
+    UrlPrefix(UrlPrefix),
+}
+
+/// A URL-prefix entry, parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct UrlPrefix {
+    scheme: String,
+    host: String,
+    port: u16,
+    /// Non-empty path segments, percent-encoded as the `url` crate writes
+    /// them (the URLs compared against are written the same way).
+    segments: Vec<String>,
+}
+
+impl UrlPrefix {
+    fn parse(u: &url::Url) -> Option<UrlPrefix> {
+        Some(UrlPrefix {
+            scheme: u.scheme().to_string(),
+            host: u.host_str()?.to_string(),
+            port: u.port_or_known_default()?,
+            segments: u
+                .path_segments()?
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+                .collect(),
+        })
+    }
+
+    fn allows(&self, url: &UrlPrefix) -> bool {
+        self.scheme == url.scheme
+            && self.host == url.host
+            && self.port == url.port
+            && url.segments.starts_with(&self.segments)
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -61,13 +99,44 @@ fn canonical(ip: IpAddr) -> IpAddr {
     }
 }
 
-/// Link-local and well-known cloud metadata addresses.
+fn sensitive_v4(v4: Ipv4Addr) -> bool {
+    v4.is_link_local() || v4 == Ipv4Addr::new(100, 100, 100, 200)
+}
+
+/// IPv4 addresses an IPv6 address may carry and that a network on the way
+/// may turn it into: IPv4-compatible (`::a.b.c.d`), -translated
+/// (`::ffff:0:a.b.c.d`), NAT64 (`64:ff9b::/96`, `64:ff9b:1::/48`), 6to4
+/// (`2002:AABB:CCDD::/48`) and Teredo (`2001::/32`, server and obfuscated
+/// client). Mapped addresses are handled by [`canonical`].
+fn embedded_v4(v6: Ipv6Addr) -> Vec<Ipv4Addr> {
+    let s = v6.segments();
+    let v4 = |hi: u16, lo: u16| Ipv4Addr::from((u32::from(hi) << 16) | u32::from(lo));
+    let last = v4(s[6], s[7]);
+    let mut out = Vec::new();
+    if s[..6] == [0; 6] || s[..6] == [0, 0, 0, 0, 0xffff, 0] {
+        out.push(last);
+    }
+    if (s[0], s[1]) == (0x64, 0xff9b) && (s[2..6] == [0; 4] || s[2] == 1) {
+        out.push(last);
+    }
+    if s[0] == 0x2002 {
+        out.push(v4(s[1], s[2]));
+    }
+    if (s[0], s[1]) == (0x2001, 0) {
+        out.push(v4(s[2], s[3]));
+        out.push(v4(!s[6], !s[7]));
+    }
+    out
+}
+
+/// Link-local and well-known cloud metadata addresses, in any spelling.
 pub fn is_sensitive(ip: IpAddr) -> bool {
     match canonical(ip) {
-        IpAddr::V4(v4) => v4.is_link_local() || v4 == Ipv4Addr::new(100, 100, 100, 200),
+        IpAddr::V4(v4) => sensitive_v4(v4),
         IpAddr::V6(v6) => {
             (v6.segments()[0] & 0xffc0) == 0xfe80
                 || v6 == Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254)
+                || embedded_v4(v6).into_iter().any(sensitive_v4)
         }
     }
 }
@@ -129,7 +198,16 @@ fn parse_entry(e: &str) -> Result<Rule, String> {
         if rest.is_empty() || rest.starts_with('/') {
             return Err(format!("{e:?}: URL prefix without a host"));
         }
-        return Ok(Rule::UrlPrefix(normalize_url_prefix(&scheme, rest)));
+        let u = crate::transport::http::parse_url(e).map_err(|err| format!("{e:?}: {err}"))?;
+        let u = url::Url::parse(&u.url).map_err(|err| format!("{e:?}: {err}"))?;
+        if u.query().is_some() || u.fragment().is_some() {
+            return Err(format!(
+                "{e:?}: a URL prefix is scheme, host, port and path, without ? or #"
+            ));
+        }
+        return UrlPrefix::parse(&u)
+            .map(Rule::UrlPrefix)
+            .ok_or_else(|| format!("{e:?}: URL prefix without a host"));
     }
     let bad = || format!("{e:?} is not a host, host:port, network or URL prefix");
     let port_of = |p: &str| p.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(bad);
@@ -171,15 +249,6 @@ fn parse_entry(e: &str) -> Result<Rule, String> {
         host: HostPat::Name(host.to_ascii_lowercase()),
         port,
     })
-}
-
-/// Scheme and host part lowercased; the path is kept as written.
-fn normalize_url_prefix(scheme: &str, rest: &str) -> String {
-    let (authority, path) = match rest.find('/') {
-        Some(i) => rest.split_at(i),
-        None => (rest, ""),
-    };
-    format!("{scheme}://{}{path}", authority.to_ascii_lowercase())
 }
 
 impl Allowlist {
@@ -260,13 +329,19 @@ impl Allowlist {
         }))
     }
 
+    /// `url` is checked as pg_emit requests it: parsed by
+    /// [`crate::transport::http::parse_url`], which refuses dot segments
+    /// and encoded slashes, so path segments compare exactly.
     fn url_allowed(&self, url: &str) -> bool {
-        let Some((scheme, rest)) = url.split_once("://") else {
+        let Some(u) = crate::transport::http::parse_url(url)
+            .ok()
+            .and_then(|u| url::Url::parse(&u.url).ok())
+            .and_then(|u| UrlPrefix::parse(&u))
+        else {
             return false;
         };
-        let url = normalize_url_prefix(&scheme.to_ascii_lowercase(), rest);
         self.rules.iter().any(|r| match r {
-            Rule::UrlPrefix(p) => url.starts_with(p.as_str()),
+            Rule::UrlPrefix(p) => p.allows(&u),
             _ => false,
         })
     }
@@ -414,6 +489,73 @@ mod tests {
             )
             .is_err());
         assert!(l.filter("api.example.com", 443, None, &a).is_err());
+    }
+
+    #[test]
+    fn url_prefixes_match_parsed_parts_not_strings() {
+        let a = [addr("127.0.0.1:55560")];
+        let ok = |list: &str, url: &str| {
+            Allowlist::parse(list)
+                .unwrap()
+                .filter("h", 1, Some(url), &a)
+                .is_ok()
+        };
+        // Port: 5556 is not a prefix of 55560.
+        assert!(!ok("http://127.0.0.1:5556", "http://127.0.0.1:55560/x"));
+        assert!(ok("http://127.0.0.1:5556", "http://127.0.0.1:5556/x"));
+        // Host: localhost is not a prefix of localhost.evil.test.
+        assert!(!ok("http://localhost", "http://localhost.evil.test/"));
+        assert!(ok("http://LOCALHOST:80", "http://localhost/a"));
+        // Scheme and default ports.
+        assert!(!ok("https://h", "http://h:443/"));
+        assert!(ok("https://h:443", "https://h/"));
+        // Path: whole segments.
+        assert!(ok("http://h/pg/", "http://h/pg/x"));
+        assert!(ok("http://h/pg", "http://h/pg/x/y"));
+        assert!(ok("http://h/pg", "http://h/pg"));
+        assert!(!ok("http://h/pg", "http://h/pgx"));
+        assert!(!ok("http://h/pg/", "http://h/admin"));
+        // Dot segments and encoded separators never match anything.
+        for sneaky in [
+            "http://h/pg/../admin",
+            "http://h/pg/%2e%2e/admin",
+            "http://h/pg/%2E%2e/admin",
+            "http://h/pg/..%2fadmin",
+            "http://h/pg/.%2E/admin",
+            "http://h/pg\\..\\admin",
+        ] {
+            assert!(!ok("http://h/pg/", sneaky), "{sneaky}");
+        }
+        for bad in [
+            "http://h/?q=1",
+            "http://h/#f",
+            "http://h:0/",
+            "http://h/../x",
+        ] {
+            assert!(Allowlist::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn embedded_ipv4_metadata_is_sensitive() {
+        for v6 in [
+            "::a9fe:a9fe",
+            "::ffff:0:a9fe:a9fe",
+            "::ffff:169.254.169.254",
+            "64:ff9b::a9fe:a9fe",
+            "64:ff9b:1::a9fe:a9fe",
+            "2002:a9fe:a9fe::1",
+            "2001:0:a9fe:a9fe::1",
+            "2001:0:1:2:0:0:5601:5601",
+            "::6464:64c8",
+        ] {
+            let ip: IpAddr = v6.parse().unwrap();
+            assert!(is_sensitive(ip), "{v6}");
+            assert!(allows("*", "x", 80, &[v6]).is_err(), "{v6}");
+        }
+        for fine in ["::1", "2001:db8::1", "64:ff9b::808:808", "2002:808:808::1"] {
+            assert!(!is_sensitive(fine.parse().unwrap()), "{fine}");
+        }
     }
 
     #[test]

@@ -6,7 +6,9 @@ use crate::interrupts;
 use crate::options::{self, Framing, OptionError};
 use crate::settings;
 use crate::transport::http::{self, UrlError};
+use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
+use pgrx::{FromDatum, PgLogLevel, PgSqlErrorCode};
 
 fn bad(func: &'static str, source: OptionError) -> ! {
     EmitError::Argument { func, source }.raise()
@@ -51,22 +53,98 @@ fn send_socket(msg: &str, host: &str, port: i32) -> i32 {
 ///
 /// Returns the response status, whatever it is (a 500 is an answer), and
 /// 0 with a WARNING when no response came (refused, timeout, DNS, TLS).
-/// Redirects are not followed. NULL `url` or `body` gives NULL.
-#[pg_extern(volatile, parallel_unsafe)]
+/// Redirects are not followed. NULL `url` or `body` gives NULL; a NULL
+/// `method` or `content_type` is an error naming it.
+///
+/// A plain fmgr function (declared in `sql/send_http.sql`, under the symbol
+/// 0.1.0 used) rather than `#[pg_extern]`: pgrx would turn a NULL `method`
+/// or a deeply nested `headers` value into an internal error (XX000)
+/// before this code runs.
+///
+/// # Safety
+/// Called by PostgreSQL's function manager with a valid `fcinfo`.
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn send_http_wrapper(
+    fcinfo: pg_sys::FunctionCallInfo,
+) -> pg_sys::Datum {
+    let text = |i: usize| -> Option<String> { unsafe { text_arg(fcinfo, i) } };
+    let (Some(url), Some(body)) = (text(0), text(1)) else {
+        (*fcinfo).isnull = true;
+        return pg_sys::Datum::from(0);
+    };
+    let required = |i: usize, name: &'static str| {
+        text(i).unwrap_or_else(|| {
+            ErrorReport::new(
+                PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
+                format!("send_http: {name} must not be NULL"),
+                "pg_emit",
+            )
+            .report(PgLogLevel::ERROR);
+            unreachable!("ERROR returned")
+        })
+    };
+    let method = required(2, "method");
+    let content_type = required(3, "content_type");
+    let headers = jsonb_arg(fcinfo, 4);
+    pg_sys::Datum::from(send_http(
+        &url,
+        &body,
+        &method,
+        &content_type,
+        headers.as_deref(),
+    ))
+}
+
+#[unsafe(no_mangle)]
+#[doc(hidden)]
+pub extern "C" fn pg_finfo_send_http_wrapper() -> &'static pg_sys::Pg_finfo_record {
+    const V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
+    &V1
+}
+
+/// Argument `i` as text, or None when NULL or not passed.
+///
+/// # Safety
+/// `fcinfo` must be a valid call whose argument `i`, if present, is text.
+unsafe fn text_arg(fcinfo: pg_sys::FunctionCallInfo, i: usize) -> Option<String> {
+    let arg = fcinfo_arg(fcinfo, i)?;
+    String::from_datum(arg, false)
+}
+
+/// Argument `i` (jsonb) as JSON text, or None when NULL or not passed.
+///
+/// # Safety
+/// As [`text_arg`], for a jsonb argument.
+unsafe fn jsonb_arg(fcinfo: pg_sys::FunctionCallInfo, i: usize) -> Option<String> {
+    let arg = fcinfo_arg(fcinfo, i)?;
+    let out = pg_sys::OidOutputFunctionCall(pg_sys::Oid::from(pg_sys::F_JSONB_OUT), arg);
+    let s = std::ffi::CStr::from_ptr(out).to_string_lossy().into_owned();
+    pg_sys::pfree(out.cast());
+    Some(s)
+}
+
+/// # Safety
+/// `fcinfo` must be a valid call.
+unsafe fn fcinfo_arg(fcinfo: pg_sys::FunctionCallInfo, i: usize) -> Option<pg_sys::Datum> {
+    if i >= (*fcinfo).nargs as usize {
+        return None;
+    }
+    let a = &*(*fcinfo).args.as_ptr().add(i);
+    (!a.isnull).then_some(a.value)
+}
+
 fn send_http(
-    url: Option<&str>,
-    body: Option<&str>,
-    method: default!(&str, "'POST'"),
-    content_type: default!(&str, "'application/json'"),
-    headers: default!(Option<pgrx::JsonB>, "NULL"),
-) -> Option<i32> {
-    let (url, body) = (url?, body?);
+    url: &str,
+    body: &str,
+    method: &str,
+    content_type: &str,
+    headers: Option<&str>,
+) -> i32 {
     let url_err = |e: UrlError| -> ! { bad("send_http", OptionError::Url(e)) };
     let parsed = http::parse_url(url).unwrap_or_else(|e| url_err(e));
     http::check_method(method).unwrap_or_else(|e| url_err(e));
-    if content_type.chars().any(char::is_control) {
-        url_err(UrlError::ContentType(content_type.to_string()));
-    }
+    http::check_content_type(content_type).unwrap_or_else(|e| url_err(e));
     let headers = header_pairs(headers).unwrap_or_else(|e| url_err(e));
     check_size("send_http", body.len());
     match sync::http_request(
@@ -75,29 +153,35 @@ fn send_http(
         content_type,
         &headers,
         body.as_bytes(),
+        false,
         &interrupts::Statement,
     ) {
-        Ok(resp) => Some(i32::from(resp.status)),
+        Ok(resp) => i32::from(resp.status),
         Err(f) => {
-            sync::report(f, &|| "send_http".to_string(), url);
-            Some(0)
+            sync::report(f, &|| "send_http".to_string(), &parsed.url);
+            0
         }
     }
 }
 
 /// `{"Name": "value", ...}` → header pairs, each validated.
-fn header_pairs(headers: Option<pgrx::JsonB>) -> Result<Vec<(String, String)>, UrlError> {
-    let Some(pgrx::JsonB(value)) = headers else {
+fn header_pairs(headers: Option<&str>) -> Result<Vec<(String, String)>, UrlError> {
+    let Some(text) = headers else {
         return Ok(Vec::new());
     };
-    let obj = value
-        .as_object()
-        .ok_or_else(|| UrlError::Header(value.to_string()))?;
+    let shape = || {
+        UrlError::Headers(
+            "headers must be a JSON object whose values are strings, e.g. {\"X-Trace\": \"abc\"}"
+                .into(),
+        )
+    };
+    // Nesting past serde_json's recursion limit is an error here, like any
+    // other shape that is not a flat object.
+    let value: serde_json::Value = serde_json::from_str(text).map_err(|_| shape())?;
+    let obj = value.as_object().ok_or_else(shape)?;
     obj.iter()
         .map(|(k, v)| {
-            let v = v
-                .as_str()
-                .ok_or_else(|| UrlError::Header(format!("{k}: {v}")))?;
+            let v = v.as_str().ok_or_else(shape)?;
             http::check_header(k, v)?;
             Ok((k.clone(), v.to_string()))
         })

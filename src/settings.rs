@@ -1,8 +1,14 @@
 //! `pg_emit.*` settings.
 //!
-//! The network ones are per session (`SET` works) because a DBA tuning one
-//! noisy trigger should not need a reload. Defaults keep the worst case of
-//! a dead receiver to about three seconds per statement, and thanks to
+//! Every setting a backend reads is superuser-only (`SUSET`): triggers run
+//! in the writer's session, so a writer who could `SET` one could change
+//! how the DBA's trigger delivers — make a sync trigger async (which once
+//! ran privileged code under the writer's search_path), make delivery fail
+//! on purpose (a 1 ms timeout, a day-long cooldown), or turn an outbox
+//! limit from an ERROR into a silent loss. A DBA who wants a role to tune
+//! one grants it: `GRANT SET ON PARAMETER pg_emit.connect_timeout TO app`.
+//! The worker's settings are `SIGHUP`. Defaults keep the worst case of a
+//! dead receiver to about three seconds per statement, and thanks to
 //! `failure_cooldown` only once per five seconds.
 
 use crate::options::Delivery;
@@ -81,7 +87,7 @@ pub fn init() {
         &HTTP_TIMEOUT,
         1,
         i32::MAX,
-        GucContext::Userset,
+        GucContext::Suset,
         GucFlags::UNIT_MS,
     );
     GucRegistry::define_string_guc(
@@ -128,7 +134,7 @@ pub fn init() {
         &CONNECT_TIMEOUT,
         1,
         i32::MAX,
-        GucContext::Userset,
+        GucContext::Suset,
         GucFlags::UNIT_MS,
     );
     GucRegistry::define_int_guc(
@@ -138,7 +144,7 @@ pub fn init() {
         &WRITE_TIMEOUT,
         1,
         i32::MAX,
-        GucContext::Userset,
+        GucContext::Suset,
         GucFlags::UNIT_MS,
     );
     GucRegistry::define_int_guc(
@@ -148,7 +154,7 @@ pub fn init() {
         &FAILURE_COOLDOWN,
         0,
         i32::MAX,
-        GucContext::Userset,
+        GucContext::Suset,
         GucFlags::UNIT_MS,
     );
     GucRegistry::define_int_guc(
@@ -158,7 +164,7 @@ pub fn init() {
         &COMMIT_BUFFER_SIZE,
         1,
         i32::MAX,
-        GucContext::Userset,
+        GucContext::Suset,
         GucFlags::UNIT_KB,
     );
     GucRegistry::define_int_guc(
@@ -208,7 +214,7 @@ pub fn init() {
         &STATEMENT_BATCH_SIZE,
         1,
         i32::MAX,
-        GucContext::Userset,
+        GucContext::Suset,
         GucFlags::UNIT_KB,
     );
     GucRegistry::define_enum_guc(
@@ -216,7 +222,7 @@ pub fn init() {
         c"What a failed delivery does: warning (default) or error.",
         c"error aborts the statement that fired the trigger or called send_socket.",
         &ON_ERROR,
-        GucContext::Userset,
+        GucContext::Suset,
         GucFlags::default(),
     );
     GucRegistry::define_enum_guc(
@@ -224,7 +230,7 @@ pub fn init() {
         c"Delivery mode of triggers that do not say delivery=...",
         c"",
         &DEFAULT_DELIVERY,
-        GucContext::Userset,
+        GucContext::Suset,
         GucFlags::default(),
     );
     // After defining every setting (SAFETY: PostgreSQL 15 API): now `SET pg_emit.typo = ...` is an

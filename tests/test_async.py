@@ -105,8 +105,8 @@ def test_receiver_down_while_2000_rows_commit_then_up(db, table):
         )
     assert db.warnings() == []
     # The worker keeps failing meanwhile, counting attempts.
-    assert wait_until(lambda: db.one(
-        "SELECT failed_attempts FROM emit.stats WHERE destination LIKE %s", (f"%:{port}?%",)) or 0 >= 2, 5)
+    assert wait_until(lambda: (db.one(
+        "SELECT failed_attempts FROM emit.stats WHERE destination LIKE %s", (f"%:{port}?%",)) or 0) >= 2, 5)
     stats = db.conn.execute(
         "SELECT queued + in_flight, delivered, last_error FROM emit.stats WHERE destination LIKE %s",
         (f"%:{port}?%",),
@@ -364,10 +364,26 @@ def test_immediate_shutdown_mid_delivery_then_restart(preloaded):
 
 
 def test_preloaded_worker_runs_without_any_write(preloaded):
-    preloaded.stop("fast")
-    preloaded.start()
+    """After a restart only the launcher can start the worker (nothing
+    writes): the backlog left by a receiver that was down arrives."""
+    port = free_port()
     with preloaded.connect("emit_pre") as c:
-        assert wait_until(lambda: worker_pids(c), 10)
-    # A database without the extension gets no lingering worker.
+        c.execute("CREATE TABLE backlog (id int primary key)")
+        c.execute(
+            "CREATE TRIGGER out AFTER INSERT ON backlog FOR EACH ROW EXECUTE FUNCTION "
+            f"row_to_socket('127.0.0.1', {port}, 'delivery=async', 'framing=ndjson')"
+        )
+        c.execute("INSERT INTO backlog SELECT generate_series(1, 10)")
+    preloaded.stop("fast")
+    nd = Receiver("ndjson", port=port)
+    try:
+        preloaded.start()
+        got = distinct(nd.wait_for(10, timeout=15))
+        assert sorted(e["new"]["id"] for e in got.values()) == list(range(1, 11))
+        with preloaded.connect("emit_pre") as c:
+            assert worker_pids(c)
+            c.execute("DROP TABLE backlog")
+    finally:
+        nd.close()
     with preloaded.connect("postgres") as c:
         assert wait_until(lambda: not worker_pids(c), 10)

@@ -98,8 +98,20 @@ def test_emit_sender_grant_opens_sending(db, alice, rx):
 
 def test_emit_admin_reads_stats_and_dead_letters(db, alice):
     db.execute("GRANT emit_admin TO alice")
-    assert alice.one("SELECT count(*) >= 0 FROM emit.stats")
-    assert alice.one("SELECT count(*) >= 0 FROM emit.dead_letter")
+    dest = f"tcp://127.0.0.1:{free_port()}"
+    db.execute("INSERT INTO emit.destinations (destination, delivered, failed_attempts) "
+               "VALUES (%s, 7, 3)", (dest,))
+    db.execute("INSERT INTO emit.dead_letter (outbox_id, destination, host, port, framing, events, "
+               "payload, attempts, enqueued_at) VALUES (0, %s, '127.0.0.1', 1, 'close', 1, '{}', 1, now())",
+               (dest,))
+    try:
+        assert alice.conn.execute(
+            "SELECT delivered, failed_attempts FROM emit.stats WHERE destination = %s", (dest,)
+        ).fetchone() == (7, 3)
+        assert alice.one("SELECT count(*) FROM emit.dead_letter WHERE destination = %s", (dest,)) == 1
+    finally:
+        db.execute("DELETE FROM emit.destinations WHERE destination = %s", (dest,))
+        db.execute("DELETE FROM emit.dead_letter WHERE destination = %s", (dest,))
     assert alice.one("SELECT emit.requeue_dead_letters('tcp://nowhere:1')") == 0
     denied(alice, "SELECT * FROM emit.outbox")  # row payloads stay private
 

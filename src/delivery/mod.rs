@@ -125,14 +125,17 @@ unsafe extern "C-unwind" fn on_subxact(
     use pg_sys::SubXactEvent::*;
     match event {
         SUBXACT_EVENT_START_SUB => {
+            sync::start_sub(sub);
             commit::start_sub(sub);
             outbox::start_sub(sub);
         }
         SUBXACT_EVENT_COMMIT_SUB => {
+            sync::commit_sub(sub);
             commit::commit_sub(sub);
             outbox::commit_sub(sub);
         }
         SUBXACT_EVENT_ABORT_SUB => {
+            sync::abort_sub(sub);
             commit::abort_sub(sub);
             outbox::abort_sub(sub);
         }

@@ -11,6 +11,7 @@
 use super::pending::Pending;
 use super::Target;
 use crate::error::EmitError;
+use crate::privileged::as_emit_owner;
 use crate::settings;
 use crate::worker;
 use pgrx::bgworkers::DynamicBackgroundWorker;
@@ -113,10 +114,14 @@ fn flush() {
     let limit = settings::max_outbox_bytes();
     if limit > 0 {
         // Cheap: relation sizes come from the storage manager, no scan.
-        let size = as_owner(|| Spi::get_one::<i64>("SELECT pg_total_relation_size('emit.outbox')"))
-            .ok()
-            .flatten()
-            .unwrap_or(0);
+        let size = as_emit_owner(|| {
+            Spi::get_one::<i64>(
+                "SELECT pg_catalog.pg_total_relation_size('emit.outbox'::pg_catalog.regclass)",
+            )
+        })
+        .ok()
+        .flatten()
+        .unwrap_or(0);
         if size > limit {
             let e = EmitError::OutboxFull {
                 size,
@@ -130,7 +135,7 @@ fn flush() {
             return;
         }
     }
-    as_owner(|| {
+    as_emit_owner(|| {
         Spi::connect_mut(|client| {
             for (target, chunks) in &rows {
                 let dest = target.key();
@@ -188,34 +193,6 @@ fn flush() {
     WROTE.set(true);
 }
 
-/// Runs `f` as the bootstrap superuser, who owns `emit`, with a snapshot
-/// (at PRE_COMMIT no statement provides one). Ordinary roles that may fire
-/// the trigger have no privileges on `emit.outbox`, so that they cannot
-/// read other tables' row payloads; the statements run here are fixed and
-/// take only parameters.
-fn as_owner<R>(f: impl FnOnce() -> R) -> R {
-    let mut user = pg_sys::InvalidOid;
-    let mut sec = 0;
-    // SAFETY: save, switch and restore the current user, as SECURITY
-    // DEFINER functions do, and bracket `f` with a snapshot. If `f`
-    // raises, transaction abort restores user, context and snapshots.
-    unsafe {
-        pg_sys::GetUserIdAndSecContext(&mut user, &mut sec);
-        pg_sys::SetUserIdAndSecContext(
-            pg_sys::Oid::from(pg_sys::BOOTSTRAP_SUPERUSERID),
-            sec | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32,
-        );
-        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
-    }
-    let r = f();
-    // SAFETY: see above.
-    unsafe {
-        pg_sys::PopActiveSnapshot();
-        pg_sys::SetUserIdAndSecContext(user, sec);
-    }
-    r
-}
-
 /// `XACT_EVENT_PRE_COMMIT`: write what is still buffered and find the
 /// worker to wake, starting one if none runs. Errors here still abort the
 /// transaction cleanly.
@@ -226,7 +203,7 @@ pub fn pre_commit() {
     if !WROTE.get() {
         return;
     }
-    let pid = as_owner(|| Spi::get_one::<i32>("SELECT pid FROM emit.worker"))
+    let pid = as_emit_owner(|| Spi::get_one::<i32>("SELECT w.pid FROM emit.worker w"))
         .ok()
         .flatten();
     // SAFETY: BackendPidGetProc takes ProcArrayLock and returns a PGPROC in

@@ -30,6 +30,17 @@ thread_local! {
     static HTTP: RefCell<Option<http::Client>> = const { RefCell::new(None) };
     static OUTGOING: RefCell<Vec<Outgoing>> = const { RefCell::new(Vec::new()) };
     static SKIPPED: RefCell<Vec<Skipped>> = const { RefCell::new(Vec::new()) };
+    static MARKS: RefCell<Vec<Mark>> = const { RefCell::new(Vec::new()) };
+}
+
+/// How much of each destination's coalesced events was buffered when a
+/// subtransaction started. A statement that fails inside an exception
+/// block never reaches its end, so its buffered events would otherwise go
+/// out with the enclosing statement's: phantoms of rows that never existed.
+struct Mark {
+    sub: u32,
+    /// (host, port, buffered bytes, buffered events).
+    kept: Vec<(String, u16, usize, usize)>,
 }
 
 /// `host:port`, with IPv6 literals bracketed so the port stays readable.
@@ -129,7 +140,7 @@ pub fn try_send(target: &Target, msg: &[u8], intr: &dyn Interrupt) -> Result<(),
             framing,
         } => try_send_tcp(host, *port, msg, *framing, intr),
         Target::Http { url, headers } => {
-            let r = http_request(url, "POST", "application/json", headers, msg, intr)?;
+            let r = http_request(url, "POST", "application/json", headers, msg, true, intr)?;
             if r.success() {
                 Ok(())
             } else {
@@ -215,12 +226,18 @@ fn try_send_tcp(
 
 /// One HTTP request with this backend's client; any status is a response.
 /// Network failures and 5xx put the URL in cooldown.
+///
+/// `sign`: only events pg_emit wrote itself are signed. A signature tells
+/// a receiver that pg_emit produced the body; a body chosen by a caller of
+/// `send_http` (which could forge an event id) must not carry one.
+#[allow(clippy::too_many_arguments)]
 pub fn http_request(
     url: &str,
     method: &str,
     content_type: &str,
     headers: &[(String, String)],
     body: &[u8],
+    sign: bool,
     intr: &dyn Interrupt,
 ) -> Result<Response, Failure> {
     guarded(
@@ -234,7 +251,11 @@ pub fn http_request(
                 })
             };
             let client = http_client().map_err(setup)?;
-            let secret = settings::signing_secret().map_err(setup)?;
+            let secret = if sign {
+                settings::signing_secret().map_err(setup)?
+            } else {
+                None
+            };
             let req = Request {
                 method: method.to_string(),
                 url: url.to_string(),
@@ -336,12 +357,62 @@ struct Outgoing {
 /// Flush threshold of coalesced ndjson events.
 pub const COALESCE_BYTES: usize = 64 * 1024;
 
+pub fn start_sub(sub: u32) {
+    let kept = OUTGOING.with_borrow(|out| {
+        out.iter()
+            .map(|o| (o.host.clone(), o.port, o.buf.len(), o.events))
+            .collect()
+    });
+    MARKS.with_borrow_mut(|m| m.push(Mark { sub, kept }));
+}
+
+pub fn commit_sub(sub: u32) {
+    MARKS.with_borrow_mut(|m| {
+        if let Some(i) = m.iter().rposition(|k| k.sub == sub) {
+            m.truncate(i);
+        }
+    });
+}
+
+/// Drops the coalesced events buffered since subtransaction `sub` began.
+/// What a 64 kB flush already wrote cannot be taken back.
+pub fn abort_sub(sub: u32) {
+    let Some(mark) = MARKS.with_borrow_mut(|m| {
+        let i = m.iter().rposition(|k| k.sub == sub)?;
+        m.truncate(i + 1);
+        m.pop()
+    }) else {
+        return;
+    };
+    OUTGOING.with_borrow_mut(|out| {
+        for o in out.iter_mut() {
+            let (len, events) = mark
+                .kept
+                .iter()
+                .find(|k| k.1 == o.port && k.0 == o.host)
+                .map_or((0, 0), |k| (k.2, k.3));
+            o.buf.truncate(len);
+            o.events = events;
+        }
+        out.retain(|o| !o.buf.is_empty());
+    });
+}
+
 /// Writes the coalesced events of one destination and reports a failure.
 fn flush_one(i: usize) {
     let Some(o) = OUTGOING.with_borrow_mut(|out| (i < out.len()).then(|| out.swap_remove(i)))
     else {
         return;
     };
+    // Whatever was buffered before any open subtransaction is written now:
+    // from here on, all of this destination's buffer is theirs.
+    MARKS.with_borrow_mut(|marks| {
+        for m in marks.iter_mut() {
+            for k in m.kept.iter_mut().filter(|k| k.1 == o.port && k.0 == o.host) {
+                (k.2, k.3) = (0, 0);
+            }
+        }
+    });
     let sent = try_send_tcp(
         &o.host,
         o.port,
@@ -376,6 +447,7 @@ pub fn flush_all() {
 pub fn discard_all() {
     OUTGOING.with_borrow_mut(|out| out.clear());
     SKIPPED.with_borrow_mut(|s| s.clear());
+    MARKS.with_borrow_mut(|m| m.clear());
 }
 
 /// Reports a failure inside a statement (see [`deliver`]).

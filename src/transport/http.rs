@@ -13,7 +13,6 @@ use crate::security::Allowlist;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use std::io::Read;
-use std::net::ToSocketAddrs;
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use ureq::config::Config;
@@ -29,21 +28,50 @@ pub const EXCERPT_BYTES: usize = 512;
 /// connection can be reused; a longer body just closes the connection.
 const DRAIN_BYTES: u64 = 64 * 1024;
 
+/// Every value quoted in a [`UrlError`] is cut to this many characters, so
+/// a 100 kB argument does not come back in full in the error.
+const QUOTE_CHARS: usize = 120;
+
+/// `s` for an error message: at most [`QUOTE_CHARS`] characters.
+fn quote(s: &str) -> String {
+    match s.char_indices().nth(QUOTE_CHARS) {
+        Some((i, _)) => format!("{}...", &s[..i]),
+        None => s.to_string(),
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum UrlError {
-    #[error("url {0:?} is not a valid absolute URL")]
+    #[error("url {:?} is not a valid absolute URL", quote(.0))]
     Invalid(String),
-    #[error("url {0:?}: only http and https are supported")]
+    #[error("url {:?}: the port must be an integer between 1 and 65535", quote(.0))]
+    Port(String),
+    #[error("url {:?}: only http and https are supported", quote(.0))]
     Scheme(String),
-    #[error("url {0:?} must not contain user credentials; send them in a header")]
+    #[error("url {:?} must not contain user credentials; send them in a header", quote(.0))]
     Credentials(String),
     #[error(
-        "header {0:?} is not of the form \"Name: value\" with a valid name and printable value"
+        "url {:?}: the path must not contain \".\" or \"..\" segments, backslashes or encoded \
+         slashes (the receiver could resolve them to a path the allowlist does not allow)",
+        quote(.0)
+    )]
+    Path(String),
+    #[error(
+        "header {:?} is not of the form \"Name: value\" with a valid name and printable value",
+        quote(.0)
     )]
     Header(String),
-    #[error("method {0:?} is not a valid HTTP method")]
+    #[error("{0}")]
+    Headers(String),
+    #[error(
+        "header {:?} cannot be set by the caller: pg_emit sets it itself (connection, framing \
+         and signature headers)",
+        quote(.0)
+    )]
+    ReservedHeader(String),
+    #[error("method {:?} is not a valid HTTP method", quote(.0))]
     Method(String),
-    #[error("content type {0:?} contains a control character")]
+    #[error("content type {:?} contains a control character", quote(.0))]
     ContentType(String),
 }
 
@@ -55,34 +83,63 @@ pub struct Url {
     pub port: u16,
 }
 
-pub fn parse_url(url: &str) -> Result<Url, UrlError> {
-    if url.chars().any(|c| c.is_control() || c.is_whitespace()) {
-        return Err(UrlError::Invalid(url.to_string()));
+/// Checks `input` and returns it normalised (as the `url` crate writes it:
+/// lowercase scheme and host, default port dropped, empty path as `/`):
+/// the string that is checked against the allowlist is the one requested.
+pub fn parse_url(input: &str) -> Result<Url, UrlError> {
+    let invalid = || UrlError::Invalid(input.to_string());
+    if input.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err(invalid());
     }
-    let uri: Uri = url
-        .parse()
-        .map_err(|_| UrlError::Invalid(url.to_string()))?;
-    let port = match uri.scheme_str().map(str::to_ascii_lowercase).as_deref() {
-        Some("http") => 80,
-        Some("https") => 443,
-        Some(_) => return Err(UrlError::Scheme(url.to_string())),
-        None => return Err(UrlError::Invalid(url.to_string())),
-    };
-    let auth = uri
-        .authority()
-        .ok_or_else(|| UrlError::Invalid(url.to_string()))?;
-    if auth.as_str().contains('@') {
-        return Err(UrlError::Credentials(url.to_string()));
+    let u = url::Url::parse(input).map_err(|e| match e {
+        url::ParseError::InvalidPort => UrlError::Port(input.to_string()),
+        _ => invalid(),
+    })?;
+    if !matches!(u.scheme(), "http" | "https") {
+        return Err(UrlError::Scheme(input.to_string()));
     }
-    let host = auth.host().trim_matches(['[', ']']).to_string();
-    if host.is_empty() {
-        return Err(UrlError::Invalid(url.to_string()));
+    if !u.username().is_empty() || u.password().is_some() {
+        return Err(UrlError::Credentials(input.to_string()));
+    }
+    if has_path_tricks(input) {
+        return Err(UrlError::Path(input.to_string()));
+    }
+    let host = u
+        .host_str()
+        .map(|h| h.trim_matches(['[', ']']).to_string())
+        .filter(|h| !h.is_empty())
+        .ok_or_else(invalid)?;
+    let port = u.port_or_known_default().ok_or_else(invalid)?;
+    if port == 0 {
+        return Err(UrlError::Port(input.to_string()));
     }
     Ok(Url {
-        url: url.to_string(),
+        url: u.as_str().to_string(),
         host,
-        port: auth.port_u16().unwrap_or(port),
+        port,
     })
+}
+
+/// Whether the path of `input` (as written, before any normalisation)
+/// holds a dot segment, also percent-encoded, a backslash, or an encoded
+/// `/` or `\`: spellings a receiver may resolve to another path than the
+/// one an allowlist entry names.
+fn has_path_tricks(input: &str) -> bool {
+    let after_scheme = input.split_once("://").map_or(input, |(_, r)| r);
+    let path_start = after_scheme.find(['/', '?', '#', '\\']);
+    let Some(start) = path_start else {
+        return false;
+    };
+    let rest = &after_scheme[start..];
+    let path = &rest[..rest.find(['?', '#']).unwrap_or(rest.len())];
+    let lower = path.to_ascii_lowercase();
+    if lower.contains('\\') || lower.contains("%2f") || lower.contains("%5c") {
+        return true;
+    }
+    lower
+        .split('/')
+        .map(|seg| seg.replace("%2e", "."))
+        .any(|seg| seg == "." || seg == "..")
 }
 
 /// Parses `Name: value`, refusing anything that could split a header
@@ -95,6 +152,28 @@ pub fn parse_header(h: &str) -> Result<(String, String), UrlError> {
     Ok((name.to_string(), value.to_string()))
 }
 
+/// Headers a caller may not set: the request's routing and framing
+/// (which pg_emit owns, and `Host` would let a caller reach another
+/// virtual host than the URL the allowlist checked), hop-by-hop headers,
+/// and signatures, which only pg_emit may produce.
+const RESERVED_HEADERS: &[&str] = &[
+    "host",
+    "content-length",
+    "content-type",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "proxy-authorization",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "upgrade",
+    "expect",
+    "webhook-id",
+    "webhook-timestamp",
+    "webhook-signature",
+];
+
 pub fn check_header(name: &str, value: &str) -> Result<(), UrlError> {
     let token = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
     if name.is_empty()
@@ -102,6 +181,17 @@ pub fn check_header(name: &str, value: &str) -> Result<(), UrlError> {
         || value.chars().any(|c| c.is_control() && c != '\t')
     {
         return Err(UrlError::Header(format!("{name}: {value}")));
+    }
+    let lower = name.to_ascii_lowercase();
+    if RESERVED_HEADERS.contains(&lower.as_str()) || lower.starts_with("x-emit-") {
+        return Err(UrlError::ReservedHeader(name.to_string()));
+    }
+    Ok(())
+}
+
+pub fn check_content_type(ct: &str) -> Result<(), UrlError> {
+    if ct.chars().any(char::is_control) {
+        return Err(UrlError::ContentType(ct.to_string()));
     }
     Ok(())
 }
@@ -161,6 +251,10 @@ pub struct Client {
 #[derive(Debug)]
 struct GuardedResolver {
     allow: Allowlist,
+    /// Bounds the lookup: ureq's own resolver knows no timeout but the
+    /// request's, and a resolver that never answers must not hold a
+    /// request past `pg_emit.connect_timeout`.
+    connect_timeout: Duration,
 }
 
 /// The allowlist's refusal, carried through ureq's error type.
@@ -175,18 +269,36 @@ impl std::fmt::Display for Refused {
 
 impl std::error::Error for Refused {}
 
+/// A failed or timed-out name lookup, with the message that says which.
+#[derive(Debug)]
+struct Lookup(String);
+
+impl std::fmt::Display for Lookup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Lookup {}
+
 impl Resolver for GuardedResolver {
     fn resolve(
         &self,
         uri: &Uri,
         _config: &Config,
-        _timeout: NextTimeout,
+        timeout: NextTimeout,
     ) -> Result<ResolvedSocketAddrs, ureq::Error> {
         let url = parse_url(&uri.to_string()).map_err(|e| ureq::Error::BadUri(e.to_string()))?;
-        let found: Vec<_> = (url.host.as_str(), url.port)
-            .to_socket_addrs()
-            .map_err(|_| ureq::Error::HostNotFound)?
-            .collect();
+        let budget = timeout
+            .not_zero()
+            .map_or(self.connect_timeout, |t| self.connect_timeout.min(*t));
+        let found = super::tcp::resolve(
+            &url.host,
+            url.port,
+            Instant::now() + budget,
+            &super::Uninterruptible,
+        )
+        .map_err(|e| ureq::Error::Other(Box::new(Lookup(e.to_string()))))?;
         let ok = self
             .allow
             .filter(&url.host, url.port, Some(&url.url), &found)
@@ -221,6 +333,10 @@ impl Client {
         let agent_config = Config::builder()
             .http_status_as_error(false)
             .max_redirects(0)
+            // Never a proxy from the server's environment (HTTP_PROXY and
+            // friends): the allowlist would check the proxy's address, not
+            // the destination's.
+            .proxy(None)
             .timeout_connect(Some(config.connect_timeout))
             .timeout_global(Some(config.request_timeout))
             .user_agent(concat!("pg_emit/", env!("CARGO_PKG_VERSION")))
@@ -231,6 +347,7 @@ impl Client {
             DefaultConnector::default(),
             GuardedResolver {
                 allow: config.allow.clone(),
+                connect_timeout: config.connect_timeout,
             },
         );
         Ok(Client { agent, config })
@@ -281,17 +398,16 @@ impl Response {
         matches!(self.status, 408 | 425 | 429) || self.status >= 500
     }
 
+    /// The status only: a receiver that echoes the request would put row
+    /// data into WARNINGs (seen by writers who may not read every column)
+    /// and `emit.stats`. The excerpt is kept only with dead letters.
     pub fn describe(&self, url: &str) -> String {
         let kind = if (300..400).contains(&self.status) {
             " (redirects are not followed)"
         } else {
             ""
         };
-        if self.excerpt.is_empty() {
-            format!("HTTP {} from {url}{kind}", self.status)
-        } else {
-            format!("HTTP {} from {url}{kind}: {}", self.status, self.excerpt)
-        }
+        format!("HTTP {} from {url}{kind}", self.status)
     }
 }
 
@@ -582,6 +698,67 @@ mod tests {
                 && check_method("get").is_err()
                 && check_method("P T").is_err()
         );
+    }
+
+    #[test]
+    fn urls_are_parsed_strictly() {
+        for port in ["65536", "99999999", "-5", "0"] {
+            let u = format!("http://127.0.0.1:{port}/");
+            assert!(
+                matches!(parse_url(&u), Err(UrlError::Port(_) | UrlError::Invalid(_))),
+                "{u}"
+            );
+        }
+        for tricky in [
+            "http://h/pg/../admin",
+            "http://h/pg/%2e%2e/admin",
+            "http://h/pg/..%2fadmin",
+            "http://h/pg/%5cadmin",
+            "http://h/./x",
+            "http://h\\x",
+        ] {
+            assert!(
+                matches!(parse_url(tricky), Err(UrlError::Path(_))),
+                "{tricky}: {:?}",
+                parse_url(tricky)
+            );
+        }
+        // Dots inside a segment, and in the query, are ordinary.
+        assert!(parse_url("http://h/a..b/.well-known?x=../y").is_ok());
+        let u = parse_url("HTTP://Example.COM:80").unwrap();
+        assert_eq!((u.url.as_str(), u.port), ("http://example.com/", 80));
+        assert_eq!(
+            parse_url("http://[::a9fe:a9fe]/").unwrap().host,
+            "::a9fe:a9fe"
+        );
+    }
+
+    #[test]
+    fn callers_cannot_set_routing_or_signature_headers() {
+        for name in [
+            "Host",
+            "host",
+            "Content-Length",
+            "Transfer-Encoding",
+            "Connection",
+            "X-Emit-Signature",
+            "x-emit-timestamp",
+            "webhook-signature",
+            "Proxy-Authorization",
+        ] {
+            assert!(
+                matches!(check_header(name, "x"), Err(UrlError::ReservedHeader(_))),
+                "{name}"
+            );
+        }
+        assert!(check_header("Authorization", "Bearer t").is_ok());
+    }
+
+    #[test]
+    fn long_values_are_cut_in_errors() {
+        let method = "X".repeat(100_000) + "a";
+        let e = check_method(&method).unwrap_err().to_string();
+        assert!(e.len() < 300, "{}", e.len());
     }
 
     #[test]

@@ -34,9 +34,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-/// First key of the session advisory lock that makes a worker the only one
-/// in its database ("pgEm"); the second key is the database oid.
-const LOCK_KEY: i32 = 0x7067_456d;
+/// Tells pg_emit's worker lock apart from every advisory lock SQL can take:
+/// `pg_advisory_lock` always puts 1 or 2 in the tag's last field.
+const LOCK_TAG_KIND: u16 = 0x456d;
+/// First key of the worker lock ("pgEm"); the second is the database oid.
+const LOCK_KEY: u32 = 0x7067_456d;
 /// Most rows and payload bytes claimed for one destination at a time.
 const CLAIM_ROWS: i64 = 1000;
 const CLAIM_BYTES: usize = 8 << 20;
@@ -130,7 +132,9 @@ fn transaction<R, E: std::fmt::Display>(
 /// a real fault, raised (the worker restarts in a second).
 fn stop_or_raise(what: &str, err: String) -> Stop {
     let installed = transaction(c"pg_emit: checking the extension", || {
-        Spi::get_one::<bool>("SELECT EXISTS (SELECT FROM pg_extension WHERE extname = 'pg_emit')")
+        Spi::get_one::<bool>(
+            "SELECT EXISTS (SELECT FROM pg_catalog.pg_extension WHERE extname = 'pg_emit')",
+        )
     });
     match installed {
         Ok(Some(false)) => Stop::ExtensionDropped,
@@ -163,43 +167,30 @@ pub extern "C-unwind" fn pg_emit_worker_main(arg: pg_sys::Datum) {
     let db = pg_sys::Oid::from(arg.value() as u32);
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(db), None);
+    crate::privileged::pin_worker_settings();
     let claimed = transaction(c"pg_emit: starting", || {
-        Spi::connect_mut(|c| {
-            let missing = c
-                .select(
-                    "SELECT 1 FROM pg_extension WHERE extname = 'pg_emit'",
-                    None,
-                    &[],
-                )?
-                .is_empty();
-            if missing {
-                return Ok(false);
-            }
-            let got = c
-                .update(
-                    "SELECT pg_try_advisory_lock($1, $2)",
-                    None,
-                    &[LOCK_KEY.into(), (db.to_u32() as i32).into()],
-                )?
-                .first()
-                .get_one::<bool>()?
-                .unwrap_or(false);
-            if got {
-                c.update(
-                    "UPDATE emit.worker SET pid = pg_backend_pid(), started_at = now()",
-                    None,
-                    &[],
-                )?;
-            }
-            Ok::<_, pgrx::spi::Error>(got)
-        })
+        let Some(owner) = crate::privileged::emit_owner() else {
+            return Ok(None);
+        };
+        if !take_worker_lock(db) {
+            return Ok(None);
+        }
+        Spi::run(
+            "UPDATE emit.worker SET pid = pg_catalog.pg_backend_pid(), started_at = pg_catalog.now()",
+        )?;
+        Ok::<_, pgrx::spi::Error>(Some(owner))
     });
     match claimed {
         // The extension is not here, or another worker serves this
         // database: exit 0, which tells the postmaster not to restart us.
-        Ok(false) => return,
+        Ok(None) => return,
         Err(e) => pgrx::error!("pg_emit worker: could not start: {e}"),
-        Ok(true) => {}
+        // From here on the worker acts as the extension's owner, not as the
+        // bootstrap superuser it was connected as. Set between
+        // transactions, so every transaction starts (and aborts back to)
+        // this user.
+        // SAFETY: outside any transaction, as InitPostgres sets the user.
+        Ok(Some(owner)) => unsafe { pg_sys::SetUserIdAndSecContext(owner, 0) },
     }
     pgrx::log!("pg_emit worker started");
     let stop = Worker::new().run();
@@ -210,6 +201,25 @@ pub extern "C-unwind" fn pg_emit_worker_main(arg: pg_sys::Datum) {
         // terminated worker comes back; during shutdown no restart happens.
         Stop::Terminated => unsafe { pg_sys::proc_exit(1) },
     }
+}
+
+/// Takes the session lock that makes this the only worker of database
+/// `db`; false when another process holds it. The lock lives in the
+/// advisory lock space but with a tag no SQL function can produce, so no
+/// role can take it first and keep the worker from starting.
+fn take_worker_lock(db: pg_sys::Oid) -> bool {
+    let tag = pg_sys::LOCKTAG {
+        locktag_field1: db.to_u32(),
+        locktag_field2: LOCK_KEY,
+        locktag_field3: db.to_u32(),
+        locktag_field4: LOCK_TAG_KIND,
+        locktag_type: pg_sys::LockTagType::LOCKTAG_ADVISORY as u8,
+        locktag_lockmethodid: pg_sys::USER_LOCKMETHOD as u8,
+    };
+    // SAFETY: a session lock, released when the process exits.
+    let got =
+        unsafe { pg_sys::LockAcquire(&tag, pg_sys::ExclusiveLock as pg_sys::LOCKMODE, true, true) };
+    got != pg_sys::LockAcquireResult::LOCKACQUIRE_NOT_AVAIL
 }
 
 enum Stop {
@@ -346,10 +356,14 @@ impl Worker {
         let jobs = transaction(c"pg_emit: claiming events", || {
             Spi::connect_mut(
                 |c| -> Result<Option<Vec<(String, Job)>>, pgrx::spi::Error> {
-                    if c.select("SELECT to_regclass('emit.outbox')::oid", None, &[])?
-                        .first()
-                        .get_one::<pg_sys::Oid>()?
-                        .is_none()
+                    if c.select(
+                        "SELECT pg_catalog.to_regclass('emit.outbox')::pg_catalog.oid",
+                        None,
+                        &[],
+                    )?
+                    .first()
+                    .get_one::<pg_sys::Oid>()?
+                    .is_none()
                     {
                         return Ok(None);
                     }
@@ -599,7 +613,8 @@ fn number_events(
     let firsts: Vec<i64> = rows.iter().map(|r| r.first_event_id).collect();
     c.update(
         "UPDATE emit.outbox o SET first_event_id = v.f
-           FROM unnest($1::bigint[], $2::bigint[]) v(id, f) WHERE o.id = v.id",
+           FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.int8[]),
+                          pg_catalog.unnest($2::pg_catalog.int8[])) v(id, f) WHERE o.id = v.id",
         None,
         &[ids.into(), firsts.into()],
     )?;
@@ -671,7 +686,8 @@ fn record(
     if !partial.0.is_empty() {
         c.update(
             "UPDATE emit.outbox o SET sent = v.s
-               FROM unnest($1::bigint[], $2::int[]) v(id, s) WHERE o.id = v.id",
+               FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.int8[]),
+                          pg_catalog.unnest($2::pg_catalog.int4[])) v(id, s) WHERE o.id = v.id",
             None,
             &[partial.0.into(), partial.1.into()],
         )?;
@@ -707,8 +723,8 @@ fn record(
         "INSERT INTO emit.destinations AS d
              (destination, delivered, failed_attempts, dead_lettered, last_error, last_error_at, last_delivered_at)
          VALUES ($1, $2, $3, $4, $5,
-                 CASE WHEN $5 IS NOT NULL THEN now() END,
-                 CASE WHEN $2 > 0 THEN now() END)
+                 CASE WHEN $5 IS NOT NULL THEN pg_catalog.now() END,
+                 CASE WHEN $2 > 0 THEN pg_catalog.now() END)
          ON CONFLICT (destination) DO UPDATE SET
              delivered = d.delivered + excluded.delivered,
              failed_attempts = d.failed_attempts + excluded.failed_attempts,
@@ -745,7 +761,7 @@ WITH dead AS (
     DELETE FROM emit.outbox
      WHERE id = ANY($1)
        AND (attempts >= $2
-            OR ($3 > 0 AND enqueued_at < clock_timestamp() - make_interval(secs => $3)))
+            OR ($3 > 0 AND enqueued_at < pg_catalog.clock_timestamp() - pg_catalog.make_interval(secs => $3::pg_catalog.float8)))
     RETURNING *
 ), moved AS (
     INSERT INTO emit.dead_letter
@@ -753,12 +769,12 @@ WITH dead AS (
          last_error, enqueued_at)
     SELECT id, destination, host, port, framing, url, headers, events - sent,
            CASE WHEN sent = 0 THEN payload
-                ELSE array_to_string((string_to_array(payload, E'\\n'))[sent + 1:], E'\\n') END,
+                ELSE pg_catalog.array_to_string((pg_catalog.string_to_array(payload, E'\\n'))[sent + 1:], E'\\n') END,
            attempts, last_error, enqueued_at
       FROM dead
     RETURNING events
 )
-SELECT coalesce(sum(events), 0)::bigint FROM moved";
+SELECT coalesce(pg_catalog.sum(events), 0)::pg_catalog.int8 FROM moved";
 
 /// Wall-clock nanoseconds, to seed the jitter differently in every worker.
 fn now_nanos() -> u64 {

@@ -1,0 +1,143 @@
+//! Running SQL with rights the caller lacks.
+//!
+//! A writer whose row fires an async trigger has no rights on `emit.outbox`
+//! (it holds other tables' rows), so the outbox write runs as the owner of
+//! schema `emit` — the role that ran `CREATE EXTENSION`. Code that runs with
+//! rights the caller lacks must not let the caller choose what it calls:
+//! every name it uses is schema-qualified, and `search_path` is pinned to
+//! `pg_catalog, pg_temp` while it runs, so that neither a function planted
+//! in `public` (which wins over `pg_catalog` when its argument types match
+//! better) nor a database-level `search_path` can be reached. Functions and
+//! operators are never looked up in `pg_temp`.
+//!
+//! The same pin is applied for the life of the worker process
+//! ([`pin_worker_settings`]), which otherwise inherits whatever
+//! `ALTER DATABASE ... SET` the database owner chose.
+
+use pgrx::pg_sys;
+use std::ffi::CStr;
+
+/// The only search path privileged SQL ever runs under.
+pub const SEARCH_PATH: &CStr = c"pg_catalog, pg_temp";
+
+/// The owner of schema `emit`, i.e. of the extension's tables. `None` when
+/// the extension is not installed in this database.
+pub fn emit_owner() -> Option<pg_sys::Oid> {
+    // SAFETY: catalog lookups through the syscache, inside a transaction
+    // (callers run in one); the tuple is released before returning.
+    unsafe {
+        let nsp = pg_sys::get_namespace_oid(c"emit".as_ptr(), true);
+        if nsp == pg_sys::InvalidOid {
+            return None;
+        }
+        let tup = pg_sys::SearchSysCache1(
+            pg_sys::SysCacheIdentifier::NAMESPACEOID as i32,
+            pg_sys::Datum::from(nsp),
+        );
+        if tup.is_null() {
+            return None;
+        }
+        let form = pg_sys::GETSTRUCT(tup) as *const pg_sys::FormData_pg_namespace;
+        let owner = (*form).nspowner;
+        pg_sys::ReleaseSysCache(tup);
+        Some(owner)
+    }
+}
+
+/// Runs `f` as the owner of `emit`, with `search_path` pinned, in a
+/// security-restricted operation (no `SET ROLE`, no temporary objects), and
+/// with a snapshot (at `PRE_COMMIT` no statement provides one).
+///
+/// If `f` raises, transaction (or subtransaction) abort restores user,
+/// settings and snapshots, exactly as for a SECURITY DEFINER function.
+pub fn as_emit_owner<R>(f: impl FnOnce() -> R) -> R {
+    let owner = emit_owner().unwrap_or_else(|| {
+        pgrx::error!("pg_emit: schema emit is missing; is the extension installed here?")
+    });
+    let mut user = pg_sys::InvalidOid;
+    let mut sec = 0;
+    // SAFETY: save, switch and restore the current user and a GUC nest
+    // level, as fmgr_security_definer does for SECURITY DEFINER functions.
+    let nest = unsafe {
+        pg_sys::GetUserIdAndSecContext(&mut user, &mut sec);
+        let nest = pg_sys::NewGUCNestLevel();
+        pg_sys::SetUserIdAndSecContext(
+            owner,
+            sec | (pg_sys::SECURITY_LOCAL_USERID_CHANGE | pg_sys::SECURITY_RESTRICTED_OPERATION)
+                as i32,
+        );
+        pin_search_path(pg_sys::GucSource::PGC_S_SESSION, true);
+        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+        nest
+    };
+    let r = f();
+    // SAFETY: undoes the above in reverse order.
+    unsafe {
+        pg_sys::PopActiveSnapshot();
+        pg_sys::AtEOXact_GUC(true, nest);
+        pg_sys::SetUserIdAndSecContext(user, sec);
+    }
+    r
+}
+
+/// Sets `search_path` to [`SEARCH_PATH`]; `save` makes it revert at the end
+/// of the current GUC nest level.
+///
+/// # Safety
+/// Must run in a backend, inside a transaction when `save` is set.
+unsafe fn pin_search_path(source: pg_sys::GucSource::Type, save: bool) {
+    let action = if save {
+        pg_sys::GucAction::GUC_ACTION_SAVE
+    } else {
+        pg_sys::GucAction::GUC_ACTION_SET
+    };
+    pg_sys::set_config_option(
+        c"search_path".as_ptr(),
+        SEARCH_PATH.as_ptr(),
+        pg_sys::GucContext::PGC_SUSET,
+        source,
+        action,
+        true,
+        pg_sys::PGERROR as i32,
+        false,
+    );
+}
+
+/// Settings a database owner could set with `ALTER DATABASE ... SET` to
+/// stop the worker (a timeout that cancels every claim, a read-only or
+/// serializable default, string syntax its SQL does not expect), with the
+/// values the worker needs. Applied at the highest priority, so nothing
+/// overrides them for the life of the process. `transaction_timeout` exists
+/// from PostgreSQL 17 on.
+const WORKER_SETTINGS: &[(&CStr, &CStr)] = &[
+    (c"statement_timeout", c"0"),
+    (c"lock_timeout", c"0"),
+    (c"idle_in_transaction_session_timeout", c"0"),
+    (c"transaction_timeout", c"0"),
+    (c"default_transaction_read_only", c"off"),
+    (c"default_transaction_isolation", c"read committed"),
+    (c"default_transaction_deferrable", c"off"),
+    (c"standard_conforming_strings", c"on"),
+];
+
+/// Pins the worker's `search_path` and [`WORKER_SETTINGS`] after it has
+/// connected to its database (which applied the database's own settings).
+pub fn pin_worker_settings() {
+    // SAFETY: a bgworker after BackgroundWorkerInitializeConnection, outside
+    // any transaction: SET-like calls at override priority, as
+    // postmaster-level options are applied.
+    unsafe {
+        pin_search_path(pg_sys::GucSource::PGC_S_OVERRIDE, false);
+        for (name, value) in WORKER_SETTINGS {
+            if pg_sys::GetConfigOption(name.as_ptr(), true, false).is_null() {
+                continue;
+            }
+            pg_sys::SetConfigOption(
+                name.as_ptr(),
+                value.as_ptr(),
+                pg_sys::GucContext::PGC_SUSET,
+                pg_sys::GucSource::PGC_S_OVERRIDE,
+            );
+        }
+    }
+}
