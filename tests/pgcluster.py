@@ -77,10 +77,12 @@ class Cluster:
         self.conf.update({k: str(v) for k, v in kv.items()})
         self.write_conf()
 
-    def start(self, env=None):
-        """`env`: extra environment for the server (e.g. SSL_CERT_FILE)."""
+    def start(self, env=None, wrap=()):
+        """`env`: extra environment for the server (e.g. SSL_CERT_FILE);
+        `wrap`: a command the server is started under (e.g. unshare)."""
         r = subprocess.run(
-            _as_server_user([f"{BIN}/pg_ctl", "-D", self.data, "-l", self.log, "-w", "-t", "60", "start"]),
+            list(wrap) + _as_server_user(
+                [f"{BIN}/pg_ctl", "-D", self.data, "-l", self.log, "-w", "-t", "60", "start"]),
             capture_output=True, text=True, env={**os.environ, **(env or {})},
         )
         if r.returncode != 0:

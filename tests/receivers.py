@@ -176,9 +176,10 @@ def free_port():
 class HttpReceiver:
     """HTTP/1.1 server on 127.0.0.1 (keep-alive) that records every request
     and answers from a script: a list of (status, headers, body) used one
-    per request, then `default`. `tls` is an ssl.SSLContext for HTTPS."""
+    per request, then `default`. `tls` is an ssl.SSLContext for HTTPS.
+    `echo`: the reply body is the request body (as many error pages do)."""
 
-    def __init__(self, script=None, default=(200, {}, b"ok"), tls=None, hang=False):
+    def __init__(self, script=None, default=(200, {}, b"ok"), tls=None, hang=False, echo=False):
         import http.server
 
         self.requests = []
@@ -208,6 +209,8 @@ class HttpReceiver:
                     outer.cond.notify_all()
                 if outer.hang:
                     time.sleep(3600)
+                if echo:
+                    reply = body
                 self.send_response(status)
                 for k, v in headers.items():
                     self.send_header(k, v)
