@@ -217,11 +217,16 @@ def test_no_path_through_pg_emit_makes_anyone_superuser(shadowed):
                   default_transaction_read_only="off")
         try:
             assert m.execute("SHOW search_path").fetchone()[0] == "public, pg_catalog"
-            # Finding 1: a writer cannot switch a trigger to another mode.
-            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            # Finding 1's attack: switch the default trigger to async, whose
+            # outbox write once ran unqualified SQL as superuser.
+            try:
                 m.execute("SET pg_emit.default_delivery = async")
+            except psycopg.errors.InsufficientPrivilege:
+                pass
             for i in range(1, 6):
                 m.execute(f"INSERT INTO public.orders VALUES ({i}, 'x')")
+            with admin(hard, "shadow") as c:
+                assert not is_superuser(c, "mallory")
             with m.transaction():
                 m.execute("INSERT INTO public.orders VALUES (6, 'x')")
                 try:

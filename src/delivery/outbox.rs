@@ -76,9 +76,16 @@ pub fn note_written() {
     WROTE.set(true);
 }
 
-/// Writes everything buffered as outbox rows, one per destination (split
-/// at [`FLUSH_BYTES`]), preserving each destination's event order.
+/// Writes what is buffered before the transaction ends (memory stays
+/// bounded for huge transactions).
 fn flush() {
+    as_emit_owner(write_queued);
+}
+
+/// Writes everything buffered as outbox rows, one per destination (split
+/// at [`FLUSH_BYTES`]), preserving each destination's event order. Runs as
+/// the owner of `emit` (see [`as_emit_owner`]).
+fn write_queued() {
     let rows = QUEUED.with_borrow_mut(|p| {
         let mut by_dest: Vec<(Target, Chunks)> = Vec::new();
         for (target, event) in p.iter() {
@@ -114,11 +121,9 @@ fn flush() {
     let limit = settings::max_outbox_bytes();
     if limit > 0 {
         // Cheap: relation sizes come from the storage manager, no scan.
-        let size = as_emit_owner(|| {
-            Spi::get_one::<i64>(
-                "SELECT pg_catalog.pg_total_relation_size('emit.outbox'::pg_catalog.regclass)",
-            )
-        })
+        let size = Spi::get_one::<i64>(
+            "SELECT pg_catalog.pg_total_relation_size('emit.outbox'::pg_catalog.regclass)",
+        )
         .ok()
         .flatten()
         .unwrap_or(0);
@@ -135,59 +140,57 @@ fn flush() {
             return;
         }
     }
-    as_emit_owner(|| {
-        Spi::connect_mut(|client| {
-            for (target, chunks) in &rows {
-                let dest = target.key();
-                let (host, port, framing, url, headers) = match target {
-                    Target::Tcp {
-                        host,
-                        port,
-                        framing,
-                    } => (
-                        host.clone(),
-                        i32::from(*port),
-                        framing.to_string(),
-                        None,
-                        None,
-                    ),
-                    Target::Http { url, headers } => {
-                        let u = crate::transport::http::parse_url(url).ok();
-                        let lines: String =
-                            headers.iter().map(|(k, v)| format!("{k}: {v}\n")).collect();
-                        (
-                            u.as_ref().map(|u| u.host.clone()).unwrap_or_default(),
-                            u.map_or(0, |u| i32::from(u.port)),
-                            "http".to_string(),
-                            Some(url.as_str()),
-                            (!lines.is_empty()).then_some(lines),
-                        )
-                    }
-                };
-                for (events, payload) in chunks {
-                    // Events are row_to_json output in the server encoding,
-                    // which pg_emit requires to be UTF-8.
-                    let payload = std::str::from_utf8(payload).unwrap_or_default();
-                    client.update(
-                        "INSERT INTO emit.outbox \
+    Spi::connect_mut(|client| {
+        for (target, chunks) in &rows {
+            let dest = target.key();
+            let (host, port, framing, url, headers) = match target {
+                Target::Tcp {
+                    host,
+                    port,
+                    framing,
+                } => (
+                    host.clone(),
+                    i32::from(*port),
+                    framing.to_string(),
+                    None,
+                    None,
+                ),
+                Target::Http { url, headers } => {
+                    let u = crate::transport::http::parse_url(url).ok();
+                    let lines: String =
+                        headers.iter().map(|(k, v)| format!("{k}: {v}\n")).collect();
+                    (
+                        u.as_ref().map(|u| u.host.clone()).unwrap_or_default(),
+                        u.map_or(0, |u| i32::from(u.port)),
+                        "http".to_string(),
+                        Some(url.as_str()),
+                        (!lines.is_empty()).then_some(lines),
+                    )
+                }
+            };
+            for (events, payload) in chunks {
+                // Events are row_to_json output in the server encoding,
+                // which pg_emit requires to be UTF-8.
+                let payload = std::str::from_utf8(payload).unwrap_or_default();
+                client.update(
+                    "INSERT INTO emit.outbox \
                              (destination, host, port, framing, url, headers, events, payload) \
                          VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-                        None,
-                        &[
-                            dest.as_str().into(),
-                            host.as_str().into(),
-                            port.into(),
-                            framing.as_str().into(),
-                            url.into(),
-                            headers.as_deref().into(),
-                            (*events).into(),
-                            payload.into(),
-                        ],
-                    )?;
-                }
+                    None,
+                    &[
+                        dest.as_str().into(),
+                        host.as_str().into(),
+                        port.into(),
+                        framing.as_str().into(),
+                        url.into(),
+                        headers.as_deref().into(),
+                        (*events).into(),
+                        payload.into(),
+                    ],
+                )?;
             }
-            Ok::<_, pgrx::spi::Error>(())
-        })
+        }
+        Ok::<_, pgrx::spi::Error>(())
     })
     .unwrap_or_else(|e| pgrx::error!("pg_emit: could not write to emit.outbox: {e}"));
     WROTE.set(true);
@@ -197,15 +200,26 @@ fn flush() {
 /// worker to wake, starting one if none runs. Errors here still abort the
 /// transaction cleanly.
 pub fn pre_commit() {
-    if !QUEUED.with_borrow(|p| p.is_empty()) {
-        flush();
+    let queued = !QUEUED.with_borrow(|p| p.is_empty());
+    if !queued && !WROTE.get() {
+        return;
     }
+    // One switch to the owner for the whole commit: the rows and the
+    // worker's pid.
+    let pid = as_emit_owner(|| {
+        if queued {
+            write_queued();
+        }
+        if !WROTE.get() {
+            return None;
+        }
+        Spi::get_one::<i32>("SELECT w.pid FROM emit.worker w")
+            .ok()
+            .flatten()
+    });
     if !WROTE.get() {
         return;
     }
-    let pid = as_emit_owner(|| Spi::get_one::<i32>("SELECT w.pid FROM emit.worker w"))
-        .ok()
-        .flatten();
     // SAFETY: BackendPidGetProc takes ProcArrayLock and returns a PGPROC in
     // shared memory (never freed) or NULL.
     let latch = pid

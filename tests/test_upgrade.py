@@ -1,0 +1,101 @@
+"""ALTER EXTENSION pg_emit UPDATE from 0.1.0: the same objects as a fresh
+install, and a queued backlog survives and is delivered.
+
+`fixtures/pg_emit--0.1.0.sql` is the install script 0.1.0 generated
+(`cargo pgrx schema` at that release), installed beside the current one.
+"""
+
+import json
+import os
+import subprocess
+
+import pytest
+
+from pgcluster import BIN, wait_until
+from receivers import Receiver, free_port
+
+FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "pg_emit--0.1.0.sql")
+
+CATALOG = {
+    "functions": """
+        SELECT p.proname, pg_get_function_identity_arguments(p.oid), p.prosrc, p.proisstrict,
+               p.provolatile, p.proparallel, p.prosecdef, p.proconfig, p.proacl::text,
+               obj_description(p.oid, 'pg_proc')
+          FROM pg_proc p JOIN pg_depend d ON d.objid = p.oid AND d.classid = 'pg_proc'::regclass
+          JOIN pg_extension e ON e.oid = d.refobjid AND e.extname = 'pg_emit'
+         ORDER BY 1, 2""",
+    "relations": """
+        SELECT c.relname, c.relkind, c.relacl::text, obj_description(c.oid, 'pg_class')
+          FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+         WHERE n.nspname = 'emit' ORDER BY 1""",
+    "columns": """
+        SELECT c.relname, a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull,
+               pg_get_expr(ad.adbin, ad.adrelid), a.attcompression
+          FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
+          JOIN pg_namespace n ON n.oid = c.relnamespace AND n.nspname = 'emit'
+          LEFT JOIN pg_attrdef ad ON ad.adrelid = a.attrelid AND ad.adnum = a.attnum
+         WHERE a.attnum > 0 AND NOT a.attisdropped ORDER BY 1, 2""",
+    "views": """
+        SELECT viewname, definition FROM pg_views WHERE schemaname = 'emit' ORDER BY 1""",
+}
+
+
+def extension_dir():
+    share = subprocess.run([f"{BIN}/pg_config", "--sharedir"], capture_output=True,
+                           text=True, check=True).stdout.strip()
+    return os.path.join(share, "extension")
+
+
+def as_root(*cmd):
+    subprocess.run(([] if os.geteuid() == 0 else ["sudo"]) + list(cmd), check=True)
+
+
+@pytest.fixture(scope="module")
+def old_script():
+    target = os.path.join(extension_dir(), os.path.basename(FIXTURE))
+    installed_here = not os.path.exists(target)
+    if installed_here:
+        as_root("cp", FIXTURE, target)
+    yield
+    if installed_here:
+        as_root("rm", "-f", target)
+
+
+def snapshot(conn):
+    return {k: conn.execute(q).fetchall() for k, q in CATALOG.items()}
+
+
+def test_update_from_0_1_0_matches_a_fresh_install_and_keeps_the_backlog(cluster, old_script):
+    port = free_port()
+    for db in ("emit_old", "emit_new"):
+        cluster.create_db(db)
+    try:
+        with cluster.connect("emit_old") as c:
+            c.execute("CREATE EXTENSION pg_emit VERSION '0.1.0'")
+            c.execute("CREATE TABLE orders (id int PRIMARY KEY)")
+            c.execute(
+                "CREATE TRIGGER out AFTER INSERT ON orders FOR EACH ROW EXECUTE FUNCTION "
+                f"row_to_socket('127.0.0.1', {port}, 'delivery=async', 'framing=ndjson')")
+            c.execute("INSERT INTO orders SELECT generate_series(1, 5)")
+            assert c.execute("SELECT sum(events) FROM emit.outbox").fetchone()[0] == 5
+            c.execute("ALTER EXTENSION pg_emit UPDATE")
+            assert c.execute(
+                "SELECT extversion FROM pg_extension WHERE extname = 'pg_emit'").fetchone()[0] == "0.2.0"
+            updated = snapshot(c)
+        with cluster.connect("emit_new") as c:
+            c.execute("CREATE EXTENSION pg_emit")
+            fresh = snapshot(c)
+        for k in CATALOG:
+            assert updated[k] == fresh[k], k
+        nd = Receiver("ndjson", port=port)
+        try:
+            got = nd.wait_for(5, timeout=20)
+            assert sorted({json.loads(m)["new"]["id"] for m in got}) == [1, 2, 3, 4, 5]
+            with cluster.connect("emit_old") as c:
+                assert wait_until(lambda: c.execute("SELECT count(*) FROM emit.outbox").fetchone()[0] == 0)
+        finally:
+            nd.close()
+    finally:
+        with cluster.connect() as c:
+            for db in ("emit_old", "emit_new"):
+                c.execute(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
