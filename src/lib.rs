@@ -13,6 +13,7 @@ pub mod admin;
 pub mod backoff;
 pub mod cooldown;
 pub mod delivery;
+pub mod encoding;
 pub mod error;
 pub mod event;
 pub mod hooks;

@@ -5,6 +5,7 @@
 //! panic, and the row goes back to PostgreSQL without being re-wrapped.
 
 use crate::delivery::{commit, outbox, sync, Target};
+use crate::encoding;
 use crate::error::EmitError;
 use crate::event::{self, Event, Op};
 use crate::options::{self, Delivery, OptionError, Options};
@@ -12,6 +13,7 @@ use crate::settings;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use pgrx::PgMemoryContexts;
+use std::borrow::Cow;
 use std::cell::RefCell;
 use std::ffi::CStr;
 use std::rc::Rc;
@@ -40,6 +42,9 @@ thread_local! {
 struct Plan {
     tgoid: pg_sys::Oid,
     func: Func,
+    /// The arguments as stored (database encoding), for [`Plan::matches`].
+    raw: Vec<Vec<u8>>,
+    /// The arguments as UTF-8.
     args: Vec<String>,
     target: Target,
     opts: Options,
@@ -50,9 +55,9 @@ impl Plan {
         let n = usize::try_from(tg.tgnargs).unwrap_or(0);
         self.tgoid == tg.tgoid
             && self.func == func
-            && self.args.len() == n
+            && self.raw.len() == n
             // SAFETY: tgargs holds tgnargs C strings.
-            && (0..n).all(|i| unsafe { CStr::from_ptr(*tg.tgargs.add(i)) }.to_bytes() == self.args[i].as_bytes())
+            && (0..n).all(|i| unsafe { CStr::from_ptr(*tg.tgargs.add(i)) }.to_bytes() == self.raw[i])
     }
 }
 
@@ -88,7 +93,8 @@ fn schema_of(relid: pg_sys::Oid, nsp: pg_sys::Oid) -> Rc<str> {
     let name: Rc<str> = if ptr.is_null() {
         "".into()
     } else {
-        cstr(ptr).into()
+        // SAFETY: a NUL-terminated name from the catalog.
+        unsafe { encoding::name(ptr, &|| format!("the name of schema {}", nsp.to_u32())) }.into()
     };
     SCHEMAS.with_borrow_mut(|s| {
         s.retain(|(r, _, _)| *r != relid);
@@ -140,9 +146,9 @@ impl Func {
 struct Firing<'a> {
     func: Func,
     td: &'a pg_sys::TriggerData,
-    name: &'a str,
+    name: Cow<'a, str>,
     schema: Rc<str>,
-    table: &'a str,
+    table: Cow<'a, str>,
 }
 
 impl Firing<'_> {
@@ -155,13 +161,6 @@ impl Firing<'_> {
             self.table
         )
     }
-}
-
-fn cstr<'a>(p: *const std::ffi::c_char) -> &'a str {
-    // SAFETY: callers pass NUL-terminated strings owned by the trigger
-    // data, which outlive the firing. pg_emit needs a UTF-8 database (JSON
-    // is UTF-8); in any other encoding a non-ASCII name reads as empty.
-    unsafe { CStr::from_ptr(p) }.to_str().unwrap_or("")
 }
 
 /// Serializes a heap tuple with `row_to_json`. TOASTed values are
@@ -246,13 +245,18 @@ fn fire(td: &pg_sys::TriggerData, func: Func) -> pg_sys::Datum {
         let rel = &*td.tg_relation;
         (rel, rel.rd_id, (*rel.rd_rel).relnamespace)
     };
+    // SAFETY: trigger and relation names are NUL-terminated and outlive
+    // the firing.
     let firing = Firing {
         func,
         td,
-        name: cstr(tg.tgname),
+        name: unsafe { encoding::name(tg.tgname, &|| "the trigger's name".into()) },
         schema: schema_of(relid, namespace),
-        // SAFETY: rd_rel.relname is a NUL-terminated NameData.
-        table: cstr(unsafe { (*rel.rd_rel).relname.data.as_ptr() }),
+        table: unsafe {
+            encoding::name((*rel.rd_rel).relname.data.as_ptr(), &|| {
+                format!("the name of table {}", relid.to_u32())
+            })
+        },
     };
     let plan = plan_for(tg, &firing);
     let (target, opts) = (&plan.target, &plan.opts);
@@ -278,6 +282,9 @@ fn fire(td: &pg_sys::TriggerData, func: Func) -> pg_sys::Datum {
             (true, _) => (None, Some(tuple_json(td.tg_trigtuple, desc))),
         }
     };
+    let what = || format!("a row for {}", firing.describe());
+    let new = new.map(|b| encoding::to_utf8(b, &what));
+    let old = old.map(|b| encoding::to_utf8(b, &what));
 
     let args: Vec<&str> = match opts.format {
         options::Format::Td => plan.args.iter().map(String::as_str).collect(),
@@ -286,16 +293,23 @@ fn fire(td: &pg_sys::TriggerData, func: Func) -> pg_sys::Datum {
     let ev = Event {
         op,
         schema: &firing.schema,
-        table: firing.table,
+        table: &firing.table,
         when: when_of(event),
         level: if row_level { "ROW" } else { "STATEMENT" },
-        trigger_name: firing.name,
+        trigger_name: &firing.name,
         relid: relid.to_u32(),
         args: &args,
     };
     BUF.with_borrow_mut(|buf| {
         buf.clear();
-        event::write_event(buf, opts.format, &ev, new, old, one_line(target, mode));
+        event::write_event(
+            buf,
+            opts.format,
+            &ev,
+            new.as_deref(),
+            old.as_deref(),
+            one_line(target, mode),
+        );
         send(&firing, target, mode, buf);
         // Large rows must not pin megabytes per backend for its lifetime.
         if buf.capacity() > 1 << 20 {
@@ -371,10 +385,10 @@ fn fire_statement(firing: &Firing<'_>, plan: &Plan, mode: Delivery) {
     let ev = Event {
         op: op_of(td.tg_event),
         schema: &firing.schema,
-        table: firing.table,
+        table: &firing.table,
         when: when_of(td.tg_event),
         level: "STATEMENT",
-        trigger_name: firing.name,
+        trigger_name: &firing.name,
         relid: relid.to_u32(),
         args: &args,
     };
@@ -401,6 +415,7 @@ fn fire_statement(firing: &Firing<'_>, plan: &Plan, mode: Delivery) {
         // Row JSON is built in a context reset per row: a million-row
         // statement must not keep a million detoasted rows in memory.
         let mut rows_cx = PgMemoryContexts::new("pg_emit statement rows");
+        let what = || format!("a row for {}", firing.describe());
         let mut buf = Vec::new();
         let mut in_message = 0usize;
         loop {
@@ -423,8 +438,10 @@ fn fire_statement(firing: &Firing<'_>, plan: &Plan, mode: Delivery) {
                         pg_sys::InvalidOid,
                         datum,
                     );
-                    pgrx::varlena::varlena_to_byte_slice(json.cast_mut_ptr::<pg_sys::varlena>())
-                        .to_vec()
+                    let bytes = pgrx::varlena::varlena_to_byte_slice(
+                        json.cast_mut_ptr::<pg_sys::varlena>(),
+                    );
+                    encoding::to_utf8(bytes, &what).into_owned()
                 }))
             };
             let new = next(&new_r, &mut rows_cx);
@@ -471,9 +488,20 @@ fn plan_for(tg: &pg_sys::Trigger, firing: &Firing<'_>) -> Rc<Plan> {
         return p;
     }
     let n = usize::try_from(tg.tgnargs).unwrap_or(0);
-    let args: Vec<String> = (0..n)
-        // SAFETY: tgargs holds tgnargs C strings.
-        .map(|i| cstr(unsafe { *tg.tgargs.add(i) }).to_string())
+    // SAFETY: tgargs holds tgnargs C strings.
+    let ptrs: Vec<_> = (0..n).map(|i| unsafe { *tg.tgargs.add(i) }).collect();
+    let raw = ptrs
+        .iter()
+        // SAFETY: as above.
+        .map(|p| unsafe { CStr::from_ptr(*p) }.to_bytes().to_vec())
+        .collect();
+    let args: Vec<String> = ptrs
+        .iter()
+        .enumerate()
+        // SAFETY: as above.
+        .map(|(i, p)| {
+            unsafe { encoding::name(*p, &|| format!("trigger argument {}", i + 1)) }.into_owned()
+        })
         .collect();
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     let (target, opts) = func.parse(&refs).unwrap_or_else(|source| {
@@ -487,6 +515,7 @@ fn plan_for(tg: &pg_sys::Trigger, firing: &Firing<'_>) -> Rc<Plan> {
     let plan = Rc::new(Plan {
         tgoid: tg.tgoid,
         func,
+        raw,
         args,
         target,
         opts,

@@ -15,6 +15,7 @@ use crate::privileged::as_emit_owner;
 use crate::settings;
 use crate::worker;
 use pgrx::bgworkers::DynamicBackgroundWorker;
+use pgrx::datum::DatumWithOid;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use std::cell::{Cell, RefCell};
@@ -140,6 +141,14 @@ fn write_queued() {
             return;
         }
     }
+    let utf8_db = crate::encoding::database_is_utf8();
+    let insert = if utf8_db {
+        "INSERT INTO emit.outbox (destination, host, port, framing, url, headers, events, payload) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+    } else {
+        "INSERT INTO emit.outbox (destination, host, port, framing, url, headers, events, payload) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, pg_catalog.convert_from($8, 'UTF8'))"
+    };
     Spi::connect_mut(|client| {
         for (target, chunks) in &rows {
             let dest = target.key();
@@ -169,13 +178,19 @@ fn write_queued() {
                 }
             };
             for (events, payload) in chunks {
-                // Events are row_to_json output in the server encoding,
-                // which pg_emit requires to be UTF-8.
-                let payload = std::str::from_utf8(payload).unwrap_or_default();
+                // Events are UTF-8 (see crate::encoding). A UTF-8 database
+                // stores them as they are; any other stores them converted
+                // to its own encoding, like any text, and the worker
+                // converts them back when it reads them.
+                let payload: DatumWithOid = if utf8_db {
+                    std::str::from_utf8(payload)
+                        .unwrap_or_else(|e| pgrx::error!("pg_emit: an event is not UTF-8: {e}"))
+                        .into()
+                } else {
+                    payload.as_slice().into()
+                };
                 client.update(
-                    "INSERT INTO emit.outbox \
-                             (destination, host, port, framing, url, headers, events, payload) \
-                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                    insert,
                     None,
                     &[
                         dest.as_str().into(),
@@ -185,7 +200,7 @@ fn write_queued() {
                         url.into(),
                         headers.as_deref().into(),
                         (*events).into(),
-                        payload.into(),
+                        payload,
                     ],
                 )?;
             }

@@ -17,6 +17,7 @@ pub mod launcher;
 pub mod send;
 
 use crate::backoff::{self, Backoff};
+use crate::encoding::message_text;
 use crate::options::Framing;
 use crate::security::Allowlist;
 use crate::settings;
@@ -528,7 +529,11 @@ fn claim(
     let mut bytes = 0;
     for pass in [CLAIMED_SQL, UNCLAIMED_SQL] {
         for r in c.select(pass, Some(CLAIM_ROWS as _), &[key.into()])? {
-            let payload: String = r.get(6)?.unwrap_or_default();
+            // Read as UTF-8 whatever the database encoding (the outbox
+            // holds text in the database's own).
+            let payload = r.get::<Vec<u8>>(6)?.unwrap_or_default();
+            let payload = String::from_utf8(payload)
+                .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
             if !rows.is_empty() && bytes + payload.len() > CLAIM_BYTES {
                 break;
             }
@@ -583,10 +588,14 @@ fn claim(
 }
 
 const CLAIMED_SQL: &str = "
-SELECT id, host, port, framing, first_event_id, payload, sent, url, headers FROM emit.outbox
+SELECT id, host, port, framing, first_event_id, pg_catalog.convert_to(payload, 'UTF8'), sent, url,
+       headers
+  FROM emit.outbox
  WHERE destination = $1 AND first_event_id IS NOT NULL ORDER BY first_event_id";
 const UNCLAIMED_SQL: &str = "
-SELECT id, host, port, framing, first_event_id, payload, sent, url, headers FROM emit.outbox
+SELECT id, host, port, framing, first_event_id, pg_catalog.convert_to(payload, 'UTF8'), sent, url,
+       headers
+  FROM emit.outbox
  WHERE destination = $1 AND first_event_id IS NULL ORDER BY id";
 
 /// Gives freshly claimed rows consecutive event ids, in claim order.
@@ -650,10 +659,10 @@ fn record(
                 None,
                 &[
                     row.id.into(),
-                    event.into(),
-                    message.as_str().into(),
+                    event.as_bytes().into(),
+                    message_text(message).as_ref().into(),
                     i32::from(*status).into(),
-                    excerpt.as_str().into(),
+                    message_text(excerpt).as_ref().into(),
                 ],
             )?;
             sent_now[r] += 1;
@@ -692,7 +701,10 @@ fn record(
             &[partial.0.into(), partial.1.into()],
         )?;
     }
-    let error = out.error.as_ref().map(|e| e.to_string());
+    let error = out
+        .error
+        .as_ref()
+        .map(|e| message_text(&e.to_string()).into_owned());
     let retry = out
         .error
         .as_ref()
@@ -701,7 +713,10 @@ fn record(
         c.update(
             "UPDATE emit.outbox SET attempts = attempts + 1, last_error = $2 WHERE id = ANY($1)",
             None,
-            &[unfinished.clone().into(), err.as_str().into()],
+            &[
+                unfinished.clone().into(),
+                message_text(&err).as_ref().into(),
+            ],
         )?;
         // A destination the allowlist refuses will not become deliverable
         // by retrying: dead-letter at once.
@@ -749,8 +764,8 @@ const REJECTED_SQL: &str = "
 INSERT INTO emit.dead_letter
     (outbox_id, destination, host, port, framing, url, headers, events, payload, attempts,
      last_error, status, response, enqueued_at)
-SELECT id, destination, host, port, framing, url, headers, 1, $2, attempts + 1,
-       $3, $4, $5, enqueued_at
+SELECT id, destination, host, port, framing, url, headers, 1,
+       pg_catalog.convert_from($2, 'UTF8'), attempts + 1, $3, $4, $5, enqueued_at
   FROM emit.outbox WHERE id = $1";
 
 /// Moves unfinished rows past `max_attempts` (or older than `max_age`
