@@ -20,14 +20,34 @@ use std::ffi::CStr;
 /// The only search path privileged SQL ever runs under.
 pub const SEARCH_PATH: &CStr = c"pg_catalog, pg_temp";
 
-/// The owner of schema `emit`, i.e. of the extension's tables. `None` when
-/// the extension is not installed in this database.
+thread_local! {
+    /// (schema oid, owner) of the last `emit` found to belong to pg_emit.
+    static OWNER: std::cell::Cell<Option<(pg_sys::Oid, pg_sys::Oid)>> =
+        const { std::cell::Cell::new(None) };
+}
+
+/// The owner of schema `emit` — the role that ran `CREATE EXTENSION` —
+/// when that schema belongs to the pg_emit extension; `None` otherwise. A
+/// schema that merely has the name (any role with `CREATE` on a database
+/// without pg_emit can make one) is never trusted.
 pub fn emit_owner() -> Option<pg_sys::Oid> {
-    // SAFETY: catalog lookups through the syscache, inside a transaction
-    // (callers run in one); the tuple is released before returning.
+    // SAFETY: catalog lookups (syscache, pg_extension and pg_depend index
+    // scans) inside a transaction, which every caller runs in; the tuple is
+    // released before returning.
     unsafe {
         let nsp = pg_sys::get_namespace_oid(c"emit".as_ptr(), true);
         if nsp == pg_sys::InvalidOid {
+            return None;
+        }
+        if let Some((cached, owner)) = OWNER.get() {
+            if cached == nsp {
+                return Some(owner);
+            }
+        }
+        let ext = pg_sys::get_extension_oid(c"pg_emit".as_ptr(), true);
+        if ext == pg_sys::InvalidOid
+            || pg_sys::getExtensionOfObject(pg_sys::NamespaceRelationId, nsp) != ext
+        {
             return None;
         }
         let tup = pg_sys::SearchSysCache1(
@@ -40,6 +60,7 @@ pub fn emit_owner() -> Option<pg_sys::Oid> {
         let form = pg_sys::GETSTRUCT(tup) as *const pg_sys::FormData_pg_namespace;
         let owner = (*form).nspowner;
         pg_sys::ReleaseSysCache(tup);
+        OWNER.set(Some((nsp, owner)));
         Some(owner)
     }
 }
@@ -104,12 +125,15 @@ unsafe fn pin_search_path(source: pg_sys::GucSource::Type, save: bool) {
 }
 
 /// Settings a database owner could set with `ALTER DATABASE ... SET` to
-/// stop the worker (a timeout that cancels every claim, a read-only or
-/// serializable default, string syntax its SQL does not expect), with the
+/// stop the worker (a role it would act as, a timeout that cancels every
+/// claim, a read-only or serializable default, string syntax its SQL does
+/// not expect), with the
 /// values the worker needs. Applied at the highest priority, so nothing
 /// overrides them for the life of the process. `transaction_timeout` exists
 /// from PostgreSQL 17 on.
 const WORKER_SETTINGS: &[(&CStr, &CStr)] = &[
+    // A database-level `SET role` would make the worker act as that role.
+    (c"role", c"none"),
     (c"statement_timeout", c"0"),
     (c"lock_timeout", c"0"),
     (c"idle_in_transaction_session_timeout", c"0"),

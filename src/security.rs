@@ -313,7 +313,7 @@ impl Allowlist {
             .map(|a| a.ip().to_string())
             .collect::<Vec<_>>()
             .join(", ");
-        let what = url.map_or_else(|| format!("{host}:{port}"), str::to_string);
+        let what = url.map_or_else(|| format!("{host}:{port}"), crate::transport::http::quote);
         Err(Refused(if by_name {
             format!(
                 "{what} resolves to {list}: link-local and cloud metadata addresses are refused \

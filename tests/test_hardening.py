@@ -64,7 +64,7 @@ def admin(cluster, dbname=DB):
     not trip the traps."""
     opts = ""
     if dbname == "shadow":
-        opts = (" options='-csearch_path=pg_catalog,pg_temp "
+        opts = (" options='-csearch_path=pg_catalog,pg_temp -crole=none "
                 "-cstatement_timeout=0 -cdefault_transaction_read_only=off'")
     return psycopg.connect(cluster.dsn(dbname) + opts, autocommit=True)
 
@@ -184,6 +184,7 @@ def shadowed(hard):
         o.execute("ALTER DATABASE shadow SET statement_timeout = '1ms'")
         o.execute("ALTER DATABASE shadow SET default_transaction_read_only = on")
         o.execute("ALTER DATABASE shadow SET lock_timeout = '1ms'")
+        o.execute("ALTER DATABASE shadow SET role = 'dbowner'")
     with admin(hard, "shadow") as c:
         c.execute("CREATE EXTENSION pg_emit SCHEMA public")
         c.execute("CREATE TABLE public.orders (id int PRIMARY KEY, v text)")
@@ -221,8 +222,9 @@ def test_no_path_through_pg_emit_makes_anyone_superuser(shadowed):
             # outbox write once ran unqualified SQL as superuser.
             try:
                 m.execute("SET pg_emit.default_delivery = async")
+                refused = False
             except psycopg.errors.InsufficientPrivilege:
-                pass
+                refused = True
             for i in range(1, 6):
                 m.execute(f"INSERT INTO public.orders VALUES ({i}, 'x')")
             with admin(hard, "shadow") as c:
@@ -269,6 +271,7 @@ def test_no_path_through_pg_emit_makes_anyone_superuser(shadowed):
             assert calls == []
             for role in ("mallory", "dbowner"):
                 assert not is_superuser(c, role), role
+        assert refused
     finally:
         for r in rx.values():
             r.close()
@@ -277,6 +280,46 @@ def test_no_path_through_pg_emit_makes_anyone_superuser(shadowed):
 
 def eval_id(msg):
     return json.loads(msg)["new"]["id"]
+
+
+def test_a_schema_named_emit_in_another_database_is_not_trusted(hard):
+    """With preloading, the launcher starts a worker in every database; in
+    one without pg_emit, a role with CREATE there can make a schema `emit`
+    whose tables fire its triggers. The worker must not touch them."""
+    with admin(hard, "postgres") as c:
+        c.execute("DROP DATABASE IF EXISTS squat WITH (FORCE)")
+        fresh_role(c, "squatter")
+        c.execute("CREATE DATABASE squat")
+        c.execute("GRANT CREATE ON DATABASE squat TO squatter")
+    with login(hard, "squatter", "squat") as q:
+        q.execute("CREATE SCHEMA emit")
+        q.execute("CREATE TABLE emit.worker (one bool, pid int, started_at timestamptz)")
+        q.execute("INSERT INTO emit.worker VALUES (true, NULL, NULL)")
+        q.execute("GRANT ALL ON emit.worker TO PUBLIC")
+        q.execute("""CREATE FUNCTION emit.escalate() RETURNS trigger LANGUAGE plpgsql AS $$
+                     BEGIN EXECUTE 'ALTER ROLE squatter SUPERUSER'; RETURN NEW; END $$""")
+        q.execute("CREATE TRIGGER t BEFORE UPDATE ON emit.worker FOR EACH ROW "
+                  "EXECUTE FUNCTION emit.escalate()")
+    try:
+        hard.stop("fast")
+        hard.start(env=hard.env)
+        time.sleep(2)  # the launcher has started (and ended) a worker there
+        with admin(hard, "squat") as c:
+            assert c.execute("SELECT pid FROM emit.worker").fetchone()[0] is None
+            assert not is_superuser(c, "squatter")
+    finally:
+        with admin(hard, "postgres") as c:
+            c.execute("DROP DATABASE squat WITH (FORCE)")
+
+
+def test_long_urls_are_cut_in_warnings(hard):
+    with admin(hard) as c:
+        c.warnings = []
+        c.add_notice_handler(lambda d: c.warnings.append(d.message_primary))
+        c.execute("SET pg_emit.failure_cooldown = 0")
+        url = "http://127.0.0.1:1/" + "a" * 100000
+        assert c.execute("SELECT public.send_http(%s, 'x')", (url,)).fetchone()[0] == 0
+        assert c.warnings and all(len(w) < 1000 for w in c.warnings), [len(w) for w in c.warnings]
 
 
 # --- Finding 6: no role can keep the worker from starting ---
@@ -342,7 +385,8 @@ def test_allowlist_url_entries_are_parsed_not_prefixes(hard):
                 c.execute("SELECT public.send_http(%s, 'x')", (web.url,))
             c.execute(f"SET pg_emit.allowed_destinations = 'http://127.0.0.1:{web.port}/pg/'")
             base = f"http://127.0.0.1:{web.port}"
-            for sneaky in ("/pg/../admin", "/pg/%2e%2e/admin", "/pg/..%2fadmin", "/pg/%2E%2E/admin"):
+            for sneaky in ("/pg/../admin", "/pg/%2e%2e/admin", "/pg/..%2fadmin", "/pg/%2E%2E/admin",
+                           "/pg/..;/admin"):
                 with pytest.raises(psycopg.errors.InvalidParameterValue) as e:
                     c.execute("SELECT public.send_http(%s, 'x')", (base + sneaky,))
                 assert "segments" in str(e.value)

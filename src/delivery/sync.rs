@@ -99,6 +99,7 @@ impl Failure {
     }
 
     pub fn reason(&self, dest: &str) -> String {
+        let dest = &crate::transport::http::quote(dest);
         match self {
             Failure::CoolingDown {
                 reason,

@@ -33,7 +33,7 @@ const DRAIN_BYTES: u64 = 64 * 1024;
 const QUOTE_CHARS: usize = 120;
 
 /// `s` for an error message: at most [`QUOTE_CHARS`] characters.
-fn quote(s: &str) -> String {
+pub fn quote(s: &str) -> String {
     match s.char_indices().nth(QUOTE_CHARS) {
         Some((i, _)) => format!("{}...", &s[..i]),
         None => s.to_string(),
@@ -133,13 +133,18 @@ fn has_path_tricks(input: &str) -> bool {
     let rest = &after_scheme[start..];
     let path = &rest[..rest.find(['?', '#']).unwrap_or(rest.len())];
     let lower = path.to_ascii_lowercase();
-    if lower.contains('\\') || lower.contains("%2f") || lower.contains("%5c") {
+    if ["\\", "%2f", "%5c", "%00"]
+        .iter()
+        .any(|t| lower.contains(t))
+    {
         return true;
     }
+    // Some servers (Tomcat, Spring) drop a `;parameter` from a segment
+    // before resolving it, so `..;x` is `..` to them.
     lower
         .split('/')
-        .map(|seg| seg.replace("%2e", "."))
-        .any(|seg| seg == "." || seg == "..")
+        .map(|seg| seg.replace("%2e", ".").replace("%3b", ";"))
+        .any(|seg| matches!(seg.split(';').next(), Some("." | "..")))
 }
 
 /// Parses `Name: value`, refusing anything that could split a header
@@ -378,10 +383,11 @@ pub enum HttpError {
     #[error("{0}")]
     NotAllowed(String),
     #[error(
-        "request to {url} timed out after {ms} ms (pg_emit.connect_timeout / pg_emit.http_timeout)"
+        "request to {} timed out after {ms} ms (pg_emit.connect_timeout / pg_emit.http_timeout)",
+        quote(.url)
     )]
     Timeout { url: String, ms: u128 },
-    #[error("request to {url} failed: {detail}")]
+    #[error("request to {} failed: {detail}", quote(.url))]
     Failed { url: String, detail: String },
     #[error("cancelled")]
     Cancelled,
@@ -407,7 +413,7 @@ impl Response {
         } else {
             ""
         };
-        format!("HTTP {} from {url}{kind}", self.status)
+        format!("HTTP {} from {}{kind}", self.status, quote(url))
     }
 }
 
@@ -715,6 +721,10 @@ mod tests {
             "http://h/pg/..%2fadmin",
             "http://h/pg/%5cadmin",
             "http://h/./x",
+            "http://h/pg/..;/admin",
+            "http://h/pg/..%3bx/admin",
+            "http://h/pg/.;x/admin",
+            "http://h/pg/a%00b",
             "http://h\\x",
         ] {
             assert!(
@@ -725,6 +735,7 @@ mod tests {
         }
         // Dots inside a segment, and in the query, are ordinary.
         assert!(parse_url("http://h/a..b/.well-known?x=../y").is_ok());
+        assert!(parse_url("http://h/a;b=1/c").is_ok());
         let u = parse_url("HTTP://Example.COM:80").unwrap();
         assert_eq!((u.url.as_str(), u.port), ("http://example.com/", 80));
         assert_eq!(

@@ -169,29 +169,32 @@ pub extern "C-unwind" fn pg_emit_worker_main(arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(db), None);
     crate::privileged::pin_worker_settings();
+    // Nothing runs as the bootstrap superuser but these catalog lookups:
+    // whether pg_emit is installed here (a schema merely named emit is not
+    // enough) and the lock that makes this the only worker.
     let claimed = transaction(c"pg_emit: starting", || {
-        let Some(owner) = crate::privileged::emit_owner() else {
-            return Ok(None);
-        };
-        if !take_worker_lock(db) {
-            return Ok(None);
-        }
-        Spi::run(
-            "UPDATE emit.worker SET pid = pg_catalog.pg_backend_pid(), started_at = pg_catalog.now()",
-        )?;
-        Ok::<_, pgrx::spi::Error>(Some(owner))
+        let owner = crate::privileged::emit_owner();
+        Ok::<_, String>(owner.filter(|_| take_worker_lock(db)))
     });
-    match claimed {
+    let owner = match claimed {
         // The extension is not here, or another worker serves this
         // database: exit 0, which tells the postmaster not to restart us.
         Ok(None) => return,
         Err(e) => pgrx::error!("pg_emit worker: could not start: {e}"),
-        // From here on the worker acts as the extension's owner, not as the
-        // bootstrap superuser it was connected as. Set between
-        // transactions, so every transaction starts (and aborts back to)
-        // this user.
-        // SAFETY: outside any transaction, as InitPostgres sets the user.
-        Ok(Some(owner)) => unsafe { pg_sys::SetUserIdAndSecContext(owner, 0) },
+        Ok(Some(owner)) => owner,
+    };
+    // From here on the worker acts as the extension's owner. Set between
+    // transactions, so every transaction starts (and aborts back to) this
+    // user.
+    // SAFETY: outside any transaction, as InitPostgres sets the user.
+    unsafe { pg_sys::SetUserIdAndSecContext(owner, 0) };
+    let registered = transaction(c"pg_emit: starting", || {
+        Spi::run(
+            "UPDATE emit.worker SET pid = pg_catalog.pg_backend_pid(), started_at = pg_catalog.now()",
+        )
+    });
+    if let Err(e) = registered {
+        pgrx::error!("pg_emit worker: could not start: {e}");
     }
     pgrx::log!("pg_emit worker started");
     let stop = Worker::new().run();
