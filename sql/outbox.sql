@@ -41,6 +41,13 @@ EXCEPTION WHEN feature_not_supported THEN
 END $$;
 CREATE INDEX outbox_claimed ON emit.outbox (destination, first_event_id)
     WHERE first_event_id IS NOT NULL;
+-- Every row is deleted soon after it is written, and one row can hold 8 MB:
+-- vacuum the outbox whenever it has dead rows (at each autovacuum_naptime),
+-- without cost-based delays, so it stays small under steady load and gives
+-- a drained backlog's space back.
+ALTER TABLE emit.outbox SET (autovacuum_vacuum_scale_factor = 0,
+                             autovacuum_vacuum_threshold = 0,
+                             autovacuum_vacuum_cost_delay = 0);
 COMMENT ON TABLE emit.outbox IS
     'pg_emit: events queued by delivery=async triggers, one row per transaction and destination';
 

@@ -234,26 +234,6 @@ def test_max_message_size(db, table, rx):
     assert rx.wait_for(1, timeout=0.2) == []
 
 
-def test_outbox_cap(db, table):
-    port = free_port()
-    db.execute(f"CREATE TABLE {table} (id int)")
-    db.execute(
-        f"CREATE TRIGGER out AFTER INSERT ON {table} FOR EACH ROW "
-        f"EXECUTE FUNCTION row_to_socket('127.0.0.1', {port}, 'delivery=async')"
-    )
-    db.execute("SET pg_emit.max_outbox_size = '8kB'")  # the indexes alone exceed it
-    db.execute("SET pg_emit.on_error = error")
-    with pytest.raises(psycopg.errors.ConfigurationLimitExceeded) as e:
-        db.execute(f"INSERT INTO {table} VALUES (1)")
-    assert "pg_emit.max_outbox_size" in str(e.value)
-    assert db.one(f"SELECT count(*) FROM {table}") == 0
-    db.execute("SET pg_emit.on_error = warning")
-    db.execute(f"INSERT INTO {table} VALUES (2)")
-    assert db.one(f"SELECT count(*) FROM {table}") == 1
-    assert "1 event(s) not queued" in db.warnings()[-1]
-    assert db.one("SELECT count(*) FROM emit.outbox WHERE port = %s", (port,)) == 0
-
-
 @pytest.mark.parametrize(
     "host",
     ["127.0.0.1:22", "[::1]:22", "a" * (1 << 20), "evil\r\nHost: x", "user@127.0.0.1"],

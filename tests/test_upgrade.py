@@ -25,7 +25,7 @@ CATALOG = {
           JOIN pg_extension e ON e.oid = d.refobjid AND e.extname = 'pg_emit'
          ORDER BY 1, 2""",
     "relations": """
-        SELECT c.relname, c.relkind, c.relacl::text, obj_description(c.oid, 'pg_class')
+        SELECT c.relname, c.relkind, c.relacl::text, c.reloptions, obj_description(c.oid, 'pg_class')
           FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
          WHERE n.nspname = 'emit' ORDER BY 1""",
     "columns": """

@@ -99,6 +99,11 @@ fn transaction<R, E: std::fmt::Display>(
             unsafe {
                 pg_sys::PopActiveSnapshot();
                 pg_sys::CommitTransactionCommand();
+                // Report this transaction's deletes and updates now: without
+                // it a bgworker reports nothing until it exits, autovacuum
+                // never learns that the outbox is full of dead rows, and the
+                // table grows for ever.
+                pg_sys::pgstat_report_stat(true);
             }
             Ok(v)
         }

@@ -1,0 +1,87 @@
+"""The outbox under real operations (issue 10): a limit that releases once
+the backlog is delivered, a table that is vacuumed while it churns."""
+
+import psycopg
+import pytest
+
+from pgcluster import wait_until
+from receivers import Receiver, free_port
+
+pytestmark = pytest.mark.usefixtures("fast_retries")
+
+
+@pytest.fixture
+def quick_autovacuum(cluster):
+    """autovacuum looks every second (the default is a minute)."""
+    with cluster.connect() as c:
+        c.execute("ALTER SYSTEM SET autovacuum_naptime = 1")
+        c.execute("SELECT pg_reload_conf()")
+    yield
+    with cluster.connect() as c:
+        c.execute("ALTER SYSTEM RESET autovacuum_naptime")
+        c.execute("SELECT pg_reload_conf()")
+
+
+def test_outbox_limit_refuses_then_releases_once_delivered(db, table, quick_autovacuum):
+    port = free_port()
+    db.execute(f"CREATE TABLE {table} (id int, v text)")
+    db.execute(
+        f"CREATE TRIGGER out AFTER INSERT ON {table} FOR EACH ROW "
+        f"EXECUTE FUNCTION row_to_socket('127.0.0.1', {port}, 'delivery=async', 'framing=ndjson')"
+    )
+    db.execute("SET pg_emit.max_outbox_size = '256kB'")
+    db.execute("SET pg_emit.on_error = error")
+    # The receiver is down: the backlog grows until the limit refuses.
+    queued = 0
+    with pytest.raises(psycopg.errors.ConfigurationLimitExceeded) as e:
+        for i in range(1000):
+            db.execute(f"INSERT INTO {table} SELECT g, repeat('x', 200) FROM generate_series(1, 100) g")
+            queued += 100
+    assert "pg_emit.max_outbox_size" in str(e.value)
+    assert queued >= 100
+    # Under on_error = warning the transaction commits, without its events,
+    # and says so.
+    db.execute("SET pg_emit.on_error = warning")
+    db.execute(f"INSERT INTO {table} VALUES (0, 'lost')")
+    assert "1 event(s) not queued" in db.warnings()[-1]
+    db.execute("SET pg_emit.on_error = error")
+    # The receiver comes back; once the backlog is delivered (and the outbox
+    # vacuumed), events are accepted again.
+    nd = Receiver("ndjson", port=port)
+    try:
+        assert len(nd.wait_for(queued, timeout=30)) >= queued
+        assert wait_until(lambda: db.one("SELECT count(*) FROM emit.outbox WHERE port = %s", (port,)) == 0, 15)
+
+        def accepted():
+            try:
+                db.execute(f"INSERT INTO {table} VALUES (-1, 'after')")
+                return True
+            except psycopg.errors.ConfigurationLimitExceeded:
+                return False
+
+        assert wait_until(accepted, 30, every=0.5)
+        assert any(b'"after"' in m for m in nd.wait_for(queued + 1, timeout=10))
+    finally:
+        nd.close()
+        db.execute("RESET pg_emit.max_outbox_size")
+        db.execute("RESET pg_emit.on_error")
+
+
+def test_worker_reports_its_deletes_so_autovacuum_runs(cluster, db, table):
+    """0.1.0's worker never reported statistics: the outbox's dead rows were
+    invisible to autovacuum until the worker exited."""
+    nd = Receiver("ndjson")
+    try:
+        db.execute(f"CREATE TABLE {table} (id int)")
+        db.execute(
+            f"CREATE TRIGGER out AFTER INSERT ON {table} FOR EACH ROW EXECUTE FUNCTION "
+            f"row_to_socket('127.0.0.1', {nd.port}, 'delivery=async', 'framing=ndjson')")
+        before = db.one("SELECT n_tup_del FROM pg_stat_user_tables WHERE relid = 'emit.outbox'::regclass")
+        for i in range(50):
+            db.execute(f"INSERT INTO {table} VALUES ({i})")
+        assert len(nd.wait_for(50, timeout=10)) == 50
+        assert wait_until(lambda: db.one(
+            "SELECT n_tup_del FROM pg_stat_user_tables WHERE relid = 'emit.outbox'::regclass"
+        ) - before >= 50, 10)
+    finally:
+        nd.close()
