@@ -30,8 +30,8 @@ pub static FAILURE_COOLDOWN: GucSetting<i32> = GucSetting::<i32>::new(5000);
 pub static COMMIT_BUFFER_SIZE: GucSetting<i32> = GucSetting::<i32>::new(64 * 1024);
 pub static RETRY_MIN: GucSetting<i32> = GucSetting::<i32>::new(100);
 pub static RETRY_MAX: GucSetting<i32> = GucSetting::<i32>::new(30_000);
-pub static MAX_ATTEMPTS: GucSetting<i32> = GucSetting::<i32>::new(50);
-pub static MAX_AGE: GucSetting<i32> = GucSetting::<i32>::new(86_400);
+pub static MAX_ATTEMPTS: GucSetting<i32> = GucSetting::<i32>::new(0);
+pub static MAX_AGE: GucSetting<i32> = GucSetting::<i32>::new(3 * 86_400);
 pub static ALLOWED_DESTINATIONS: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(None);
 pub static MAX_MESSAGE_SIZE: GucSetting<i32> = GucSetting::<i32>::new(64 * 1024);
@@ -189,10 +189,10 @@ pub fn init() {
     );
     GucRegistry::define_int_guc(
         c"pg_emit.max_attempts",
-        c"Failed delivery attempts after which async events go to emit.dead_letter.",
-        c"",
+        c"Failed delivery attempts after which async events go to emit.dead_letter. 0: no limit.",
+        c"By default only pg_emit.max_age ends retries, so a receiver down for hours loses nothing.",
         &MAX_ATTEMPTS,
-        1,
+        0,
         i32::MAX,
         GucContext::Sighup,
         GucFlags::default(),

@@ -85,3 +85,36 @@ def test_worker_reports_its_deletes_so_autovacuum_runs(cluster, db, table):
         ) - before >= 50, 10)
     finally:
         nd.close()
+
+
+def test_default_retries_outlast_many_attempts(cluster, db, table):
+    """0.1.0 gave up after 50 attempts (~15 minutes at its backoff): now
+    only the age limit, three days by default, ends retries."""
+    with cluster.connect() as c:
+        c.execute("LOAD 'pg_emit'")
+        c.execute("ALTER SYSTEM SET pg_emit.retry_backoff_min = '1ms'")
+        c.execute("ALTER SYSTEM SET pg_emit.retry_backoff_max = '5ms'")
+        c.execute("SELECT pg_reload_conf()")
+    port = free_port()
+    try:
+        db.execute("LOAD 'pg_emit'")
+        assert db.one("SHOW pg_emit.max_attempts") == "0"
+        assert db.one("SHOW pg_emit.max_age") == "3d"
+        db.execute(f"CREATE TABLE {table} (id int)")
+        db.execute(
+            f"CREATE TRIGGER out AFTER INSERT ON {table} FOR EACH ROW EXECUTE FUNCTION "
+            f"row_to_socket('127.0.0.1', {port}, 'delivery=async', 'framing=ndjson')")
+        db.execute(f"INSERT INTO {table} VALUES (1)")
+        assert wait_until(lambda: (db.one(
+            "SELECT max(attempts) FROM emit.outbox WHERE port = %s", (port,)) or 0) > 120, 30)
+        assert db.one("SELECT count(*) FROM emit.dead_letter WHERE port = %s", (port,)) == 0
+        nd = Receiver("ndjson", port=port)
+        try:
+            assert len(nd.wait_for(1, timeout=10)) == 1
+        finally:
+            nd.close()
+    finally:
+        with cluster.connect() as c:  # back to this module's fast_retries
+            c.execute("ALTER SYSTEM SET pg_emit.retry_backoff_min = '20ms'")
+            c.execute("ALTER SYSTEM SET pg_emit.retry_backoff_max = '300ms'")
+            c.execute("SELECT pg_reload_conf()")

@@ -727,9 +727,9 @@ fn record(
             ],
         )?;
         // A destination the allowlist refuses will not become deliverable
-        // by retrying: dead-letter at once.
+        // by retrying: dead-letter at once (this attempt was just counted).
         let max_attempts = match out.error {
-            Some(JobError::NotAllowed(_)) => 0,
+            Some(JobError::NotAllowed(_)) => 1,
             _ => ws.max_attempts,
         };
         dead += c
@@ -776,14 +776,14 @@ SELECT id, destination, host, port, framing, url, headers, 1,
        pg_catalog.convert_from($2, 'UTF8'), attempts + 1, $3, $4, $5, enqueued_at
   FROM emit.outbox WHERE id = $1";
 
-/// Moves unfinished rows past `max_attempts` (or older than `max_age`
-/// seconds, when that is positive) to `emit.dead_letter`, keeping only
+/// Moves unfinished rows past `max_attempts` (when positive) or older than
+/// `max_age` seconds (when positive) to `emit.dead_letter`, keeping only
 /// their undelivered events. Returns how many events moved.
 const DEAD_LETTER_SQL: &str = "
 WITH dead AS (
     DELETE FROM emit.outbox
      WHERE id = ANY($1)
-       AND (attempts >= $2
+       AND (($2 > 0 AND attempts >= $2)
             OR ($3 > 0 AND enqueued_at < pg_catalog.clock_timestamp() - pg_catalog.make_interval(secs => $3::pg_catalog.float8)))
     RETURNING *
 ), moved AS (
