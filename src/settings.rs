@@ -242,10 +242,13 @@ fn ms(setting: &GucSetting<i32>) -> Duration {
     Duration::from_millis(setting.get().max(0) as u64)
 }
 
+/// A backend's timeouts: `write_timeout` bounds a whole write, since no
+/// writer may wait longer than it.
 pub fn timeouts() -> Timeouts {
     Timeouts {
         connect: ms(&CONNECT_TIMEOUT),
         write: ms(&WRITE_TIMEOUT),
+        stall: false,
     }
 }
 

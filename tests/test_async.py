@@ -320,6 +320,32 @@ class SlowReceiver(Listener):
         return distinct(list(self.messages))
 
 
+def test_a_large_transaction_reaches_a_slow_reader(cluster, db, table):
+    """0.1.0 bounded the write of a whole outbox row (up to 8 MB) by
+    write_timeout and restarted the row on every retry: a slow but reading
+    receiver never got a large transaction. Now the timeout means no
+    progress for that long, and a retry resumes after what was written."""
+    with cluster.connect() as c:
+        c.execute("LOAD 'pg_emit'")
+        c.execute("ALTER SYSTEM SET pg_emit.write_timeout = '300ms'")
+        c.execute("SELECT pg_reload_conf()")
+    slow = SlowReceiver()
+    slow.delay = 0.002  # ~250 kB/s
+    try:
+        attach(db, table, slow.port, "framing=ndjson")
+        db.execute(f"INSERT INTO {table} SELECT g, repeat('x', 600) FROM generate_series(1, 3000) g")
+        got = wait_until(lambda: len(slow.distinct()) >= 3000 and slow.distinct(), 60)
+        assert got, len(slow.distinct())
+        assert sorted(e["new"]["id"] for e in got.values()) == list(range(1, 3001))
+        # Whole lines are never sent twice on a healthy connection.
+        assert len(slow.messages) == 3000
+    finally:
+        slow.close()
+        with cluster.connect() as c:
+            c.execute("ALTER SYSTEM RESET pg_emit.write_timeout")
+            c.execute("SELECT pg_reload_conf()")
+
+
 @pytest.fixture(scope="module")
 def preloaded():
     c = Cluster("pg_emit-preload", port=54332, conf={

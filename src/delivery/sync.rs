@@ -211,7 +211,16 @@ fn try_send_tcp(
                             st.conns.len() - 1
                         }
                     };
-                    tcp::write_kept(&mut st.conns[i].2, host, port, msg, &timeouts, &allow, intr)
+                    tcp::write_kept(
+                        &mut st.conns[i].2,
+                        host,
+                        port,
+                        msg,
+                        &timeouts,
+                        &allow,
+                        &mut 0,
+                        intr,
+                    )
                 }),
             }
             .map_err(Failure::Send)

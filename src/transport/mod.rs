@@ -37,16 +37,17 @@ pub const SLICE: Duration = Duration::from_millis(50);
 pub struct Timeouts {
     /// Name resolution plus TCP handshake.
     pub connect: Duration,
-    /// Writing one whole message.
+    /// Writing one whole message, or, with `stall`, going without progress.
     pub write: Duration,
+    /// `write` bounds time without progress rather than the whole write:
+    /// the worker may take as long as a slow but reading receiver needs,
+    /// while a backend's writer must never wait longer than the timeout.
+    pub stall: bool,
 }
 
 impl Timeouts {
     pub fn connect_deadline(&self) -> Instant {
         Instant::now() + self.connect
-    }
-    pub fn write_deadline(&self) -> Instant {
-        Instant::now() + self.write
     }
 }
 

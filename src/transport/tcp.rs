@@ -203,21 +203,31 @@ fn connect_one(
     }
 }
 
-/// Writes all of `buf` or fails; never blocks past `deadline`.
+/// Writes all of `buf` or fails, within `timeouts.write`: for the whole
+/// write, or (with `timeouts.stall`) for each wait without progress.
+/// `written` counts the bytes the kernel took, also when it fails.
 pub fn write_all(
     sock: &Socket,
     buf: &[u8],
-    deadline: Instant,
+    timeouts: &Timeouts,
+    written: &mut usize,
     intr: &dyn Interrupt,
 ) -> Result<(), SendError> {
     let started = Instant::now();
-    let mut rest = buf;
-    while !rest.is_empty() {
+    let mut deadline = started + timeouts.write;
+    *written = 0;
+    while *written < buf.len() {
+        let rest = &buf[*written..];
         // MSG_NOSIGNAL: a receiver that went away must give EPIPE, not
         // kill the backend with SIGPIPE.
         match sock.send_with_flags(rest, libc::MSG_NOSIGNAL) {
             Ok(0) => return Err(SendError::Closed),
-            Ok(n) => rest = &rest[n..],
+            Ok(n) => {
+                *written += n;
+                if timeouts.stall {
+                    deadline = Instant::now() + timeouts.write;
+                }
+            }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 match wait(sock.as_raw_fd(), libc::POLLOUT, deadline, intr) {
                     Ok(()) => {}
@@ -272,7 +282,7 @@ pub fn send_once(
     intr: &dyn Interrupt,
 ) -> Result<(), SendError> {
     let sock = open(host, port, timeouts, allow, intr)?;
-    write_all(&sock, msg, timeouts.write_deadline(), intr)?;
+    write_all(&sock, msg, timeouts, &mut 0, intr)?;
     // An orderly FIN after the data; the kernel still delivers what is
     // queued after close, so there is nothing more to wait for.
     let _ = sock.shutdown(std::net::Shutdown::Write);
@@ -284,7 +294,9 @@ pub fn send_once(
 /// complete write, so a timeout or cancel mid-message never leaves half a
 /// line in front of the next message. Its peer is checked against `allow`
 /// again: a superuser who narrows the allowlist means it for connections
-/// already open too.
+/// already open too. `written` counts the bytes of `msg` the kernel took on
+/// the connection used last, so a caller can resume after them.
+#[allow(clippy::too_many_arguments)]
 pub fn write_kept(
     slot: &mut Option<Socket>,
     host: &str,
@@ -292,8 +304,10 @@ pub fn write_kept(
     msg: &[u8],
     timeouts: &Timeouts,
     allow: &Allowlist,
+    written: &mut usize,
     intr: &dyn Interrupt,
 ) -> Result<(), SendError> {
+    *written = 0;
     if let Some(sock) = slot.take() {
         let peer_allowed = sock
             .peer_addr()
@@ -301,7 +315,7 @@ pub fn write_kept(
             .and_then(|a| a.as_socket())
             .is_some_and(|a| allow.filter(host, port, None, &[a]).is_ok());
         if peer_allowed && !peer_closed(&sock) {
-            match write_all(&sock, msg, timeouts.write_deadline(), intr) {
+            match write_all(&sock, msg, timeouts, written, intr) {
                 Ok(()) => {
                     *slot = Some(sock);
                     return Ok(());
@@ -313,7 +327,7 @@ pub fn write_kept(
         }
     }
     let sock = open(host, port, timeouts, allow, intr)?;
-    write_all(&sock, msg, timeouts.write_deadline(), intr)?;
+    write_all(&sock, msg, timeouts, written, intr)?;
     *slot = Some(sock);
     Ok(())
 }
@@ -347,6 +361,7 @@ mod tests {
         Timeouts {
             connect: Duration::from_millis(ms),
             write: Duration::from_millis(ms),
+            stall: false,
         }
     }
 
@@ -471,13 +486,7 @@ mod tests {
         let _held = l.accept().unwrap(); // accepted, never read
         let big = vec![b'x'; 64 << 20];
         let t = Instant::now();
-        let e = write_all(
-            &sock,
-            &big,
-            Instant::now() + Duration::from_millis(300),
-            &Uninterruptible,
-        )
-        .unwrap_err();
+        let e = write_all(&sock, &big, &timeouts(300), &mut 0, &Uninterruptible).unwrap_err();
         assert!(matches!(e, SendError::WriteTimeout { .. }), "{e}");
         assert!(t.elapsed() < Duration::from_secs(2));
     }
@@ -507,7 +516,8 @@ mod tests {
         let e = write_all(
             &sock,
             &big,
-            Instant::now() + Duration::from_secs(30),
+            &timeouts(30_000),
+            &mut 0,
             &CancelAfter(Instant::now() + Duration::from_millis(100)),
         )
         .unwrap_err();

@@ -353,7 +353,12 @@ impl Worker {
         // does not keep a thousand threads.
         self.dests
             .retain(|_, d| d.busy || d.failures > 0 || now.duration_since(d.last_job) < IDLE_DEST);
-        let timeouts = settings::timeouts();
+        // The worker waits as long as a receiver keeps reading: a large
+        // transaction to a slow reader must arrive, not time out for ever.
+        let timeouts = transport::Timeouts {
+            stall: true,
+            ..settings::timeouts()
+        };
         let allow = settings::allowlist();
         // A broken pg_emit.ca_file or signing key file fails HTTP jobs
         // with its message (retried like a network error), not the worker.

@@ -141,17 +141,23 @@ pub fn send_job(conn: &mut Conn, job: &Job, intr: &dyn Interrupt) -> Outcome {
                     push_with_id(&mut buf, row.first_event_id + k as i64, line);
                     buf.push(b'\n');
                 }
-                tcp::write_kept(
+                let mut written = 0;
+                let r = tcp::write_kept(
                     &mut conn.tcp,
                     host,
                     *port,
                     &buf,
                     &job.timeouts,
                     &job.allow,
+                    &mut written,
                     intr,
-                )
-                .map(|()| sent[i] = row.events())
-                .map_err(JobError::from)
+                );
+                // Whole lines the receiver was given count as sent, also
+                // when the write then failed: a retry resumes after them
+                // instead of starting the row over.
+                let lines_written = buf[..written].iter().filter(|&&b| b == b'\n').count();
+                sent[i] += lines_written as u32;
+                r.map_err(JobError::from)
             }
             Dest::Tcp {
                 framing: Framing::Close,
@@ -265,6 +271,7 @@ mod tests {
             timeouts: Timeouts {
                 connect: Duration::from_secs(2),
                 write: Duration::from_secs(2),
+                stall: true,
             },
             allow: Allowlist::default(),
         }
@@ -309,6 +316,87 @@ mod tests {
         drop(conn);
         let lines: Vec<String> = r.lines().map(Result::unwrap).collect();
         assert_eq!(lines, [r#"{"id":11,"a":2}"#, r#"{"id":12,"a":3}"#]);
+    }
+
+    /// A receiver that reads 16 kB every 20 ms (~800 kB/s), then, after
+    /// `stop_after` bytes, nothing more.
+    fn slow_reader(l: TcpListener, stop_after: usize) -> std::thread::JoinHandle<Vec<u8>> {
+        std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let mut got = Vec::new();
+            let mut chunk = vec![0; 16 << 10];
+            while got.len() < stop_after {
+                match s.read(&mut chunk) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => got.extend_from_slice(&chunk[..n]),
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            std::thread::sleep(Duration::from_millis(800));
+            got
+        })
+    }
+
+    fn big_row(events: usize) -> Row {
+        let line = format!("{{\"v\":\"{}\"}}", "x".repeat(1000));
+        row(1, 1, 0, &vec![line; events].join("\n"))
+    }
+
+    #[test]
+    fn a_slow_but_reading_receiver_gets_a_big_row_within_a_short_timeout() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let reader = slow_reader(l, usize::MAX);
+        let mut j = job(port, Framing::Ndjson, vec![big_row(1500)]);
+        // 1.5 MB takes about two seconds; the timeout is 300 ms of no
+        // progress, not of the whole row.
+        j.timeouts.write = Duration::from_millis(300);
+        let mut conn = Conn::default();
+        let out = send_job(&mut conn, &j, &Uninterruptible);
+        assert!(out.error.is_none(), "{:?}", out.error);
+        assert_eq!(out.sent, vec![1500]);
+        drop(conn);
+        let got = reader.join().unwrap();
+        assert_eq!(got.iter().filter(|&&b| b == b'\n').count(), 1500);
+    }
+
+    #[test]
+    fn a_stalled_write_keeps_the_lines_that_got_through() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let reader = slow_reader(l, 300 << 10);
+        // More than loopback's socket buffers can absorb.
+        let mut j = job(port, Framing::Ndjson, vec![big_row(20_000)]);
+        j.timeouts.write = Duration::from_millis(300);
+        let out = send_job(&mut Conn::default(), &j, &Uninterruptible);
+        assert!(matches!(out.error, Some(JobError::Retry { .. })));
+        // At least what the reader took (less what the kernel buffers).
+        let sent = out.sent[0];
+        assert!(sent > 200 && sent < 20_000, "{sent}");
+        reader.join().unwrap();
+        // A retry starts after them.
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut rest = big_row(20_000);
+        rest.sent = sent;
+        let mut j = job(l.local_addr().unwrap().port(), Framing::Ndjson, vec![rest]);
+        j.timeouts.write = Duration::from_secs(5);
+        let reader = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            l.accept().unwrap().0.read_to_end(&mut got).unwrap();
+            got
+        });
+        let mut conn = Conn::default();
+        let out = send_job(&mut conn, &j, &Uninterruptible);
+        assert_eq!(out.sent, vec![20_000]);
+        drop(conn);
+        let got = reader.join().unwrap();
+        let first = got.split(|&b| b == b'\n').next().unwrap();
+        let id = format!("{{\"id\":{},", 1 + sent);
+        assert!(first.starts_with(id.as_bytes()));
+        assert_eq!(
+            got.iter().filter(|&&b| b == b'\n').count(),
+            20_000 - sent as usize
+        );
     }
 
     #[test]
