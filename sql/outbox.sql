@@ -2,10 +2,18 @@
 --
 -- One outbox row holds the events one transaction queued for one
 -- destination (split at 8 MB), one per line, so a 20,000-row INSERT costs
--- one row here rather than 20,000. The worker numbers events when it claims
--- a row: that makes event ids increase in delivery order, which is commit
--- order, even when transactions commit in a different order than they
--- started writing.
+-- one row here rather than 20,000.
+--
+-- Order: a transaction takes its place in the queue when it commits
+-- (tx_seq, drawn at PRE_COMMIT), not when it starts writing, and its rows
+-- go out together, in the order of their events (part); rows written
+-- early by a large transaction get its tx_seq at PRE_COMMIT too. A
+-- prepared transaction's rows get theirs from the worker once COMMIT
+-- PREPARED has made them visible. Ids: the worker numbers events per
+-- destination when it claims a row (emit.destinations.next_event_id), so
+-- each destination sees 1, 2, 3, ... in delivery order.
+
+CREATE SEQUENCE emit.tx_seq;
 
 CREATE TABLE emit.outbox (
     id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -19,6 +27,13 @@ CREATE TABLE emit.outbox (
     headers         text,
     events          integer NOT NULL CHECK (events > 0),
     payload         text    NOT NULL,
+    -- Commit order of the writing transaction (NULL until known).
+    tx_seq          bigint,
+    -- Place of the row's first event among its transaction's events.
+    part            bigint  NOT NULL DEFAULT 0,
+    -- The writing transaction (full transaction id), to group a prepared
+    -- transaction's rows when the worker gives them their tx_seq.
+    tx              bigint,
     -- Set by the worker when it claims the row: events get ids
     -- first_event_id .. first_event_id + events - 1.
     first_event_id  bigint,
@@ -29,7 +44,8 @@ CREATE TABLE emit.outbox (
     last_error      text,
     enqueued_at     timestamptz NOT NULL DEFAULT clock_timestamp()
 );
-CREATE INDEX outbox_destination_id ON emit.outbox (destination, id);
+CREATE INDEX outbox_queue ON emit.outbox (destination, tx_seq, part);
+CREATE INDEX outbox_unsequenced ON emit.outbox (tx) WHERE tx_seq IS NULL;
 -- Payloads are JSON text of up to 8 MB: lz4 compresses them several-fold at
 -- a fraction of pglz's CPU cost (pglz was a fifth of the async enqueue time
 -- in profiles). Builds without lz4 keep the default.
@@ -74,9 +90,16 @@ CREATE TABLE emit.dead_letter (
 COMMENT ON TABLE emit.dead_letter IS
     'pg_emit: async events given up on after pg_emit.max_attempts or pg_emit.max_age';
 
--- Counters the worker keeps per destination.
+-- Counters the worker keeps per destination, and its event ids: stream
+-- names this destination's sequence of ids. It is new for a new install,
+-- and the worker starts a new one when origin (system identifier and
+-- database oid) is not where it runs, as after CREATE DATABASE ... TEMPLATE
+-- or a restore: (stream, id) is unique wherever events come from.
 CREATE TABLE emit.destinations (
     destination       text PRIMARY KEY,
+    stream            uuid   NOT NULL DEFAULT pg_catalog.gen_random_uuid(),
+    next_event_id     bigint NOT NULL DEFAULT 1,
+    origin            text,
     delivered         bigint NOT NULL DEFAULT 0,
     failed_attempts   bigint NOT NULL DEFAULT 0,
     dead_lettered     bigint NOT NULL DEFAULT 0,
@@ -85,11 +108,10 @@ CREATE TABLE emit.destinations (
     last_delivered_at timestamptz
 );
 
--- Single-row state: the next event id, and which process is the worker
--- (committing backends read it to wake the worker up).
+-- Single-row state: which process is the worker (committing backends read
+-- it to wake the worker up).
 CREATE TABLE emit.worker (
     one            boolean PRIMARY KEY DEFAULT true CHECK (one),
-    next_event_id  bigint  NOT NULL DEFAULT 1,
     pid            integer,
     started_at     timestamptz
 );
@@ -117,3 +139,16 @@ SELECT d.destination,
 COMMENT ON VIEW emit.stats IS 'pg_emit: async delivery per destination (no payloads)';
 
 REVOKE ALL ON emit.outbox, emit.dead_letter, emit.destinations, emit.worker, emit.stats FROM PUBLIC;
+REVOKE ALL ON SEQUENCE emit.tx_seq FROM PUBLIC;
+
+-- pg_dump keeps the backlog, the dead letters and the counters, with the
+-- sequences that number them (a restored database starts new streams, see
+-- emit.destinations). emit.worker is process state and is not dumped.
+SELECT pg_catalog.pg_extension_config_dump('emit.outbox', '');
+SELECT pg_catalog.pg_extension_config_dump('emit.dead_letter', '');
+SELECT pg_catalog.pg_extension_config_dump('emit.destinations', '');
+SELECT pg_catalog.pg_extension_config_dump('emit.tx_seq', '');
+SELECT pg_catalog.pg_extension_config_dump(
+    pg_catalog.pg_get_serial_sequence('emit.outbox', 'id')::pg_catalog.regclass, '');
+SELECT pg_catalog.pg_extension_config_dump(
+    pg_catalog.pg_get_serial_sequence('emit.dead_letter', 'id')::pg_catalog.regclass, '');

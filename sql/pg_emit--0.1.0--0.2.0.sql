@@ -12,3 +12,45 @@ COMMENT ON FUNCTION @extschema@.send_http(text, text, text, text, jsonb) IS
 ALTER TABLE emit.outbox SET (autovacuum_vacuum_scale_factor = 0,
                              autovacuum_vacuum_threshold = 0,
                              autovacuum_vacuum_cost_delay = 0);
+
+-- Commit order and per-destination event ids (see outbox.sql). Rows queued
+-- by 0.1.0 keep their order: their tx_seq is their id, drawn before any
+-- new transaction's.
+CREATE SEQUENCE emit.tx_seq;
+REVOKE ALL ON SEQUENCE emit.tx_seq FROM PUBLIC;
+ALTER TABLE emit.outbox ADD COLUMN tx_seq bigint,
+                        ADD COLUMN part bigint NOT NULL DEFAULT 0,
+                        ADD COLUMN tx bigint;
+UPDATE emit.outbox SET tx_seq = id;
+SELECT pg_catalog.setval('emit.tx_seq',
+                         (SELECT pg_catalog.max(id) FROM emit.outbox), true)
+ WHERE EXISTS (SELECT FROM emit.outbox);
+DROP INDEX emit.outbox_destination_id;
+CREATE INDEX outbox_queue ON emit.outbox (destination, tx_seq, part);
+CREATE INDEX outbox_unsequenced ON emit.outbox (tx) WHERE tx_seq IS NULL;
+
+ALTER TABLE emit.destinations
+    ADD COLUMN stream uuid NOT NULL DEFAULT pg_catalog.gen_random_uuid(),
+    ADD COLUMN next_event_id bigint NOT NULL DEFAULT 1,
+    ADD COLUMN origin text;
+-- Ids go on from where 0.1.0's shared counter was, for every destination
+-- (also one with queued events only), so no receiver sees an id again.
+INSERT INTO emit.destinations (destination)
+SELECT DISTINCT o.destination FROM emit.outbox o
+    ON CONFLICT (destination) DO NOTHING;
+UPDATE emit.destinations
+   SET next_event_id = (SELECT w.next_event_id FROM emit.worker w),
+       origin = (SELECT s.system_identifier::pg_catalog.text FROM pg_catalog.pg_control_system() s)
+                OPERATOR(pg_catalog.||) '/' OPERATOR(pg_catalog.||)
+                (SELECT d.oid::pg_catalog.text FROM pg_catalog.pg_database d
+                  WHERE d.datname OPERATOR(pg_catalog.=) pg_catalog.current_database());
+ALTER TABLE emit.worker DROP COLUMN next_event_id;
+
+SELECT pg_catalog.pg_extension_config_dump('emit.outbox', '');
+SELECT pg_catalog.pg_extension_config_dump('emit.dead_letter', '');
+SELECT pg_catalog.pg_extension_config_dump('emit.destinations', '');
+SELECT pg_catalog.pg_extension_config_dump('emit.tx_seq', '');
+SELECT pg_catalog.pg_extension_config_dump(
+    pg_catalog.pg_get_serial_sequence('emit.outbox', 'id')::pg_catalog.regclass, '');
+SELECT pg_catalog.pg_extension_config_dump(
+    pg_catalog.pg_get_serial_sequence('emit.dead_letter', 'id')::pg_catalog.regclass, '');

@@ -7,8 +7,9 @@ mod emit {
 
     /// Moves dead letters (all, or one destination's) back into the outbox
     /// and wakes the worker at commit. Returns the number of events.
-    /// They get new event ids: their old ones are below what receivers
-    /// have seen since, and would be dropped as duplicates.
+    /// They join the end of the queue, in their original order, and get new
+    /// event ids: their old ones are below what receivers have seen since,
+    /// and would be dropped as duplicates.
     /// SECURITY DEFINER so that `emit_admin` needs no rights on the
     /// outbox itself; every name in it is schema-qualified.
     #[pg_extern(volatile, parallel_unsafe, security_definer)]
@@ -21,9 +22,10 @@ mod emit {
                  RETURNING *
              ), queued AS (
                  INSERT INTO emit.outbox
-                     (destination, host, port, framing, url, headers, events, payload)
-                 SELECT destination, host, port, framing, url, headers, events, payload
-                   FROM moved ORDER BY id
+                     (destination, host, port, framing, url, headers, events, payload, tx_seq)
+                 SELECT destination, host, port, framing, url, headers, events, payload,
+                        pg_catalog.nextval('emit.tx_seq'::pg_catalog.regclass)
+                   FROM (SELECT * FROM moved ORDER BY id) m
                  RETURNING events
              )
              SELECT coalesce(sum(events), 0)::bigint FROM queued",

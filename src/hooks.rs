@@ -67,13 +67,32 @@ unsafe extern "C-unwind" fn process_utility(
     dest: *mut pg_sys::DestReceiver,
     qc: *mut pg_sys::QueryCompletion,
 ) {
+    let commit_prepared = is_commit_prepared(pstmt);
     match PREV_PROCESS_UTILITY {
         Some(prev) => prev(pstmt, query, read_only_tree, context, params, env, dest, qc),
         None => {
             standard_process_utility(pstmt, query, read_only_tree, context, params, env, dest, qc)
         }
     }
+    if commit_prepared {
+        prepared_committed();
+    }
     statement_end();
+}
+
+/// # Safety
+/// `pstmt` must be the statement the utility hook was given.
+unsafe fn is_commit_prepared(pstmt: *mut pg_sys::PlannedStmt) -> bool {
+    let stmt = (*pstmt).utilityStmt;
+    !stmt.is_null()
+        && (*stmt).type_ == pg_sys::NodeTag::T_TransactionStmt
+        && (*(stmt as *mut pg_sys::TransactionStmt)).kind
+            == pg_sys::TransactionStmtKind::TRANS_STMT_COMMIT_PREPARED
+}
+
+#[pg_guard]
+extern "C-unwind" fn prepared_committed() {
+    crate::delivery::outbox::after_commit_prepared();
 }
 
 /// Flushes at the end of a statement, never while a transaction is being

@@ -165,3 +165,16 @@ pub fn pin_worker_settings() {
         }
     }
 }
+
+/// Whether the extension's SQL objects are this library's (0.2), not
+/// 0.1.0's: between installing a new library and `ALTER EXTENSION pg_emit
+/// UPDATE`, writers keep queueing in the old layout and the worker waits,
+/// so nothing is lost or refused while the DBA upgrades.
+pub fn schema_is_current() -> bool {
+    // SAFETY: syscache lookups inside a transaction.
+    unsafe {
+        let nsp = pg_sys::get_namespace_oid(c"emit".as_ptr(), true);
+        nsp != pg_sys::InvalidOid
+            && pg_sys::get_relname_relid(c"tx_seq".as_ptr(), nsp) != pg_sys::InvalidOid
+    }
+}

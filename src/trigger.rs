@@ -352,7 +352,7 @@ fn send(firing: &Firing<'_>, target: &Target, mode: Delivery, buf: &mut Vec<u8>)
     match mode {
         Delivery::Sync => sync::deliver(&context, target, buf),
         Delivery::Commit => commit::hold(&context, target, buf),
-        Delivery::Async => outbox::queue(&context, target, buf),
+        Delivery::Async => outbox::queue(target, buf),
     }
 }
 

@@ -67,7 +67,7 @@ def test_delivered_promptly_with_increasing_ids(db, table):
         evs = events(got)
         assert [e["new"]["id"] for e in evs] == [1, 2]
         assert evs[0]["id"] < evs[1]["id"]
-        assert set(evs[0]) == {"id", "op", "schema", "table", "new", "old"}
+        assert set(evs[0]) == {"id", "stream", "op", "schema", "table", "new", "old"}
         assert wait_until(lambda: db.one("SELECT count(*) FROM emit.outbox WHERE port = %s", (nd.port,)) == 0)
     finally:
         nd.close()

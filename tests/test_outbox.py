@@ -1,6 +1,8 @@
 """The outbox under real operations (issue 10): a limit that releases once
 the backlog is delivered, a table that is vacuumed while it churns."""
 
+import time
+
 import psycopg
 import pytest
 
@@ -29,7 +31,9 @@ def test_outbox_limit_refuses_then_releases_once_delivered(db, table, quick_auto
         f"CREATE TRIGGER out AFTER INSERT ON {table} FOR EACH ROW "
         f"EXECUTE FUNCTION row_to_socket('127.0.0.1', {port}, 'delivery=async', 'framing=ndjson')"
     )
-    db.execute("SET pg_emit.max_outbox_size = '256kB'")
+    # 256 kB more than the outbox holds now (other tests' rows and space).
+    base = db.one("SELECT pg_table_size('emit.outbox')") // 1024
+    db.execute(f"SET pg_emit.max_outbox_size = '{base + 256}kB'")
     db.execute("SET pg_emit.on_error = error")
     # The receiver is down: the backlog grows until the limit refuses.
     queued = 0
@@ -118,3 +122,34 @@ def test_default_retries_outlast_many_attempts(cluster, db, table):
             c.execute("ALTER SYSTEM SET pg_emit.retry_backoff_min = '20ms'")
             c.execute("ALTER SYSTEM SET pg_emit.retry_backoff_max = '300ms'")
             c.execute("SELECT pg_reload_conf()")
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_drop_database_is_not_held_up_and_leaves_no_restarting_worker(cluster, force):
+    """0.1.0's idle worker blocked DROP DATABASE (and CREATE DATABASE ...
+    TEMPLATE), and after DROP DATABASE ... WITH (FORCE) it was restarted
+    every second for ever."""
+    nd = Receiver("ndjson")
+    try:
+        cluster.create_db("emit_doomed")
+        with cluster.connect("emit_doomed") as c:
+            c.execute("CREATE EXTENSION pg_emit")
+            c.execute("CREATE TABLE t (id int)")
+            c.execute("CREATE TRIGGER out AFTER INSERT ON t FOR EACH ROW EXECUTE FUNCTION "
+                      f"row_to_socket('127.0.0.1', {nd.port}, 'delivery=async', 'framing=ndjson')")
+            c.execute("INSERT INTO t VALUES (1)")
+            assert len(nd.wait_for(1, timeout=10)) == 1
+            oid = c.execute("SELECT oid FROM pg_database WHERE datname = 'emit_doomed'").fetchone()[0]
+        with cluster.connect() as c:
+            c.execute("DROP DATABASE emit_doomed" + (" WITH (FORCE)" if force else ""))
+        mark = len(cluster.tail_log(100000))
+        time.sleep(3.5)
+        later = cluster.tail_log(100000)[mark:]
+        assert later.count(f'database {oid} does not exist') <= 1, later
+        with cluster.connect() as c:
+            assert c.execute("SELECT count(*) FROM pg_stat_activity "
+                             "WHERE backend_type = 'pg_emit worker' AND datid = %s", (oid,)).fetchone()[0] == 0
+    finally:
+        nd.close()
+        with cluster.connect() as c:
+            c.execute("DROP DATABASE IF EXISTS emit_doomed WITH (FORCE)")

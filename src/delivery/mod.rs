@@ -76,6 +76,38 @@ impl Target {
     }
 }
 
+impl Target {
+    /// `host`, `port`, `framing`, `url` and `headers` of `emit.outbox`:
+    /// how the worker reaches the destination. Headers are one
+    /// "Name: value" per line.
+    pub fn outbox_columns(&self) -> (String, i32, String, Option<&str>, Option<String>) {
+        match self {
+            Target::Tcp {
+                host,
+                port,
+                framing,
+            } => (
+                host.clone(),
+                i32::from(*port),
+                framing.to_string(),
+                None,
+                None,
+            ),
+            Target::Http { url, headers } => {
+                let u = crate::transport::http::parse_url(url).ok();
+                let lines: String = headers.iter().map(|(k, v)| format!("{k}: {v}\n")).collect();
+                (
+                    u.as_ref().map(|u| u.host.clone()).unwrap_or_default(),
+                    u.map_or(0, |u| i32::from(u.port)),
+                    "http".to_string(),
+                    Some(url.as_str()),
+                    (!lines.is_empty()).then_some(lines),
+                )
+            }
+        }
+    }
+}
+
 pub fn init() {
     // SAFETY: registering static callbacks once, from _PG_init.
     unsafe {
@@ -94,12 +126,12 @@ unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut c
         // before the commit like any statement's.
         XACT_EVENT_PRE_COMMIT => {
             sync::flush_all();
-            outbox::pre_commit();
+            outbox::pre_commit(false);
         }
         XACT_EVENT_PRE_PREPARE => {
             sync::flush_all();
             commit::refuse_prepare();
-            outbox::pre_commit();
+            outbox::pre_commit(true);
         }
         XACT_EVENT_COMMIT => outbox::on_commit(),
         XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT => {

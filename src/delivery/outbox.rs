@@ -6,56 +6,71 @@
 //! and written at `PRE_COMMIT` as one row per destination: the rows are
 //! part of the transaction, so a rollback removes them, and a 20,000-row
 //! INSERT costs one outbox insert instead of 20,000. Buffers past
-//! [`FLUSH_BYTES`] are written early so memory stays bounded.
+//! [`FLUSH_BYTES`] are written early so memory stays bounded; every row
+//! carries the transaction's commit-order number and its events' place in
+//! the transaction, so the worker sends transactions whole and in commit
+//! order however their rows were written.
 
 use super::pending::Pending;
 use super::Target;
 use crate::error::EmitError;
-use crate::privileged::as_emit_owner;
+use crate::privileged::{as_emit_owner, schema_is_current};
 use crate::settings;
 use crate::worker;
 use pgrx::bgworkers::DynamicBackgroundWorker;
 use pgrx::datum::DatumWithOid;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
+use pgrx::PgMemoryContexts;
 use std::cell::{Cell, RefCell};
-use std::time::{Duration, Instant};
 
 /// Payload size of one outbox row; also the point at which a transaction's
 /// buffer is written out early.
 pub const FLUSH_BYTES: usize = 8 << 20;
 
-/// Outbox rows to write for one destination: (event count, payload).
-type Chunks = Vec<(i32, Vec<u8>)>;
+/// One outbox row to write.
+struct Chunk {
+    target: Target,
+    events: i32,
+    /// Ordinals of its first and last event (see [`Pending`]).
+    first: u64,
+    last: u64,
+    payload: Vec<u8>,
+}
 
 thread_local! {
     static QUEUED: RefCell<Pending<Target>> = RefCell::default();
+    /// Outbox rows this transaction wrote before committing; they get its
+    /// commit-order number at PRE_COMMIT.
+    static EARLY: RefCell<Vec<i64>> = const { RefCell::new(Vec::new()) };
+    /// Ordinal ranges of those rows: events still buffered around them
+    /// must not share a row across them (see [`chunks`]).
+    static EARLY_RANGES: RefCell<Vec<(u64, u64)>> = const { RefCell::new(Vec::new()) };
     /// This transaction wrote outbox rows: wake the worker at commit.
     static WROTE: Cell<bool> = const { Cell::new(false) };
     /// The worker's latch, found at PRE_COMMIT, set at COMMIT.
     static LATCH: Cell<*mut pg_sys::Latch> = const { Cell::new(std::ptr::null_mut()) };
-    /// A worker this transaction started; its pid is known only later.
+    /// The worker this backend started last (its handle lives in
+    /// TopMemoryContext): while it is starting or running, a commit that
+    /// finds no registered worker does not start another.
     static STARTED: RefCell<Option<DynamicBackgroundWorker>> = const { RefCell::new(None) };
-    /// When this backend last started a worker, to avoid a storm of
-    /// registrations while one is starting up.
-    static LAST_START: Cell<Option<Instant>> = const { Cell::new(None) };
+    /// This transaction started that worker: wake it at commit.
+    static STARTED_NOW: Cell<bool> = const { Cell::new(false) };
 }
 
-/// Queues one event (a JSON object, no newline).
-pub fn queue(context: &dyn Fn() -> String, target: &Target, event: &[u8]) {
-    let limit = settings::commit_buffer_bytes().max(2 * FLUSH_BYTES);
-    let pushed = QUEUED.with_borrow_mut(|p| {
-        p.push(target, event, limit)
-            .map(|()| p.bytes_len() >= FLUSH_BYTES && p.all_in_current_level())
+/// Queues one event (a JSON object, no newline). The transaction (or the
+/// savepoint or exception block it is in) writes its events out once they
+/// pass [`FLUSH_BYTES`]: rows written inside a subtransaction are rolled
+/// back with it, so memory stays bounded however much a transaction queues,
+/// at any nesting.
+pub fn queue(target: &Target, event: &[u8]) {
+    let full = QUEUED.with_borrow_mut(|p| {
+        p.push(target, event, usize::MAX)
+            .expect("no limit on the async buffer");
+        p.current_level_bytes() >= FLUSH_BYTES
     });
-    match pushed {
-        Ok(true) => flush(),
-        Ok(false) => {}
-        Err(full) => EmitError::BufferFull {
-            context: context(),
-            limit: full.limit,
-        }
-        .raise(),
+    if full {
+        as_emit_owner(|| write_level(None));
     }
 }
 
@@ -77,48 +92,62 @@ pub fn note_written() {
     WROTE.set(true);
 }
 
-/// Writes what is buffered before the transaction ends (memory stays
-/// bounded for huge transactions).
-fn flush() {
-    as_emit_owner(write_queued);
+/// Splits the current level's events into outbox rows: per destination,
+/// in order, at most [`FLUSH_BYTES`] of payload each. The worker orders a
+/// transaction's rows by their first event's ordinal, so a row never spans
+/// the ordinals of a row written earlier (a savepoint's events written out
+/// while its enclosing level's were still buffered).
+fn chunks(p: &Pending<Target>, early: &[(u64, u64)]) -> Vec<Chunk> {
+    let mut out: Vec<Chunk> = Vec::new();
+    // Index in `out` of each destination's open row.
+    let mut open: Vec<(Target, usize)> = Vec::new();
+    for (target, event, ordinal) in p.current_level() {
+        let slot = open.iter().position(|(t, _)| t == target);
+        let fits = |c: &Chunk| {
+            c.payload.len() + event.len() < FLUSH_BYTES
+                && !early.iter().any(|&(a, b)| a > c.last && b < ordinal)
+        };
+        let row = match slot {
+            Some(i) if fits(&out[open[i].1]) => open[i].1,
+            _ => {
+                out.push(Chunk {
+                    target: target.clone(),
+                    events: 0,
+                    first: ordinal,
+                    last: ordinal,
+                    payload: Vec::new(),
+                });
+                match slot {
+                    Some(i) => open[i].1 = out.len() - 1,
+                    None => open.push((target.clone(), out.len() - 1)),
+                }
+                out.len() - 1
+            }
+        };
+        let c = &mut out[row];
+        if !c.payload.is_empty() {
+            c.payload.push(b'\n');
+        }
+        c.payload.extend_from_slice(event);
+        c.events += 1;
+        c.last = ordinal;
+    }
+    out
 }
 
-/// Writes everything buffered as outbox rows, one per destination (split
-/// at [`FLUSH_BYTES`]), preserving each destination's event order. Runs as
-/// the owner of `emit` (see [`as_emit_owner`]).
-fn write_queued() {
+/// Writes the current level's events as outbox rows, with commit-order
+/// number `tx_seq` (known only at PRE_COMMIT), and drops them from the
+/// buffer. Runs as the owner of `emit` (see [`as_emit_owner`]). Returns
+/// false when `pg_emit.max_outbox_size` refused them (with a WARNING).
+fn write_level(tx_seq: Option<i64>) -> bool {
     let rows = QUEUED.with_borrow_mut(|p| {
-        let mut by_dest: Vec<(Target, Chunks)> = Vec::new();
-        for (target, event) in p.iter() {
-            let i = match by_dest.iter().position(|(t, _)| t == target) {
-                Some(i) => i,
-                None => {
-                    by_dest.push((target.clone(), vec![(0, Vec::new())]));
-                    by_dest.len() - 1
-                }
-            };
-            let chunks = &mut by_dest[i].1;
-            let last = chunks.last_mut().expect("one chunk at least");
-            if !last.1.is_empty() && last.1.len() + event.len() >= FLUSH_BYTES {
-                chunks.push((0, Vec::new()));
-            }
-            let last = chunks.last_mut().expect("one chunk at least");
-            if !last.1.is_empty() {
-                last.1.push(b'\n');
-            }
-            last.1.extend_from_slice(event);
-            last.0 += 1;
-        }
-        p.drain_keep_marks();
-        by_dest
+        let rows = EARLY_RANGES.with_borrow(|early| chunks(p, early));
+        p.drain_current_level();
+        rows
     });
     if rows.is_empty() {
-        return;
+        return true;
     }
-    let events: usize = rows
-        .iter()
-        .flat_map(|(_, chunks)| chunks.iter().map(|c| c.0 as usize))
-        .sum();
     let limit = settings::max_outbox_bytes();
     if limit > 0 {
         // Cheap: relation sizes come from the storage manager, no scan.
@@ -132,6 +161,7 @@ fn write_queued() {
         .flatten()
         .unwrap_or(0);
         if size > limit {
+            let events = rows.iter().map(|r| r.events as usize).sum();
             let e = EmitError::OutboxFull {
                 size,
                 limit,
@@ -141,99 +171,158 @@ fn write_queued() {
                 e.raise();
             }
             e.warn();
-            return;
+            return false;
         }
     }
+    // SAFETY: the transaction is writing, so it has (or now gets) an xid.
+    let tx = unsafe { pg_sys::GetTopFullTransactionId() }.value as i64;
     let utf8_db = crate::encoding::database_is_utf8();
-    let insert = if utf8_db {
-        "INSERT INTO emit.outbox (destination, host, port, framing, url, headers, events, payload) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
-    } else {
-        "INSERT INTO emit.outbox (destination, host, port, framing, url, headers, events, payload) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, pg_catalog.convert_from($8, 'UTF8'))"
-    };
-    Spi::connect_mut(|client| {
-        for (target, chunks) in &rows {
-            let dest = target.key();
-            let (host, port, framing, url, headers) = match target {
-                Target::Tcp {
-                    host,
-                    port,
-                    framing,
-                } => (
-                    host.clone(),
-                    i32::from(*port),
-                    framing.to_string(),
-                    None,
-                    None,
-                ),
-                Target::Http { url, headers } => {
-                    let u = crate::transport::http::parse_url(url).ok();
-                    let lines: String =
-                        headers.iter().map(|(k, v)| format!("{k}: {v}\n")).collect();
-                    (
-                        u.as_ref().map(|u| u.host.clone()).unwrap_or_default(),
-                        u.map_or(0, |u| i32::from(u.port)),
-                        "http".to_string(),
-                        Some(url.as_str()),
-                        (!lines.is_empty()).then_some(lines),
-                    )
-                }
-            };
-            for (events, payload) in chunks {
-                // Events are UTF-8 (see crate::encoding). A UTF-8 database
-                // stores them as they are; any other stores them converted
-                // to its own encoding, like any text, and the worker
-                // converts them back when it reads them.
-                let payload: DatumWithOid = if utf8_db {
-                    std::str::from_utf8(payload)
-                        .unwrap_or_else(|e| pgrx::error!("pg_emit: an event is not UTF-8: {e}"))
-                        .into()
-                } else {
-                    payload.as_slice().into()
-                };
-                client.update(
-                    insert,
-                    None,
-                    &[
-                        dest.as_str().into(),
-                        host.as_str().into(),
-                        port.into(),
-                        framing.as_str().into(),
-                        url.into(),
-                        headers.as_deref().into(),
-                        (*events).into(),
-                        payload,
-                    ],
-                )?;
-            }
+    let current = schema_is_current();
+    let insert = match (current, utf8_db) {
+        (true, true) => {
+            "INSERT INTO emit.outbox (destination, host, port, framing, url, headers, events, \
+                                      payload, tx_seq, part, tx) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) RETURNING id"
         }
-        Ok::<_, pgrx::spi::Error>(())
+        (true, false) => {
+            "INSERT INTO emit.outbox (destination, host, port, framing, url, headers, events, \
+                                      payload, tx_seq, part, tx) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, pg_catalog.convert_from($8, 'UTF8'), $9, $10, \
+                     $11) RETURNING id"
+        }
+        // 0.1.0's outbox, until ALTER EXTENSION UPDATE: its rows are in
+        // commit order by id, which the update keeps.
+        (false, true) => {
+            "INSERT INTO emit.outbox (destination, host, port, framing, url, headers, events, \
+                                      payload) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id"
+        }
+        (false, false) => {
+            "INSERT INTO emit.outbox (destination, host, port, framing, url, headers, events, \
+                                      payload) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, pg_catalog.convert_from($8, 'UTF8')) \
+             RETURNING id"
+        }
+    };
+    let ids = Spi::connect_mut(|client| {
+        let mut ids = Vec::with_capacity(rows.len());
+        for Chunk {
+            target,
+            events,
+            first,
+            payload,
+            ..
+        } in &rows
+        {
+            let (host, port, framing, url, headers) = target.outbox_columns();
+            // Events are UTF-8 (see crate::encoding). A UTF-8 database
+            // stores them as they are; any other stores them converted
+            // to its own encoding, like any text, and the worker
+            // converts them back when it reads them.
+            let payload: DatumWithOid = if utf8_db {
+                std::str::from_utf8(payload)
+                    .unwrap_or_else(|e| pgrx::error!("pg_emit: an event is not UTF-8: {e}"))
+                    .into()
+            } else {
+                payload.as_slice().into()
+            };
+            let mut args: Vec<DatumWithOid> = vec![
+                target.key().as_str().into(),
+                host.as_str().into(),
+                port.into(),
+                framing.as_str().into(),
+                url.into(),
+                headers.as_deref().into(),
+                (*events).into(),
+                payload,
+            ];
+            if current {
+                args.extend([tx_seq.into(), (*first as i64).into(), tx.into()]);
+            }
+            let id = client
+                .update(insert, None, &args)?
+                .first()
+                .get_one::<i64>()?;
+            ids.extend(id);
+        }
+        Ok::<_, pgrx::spi::Error>(ids)
     })
     .unwrap_or_else(|e| pgrx::error!("pg_emit: could not write to emit.outbox: {e}"));
+    if tx_seq.is_none() {
+        EARLY.with_borrow_mut(|early| early.extend(ids));
+        EARLY_RANGES.with_borrow_mut(|r| r.extend(rows.iter().map(|c| (c.first, c.last))));
+    }
     WROTE.set(true);
+    true
 }
 
-/// `XACT_EVENT_PRE_COMMIT`: write what is still buffered and find the
-/// worker to wake, starting one if none runs. Errors here still abort the
-/// transaction cleanly.
-pub fn pre_commit() {
-    let queued = !QUEUED.with_borrow(|p| p.is_empty());
-    if !queued && !WROTE.get() {
+/// Rows of prepared transactions that COMMIT PREPARED has made visible
+/// carry no commit-order number yet: each such transaction gets the next
+/// one now. Run right after COMMIT PREPARED where pg_emit is loaded
+/// ([`after_commit_prepared`]), and by the worker before every claim for
+/// sessions where it is not.
+pub const SEQUENCE_PREPARED_SQL: &str = "
+UPDATE emit.outbox o SET tx_seq = t.seq
+  FROM (SELECT u.tx, pg_catalog.nextval('emit.tx_seq'::pg_catalog.regclass) AS seq
+          FROM (SELECT DISTINCT p.tx FROM emit.outbox p WHERE p.tx_seq IS NULL ORDER BY p.tx) u) t
+ WHERE o.tx_seq IS NULL AND o.tx = t.tx";
+
+/// After `COMMIT PREPARED` (from the utility hook): the prepared
+/// transaction's rows are visible now; give them their place in the
+/// commit order at once, and wake the worker at commit.
+pub fn after_commit_prepared() {
+    if crate::privileged::emit_owner().is_none() || !schema_is_current() {
         return;
     }
-    // One switch to the owner for the whole commit: the rows and the
-    // worker's pid.
+    let n = as_emit_owner(|| {
+        Spi::connect_mut(|c| c.update(SEQUENCE_PREPARED_SQL, None, &[]).map(|r| r.len()))
+    })
+    .unwrap_or_else(|e| pgrx::error!("pg_emit: could not write to emit.outbox: {e}"));
+    if n > 0 {
+        note_written();
+    }
+}
+
+/// `XACT_EVENT_PRE_COMMIT` (and `PRE_PREPARE`): write what is still
+/// buffered, give the transaction its place in the commit order, and find
+/// the worker to wake, starting one if none runs. Errors here still abort
+/// the transaction cleanly.
+///
+/// A prepared transaction commits later, in whatever session runs COMMIT
+/// PREPARED: its rows keep no commit-order number, and the worker gives
+/// them one when they become visible.
+pub fn pre_commit(prepare: bool) {
+    let queued = !QUEUED.with_borrow(|p| p.is_empty());
+    let early = !EARLY.with_borrow(|e| e.is_empty());
+    if !queued && !early && !WROTE.get() {
+        return;
+    }
+    // One switch to the owner for the whole commit: the number, the rows
+    // and the worker's pid.
     let pid = as_emit_owner(|| {
+        let (seq, pid) = if prepare || !schema_is_current() {
+            let pid = Spi::get_one::<i32>("SELECT w.pid FROM emit.worker w");
+            (None, pid.ok().flatten())
+        } else {
+            let r = Spi::get_two::<i64, i32>(
+                "SELECT pg_catalog.nextval('emit.tx_seq'::pg_catalog.regclass), \
+                        (SELECT w.pid FROM emit.worker w)",
+            )
+            .unwrap_or_else(|e| pgrx::error!("pg_emit: could not read emit.worker: {e}"));
+            r
+        };
         if queued {
-            write_queued();
+            write_level(seq);
         }
-        if !WROTE.get() {
-            return None;
+        if let (Some(seq), true) = (seq, early) {
+            let ids = EARLY.with_borrow(|e| e.clone());
+            Spi::run_with_args(
+                "UPDATE emit.outbox SET tx_seq = $1 WHERE id = ANY($2)",
+                &[seq.into(), ids.into()],
+            )
+            .unwrap_or_else(|e| pgrx::error!("pg_emit: could not write to emit.outbox: {e}"));
         }
-        Spi::get_one::<i32>("SELECT w.pid FROM emit.worker w")
-            .ok()
-            .flatten()
+        pid
     });
     if !WROTE.get() {
         return;
@@ -251,17 +340,28 @@ pub fn pre_commit() {
 }
 
 fn start_worker() {
-    let recent = LAST_START
-        .get()
-        .is_some_and(|t| t.elapsed() < Duration::from_secs(5));
-    if recent {
+    let alive = STARTED.with_borrow(|h| {
+        h.as_ref().is_some_and(|h| {
+            matches!(
+                h.pid(),
+                Ok(_) | Err(pgrx::bgworkers::BackgroundWorkerStatus::NotYetStarted)
+            )
+        })
+    });
+    if alive {
         return;
     }
-    LAST_START.set(Some(Instant::now()));
     // SAFETY: reading the backend's database oid.
     let db = unsafe { pg_sys::MyDatabaseId };
-    match worker::start(db) {
-        Ok(handle) => STARTED.set(Some(handle)),
+    // SAFETY: the handle is allocated in TopMemoryContext so it outlives
+    // this transaction (a few bytes per start); nothing else is allocated
+    // there.
+    let started = unsafe { PgMemoryContexts::TopMemoryContext.switch_to(|_| worker::start(db)) };
+    match started {
+        Ok(handle) => {
+            STARTED.set(Some(handle));
+            STARTED_NOW.set(true);
+        }
         Err(_) => pgrx::warning!(
             "pg_emit: could not start the delivery worker (are max_worker_processes slots free?); \
              events stay queued in emit.outbox"
@@ -272,11 +372,11 @@ fn start_worker() {
 /// `XACT_EVENT_COMMIT`: the rows are visible now; wake the worker. Only
 /// non-failing calls here: SetLatch and a lookup of a started worker's pid.
 pub fn on_commit() {
-    if let Some(handle) = STARTED.take() {
+    if STARTED_NOW.replace(false) {
         // Not started yet means it will start after this commit and see
         // the rows on its first scan; started means it may have scanned
         // already, so wake it.
-        if let Ok(pid) = handle.pid() {
+        if let Some(Ok(pid)) = STARTED.with_borrow(|h| h.as_ref().map(|h| h.pid())) {
             // SAFETY: as in pre_commit.
             let p = unsafe { pg_sys::BackendPidGetProc(pid) };
             if !p.is_null() {
@@ -290,12 +390,16 @@ pub fn on_commit() {
         unsafe { pg_sys::SetLatch(latch) };
     }
     WROTE.set(false);
+    EARLY.with_borrow_mut(|e| e.clear());
+    EARLY_RANGES.with_borrow_mut(|r| r.clear());
 }
 
 /// Abort (or PREPARE, whose rows the worker will see if it commits).
 pub fn forget() {
     QUEUED.with_borrow_mut(|p| p.clear());
+    EARLY.with_borrow_mut(|e| e.clear());
+    EARLY_RANGES.with_borrow_mut(|r| r.clear());
     WROTE.set(false);
     LATCH.set(std::ptr::null_mut());
-    STARTED.set(None);
+    STARTED_NOW.set(false);
 }

@@ -16,10 +16,13 @@
 pub struct Pending<K> {
     dests: Vec<K>,
     bytes: Vec<u8>,
-    /// (destination index, end offset in `bytes`).
-    events: Vec<(u32, usize)>,
+    /// (destination index, end offset in `bytes`, ordinal).
+    events: Vec<(u32, usize, u64)>,
     /// (subtransaction id, events.len(), bytes.len()) at its start.
     marks: Vec<(u32, usize, usize)>,
+    /// The ordinal of the next event: its place among all events of the
+    /// transaction, kept when earlier ones leave the buffer.
+    next_ordinal: u64,
 }
 
 impl<K> Default for Pending<K> {
@@ -29,6 +32,7 @@ impl<K> Default for Pending<K> {
             bytes: Vec::new(),
             events: Vec::new(),
             marks: Vec::new(),
+            next_ordinal: 0,
         }
     }
 }
@@ -65,14 +69,15 @@ impl<K: PartialEq + Clone> Pending<K> {
             }
         } as u32;
         self.bytes.extend_from_slice(msg);
-        self.events.push((idx, self.bytes.len()));
+        self.events.push((idx, self.bytes.len(), self.next_ordinal));
+        self.next_ordinal += 1;
         Ok(())
     }
 
-    /// Whether no held event belongs to a level that encloses the current
-    /// subtransaction, i.e. a subtransaction abort could take all of them.
-    pub fn all_in_current_level(&self) -> bool {
-        self.marks.last().is_none_or(|&(_, start, _)| start == 0)
+    /// Bytes held by the current (sub)transaction level: what it can write
+    /// out itself, since its own rollback would take its writes along.
+    pub fn current_level_bytes(&self) -> usize {
+        self.bytes.len() - self.marks.last().map_or(0, |&(_, _, bytes)| bytes)
     }
 
     pub fn start_sub(&mut self, sub: u32) {
@@ -98,13 +103,13 @@ impl<K: PartialEq + Clone> Pending<K> {
         }
     }
 
-    /// Empties the buffer after its events were written elsewhere. Only
-    /// valid when [`Self::all_in_current_level`]: every mark then points
-    /// at offset zero and stays correct.
-    pub fn drain_keep_marks(&mut self) {
-        debug_assert!(self.all_in_current_level());
-        self.bytes.clear();
-        self.events.clear();
+    /// Removes the current level's events after they were written
+    /// elsewhere; every mark (all at or before the level's start) stays
+    /// correct.
+    pub fn drain_current_level(&mut self) {
+        let (events, bytes) = self.marks.last().map_or((0, 0), |&(_, e, b)| (e, b));
+        self.events.truncate(events);
+        self.bytes.truncate(bytes);
     }
 
     /// Forgets everything (transaction end).
@@ -113,6 +118,7 @@ impl<K: PartialEq + Clone> Pending<K> {
         self.bytes.clear();
         self.events.clear();
         self.marks.clear();
+        self.next_ordinal = 0;
         // Do not keep a 64 MB arena alive for the rest of the session.
         if self.bytes.capacity() > 1 << 20 {
             self.bytes = Vec::new();
@@ -122,11 +128,24 @@ impl<K: PartialEq + Clone> Pending<K> {
 
     /// Events in order, each with its destination.
     pub fn iter(&self) -> impl Iterator<Item = (&K, &[u8])> {
-        let mut start = 0;
-        self.events.iter().map(move |&(d, end)| {
+        self.iter_from(0).map(|(d, m, _)| (d, m))
+    }
+
+    /// The current level's events in order, each with its destination and
+    /// ordinal.
+    pub fn current_level(&self) -> impl Iterator<Item = (&K, &[u8], u64)> {
+        self.iter_from(self.marks.last().map_or(0, |&(_, e, _)| e))
+    }
+
+    fn iter_from(&self, first: usize) -> impl Iterator<Item = (&K, &[u8], u64)> {
+        let mut start = match first {
+            0 => 0,
+            i => self.events[i - 1].1,
+        };
+        self.events[first..].iter().map(move |&(d, end, ordinal)| {
             let msg = &self.bytes[start..end];
             start = end;
-            (&self.dests[d as usize], msg)
+            (&self.dests[d as usize], msg, ordinal)
         })
     }
 }
@@ -176,18 +195,46 @@ mod tests {
         p.push(&"a", b"x", 100).unwrap();
         p.commit_sub(2);
         assert_eq!(p.len(), 1);
-        assert!(p.all_in_current_level());
+        assert_eq!(p.current_level_bytes(), 1);
     }
 
     #[test]
     fn level_tracking() {
         let mut p = Pending::default();
-        assert!(p.all_in_current_level());
-        p.push(&"a", b"x", 100).unwrap();
+        p.push(&"a", b"xx", 100).unwrap();
+        assert_eq!(p.current_level_bytes(), 2);
         p.start_sub(2);
-        assert!(!p.all_in_current_level());
+        assert_eq!(p.current_level_bytes(), 0);
+        p.push(&"a", b"yyy", 100).unwrap();
+        assert_eq!(p.current_level_bytes(), 3);
         p.abort_sub(2);
-        assert!(p.all_in_current_level());
+        assert_eq!(p.current_level_bytes(), 2);
+    }
+
+    #[test]
+    fn a_level_drains_its_own_events_and_ordinals_go_on() {
+        let mut p = Pending::default();
+        p.push(&"a", b"outer", 100).unwrap();
+        p.start_sub(2);
+        p.push(&"a", b"in1", 100).unwrap();
+        p.push(&"b", b"in2", 100).unwrap();
+        let level: Vec<_> = p
+            .current_level()
+            .map(|(d, m, o)| (*d, m.to_vec(), o))
+            .collect();
+        assert_eq!(
+            level,
+            [("a", b"in1".to_vec(), 1), ("b", b"in2".to_vec(), 2)]
+        );
+        p.drain_current_level();
+        p.push(&"a", b"in3", 100).unwrap();
+        assert_eq!(
+            p.current_level().map(|(_, _, o)| o).collect::<Vec<_>>(),
+            [3]
+        );
+        p.commit_sub(2);
+        let all: Vec<_> = p.iter_from(0).map(|(_, m, o)| (m.to_vec(), o)).collect();
+        assert_eq!(all, [(b"outer".to_vec(), 0), (b"in3".to_vec(), 3)]);
     }
 
     #[test]
@@ -203,7 +250,7 @@ mod tests {
         let mut p = Pending::default();
         p.start_sub(2);
         p.push(&"a", b"x", 100).unwrap();
-        p.drain_keep_marks();
+        p.drain_current_level();
         p.push(&"a", b"y", 100).unwrap();
         p.abort_sub(2);
         assert!(p.is_empty());
@@ -215,6 +262,6 @@ mod tests {
         p.start_sub(2);
         p.push(&"a", b"x", 100).unwrap();
         p.clear();
-        assert!(p.is_empty() && p.all_in_current_level());
+        assert!(p.is_empty() && p.current_level_bytes() == 0);
     }
 }

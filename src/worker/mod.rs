@@ -50,6 +50,52 @@ const IDLE_RESCAN: Duration = Duration::from_secs(10);
 /// Set when the worker is stopping: sender threads abandon their waits.
 static STOPPING: AtomicBool = AtomicBool::new(false);
 
+/// Set once the worker is connected to its database.
+static CONNECTED: AtomicBool = AtomicBool::new(false);
+
+/// A worker that cannot connect to its database (dropped, or no longer
+/// accepting connections) exits with code 0, which tells the postmaster
+/// not to restart it: otherwise it would try again every second for ever.
+/// Runs last among the exit callbacks (it was registered first); exiting
+/// here runs the rest through PostgreSQL's own atexit handler.
+unsafe extern "C-unwind" fn not_restarted_unless_connected(code: i32, _arg: pg_sys::Datum) {
+    if code != 0 && !CONNECTED.load(Ordering::Relaxed) {
+        libc::exit(0);
+    }
+}
+
+/// Whether `CREATE DATABASE ... TEMPLATE` or `DROP DATABASE` of this
+/// worker's database waits for its sessions to leave: both hold a lock on
+/// the database that conflicts with the one every new connection takes.
+/// PostgreSQL waits five seconds for them; the worker leaves at once and,
+/// restarted a second later, connects again once the command is done (or
+/// not at all, when the database is gone).
+fn database_wanted() -> bool {
+    // SAFETY: reading the backend's database oid; a session lock taken
+    // without waiting and released at once.
+    unsafe {
+        let tag = pg_sys::LOCKTAG {
+            locktag_field1: 0,
+            locktag_field2: pg_sys::DatabaseRelationId.to_u32(),
+            locktag_field3: pg_sys::MyDatabaseId.to_u32(),
+            locktag_field4: 0,
+            locktag_type: pg_sys::LockTagType::LOCKTAG_OBJECT as u8,
+            locktag_lockmethodid: pg_sys::DEFAULT_LOCKMETHOD as u8,
+        };
+        let mode = pg_sys::RowExclusiveLock as pg_sys::LOCKMODE;
+        if pg_sys::LockAcquire(&tag, mode, true, true)
+            == pg_sys::LockAcquireResult::LOCKACQUIRE_NOT_AVAIL
+        {
+            return true;
+        }
+        pg_sys::LockRelease(&tag, mode, true);
+        false
+    }
+}
+
+/// How often the worker checks [`database_wanted`] while it waits.
+const DATABASE_CHECK: Duration = Duration::from_secs(1);
+
 struct Stopping;
 
 impl Interrupt for Stopping {
@@ -172,7 +218,10 @@ fn builder(db: pg_sys::Oid) -> BackgroundWorkerBuilder {
 pub extern "C-unwind" fn pg_emit_worker_main(arg: pg_sys::Datum) {
     let db = pg_sys::Oid::from(arg.value() as u32);
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    // SAFETY: registering a static callback before connecting.
+    unsafe { pg_sys::on_proc_exit(Some(not_restarted_unless_connected), pg_sys::Datum::from(0)) };
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(db), None);
+    CONNECTED.store(true, Ordering::Relaxed);
     crate::privileged::pin_worker_settings();
     // Nothing runs as the bootstrap superuser but these catalog lookups:
     // whether pg_emit is installed here (a schema merely named emit is not
@@ -193,19 +242,32 @@ pub extern "C-unwind" fn pg_emit_worker_main(arg: pg_sys::Datum) {
     // user.
     // SAFETY: outside any transaction, as InitPostgres sets the user.
     unsafe { pg_sys::SetUserIdAndSecContext(owner, 0) };
+    if !wait_for_current_schema() {
+        return;
+    }
     let registered = transaction(c"pg_emit: starting", || {
         Spi::run(
             "UPDATE emit.worker SET pid = pg_catalog.pg_backend_pid(), started_at = pg_catalog.now()",
-        )
+        )?;
+        let origin = Spi::get_one::<String>(ORIGIN_SQL)?.unwrap_or_default();
+        Spi::run_with_args(NEW_STREAMS_SQL, &[origin.as_str().into()])?;
+        Ok::<_, pgrx::spi::Error>(origin)
     });
-    if let Err(e) = registered {
-        pgrx::error!("pg_emit worker: could not start: {e}");
-    }
+    let origin =
+        registered.unwrap_or_else(|e| pgrx::error!("pg_emit worker: could not start: {e}"));
     pgrx::log!("pg_emit worker started");
-    let stop = Worker::new().run();
+    let stop = Worker::new(origin).run();
     STOPPING.store(true, Ordering::Relaxed);
     match stop {
         Stop::ExtensionDropped => pgrx::log!("pg_emit worker: extension dropped, exiting"),
+        Stop::DatabaseWanted => {
+            pgrx::log!(
+                "pg_emit worker: leaving the database for CREATE DATABASE or DROP DATABASE; \
+                 back once it is done"
+            );
+            // SAFETY: exit 1: restarted a second later.
+            unsafe { pg_sys::proc_exit(1) }
+        }
         // Terminated (pg_terminate_backend) or shutting down: exit 1 so a
         // terminated worker comes back; during shutdown no restart happens.
         Stop::Terminated => unsafe { pg_sys::proc_exit(1) },
@@ -231,9 +293,51 @@ fn take_worker_lock(db: pg_sys::Oid) -> bool {
     got != pg_sys::LockAcquireResult::LOCKACQUIRE_NOT_AVAIL
 }
 
+/// With a new library but 0.1.0's SQL objects (before `ALTER EXTENSION
+/// pg_emit UPDATE`), waits, keeping the queue, until the update is done.
+/// False when asked to stop meanwhile, or when the extension is gone.
+fn wait_for_current_schema() -> bool {
+    let mut said = false;
+    loop {
+        let state = transaction(c"pg_emit: checking the extension version", || {
+            Ok::<_, String>((
+                crate::privileged::emit_owner().is_some(),
+                crate::privileged::schema_is_current(),
+            ))
+        });
+        match state {
+            Ok((true, true)) => return true,
+            Ok((false, _)) => return false,
+            Ok((true, false)) if !said => {
+                pgrx::log!(
+                    "pg_emit worker: the extension's SQL objects are older than its library; \
+                     events stay queued until ALTER EXTENSION pg_emit UPDATE"
+                );
+                said = true;
+            }
+            Ok(_) => {}
+            Err(e) => pgrx::error!("pg_emit worker: could not start: {e}"),
+        }
+        // SAFETY: waiting on our own latch, as in the main loop.
+        unsafe {
+            pg_sys::WaitLatch(
+                pg_sys::MyLatch,
+                (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
+                1000,
+                pg_sys::PG_WAIT_EXTENSION,
+            );
+            pg_sys::ResetLatch(pg_sys::MyLatch);
+        }
+        if BackgroundWorker::sigterm_received() || database_wanted() {
+            return false;
+        }
+    }
+}
+
 enum Stop {
     Terminated,
     ExtensionDropped,
+    DatabaseWanted,
 }
 
 /// A destination as the worker tracks it.
@@ -254,6 +358,9 @@ struct Worker {
     done_tx: mpsc::Sender<(String, Job, Outcome)>,
     done_rx: mpsc::Receiver<(String, Job, Outcome)>,
     rng: u64,
+    /// Where this worker runs (see [`ORIGIN_SQL`]), recorded with each
+    /// destination's stream.
+    origin: String,
 }
 
 struct WorkerSettings {
@@ -274,7 +381,7 @@ fn worker_settings() -> WorkerSettings {
 }
 
 impl Worker {
-    fn new() -> Self {
+    fn new(origin: String) -> Self {
         let (done_tx, done_rx) = mpsc::channel();
         // SAFETY: MyProcPid is set for the life of the process.
         let seed = unsafe { pg_sys::MyProcPid } as u64;
@@ -283,19 +390,22 @@ impl Worker {
             done_tx,
             done_rx,
             rng: 0x9e37_79b9_7f4a_7c15 ^ seed.rotate_left(32) ^ now_nanos(),
+            origin,
         }
     }
 
     fn run(&mut self) -> Stop {
         let mut scan = true;
+        let mut last_scan = Instant::now();
         loop {
             if scan {
                 scan = false;
+                last_scan = Instant::now();
                 if let Err(stop) = self.claim_and_dispatch() {
                     return stop;
                 }
             }
-            let timeout = self.next_timeout();
+            let timeout = self.next_timeout().min(DATABASE_CHECK);
             // SAFETY: waiting on our own latch, as every bgworker does.
             let rc = unsafe {
                 pg_sys::WaitLatch(
@@ -322,9 +432,20 @@ impl Worker {
                 }
                 scan = true;
             }
+            if database_wanted() {
+                return Stop::DatabaseWanted;
+            }
             // A latch set by a committing backend, a backoff that expired,
             // or the idle rescan: look for work.
-            if rc & pg_sys::WL_LATCH_SET as i32 != 0 || rc & pg_sys::WL_TIMEOUT as i32 != 0 {
+            let now = Instant::now();
+            let retry_due = self
+                .dests
+                .values()
+                .any(|d| !d.busy && d.retry_at.is_some_and(|t| t <= now));
+            if rc & pg_sys::WL_LATCH_SET as i32 != 0
+                || retry_due
+                || now.duration_since(last_scan) >= IDLE_RESCAN
+            {
                 scan = true;
             }
         }
@@ -366,7 +487,7 @@ impl Worker {
             settings::http_client_config().and_then(|c| settings::signing_secret().map(|s| (c, s)));
         let ready =
             |d: Option<&Dest>| d.is_none_or(|d| !d.busy && d.retry_at.is_none_or(|t| t <= now));
-        let dests = &self.dests;
+        let (dests, origin) = (&self.dests, self.origin.as_str());
         let jobs = transaction(c"pg_emit: claiming events", || {
             Spi::connect_mut(
                 |c| -> Result<Option<Vec<(String, Job)>>, pgrx::spi::Error> {
@@ -381,6 +502,7 @@ impl Worker {
                     {
                         return Ok(None);
                     }
+                    c.update(crate::delivery::outbox::SEQUENCE_PREPARED_SQL, None, &[])?;
                     let keys: Vec<String> = c
                         .select(DESTINATIONS_SQL, None, &[])?
                         .filter_map(|r| r.get::<String>(1).ok().flatten())
@@ -390,7 +512,7 @@ impl Worker {
                         if !ready(dests.get(&key)) {
                             continue;
                         }
-                        if let Some(job) = claim(c, &key, timeouts, &allow, &http)? {
+                        if let Some(job) = claim(c, &key, origin, timeouts, &allow, &http)? {
                             jobs.push((key, job));
                         }
                     }
@@ -514,6 +636,26 @@ impl Worker {
     }
 }
 
+/// Where the worker runs: system identifier and database oid.
+const ORIGIN_SQL: &str = "
+SELECT (SELECT s.system_identifier::pg_catalog.text FROM pg_catalog.pg_control_system() s)
+       || '/' || (SELECT d.oid::pg_catalog.text FROM pg_catalog.pg_database d
+                   WHERE d.datname = pg_catalog.current_database())";
+
+/// In a copy or a restore of a database (a template copy, pg_dump), the
+/// destinations' streams and ids came along and may already have been
+/// used from the original: every such destination starts a new stream at
+/// id 1, and its claimed rows are numbered again.
+const NEW_STREAMS_SQL: &str = "
+WITH moved AS (
+    UPDATE emit.destinations t
+       SET stream = pg_catalog.gen_random_uuid(), next_event_id = 1, origin = $1
+     WHERE t.origin IS DISTINCT FROM $1
+    RETURNING t.destination
+)
+UPDATE emit.outbox o SET first_event_id = NULL
+  FROM moved WHERE o.destination = moved.destination AND o.first_event_id IS NOT NULL";
+
 /// Destinations with rows, by a loose index scan over (destination, id):
 /// one index probe per destination however long the backlog is.
 const DESTINATIONS_SQL: &str = "
@@ -528,11 +670,13 @@ SELECT destination FROM d WHERE destination IS NOT NULL";
 
 /// Claims the next rows of `key`: rows already numbered (a job that failed,
 /// or was cut short by a restart) go first, with the same ids, so a
-/// receiver can drop what it already has; otherwise the oldest visible rows
-/// get the next ids.
+/// receiver can drop what it already has; otherwise the next rows in commit
+/// order get the destination's next ids.
+#[allow(clippy::too_many_arguments)]
 fn claim(
     c: &mut pgrx::spi::SpiClient<'_>,
     key: &str,
+    origin: &str,
     timeouts: transport::Timeouts,
     allow: &Allowlist,
     http: &Result<(ClientConfig, Option<Vec<u8>>), String>,
@@ -586,18 +730,17 @@ fn claim(
             });
         }
         if !rows.is_empty() {
-            if pass == UNCLAIMED_SQL {
-                number_events(c, &mut rows)?;
-            }
-            break;
+            let stream = number_events(c, key, origin, &mut rows, pass == UNCLAIMED_SQL)?;
+            return Ok(target.map(|dest| Job {
+                dest,
+                rows,
+                stream,
+                timeouts,
+                allow: allow.clone(),
+            }));
         }
     }
-    Ok(target.map(|dest| Job {
-        dest,
-        rows,
-        timeouts,
-        allow: allow.clone(),
-    }))
+    Ok(None)
 }
 
 const CLAIMED_SQL: &str = "
@@ -609,24 +752,37 @@ const UNCLAIMED_SQL: &str = "
 SELECT id, host, port, framing, first_event_id, pg_catalog.convert_to(payload, 'UTF8'), sent, url,
        headers
   FROM emit.outbox
- WHERE destination = $1 AND first_event_id IS NULL ORDER BY id";
+ WHERE destination = $1 AND first_event_id IS NULL AND tx_seq IS NOT NULL
+ ORDER BY tx_seq, part";
 
-/// Gives freshly claimed rows consecutive event ids, in claim order.
+/// Gives freshly claimed rows (`assign`) the destination's next
+/// consecutive event ids, in claim order, and returns the destination's
+/// stream.
 fn number_events(
     c: &mut pgrx::spi::SpiClient<'_>,
+    key: &str,
+    origin: &str,
     rows: &mut [Row],
-) -> Result<(), pgrx::spi::Error> {
-    let total: i64 = rows.iter().map(|r| i64::from(r.events())).sum();
-    let first: i64 = c
-        .update(
-            "UPDATE emit.worker SET next_event_id = next_event_id + $1 RETURNING next_event_id - $1",
-            None,
-            &[total.into()],
-        )?
-        .first()
-        .get_one()?
-        .unwrap_or(1);
-    let mut next = first;
+    assign: bool,
+) -> Result<String, pgrx::spi::Error> {
+    let total: i64 = if assign {
+        rows.iter().map(|r| i64::from(r.events())).sum()
+    } else {
+        0
+    };
+    let numbered = c.update(
+        "INSERT INTO emit.destinations AS d (destination, next_event_id, origin)
+         VALUES ($1, 1 + $2, $3)
+         ON CONFLICT (destination) DO UPDATE SET next_event_id = d.next_event_id + $2
+         RETURNING d.next_event_id - $2, d.stream::pg_catalog.text",
+        None,
+        &[key.into(), total.into(), origin.into()],
+    )?;
+    let (first, stream) = numbered.first().get_two::<i64, String>()?;
+    if !assign {
+        return Ok(stream.unwrap_or_default());
+    }
+    let mut next = first.unwrap_or(1);
     for r in rows.iter_mut() {
         r.first_event_id = next;
         next += i64::from(r.events());
@@ -640,7 +796,7 @@ fn number_events(
         None,
         &[ids.into(), firsts.into()],
     )?;
-    Ok(())
+    Ok(stream.unwrap_or_default())
 }
 
 /// Applies one job's outcome: delete delivered rows, keep progress, count

@@ -47,6 +47,9 @@ pub enum Dest {
 pub struct Job {
     pub dest: Dest,
     pub rows: Vec<Row>,
+    /// The destination's stream: with an event's id, the key a receiver
+    /// de-duplicates by.
+    pub stream: String,
     pub timeouts: Timeouts,
     /// `pg_emit.allowed_destinations` as of the claim: checked again at
     /// delivery, so a destination disallowed after queueing is refused.
@@ -112,11 +115,14 @@ pub struct Conn {
     http: Option<http::Client>,
 }
 
-/// Writes `{"id":N,` + the rest of `event` (a JSON object) into `buf`:
-/// the id becomes the first key without re-serializing the event.
-pub fn push_with_id(buf: &mut Vec<u8>, id: i64, event: &str) {
+/// Writes `{"id":N,"stream":"S",` + the rest of `event` (a JSON object)
+/// into `buf`: the id comes first without re-serializing the event.
+pub fn push_with_id(buf: &mut Vec<u8>, stream: &str, id: i64, event: &str) {
     buf.extend_from_slice(b"{\"id\":");
     buf.extend_from_slice(id.to_string().as_bytes());
+    buf.extend_from_slice(b",\"stream\":\"");
+    buf.extend_from_slice(stream.as_bytes());
+    buf.push(b'"');
     let rest = event.strip_prefix('{').unwrap_or(event);
     if !rest.starts_with('}') {
         buf.push(b',');
@@ -138,7 +144,7 @@ pub fn send_job(conn: &mut Conn, job: &Job, intr: &dyn Interrupt) -> Outcome {
             } => {
                 buf.clear();
                 for (k, line) in lines {
-                    push_with_id(&mut buf, row.first_event_id + k as i64, line);
+                    push_with_id(&mut buf, &job.stream, row.first_event_id + k as i64, line);
                     buf.push(b'\n');
                 }
                 let mut written = 0;
@@ -165,7 +171,7 @@ pub fn send_job(conn: &mut Conn, job: &Job, intr: &dyn Interrupt) -> Outcome {
                 port,
             } => lines.into_iter().try_for_each(|(k, line)| {
                 buf.clear();
-                push_with_id(&mut buf, row.first_event_id + k as i64, line);
+                push_with_id(&mut buf, &job.stream, row.first_event_id + k as i64, line);
                 tcp::send_once(host, *port, &buf, &job.timeouts, &job.allow, intr)?;
                 sent[i] += 1;
                 Ok(())
@@ -184,7 +190,7 @@ pub fn send_job(conn: &mut Conn, job: &Job, intr: &dyn Interrupt) -> Outcome {
                 .and_then(|(c, secret)| {
                     lines.into_iter().try_for_each(|(k, line)| {
                         buf.clear();
-                        push_with_id(&mut buf, row.first_event_id + k as i64, line);
+                        push_with_id(&mut buf, &job.stream, row.first_event_id + k as i64, line);
                         post(&c, url, headers, secret, &buf)?;
                         sent[i] += 1;
                         Ok(())
@@ -268,6 +274,7 @@ mod tests {
                 framing,
             },
             rows,
+            stream: "s".into(),
             timeouts: Timeouts {
                 connect: Duration::from_secs(2),
                 write: Duration::from_secs(2),
@@ -289,11 +296,11 @@ mod tests {
     #[test]
     fn id_becomes_the_first_key() {
         let mut b = Vec::new();
-        push_with_id(&mut b, 7, r#"{"op":"INSERT"}"#);
-        assert_eq!(b, br#"{"id":7,"op":"INSERT"}"#);
+        push_with_id(&mut b, "s", 7, r#"{"op":"INSERT"}"#);
+        assert_eq!(b, br#"{"id":7,"stream":"s","op":"INSERT"}"#);
         b.clear();
-        push_with_id(&mut b, 8, "{}");
-        assert_eq!(b, br#"{"id":8}"#);
+        push_with_id(&mut b, "s", 8, "{}");
+        assert_eq!(b, br#"{"id":8,"stream":"s"}"#);
     }
 
     #[test]
@@ -315,7 +322,13 @@ mod tests {
         let r = BufReader::new(l.accept().unwrap().0);
         drop(conn);
         let lines: Vec<String> = r.lines().map(Result::unwrap).collect();
-        assert_eq!(lines, [r#"{"id":11,"a":2}"#, r#"{"id":12,"a":3}"#]);
+        assert_eq!(
+            lines,
+            [
+                r#"{"id":11,"stream":"s","a":2}"#,
+                r#"{"id":12,"stream":"s","a":3}"#
+            ]
+        );
     }
 
     /// A receiver that reads 16 kB every 20 ms (~800 kB/s), then, after
@@ -391,7 +404,7 @@ mod tests {
         drop(conn);
         let got = reader.join().unwrap();
         let first = got.split(|&b| b == b'\n').next().unwrap();
-        let id = format!("{{\"id\":{},", 1 + sent);
+        let id = format!("{{\"id\":{},\"stream\":\"s\",", 1 + sent);
         assert!(first.starts_with(id.as_bytes()));
         assert_eq!(
             got.iter().filter(|&&b| b == b'\n').count(),
@@ -422,7 +435,10 @@ mod tests {
         assert_eq!(out.sent, vec![2]);
         assert_eq!(
             reader.join().unwrap(),
-            [r#"{"id":5,"a":1}"#, r#"{"id":6,"a":2}"#]
+            [
+                r#"{"id":5,"stream":"s","a":1}"#,
+                r#"{"id":6,"stream":"s","a":2}"#
+            ]
         );
     }
 
