@@ -63,6 +63,9 @@ pub enum EmitError {
         size: usize,
         limit: usize,
     },
+    /// `DROP EXTENSION pg_emit` with events not yet delivered (a WARNING).
+    #[error("DROP EXTENSION pg_emit discards {queued} queued event(s) for {dests} destination(s) and {dead} dead-lettered event(s)")]
+    DropDiscards { queued: i64, dests: i64, dead: i64 },
     /// `emit.outbox` is over `pg_emit.max_outbox_size`.
     #[error("emit.outbox holds {size} bytes, over pg_emit.max_outbox_size ({limit} bytes): {events} event(s) not queued")]
     OutboxFull {
@@ -93,6 +96,7 @@ impl EmitError {
             EmitError::OutboxFull { .. } => ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
             EmitError::PrepareWithHeldEvents { .. } => ERRCODE_FEATURE_NOT_SUPPORTED,
             EmitError::CommitDeliveryIncomplete { .. } => ERRCODE_CONNECTION_FAILURE,
+            EmitError::DropDiscards { .. } => ERRCODE_WARNING,
         }
     }
 
@@ -115,6 +119,9 @@ impl EmitError {
             }
             EmitError::OutboxFull { .. } => Some(
                 "The worker cannot keep up or a receiver is down: see emit.stats and emit.dead_letter.",
+            ),
+            EmitError::DropDiscards { .. } => Some(
+                "To keep them, roll back and let the worker deliver them (see emit.stats), or pg_dump the database first: the dump includes them.",
             ),
             EmitError::TriggerArgument { .. } => Some(
                 "row_to_socket takes (host, port [, 'key=value' ...]) with keys delivery=sync|commit|async, format=json|td, framing=close|ndjson.",

@@ -68,6 +68,9 @@ unsafe extern "C-unwind" fn process_utility(
     qc: *mut pg_sys::QueryCompletion,
 ) {
     let commit_prepared = is_commit_prepared(pstmt);
+    if drops_pg_emit(pstmt) {
+        dropping_pg_emit();
+    }
     match PREV_PROCESS_UTILITY {
         Some(prev) => prev(pstmt, query, read_only_tree, context, params, env, dest, qc),
         None => {
@@ -88,6 +91,34 @@ unsafe fn is_commit_prepared(pstmt: *mut pg_sys::PlannedStmt) -> bool {
         && (*stmt).type_ == pg_sys::NodeTag::T_TransactionStmt
         && (*(stmt as *mut pg_sys::TransactionStmt)).kind
             == pg_sys::TransactionStmtKind::TRANS_STMT_COMMIT_PREPARED
+}
+
+/// Whether `pstmt` is `DROP EXTENSION ... pg_emit ...`.
+///
+/// # Safety
+/// `pstmt` must be the statement the utility hook was given.
+unsafe fn drops_pg_emit(pstmt: *mut pg_sys::PlannedStmt) -> bool {
+    let stmt = (*pstmt).utilityStmt;
+    if stmt.is_null() || (*stmt).type_ != pg_sys::NodeTag::T_DropStmt {
+        return false;
+    }
+    let drop = &*(stmt as *mut pg_sys::DropStmt);
+    if drop.removeType != pg_sys::ObjectType::OBJECT_EXTENSION || drop.objects.is_null() {
+        return false;
+    }
+    let list = &*drop.objects;
+    (0..list.length as usize).any(|i| {
+        let node = (*list.elements.add(i)).ptr_value as *mut pg_sys::Node;
+        !node.is_null()
+            && (*node).type_ == pg_sys::NodeTag::T_String
+            && std::ffi::CStr::from_ptr((*(node as *mut pg_sys::String)).sval).to_bytes()
+                == b"pg_emit"
+    })
+}
+
+#[pg_guard]
+extern "C-unwind" fn dropping_pg_emit() {
+    crate::delivery::outbox::warn_before_drop();
 }
 
 #[pg_guard]

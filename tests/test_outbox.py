@@ -153,3 +153,22 @@ def test_drop_database_is_not_held_up_and_leaves_no_restarting_worker(cluster, f
         nd.close()
         with cluster.connect() as c:
             c.execute("DROP DATABASE IF EXISTS emit_doomed WITH (FORCE)")
+
+
+def test_drop_extension_says_what_it_discards(cluster):
+    cluster.create_db("emit_dropext")
+    try:
+        with cluster.connect("emit_dropext") as c:
+            notices = []
+            c.add_notice_handler(lambda d: notices.append((d.severity_nonlocalized, d.message_primary)))
+            c.execute("CREATE EXTENSION pg_emit")
+            c.execute("CREATE TABLE t (id int)")
+            c.execute("CREATE TRIGGER out AFTER INSERT ON t FOR EACH ROW EXECUTE FUNCTION "
+                      f"row_to_socket('127.0.0.1', {free_port()}, 'delivery=async')")
+            c.execute("INSERT INTO t SELECT generate_series(1, 7)")
+            c.execute("DROP EXTENSION pg_emit CASCADE")
+            assert ("WARNING", "DROP EXTENSION pg_emit discards 7 queued event(s) for 1 destination(s) "
+                               "and 0 dead-lettered event(s)") in notices, notices
+    finally:
+        with cluster.connect() as c:
+            c.execute("DROP DATABASE emit_dropext WITH (FORCE)")

@@ -267,6 +267,34 @@ UPDATE emit.outbox o SET tx_seq = t.seq
           FROM (SELECT DISTINCT p.tx FROM emit.outbox p WHERE p.tx_seq IS NULL ORDER BY p.tx) u) t
  WHERE o.tx_seq IS NULL AND o.tx = t.tx";
 
+/// Before `DROP EXTENSION pg_emit` (from the utility hook): the outbox and
+/// the dead letters go with the extension, so say how many events that
+/// discards.
+pub fn warn_before_drop() {
+    if crate::privileged::emit_owner().is_none() {
+        return;
+    }
+    let counts = as_emit_owner(|| {
+        Spi::get_three::<i64, i64, i64>(
+            "SELECT (SELECT coalesce(pg_catalog.sum(o.events - o.sent), 0)::pg_catalog.int8
+                       FROM emit.outbox o),
+                    (SELECT pg_catalog.count(DISTINCT o.destination) FROM emit.outbox o),
+                    (SELECT coalesce(pg_catalog.sum(d.events), 0)::pg_catalog.int8
+                       FROM emit.dead_letter d)",
+        )
+    });
+    if let Ok((Some(queued), Some(dests), Some(dead))) = counts {
+        if queued + dead > 0 {
+            EmitError::DropDiscards {
+                queued,
+                dests,
+                dead,
+            }
+            .warn();
+        }
+    }
+}
+
 /// After `COMMIT PREPARED` (from the utility hook): the prepared
 /// transaction's rows are visible now; give them their place in the
 /// commit order at once, and wake the worker at commit.
