@@ -15,6 +15,15 @@ mod emit {
     #[pg_extern(volatile, parallel_unsafe, security_definer)]
     #[search_path(pg_catalog, pg_temp)]
     fn requeue_dead_letters(destination: default!(Option<&str>, "NULL")) -> i64 {
+        // SAFETY: reads shared recovery state.
+        if unsafe { pgrx::pg_sys::RecoveryInProgress() } {
+            pgrx::pg_sys::panic::ErrorReport::new(
+                pgrx::PgSqlErrorCode::ERRCODE_READ_ONLY_SQL_TRANSACTION,
+                "emit.requeue_dead_letters: cannot requeue on a standby; run it on the primary",
+                "pg_emit",
+            )
+            .report(pgrx::PgLogLevel::ERROR);
+        }
         let n = Spi::get_one_with_args::<i64>(
             "WITH moved AS (
                  DELETE FROM emit.dead_letter

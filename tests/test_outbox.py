@@ -6,7 +6,7 @@ import time
 import psycopg
 import pytest
 
-from pgcluster import wait_until
+from pgcluster import BIN, Cluster, wait_until
 from receivers import Receiver, free_port
 
 pytestmark = pytest.mark.usefixtures("fast_retries")
@@ -108,10 +108,15 @@ def test_default_retries_outlast_many_attempts(cluster, db, table):
         db.execute(
             f"CREATE TRIGGER out AFTER INSERT ON {table} FOR EACH ROW EXECUTE FUNCTION "
             f"row_to_socket('127.0.0.1', {port}, 'delivery=async', 'framing=ndjson')")
+        mark = len(cluster.tail_log(100000))
         db.execute(f"INSERT INTO {table} VALUES (1)")
         assert wait_until(lambda: (db.one(
             "SELECT max(attempts) FROM emit.outbox WHERE port = %s", (port,)) or 0) > 120, 30)
         assert db.one("SELECT count(*) FROM emit.dead_letter WHERE port = %s", (port,)) == 0
+        # One log line for the first failure, then one a minute at most.
+        logged = cluster.tail_log(100000)[mark:].count(
+            f"delivery to tcp://127.0.0.1:{port}?framing=ndjson failed")
+        assert 1 <= logged <= 2, logged
         nd = Receiver("ndjson", port=port)
         try:
             assert len(nd.wait_for(1, timeout=10)) == 1
@@ -172,3 +177,20 @@ def test_drop_extension_says_what_it_discards(cluster):
     finally:
         with cluster.connect() as c:
             c.execute("DROP DATABASE emit_dropext WITH (FORCE)")
+
+
+def test_requeue_on_a_standby_is_a_clean_error(cluster):
+    standby = Cluster("pg_emit-standby", port=54336)
+    try:
+        standby.run(f"{BIN}/pg_basebackup", "-h", cluster.sock, "-p", str(cluster.port),
+                    "-U", "postgres", "-D", standby.data, "-R", "-X", "stream")
+        standby.write_conf()  # its own port and socket; standby.signal stays
+        standby.start()
+        with standby.connect("emit_test") as c:
+            assert c.execute("SELECT pg_is_in_recovery()").fetchone()[0]
+            with pytest.raises(psycopg.errors.ReadOnlySqlTransaction) as e:
+                c.execute("SELECT emit.requeue_dead_letters()")
+            assert "standby" in str(e.value)
+            assert not e.value.diag.message_detail
+    finally:
+        standby.destroy()

@@ -347,7 +347,14 @@ struct Dest {
     failures: u32,
     retry_at: Option<Instant>,
     last_job: Instant,
+    /// When a failure was last logged, and how many failures there had
+    /// been then.
+    last_logged: Option<Instant>,
+    logged_failures: u32,
 }
+
+/// Least time between two logged failures of one destination.
+const LOG_EVERY: Duration = Duration::from_secs(60);
 
 /// A destination with nothing to do for this long loses its thread and
 /// its kept-open connection; the next event starts them again.
@@ -563,6 +570,8 @@ impl Worker {
                     failures: 0,
                     retry_at: None,
                     last_job: Instant::now(),
+                    last_logged: None,
+                    logged_failures: 0,
                 },
             );
         }
@@ -599,6 +608,8 @@ impl Worker {
                         ));
                     }
                     dest.failures = 0;
+                    dest.logged_failures = 0;
+                    dest.last_logged = None;
                     dest.retry_at = None;
                 }
                 // One event refused for good: it is a dead letter now and
@@ -613,12 +624,25 @@ impl Worker {
                     {
                         delay = delay.max(after);
                     }
-                    dest.retry_at = Some(Instant::now() + delay);
-                    logs.push(format!(
-                        "pg_emit: delivery to {key} failed (attempt {}): {e}; retrying in {} ms",
-                        dest.failures,
-                        delay.as_millis()
-                    ));
+                    let now = Instant::now();
+                    dest.retry_at = Some(now + delay);
+                    // The first failure, then one line a minute: a thousand
+                    // dead receivers must not flood the server log.
+                    if dest.failures == 1 || dest.last_logged.is_none_or(|t| now - t >= LOG_EVERY) {
+                        let quiet = dest.failures - dest.logged_failures - 1;
+                        let since = if quiet > 0 {
+                            format!(" ({quiet} failed attempt(s) since the last message)")
+                        } else {
+                            String::new()
+                        };
+                        logs.push(format!(
+                            "pg_emit: delivery to {key} failed (attempt {}): {e}; retrying in {} ms{since}",
+                            dest.failures,
+                            delay.as_millis()
+                        ));
+                        dest.last_logged = Some(now);
+                        dest.logged_failures = dest.failures;
+                    }
                 }
             }
             if dead > 0 {
