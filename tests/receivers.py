@@ -177,13 +177,16 @@ class HttpReceiver:
     """HTTP/1.1 server on 127.0.0.1 (keep-alive) that records every request
     and answers from a script: a list of (status, headers, body) used one
     per request, then `default`. `tls` is an ssl.SSLContext for HTTPS.
-    `echo`: the reply body is the request body (as many error pages do)."""
+    `echo`: the reply body is the request body (as many error pages do).
+    `port`: listen there (a receiver restarted on the same address)."""
 
-    def __init__(self, script=None, default=(200, {}, b"ok"), tls=None, hang=False, echo=False):
+    def __init__(self, script=None, default=(200, {}, b"ok"), tls=None, hang=False, echo=False,
+                 port=0):
         import http.server
 
         self.requests = []
         self.peers = set()
+        self.conns = []
         self.script = list(script or [])
         self.default = default
         self.hang = hang
@@ -195,6 +198,13 @@ class HttpReceiver:
 
             def log_message(self, *args):
                 pass
+
+            def setup(self):
+                super().setup()
+                # Headers and body go out as two writes: without this,
+                # Nagle holds the body for the client's delayed ACK (40 ms).
+                self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                outer.conns.append(self.connection)
 
             def _any(self):
                 n = int(self.headers.get("Content-Length", "0"))
@@ -220,7 +230,7 @@ class HttpReceiver:
 
             do_POST = do_PUT = do_GET = do_PATCH = do_DELETE = _any
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.server.daemon_threads = True
         if tls is not None:
             self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
@@ -242,3 +252,13 @@ class HttpReceiver:
     def close(self):
         self.server.shutdown()
         self.server.server_close()
+
+    def kill(self):
+        """Stops as a crashed receiver would: open connections are cut, in
+        the middle of a request if one is being handled."""
+        self.close()
+        for c in self.conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass

@@ -208,3 +208,23 @@ def test_cancel_stops_sending_after_commit(cluster, db, table):
         assert "1 of 1 delivery=commit event(s)" in db.warnings()[-1]
     finally:
         stalled.close()
+
+
+def test_statement_timeout_bounds_sending_after_commit(db, table):
+    """PostgreSQL switches statement_timeout off before COMMIT runs; 0.1.0
+    then waited the whole connect timeout (here 60 s) after the commit."""
+    stalled = Stalled()
+    try:
+        attach(db, table, stalled.port)
+        db.execute("SET pg_emit.connect_timeout = '60s'")
+        db.execute("SET statement_timeout = '1s'")
+        db.execute("BEGIN")
+        db.execute(f"INSERT INTO {table} VALUES (1, 'x')")
+        t = time.monotonic()
+        db.execute("COMMIT")
+        assert time.monotonic() - t < 2.0
+        assert db.one(f"SELECT count(*) FROM {table}") == 1
+        assert "statement_timeout" in db.warnings()[-1]
+    finally:
+        db.execute("RESET statement_timeout")
+        stalled.close()

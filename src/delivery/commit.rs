@@ -64,6 +64,7 @@ pub fn send_after_commit() {
     // Per destination: (total, failed, first failure).
     let mut tally: Vec<(&Target, usize, usize, Option<String>)> = Vec::new();
     let mut cancelled = false;
+    let intr = interrupts::AfterCommit::for_current_statement();
     // Consecutive ndjson events for one destination go out in one write of
     // up to COALESCE_BYTES, as in sync mode.
     let mut batch: Vec<u8> = Vec::new();
@@ -98,11 +99,15 @@ pub fn send_after_commit() {
             entry.2 += count;
             continue;
         }
-        if let Err(f) = sync::try_send(target, payload, &interrupts::AfterCommit) {
+        if let Err(f) = sync::try_send(target, payload, &intr) {
             cancelled = f.cancelled();
             entry.2 += count;
             if entry.3.is_none() {
-                entry.3 = Some(f.reason(&target.name()));
+                entry.3 = Some(if cancelled && intr.timed_out() {
+                    "statement_timeout ran out while sending after the commit".to_string()
+                } else {
+                    f.reason(&target.name())
+                });
             }
         }
     }

@@ -513,32 +513,44 @@ fn classify(e: ureq::Error, url: &str, started: Instant) -> HttpError {
 }
 
 /// Performs `req` on a helper thread, waiting in slices that honour
-/// `intr`. On cancel the thread is abandoned; it ends by itself within the
-/// request timeout.
+/// `intr`. ureq bounds the request by the timeouts (including a response
+/// body that stops coming, see the tests); the wait here is bounded too, a
+/// second later, so that the bound holds whatever happens in the thread.
+/// On cancel or timeout the thread is abandoned and ends by itself.
 pub fn request_interruptible(
     client: &Client,
     req: Request,
     intr: &dyn Interrupt,
 ) -> Result<Response, HttpError> {
+    let started = Instant::now();
+    let deadline = started + client.config.request_timeout + Duration::from_secs(1);
+    let url = req.url.clone();
     let (tx, rx) = mpsc::channel();
     let client = client.clone();
     super::spawn_without_signals("pg_emit-http", move || {
         let _ = tx.send(request(&client, &req));
     })
     .map_err(|e| HttpError::Failed {
-        url: String::new(),
+        url: url.clone(),
         detail: e.to_string(),
     })?;
     loop {
         if let Err(Cancelled) = intr.check() {
             return Err(HttpError::Cancelled);
         }
-        match rx.recv_timeout(SLICE) {
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(HttpError::Timeout {
+                url,
+                ms: started.elapsed().as_millis(),
+            });
+        }
+        match rx.recv_timeout(SLICE.min(deadline - now)) {
             Ok(r) => return r,
             Err(mpsc::RecvTimeoutError::Timeout) => continue,
             Err(mpsc::RecvTimeoutError::Disconnected) => {
                 return Err(HttpError::Failed {
-                    url: String::new(),
+                    url,
                     detail: "request thread failed".into(),
                 })
             }
@@ -651,6 +663,52 @@ mod tests {
         );
         let e = request(&client(""), &post("http://169.254.169.254/latest", "{}")).unwrap_err();
         assert!(matches!(e, HttpError::NotAllowed(_)), "{e}");
+    }
+
+    #[test]
+    fn a_body_that_stops_coming_times_out() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://127.0.0.1:{}/", l.local_addr().unwrap().port());
+        let server = std::thread::spawn(move || {
+            // Two requests on one kept-alive connection: the first answered
+            // in full, the second with headers and part of the body.
+            let (s, _) = l.accept().unwrap();
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            for (head, body) in [
+                ("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n", "ok"),
+                ("HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n", "ab"),
+            ] {
+                let mut len = 0;
+                loop {
+                    let mut line = String::new();
+                    r.read_line(&mut line).unwrap();
+                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                        len = v.trim().parse().unwrap();
+                    }
+                    if line == "\r\n" {
+                        break;
+                    }
+                }
+                let mut got = vec![0; len];
+                r.read_exact(&mut got).unwrap();
+                // Headers and body in separate segments, as most servers
+                // write them.
+                (&s).write_all(head.as_bytes()).unwrap();
+                std::thread::sleep(Duration::from_millis(50));
+                (&s).write_all(body.as_bytes()).unwrap();
+            }
+            std::thread::sleep(Duration::from_secs(5));
+        });
+        let c = client("");
+        assert_eq!(request(&c, &post(&url, "{}")).unwrap().status, 200);
+        let t = Instant::now();
+        let r = request(&c, &post(&url, "{}"));
+        assert!(
+            t.elapsed() < Duration::from_secs(2),
+            "{:?} {r:?}",
+            t.elapsed()
+        );
+        drop(server);
     }
 
     #[test]

@@ -8,7 +8,7 @@ use crate::transport::http::{self, ClientConfig, HttpError, Request};
 use crate::transport::tcp::{self, SendError};
 use crate::transport::{Interrupt, Timeouts};
 use socket2::Socket;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// A claimed outbox row: `payload` holds one event per line; event `k`
 /// (0-based) has id `first_event_id + k`; the first `sent` are delivered.
@@ -130,8 +130,10 @@ pub fn push_with_id(buf: &mut Vec<u8>, stream: &str, id: i64, event: &str) {
     buf.extend_from_slice(rest.as_bytes());
 }
 
-/// Delivers a job in order, stopping at the first failure.
+/// Delivers a job in order, stopping at the first failure, or pausing
+/// after [`JOB_SLICE`] where events go one connection or request at a time.
 pub fn send_job(conn: &mut Conn, job: &Job, intr: &dyn Interrupt) -> Outcome {
+    let started = Instant::now();
     let mut sent: Vec<u32> = job.rows.iter().map(|r| r.sent).collect();
     let mut buf = Vec::new();
     for (i, row) in job.rows.iter().enumerate() {
@@ -163,16 +165,20 @@ pub fn send_job(conn: &mut Conn, job: &Job, intr: &dyn Interrupt) -> Outcome {
                 // instead of starting the row over.
                 let lines_written = buf[..written].iter().filter(|&&b| b == b'\n').count();
                 sent[i] += lines_written as u32;
-                r.map_err(JobError::from)
+                r.map_err(|e| Stopped(JobError::from(e)))
             }
             Dest::Tcp {
                 framing: Framing::Close,
                 host,
                 port,
             } => lines.into_iter().try_for_each(|(k, line)| {
+                if sliced(started) {
+                    return Err(Pause);
+                }
                 buf.clear();
                 push_with_id(&mut buf, &job.stream, row.first_event_id + k as i64, line);
-                tcp::send_once(host, *port, &buf, &job.timeouts, &job.allow, intr)?;
+                tcp::send_once(host, *port, &buf, &job.timeouts, &job.allow, intr)
+                    .map_err(|e| Stopped(JobError::from(e)))?;
                 sent[i] += 1;
                 Ok(())
             }),
@@ -187,24 +193,49 @@ pub fn send_job(conn: &mut Conn, job: &Job, intr: &dyn Interrupt) -> Outcome {
                     after: None,
                 })
                 .and_then(|(client, secret)| Ok((http_client(&mut conn.http, client)?, secret)))
+                .map_err(Stopped)
                 .and_then(|(c, secret)| {
                     lines.into_iter().try_for_each(|(k, line)| {
+                        if sliced(started) {
+                            return Err(Pause);
+                        }
                         buf.clear();
                         push_with_id(&mut buf, &job.stream, row.first_event_id + k as i64, line);
-                        post(&c, url, headers, secret, &buf)?;
+                        post(&c, url, headers, secret, &buf).map_err(Stopped)?;
                         sent[i] += 1;
                         Ok(())
                     })
                 }),
         };
-        if let Err(e) = result {
-            return Outcome {
-                sent,
-                error: Some(e),
-            };
+        match result {
+            Ok(()) => {}
+            Err(Pause) => break,
+            Err(Stopped(e)) => {
+                return Outcome {
+                    sent,
+                    error: Some(e),
+                }
+            }
         }
     }
     Outcome { sent, error: None }
+}
+
+/// Why a job ended before its last event.
+enum Halt {
+    /// The time slice is used up: report progress, the rest comes next.
+    Pause,
+    Stopped(JobError),
+}
+use Halt::{Pause, Stopped};
+
+/// A job of one event per connection or request reports back after this
+/// long, so that progress is recorded (and a crash resends little) even
+/// when a receiver takes hundreds of milliseconds per event.
+const JOB_SLICE: Duration = Duration::from_secs(1);
+
+fn sliced(started: Instant) -> bool {
+    started.elapsed() >= JOB_SLICE
 }
 
 fn http_client(
@@ -262,7 +293,7 @@ fn post(
 mod tests {
     use super::*;
     use crate::transport::Uninterruptible;
-    use std::io::{BufRead, BufReader, Read};
+    use std::io::{BufRead, BufReader, Read, Write};
     use std::net::TcpListener;
     use std::time::Duration;
 
@@ -440,6 +471,60 @@ mod tests {
                 r#"{"id":6,"stream":"s","a":2}"#
             ]
         );
+    }
+
+    #[test]
+    fn slow_one_at_a_time_deliveries_report_progress_every_second() {
+        // An HTTP receiver that takes 300 ms per request.
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            let (s, _) = l.accept().unwrap();
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            loop {
+                let mut len = 0;
+                loop {
+                    let mut line = String::new();
+                    if r.read_line(&mut line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                        len = v.trim().parse().unwrap();
+                    }
+                    if line == "\r\n" {
+                        break;
+                    }
+                }
+                let mut body = vec![0; len];
+                r.read_exact(&mut body).unwrap();
+                std::thread::sleep(Duration::from_millis(300));
+                let _ = (&s).write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
+            }
+        });
+        let mut j = job(
+            port,
+            Framing::Close,
+            vec![row(1, 1, 0, &vec!["{}"; 20].join("\n"))],
+        );
+        j.dest = Dest::Http {
+            url: format!("http://127.0.0.1:{port}/"),
+            headers: Vec::new(),
+            setup: Ok((
+                ClientConfig {
+                    connect_timeout: Duration::from_secs(2),
+                    request_timeout: Duration::from_secs(2),
+                    trust: crate::transport::http::Trust::System,
+                    allow: Allowlist::default(),
+                },
+                None,
+            )),
+        };
+        let t = Instant::now();
+        let out = send_job(&mut Conn::default(), &j, &Uninterruptible);
+        assert!(out.error.is_none(), "{:?}", out.error);
+        // About a second's worth, then back to the worker.
+        assert!(out.sent[0] >= 2 && out.sent[0] <= 5, "{:?}", out.sent);
+        assert!(t.elapsed() < Duration::from_secs(2));
     }
 
     #[test]
