@@ -1,6 +1,7 @@
 """The outbox under real operations (issue 10): a limit that releases once
 the backlog is delivered, a table that is vacuumed while it churns."""
 
+import json
 import time
 
 import psycopg
@@ -194,3 +195,44 @@ def test_requeue_on_a_standby_is_a_clean_error(cluster):
             assert not e.value.diag.message_detail
     finally:
         standby.destroy()
+
+
+def test_pg_dump_keeps_the_backlog_and_a_restore_starts_new_streams(cluster):
+    """0.1.0's outbox and dead letters were not in pg_dump's output."""
+    port, dead_port = free_port(), free_port()
+    cluster.create_db("emit_dumped")
+    dump = f"{cluster.root}/emit.dump"
+    try:
+        with cluster.connect("emit_dumped") as c:
+            c.execute("CREATE EXTENSION pg_emit")
+            c.execute("CREATE TABLE t (id int)")
+            c.execute("CREATE TRIGGER out AFTER INSERT ON t FOR EACH ROW EXECUTE FUNCTION "
+                      f"row_to_socket('127.0.0.1', {port}, 'delivery=async', 'framing=ndjson')")
+            c.execute("INSERT INTO t SELECT generate_series(1, 5)")
+            c.execute("INSERT INTO emit.dead_letter (outbox_id, destination, host, port, framing, events, "
+                      "payload, attempts, enqueued_at) VALUES (0, %s, '127.0.0.1', %s, 'ndjson', 1, "
+                      "'{\"dead\":1}', 9, now())", (f"tcp://127.0.0.1:{dead_port}?framing=ndjson", dead_port))
+        cluster.run(f"{BIN}/pg_dump", "-h", cluster.sock, "-p", str(cluster.port), "-U", "postgres",
+                    "-Fc", "-f", dump, "emit_dumped")
+        cluster.create_db("emit_restored")
+        cluster.run(f"{BIN}/pg_restore", "-h", cluster.sock, "-p", str(cluster.port), "-U", "postgres",
+                    "-d", "emit_restored", dump)
+        with cluster.connect("emit_restored") as c:
+            assert c.execute("SELECT sum(events) FROM emit.outbox").fetchone()[0] == 5
+            assert c.execute("SELECT count(*) FROM emit.dead_letter").fetchone()[0] == 1
+            assert c.execute("SELECT emit.requeue_dead_letters()").fetchone()[0] == 1
+        nd, dead = Receiver("ndjson", port=port), Receiver("ndjson", port=dead_port)
+        try:
+            # Both databases deliver their copy of the backlog, each under a
+            # stream of its own.
+            got = [json.loads(m) for m in nd.wait_for(10, timeout=20)]
+            assert sorted(e["new"]["id"] for e in got) == [1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
+            assert len({e["stream"] for e in got}) == 2
+            assert [json.loads(m) for m in dead.wait_for(1, timeout=20)][0]["dead"] == 1
+        finally:
+            nd.close()
+            dead.close()
+    finally:
+        with cluster.connect() as c:
+            c.execute("DROP DATABASE IF EXISTS emit_dumped WITH (FORCE)")
+            c.execute("DROP DATABASE IF EXISTS emit_restored WITH (FORCE)")
