@@ -209,6 +209,9 @@ class HttpReceiver:
             def _any(self):
                 n = int(self.headers.get("Content-Length", "0"))
                 body = self.rfile.read(n)
+                if len(body) < n:  # the connection was cut mid-request
+                    self.close_connection = True
+                    return
                 with outer.cond:
                     outer.requests.append(
                         (self.command, self.path, {k.lower(): v for k, v in self.headers.items()}, body,
