@@ -27,13 +27,6 @@ CREATE TABLE emit.outbox (
     headers         text,
     events          integer NOT NULL CHECK (events > 0),
     payload         text    NOT NULL,
-    -- Commit order of the writing transaction (NULL until known).
-    tx_seq          bigint,
-    -- Place of the row's first event among its transaction's events.
-    part            bigint  NOT NULL DEFAULT 0,
-    -- The writing transaction (full transaction id), to group a prepared
-    -- transaction's rows when the worker gives them their tx_seq.
-    tx              bigint,
     -- Set by the worker when it claims the row: events get ids
     -- first_event_id .. first_event_id + events - 1.
     first_event_id  bigint,
@@ -42,7 +35,15 @@ CREATE TABLE emit.outbox (
     sent            integer NOT NULL DEFAULT 0,
     attempts        integer NOT NULL DEFAULT 0,
     last_error      text,
-    enqueued_at     timestamptz NOT NULL DEFAULT clock_timestamp()
+    enqueued_at     timestamptz NOT NULL DEFAULT clock_timestamp(),
+    -- (Columns added in 0.2 come last, where the upgrade adds them.)
+    -- Commit order of the writing transaction (NULL until known).
+    tx_seq          bigint,
+    -- Place of the row's first event among its transaction's events.
+    part            bigint  NOT NULL DEFAULT 0,
+    -- The writing transaction (full transaction id), to group a prepared
+    -- transaction's rows when the worker gives them their tx_seq.
+    tx              bigint
 );
 CREATE INDEX outbox_queue ON emit.outbox (destination, tx_seq, part);
 CREATE INDEX outbox_unsequenced ON emit.outbox (tx) WHERE tx_seq IS NULL;
@@ -92,28 +93,31 @@ COMMENT ON TABLE emit.dead_letter IS
 
 -- Counters the worker keeps per destination, and its event ids: stream
 -- names this destination's sequence of ids. It is new for a new install,
--- and the worker starts a new one when origin (system identifier and
--- database oid) is not where it runs, as after CREATE DATABASE ... TEMPLATE
--- or a restore: (stream, id) is unique wherever events come from.
+-- and the worker starts a new one when origin (system identifier, database
+-- oid, timeline, installation) is not where it runs, as after CREATE
+-- DATABASE ... TEMPLATE, a restore or a failover: (stream, id) is unique
+-- wherever events come from.
 CREATE TABLE emit.destinations (
     destination       text PRIMARY KEY,
-    stream            uuid   NOT NULL DEFAULT pg_catalog.gen_random_uuid(),
-    next_event_id     bigint NOT NULL DEFAULT 1,
-    origin            text,
     delivered         bigint NOT NULL DEFAULT 0,
     failed_attempts   bigint NOT NULL DEFAULT 0,
     dead_lettered     bigint NOT NULL DEFAULT 0,
     last_error        text,
     last_error_at     timestamptz,
-    last_delivered_at timestamptz
+    last_delivered_at timestamptz,
+    stream            uuid   NOT NULL DEFAULT pg_catalog.gen_random_uuid(),
+    next_event_id     bigint NOT NULL DEFAULT 1,
+    origin            text
 );
 
 -- Single-row state: which process is the worker (committing backends read
--- it to wake the worker up).
+-- it to wake the worker up), and this installation of the extension (part
+-- of the streams' origin; not dumped, so a restore is a new installation).
 CREATE TABLE emit.worker (
     one            boolean PRIMARY KEY DEFAULT true CHECK (one),
     pid            integer,
-    started_at     timestamptz
+    started_at     timestamptz,
+    install        uuid NOT NULL DEFAULT pg_catalog.gen_random_uuid()
 );
 INSERT INTO emit.worker DEFAULT VALUES;
 

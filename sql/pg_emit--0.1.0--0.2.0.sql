@@ -38,12 +38,18 @@ ALTER TABLE emit.destinations
 INSERT INTO emit.destinations (destination)
 SELECT DISTINCT o.destination FROM emit.outbox o
     ON CONFLICT (destination) DO NOTHING;
+-- Their origin is where they are now (the worker's origin(), in SQL), so
+-- they keep their numbering.
+ALTER TABLE emit.worker
+    ADD COLUMN install uuid NOT NULL DEFAULT pg_catalog.gen_random_uuid();
 UPDATE emit.destinations
    SET next_event_id = (SELECT w.next_event_id FROM emit.worker w),
-       origin = (SELECT s.system_identifier::pg_catalog.text FROM pg_catalog.pg_control_system() s)
-                OPERATOR(pg_catalog.||) '/' OPERATOR(pg_catalog.||)
-                (SELECT d.oid::pg_catalog.text FROM pg_catalog.pg_database d
-                  WHERE d.datname OPERATOR(pg_catalog.=) pg_catalog.current_database());
+       origin = pg_catalog.concat_ws('/',
+           (SELECT s.system_identifier FROM pg_catalog.pg_control_system() s),
+           (SELECT d.oid FROM pg_catalog.pg_database d
+             WHERE d.datname OPERATOR(pg_catalog.=) pg_catalog.current_database()),
+           (SELECT c.timeline_id FROM pg_catalog.pg_control_checkpoint() c),
+           (SELECT w.install FROM emit.worker w));
 ALTER TABLE emit.worker DROP COLUMN next_event_id;
 
 SELECT pg_catalog.pg_extension_config_dump('emit.outbox', '');

@@ -74,6 +74,10 @@ def test_a_prepared_transaction_takes_its_place_when_it_commits(cluster, db, tab
         c.execute(f"PREPARE TRANSACTION '{table}'")
     db.execute(f"INSERT INTO {table} VALUES (2, 'committed first')")
     db.execute(f"COMMIT PREPARED '{table}'")
+    # The worker, woken by COMMIT PREPARED, gives it its place (a commit a
+    # few milliseconds later could still come first).
+    assert wait_until(lambda: db.one(
+        "SELECT count(*) FROM emit.outbox WHERE port = %s AND tx_seq IS NULL", (port,)) == 0, 5)
     db.execute(f"INSERT INTO {table} VALUES (3, 'committed last')")
     nd = Receiver("ndjson", port=port)
     try:
@@ -179,3 +183,51 @@ def test_savepoints_do_not_cap_an_async_transaction(cluster, db, table):
     finally:
         nd.close()
         db.execute("RESET pg_emit.commit_buffer_size")
+
+
+def test_an_exception_block_per_row_writes_out_as_it_goes(db, table):
+    """Each block's events join its parent when it ends; past 8 MB the
+    block writes them out itself, so the backend's buffer stays bounded
+    (0.2's first cut let such a loop hold everything in memory)."""
+    nd = Receiver("ndjson")
+    try:
+        attach(db, table, nd.port)
+        db.execute(f"""
+            CREATE FUNCTION pg_temp.each_in_a_block(n int) RETURNS void LANGUAGE plpgsql AS $$
+            BEGIN
+              FOR i IN 1..n LOOP
+                BEGIN
+                  INSERT INTO {table} VALUES (i, repeat('e', 900));
+                  IF i % 1000 = 0 THEN RAISE EXCEPTION 'undo %', i; END IF;
+                EXCEPTION WHEN raise_exception THEN NULL;
+                END;
+              END LOOP;
+            END $$""")
+        db.execute("BEGIN")
+        db.execute(f"INSERT INTO {table} VALUES (0, 'first')")
+        db.execute("SELECT pg_temp.each_in_a_block(12000)")
+        db.execute(f"INSERT INTO {table} VALUES (12001, 'last')")
+        db.execute("COMMIT")
+        expected = [0] + [i for i in range(1, 12001) if i % 1000] + [12001]
+        got = events(nd.wait_for(len(expected), timeout=30))
+        assert [e["new"]["id"] for e in got] == expected
+        assert [e["id"] for e in got] == list(range(got[0]["id"], got[0]["id"] + len(expected)))
+    finally:
+        nd.close()
+
+
+def test_rows_queued_without_a_commit_number_are_delivered(db, table):
+    """Rows written by a backend that still runs the 0.1.0 library after
+    ALTER EXTENSION UPDATE (or requeued by hand) have no tx_seq and no tx."""
+    nd = Receiver("ndjson")
+    try:
+        for i in (1, 2):
+            db.execute(
+                "INSERT INTO emit.outbox (destination, host, port, framing, events, payload) "
+                "VALUES (%s, '127.0.0.1', %s, 'ndjson', 1, %s)",
+                (f"tcp://127.0.0.1:{nd.port}?framing=ndjson", nd.port, json.dumps({"new": {"id": i}})))
+        db.execute("NOTIFY nothing")  # any later commit; the worker also rescans every 10 s
+        got = events(nd.wait_for(2, timeout=15))
+        assert [e["new"]["id"] for e in got] == [1, 2]
+    finally:
+        nd.close()

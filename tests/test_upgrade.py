@@ -28,13 +28,26 @@ CATALOG = {
         SELECT c.relname, c.relkind, c.relacl::text, c.reloptions, obj_description(c.oid, 'pg_class')
           FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
          WHERE n.nspname = 'emit' ORDER BY 1""",
+    # In table order: SELECT * and COPY see the same columns either way.
     "columns": """
         SELECT c.relname, a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull,
                pg_get_expr(ad.adbin, ad.adrelid), a.attcompression
           FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
           JOIN pg_namespace n ON n.oid = c.relnamespace AND n.nspname = 'emit'
           LEFT JOIN pg_attrdef ad ON ad.adrelid = a.attrelid AND ad.adnum = a.attnum
-         WHERE a.attnum > 0 AND NOT a.attisdropped ORDER BY 1, 2""",
+         WHERE a.attnum > 0 AND NOT a.attisdropped ORDER BY c.relname, a.attnum""",
+    "indexes": """
+        SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = 'emit' ORDER BY 1""",
+    "constraints": """
+        SELECT conrelid::regclass::text, conname, pg_get_constraintdef(oid)
+          FROM pg_constraint WHERE connamespace = 'emit'::regnamespace ORDER BY 1, 2""",
+    # pg_dump's list of tables and sequences whose contents it keeps.
+    "dumped": """
+        SELECT array(SELECT c::regclass::text FROM unnest(extconfig) c ORDER BY 1), extcondition
+          FROM pg_extension WHERE extname = 'pg_emit'""",
+    "sequences": """
+        SELECT c.relname, c.relacl::text FROM pg_class c
+         WHERE c.relkind = 'S' AND c.relnamespace = 'emit'::regnamespace ORDER BY 1""",
     "views": """
         SELECT viewname, definition FROM pg_views WHERE schemaname = 'emit' ORDER BY 1""",
 }

@@ -161,6 +161,7 @@ unsafe extern "C-unwind" fn on_subxact(
             commit::start_sub(sub);
             outbox::start_sub(sub);
         }
+        SUBXACT_EVENT_PRE_COMMIT_SUB => outbox::pre_commit_sub(),
         SUBXACT_EVENT_COMMIT_SUB => {
             sync::commit_sub(sub);
             commit::commit_sub(sub);

@@ -56,13 +56,14 @@ thread_local! {
     static STARTED: RefCell<Option<DynamicBackgroundWorker>> = const { RefCell::new(None) };
     /// This transaction started that worker: wake it at commit.
     static STARTED_NOW: Cell<bool> = const { Cell::new(false) };
+
 }
 
 /// Queues one event (a JSON object, no newline). The transaction (or the
 /// savepoint or exception block it is in) writes its events out once they
 /// pass [`FLUSH_BYTES`]: rows written inside a subtransaction are rolled
 /// back with it, so memory stays bounded however much a transaction queues,
-/// at any nesting.
+/// at any nesting (see also [`pre_commit_sub`]).
 pub fn queue(target: &Target, event: &[u8]) {
     let full = QUEUED.with_borrow_mut(|p| {
         p.push(target, event, usize::MAX)
@@ -76,6 +77,17 @@ pub fn queue(target: &Target, event: &[u8]) {
 
 pub fn start_sub(sub: u32) {
     QUEUED.with_borrow_mut(|p| p.start_sub(sub));
+}
+
+/// `SUBXACT_EVENT_PRE_COMMIT_SUB`: a savepoint or exception block is about
+/// to be released into its parent. When that would leave the parent
+/// holding more than [`FLUSH_BYTES`], the level writes its events out now,
+/// still inside itself: a loop with an exception block per row can queue
+/// any amount without the parent's buffer growing past that.
+pub fn pre_commit_sub() {
+    if QUEUED.with_borrow(|p| p.enclosing_level_bytes() >= FLUSH_BYTES) {
+        as_emit_owner(|| write_level(None));
+    }
 }
 
 pub fn commit_sub(sub: u32) {
@@ -104,8 +116,11 @@ fn chunks(p: &Pending<Target>, early: &[(u64, u64)]) -> Vec<Chunk> {
     for (target, event, ordinal) in p.current_level() {
         let slot = open.iter().position(|(t, _)| t == target);
         let fits = |c: &Chunk| {
+            // `early` is sorted: the first range starting after the row's
+            // last event must not start before this one.
+            let next = early.partition_point(|&(a, _)| a <= c.last);
             c.payload.len() + event.len() < FLUSH_BYTES
-                && !early.iter().any(|&(a, b)| a > c.last && b < ordinal)
+                && early.get(next).is_none_or(|&(a, _)| a > ordinal)
         };
         let row = match slot {
             Some(i) if fits(&out[open[i].1]) => open[i].1,
@@ -140,10 +155,11 @@ fn chunks(p: &Pending<Target>, early: &[(u64, u64)]) -> Vec<Chunk> {
 /// buffer. Runs as the owner of `emit` (see [`as_emit_owner`]). Returns
 /// false when `pg_emit.max_outbox_size` refused them (with a WARNING).
 fn write_level(tx_seq: Option<i64>) -> bool {
-    let rows = QUEUED.with_borrow_mut(|p| {
+    let (rows, held_below) = QUEUED.with_borrow_mut(|p| {
         let rows = EARLY_RANGES.with_borrow(|early| chunks(p, early));
+        let held_below = p.held_below_current_level();
         p.drain_current_level();
-        rows
+        (rows, held_below)
     });
     if rows.is_empty() {
         return true;
@@ -250,7 +266,14 @@ fn write_level(tx_seq: Option<i64>) -> bool {
     .unwrap_or_else(|e| pgrx::error!("pg_emit: could not write to emit.outbox: {e}"));
     if tx_seq.is_none() {
         EARLY.with_borrow_mut(|early| early.extend(ids));
-        EARLY_RANGES.with_borrow_mut(|r| r.extend(rows.iter().map(|c| (c.first, c.last))));
+        // Only events still held below this level can be split by these
+        // rows; kept sorted for the search in chunks().
+        if held_below {
+            EARLY_RANGES.with_borrow_mut(|r| {
+                r.extend(rows.iter().map(|c| (c.first, c.last)));
+                r.sort_unstable();
+            });
+        }
     }
     WROTE.set(true);
     true
@@ -258,20 +281,32 @@ fn write_level(tx_seq: Option<i64>) -> bool {
 
 /// Rows of prepared transactions that COMMIT PREPARED has made visible
 /// carry no commit-order number yet: each such transaction gets the next
-/// one now. Run right after COMMIT PREPARED where pg_emit is loaded
-/// ([`after_commit_prepared`]), and by the worker before every claim for
-/// sessions where it is not.
+/// one now, in the order of its first row. So does each row written
+/// without one by other means (a 0.1.0 library still loaded in a backend
+/// after ALTER EXTENSION UPDATE, an INSERT by hand). The worker runs this
+/// before every claim, and is woken for it after COMMIT PREPARED
+/// ([`after_commit_prepared`]).
 pub const SEQUENCE_PREPARED_SQL: &str = "
 UPDATE emit.outbox o SET tx_seq = t.seq
-  FROM (SELECT u.tx, pg_catalog.nextval('emit.tx_seq'::pg_catalog.regclass) AS seq
-          FROM (SELECT DISTINCT p.tx FROM emit.outbox p WHERE p.tx_seq IS NULL ORDER BY p.tx) u) t
- WHERE o.tx_seq IS NULL AND o.tx = t.tx";
+  FROM (SELECT u.g, pg_catalog.nextval('emit.tx_seq'::pg_catalog.regclass) AS seq
+          FROM (SELECT coalesce(p.tx, -p.id) AS g, pg_catalog.min(p.id) AS first
+                  FROM emit.outbox p WHERE p.tx_seq IS NULL
+                 GROUP BY 1 ORDER BY 2) u) t
+ WHERE o.tx_seq IS NULL AND coalesce(o.tx, -o.id) = t.g";
 
 /// Before `DROP EXTENSION pg_emit` (from the utility hook): the outbox and
 /// the dead letters go with the extension, so say how many events that
 /// discards.
 pub fn warn_before_drop() {
-    if crate::privileged::emit_owner().is_none() {
+    // Only to whoever may drop it (the check that refuses the others comes
+    // later): the counts are the owner's business.
+    let Some(owner) = crate::privileged::emit_owner() else {
+        return;
+    };
+    // SAFETY: reads of the current user and its rights.
+    let may_drop =
+        unsafe { pg_sys::superuser() || pg_sys::has_privs_of_role(pg_sys::GetUserId(), owner) };
+    if !may_drop {
         return;
     }
     let counts = as_emit_owner(|| {
@@ -296,19 +331,29 @@ pub fn warn_before_drop() {
 }
 
 /// After `COMMIT PREPARED` (from the utility hook): the prepared
-/// transaction's rows are visible now; give them their place in the
-/// commit order at once, and wake the worker at commit.
+/// transaction's rows are visible now; wake the worker when this command
+/// commits, so that it gives them their place in the commit order at once.
+/// Only a read: nothing here may fail a COMMIT PREPARED that has happened.
 pub fn after_commit_prepared() {
-    if crate::privileged::emit_owner().is_none() || !schema_is_current() {
+    if crate::privileged::emit_owner().is_none() {
         return;
     }
-    let n = as_emit_owner(|| {
-        Spi::connect_mut(|c| c.update(SEQUENCE_PREPARED_SQL, None, &[]).map(|r| r.len()))
-    })
-    .unwrap_or_else(|e| pgrx::error!("pg_emit: could not write to emit.outbox: {e}"));
-    if n > 0 {
-        note_written();
+    let pid = as_emit_owner(|| Spi::get_one::<i32>("SELECT w.pid FROM emit.worker w"))
+        .ok()
+        .flatten();
+    if let Some(latch) = worker_latch(pid) {
+        LATCH.set(latch);
     }
+}
+
+/// The latch of the worker with `pid` if that is a process of this
+/// database (the pid in emit.worker may be stale).
+fn worker_latch(pid: Option<i32>) -> Option<*mut pg_sys::Latch> {
+    // SAFETY: BackendPidGetProc takes ProcArrayLock and returns a PGPROC in
+    // shared memory (never freed) or NULL.
+    pid.map(|pid| unsafe { pg_sys::BackendPidGetProc(pid) })
+        .filter(|p| !p.is_null() && unsafe { (**p).databaseId == pg_sys::MyDatabaseId })
+        .map(|p| unsafe { &raw mut (*p).procLatch })
 }
 
 /// `XACT_EVENT_PRE_COMMIT` (and `PRE_PREPARE`): write what is still
@@ -355,29 +400,26 @@ pub fn pre_commit(prepare: bool) {
     if !WROTE.get() {
         return;
     }
-    // SAFETY: BackendPidGetProc takes ProcArrayLock and returns a PGPROC in
-    // shared memory (never freed) or NULL.
-    let latch = pid
-        .map(|pid| unsafe { pg_sys::BackendPidGetProc(pid) })
-        .filter(|p| !p.is_null() && unsafe { (**p).databaseId == pg_sys::MyDatabaseId })
-        .map(|p| unsafe { &raw mut (*p).procLatch });
-    match latch {
+    match worker_latch(pid) {
         Some(l) => LATCH.set(l),
         None => start_worker(),
     }
 }
 
 fn start_worker() {
-    let alive = STARTED.with_borrow(|h| {
-        h.as_ref().is_some_and(|h| {
-            matches!(
-                h.pid(),
-                Ok(_) | Err(pgrx::bgworkers::BackgroundWorkerStatus::NotYetStarted)
-            )
-        })
-    });
-    if alive {
-        return;
+    use pgrx::bgworkers::BackgroundWorkerStatus::NotYetStarted;
+    match STARTED.with_borrow(|h| h.as_ref().map(|h| h.pid())) {
+        // The worker this backend started is still starting: it will scan.
+        Some(Err(NotYetStarted)) => return,
+        // It runs but is not the one emit.worker names (it may serve an
+        // installation dropped since): wake it, it knows what to do.
+        Some(Ok(pid)) => {
+            if let Some(latch) = worker_latch(Some(pid)) {
+                LATCH.set(latch);
+            }
+            return;
+        }
+        _ => {}
     }
     // SAFETY: reading the backend's database oid.
     let db = unsafe { pg_sys::MyDatabaseId };

@@ -80,6 +80,21 @@ impl<K: PartialEq + Clone> Pending<K> {
         self.bytes.len() - self.marks.last().map_or(0, |&(_, _, bytes)| bytes)
     }
 
+    /// Bytes the enclosing level will hold once the current one is
+    /// released into it.
+    pub fn enclosing_level_bytes(&self) -> usize {
+        let start = match self.marks.len() {
+            0 | 1 => 0,
+            n => self.marks[n - 2].2,
+        };
+        self.bytes.len() - start
+    }
+
+    /// Whether events of enclosing levels stay held below the current one.
+    pub fn held_below_current_level(&self) -> bool {
+        self.marks.last().is_some_and(|&(_, events, _)| events > 0)
+    }
+
     pub fn start_sub(&mut self, sub: u32) {
         self.marks.push((sub, self.events.len(), self.bytes.len()));
     }
@@ -209,6 +224,21 @@ mod tests {
         assert_eq!(p.current_level_bytes(), 3);
         p.abort_sub(2);
         assert_eq!(p.current_level_bytes(), 2);
+    }
+
+    #[test]
+    fn enclosing_level_counts_what_a_release_would_merge() {
+        let mut p = Pending::default();
+        p.push(&"a", b"top", 100).unwrap();
+        p.start_sub(2);
+        p.push(&"a", b"12", 100).unwrap();
+        assert_eq!(p.enclosing_level_bytes(), 5);
+        assert!(p.held_below_current_level());
+        p.start_sub(3);
+        p.push(&"a", b"345", 100).unwrap();
+        assert_eq!(p.enclosing_level_bytes(), 5);
+        p.commit_sub(3);
+        assert_eq!(p.enclosing_level_bytes(), 8);
     }
 
     #[test]

@@ -205,25 +205,41 @@ fn connect_one(
 
 /// Writes all of `buf` or fails, within `timeouts.write`: for the whole
 /// write, or (with `timeouts.stall`) for each wait without progress.
-/// `written` counts the bytes the kernel took, also when it fails.
+///
+/// `acked` tells a caller that resumes how much of `buf` is safe to count
+/// as delivered when the write did not finish: after a timeout or cancel,
+/// the bytes the receiving host has acknowledged (the kernel's count of
+/// what is still queued is subtracted); after a broken connection,
+/// nothing, since what was queued may be lost with it.
 pub fn write_all(
     sock: &Socket,
     buf: &[u8],
     timeouts: &Timeouts,
-    written: &mut usize,
+    acked: &mut usize,
     intr: &dyn Interrupt,
 ) -> Result<(), SendError> {
     let started = Instant::now();
     let mut deadline = started + timeouts.write;
-    *written = 0;
-    while *written < buf.len() {
-        let rest = &buf[*written..];
+    let mut sent = 0;
+    *acked = 0;
+    let stalled = |sent: usize, acked: &mut usize| {
+        let mut queued: libc::c_int = 0;
+        // SAFETY: TIOCOUTQ writes one int: the bytes not yet acknowledged.
+        let ok = unsafe { libc::ioctl(sock.as_raw_fd(), libc::TIOCOUTQ, &mut queued) } == 0;
+        *acked = if ok {
+            sent.saturating_sub(queued.max(0) as usize)
+        } else {
+            0
+        };
+    };
+    while sent < buf.len() {
+        let rest = &buf[sent..];
         // MSG_NOSIGNAL: a receiver that went away must give EPIPE, not
         // kill the backend with SIGPIPE.
         match sock.send_with_flags(rest, libc::MSG_NOSIGNAL) {
             Ok(0) => return Err(SendError::Closed),
             Ok(n) => {
-                *written += n;
+                sent += n;
                 if timeouts.stall {
                     deadline = Instant::now() + timeouts.write;
                 }
@@ -231,13 +247,17 @@ pub fn write_all(
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 match wait(sock.as_raw_fd(), libc::POLLOUT, deadline, intr) {
                     Ok(()) => {}
-                    Err(Wait::Cancelled) => return Err(SendError::Cancelled),
+                    Err(Wait::Cancelled) => {
+                        stalled(sent, acked);
+                        return Err(SendError::Cancelled);
+                    }
                     Err(Wait::TimedOut) => {
+                        stalled(sent, acked);
                         return Err(SendError::WriteTimeout {
                             ms: millis(started.elapsed()),
                             left: rest.len(),
                             len: buf.len(),
-                        })
+                        });
                     }
                 }
             }
@@ -248,6 +268,7 @@ pub fn write_all(
             Err(e) => return Err(e.into()),
         }
     }
+    *acked = buf.len();
     Ok(())
 }
 
@@ -294,8 +315,8 @@ pub fn send_once(
 /// complete write, so a timeout or cancel mid-message never leaves half a
 /// line in front of the next message. Its peer is checked against `allow`
 /// again: a superuser who narrows the allowlist means it for connections
-/// already open too. `written` counts the bytes of `msg` the kernel took on
-/// the connection used last, so a caller can resume after them.
+/// already open too. `acked` is [`write_all`]'s, for the connection used
+/// last (nothing when reconnecting failed).
 #[allow(clippy::too_many_arguments)]
 pub fn write_kept(
     slot: &mut Option<Socket>,
@@ -304,10 +325,10 @@ pub fn write_kept(
     msg: &[u8],
     timeouts: &Timeouts,
     allow: &Allowlist,
-    written: &mut usize,
+    acked: &mut usize,
     intr: &dyn Interrupt,
 ) -> Result<(), SendError> {
-    *written = 0;
+    *acked = 0;
     if let Some(sock) = slot.take() {
         let peer_allowed = sock
             .peer_addr()
@@ -315,7 +336,7 @@ pub fn write_kept(
             .and_then(|a| a.as_socket())
             .is_some_and(|a| allow.filter(host, port, None, &[a]).is_ok());
         if peer_allowed && !peer_closed(&sock) {
-            match write_all(&sock, msg, timeouts, written, intr) {
+            match write_all(&sock, msg, timeouts, acked, intr) {
                 Ok(()) => {
                     *slot = Some(sock);
                     return Ok(());
@@ -327,7 +348,7 @@ pub fn write_kept(
         }
     }
     let sock = open(host, port, timeouts, allow, intr)?;
-    write_all(&sock, msg, timeouts, written, intr)?;
+    write_all(&sock, msg, timeouts, acked, intr)?;
     *slot = Some(sock);
     Ok(())
 }

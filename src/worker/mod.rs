@@ -242,21 +242,31 @@ pub extern "C-unwind" fn pg_emit_worker_main(arg: pg_sys::Datum) {
     // user.
     // SAFETY: outside any transaction, as InitPostgres sets the user.
     unsafe { pg_sys::SetUserIdAndSecContext(owner, 0) };
+    // Registered before anything else, so that committing backends find
+    // this worker (and wake it) instead of starting others.
+    let registered = transaction(c"pg_emit: starting", || {
+        Spi::run(
+            "UPDATE emit.worker SET pid = pg_catalog.pg_backend_pid(), started_at = pg_catalog.now()",
+        )
+    });
+    if let Err(e) = registered {
+        pgrx::error!("pg_emit worker: could not start: {e}");
+    }
     if !wait_for_current_schema() {
         return;
     }
     let registered = transaction(c"pg_emit: starting", || {
-        Spi::run(
-            "UPDATE emit.worker SET pid = pg_catalog.pg_backend_pid(), started_at = pg_catalog.now()",
-        )?;
-        let origin = Spi::get_one::<String>(ORIGIN_SQL)?.unwrap_or_default();
+        // SAFETY: a syscache lookup inside the transaction.
+        let nsp = unsafe { pg_sys::get_namespace_oid(c"emit".as_ptr(), false) };
+        let origin = origin()?;
         Spi::run_with_args(NEW_STREAMS_SQL, &[origin.as_str().into()])?;
-        Ok::<_, pgrx::spi::Error>(origin)
+        Ok::<_, pgrx::spi::Error>((origin, nsp))
     });
     let origin =
         registered.unwrap_or_else(|e| pgrx::error!("pg_emit worker: could not start: {e}"));
     pgrx::log!("pg_emit worker started");
-    let stop = Worker::new(origin).run();
+    let (origin, nsp) = origin;
+    let stop = Worker::new(origin, nsp).run();
     STOPPING.store(true, Ordering::Relaxed);
     match stop {
         Stop::ExtensionDropped => pgrx::log!("pg_emit worker: extension dropped, exiting"),
@@ -271,6 +281,11 @@ pub extern "C-unwind" fn pg_emit_worker_main(arg: pg_sys::Datum) {
         // Terminated (pg_terminate_backend) or shutting down: exit 1 so a
         // terminated worker comes back; during shutdown no restart happens.
         Stop::Terminated => unsafe { pg_sys::proc_exit(1) },
+        Stop::Reinstalled => {
+            pgrx::log!("pg_emit worker: extension reinstalled, restarting");
+            // SAFETY: exit 1: restarted a second later, for the new install.
+            unsafe { pg_sys::proc_exit(1) }
+        }
     }
 }
 
@@ -337,6 +352,7 @@ fn wait_for_current_schema() -> bool {
 enum Stop {
     Terminated,
     ExtensionDropped,
+    Reinstalled,
     DatabaseWanted,
 }
 
@@ -365,9 +381,11 @@ struct Worker {
     done_tx: mpsc::Sender<(String, Job, Outcome)>,
     done_rx: mpsc::Receiver<(String, Job, Outcome)>,
     rng: u64,
-    /// Where this worker runs (see [`ORIGIN_SQL`]), recorded with each
+    /// Where this worker runs (see [`origin`]), recorded with each
     /// destination's stream.
     origin: String,
+    /// Schema `emit` of the installation this worker serves.
+    emit_nsp: pg_sys::Oid,
 }
 
 struct WorkerSettings {
@@ -388,7 +406,7 @@ fn worker_settings() -> WorkerSettings {
 }
 
 impl Worker {
-    fn new(origin: String) -> Self {
+    fn new(origin: String, emit_nsp: pg_sys::Oid) -> Self {
         let (done_tx, done_rx) = mpsc::channel();
         // SAFETY: MyProcPid is set for the life of the process.
         let seed = unsafe { pg_sys::MyProcPid } as u64;
@@ -398,6 +416,7 @@ impl Worker {
             done_rx,
             rng: 0x9e37_79b9_7f4a_7c15 ^ seed.rotate_left(32) ^ now_nanos(),
             origin,
+            emit_nsp,
         }
     }
 
@@ -494,20 +513,19 @@ impl Worker {
             settings::http_client_config().and_then(|c| settings::signing_secret().map(|s| (c, s)));
         let ready =
             |d: Option<&Dest>| d.is_none_or(|d| !d.busy && d.retry_at.is_none_or(|t| t <= now));
-        let (dests, origin) = (&self.dests, self.origin.as_str());
+        let (dests, origin, installed) = (&self.dests, self.origin.as_str(), self.emit_nsp);
         let jobs = transaction(c"pg_emit: claiming events", || {
             Spi::connect_mut(
-                |c| -> Result<Option<Vec<(String, Job)>>, pgrx::spi::Error> {
-                    if c.select(
-                        "SELECT pg_catalog.to_regclass('emit.outbox')::pg_catalog.oid",
-                        None,
-                        &[],
-                    )?
-                    .first()
-                    .get_one::<pg_sys::Oid>()?
-                    .is_none()
-                    {
-                        return Ok(None);
+                |c| -> Result<Result<Vec<(String, Job)>, Stop>, pgrx::spi::Error> {
+                    // SAFETY: a syscache lookup inside the transaction.
+                    let nsp = unsafe { pg_sys::get_namespace_oid(c"emit".as_ptr(), true) };
+                    if nsp == pg_sys::InvalidOid {
+                        return Ok(Err(Stop::ExtensionDropped));
+                    }
+                    // DROP and CREATE EXTENSION since this worker started:
+                    // its origin is the old installation's.
+                    if nsp != installed {
+                        return Ok(Err(Stop::Reinstalled));
                     }
                     c.update(crate::delivery::outbox::SEQUENCE_PREPARED_SQL, None, &[])?;
                     let keys: Vec<String> = c
@@ -523,13 +541,13 @@ impl Worker {
                             jobs.push((key, job));
                         }
                     }
-                    Ok(Some(jobs))
+                    Ok(Ok(jobs))
                 },
             )
         });
         let jobs = match jobs {
-            Ok(Some(jobs)) => jobs,
-            Ok(None) => return Err(Stop::ExtensionDropped),
+            Ok(Ok(jobs)) => jobs,
+            Ok(Err(stop)) => return Err(stop),
             Err(e) => return Err(stop_or_raise("claiming events", e)),
         };
         for (key, job) in jobs {
@@ -660,13 +678,28 @@ impl Worker {
     }
 }
 
-/// Where the worker runs: system identifier and database oid.
-const ORIGIN_SQL: &str = "
-SELECT (SELECT s.system_identifier::pg_catalog.text FROM pg_catalog.pg_control_system() s)
-       || '/' || (SELECT d.oid::pg_catalog.text FROM pg_catalog.pg_database d
-                   WHERE d.datname = pg_catalog.current_database())";
+/// Where the worker runs, as the key of its streams: system identifier,
+/// database oid, timeline and this installation of the extension. Any copy
+/// of the database's contents that could go on sending differs in one of
+/// them: a template copy (oid), a restore into another cluster (system),
+/// a point-in-time recovery or a promoted standby (timeline), and
+/// `pg_restore --clean` or a reinstall (installation, kept in emit.worker,
+/// which pg_dump leaves out). The upgrade script computes the same text.
+fn origin() -> Result<String, pgrx::spi::Error> {
+    let install = Spi::get_one::<String>("SELECT w.install::pg_catalog.text FROM emit.worker w")?
+        .unwrap_or_default();
+    // SAFETY: reads of backend state in a connected worker.
+    let (system, db, timeline) = unsafe {
+        (
+            pg_sys::GetSystemIdentifier() as i64,
+            pg_sys::MyDatabaseId.to_u32(),
+            pg_sys::GetWALInsertionTimeLine(),
+        )
+    };
+    Ok(format!("{system}/{db}/{timeline}/{install}"))
+}
 
-/// In a copy or a restore of a database (a template copy, pg_dump), the
+/// In a copy or a restore of a database (see [`origin`]), the
 /// destinations' streams and ids came along and may already have been
 /// used from the original: every such destination starts a new stream at
 /// id 1, and its claimed rows are numbered again.
@@ -708,6 +741,7 @@ fn claim(
     let mut rows = Vec::new();
     let mut target: Option<JobDest> = None;
     let mut bytes = 0;
+    let mut last_tx_seq = None;
     for pass in [CLAIMED_SQL, UNCLAIMED_SQL] {
         for r in c.select(pass, Some(CLAIM_ROWS as _), &[key.into()])? {
             // Read as UTF-8 whatever the database encoding (the outbox
@@ -746,6 +780,7 @@ fn claim(
                     },
                 });
             }
+            last_tx_seq = r.get::<i64>(10)?;
             rows.push(Row {
                 id: r.get(1)?.unwrap_or(0),
                 first_event_id: r.get(5)?.unwrap_or(0),
@@ -754,7 +789,24 @@ fn claim(
             });
         }
         if !rows.is_empty() {
-            let stream = number_events(c, key, origin, &mut rows, pass == UNCLAIMED_SQL)?;
+            // A transaction is numbered whole, also its rows that did not
+            // fit in this job: they are the next job's (claimed rows go
+            // first), so no transaction that becomes visible meanwhile can
+            // come between its rows.
+            let rest: Vec<(i64, i32)> = match (pass == UNCLAIMED_SQL, last_tx_seq) {
+                (true, Some(seq)) => {
+                    let taken: Vec<i64> = rows.iter().map(|r| r.id).collect();
+                    c.select(
+                        REST_OF_TX_SQL,
+                        None,
+                        &[key.into(), seq.into(), taken.into()],
+                    )?
+                    .map(|r| Ok((r.get::<i64>(1)?.unwrap_or(0), r.get::<i32>(2)?.unwrap_or(0))))
+                    .collect::<Result<_, pgrx::spi::Error>>()?
+                }
+                _ => Vec::new(),
+            };
+            let stream = number_events(c, key, origin, &mut rows, &rest, pass == UNCLAIMED_SQL)?;
             return Ok(target.map(|dest| Job {
                 dest,
                 rows,
@@ -769,28 +821,35 @@ fn claim(
 
 const CLAIMED_SQL: &str = "
 SELECT id, host, port, framing, first_event_id, pg_catalog.convert_to(payload, 'UTF8'), sent, url,
-       headers
+       headers, tx_seq
   FROM emit.outbox
  WHERE destination = $1 AND first_event_id IS NOT NULL ORDER BY first_event_id";
 const UNCLAIMED_SQL: &str = "
 SELECT id, host, port, framing, first_event_id, pg_catalog.convert_to(payload, 'UTF8'), sent, url,
-       headers
+       headers, tx_seq
   FROM emit.outbox
  WHERE destination = $1 AND first_event_id IS NULL AND tx_seq IS NOT NULL
  ORDER BY tx_seq, part";
+/// The rest of a transaction's rows for a destination, without payloads.
+const REST_OF_TX_SQL: &str = "
+SELECT id, events FROM emit.outbox
+ WHERE destination = $1 AND tx_seq = $2 AND first_event_id IS NULL AND id <> ALL($3)
+ ORDER BY part";
 
-/// Gives freshly claimed rows (`assign`) the destination's next
-/// consecutive event ids, in claim order, and returns the destination's
-/// stream.
+/// Gives freshly claimed rows (`assign`), then `rest` (id, events), the
+/// destination's next consecutive event ids, in that order, and returns
+/// the destination's stream.
 fn number_events(
     c: &mut pgrx::spi::SpiClient<'_>,
     key: &str,
     origin: &str,
     rows: &mut [Row],
+    rest: &[(i64, i32)],
     assign: bool,
 ) -> Result<String, pgrx::spi::Error> {
     let total: i64 = if assign {
-        rows.iter().map(|r| i64::from(r.events())).sum()
+        rows.iter().map(|r| i64::from(r.events())).sum::<i64>()
+            + rest.iter().map(|r| i64::from(r.1)).sum::<i64>()
     } else {
         0
     };
@@ -811,8 +870,13 @@ fn number_events(
         r.first_event_id = next;
         next += i64::from(r.events());
     }
-    let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
-    let firsts: Vec<i64> = rows.iter().map(|r| r.first_event_id).collect();
+    let mut ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+    let mut firsts: Vec<i64> = rows.iter().map(|r| r.first_event_id).collect();
+    for &(id, events) in rest {
+        ids.push(id);
+        firsts.push(next);
+        next += i64::from(events);
+    }
     c.update(
         "UPDATE emit.outbox o SET first_event_id = v.f
            FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.int8[]),
