@@ -263,28 +263,9 @@ struct GuardedResolver {
 }
 
 /// The allowlist's refusal, carried through ureq's error type.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
 struct Refused(String);
-
-impl std::fmt::Display for Refused {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for Refused {}
-
-/// A failed or timed-out name lookup, with the message that says which.
-#[derive(Debug)]
-struct Lookup(String);
-
-impl std::fmt::Display for Lookup {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for Lookup {}
 
 impl Resolver for GuardedResolver {
     fn resolve(
@@ -303,7 +284,7 @@ impl Resolver for GuardedResolver {
             Instant::now() + budget,
             &super::Uninterruptible,
         )
-        .map_err(|e| ureq::Error::Other(Box::new(Lookup(e.to_string()))))?;
+        .map_err(|e| ureq::Error::Other(Box::new(std::io::Error::other(e.to_string()))))?;
         let ok = self
             .allow
             .filter(&url.host, url.port, Some(&url.url), &found)
