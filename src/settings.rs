@@ -92,7 +92,7 @@ pub fn init() {
     );
     GucRegistry::define_string_guc(
         c"pg_emit.signing_secret_file",
-        c"File holding the HMAC-SHA256 key that signs every HTTP request; empty: unsigned.",
+        c"File holding the HMAC-SHA256 key that signs row_to_http events (not send_http); empty: unsigned.",
         c"A file, like ssl_key_file: a setting's value can be read by other roles in sessions \
           that have not loaded pg_emit yet, a file readable only by the server's OS user cannot.",
         &SIGNING_SECRET_FILE,
