@@ -27,6 +27,18 @@ def encoded_db(cluster, request):
         c.execute(f"DROP DATABASE {name} WITH (FORCE)")
 
 
+@pytest.fixture
+def receivers():
+    """An ndjson receiver per mode (and the statement-level trigger's), and
+    an HTTP one."""
+    rx = {k: Receiver("ndjson") for k in ("sync", "commit", "async", "statement")}
+    web = HttpReceiver()
+    yield rx, web
+    for r in rx.values():
+        r.close()
+    web.close()
+
+
 def attach_all(c, table, rx, web, suffix=""):
     modes = {"sync": "", "commit": ", 'delivery=commit'", "async": ", 'delivery=async'"}
     for mode, opt in modes.items():
@@ -40,57 +52,45 @@ def attach_all(c, table, rx, web, suffix=""):
 
 
 @pytest.mark.parametrize("encoded_db", ["LATIN1"], indirect=True)
-def test_latin1_database_sends_utf8_in_every_mode(cluster, encoded_db):
-    rx = {k: Receiver("ndjson") for k in ("sync", "commit", "async", "statement")}
-    web = HttpReceiver()
-    try:
-        with cluster.connect(encoded_db) as c:
-            assert c.execute("SHOW server_encoding").fetchone()[0] == "LATIN1"
-            c.execute('CREATE TABLE "café" (id int, "naïve" text)')
-            attach_all(c, '"café"', rx, web, suffix="_é")
-            c.execute("""INSERT INTO "café" VALUES (1, 'é à ß ÿ'), (2, 'plain')""")
-        for mode in ("sync", "commit", "async"):
-            got = [json.loads(m.decode("utf-8")) for m in rx[mode].wait_for(2, timeout=10)]
-            assert [e["table"] for e in got] == ["café", "café"], mode
-            assert [e["new"]["naïve"] for e in got] == ["é à ß ÿ", "plain"], mode
-        stmt = json.loads(rx["statement"].wait_for(1, timeout=10)[0].decode("utf-8"))
-        assert [r["new"]["naïve"] for r in stmt["rows"]] == ["é à ß ÿ", "plain"]
-        td = [json.loads(r[3].decode("utf-8")) for r in web.wait_for(2)]
-        assert [e["table_name"] for e in td] == ["café", "café"]
-        assert td[0]["name"] == "http" and td[0]["new"]["naïve"] == "é à ß ÿ"
-        with cluster.connect(encoded_db) as c:
-            assert wait_until(lambda: c.execute(
-                "SELECT count(*) FROM emit.outbox").fetchone()[0] == 0, 10)
-            assert c.execute("SELECT count(*) FROM emit.dead_letter").fetchone()[0] == 0
-    finally:
-        for r in rx.values():
-            r.close()
-        web.close()
+def test_latin1_database_sends_utf8_in_every_mode(cluster, encoded_db, receivers):
+    rx, web = receivers
+    with cluster.connect(encoded_db) as c:
+        assert c.execute("SHOW server_encoding").fetchone()[0] == "LATIN1"
+        c.execute('CREATE TABLE "café" (id int, "naïve" text)')
+        attach_all(c, '"café"', rx, web, suffix="_é")
+        c.execute("""INSERT INTO "café" VALUES (1, 'é à ß ÿ'), (2, 'plain')""")
+    for mode in ("sync", "commit", "async"):
+        got = [json.loads(m.decode("utf-8")) for m in rx[mode].wait_for(2, timeout=10)]
+        assert [e["table"] for e in got] == ["café", "café"], mode
+        assert [e["new"]["naïve"] for e in got] == ["é à ß ÿ", "plain"], mode
+    stmt = json.loads(rx["statement"].wait_for(1, timeout=10)[0].decode("utf-8"))
+    assert [r["new"]["naïve"] for r in stmt["rows"]] == ["é à ß ÿ", "plain"]
+    td = [json.loads(r[3].decode("utf-8")) for r in web.wait_for(2)]
+    assert [e["table_name"] for e in td] == ["café", "café"]
+    assert td[0]["name"] == "http" and td[0]["new"]["naïve"] == "é à ß ÿ"
+    with cluster.connect(encoded_db) as c:
+        assert wait_until(lambda: c.execute(
+            "SELECT count(*) FROM emit.outbox").fetchone()[0] == 0, 10)
+        assert c.execute("SELECT count(*) FROM emit.dead_letter").fetchone()[0] == 0
 
 
 @pytest.mark.parametrize("encoded_db", ["SQL_ASCII"], indirect=True)
-def test_sql_ascii_database_sends_utf8_bytes_and_refuses_others(cluster, encoded_db):
-    rx = {k: Receiver("ndjson") for k in ("sync", "commit", "async", "statement")}
-    web = HttpReceiver()
-    try:
-        with cluster.connect(encoded_db) as c:
-            c.execute("CREATE TABLE t (id int, v text)")
-            attach_all(c, "t", rx, web)
-            # UTF-8 bytes stored in SQL_ASCII: sent as they are.
-            c.execute("INSERT INTO t VALUES (1, convert_from('\\xc3a9'::bytea, 'SQL_ASCII'))")
-            # A LATIN1 byte: no encoding says what it is. The statement fails.
-            with pytest.raises(psycopg.errors.CharacterNotInRepertoire) as e:
-                c.execute("INSERT INTO t VALUES (2, convert_from('\\xe9'::bytea, 'SQL_ASCII'))")
-            assert "not valid UTF-8" in str(e.value) and "t" in str(e.value)
-            assert c.execute("SELECT count(*) FROM t").fetchone()[0] == 1
-        for mode in ("sync", "commit", "async"):
-            got = [json.loads(m.decode("utf-8")) for m in rx[mode].wait_for(2, timeout=3)]
-            assert [e["new"]["v"] for e in got] == ["é"], mode
-        with cluster.connect(encoded_db) as c:
-            assert wait_until(lambda: c.execute(
-                "SELECT count(*) FROM emit.outbox").fetchone()[0] == 0, 10)
-            assert c.execute("SELECT count(*) FROM emit.dead_letter").fetchone()[0] == 0
-    finally:
-        for r in rx.values():
-            r.close()
-        web.close()
+def test_sql_ascii_database_sends_utf8_bytes_and_refuses_others(cluster, encoded_db, receivers):
+    rx, web = receivers
+    with cluster.connect(encoded_db) as c:
+        c.execute("CREATE TABLE t (id int, v text)")
+        attach_all(c, "t", rx, web)
+        # UTF-8 bytes stored in SQL_ASCII: sent as they are.
+        c.execute("INSERT INTO t VALUES (1, convert_from('\\xc3a9'::bytea, 'SQL_ASCII'))")
+        # A LATIN1 byte: no encoding says what it is. The statement fails.
+        with pytest.raises(psycopg.errors.CharacterNotInRepertoire) as e:
+            c.execute("INSERT INTO t VALUES (2, convert_from('\\xe9'::bytea, 'SQL_ASCII'))")
+        assert "not valid UTF-8" in str(e.value) and "t" in str(e.value)
+        assert c.execute("SELECT count(*) FROM t").fetchone()[0] == 1
+    for mode in ("sync", "commit", "async"):
+        got = [json.loads(m.decode("utf-8")) for m in rx[mode].wait_for(2, timeout=3)]
+        assert [e["new"]["v"] for e in got] == ["é"], mode
+    with cluster.connect(encoded_db) as c:
+        assert wait_until(lambda: c.execute(
+            "SELECT count(*) FROM emit.outbox").fetchone()[0] == 0, 10)
+        assert c.execute("SELECT count(*) FROM emit.dead_letter").fetchone()[0] == 0
