@@ -37,7 +37,7 @@ mod emit {
                    FROM (SELECT * FROM moved ORDER BY id) m
                  RETURNING events
              )
-             SELECT coalesce(sum(events), 0)::bigint FROM queued",
+             SELECT coalesce(pg_catalog.sum(events), 0)::pg_catalog.int8 FROM queued",
             &[destination.into()],
         )
         .unwrap_or_else(|e| error!("pg_emit: re-queueing dead letters failed: {e}"))
