@@ -23,11 +23,11 @@ test: setup lint unit pgtest install itest
 
 lint:
 	cargo fmt --all -- --check
-	cargo clippy --all-targets --features pg_test -- -D warnings
+	cargo clippy --workspace --all-targets --features pg_test -- -D warnings
 	.venv/bin/python -m pyflakes tests bench examples
 
 unit:
-	cargo test --lib
+	cargo test -p pg_emit_core
 
 pgtest:
 	cargo pgrx test pg15 $(RUNAS)

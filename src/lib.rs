@@ -1,31 +1,27 @@
 //! pg_emit: send row changes and messages out of PostgreSQL over TCP and
 //! HTTP.
 //!
-//! Pure logic (`options`, `event`, `cooldown`, `backoff`, `security`,
-//! `transport`, `delivery::pending`, `worker::send`) has no pgrx dependency
-//! and is unit-tested with plain `cargo test --lib`; the modules that touch
-//! the backend (`settings`, `error`, `interrupts`, `hooks`, `trigger`,
-//! `send`, `delivery`, `worker`, `admin`) are glue around it.
+//! Everything that needs no backend lives in the `pg_emit_core` crate
+//! (destinations, options, envelope, transports, allowlist, retry policy),
+//! unit-tested without PostgreSQL; this crate is the glue around it:
+//! settings, errors as SQLSTATEs, hooks, triggers, SQL functions, the
+//! delivery modes' transaction handling and the worker's main loop.
 
 use pgrx::prelude::*;
 
-pub mod admin;
-pub mod backoff;
-pub mod cooldown;
-pub mod delivery;
-pub mod encoding;
-pub mod error;
-pub mod event;
-pub mod hooks;
-pub mod interrupts;
-pub mod options;
-pub mod privileged;
-pub mod security;
-pub mod send;
-pub mod settings;
-pub mod transport;
-pub mod trigger;
-pub mod worker;
+use pg_emit_core::{backoff, cooldown, event, options, security, transport};
+
+mod admin;
+mod delivery;
+mod encoding;
+mod error;
+mod hooks;
+mod interrupts;
+mod privileged;
+mod send;
+mod settings;
+mod trigger;
+mod worker;
 
 ::pgrx::pg_module_magic!();
 
@@ -126,7 +122,7 @@ mod tests {
 
 /// Required by `cargo pgrx test`.
 #[cfg(test)]
-pub mod pg_test {
+mod pg_test {
     pub fn setup(_options: Vec<&str>) {}
 
     #[must_use]

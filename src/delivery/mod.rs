@@ -9,10 +9,10 @@
 //! The transaction callbacks registered here route transaction and
 //! savepoint boundaries to the modes that hold events.
 
-pub mod commit;
-pub mod outbox;
-pub mod pending;
-pub mod sync;
+pub(crate) mod commit;
+pub(crate) mod outbox;
+use pg_emit_core::pending;
+pub(crate) mod sync;
 
 use crate::options::Framing;
 use pgrx::pg_sys;

@@ -13,8 +13,8 @@
 //! at server start, so a backlog left by a crash is delivered without
 //! waiting for a new write.
 
-pub mod launcher;
-pub mod send;
+pub(crate) mod launcher;
+use pg_emit_core::job as send;
 
 use crate::backoff::{self, Backoff};
 use crate::encoding::message_text;

@@ -1,0 +1,19 @@
+//! pg_emit's core: everything about events and getting them to receivers
+//! that does not need a PostgreSQL backend. Destinations and trigger
+//! options ([`options`]), the event envelope ([`event`]), the allowlist
+//! ([`security`]), the TCP and HTTP transports ([`transport`]), delivery of
+//! claimed outbox rows ([`job`]), retry policy ([`backoff`], [`cooldown`])
+//! and the per-transaction event buffer ([`pending`]).
+//!
+//! The extension crate is glue around it: triggers, SPI, hooks, the
+//! worker's main loop and settings. Everything here is tested with plain
+//! `cargo test -p pg_emit_core`, on a machine without PostgreSQL.
+
+pub mod backoff;
+pub mod cooldown;
+pub mod event;
+pub mod job;
+pub mod options;
+pub mod pending;
+pub mod security;
+pub mod transport;
