@@ -17,6 +17,7 @@ mod encoding;
 mod error;
 mod hooks;
 mod interrupts;
+mod plans;
 mod privileged;
 mod send;
 mod settings;

@@ -142,6 +142,14 @@ const WORKER_SETTINGS: &[(&CStr, &CStr)] = &[
     (c"default_transaction_isolation", c"read committed"),
     (c"default_transaction_deferrable", c"off"),
     (c"standard_conforming_strings", c"on"),
+    // The worker's statements are planned once and kept (crate::plans),
+    // against a queue whose statistics swing from empty to a backlog of
+    // millions, mostly dead rows between two vacuums: ordered index scans
+    // that stop at their LIMIT are right in every state, where a plan
+    // chosen from one moment's statistics (a sequential or bitmap scan of
+    // every entry, dead ones included) can cost a core at a steady load.
+    (c"enable_seqscan", c"off"),
+    (c"enable_bitmapscan", c"off"),
 ];
 
 /// Pins the worker's `search_path` and [`WORKER_SETTINGS`] after it has

@@ -23,6 +23,7 @@ use pgrx::pg_sys;
 use pgrx::prelude::*;
 use pgrx::PgMemoryContexts;
 use std::cell::{Cell, RefCell};
+use std::time::{Duration, Instant};
 
 /// Payload size of one outbox row; also the point at which a transaction's
 /// buffer is written out early.
@@ -56,7 +57,24 @@ thread_local! {
     static STARTED: RefCell<Option<DynamicBackgroundWorker>> = const { RefCell::new(None) };
     /// This transaction started that worker: wake it at commit.
     static STARTED_NOW: Cell<bool> = const { Cell::new(false) };
+    /// The worker's pid as last read from emit.worker; checked against the
+    /// process table at every commit instead of read again.
+    static WORKER_PID: Cell<i32> = const { Cell::new(0) };
+    /// emit.outbox's size and when it was measured (see [`outbox_size`]).
+    static SIZE: Cell<Option<(Instant, i64)>> = const { Cell::new(None) };
+}
 
+/// How long a measured outbox size is trusted while under half the limit.
+const SIZE_TTL: Duration = Duration::from_secs(1);
+
+/// The commit-order number of the rows being written.
+#[derive(Clone, Copy)]
+enum Seq {
+    /// Not known yet (rows written early, or by a prepared transaction).
+    Unknown,
+    /// Known at PRE_COMMIT: the first row draws it from emit.tx_seq.
+    Draw,
+    Known(i64),
 }
 
 /// Queues one event (a JSON object, no newline). The transaction (or the
@@ -71,7 +89,7 @@ pub fn queue(target: &Target, event: &[u8]) {
         p.current_level_bytes() >= FLUSH_BYTES
     });
     if full {
-        as_emit_owner(|| write_level(None));
+        as_emit_owner(|| write_level(Seq::Unknown));
     }
 }
 
@@ -86,7 +104,7 @@ pub fn start_sub(sub: u32) {
 /// any amount without the parent's buffer growing past that.
 pub fn pre_commit_sub() {
     if QUEUED.with_borrow(|p| p.enclosing_level_bytes() >= FLUSH_BYTES) {
-        as_emit_owner(|| write_level(None));
+        as_emit_owner(|| write_level(Seq::Unknown));
     }
 }
 
@@ -150,11 +168,12 @@ fn chunks(p: &Pending<Target>, early: &[(u64, u64)]) -> Vec<Chunk> {
     out
 }
 
-/// Writes the current level's events as outbox rows, with commit-order
-/// number `tx_seq` (known only at PRE_COMMIT), and drops them from the
-/// buffer. Runs as the owner of `emit` (see [`as_emit_owner`]). Returns
-/// false when `pg_emit.max_outbox_size` refused them (with a WARNING).
-fn write_level(tx_seq: Option<i64>) -> bool {
+/// Writes the current level's events as outbox rows and drops them from
+/// the buffer. Runs as the owner of `emit` (see [`as_emit_owner`]).
+/// Returns the rows' commit-order number (drawn by the first row when
+/// `seq` is [`Seq::Draw`]); `None` when `pg_emit.max_outbox_size` refused
+/// them (with a WARNING).
+fn write_level(seq: Seq) -> Option<Seq> {
     let (rows, held_below) = QUEUED.with_borrow_mut(|p| {
         let rows = EARLY_RANGES.with_borrow(|early| chunks(p, early));
         let held_below = p.held_below_current_level();
@@ -162,20 +181,11 @@ fn write_level(tx_seq: Option<i64>) -> bool {
         (rows, held_below)
     });
     if rows.is_empty() {
-        return true;
+        return Some(seq);
     }
     let limit = settings::max_outbox_bytes();
     if limit > 0 {
-        // Cheap: relation sizes come from the storage manager, no scan.
-        // Heap and TOAST, where events live; not the indexes, which do not
-        // shrink when a backlog has drained. Vacuum gives the heap's empty
-        // tail back, so the limit releases once the backlog is delivered.
-        let size = Spi::get_one::<i64>(
-            "SELECT pg_catalog.pg_table_size('emit.outbox'::pg_catalog.regclass)",
-        )
-        .ok()
-        .flatten()
-        .unwrap_or(0);
+        let size = outbox_size(limit);
         if size > limit {
             let events = rows.iter().map(|r| r.events as usize).sum();
             let e = EmitError::OutboxFull {
@@ -187,39 +197,14 @@ fn write_level(tx_seq: Option<i64>) -> bool {
                 e.raise();
             }
             e.warn();
-            return false;
+            return None;
         }
     }
     // SAFETY: the transaction is writing, so it has (or now gets) an xid.
     let tx = unsafe { pg_sys::GetTopFullTransactionId() }.value as i64;
     let utf8_db = crate::encoding::database_is_utf8();
     let current = schema_is_current();
-    let insert = match (current, utf8_db) {
-        (true, true) => {
-            "INSERT INTO emit.outbox (destination, host, port, framing, url, headers, events, \
-                                      payload, tx_seq, part, tx) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) RETURNING id"
-        }
-        (true, false) => {
-            "INSERT INTO emit.outbox (destination, host, port, framing, url, headers, events, \
-                                      payload, tx_seq, part, tx) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, pg_catalog.convert_from($8, 'UTF8'), $9, $10, \
-                     $11) RETURNING id"
-        }
-        // 0.1.0's outbox, until ALTER EXTENSION UPDATE: its rows are in
-        // commit order by id, which the update keeps.
-        (false, true) => {
-            "INSERT INTO emit.outbox (destination, host, port, framing, url, headers, events, \
-                                      payload) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id"
-        }
-        (false, false) => {
-            "INSERT INTO emit.outbox (destination, host, port, framing, url, headers, events, \
-                                      payload) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, pg_catalog.convert_from($8, 'UTF8')) \
-             RETURNING id"
-        }
-    };
+    let mut seq = seq;
     let ids = Spi::connect_mut(|client| {
         let mut ids = Vec::with_capacity(rows.len());
         for Chunk {
@@ -252,19 +237,38 @@ fn write_level(tx_seq: Option<i64>) -> bool {
                 (*events).into(),
                 payload,
             ];
-            if current {
-                args.extend([tx_seq.into(), (*first as i64).into(), tx.into()]);
+            if !current {
+                // 0.1.0's outbox, until ALTER EXTENSION UPDATE: its rows
+                // are in commit order by id, which the update keeps.
+                let id = client
+                    .update(legacy_insert_sql(utf8_db), None, &args)?
+                    .first()
+                    .get_one::<i64>()?;
+                ids.extend(id);
+                continue;
             }
-            let id = client
-                .update(insert, None, &args)?
+            let known = match seq {
+                Seq::Known(n) => Some(n),
+                _ => None,
+            };
+            args.extend([
+                known.into(),
+                matches!(seq, Seq::Draw).into(),
+                (*first as i64).into(),
+                tx.into(),
+            ]);
+            let (id, drawn) = crate::plans::update(client, insert_sql(utf8_db), &args)?
                 .first()
-                .get_one::<i64>()?;
+                .get_two::<i64, i64>()?;
             ids.extend(id);
+            if let (Seq::Draw, Some(n)) = (seq, drawn) {
+                seq = Seq::Known(n);
+            }
         }
         Ok::<_, pgrx::spi::Error>(ids)
     })
     .unwrap_or_else(|e| pgrx::error!("pg_emit: could not write to emit.outbox: {e}"));
-    if tx_seq.is_none() {
+    if matches!(seq, Seq::Unknown) {
         EARLY.with_borrow_mut(|early| early.extend(ids));
         // Only events still held below this level can be split by these
         // rows; kept sorted for the search in chunks().
@@ -276,7 +280,60 @@ fn write_level(tx_seq: Option<i64>) -> bool {
         }
     }
     WROTE.set(true);
-    true
+    Some(seq)
+}
+
+/// One outbox row; `$10` draws the commit-order number instead of taking
+/// `$9`, so a one-row commit is one statement, planned once per backend
+/// (see [`crate::plans`]).
+fn insert_sql(utf8_db: bool) -> &'static str {
+    if utf8_db {
+        "INSERT INTO emit.outbox (destination, host, port, framing, url, headers, events, payload, \
+                                  tx_seq, part, tx) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, \
+                 CASE WHEN $10 THEN pg_catalog.nextval('emit.tx_seq'::pg_catalog.regclass) \
+                      ELSE $9 END, $11, $12) \
+         RETURNING id, tx_seq"
+    } else {
+        "INSERT INTO emit.outbox (destination, host, port, framing, url, headers, events, payload, \
+                                  tx_seq, part, tx) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, pg_catalog.convert_from($8::pg_catalog.bytea, 'UTF8'), \
+                 CASE WHEN $10 THEN pg_catalog.nextval('emit.tx_seq'::pg_catalog.regclass) \
+                      ELSE $9 END, $11, $12) \
+         RETURNING id, tx_seq"
+    }
+}
+
+fn legacy_insert_sql(utf8_db: bool) -> &'static str {
+    if utf8_db {
+        "INSERT INTO emit.outbox (destination, host, port, framing, url, headers, events, payload) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id"
+    } else {
+        "INSERT INTO emit.outbox (destination, host, port, framing, url, headers, events, payload) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, pg_catalog.convert_from($8, 'UTF8')) RETURNING id"
+    }
+}
+
+/// emit.outbox's size in bytes, heap and TOAST (where events live; not the
+/// indexes, which do not shrink when a backlog has drained; vacuum gives
+/// the heap's empty tail back, so the limit releases once the backlog is
+/// delivered). Measuring stats the relation's files, so while the outbox
+/// is under half the limit (a backlog drains in seconds, normally) the
+/// size is trusted for [`SIZE_TTL`]; past that, a receiver is down and
+/// every commit measures, so the limit holds exactly.
+fn outbox_size(limit: i64) -> i64 {
+    if let Some((at, size)) = SIZE.get() {
+        if size <= limit / 2 && at.elapsed() < SIZE_TTL {
+            return size;
+        }
+    }
+    let size =
+        Spi::get_one::<i64>("SELECT pg_catalog.pg_table_size('emit.outbox'::pg_catalog.regclass)")
+            .ok()
+            .flatten()
+            .unwrap_or(0);
+    SIZE.set(Some((Instant::now(), size)));
+    size
 }
 
 /// Rows of prepared transactions that COMMIT PREPARED has made visible
@@ -338,11 +395,36 @@ pub fn after_commit_prepared() {
     if crate::privileged::emit_owner().is_none() {
         return;
     }
+    if let Some(latch) = worker_latch(worker_pid()) {
+        LATCH.set(latch);
+    }
+}
+
+/// The worker's pid: the one read last, while that process is still a
+/// pg_emit worker of this database (checked in the process table, which
+/// costs no SQL), else read again from emit.worker.
+fn worker_pid() -> Option<i32> {
+    let cached = WORKER_PID.get();
+    if cached != 0 && is_worker(cached) {
+        return Some(cached);
+    }
     let pid = as_emit_owner(|| Spi::get_one::<i32>("SELECT w.pid FROM emit.worker w"))
         .ok()
         .flatten();
-    if let Some(latch) = worker_latch(pid) {
-        LATCH.set(latch);
+    WORKER_PID.set(pid.unwrap_or(0));
+    pid
+}
+
+/// Whether `pid` is a pg_emit worker connected to this database.
+fn is_worker(pid: i32) -> bool {
+    // SAFETY: GetBackgroundWorkerTypeByPid takes BackgroundWorkerLock and
+    // copies the type into a static buffer; BackendPidGetProc as in
+    // worker_latch.
+    unsafe {
+        let kind = pg_sys::GetBackgroundWorkerTypeByPid(pid);
+        !kind.is_null()
+            && std::ffi::CStr::from_ptr(kind) == crate::worker::TYPE
+            && worker_latch(Some(pid)).is_some()
     }
 }
 
@@ -370,37 +452,38 @@ pub fn pre_commit(prepare: bool) {
     if !queued && !early && !WROTE.get() {
         return;
     }
-    // One switch to the owner for the whole commit: the number, the rows
-    // and the worker's pid.
-    let pid = as_emit_owner(|| {
-        let (seq, pid) = if prepare || !schema_is_current() {
-            let pid = Spi::get_one::<i32>("SELECT w.pid FROM emit.worker w");
-            (None, pid.ok().flatten())
+    // One switch to the owner for the rows and their number.
+    as_emit_owner(|| {
+        let mut seq = if prepare || !schema_is_current() {
+            Seq::Unknown
         } else {
-            let r = Spi::get_two::<i64, i32>(
-                "SELECT pg_catalog.nextval('emit.tx_seq'::pg_catalog.regclass), \
-                        (SELECT w.pid FROM emit.worker w)",
-            )
-            .unwrap_or_else(|e| pgrx::error!("pg_emit: could not read emit.worker: {e}"));
-            r
+            Seq::Draw
         };
         if queued {
-            write_level(seq);
+            seq = write_level(seq).unwrap_or(seq);
         }
-        if let (Some(seq), true) = (seq, early) {
+        if early && !matches!(seq, Seq::Unknown) {
+            let n = match seq {
+                Seq::Known(n) => n,
+                _ => Spi::get_one::<i64>(
+                    "SELECT pg_catalog.nextval('emit.tx_seq'::pg_catalog.regclass)",
+                )
+                .ok()
+                .flatten()
+                .unwrap_or_else(|| pgrx::error!("pg_emit: could not read emit.tx_seq")),
+            };
             let ids = EARLY.with_borrow(|e| e.clone());
             Spi::run_with_args(
                 "UPDATE emit.outbox SET tx_seq = $1 WHERE id = ANY($2)",
-                &[seq.into(), ids.into()],
+                &[n.into(), ids.into()],
             )
             .unwrap_or_else(|e| pgrx::error!("pg_emit: could not write to emit.outbox: {e}"));
         }
-        pid
     });
     if !WROTE.get() {
         return;
     }
-    match worker_latch(pid) {
+    match worker_latch(worker_pid()) {
         Some(l) => LATCH.set(l),
         None => start_worker(),
     }

@@ -19,6 +19,7 @@ use pg_emit_core::job as send;
 use crate::backoff::{self, Backoff};
 use crate::encoding::message_text;
 use crate::options::Framing;
+use crate::plans;
 use crate::security::Allowlist;
 use crate::settings;
 use crate::transport::http::ClientConfig;
@@ -40,12 +41,17 @@ use std::time::{Duration, Instant};
 const LOCK_TAG_KIND: u16 = 0x456d;
 /// First key of the worker lock ("pgEm"); the second is the database oid.
 const LOCK_KEY: u32 = 0x7067_456d;
-/// Most rows and payload bytes claimed for one destination at a time.
-const CLAIM_ROWS: i64 = 1000;
+/// Most payload bytes claimed for one destination at a time (and at most
+/// 1,000 rows, the LIMIT of [`CLAIMED_SQL`] and [`UNCLAIMED_SQL`]).
 const CLAIM_BYTES: usize = 8 << 20;
+/// Least time between two claims (see [`Worker::run`]).
+const CLAIM_GAP: Duration = Duration::from_millis(2);
 /// Safety net for wakeups nobody sends (COMMIT PREPARED of an async
 /// transaction, rows re-queued by hand with INSERT).
 const IDLE_RESCAN: Duration = Duration::from_secs(10);
+
+/// The worker's `backend_type`, by which backends recognise it.
+pub(crate) const TYPE: &std::ffi::CStr = c"pg_emit worker";
 
 /// Set when the worker is stopping: sender threads abandon their waits.
 static STOPPING: AtomicBool = AtomicBool::new(false);
@@ -203,7 +209,7 @@ pub fn start(
 
 fn builder(db: pg_sys::Oid) -> BackgroundWorkerBuilder {
     BackgroundWorkerBuilder::new(&format!("pg_emit worker for database {}", db.to_u32()))
-        .set_type("pg_emit worker")
+        .set_type(TYPE.to_str().expect("ASCII"))
         .set_library("pg_emit")
         .set_function("pg_emit_worker_main")
         .set_argument(Some(pg_sys::Datum::from(db.to_u32())))
@@ -249,8 +255,12 @@ pub extern "C-unwind" fn pg_emit_worker_main(arg: pg_sys::Datum) {
             "UPDATE emit.worker SET pid = pg_catalog.pg_backend_pid(), started_at = pg_catalog.now()",
         )
     });
+    // DROP EXTENSION may have won the race since the check above: then
+    // this is a clean stop, not a fault to restart for.
     if let Err(e) = registered {
-        pgrx::error!("pg_emit worker: could not start: {e}");
+        stop_or_raise("starting", e);
+        pgrx::log!("pg_emit worker: extension dropped, exiting");
+        return;
     }
     if !wait_for_current_schema() {
         return;
@@ -262,8 +272,14 @@ pub extern "C-unwind" fn pg_emit_worker_main(arg: pg_sys::Datum) {
         Spi::run_with_args(NEW_STREAMS_SQL, &[origin.as_str().into()])?;
         Ok::<_, pgrx::spi::Error>((origin, nsp))
     });
-    let origin =
-        registered.unwrap_or_else(|e| pgrx::error!("pg_emit worker: could not start: {e}"));
+    let origin = match registered {
+        Ok(origin) => origin,
+        Err(e) => {
+            stop_or_raise("starting", e);
+            pgrx::log!("pg_emit worker: extension dropped, exiting");
+            return;
+        }
+    };
     pgrx::log!("pg_emit worker started");
     let (origin, nsp) = origin;
     let stop = Worker::new(origin, nsp).run();
@@ -426,6 +442,16 @@ impl Worker {
         loop {
             if scan {
                 scan = false;
+                // Under a steady stream of commits every one of them sets
+                // the latch: claiming at most every CLAIM_GAP lets each
+                // claim take many transactions at once instead of one or
+                // two, which costs the worker a fraction of the CPU the
+                // writers need (and adds at most CLAIM_GAP of latency, only
+                // under load).
+                let since = last_scan.elapsed();
+                if since < CLAIM_GAP {
+                    std::thread::sleep(CLAIM_GAP - since);
+                }
                 last_scan = Instant::now();
                 if let Err(stop) = self.claim_and_dispatch() {
                     return stop;
@@ -527,7 +553,7 @@ impl Worker {
                     if nsp != installed {
                         return Ok(Err(Stop::Reinstalled));
                     }
-                    c.update(crate::delivery::outbox::SEQUENCE_PREPARED_SQL, None, &[])?;
+                    plans::update(c, crate::delivery::outbox::SEQUENCE_PREPARED_SQL, &[])?;
                     let keys: Vec<String> = c
                         .select(DESTINATIONS_SQL, None, &[])?
                         .filter_map(|r| r.get::<String>(1).ok().flatten())
@@ -743,7 +769,7 @@ fn claim(
     let mut bytes = 0;
     let mut last_tx_seq = None;
     for pass in [CLAIMED_SQL, UNCLAIMED_SQL] {
-        for r in c.select(pass, Some(CLAIM_ROWS as _), &[key.into()])? {
+        for r in plans::select(c, pass, None, &[key.into()])? {
             // Read as UTF-8 whatever the database encoding (the outbox
             // holds text in the database's own).
             let payload = r.get::<Vec<u8>>(6)?.unwrap_or_default();
@@ -796,7 +822,8 @@ fn claim(
             let rest: Vec<(i64, i32)> = match (pass == UNCLAIMED_SQL, last_tx_seq) {
                 (true, Some(seq)) => {
                     let taken: Vec<i64> = rows.iter().map(|r| r.id).collect();
-                    c.select(
+                    plans::select(
+                        c,
                         REST_OF_TX_SQL,
                         None,
                         &[key.into(), seq.into(), taken.into()],
@@ -819,17 +846,23 @@ fn claim(
     Ok(None)
 }
 
+/// Both claim queries say LIMIT in SQL, not only to SPI: the kept plan is
+/// then an ordered index scan that stops early (and marks the deleted rows
+/// it passes as dead for the next scan), not a bitmap scan of every index
+/// entry of the destination, dead ones included, that is sorted afterwards.
 const CLAIMED_SQL: &str = "
 SELECT id, host, port, framing, first_event_id, pg_catalog.convert_to(payload, 'UTF8'), sent, url,
        headers, tx_seq
   FROM emit.outbox
- WHERE destination = $1 AND first_event_id IS NOT NULL ORDER BY first_event_id";
+ WHERE destination = $1 AND first_event_id IS NOT NULL ORDER BY first_event_id
+ LIMIT 1000";
 const UNCLAIMED_SQL: &str = "
 SELECT id, host, port, framing, first_event_id, pg_catalog.convert_to(payload, 'UTF8'), sent, url,
        headers, tx_seq
   FROM emit.outbox
  WHERE destination = $1 AND first_event_id IS NULL AND tx_seq IS NOT NULL
- ORDER BY tx_seq, part";
+ ORDER BY tx_seq, part
+ LIMIT 1000";
 /// The rest of a transaction's rows for a destination, without payloads.
 const REST_OF_TX_SQL: &str = "
 SELECT id, events FROM emit.outbox
@@ -853,12 +886,12 @@ fn number_events(
     } else {
         0
     };
-    let numbered = c.update(
+    let numbered = plans::update(
+        c,
         "INSERT INTO emit.destinations AS d (destination, next_event_id, origin)
          VALUES ($1, 1 + $2, $3)
          ON CONFLICT (destination) DO UPDATE SET next_event_id = d.next_event_id + $2
          RETURNING d.next_event_id - $2, d.stream::pg_catalog.text",
-        None,
         &[key.into(), total.into(), origin.into()],
     )?;
     let (first, stream) = numbered.first().get_two::<i64, String>()?;
@@ -877,11 +910,11 @@ fn number_events(
         firsts.push(next);
         next += i64::from(events);
     }
-    c.update(
+    plans::update(
+        c,
         "UPDATE emit.outbox o SET first_event_id = v.f
            FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.int8[]),
                           pg_catalog.unnest($2::pg_catalog.int8[])) v(id, f) WHERE o.id = v.id",
-        None,
         &[ids.into(), firsts.into()],
     )?;
     Ok(stream.unwrap_or_default())
@@ -911,9 +944,9 @@ fn record(
             let row = &job.rows[r];
             let k = sent_now[r] as usize;
             let event = row.payload.split('\n').nth(k).unwrap_or_default();
-            c.update(
+            plans::update(
+                c,
                 REJECTED_SQL,
-                None,
                 &[
                     row.id.into(),
                     event.as_bytes().into(),
@@ -943,18 +976,18 @@ fn record(
         }
     }
     if !delivered_rows.is_empty() {
-        c.update(
+        plans::update(
+            c,
             "DELETE FROM emit.outbox WHERE id = ANY($1)",
-            None,
             &[delivered_rows.into()],
         )?;
     }
     if !partial.0.is_empty() {
-        c.update(
+        plans::update(
+            c,
             "UPDATE emit.outbox o SET sent = v.s
                FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.int8[]),
                           pg_catalog.unnest($2::pg_catalog.int4[])) v(id, s) WHERE o.id = v.id",
-            None,
             &[partial.0.into(), partial.1.into()],
         )?;
     }
@@ -967,9 +1000,9 @@ fn record(
         .as_ref()
         .filter(|e| !matches!(e, JobError::Reject { .. }));
     if let Some(err) = retry.map(|e| e.to_string()) {
-        c.update(
+        plans::update(
+            c,
             "UPDATE emit.outbox SET attempts = attempts + 1, last_error = $2 WHERE id = ANY($1)",
-            None,
             &[
                 unfinished.clone().into(),
                 message_text(&err).as_ref().into(),
@@ -981,17 +1014,17 @@ fn record(
             Some(JobError::NotAllowed(_)) => 1,
             _ => ws.max_attempts,
         };
-        dead += c
-            .update(
-                DEAD_LETTER_SQL,
-                None,
-                &[unfinished.into(), max_attempts.into(), ws.max_age_s.into()],
-            )?
-            .first()
-            .get_one::<i64>()?
-            .unwrap_or(0);
+        dead += plans::update(
+            c,
+            DEAD_LETTER_SQL,
+            &[unfinished.into(), max_attempts.into(), ws.max_age_s.into()],
+        )?
+        .first()
+        .get_one::<i64>()?
+        .unwrap_or(0);
     }
-    c.update(
+    plans::update(
+        c,
         "INSERT INTO emit.destinations AS d
              (destination, delivered, failed_attempts, dead_lettered, last_error, last_error_at, last_delivered_at)
          VALUES ($1, $2, $3, $4, $5,
@@ -1004,7 +1037,6 @@ fn record(
              last_error = coalesce(excluded.last_error, d.last_error),
              last_error_at = coalesce(excluded.last_error_at, d.last_error_at),
              last_delivered_at = coalesce(excluded.last_delivered_at, d.last_delivered_at)",
-        None,
         &[
             key.into(),
             delivered.into(),
