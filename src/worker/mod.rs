@@ -42,7 +42,7 @@ const LOCK_TAG_KIND: u16 = 0x456d;
 /// First key of the worker lock ("pgEm"); the second is the database oid.
 const LOCK_KEY: u32 = 0x7067_456d;
 /// Most payload bytes claimed for one destination at a time (and at most
-/// 1,000 rows, the LIMIT of [`CLAIMED_SQL`] and [`UNCLAIMED_SQL`]).
+/// 1,000 rows, the LIMIT of [`QUEUE_SQL`]).
 const CLAIM_BYTES: usize = 8 << 20;
 /// Least time between two claims (see [`Worker::run`]).
 const CLAIM_GAP: Duration = Duration::from_millis(2);
@@ -764,103 +764,112 @@ fn claim(
     allow: &Allowlist,
     http: &Result<(ClientConfig, Option<Vec<u8>>), String>,
 ) -> Result<Option<Job>, pgrx::spi::Error> {
-    let mut rows = Vec::new();
+    let mut claimed = Vec::new();
+    let mut fresh = Vec::new();
     let mut target: Option<JobDest> = None;
     let mut bytes = 0;
     let mut last_tx_seq = None;
-    for pass in [CLAIMED_SQL, UNCLAIMED_SQL] {
-        for r in plans::select(c, pass, None, &[key.into()])? {
-            // Read as UTF-8 whatever the database encoding (the outbox
-            // holds text in the database's own).
-            let payload = r.get::<Vec<u8>>(6)?.unwrap_or_default();
-            let payload = String::from_utf8(payload)
-                .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
-            if !rows.is_empty() && bytes + payload.len() > CLAIM_BYTES {
-                break;
-            }
-            bytes += payload.len();
-            if target.is_none() {
-                let host = r.get::<String>(2)?.unwrap_or_default();
-                let port = r.get::<i32>(3)?.unwrap_or(0) as u16;
-                target = Some(match r.get::<String>(4)?.as_deref() {
-                    Some("http") => {
-                        let headers: String = r.get(9)?.unwrap_or_default();
-                        JobDest::Http {
-                            url: r.get::<String>(8)?.unwrap_or_default(),
-                            headers: headers
-                                .lines()
-                                .filter_map(|l| crate::transport::http::parse_header(l).ok())
-                                .collect(),
-                            setup: http.clone(),
-                        }
+    for r in plans::select(c, QUEUE_SQL, None, &[key.into()])? {
+        // Read as UTF-8 whatever the database encoding (the outbox
+        // holds text in the database's own).
+        let payload = r.get::<Vec<u8>>(6)?.unwrap_or_default();
+        let payload = String::from_utf8(payload)
+            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
+        if bytes > 0 && bytes + payload.len() > CLAIM_BYTES {
+            break;
+        }
+        bytes += payload.len();
+        if target.is_none() {
+            let host = r.get::<String>(2)?.unwrap_or_default();
+            let port = r.get::<i32>(3)?.unwrap_or(0) as u16;
+            target = Some(match r.get::<String>(4)?.as_deref() {
+                Some("http") => {
+                    let headers: String = r.get(9)?.unwrap_or_default();
+                    JobDest::Http {
+                        url: r.get::<String>(8)?.unwrap_or_default(),
+                        headers: headers
+                            .lines()
+                            .filter_map(|l| crate::transport::http::parse_header(l).ok())
+                            .collect(),
+                        setup: http.clone(),
                     }
-                    Some("ndjson") => JobDest::Tcp {
-                        host,
-                        port,
-                        framing: Framing::Ndjson,
-                    },
-                    _ => JobDest::Tcp {
-                        host,
-                        port,
-                        framing: Framing::Close,
-                    },
-                });
-            }
-            last_tx_seq = r.get::<i64>(10)?;
-            rows.push(Row {
-                id: r.get(1)?.unwrap_or(0),
-                first_event_id: r.get(5)?.unwrap_or(0),
-                sent: r.get::<i32>(7)?.unwrap_or(0) as u32,
-                payload,
+                }
+                Some("ndjson") => JobDest::Tcp {
+                    host,
+                    port,
+                    framing: Framing::Ndjson,
+                },
+                _ => JobDest::Tcp {
+                    host,
+                    port,
+                    framing: Framing::Close,
+                },
             });
         }
-        if !rows.is_empty() {
-            // A transaction is numbered whole, also its rows that did not
-            // fit in this job: they are the next job's (claimed rows go
-            // first), so no transaction that becomes visible meanwhile can
-            // come between its rows.
-            let rest: Vec<(i64, i32)> = match (pass == UNCLAIMED_SQL, last_tx_seq) {
-                (true, Some(seq)) => {
-                    let taken: Vec<i64> = rows.iter().map(|r| r.id).collect();
-                    plans::select(
-                        c,
-                        REST_OF_TX_SQL,
-                        None,
-                        &[key.into(), seq.into(), taken.into()],
-                    )?
-                    .map(|r| Ok((r.get::<i64>(1)?.unwrap_or(0), r.get::<i32>(2)?.unwrap_or(0))))
-                    .collect::<Result<_, pgrx::spi::Error>>()?
-                }
-                _ => Vec::new(),
-            };
-            let stream = number_events(c, key, origin, &mut rows, &rest, pass == UNCLAIMED_SQL)?;
-            return Ok(target.map(|dest| Job {
-                dest,
-                rows,
-                stream,
-                timeouts,
-                allow: allow.clone(),
-            }));
+        let first_event_id = r.get::<i64>(5)?;
+        let row = Row {
+            id: r.get(1)?.unwrap_or(0),
+            first_event_id: first_event_id.unwrap_or(0),
+            sent: r.get::<i32>(7)?.unwrap_or(0) as u32,
+            payload,
+        };
+        if first_event_id.is_some() {
+            claimed.push(row);
+        } else if claimed.is_empty() {
+            last_tx_seq = r.get::<i64>(10)?;
+            fresh.push(row);
         }
     }
-    Ok(None)
+    let Some(dest) = target else {
+        return Ok(None);
+    };
+    let assign = claimed.is_empty();
+    let mut rows = if assign {
+        fresh
+    } else {
+        // Numbered rows come first in commit order, as they were numbered
+        // in it, except for a transaction that drew its number before
+        // one already numbered but became visible after it: ids decide.
+        claimed.sort_by_key(|r| r.first_event_id);
+        claimed
+    };
+    // A transaction is numbered whole, also its rows that did not fit in
+    // this job: they are the next job's (numbered rows go first), so no
+    // transaction that becomes visible meanwhile can come between its rows.
+    let rest: Vec<(i64, i32)> = match (assign, last_tx_seq) {
+        (true, Some(seq)) => {
+            let taken: Vec<i64> = rows.iter().map(|r| r.id).collect();
+            plans::select(
+                c,
+                REST_OF_TX_SQL,
+                None,
+                &[key.into(), seq.into(), taken.into()],
+            )?
+            .map(|r| Ok((r.get::<i64>(1)?.unwrap_or(0), r.get::<i32>(2)?.unwrap_or(0))))
+            .collect::<Result<_, pgrx::spi::Error>>()?
+        }
+        _ => Vec::new(),
+    };
+    let stream = number_events(c, key, origin, &mut rows, &rest, assign)?;
+    Ok(Some(Job {
+        dest,
+        rows,
+        stream,
+        timeouts,
+        allow: allow.clone(),
+    }))
 }
 
-/// Both claim queries say LIMIT in SQL, not only to SPI: the kept plan is
-/// then an ordered index scan that stops early (and marks the deleted rows
-/// it passes as dead for the next scan), not a bitmap scan of every index
-/// entry of the destination, dead ones included, that is sorted afterwards.
-const CLAIMED_SQL: &str = "
+/// The head of a destination's queue, in commit order. LIMIT is in the SQL
+/// so that the kept plan is an ordered index scan that stops early (and
+/// marks the deleted rows it passes as dead for the next scan), not a scan
+/// of every index entry of the destination, dead ones included. Rows
+/// already numbered are at the head: numbering takes rows from the head.
+const QUEUE_SQL: &str = "
 SELECT id, host, port, framing, first_event_id, pg_catalog.convert_to(payload, 'UTF8'), sent, url,
        headers, tx_seq
   FROM emit.outbox
- WHERE destination = $1 AND first_event_id IS NOT NULL ORDER BY first_event_id
- LIMIT 1000";
-const UNCLAIMED_SQL: &str = "
-SELECT id, host, port, framing, first_event_id, pg_catalog.convert_to(payload, 'UTF8'), sent, url,
-       headers, tx_seq
-  FROM emit.outbox
- WHERE destination = $1 AND first_event_id IS NULL AND tx_seq IS NOT NULL
+ WHERE destination = $1 AND tx_seq IS NOT NULL
  ORDER BY tx_seq, part
  LIMIT 1000";
 /// The rest of a transaction's rows for a destination, without payloads.
