@@ -5,6 +5,11 @@ REVOKE EXECUTE ON FUNCTION send_socket(text, text, integer) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION send_http(text, text, text, text, jsonb) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION row_to_socket() FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION row_to_http() FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION row_to_destination() FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION send_message(text, text, text, text) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION emit.create_destination(text, text, jsonb) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION emit.alter_destination(text, text, jsonb) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION emit.drop_destination(text) FROM PUBLIC;
 
 -- Two optional roles bundle what a DBA hands out. Roles are cluster-wide:
 -- created by the first database that installs pg_emit, kept by
@@ -20,16 +25,23 @@ BEGIN
     CREATE ROLE emit_admin NOLOGIN;
   END IF;
 END $$;
-COMMENT ON ROLE emit_sender IS 'pg_emit: may call send_socket/send_http and attach row_to_socket/row_to_http triggers';
-COMMENT ON ROLE emit_admin IS 'pg_emit: emit_sender, plus emit.stats, emit.dead_letter and re-queueing';
+COMMENT ON ROLE emit_sender IS 'pg_emit: may call send_socket/send_http/send_message and attach row_to_socket/row_to_http/row_to_destination triggers';
+COMMENT ON ROLE emit_admin IS 'pg_emit: emit_sender, plus emit.stats, emit.dead_letter, re-queueing and stored destinations';
 
 GRANT EXECUTE ON FUNCTION send_socket(text, text, integer) TO emit_sender;
 GRANT EXECUTE ON FUNCTION send_http(text, text, text, text, jsonb) TO emit_sender;
 GRANT EXECUTE ON FUNCTION row_to_socket() TO emit_sender;
 GRANT EXECUTE ON FUNCTION row_to_http() TO emit_sender;
+GRANT EXECUTE ON FUNCTION row_to_destination() TO emit_sender;
+GRANT EXECUTE ON FUNCTION send_message(text, text, text, text) TO emit_sender;
 GRANT emit_sender TO emit_admin;
 GRANT USAGE ON SCHEMA emit TO emit_admin;
 GRANT SELECT ON emit.stats TO emit_admin;
 GRANT SELECT, DELETE ON emit.dead_letter TO emit_admin;
 GRANT EXECUTE ON FUNCTION emit.requeue_dead_letters(text) TO emit_admin;
 REVOKE EXECUTE ON FUNCTION emit.requeue_dead_letters(text) FROM PUBLIC;
+-- Stored destinations hold credentials: emit_admin manages and reads them.
+GRANT SELECT ON emit.stored_destinations TO emit_admin;
+GRANT EXECUTE ON FUNCTION emit.create_destination(text, text, jsonb) TO emit_admin;
+GRANT EXECUTE ON FUNCTION emit.alter_destination(text, text, jsonb) TO emit_admin;
+GRANT EXECUTE ON FUNCTION emit.drop_destination(text) TO emit_admin;

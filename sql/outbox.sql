@@ -147,7 +147,21 @@ SELECT d.destination,
   LEFT JOIN emit.destinations s USING (destination);
 COMMENT ON VIEW emit.stats IS 'pg_emit: async delivery per destination (no payloads)';
 
-REVOKE ALL ON emit.outbox, emit.dead_letter, emit.destinations, emit.worker, emit.stats FROM PUBLIC;
+-- Stored destinations (emit.create_destination): URLs and options, with
+-- the credentials in them, out of pg_trigger, which every role can read.
+-- Async events for one keep only its name (outbox.framing = 'stored').
+CREATE TABLE emit.stored_destinations (
+    name        text PRIMARY KEY,
+    url         text NOT NULL,
+    options     jsonb NOT NULL DEFAULT '{}',
+    created_at  timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    updated_at  timestamptz NOT NULL DEFAULT pg_catalog.now()
+);
+COMMENT ON TABLE emit.stored_destinations IS
+    'pg_emit: destinations by name (emit.create_destination); options may hold credentials';
+
+REVOKE ALL ON emit.outbox, emit.dead_letter, emit.destinations, emit.worker, emit.stats,
+              emit.stored_destinations FROM PUBLIC;
 REVOKE ALL ON SEQUENCE emit.tx_seq FROM PUBLIC;
 
 -- pg_dump keeps the backlog, the dead letters and the counters, with the
@@ -157,6 +171,7 @@ SELECT pg_catalog.pg_extension_config_dump('emit.outbox', '');
 SELECT pg_catalog.pg_extension_config_dump('emit.dead_letter', '');
 SELECT pg_catalog.pg_extension_config_dump('emit.destinations', '');
 SELECT pg_catalog.pg_extension_config_dump('emit.tx_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('emit.stored_destinations', '');
 SELECT pg_catalog.pg_extension_config_dump(
     pg_catalog.pg_get_serial_sequence('emit.outbox', 'id')::pg_catalog.regclass, '');
 SELECT pg_catalog.pg_extension_config_dump(

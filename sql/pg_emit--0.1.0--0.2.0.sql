@@ -67,3 +67,54 @@ SELECT pg_catalog.pg_extension_config_dump(
     pg_catalog.pg_get_serial_sequence('emit.outbox', 'id')::pg_catalog.regclass, '');
 SELECT pg_catalog.pg_extension_config_dump(
     pg_catalog.pg_get_serial_sequence('emit.dead_letter', 'id')::pg_catalog.regclass, '');
+
+-- Stored destinations and the generic entry points (see outbox.sql and
+-- triggers.sql).
+CREATE TABLE emit.stored_destinations (
+    name        text PRIMARY KEY,
+    url         text NOT NULL,
+    options     jsonb NOT NULL DEFAULT '{}',
+    created_at  timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    updated_at  timestamptz NOT NULL DEFAULT pg_catalog.now()
+);
+COMMENT ON TABLE emit.stored_destinations IS
+    'pg_emit: destinations by name (emit.create_destination); options may hold credentials';
+REVOKE ALL ON emit.stored_destinations FROM PUBLIC;
+SELECT pg_catalog.pg_extension_config_dump('emit.stored_destinations', '');
+
+CREATE FUNCTION @extschema@.row_to_destination() RETURNS trigger
+  LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'row_to_destination';
+COMMENT ON FUNCTION @extschema@.row_to_destination() IS
+  'Trigger: send each row change as JSON to (destination [, ''key=value'' ...]): a URL or a stored destination';
+CREATE FUNCTION @extschema@.send_message(
+    "dest" TEXT, "msg" TEXT, "delivery" TEXT DEFAULT 'async', "key" TEXT DEFAULT NULL
+) RETURNS bool
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c AS 'MODULE_PATHNAME', 'send_message_wrapper';
+CREATE FUNCTION emit.create_destination(
+    "name" TEXT, "url" TEXT, "options" jsonb DEFAULT '{}'
+) RETURNS void
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c AS 'MODULE_PATHNAME', 'create_destination_wrapper';
+CREATE FUNCTION emit.alter_destination(
+    "name" TEXT, "url" TEXT DEFAULT NULL, "options" jsonb DEFAULT NULL
+) RETURNS void
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c AS 'MODULE_PATHNAME', 'alter_destination_wrapper';
+CREATE FUNCTION emit.drop_destination("name" TEXT) RETURNS void
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c AS 'MODULE_PATHNAME', 'drop_destination_wrapper';
+
+REVOKE EXECUTE ON FUNCTION @extschema@.row_to_destination() FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION @extschema@.send_message(text, text, text, text) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION emit.create_destination(text, text, jsonb) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION emit.alter_destination(text, text, jsonb) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION emit.drop_destination(text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION @extschema@.row_to_destination() TO emit_sender;
+GRANT EXECUTE ON FUNCTION @extschema@.send_message(text, text, text, text) TO emit_sender;
+GRANT SELECT ON emit.stored_destinations TO emit_admin;
+GRANT EXECUTE ON FUNCTION emit.create_destination(text, text, jsonb) TO emit_admin;
+GRANT EXECUTE ON FUNCTION emit.alter_destination(text, text, jsonb) TO emit_admin;
+GRANT EXECUTE ON FUNCTION emit.drop_destination(text) TO emit_admin;
+COMMENT ON ROLE emit_sender IS 'pg_emit: may call send_socket/send_http/send_message and attach row_to_socket/row_to_http/row_to_destination triggers';
+COMMENT ON ROLE emit_admin IS 'pg_emit: emit_sender, plus emit.stats, emit.dead_letter, re-queueing and stored destinations';

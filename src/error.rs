@@ -66,6 +66,12 @@ pub enum EmitError {
     /// `DROP EXTENSION pg_emit` with events not yet delivered (a WARNING).
     #[error("DROP EXTENSION pg_emit discards {queued} queued event(s) for {dests} destination(s) and {dead} dead-lettered event(s)")]
     DropDiscards { queued: i64, dests: i64, dead: i64 },
+    /// A stored destination that does not exist.
+    #[error("{func}: destination {name:?} does not exist (see emit.create_destination)")]
+    NoSuchDestination { func: &'static str, name: String },
+    /// `emit.create_destination` of a name already taken.
+    #[error("emit.create_destination: destination {0:?} already exists (change it with emit.alter_destination)")]
+    DestinationExists(String),
     /// `emit.outbox` is over `pg_emit.max_outbox_size`.
     #[error("emit.outbox holds {size} bytes, over pg_emit.max_outbox_size ({limit} bytes): {events} event(s) not queued")]
     OutboxFull {
@@ -97,18 +103,26 @@ impl EmitError {
             EmitError::PrepareWithHeldEvents { .. } => ERRCODE_FEATURE_NOT_SUPPORTED,
             EmitError::CommitDeliveryIncomplete { .. } => ERRCODE_CONNECTION_FAILURE,
             EmitError::DropDiscards { .. } => ERRCODE_WARNING,
+            EmitError::NoSuchDestination { .. } => ERRCODE_UNDEFINED_OBJECT,
+            EmitError::DestinationExists(_) => ERRCODE_DUPLICATE_OBJECT,
         }
     }
 
     fn hint(&self) -> Option<&'static str> {
-        if let EmitError::TriggerArgument {
-            func: "row_to_http",
-            ..
-        } = self
-        {
-            return Some(
+        match self {
+            EmitError::TriggerArgument {
+                func: "row_to_http",
+                ..
+            } => return Some(
                 "row_to_http takes (url [, 'key=value' ...]) with keys delivery=sync|commit|async, format=json|td, header=Name: value.",
-            );
+            ),
+            EmitError::TriggerArgument {
+                func: "row_to_destination",
+                ..
+            } => return Some(
+                "row_to_destination takes (destination [, 'key=value' ...]): a URL (tcp://host:port[?framing=ndjson], http(s)://...) or a stored destination's name, and keys delivery=sync|commit|async, format=json|td.",
+            ),
+            _ => {}
         }
         match self {
             EmitError::BufferFull { .. } => Some(

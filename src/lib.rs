@@ -21,6 +21,7 @@ mod plans;
 mod privileged;
 mod send;
 mod settings;
+mod stored;
 mod trigger;
 mod worker;
 
@@ -42,6 +43,7 @@ pub extern "C-unwind" fn _PG_init() {
     delivery::init();
     hooks::init();
     trigger::init();
+    stored::init();
     // SAFETY: reading a flag PostgreSQL sets while preloading libraries.
     if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
         worker::launcher::register();

@@ -1,10 +1,12 @@
-//! `send_socket` and `send_http`: the ad-hoc senders.
+//! `send_socket`, `send_http` and `send_message`: the ad-hoc senders.
 
-use crate::delivery::{sync, Target};
+use crate::delivery::{commit, outbox, sync, Target};
 use crate::error::EmitError;
+use crate::event;
 use crate::interrupts;
-use crate::options::{self, Framing, OptionError};
+use crate::options::{self, Delivery, Framing, OptionError};
 use crate::settings;
+use crate::stored;
 use crate::transport::http::{self, UrlError};
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
@@ -47,6 +49,86 @@ fn send_socket(msg: &str, host: &str, port: i32) -> i32 {
             0
         }
     }
+}
+
+/// `send_message(dest, msg, delivery, key)`: one message to a destination
+/// URL or a stored destination, in any delivery mode. Returns true when it
+/// was sent (`sync`) or queued (`commit`, `async`), false when a sync send
+/// failed (with a WARNING). NULL `dest` or `msg` gives NULL.
+///
+/// `async` messages must be JSON objects (the worker adds its `id`); any
+/// message to an ndjson destination is sent as one line. `key` names the
+/// message's ordering key; each destination keeps commit order for all
+/// its events, which keeps every key's order too.
+#[pg_extern(volatile, parallel_unsafe)]
+fn send_message(
+    dest: Option<&str>,
+    msg: Option<&str>,
+    delivery: default!(Option<&str>, "'async'"),
+    key: default!(Option<&str>, "NULL"),
+) -> Option<bool> {
+    const FUNC: &str = "send_message";
+    let (dest, msg) = (dest?, msg?);
+    let _ = key;
+    let mode = match delivery.map(str::to_ascii_lowercase).as_deref() {
+        Some("sync") => Delivery::Sync,
+        Some("commit") => Delivery::Commit,
+        Some("async") => Delivery::Async,
+        other => bad(
+            FUNC,
+            OptionError::BadValue {
+                pos: 3,
+                key: "delivery",
+                value: other.unwrap_or("NULL").to_string(),
+                expected: "sync, commit or async",
+            },
+        ),
+    };
+    let resolved = stored::resolve(FUNC, dest);
+    let target = &resolved.target;
+    let one_line = mode == Delivery::Async || target.coalesces();
+    let mut buf = if one_line && (mode == Delivery::Async || msg.contains('\n')) {
+        event::one_line_object(msg).unwrap_or_else(|e| {
+            bad(
+                FUNC,
+                OptionError::Destination(format!(
+                    "{e} (delivery=async and ndjson destinations send one JSON object per line)"
+                )),
+            )
+        })
+    } else {
+        msg.as_bytes().to_vec()
+    };
+    check_size(FUNC, buf.len());
+    if target.coalesces() && mode != Delivery::Async {
+        buf.push(b'\n');
+    }
+    let context = || FUNC.to_string();
+    if mode != Delivery::Sync {
+        crate::delivery::refuse_unless_allowed(&context, target);
+    }
+    Some(match mode {
+        Delivery::Sync => {
+            // Events this statement's triggers hold for the same kept-open
+            // connection go first.
+            sync::flush_all();
+            match sync::try_send(target, &buf, &interrupts::Statement) {
+                Ok(()) => true,
+                Err(f) => {
+                    sync::report(f, &context, &target.name());
+                    false
+                }
+            }
+        }
+        Delivery::Commit => {
+            commit::hold(&context, target, &buf);
+            true
+        }
+        Delivery::Async => {
+            outbox::queue(target, &buf);
+            true
+        }
+    })
 }
 
 /// `send_http(url, body [, method, content_type, headers])`: one request.

@@ -1,4 +1,5 @@
-//! `row_to_socket` and `row_to_http`: trigger event → JSON → destination.
+//! `row_to_socket`, `row_to_http` and `row_to_destination`: trigger event
+//! → JSON → destination.
 //!
 //! Both are raw fmgr entry points rather than `#[pg_trigger]`, so that a
 //! direct call (`SELECT row_to_socket()`) is a clean 39P01 instead of a
@@ -8,8 +9,10 @@ use crate::delivery::{commit, outbox, sync, Target};
 use crate::encoding;
 use crate::error::EmitError;
 use crate::event::{self, Event, Op};
-use crate::options::{self, Delivery, OptionError, Options};
+use crate::options::{self, Delivery, Format, OptionError, Options};
 use crate::settings;
+use crate::stored::{self, Resolved};
+use pg_emit_core::destination;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use pgrx::PgMemoryContexts;
@@ -46,8 +49,29 @@ struct Plan {
     raw: Vec<Vec<u8>>,
     /// The arguments as UTF-8.
     args: Vec<String>,
-    target: Target,
+    dest: PlanDest,
     opts: Options,
+}
+
+/// Where a trigger sends: fixed by its arguments, or a stored destination
+/// looked up at each firing (so a changed URL applies to the next row).
+enum PlanDest {
+    Fixed(Rc<Resolved>),
+    Stored(String),
+}
+
+impl Plan {
+    fn destination(&self) -> Rc<Resolved> {
+        match &self.dest {
+            PlanDest::Fixed(r) => r.clone(),
+            PlanDest::Stored(name) => stored::lookup(self.func.name(), name),
+        }
+    }
+
+    /// The trigger's own `format=`, else the stored destination's.
+    fn format(&self, dest: &Resolved) -> Format {
+        self.opts.format.or(dest.format).unwrap_or_default()
+    }
 }
 
 impl Plan {
@@ -109,6 +133,7 @@ fn schema_of(relid: pg_sys::Oid, nsp: pg_sys::Oid) -> Rc<str> {
 enum Func {
     Socket,
     Http,
+    Destination,
 }
 
 impl Func {
@@ -116,10 +141,17 @@ impl Func {
         match self {
             Func::Socket => "row_to_socket",
             Func::Http => "row_to_http",
+            Func::Destination => "row_to_destination",
         }
     }
 
-    fn parse(self, args: &[&str]) -> Result<(Target, Options), OptionError> {
+    fn parse(self, args: &[&str]) -> Result<(PlanDest, Options), OptionError> {
+        let fixed = |target| {
+            PlanDest::Fixed(Rc::new(Resolved {
+                target,
+                format: None,
+            }))
+        };
         match self {
             Func::Socket => {
                 let t = options::parse_socket_args(args)?;
@@ -128,7 +160,7 @@ impl Func {
                     port: t.port,
                     framing: t.options.framing,
                 };
-                Ok((target, t.options))
+                Ok((fixed(target), t.options))
             }
             Func::Http => {
                 let t = options::parse_http_args(args)?;
@@ -136,7 +168,17 @@ impl Func {
                     url: t.url.url,
                     headers: t.options.headers.clone(),
                 };
-                Ok((target, t.options))
+                Ok((fixed(target), t.options))
+            }
+            Func::Destination => {
+                let dest = args.first().ok_or(OptionError::MissingDestination)?;
+                let opts = options::parse_options(&args[1..], 2, options::Kind::Destination)?;
+                if destination::is_url(dest) {
+                    Ok((fixed(destination::parse_url(dest, Vec::new())?), opts))
+                } else {
+                    destination::check_name(dest)?;
+                    Ok((PlanDest::Stored(dest.to_string()), opts))
+                }
             }
         }
     }
@@ -217,6 +259,26 @@ pub unsafe extern "C-unwind" fn row_to_socket(fcinfo: pg_sys::FunctionCallInfo) 
     entry(fcinfo, Func::Socket)
 }
 
+#[unsafe(no_mangle)]
+#[doc(hidden)]
+pub extern "C" fn pg_finfo_row_to_destination() -> &'static pg_sys::Pg_finfo_record {
+    const V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
+    &V1
+}
+
+/// Sends each row change (or TRUNCATE) to a destination URL or a stored
+/// destination. Arguments: `(dest [, 'key=value' ...])`.
+///
+/// # Safety
+/// Called by PostgreSQL's function manager with a valid `fcinfo`.
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn row_to_destination(
+    fcinfo: pg_sys::FunctionCallInfo,
+) -> pg_sys::Datum {
+    entry(fcinfo, Func::Destination)
+}
+
 /// POSTs each row change (or TRUNCATE) to a URL as JSON.
 /// Arguments: `(url [, 'key=value' ...])`, see [`options`].
 ///
@@ -259,14 +321,16 @@ fn fire(td: &pg_sys::TriggerData, func: Func) -> pg_sys::Datum {
         },
     };
     let plan = plan_for(tg, &firing);
-    let (target, opts) = (&plan.target, &plan.opts);
+    let dest = plan.destination();
+    let (target, opts) = (&dest.target, &plan.opts);
+    let format = plan.format(&dest);
     let mode = delivery_mode(&firing, target, opts);
 
     let event = td.tg_event;
     let op = op_of(event);
     let row_level = event & pg_sys::TRIGGER_EVENT_ROW != 0;
     if !row_level && op != Op::Truncate {
-        fire_statement(&firing, &plan, mode);
+        fire_statement(&firing, &plan, target, format, mode);
         return pg_sys::Datum::from(0);
     }
     // SAFETY: tuples and descriptor come from the firing itself.
@@ -286,9 +350,9 @@ fn fire(td: &pg_sys::TriggerData, func: Func) -> pg_sys::Datum {
     let new = new.map(|b| encoding::to_utf8(b, &what));
     let old = old.map(|b| encoding::to_utf8(b, &what));
 
-    let args: Vec<&str> = match opts.format {
-        options::Format::Td => plan.args.iter().map(String::as_str).collect(),
-        options::Format::Json => Vec::new(),
+    let args: Vec<&str> = match format {
+        Format::Td => plan.args.iter().map(String::as_str).collect(),
+        Format::Json => Vec::new(),
     };
     let ev = Event {
         op,
@@ -304,7 +368,7 @@ fn fire(td: &pg_sys::TriggerData, func: Func) -> pg_sys::Datum {
         buf.clear();
         event::write_event(
             buf,
-            opts.format,
+            format,
             &ev,
             new.as_deref(),
             old.as_deref(),
@@ -361,7 +425,13 @@ fn send(firing: &Firing<'_>, target: &Target, mode: Delivery, buf: &mut Vec<u8>)
 /// when it grows past `pg_emit.statement_batch_size`. For UPDATE the old
 /// and new transition tables hold the rows in the same order, so they are
 /// read in lockstep and paired.
-fn fire_statement(firing: &Firing<'_>, plan: &Plan, mode: Delivery) {
+fn fire_statement(
+    firing: &Firing<'_>,
+    plan: &Plan,
+    target: &Target,
+    format: Format,
+    mode: Delivery,
+) {
     let td = firing.td;
     let (new_ts, old_ts) = (td.tg_newtable, td.tg_oldtable);
     if new_ts.is_null() && old_ts.is_null() {
@@ -375,10 +445,9 @@ fn fire_statement(firing: &Firing<'_>, plan: &Plan, mode: Delivery) {
         }
         .raise();
     }
-    let (target, opts) = (&plan.target, &plan.opts);
-    let args: Vec<&str> = match opts.format {
-        options::Format::Td => plan.args.iter().map(String::as_str).collect(),
-        options::Format::Json => Vec::new(),
+    let args: Vec<&str> = match format {
+        Format::Td => plan.args.iter().map(String::as_str).collect(),
+        Format::Json => Vec::new(),
     };
     // SAFETY: the relation is open for the firing.
     let relid = unsafe { (*td.tg_relation).rd_id };
@@ -458,7 +527,7 @@ fn fire_statement(firing: &Firing<'_>, plan: &Plan, mode: Delivery) {
                 in_message = 0;
             }
             if in_message == 0 {
-                event::begin_batch(&mut buf, opts.format, &ev);
+                event::begin_batch(&mut buf, format, &ev);
             }
             event::push_batch_row(
                 &mut buf,
@@ -504,7 +573,7 @@ fn plan_for(tg: &pg_sys::Trigger, firing: &Firing<'_>) -> Rc<Plan> {
         })
         .collect();
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    let (target, opts) = func.parse(&refs).unwrap_or_else(|source| {
+    let (dest, opts) = func.parse(&refs).unwrap_or_else(|source| {
         EmitError::TriggerArgument {
             trigger: firing.describe(),
             func: func.name(),
@@ -517,7 +586,7 @@ fn plan_for(tg: &pg_sys::Trigger, firing: &Firing<'_>) -> Rc<Plan> {
         func,
         raw,
         args,
-        target,
+        dest,
         opts,
     });
     PLANS.with_borrow_mut(|plans| {
@@ -528,28 +597,11 @@ fn plan_for(tg: &pg_sys::Trigger, firing: &Firing<'_>) -> Rc<Plan> {
 }
 
 /// The delivery mode in force; refuses, naming the trigger, a destination
-/// the allowlist cannot allow. Destinations that send later (commit,
-/// async) are checked against the allowlist now, without DNS, so that a
-/// refused one fails the statement rather than being discovered after
-/// commit; the check at connect time stays the authoritative one.
+/// that sends later and that the allowlist cannot allow.
 fn delivery_mode(firing: &Firing<'_>, target: &Target, opts: &Options) -> Delivery {
     let mode = opts.delivery.unwrap_or_else(settings::default_delivery);
     if mode != Delivery::Sync {
-        let allowed = match target {
-            Target::Tcp { host, port, .. } => settings::allowlist().may_allow(host, *port, None),
-            Target::Http { url, .. } => crate::transport::http::parse_url(url)
-                .is_ok_and(|u| settings::allowlist().may_allow(&u.host, u.port, Some(url))),
-        };
-        if !allowed {
-            EmitError::NotAllowed {
-                context: firing.describe(),
-                why: format!(
-                    "{} is not allowed by pg_emit.allowed_destinations",
-                    target.name()
-                ),
-            }
-            .raise();
-        }
+        crate::delivery::refuse_unless_allowed(&|| firing.describe(), target);
     }
     mode
 }

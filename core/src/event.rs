@@ -186,9 +186,51 @@ pub fn push_string(buf: &mut Vec<u8>, s: &str) {
     buf.push(b'"');
 }
 
+/// `msg` as one line of JSON: a message queued for async delivery is one
+/// line of the outbox, and the worker puts its `id` first, so it must be a
+/// JSON object. Whitespace between tokens (newlines included) is dropped;
+/// everything else, numbers' digits included, is kept byte for byte.
+pub fn one_line_object(msg: &str) -> Result<Vec<u8>, String> {
+    serde_json::from_str::<serde::de::IgnoredAny>(msg)
+        .map_err(|e| format!("msg is not JSON: {e}"))?;
+    if !msg.trim_start().starts_with('{') {
+        return Err("msg must be a JSON object (the worker adds its \"id\" to it)".into());
+    }
+    let mut out = Vec::with_capacity(msg.len());
+    let (mut in_string, mut escaped) = (false, false);
+    for &b in msg.as_bytes() {
+        if in_string {
+            out.push(b);
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+        } else if !matches!(b, b' ' | b'\t' | b'\n' | b'\r') {
+            in_string = b == b'"';
+            out.push(b);
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn messages_become_one_line_objects() {
+        let m =
+            "{\n  \"a\": 1.50,\n  \"s\": \"x y\\n\\\"z\\\" \",\n  \"n\": 12345678901234567890\n}";
+        assert_eq!(
+            String::from_utf8(one_line_object(m).unwrap()).unwrap(),
+            r#"{"a":1.50,"s":"x y\n\"z\" ","n":12345678901234567890}"#
+        );
+        assert!(one_line_object("[1]").unwrap_err().contains("JSON object"));
+        assert!(one_line_object("{").unwrap_err().contains("not JSON"));
+        assert!(one_line_object("plain text").is_err());
+    }
 
     fn ev(op: Op) -> Event<'static> {
         Event {

@@ -41,6 +41,9 @@ pub enum Dest {
         /// Client settings and signing key, or why they could not be read.
         setup: Result<(ClientConfig, Option<Vec<u8>>), String>,
     },
+    /// A stored destination that cannot be used now (dropped, say): every
+    /// job fails with this message and is retried.
+    Unavailable(String),
 }
 
 #[derive(Debug, Clone)]
@@ -136,6 +139,15 @@ pub fn send_job(conn: &mut Conn, job: &Job, intr: &dyn Interrupt) -> Outcome {
     let started = Instant::now();
     let mut sent: Vec<u32> = job.rows.iter().map(|r| r.sent).collect();
     let mut buf = Vec::new();
+    if let Dest::Unavailable(why) = &job.dest {
+        return Outcome {
+            sent,
+            error: Some(JobError::Retry {
+                message: why.clone(),
+                after: None,
+            }),
+        };
+    }
     for (i, row) in job.rows.iter().enumerate() {
         let lines = row.payload.split('\n').enumerate().skip(row.sent as usize);
         let result = match &job.dest {
@@ -206,6 +218,7 @@ pub fn send_job(conn: &mut Conn, job: &Job, intr: &dyn Interrupt) -> Outcome {
                         Ok(())
                     })
                 }),
+            Dest::Unavailable(_) => unreachable!("returned above"),
         };
         match result {
             Ok(()) => {}

@@ -1,6 +1,6 @@
 //! pg_emit's core: everything about events and getting them to receivers
-//! that does not need a PostgreSQL backend. Destinations and trigger
-//! options ([`options`]), the event envelope ([`event`]), the allowlist
+//! that does not need a PostgreSQL backend. Destinations
+//! ([`destination`]) and trigger options ([`options`]), the event envelope ([`event`]), the allowlist
 //! ([`security`]), the TCP and HTTP transports ([`transport`]), delivery of
 //! claimed outbox rows ([`job`]), retry policy ([`backoff`], [`cooldown`])
 //! and the per-transaction event buffer ([`pending`]).
@@ -11,6 +11,7 @@
 
 pub mod backoff;
 pub mod cooldown;
+pub mod destination;
 pub mod event;
 pub mod job;
 pub mod options;

@@ -54,7 +54,8 @@ pub enum Framing {
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Options {
     pub delivery: Option<Delivery>,
-    pub format: Format,
+    /// `None` when not given: a stored destination's own format applies.
+    pub format: Option<Format>,
     pub framing: Framing,
     /// `header=Name: value` (row_to_http only), in order.
     pub headers: Vec<(String, String)>,
@@ -65,6 +66,9 @@ pub struct Options {
 pub enum Kind {
     Socket,
     Http,
+    /// `row_to_destination`: framing and headers belong to the URL or the
+    /// stored destination.
+    Destination,
 }
 
 impl Kind {
@@ -72,6 +76,7 @@ impl Kind {
         match self {
             Kind::Socket => "delivery, format, framing",
             Kind::Http => "delivery, format, header",
+            Kind::Destination => "delivery, format",
         }
     }
 }
@@ -121,6 +126,8 @@ pub enum OptionError {
     },
     #[error("missing url: expected arguments (url [, 'key=value' ...])")]
     MissingUrl,
+    #[error("missing destination: expected arguments (destination [, 'key=value' ...]), a URL or a stored destination's name")]
+    MissingDestination,
     #[error("{0}")]
     Url(#[from] crate::transport::http::UrlError),
     #[error("argument {pos}: {source}")]
@@ -137,6 +144,8 @@ pub enum OptionError {
     },
     #[error("argument {pos}: option {key:?} is given twice")]
     Duplicate { pos: usize, key: &'static str },
+    #[error("{0}")]
+    Destination(String),
 }
 
 /// Validates a host as given by a user: the network layer only sees names
@@ -248,11 +257,11 @@ pub fn parse_options<S: AsRef<str>>(
                 (0, "delivery")
             }
             "format" => {
-                opts.format = match value.to_ascii_lowercase().as_str() {
+                opts.format = Some(match value.to_ascii_lowercase().as_str() {
                     "json" => Format::Json,
                     "td" => Format::Td,
                     _ => return Err(bad("format", "json or td")),
-                };
+                });
                 (1, "format")
             }
             "framing" if kind == Kind::Socket => {
@@ -311,7 +320,7 @@ mod tests {
         .unwrap();
         assert_eq!(t.port, 1);
         assert_eq!(t.options.delivery, Some(Delivery::Commit));
-        assert_eq!(t.options.format, Format::Td);
+        assert_eq!(t.options.format, Some(Format::Td));
         assert_eq!(t.options.framing, Framing::Ndjson);
     }
 

@@ -14,97 +14,36 @@ pub(crate) mod outbox;
 use pg_emit_core::pending;
 pub(crate) mod sync;
 
-use crate::options::Framing;
+use crate::error::EmitError;
+use crate::settings;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use std::ffi::c_void;
 
-/// A destination as a trigger or function names it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Target {
-    Tcp {
-        host: String,
-        port: u16,
-        framing: Framing,
-    },
-    Http {
-        url: String,
-        headers: Vec<(String, String)>,
-    },
-}
+/// A destination as a trigger or function names it (see the core crate).
+pub(crate) use pg_emit_core::destination::Destination as Target;
 
-impl Target {
-    /// For messages: `host:port` or the URL.
-    pub fn name(&self) -> String {
-        match self {
-            Target::Tcp { host, port, .. } => sync::dest_name(host, *port),
-            Target::Http { url, .. } => url.clone(),
-        }
-    }
-
-    /// Whether messages can share a write (kept-open ndjson connections).
-    pub fn coalesces(&self) -> bool {
-        matches!(
-            self,
-            Target::Tcp {
-                framing: Framing::Ndjson,
-                ..
-            }
-        )
-    }
-
-    /// The destination key of `emit.outbox` and `emit.stats`. Headers are
-    /// not shown (they may hold credentials), only told apart by a hash.
-    pub fn key(&self) -> String {
-        match self {
-            Target::Tcp {
-                framing: Framing::Close,
-                ..
-            } => format!("tcp://{}", self.name()),
-            Target::Tcp {
-                framing: Framing::Ndjson,
-                ..
-            } => format!("tcp://{}?framing=ndjson", self.name()),
-            Target::Http { url, headers } if headers.is_empty() => url.clone(),
-            Target::Http { url, headers } => {
-                use std::hash::{Hash, Hasher};
-                let mut h = std::collections::hash_map::DefaultHasher::new();
-                headers.hash(&mut h);
-                format!("{url} (headers {:08x})", h.finish() as u32)
-            }
-        }
-    }
-}
-
-impl Target {
-    /// `host`, `port`, `framing`, `url` and `headers` of `emit.outbox`:
-    /// how the worker reaches the destination. Headers are one
-    /// "Name: value" per line.
-    pub fn outbox_columns(&self) -> (String, i32, String, Option<&str>, Option<String>) {
-        match self {
-            Target::Tcp {
-                host,
-                port,
-                framing,
-            } => (
-                host.clone(),
-                i32::from(*port),
-                framing.to_string(),
-                None,
-                None,
+/// Refuses, naming `context`, a destination the allowlist cannot allow.
+/// Destinations that send later (commit, async) are checked when the
+/// event is made, without DNS, so that a refused one fails the statement
+/// rather than being discovered after commit; the check at connect time
+/// stays the authoritative one.
+pub(crate) fn refuse_unless_allowed(context: &dyn Fn() -> String, target: &Target) {
+    let allowed = match target.endpoint() {
+        Target::Tcp { host, port, .. } => settings::allowlist().may_allow(host, *port, None),
+        Target::Http { url, .. } => crate::transport::http::parse_url(url)
+            .is_ok_and(|u| settings::allowlist().may_allow(&u.host, u.port, Some(url))),
+        Target::Stored { .. } => unreachable!("endpoint() is never a stored destination"),
+    };
+    if !allowed {
+        EmitError::NotAllowed {
+            context: context(),
+            why: format!(
+                "{} is not allowed by pg_emit.allowed_destinations",
+                target.name()
             ),
-            Target::Http { url, headers } => {
-                let u = crate::transport::http::parse_url(url).ok();
-                let lines: String = headers.iter().map(|(k, v)| format!("{k}: {v}\n")).collect();
-                (
-                    u.as_ref().map(|u| u.host.clone()).unwrap_or_default(),
-                    u.map_or(0, |u| i32::from(u.port)),
-                    "http".to_string(),
-                    Some(url.as_str()),
-                    (!lines.is_empty()).then_some(lines),
-                )
-            }
         }
+        .raise();
     }
 }
 

@@ -45,10 +45,10 @@ struct Mark {
 
 /// `host:port`, with IPv6 literals bracketed so the port stays readable.
 pub fn dest_name(host: &str, port: u16) -> String {
-    if host.contains(':') && !host.starts_with('[') {
-        format!("[{host}]:{port}")
-    } else {
+    if host.starts_with('[') {
         format!("{host}:{port}")
+    } else {
+        pg_emit_core::destination::host_port(host, port)
     }
 }
 
@@ -134,7 +134,7 @@ impl Failure {
 /// through this backend's connections and cooldowns, without reporting.
 /// A response outside 2xx counts as a failure.
 pub fn try_send(target: &Target, msg: &[u8], intr: &dyn Interrupt) -> Result<(), Failure> {
-    match target {
+    match target.endpoint() {
         Target::Tcp {
             host,
             port,
@@ -148,6 +148,7 @@ pub fn try_send(target: &Target, msg: &[u8], intr: &dyn Interrupt) -> Result<(),
                 Err(Failure::Status(r))
             }
         }
+        Target::Stored { .. } => unreachable!("endpoint() is never a stored destination"),
     }
 }
 
@@ -314,7 +315,7 @@ pub fn deliver(context: &dyn Fn() -> String, target: &Target, msg: &[u8]) {
         host,
         port,
         framing: Framing::Ndjson,
-    } = target
+    } = target.endpoint()
     {
         let full = OUTGOING.with_borrow_mut(|out| {
             let i = match out.iter().position(|o| o.port == *port && o.host == *host) {

@@ -783,6 +783,7 @@ fn claim(
             let host = r.get::<String>(2)?.unwrap_or_default();
             let port = r.get::<i32>(3)?.unwrap_or(0) as u16;
             target = Some(match r.get::<String>(4)?.as_deref() {
+                Some("stored") => stored_dest(c, key, http)?,
                 Some("http") => {
                     let headers: String = r.get(9)?.unwrap_or_default();
                     JobDest::Http {
@@ -859,6 +860,55 @@ fn claim(
         allow: allow.clone(),
     }))
 }
+
+/// A stored destination as it is now: queued events follow a changed URL
+/// or new credentials. One that was dropped (or no longer parses) fails
+/// its jobs with a message that says so; they are retried like any
+/// failure, so re-creating it lets them through.
+fn stored_dest(
+    c: &mut pgrx::spi::SpiClient<'_>,
+    name: &str,
+    http: &Result<(ClientConfig, Option<Vec<u8>>), String>,
+) -> Result<JobDest, pgrx::spi::Error> {
+    let mut found = plans::select(c, STORED_SQL, None, &[name.into()])?;
+    let row = match found.next() {
+        Some(r) => (r.get::<String>(1)?, r.get::<String>(2)?),
+        None => (None, None),
+    };
+    let (Some(url), Some(options)) = row else {
+        return Ok(JobDest::Unavailable(format!(
+            "stored destination {name:?} does not exist (dropped?); \
+             create it again and its events are delivered"
+        )));
+    };
+    Ok(
+        match pg_emit_core::destination::parse_stored(&url, &options) {
+            Ok(s) => match s.endpoint {
+                pg_emit_core::destination::Destination::Tcp {
+                    host,
+                    port,
+                    framing,
+                } => JobDest::Tcp {
+                    host,
+                    port,
+                    framing,
+                },
+                pg_emit_core::destination::Destination::Http { url, headers } => JobDest::Http {
+                    url,
+                    headers,
+                    setup: http.clone(),
+                },
+                pg_emit_core::destination::Destination::Stored { .. } => {
+                    JobDest::Unavailable(format!("stored destination {name:?} names another"))
+                }
+            },
+            Err(e) => JobDest::Unavailable(format!("stored destination {name:?}: {e}")),
+        },
+    )
+}
+
+const STORED_SQL: &str = "
+SELECT url, options::pg_catalog.text FROM emit.stored_destinations WHERE name = $1";
 
 /// The head of a destination's queue, in commit order. LIMIT is in the SQL
 /// so that the kept plan is an ordered index scan that stops early (and

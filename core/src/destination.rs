@@ -1,0 +1,360 @@
+//! Where events go: one [`Destination`] type for every delivery mode, from
+//! a URL (`tcp://host:port?framing=ndjson`, `http(s)://...`), from
+//! `row_to_socket`/`row_to_http` arguments, or from a stored destination
+//! (a name the DBA manages with `emit.create_destination`, whose options
+//! are [`StoredOptions`]).
+
+use crate::options::{self, Format, Framing, OptionError};
+use crate::transport::http;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+
+/// A destination, resolved to what the network layer needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Destination {
+    Tcp {
+        host: String,
+        port: u16,
+        framing: Framing,
+    },
+    Http {
+        url: String,
+        headers: Vec<(String, String)>,
+    },
+    /// A stored destination, as it was when the event was made. Async
+    /// events keep only the name: the worker reads the destination when
+    /// it delivers, so credentials never enter the outbox and a changed
+    /// URL applies to what is still queued.
+    Stored {
+        name: String,
+        endpoint: Box<Destination>,
+    },
+}
+
+impl Destination {
+    /// For messages: `host:port`, the URL, or the stored name.
+    pub fn name(&self) -> String {
+        match self {
+            Destination::Tcp { host, port, .. } => host_port(host, *port),
+            Destination::Http { url, .. } => url.clone(),
+            Destination::Stored { name, .. } => name.clone(),
+        }
+    }
+
+    /// Where bytes actually go.
+    pub fn endpoint(&self) -> &Destination {
+        match self {
+            Destination::Stored { endpoint, .. } => endpoint,
+            d => d,
+        }
+    }
+
+    /// Whether messages can share a write (kept-open ndjson connections).
+    pub fn coalesces(&self) -> bool {
+        matches!(
+            self.endpoint(),
+            Destination::Tcp {
+                framing: Framing::Ndjson,
+                ..
+            }
+        )
+    }
+
+    /// The destination key of `emit.outbox` and `emit.stats`: a URL, or a
+    /// stored destination's name. Headers are not shown (they may hold
+    /// credentials), only told apart by a stable hash of them.
+    pub fn key(&self) -> String {
+        match self {
+            Destination::Tcp {
+                framing: Framing::Close,
+                ..
+            } => format!("tcp://{}", self.name()),
+            Destination::Tcp {
+                framing: Framing::Ndjson,
+                ..
+            } => format!("tcp://{}?framing=ndjson", self.name()),
+            Destination::Http { url, headers } if headers.is_empty() => url.clone(),
+            Destination::Http { url, headers } => {
+                format!("{url} (headers {:08x})", fnv1a(headers) as u32)
+            }
+            Destination::Stored { name, .. } => name.clone(),
+        }
+    }
+
+    /// `host`, `port`, `framing`, `url` and `headers` of `emit.outbox`:
+    /// how the worker reaches the destination (`framing` is `stored` for a
+    /// stored destination, which the worker looks up by its key). Headers
+    /// are one "Name: value" per line.
+    pub fn outbox_columns(&self) -> (String, i32, String, Option<&str>, Option<String>) {
+        match self {
+            Destination::Tcp {
+                host,
+                port,
+                framing,
+            } => (
+                host.clone(),
+                i32::from(*port),
+                framing.to_string(),
+                None,
+                None,
+            ),
+            Destination::Http { url, headers } => {
+                let u = http::parse_url(url).ok();
+                let lines: String = headers.iter().map(|(k, v)| format!("{k}: {v}\n")).collect();
+                (
+                    u.as_ref().map(|u| u.host.clone()).unwrap_or_default(),
+                    u.map_or(0, |u| i32::from(u.port)),
+                    "http".to_string(),
+                    Some(url.as_str()),
+                    (!lines.is_empty()).then_some(lines),
+                )
+            }
+            Destination::Stored { .. } => (String::new(), 0, "stored".into(), None, None),
+        }
+    }
+}
+
+/// `host:port`, with brackets around IPv6 addresses.
+pub fn host_port(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+/// FNV-1a over the headers: a hash whose value Rust's standard library
+/// does not reserve the right to change between releases (`DefaultHasher`
+/// does), so outbox keys stay the same across upgrades.
+fn fnv1a(headers: &[(String, String)]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for (k, v) in headers {
+        for b in k.bytes().chain([0]).chain(v.bytes()).chain([0]) {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    h
+}
+
+/// Whether `dest` (a destination argument) is a URL rather than the name
+/// of a stored destination: names cannot contain `:`.
+pub fn is_url(dest: &str) -> bool {
+    dest.contains(':')
+}
+
+/// Parses a destination URL: `tcp://host:port[?framing=close|ndjson]`,
+/// `http://...` or `https://...`; `headers` go with HTTP.
+pub fn parse_url(input: &str, headers: Vec<(String, String)>) -> Result<Destination, OptionError> {
+    let scheme = input.split_once("://").map(|(s, _)| s.to_ascii_lowercase());
+    match scheme.as_deref() {
+        Some("http" | "https") => {
+            let u = http::parse_url(input)?;
+            Ok(Destination::Http {
+                url: u.url,
+                headers,
+            })
+        }
+        Some("tcp") => {
+            if !headers.is_empty() {
+                return Err(OptionError::Destination(format!(
+                    "{input:?}: headers apply to http:// and https:// destinations only"
+                )));
+            }
+            parse_tcp(input)
+        }
+        _ => Err(OptionError::Destination(format!(
+            "{input:?} is neither a destination URL (tcp://host:port, http://..., https://...) \
+             nor the name of a stored destination"
+        ))),
+    }
+}
+
+fn parse_tcp(input: &str) -> Result<Destination, OptionError> {
+    let bad = |why: &str| OptionError::Destination(format!("{input:?}: {why}"));
+    if input.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err(bad("a URL cannot contain whitespace or control characters"));
+    }
+    let u = url::Url::parse(input).map_err(|e| bad(&e.to_string()))?;
+    if !u.username().is_empty() || u.password().is_some() {
+        return Err(bad("tcp:// URLs carry no credentials"));
+    }
+    if !matches!(u.path(), "" | "/") || u.fragment().is_some() {
+        return Err(bad(
+            "a tcp:// URL is tcp://host:port[?framing=close|ndjson]",
+        ));
+    }
+    let host = u.host_str().unwrap_or_default();
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    options::check_host(host)?;
+    let port = u.port().ok_or_else(|| bad("the port is missing"))?;
+    options::check_port(i32::from(port))?;
+    let mut framing = Framing::Close;
+    for (k, v) in u.query_pairs() {
+        match (k.as_ref(), v.as_ref()) {
+            ("framing", "close") => framing = Framing::Close,
+            ("framing", "ndjson") => framing = Framing::Ndjson,
+            _ => {
+                return Err(bad(&format!(
+                    "unknown parameter {k}={v} (known: framing=close|ndjson)"
+                )))
+            }
+        }
+    }
+    Ok(Destination::Tcp {
+        host: host.to_string(),
+        port,
+        framing,
+    })
+}
+
+/// A stored destination's name: an identifier-like word, so that it can
+/// never be taken for a URL and reads well in `emit.stats` and logs.
+pub fn check_name(name: &str) -> Result<(), OptionError> {
+    let ok = name.len() <= 63
+        && name.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(OptionError::Destination(format!(
+            "destination name {name:?} must start with a letter or _ and contain only letters, \
+             digits, _, . and - (at most 63)"
+        )))
+    }
+}
+
+/// The `options` of a stored destination. Unknown keys are refused, so a
+/// typo is an error at `create_destination`, not a silent default.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoredOptions {
+    /// HTTP request headers (credentials live here, not in triggers).
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// The event shape; a trigger's own `format=` wins.
+    #[serde(default)]
+    pub format: Option<StoredFormat>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoredFormat {
+    Json,
+    Td,
+}
+
+impl From<StoredFormat> for Format {
+    fn from(f: StoredFormat) -> Self {
+        match f {
+            StoredFormat::Json => Format::Json,
+            StoredFormat::Td => Format::Td,
+        }
+    }
+}
+
+/// A stored destination's URL and options, checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stored {
+    pub endpoint: Destination,
+    pub format: Option<Format>,
+}
+
+/// Checks a stored destination's `url` and `options` (JSON text).
+pub fn parse_stored(url: &str, options: &str) -> Result<Stored, OptionError> {
+    let opts: StoredOptions = serde_json::from_str(options)
+        .map_err(|e| OptionError::Destination(format!("options: {e}")))?;
+    let headers = opts
+        .headers
+        .iter()
+        .map(|(k, v)| {
+            http::check_header(k, v)
+                .map(|()| (k.clone(), v.clone()))
+                .map_err(|_| {
+                    OptionError::Destination(format!("options: header {k:?} cannot be set"))
+                })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Stored {
+        endpoint: parse_url(url, headers)?,
+        format: opts.format.map(Format::from),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tcp_urls() {
+        assert_eq!(
+            parse_url("tcp://127.0.0.1:26200", vec![]).unwrap(),
+            Destination::Tcp {
+                host: "127.0.0.1".into(),
+                port: 26200,
+                framing: Framing::Close
+            }
+        );
+        let d = parse_url("tcp://[::1]:9?framing=ndjson", vec![]).unwrap();
+        assert_eq!(d.key(), "tcp://[::1]:9?framing=ndjson");
+        assert!(d.coalesces());
+        for bad in [
+            "tcp://127.0.0.1",
+            "tcp://127.0.0.1:0",
+            "tcp://127.0.0.1:70000",
+            "tcp://h:1/path",
+            "tcp://u:p@h:1",
+            "tcp://h:1?framing=xml",
+            "tcp://h:1?x=1",
+            "tcp://h :1",
+            "ftp://h:1",
+            "orders",
+        ] {
+            assert!(parse_url(bad, vec![]).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn http_urls_are_normalised_and_keep_headers() {
+        let h = vec![("Authorization".to_string(), "Bearer x".to_string())];
+        let d = parse_url("HTTP://Example.com:80/a", h).unwrap();
+        assert_eq!(d.name(), "http://example.com/a");
+        // The key hides the headers' values, and is stable across builds.
+        assert_eq!(d.key(), "http://example.com/a (headers 595907c5)");
+    }
+
+    #[test]
+    fn names() {
+        for ok in ["orders", "_x", "a.b-c_9"] {
+            assert!(check_name(ok).is_ok(), "{ok}");
+            assert!(!is_url(ok));
+        }
+        for bad in ["", "9a", "a b", "a:b", "tcp://x:1", &"a".repeat(64)] {
+            assert!(check_name(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn stored_options_are_typed_and_strict() {
+        let s = parse_stored(
+            "https://hooks.example/x",
+            r#"{"headers":{"Authorization":"Bearer s3cret"},"format":"td"}"#,
+        )
+        .unwrap();
+        assert_eq!(s.format, Some(Format::Td));
+        assert!(matches!(s.endpoint, Destination::Http { ref headers, .. } if headers.len() == 1));
+        let e = parse_stored("https://h/x", r#"{"header":{}}"#).unwrap_err();
+        assert!(e.to_string().contains("unknown field `header`"), "{e}");
+        let e = parse_stored("https://h/x", r#"{"format":"xml"}"#).unwrap_err();
+        assert!(e.to_string().contains("unknown variant `xml`"), "{e}");
+        let e = parse_stored("https://h/x", r#"{"headers":{"Host":"evil"}}"#).unwrap_err();
+        assert!(e.to_string().contains("\"Host\" cannot be set"), "{e}");
+        assert!(parse_stored("tcp://h:1", r#"{"headers":{"A":"b"}}"#).is_err());
+        assert!(parse_stored("tcp://h:1", "{}").is_ok());
+    }
+}

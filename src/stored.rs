@@ -1,0 +1,219 @@
+//! Stored destinations: `emit.create_destination`, `emit.alter_destination`,
+//! `emit.drop_destination`, and the lookup that triggers and `send_message`
+//! use to turn a name into a [`Target`].
+//!
+//! The URL and options (headers with credentials) live in
+//! `emit.stored_destinations`, readable only by superusers and `emit_admin`,
+//! never in `pg_trigger`. Backends keep what they looked up; the three
+//! functions invalidate the table's relcache entry, which every backend
+//! hears at the changing transaction's commit, so a changed URL applies to
+//! the next event everywhere.
+
+use crate::delivery::Target;
+use crate::error::EmitError;
+use crate::privileged::as_emit_owner;
+use pg_emit_core::destination::{self, Stored};
+use pg_emit_core::options::Format;
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::rc::Rc;
+
+/// A stored destination as events use it.
+pub struct Resolved {
+    /// [`Target::Stored`]: its name and endpoint.
+    pub target: Target,
+    pub format: Option<Format>,
+}
+
+thread_local! {
+    static CACHE: RefCell<HashMap<String, Rc<Resolved>>> = RefCell::default();
+    /// emit.stored_destinations, to tell its invalidations from others'.
+    static TABLE: Cell<pg_sys::Oid> = const { Cell::new(pg_sys::InvalidOid) };
+}
+
+pub fn init() {
+    // SAFETY: registering a static callback once, from _PG_init.
+    unsafe { pg_sys::CacheRegisterRelcacheCallback(Some(forget), pg_sys::Datum::from(0)) };
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn forget(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
+    if relid == pg_sys::InvalidOid || relid == TABLE.get() {
+        CACHE.with_borrow_mut(|c| c.clear());
+    }
+}
+
+/// The oid of emit.stored_destinations.
+fn table() -> pg_sys::Oid {
+    // SAFETY: syscache lookups inside a transaction.
+    let oid = unsafe {
+        let nsp = pg_sys::get_namespace_oid(c"emit".as_ptr(), false);
+        pg_sys::get_relname_relid(c"stored_destinations".as_ptr(), nsp)
+    };
+    TABLE.set(oid);
+    oid
+}
+
+/// The stored destination `name`; an ERROR naming `func` if there is none.
+pub fn lookup(func: &'static str, name: &str) -> Rc<Resolved> {
+    if let Some(r) = CACHE.with_borrow(|c| c.get(name).cloned()) {
+        return r;
+    }
+    table();
+    let row = as_emit_owner(|| {
+        Spi::get_two_with_args::<String, String>(
+            "SELECT d.url, d.options::pg_catalog.text FROM emit.stored_destinations d \
+              WHERE d.name = $1",
+            &[name.into()],
+        )
+    });
+    let (url, options) = match row {
+        Ok((Some(url), Some(options))) => (url, options),
+        _ => EmitError::NoSuchDestination {
+            func,
+            name: name.to_string(),
+        }
+        .raise(),
+    };
+    // Checked when stored; a row edited by hand gets the same message.
+    let Stored { endpoint, format } = destination::parse_stored(&url, &options)
+        .unwrap_or_else(|source| EmitError::Argument { func, source }.raise());
+    let r = Rc::new(Resolved {
+        target: Target::Stored {
+            name: name.to_string(),
+            endpoint: Box::new(endpoint),
+        },
+        format,
+    });
+    CACHE.with_borrow_mut(|c| c.insert(name.to_string(), r.clone()));
+    r
+}
+
+/// A destination argument: a URL, or the name of a stored destination.
+pub fn resolve(func: &'static str, dest: &str) -> Rc<Resolved> {
+    if destination::is_url(dest) {
+        let target = destination::parse_url(dest, Vec::new())
+            .unwrap_or_else(|source| EmitError::Argument { func, source }.raise());
+        return Rc::new(Resolved {
+            target,
+            format: None,
+        });
+    }
+    lookup(func, dest)
+}
+
+/// Tells every backend (this one too) to forget what it looked up, once
+/// the changing transaction commits.
+fn invalidate() {
+    // SAFETY: queues a relcache invalidation, sent at commit.
+    unsafe { pg_sys::CacheInvalidateRelcacheByRelid(table()) };
+}
+
+fn check(func: &'static str, name: &str, url: &str, options: &str) {
+    destination::check_name(name)
+        .and_then(|()| destination::parse_stored(url, options))
+        .unwrap_or_else(|source| EmitError::Argument { func, source }.raise());
+}
+
+fn stored(name: &str) -> Option<(String, String)> {
+    as_emit_owner(|| {
+        Spi::get_two_with_args::<String, String>(
+            "SELECT d.url, d.options::pg_catalog.text FROM emit.stored_destinations d \
+              WHERE d.name = $1",
+            &[name.into()],
+        )
+    })
+    .ok()
+    .and_then(|(u, o)| Some((u?, o?)))
+}
+
+#[pgrx::pg_schema]
+mod emit {
+    use super::*;
+    use pgrx::JsonB;
+
+    /// Stores a destination: `url` (tcp://, http://, https://) and
+    /// `options` (`headers`, `format`). Credentials go here, not into
+    /// trigger arguments, which every role can read in `pg_trigger`.
+    #[pg_extern(volatile, parallel_unsafe)]
+    fn create_destination(name: &str, url: &str, options: default!(JsonB, "'{}'")) {
+        let options = options.0.to_string();
+        check("emit.create_destination", name, url, &options);
+        if stored(name).is_some() {
+            EmitError::DestinationExists(name.to_string()).raise();
+        }
+        as_emit_owner(|| {
+            Spi::run_with_args(
+                "INSERT INTO emit.stored_destinations (name, url, options) \
+                 VALUES ($1, $2, $3::pg_catalog.jsonb)",
+                &[name.into(), url.into(), options.as_str().into()],
+            )
+        })
+        .unwrap_or_else(|e| pgrx::error!("emit.create_destination: {e}"));
+        invalidate();
+    }
+
+    /// Changes a stored destination's URL, options, or both (NULL keeps
+    /// what is there). Events fired afterwards, and async events still
+    /// queued, go to the new URL with the new options.
+    #[pg_extern(volatile, parallel_unsafe)]
+    fn alter_destination(
+        name: Option<&str>,
+        url: default!(Option<&str>, "NULL"),
+        options: default!(Option<JsonB>, "NULL"),
+    ) {
+        let func = "emit.alter_destination";
+        let Some(name) = name else {
+            pgrx::pg_sys::panic::ErrorReport::new(
+                pgrx::PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
+                format!("{func}: name must not be NULL"),
+                "pg_emit",
+            )
+            .report(pgrx::PgLogLevel::ERROR);
+            unreachable!("ERROR returned")
+        };
+        let Some((old_url, old_options)) = stored(name) else {
+            EmitError::NoSuchDestination {
+                func,
+                name: name.to_string(),
+            }
+            .raise()
+        };
+        let url = url.map_or(old_url, str::to_string);
+        let options = options.map_or(old_options, |o| o.0.to_string());
+        check(func, name, &url, &options);
+        as_emit_owner(|| {
+            Spi::run_with_args(
+                "UPDATE emit.stored_destinations \
+                    SET url = $2, options = $3::pg_catalog.jsonb, updated_at = pg_catalog.now() \
+                  WHERE name = $1",
+                &[name.into(), url.as_str().into(), options.as_str().into()],
+            )
+        })
+        .unwrap_or_else(|e| pgrx::error!("{func}: {e}"));
+        invalidate();
+    }
+
+    /// Forgets a stored destination. Triggers that name it fail at their
+    /// next firing; async events still queued for it wait (retried, then
+    /// dead-lettered under pg_emit.max_age) until it is created again.
+    #[pg_extern(volatile, parallel_unsafe)]
+    fn drop_destination(name: &str) {
+        let deleted = as_emit_owner(|| {
+            Spi::get_one_with_args::<String>(
+                "DELETE FROM emit.stored_destinations WHERE name = $1 RETURNING name",
+                &[name.into()],
+            )
+        });
+        if !matches!(deleted, Ok(Some(_))) {
+            EmitError::NoSuchDestination {
+                func: "emit.drop_destination",
+                name: name.to_string(),
+            }
+            .raise();
+        }
+        invalidate();
+    }
+}

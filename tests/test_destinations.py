@@ -1,0 +1,238 @@
+"""Stored destinations (emit.create_destination / alter / drop),
+row_to_destination and send_message, against real receivers."""
+
+import json
+
+import psycopg
+import pytest
+
+from conftest import Session
+from pgcluster import wait_until
+from receivers import HttpReceiver, Receiver, free_port
+
+pytestmark = pytest.mark.usefixtures("fast_retries")
+
+SECRET = "Bearer s3cret-token-do-not-log"
+
+
+@pytest.fixture
+def dest(db, request):
+    """A stored destination name for this test, dropped afterwards."""
+    name = "d_" + request.node.name.split("[")[0][-40:]
+    yield name
+    if db.one("SELECT count(*) FROM emit.stored_destinations WHERE name = %s", (name,)):
+        db.execute("SELECT emit.drop_destination(%s)", (name,))
+
+
+def body(req):
+    return json.loads(req[3])
+
+
+def test_stored_http_destination_keeps_credentials_out_of_triggers_and_stats(db, table, dest):
+    rx = HttpReceiver()
+    try:
+        db.execute(
+            "SELECT emit.create_destination(%s, %s, %s)",
+            (dest, rx.url, json.dumps({"headers": {"Authorization": SECRET}})),
+        )
+        db.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, v text)")
+        db.execute(
+            f"CREATE TRIGGER out AFTER INSERT ON {table} FOR EACH ROW "
+            f"EXECUTE FUNCTION row_to_destination('{dest}', 'delivery=async')"
+        )
+        db.execute(f"INSERT INTO {table} VALUES (1, 'a'), (2, 'b')")
+        got = rx.wait_for(2)
+        assert [body(r)["new"]["id"] for r in got] == [1, 2]
+        assert all(r[2]["authorization"] == SECRET for r in got)
+        assert all(isinstance(body(r)["id"], int) for r in got)
+        # The secret is in the catalog only: not in pg_trigger, not in stats.
+        args = db.one(
+            "SELECT encode(tgargs, 'escape') FROM pg_trigger WHERE tgname = 'out' "
+            "AND tgrelid = %s::regclass", (table,)
+        )
+        assert "s3cret" not in args
+        stats = db.execute("SELECT * FROM emit.stats WHERE destination = %s", (dest,)).fetchall()
+        assert stats and "s3cret" not in repr(stats)
+        assert wait_until(lambda: db.one(
+            "SELECT delivered FROM emit.stats WHERE destination = %s", (dest,)) == 2)
+    finally:
+        rx.close()
+
+
+def test_alter_redirects_later_and_queued_events(db, table, dest):
+    old, new = HttpReceiver(), HttpReceiver()
+    try:
+        db.execute("SELECT emit.create_destination(%s, %s)", (dest, old.url))
+        db.execute(f"CREATE TABLE {table} (id int PRIMARY KEY)")
+        db.execute(
+            f"CREATE TRIGGER out AFTER INSERT ON {table} FOR EACH ROW "
+            f"EXECUTE FUNCTION row_to_destination('{dest}', 'delivery=async')"
+        )
+        db.execute(f"INSERT INTO {table} VALUES (1)")
+        assert len(old.wait_for(1)) == 1
+        # The old receiver goes away with an event queued for it.
+        old.kill()
+        db.execute(f"INSERT INTO {table} VALUES (2)")
+        assert wait_until(lambda: db.one(
+            "SELECT failed_attempts FROM emit.stats WHERE destination = %s", (dest,)) > 0, 10)
+        # One ALTER, no trigger touched: the queued event and later ones go
+        # to the new URL, sync ones too.
+        db.execute("SELECT emit.alter_destination(%s, url => %s)", (dest, new.url))
+        db.execute(f"INSERT INTO {table} VALUES (3)")
+        got = new.wait_for(2, timeout=15)
+        assert [body(r)["new"]["id"] for r in got] == [2, 3]
+        db.execute(
+            f"CREATE TRIGGER out_sync AFTER INSERT ON {table} FOR EACH ROW "
+            f"EXECUTE FUNCTION row_to_destination('{dest}')"
+        )
+        db.execute(f"INSERT INTO {table} VALUES (4)")
+        assert sorted(body(r)["new"]["id"] for r in new.wait_for(4)) == [2, 3, 4, 4]
+    finally:
+        new.close()
+
+
+def test_a_change_is_seen_by_other_sessions_at_once(cluster, db, table, dest):
+    a, b = Receiver("ndjson"), Receiver("ndjson")
+    other = Session(cluster)
+    try:
+        db.execute("SELECT emit.create_destination(%s, %s)",
+                   (dest, f"tcp://127.0.0.1:{a.port}?framing=ndjson"))
+        db.execute(f"CREATE TABLE {table} (id int)")
+        db.execute(f"CREATE TRIGGER out AFTER INSERT ON {table} FOR EACH ROW "
+                   f"EXECUTE FUNCTION row_to_destination('{dest}')")
+        other.execute(f"INSERT INTO {table} VALUES (1)")  # caches the lookup
+        assert len(a.wait_for(1)) == 1
+        db.execute("SELECT emit.alter_destination(%s, %s)",
+                   (dest, f"tcp://127.0.0.1:{b.port}?framing=ndjson"))
+        other.execute(f"INSERT INTO {table} VALUES (2)")
+        assert [json.loads(m)["new"]["id"] for m in b.wait_for(1)] == [2]
+        assert len(a.messages) == 1
+    finally:
+        other.close()
+        a.close()
+        b.close()
+
+
+def test_dropped_destination_fails_triggers_and_holds_queued_events(db, table, dest):
+    port = free_port()
+    db.execute("SELECT emit.create_destination(%s, %s)", (dest, f"tcp://127.0.0.1:{port}?framing=ndjson"))
+    db.execute(f"CREATE TABLE {table} (id int)")
+    db.execute(f"CREATE TRIGGER out AFTER INSERT ON {table} FOR EACH ROW "
+               f"EXECUTE FUNCTION row_to_destination('{dest}', 'delivery=async')")
+    db.execute(f"INSERT INTO {table} VALUES (1)")
+    db.execute("SELECT emit.drop_destination(%s)", (dest,))
+    with pytest.raises(psycopg.errors.UndefinedObject) as e:
+        db.execute(f"INSERT INTO {table} VALUES (2)")
+    assert f'destination "{dest}" does not exist' in str(e.value)
+    # The queued event waits, saying why.
+    assert wait_until(lambda: "does not exist" in (db.one(
+        "SELECT last_error FROM emit.stats WHERE destination = %s", (dest,)) or ""), 10)
+    rx = Receiver("ndjson", port=port)
+    try:
+        db.execute("SELECT emit.create_destination(%s, %s)", (dest, f"tcp://127.0.0.1:{port}?framing=ndjson"))
+        got = rx.wait_for(1, timeout=15)
+        assert [json.loads(m)["new"]["id"] for m in got] == [1]
+    finally:
+        rx.close()
+
+
+@pytest.mark.parametrize("call, state, text", [
+    ("emit.create_destination('x', 'tcp://127.0.0.1:1', '{\"header\": {}}')", "22023", "unknown field `header`"),
+    ("emit.create_destination('x', 'tcp://127.0.0.1:1', '{\"headers\": {\"A\": \"b\"}}')", "22023",
+     "headers apply to http"),
+    ("emit.create_destination('x', 'https://h/x', '{\"headers\": {\"webhook-signature\": \"v1,x\"}}')",
+     "22023", "cannot be set"),
+    ("emit.create_destination('x', 'https://h/x', '{\"format\": \"xml\"}')", "22023", "unknown variant `xml`"),
+    ("emit.create_destination('x', 'ftp://h/x')", "22023", "neither a destination URL"),
+    ("emit.create_destination('x', 'tcp://h')", "22023", "port is missing"),
+    ("emit.create_destination('1x', 'tcp://h:1')", "22023", "must start with a letter"),
+    ("emit.create_destination('a:b', 'tcp://h:1')", "22023", "must start with a letter"),
+    ("emit.alter_destination('nope', 'tcp://h:1')", "42704", 'destination "nope" does not exist'),
+    ("emit.alter_destination(NULL, 'tcp://h:1')", "22004", "name must not be NULL"),
+    ("emit.drop_destination('nope')", "42704", 'destination "nope" does not exist'),
+    ("send_message('nope', '{}')", "42704", 'destination "nope" does not exist'),
+    ("send_message('tcp://127.0.0.1:1', '{}', 'later')", "22023", "sync, commit or async"),
+    ("send_message('tcp://127.0.0.1:1', '[1,2]')", "22023", "must be a JSON object"),
+    ("send_message('tcp://127.0.0.1:1', 'hello')", "22023", "not JSON"),
+])
+def test_bad_input_is_refused_with_its_sqlstate(db, call, state, text):
+    with pytest.raises(psycopg.Error) as e:
+        db.execute(f"SELECT {call}")
+    assert e.value.sqlstate == state, e.value
+    assert text in str(e.value)
+
+
+def test_create_twice_is_a_duplicate(db, dest):
+    db.execute("SELECT emit.create_destination(%s, 'tcp://127.0.0.1:1')", (dest,))
+    with pytest.raises(psycopg.errors.DuplicateObject):
+        db.execute("SELECT emit.create_destination(%s, 'tcp://127.0.0.1:2')", (dest,))
+
+
+def test_trigger_arguments_are_checked(db, table):
+    db.execute(f"CREATE TABLE {table} (id int)")
+    db.execute(f"CREATE TRIGGER out AFTER INSERT ON {table} FOR EACH ROW "
+               "EXECUTE FUNCTION row_to_destination('tcp://127.0.0.1:1', 'framing=ndjson')")
+    with pytest.raises(psycopg.errors.InvalidParameterValue) as e:
+        db.execute(f"INSERT INTO {table} VALUES (1)")
+    assert "unknown option \"framing\"" in str(e.value)
+    assert "row_to_destination takes" in e.value.diag.message_hint
+
+
+def test_only_emit_admin_manages_and_reads_destinations(cluster, db, dest):
+    for role, grant in (("dest_sender", "emit_sender"), ("dest_admin", "emit_admin")):
+        db.execute(f"DROP ROLE IF EXISTS {role}")
+        db.execute(f"CREATE ROLE {role} LOGIN IN ROLE {grant}")
+    db.execute("SELECT emit.create_destination(%s, 'https://h/x', %s)",
+               (dest, json.dumps({"headers": {"Authorization": SECRET}})))
+    sender = Session(cluster, user="dest_sender")
+    admin = Session(cluster, user="dest_admin")
+    try:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            sender.execute("SELECT emit.create_destination('mine', 'tcp://127.0.0.1:1')")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            sender.execute("SELECT * FROM emit.stored_destinations")
+        # The sender may use it by name without seeing it.
+        assert sender.one("SELECT send_message(%s, '{}', 'commit')", (dest,)) is True
+        assert SECRET in admin.one("SELECT options::text FROM emit.stored_destinations WHERE name = %s", (dest,))
+        admin.execute("SELECT emit.alter_destination(%s, options => '{}')", (dest,))
+    finally:
+        sender.close()
+        admin.close()
+        db.execute("DROP ROLE dest_sender")
+        db.execute("DROP ROLE dest_admin")
+
+
+def test_send_message_in_each_mode(db, dest):
+    nd = Receiver("ndjson")
+    eof = Receiver("eof")
+    try:
+        url = f"tcp://127.0.0.1:{nd.port}?framing=ndjson"
+        db.execute("SELECT emit.create_destination(%s, %s)", (dest, url))
+        # sync: sent before the call returns; a multi-line object is one line.
+        assert db.one("SELECT send_message(%s, %s, 'sync')", (dest, '{\n "n": 1\n}')) is True
+        assert nd.wait_for(1) == [b'{"n":1}']
+        # sync with close framing: the bytes as given.
+        assert db.one("SELECT send_message(%s, 'plain text', 'sync')", (f"tcp://127.0.0.1:{eof.port}",)) is True
+        assert eof.wait_for(1) == [b"plain text"]
+        # sync to nobody: false, and a WARNING saying why.
+        assert db.one("SELECT send_message(%s, '{}', 'sync')", (f"tcp://127.0.0.1:{free_port()}",)) is False
+        assert "refused" in db.warnings()[-1]
+        # commit: nothing for a rollback, the message after a commit.
+        db.execute("BEGIN")
+        db.execute("SELECT send_message(%s, '{\"n\":2}', 'commit')", (dest,))
+        db.execute("ROLLBACK")
+        db.execute("BEGIN")
+        db.execute("SELECT send_message(%s, '{\"n\":3}', 'commit')", (dest,))
+        db.execute("COMMIT")
+        # async (the default): durable, with the worker's id first.
+        db.execute("BEGIN")
+        db.execute("SELECT send_message(%s, '{\"n\":4}')", (dest,))
+        db.execute("ROLLBACK")
+        assert db.one("SELECT send_message(%s, '{\"n\":5}', key => 'k1')", (dest,)) is True
+        got = [json.loads(m) for m in nd.wait_for(3)]
+        assert [m["n"] for m in got] == [1, 3, 5]
+        assert list(got[2])[:2] == ["id", "stream"]
+        assert db.one("SELECT send_message(NULL, '{}')") is None
+    finally:
+        nd.close()
+        eof.close()
