@@ -45,7 +45,12 @@ CREATE TABLE emit.outbox (
     part            bigint  NOT NULL DEFAULT 0,
     -- The writing transaction (full transaction id), to group a prepared
     -- transaction's rows when the worker gives them their tx_seq.
-    tx              bigint
+    tx              bigint,
+    -- Each event's ordering key (a hash of the row's primary key or
+    -- replica identity, or of send_message's key); NULL for an event
+    -- without one, which is delivered after everything before it and
+    -- before everything after it. NULL for the whole row: no event has one.
+    keys            bigint[]
 );
 CREATE INDEX outbox_queue ON emit.outbox (destination, tx_seq, part);
 CREATE INDEX outbox_unsequenced ON emit.outbox (tx) WHERE tx_seq IS NULL;

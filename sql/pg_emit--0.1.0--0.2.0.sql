@@ -27,7 +27,8 @@ CREATE SEQUENCE emit.tx_seq;
 REVOKE ALL ON SEQUENCE emit.tx_seq FROM PUBLIC;
 ALTER TABLE emit.outbox ADD COLUMN tx_seq bigint,
                         ADD COLUMN part bigint NOT NULL DEFAULT 0,
-                        ADD COLUMN tx bigint;
+                        ADD COLUMN tx bigint,
+                        ADD COLUMN keys bigint[];
 UPDATE emit.outbox SET tx_seq = id;
 SELECT pg_catalog.setval('emit.tx_seq',
                          (SELECT pg_catalog.max(id) FROM emit.outbox), true)

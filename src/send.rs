@@ -57,9 +57,10 @@ fn send_socket(msg: &str, host: &str, port: i32) -> i32 {
 /// failed (with a WARNING). NULL `dest` or `msg` gives NULL.
 ///
 /// `async` messages must be JSON objects (the worker adds its `id`); any
-/// message to an ndjson destination is sent as one line. `key` names the
-/// message's ordering key; each destination keeps commit order for all
-/// its events, which keeps every key's order too.
+/// message to an ndjson destination is sent as one line. `key` is the
+/// message's ordering key for async delivery: messages with the same key
+/// arrive in commit order, others may overtake them; without a key a
+/// message is ordered against every other event of its destination.
 #[pg_extern(volatile, parallel_unsafe)]
 fn send_message(
     dest: Option<&str>,
@@ -69,7 +70,8 @@ fn send_message(
 ) -> Option<bool> {
     const FUNC: &str = "send_message";
     let (dest, msg) = (dest?, msg?);
-    let _ = key;
+    // No key: ordered against every other event of the destination.
+    let key = key.map(|k| pg_emit_core::schedule::key_hash([Some(k.as_bytes())]));
     let mode = match delivery.map(str::to_ascii_lowercase).as_deref() {
         Some("sync") => Delivery::Sync,
         Some("commit") => Delivery::Commit,
@@ -125,7 +127,7 @@ fn send_message(
             true
         }
         Delivery::Async => {
-            outbox::queue(target, &buf);
+            outbox::queue(target, &buf, key);
             true
         }
     })

@@ -78,7 +78,9 @@ pub fn lookup(func: &'static str, name: &str) -> Rc<Resolved> {
         .raise(),
     };
     // Checked when stored; a row edited by hand gets the same message.
-    let Stored { endpoint, format } = destination::parse_stored(&url, &options)
+    let Stored {
+        endpoint, format, ..
+    } = destination::parse_stored(&url, &options)
         .unwrap_or_else(|source| EmitError::Argument { func, source }.raise());
     let r = Rc::new(Resolved {
         target: Target::Stored {

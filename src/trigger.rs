@@ -346,6 +346,15 @@ fn fire(td: &pg_sys::TriggerData, func: Func) -> pg_sys::Datum {
             (true, _) => (None, Some(tuple_json(td.tg_trigtuple, desc))),
         }
     };
+    // The ordering key of async events: the row's replica identity (its
+    // primary key unless the table says otherwise), before an UPDATE.
+    let key = match (mode, op) {
+        (Delivery::Async, Op::Insert) => unsafe { row_key(td.tg_relation, td.tg_trigtuple) },
+        (Delivery::Async, Op::Update | Op::Delete) if row_level => unsafe {
+            row_key(td.tg_relation, td.tg_trigtuple)
+        },
+        _ => None,
+    };
     let what = || format!("a row for {}", firing.describe());
     let new = new.map(|b| encoding::to_utf8(b, &what));
     let old = old.map(|b| encoding::to_utf8(b, &what));
@@ -374,7 +383,7 @@ fn fire(td: &pg_sys::TriggerData, func: Func) -> pg_sys::Datum {
             old.as_deref(),
             one_line(target, mode),
         );
-        send(&firing, target, mode, buf);
+        send(&firing, target, mode, buf, key);
         // Large rows must not pin megabytes per backend for its lifetime.
         if buf.capacity() > 1 << 20 {
             *buf = Vec::new();
@@ -393,13 +402,75 @@ fn fire(td: &pg_sys::TriggerData, func: Func) -> pg_sys::Datum {
     pg_sys::Datum::from(row)
 }
 
+/// A row's ordering key: its replica identity columns (the primary key by
+/// default) hashed with the table's oid; `None` for a table without one
+/// (its events are then ordered against every other event).
+///
+/// # Safety
+/// `rel` and `tuple` must belong to the firing.
+unsafe fn row_key(rel: pg_sys::Relation, tuple: pg_sys::HeapTuple) -> Option<i64> {
+    let cols = pg_sys::RelationGetIndexAttrBitmap(
+        rel,
+        pg_sys::IndexAttrBitmapKind::INDEX_ATTR_BITMAP_IDENTITY_KEY,
+    );
+    if cols.is_null() {
+        return None;
+    }
+    let desc = (*rel).rd_att;
+    let mut parts: Vec<Option<Cow<'_, [u8]>>> = vec![Some(Cow::Owned(
+        (*rel).rd_id.to_u32().to_le_bytes().to_vec(),
+    ))];
+    let mut member = -1;
+    loop {
+        member = pg_sys::bms_next_member(cols, member);
+        if member < 0 {
+            break;
+        }
+        let attnum = member + pg_sys::FirstLowInvalidHeapAttributeNumber;
+        let att = &*(*desc).attrs.as_ptr().add((attnum - 1) as usize);
+        let mut isnull = false;
+        let datum = pg_sys::heap_getattr(tuple, attnum, desc, &mut isnull);
+        parts.push((!isnull).then(|| datum_bytes(datum, att)));
+    }
+    pg_sys::bms_free(cols);
+    Some(pg_emit_core::schedule::key_hash(
+        parts.iter().map(|p| p.as_deref()),
+    ))
+}
+
+/// The bytes of a datum's value (detoasted), to hash it.
+///
+/// # Safety
+/// `datum` must be a non-NULL value of the type `att` describes; borrowed
+/// bytes live as long as the current memory context.
+unsafe fn datum_bytes<'a>(
+    datum: pg_sys::Datum,
+    att: &pg_sys::FormData_pg_attribute,
+) -> Cow<'a, [u8]> {
+    match att.attlen {
+        _ if att.attbyval => {
+            let n = usize::try_from(att.attlen).unwrap_or(8).min(8);
+            Cow::Owned(datum.value().to_le_bytes()[..n].to_vec())
+        }
+        -1 => {
+            let v = pg_sys::pg_detoast_datum_packed(datum.cast_mut_ptr());
+            Cow::Borrowed(pgrx::varlena::varlena_to_byte_slice(v))
+        }
+        -2 => Cow::Borrowed(std::ffi::CStr::from_ptr(datum.cast_mut_ptr()).to_bytes()),
+        n => Cow::Borrowed(std::slice::from_raw_parts(
+            datum.cast_mut_ptr::<u8>(),
+            n as usize,
+        )),
+    }
+}
+
 /// Async events are stored one per line, and ndjson sends one per line.
 fn one_line(target: &Target, mode: Delivery) -> bool {
     target.coalesces() || mode == Delivery::Async
 }
 
 /// Hands one finished message in `buf` to its delivery mode.
-fn send(firing: &Firing<'_>, target: &Target, mode: Delivery, buf: &mut Vec<u8>) {
+fn send(firing: &Firing<'_>, target: &Target, mode: Delivery, buf: &mut Vec<u8>, key: Option<i64>) {
     if target.coalesces() && mode != Delivery::Async {
         buf.push(b'\n');
     }
@@ -416,7 +487,7 @@ fn send(firing: &Firing<'_>, target: &Target, mode: Delivery, buf: &mut Vec<u8>)
     match mode {
         Delivery::Sync => sync::deliver(&context, target, buf),
         Delivery::Commit => commit::hold(&context, target, buf),
-        Delivery::Async => outbox::queue(target, buf),
+        Delivery::Async => outbox::queue(target, buf, key),
     }
 }
 
@@ -522,7 +593,7 @@ fn fire_statement(
             let row_len = new.as_ref().map_or(4, Vec::len) + old.as_ref().map_or(4, Vec::len);
             if in_message > 0 && buf.len() + row_len > cap {
                 event::end_batch(&mut buf);
-                send(firing, target, mode, &mut buf);
+                send(firing, target, mode, &mut buf, None);
                 buf.clear();
                 in_message = 0;
             }
@@ -540,7 +611,7 @@ fn fire_statement(
         }
         if in_message > 0 {
             event::end_batch(&mut buf);
-            send(firing, target, mode, &mut buf);
+            send(firing, target, mode, &mut buf, None);
         }
         for (_, _, slot) in new_r.iter().chain(old_r.iter()) {
             pg_sys::ExecDropSingleTupleTableSlot(*slot);

@@ -178,10 +178,11 @@ class HttpReceiver:
     and answers from a script: a list of (status, headers, body) used one
     per request, then `default`. `tls` is an ssl.SSLContext for HTTPS.
     `echo`: the reply body is the request body (as many error pages do).
-    `port`: listen there (a receiver restarted on the same address)."""
+    `port`: listen there (a receiver restarted on the same address).
+    `delay`: seconds each request takes (a slow webhook handler)."""
 
     def __init__(self, script=None, default=(200, {}, b"ok"), tls=None, hang=False, echo=False,
-                 port=0):
+                 port=0, delay=0.0):
         import http.server
 
         self.requests = []
@@ -222,6 +223,8 @@ class HttpReceiver:
                     outer.cond.notify_all()
                 if outer.hang:
                     time.sleep(3600)
+                if delay:
+                    time.sleep(delay)
                 if echo:
                     reply = body
                 self.send_response(status)

@@ -242,8 +242,10 @@ def test_async_reuses_keep_alive_connections(db, table, web):
     db.execute(f"INSERT INTO {table} SELECT g, 'x' FROM generate_series(1, 50) g")
     reqs = web.wait_for(50, timeout=10)
     assert len(reqs) == 50
-    assert [body_json(r)["new"]["id"] for r in reqs] == list(range(1, 51))
-    assert len(web.peers) == 1  # one connection for all 50 requests
+    # Different rows go in parallel (up to 32 at once), over kept-alive
+    # connections: fewer connections than requests.
+    assert sorted(body_json(r)["new"]["id"] for r in reqs) == list(range(1, 51))
+    assert len(web.peers) <= 32
 
 
 def test_worker_holds_no_transaction_while_waiting_on_http(db, table):

@@ -5,6 +5,7 @@
 //! are [`StoredOptions`]).
 
 use crate::options::{self, Format, Framing, OptionError};
+use crate::schedule::Order;
 use crate::transport::http;
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -240,7 +241,37 @@ pub struct StoredOptions {
     /// The event shape; a trigger's own `format=` wins.
     #[serde(default)]
     pub format: Option<StoredFormat>,
+    /// HTTP requests in flight at once (async delivery), 1 to
+    /// [`http::MAX_CONCURRENCY`].
+    #[serde(default)]
+    pub concurrency: Option<usize>,
+    /// `key` (default), `destination` or `none`: see [`Order`].
+    #[serde(default)]
+    pub order: Option<StoredOrder>,
 }
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoredOrder {
+    Key,
+    Destination,
+    None,
+}
+
+impl From<StoredOrder> for Order {
+    fn from(o: StoredOrder) -> Self {
+        match o {
+            StoredOrder::Key => Order::Key,
+            StoredOrder::Destination => Order::Destination,
+            StoredOrder::None => Order::None,
+        }
+    }
+}
+
+/// HTTP requests in flight per destination unless its options say: enough
+/// that a receiver taking 20 ms per request gets 1,600 a second, few enough
+/// to be polite to one that is small.
+pub const DEFAULT_CONCURRENCY: usize = 32;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -263,6 +294,8 @@ impl From<StoredFormat> for Format {
 pub struct Stored {
     pub endpoint: Destination,
     pub format: Option<Format>,
+    pub concurrency: usize,
+    pub order: Order,
 }
 
 /// Checks a stored destination's `url` and `options` (JSON text).
@@ -280,9 +313,18 @@ pub fn parse_stored(url: &str, options: &str) -> Result<Stored, OptionError> {
                 })
         })
         .collect::<Result<Vec<_>, _>>()?;
+    let concurrency = opts.concurrency.unwrap_or(DEFAULT_CONCURRENCY);
+    if !(1..=http::MAX_CONCURRENCY).contains(&concurrency) {
+        return Err(OptionError::Destination(format!(
+            "options: concurrency {concurrency} is not between 1 and {}",
+            http::MAX_CONCURRENCY
+        )));
+    }
     Ok(Stored {
         endpoint: parse_url(url, headers)?,
         format: opts.format.map(Format::from),
+        concurrency,
+        order: opts.order.map_or(Order::Key, Order::from),
     })
 }
 
@@ -356,5 +398,18 @@ mod tests {
         assert!(e.to_string().contains("\"Host\" cannot be set"), "{e}");
         assert!(parse_stored("tcp://h:1", r#"{"headers":{"A":"b"}}"#).is_err());
         assert!(parse_stored("tcp://h:1", "{}").is_ok());
+        let s = parse_stored("https://h/x", r#"{"concurrency":64,"order":"none"}"#).unwrap();
+        assert_eq!((s.concurrency, s.order), (64, Order::None));
+        assert_eq!(
+            parse_stored("https://h/x", "{}").unwrap().concurrency,
+            DEFAULT_CONCURRENCY
+        );
+        for bad in [
+            r#"{"concurrency":0}"#,
+            r#"{"concurrency":5000}"#,
+            r#"{"order":"fifo"}"#,
+        ] {
+            assert!(parse_stored("https://h/x", bad).is_err(), "{bad}");
+        }
     }
 }

@@ -16,5 +16,6 @@ pub mod event;
 pub mod job;
 pub mod options;
 pub mod pending;
+pub mod schedule;
 pub mod security;
 pub mod transport;

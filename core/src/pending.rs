@@ -16,8 +16,8 @@
 pub struct Pending<K> {
     dests: Vec<K>,
     bytes: Vec<u8>,
-    /// (destination index, end offset in `bytes`, ordinal).
-    events: Vec<(u32, usize, u64)>,
+    /// (destination index, end offset in `bytes`, ordinal, ordering key).
+    events: Vec<(u32, usize, u64, Option<i64>)>,
     /// (subtransaction id, events.len(), bytes.len()) at its start.
     marks: Vec<(u32, usize, usize)>,
     /// The ordinal of the next event: its place among all events of the
@@ -58,6 +58,18 @@ impl<K: PartialEq + Clone> Pending<K> {
 
     /// Adds one message for `dest`, refusing to grow past `limit` bytes.
     pub fn push(&mut self, dest: &K, msg: &[u8], limit: usize) -> Result<(), Full> {
+        self.push_keyed(dest, msg, None, limit)
+    }
+
+    /// [`Pending::push`] with the message's ordering key (see
+    /// [`crate::schedule`]).
+    pub fn push_keyed(
+        &mut self,
+        dest: &K,
+        msg: &[u8],
+        key: Option<i64>,
+        limit: usize,
+    ) -> Result<(), Full> {
         if self.bytes.len() + msg.len() > limit {
             return Err(Full { limit });
         }
@@ -69,7 +81,8 @@ impl<K: PartialEq + Clone> Pending<K> {
             }
         } as u32;
         self.bytes.extend_from_slice(msg);
-        self.events.push((idx, self.bytes.len(), self.next_ordinal));
+        self.events
+            .push((idx, self.bytes.len(), self.next_ordinal, key));
         self.next_ordinal += 1;
         Ok(())
     }
@@ -143,25 +156,27 @@ impl<K: PartialEq + Clone> Pending<K> {
 
     /// Events in order, each with its destination.
     pub fn iter(&self) -> impl Iterator<Item = (&K, &[u8])> {
-        self.iter_from(0).map(|(d, m, _)| (d, m))
+        self.iter_from(0).map(|(d, m, _, _)| (d, m))
     }
 
-    /// The current level's events in order, each with its destination and
-    /// ordinal.
-    pub fn current_level(&self) -> impl Iterator<Item = (&K, &[u8], u64)> {
+    /// The current level's events in order, each with its destination,
+    /// ordinal and ordering key.
+    pub fn current_level(&self) -> impl Iterator<Item = (&K, &[u8], u64, Option<i64>)> {
         self.iter_from(self.marks.last().map_or(0, |&(_, e, _)| e))
     }
 
-    fn iter_from(&self, first: usize) -> impl Iterator<Item = (&K, &[u8], u64)> {
+    fn iter_from(&self, first: usize) -> impl Iterator<Item = (&K, &[u8], u64, Option<i64>)> {
         let mut start = match first {
             0 => 0,
             i => self.events[i - 1].1,
         };
-        self.events[first..].iter().map(move |&(d, end, ordinal)| {
-            let msg = &self.bytes[start..end];
-            start = end;
-            (&self.dests[d as usize], msg, ordinal)
-        })
+        self.events[first..]
+            .iter()
+            .map(move |&(d, end, ordinal, key)| {
+                let msg = &self.bytes[start..end];
+                start = end;
+                (&self.dests[d as usize], msg, ordinal, key)
+            })
     }
 }
 
@@ -250,7 +265,7 @@ mod tests {
         p.push(&"b", b"in2", 100).unwrap();
         let level: Vec<_> = p
             .current_level()
-            .map(|(d, m, o)| (*d, m.to_vec(), o))
+            .map(|(d, m, o, _)| (*d, m.to_vec(), o))
             .collect();
         assert_eq!(
             level,
@@ -259,11 +274,11 @@ mod tests {
         p.drain_current_level();
         p.push(&"a", b"in3", 100).unwrap();
         assert_eq!(
-            p.current_level().map(|(_, _, o)| o).collect::<Vec<_>>(),
+            p.current_level().map(|(_, _, o, _)| o).collect::<Vec<_>>(),
             [3]
         );
         p.commit_sub(2);
-        let all: Vec<_> = p.iter_from(0).map(|(_, m, o)| (m.to_vec(), o)).collect();
+        let all: Vec<_> = p.iter_from(0).map(|(_, m, o, _)| (m.to_vec(), o)).collect();
         assert_eq!(all, [(b"outer".to_vec(), 0), (b"in3".to_vec(), 3)]);
     }
 

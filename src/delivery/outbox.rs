@@ -37,6 +37,8 @@ struct Chunk {
     first: u64,
     last: u64,
     payload: Vec<u8>,
+    /// Each event's ordering key (see pg_emit_core::schedule).
+    keys: Vec<Option<i64>>,
 }
 
 thread_local! {
@@ -82,9 +84,9 @@ enum Seq {
 /// pass [`FLUSH_BYTES`]: rows written inside a subtransaction are rolled
 /// back with it, so memory stays bounded however much a transaction queues,
 /// at any nesting (see also [`pre_commit_sub`]).
-pub fn queue(target: &Target, event: &[u8]) {
+pub fn queue(target: &Target, event: &[u8], key: Option<i64>) {
     let full = QUEUED.with_borrow_mut(|p| {
-        p.push(target, event, usize::MAX)
+        p.push_keyed(target, event, key, usize::MAX)
             .expect("no limit on the async buffer");
         p.current_level_bytes() >= FLUSH_BYTES
     });
@@ -131,7 +133,7 @@ fn chunks(p: &Pending<Target>, early: &[(u64, u64)]) -> Vec<Chunk> {
     let mut out: Vec<Chunk> = Vec::new();
     // Index in `out` of each destination's open row.
     let mut open: Vec<(Target, usize)> = Vec::new();
-    for (target, event, ordinal) in p.current_level() {
+    for (target, event, ordinal, key) in p.current_level() {
         let slot = open.iter().position(|(t, _)| t == target);
         let fits = |c: &Chunk| {
             // `early` is sorted: the first range starting after the row's
@@ -149,6 +151,7 @@ fn chunks(p: &Pending<Target>, early: &[(u64, u64)]) -> Vec<Chunk> {
                     first: ordinal,
                     last: ordinal,
                     payload: Vec::new(),
+                    keys: Vec::new(),
                 });
                 match slot {
                     Some(i) => open[i].1 = out.len() - 1,
@@ -162,6 +165,7 @@ fn chunks(p: &Pending<Target>, early: &[(u64, u64)]) -> Vec<Chunk> {
             c.payload.push(b'\n');
         }
         c.payload.extend_from_slice(event);
+        c.keys.push(key);
         c.events += 1;
         c.last = ordinal;
     }
@@ -212,6 +216,7 @@ fn write_level(seq: Seq) -> Option<Seq> {
             events,
             first,
             payload,
+            keys,
             ..
         } in &rows
         {
@@ -251,11 +256,14 @@ fn write_level(seq: Seq) -> Option<Seq> {
                 Seq::Known(n) => Some(n),
                 _ => None,
             };
+            // No keys at all (every event a barrier) is stored as NULL.
+            let keys = keys.iter().any(Option::is_some).then(|| keys.clone());
             args.extend([
                 known.into(),
                 matches!(seq, Seq::Draw).into(),
                 (*first as i64).into(),
                 tx.into(),
+                keys.into(),
             ]);
             let (id, drawn) = crate::plans::update(client, insert_sql(utf8_db), &args)?
                 .first()
@@ -289,17 +297,17 @@ fn write_level(seq: Seq) -> Option<Seq> {
 fn insert_sql(utf8_db: bool) -> &'static str {
     if utf8_db {
         "INSERT INTO emit.outbox (destination, host, port, framing, url, headers, events, payload, \
-                                  tx_seq, part, tx) \
+                                  tx_seq, part, tx, keys) \
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, \
                  CASE WHEN $10 THEN pg_catalog.nextval('emit.tx_seq'::pg_catalog.regclass) \
-                      ELSE $9 END, $11, $12) \
+                      ELSE $9 END, $11, $12, $13) \
          RETURNING id, tx_seq"
     } else {
         "INSERT INTO emit.outbox (destination, host, port, framing, url, headers, events, payload, \
-                                  tx_seq, part, tx) \
+                                  tx_seq, part, tx, keys) \
          VALUES ($1, $2, $3, $4, $5, $6, $7, pg_catalog.convert_from($8::pg_catalog.bytea, 'UTF8'), \
                  CASE WHEN $10 THEN pg_catalog.nextval('emit.tx_seq'::pg_catalog.regclass) \
-                      ELSE $9 END, $11, $12) \
+                      ELSE $9 END, $11, $12, $13) \
          RETURNING id, tx_seq"
     }
 }

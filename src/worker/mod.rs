@@ -24,6 +24,8 @@ use crate::security::Allowlist;
 use crate::settings;
 use crate::transport::http::ClientConfig;
 use crate::transport::{self, Cancelled, Interrupt};
+use pg_emit_core::destination::{self, Destination, DEFAULT_CONCURRENCY};
+use pg_emit_core::schedule::Order;
 use pgrx::bgworkers::{
     BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, DynamicBackgroundWorker,
     SignalWakeFlags,
@@ -766,7 +768,7 @@ fn claim(
 ) -> Result<Option<Job>, pgrx::spi::Error> {
     let mut claimed = Vec::new();
     let mut fresh = Vec::new();
-    let mut target: Option<JobDest> = None;
+    let mut target: Option<(JobDest, usize, Order)> = None;
     let mut bytes = 0;
     let mut last_tx_seq = None;
     for r in plans::select(c, QUEUE_SQL, None, &[key.into()])? {
@@ -786,25 +788,34 @@ fn claim(
                 Some("stored") => stored_dest(c, key, http)?,
                 Some("http") => {
                     let headers: String = r.get(9)?.unwrap_or_default();
-                    JobDest::Http {
+                    let dest = JobDest::Http {
                         url: r.get::<String>(8)?.unwrap_or_default(),
                         headers: headers
                             .lines()
                             .filter_map(|l| crate::transport::http::parse_header(l).ok())
                             .collect(),
                         setup: http.clone(),
-                    }
+                    };
+                    (dest, DEFAULT_CONCURRENCY, Order::Key)
                 }
-                Some("ndjson") => JobDest::Tcp {
-                    host,
-                    port,
-                    framing: Framing::Ndjson,
-                },
-                _ => JobDest::Tcp {
-                    host,
-                    port,
-                    framing: Framing::Close,
-                },
+                Some("ndjson") => (
+                    JobDest::Tcp {
+                        host,
+                        port,
+                        framing: Framing::Ndjson,
+                    },
+                    1,
+                    Order::Destination,
+                ),
+                _ => (
+                    JobDest::Tcp {
+                        host,
+                        port,
+                        framing: Framing::Close,
+                    },
+                    1,
+                    Order::Destination,
+                ),
             });
         }
         let first_event_id = r.get::<i64>(5)?;
@@ -813,6 +824,7 @@ fn claim(
             first_event_id: first_event_id.unwrap_or(0),
             sent: r.get::<i32>(7)?.unwrap_or(0) as u32,
             payload,
+            keys: r.get::<Vec<Option<i64>>>(11)?,
         };
         if first_event_id.is_some() {
             claimed.push(row);
@@ -821,7 +833,7 @@ fn claim(
             fresh.push(row);
         }
     }
-    let Some(dest) = target else {
+    let Some((dest, concurrency, order)) = target else {
         return Ok(None);
     };
     let assign = claimed.is_empty();
@@ -855,6 +867,8 @@ fn claim(
     Ok(Some(Job {
         dest,
         rows,
+        concurrency,
+        order,
         stream,
         timeouts,
         allow: allow.clone(),
@@ -869,42 +883,50 @@ fn stored_dest(
     c: &mut pgrx::spi::SpiClient<'_>,
     name: &str,
     http: &Result<(ClientConfig, Option<Vec<u8>>), String>,
-) -> Result<JobDest, pgrx::spi::Error> {
+) -> Result<(JobDest, usize, Order), pgrx::spi::Error> {
     let mut found = plans::select(c, STORED_SQL, None, &[name.into()])?;
     let row = match found.next() {
         Some(r) => (r.get::<String>(1)?, r.get::<String>(2)?),
         None => (None, None),
     };
+    let unavailable = |why: String| (JobDest::Unavailable(why), 1, Order::Destination);
     let (Some(url), Some(options)) = row else {
-        return Ok(JobDest::Unavailable(format!(
+        return Ok(unavailable(format!(
             "stored destination {name:?} does not exist (dropped?); \
              create it again and its events are delivered"
         )));
     };
-    Ok(
-        match pg_emit_core::destination::parse_stored(&url, &options) {
-            Ok(s) => match s.endpoint {
-                pg_emit_core::destination::Destination::Tcp {
-                    host,
-                    port,
-                    framing,
-                } => JobDest::Tcp {
-                    host,
-                    port,
-                    framing,
-                },
-                pg_emit_core::destination::Destination::Http { url, headers } => JobDest::Http {
-                    url,
-                    headers,
-                    setup: http.clone(),
-                },
-                pg_emit_core::destination::Destination::Stored { .. } => {
-                    JobDest::Unavailable(format!("stored destination {name:?} names another"))
-                }
+    let stored = match destination::parse_stored(&url, &options) {
+        Ok(s) => s,
+        Err(e) => return Ok(unavailable(format!("stored destination {name:?}: {e}"))),
+    };
+    Ok(match stored.endpoint {
+        Destination::Tcp {
+            host,
+            port,
+            framing,
+        } => (
+            JobDest::Tcp {
+                host,
+                port,
+                framing,
             },
-            Err(e) => JobDest::Unavailable(format!("stored destination {name:?}: {e}")),
-        },
-    )
+            1,
+            Order::Destination,
+        ),
+        Destination::Http { url, headers } => (
+            JobDest::Http {
+                url,
+                headers,
+                setup: http.clone(),
+            },
+            stored.concurrency,
+            stored.order,
+        ),
+        Destination::Stored { .. } => {
+            unavailable(format!("stored destination {name:?} names another"))
+        }
+    })
 }
 
 const STORED_SQL: &str = "
@@ -917,7 +939,7 @@ SELECT url, options::pg_catalog.text FROM emit.stored_destinations WHERE name = 
 /// already numbered are at the head: numbering takes rows from the head.
 const QUEUE_SQL: &str = "
 SELECT id, host, port, framing, first_event_id, pg_catalog.convert_to(payload, 'UTF8'), sent, url,
-       headers, tx_seq
+       headers, tx_seq, keys
   FROM emit.outbox
  WHERE destination = $1 AND tx_seq IS NOT NULL
  ORDER BY tx_seq, part

@@ -244,6 +244,9 @@ pub struct ClientConfig {
     pub allow: Allowlist,
 }
 
+/// Most requests a destination may have in flight at once.
+pub const MAX_CONCURRENCY: usize = 1024;
+
 /// A keep-alive HTTP client.
 #[derive(Debug, Clone)]
 pub struct Client {
@@ -325,6 +328,11 @@ impl Client {
             .proxy(None)
             .timeout_connect(Some(config.connect_timeout))
             .timeout_global(Some(config.request_timeout))
+            // The worker keeps up to a destination's `concurrency`
+            // requests in flight: keep that many connections alive, not
+            // ureq's default of three.
+            .max_idle_connections(MAX_CONCURRENCY)
+            .max_idle_connections_per_host(MAX_CONCURRENCY)
             .user_agent(concat!("pg_emit/", env!("CARGO_PKG_VERSION")))
             .tls_config(TlsConfig::builder().root_certs(roots).build())
             .build();
