@@ -283,3 +283,26 @@ def test_order_destination_sends_one_at_a_time(db, table, dest):
         assert len(rx.peers) == 1
     finally:
         rx.close()
+
+
+def test_batches_carry_many_events_per_request_and_refusals_dead_letter_each(db, table, dest):
+    rx = HttpReceiver(script=[(200, {}, b"ok"), (422, {}, b"no")])
+    try:
+        db.execute("SELECT emit.create_destination(%s, %s, %s)",
+                   (dest, rx.url, json.dumps({"batch": 50, "order": "destination"})))
+        db.execute(f"CREATE TABLE {table} (id int PRIMARY KEY)")
+        db.execute(f"CREATE TRIGGER out AFTER INSERT ON {table} FOR EACH ROW "
+                   f"EXECUTE FUNCTION row_to_destination('{dest}', 'delivery=async')")
+        db.execute(f"INSERT INTO {table} SELECT g FROM generate_series(1, 120) g")
+        got = rx.wait_for(3)
+        batches = [json.loads(r[3]) for r in got]
+        assert [len(b) for b in batches] == [50, 50, 20]
+        assert [e["new"]["id"] for b in batches for e in b] == list(range(1, 121))
+        # The second batch was refused (422): its 50 events, and only
+        # those, are dead letters.
+        assert wait_until(lambda: db.one(
+            "SELECT count(*) FROM emit.dead_letter WHERE destination = %s", (dest,)) == 50)
+        assert db.one("SELECT min(status) FROM emit.dead_letter WHERE destination = %s", (dest,)) == 422
+    finally:
+        rx.close()
+        db.execute("DELETE FROM emit.dead_letter WHERE destination = %s", (dest,))

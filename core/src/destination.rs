@@ -4,6 +4,7 @@
 //! (a name the DBA manages with `emit.create_destination`, whose options
 //! are [`StoredOptions`]).
 
+use crate::job::{Flow, DEFAULT_CONCURRENCY};
 use crate::options::{self, Format, Framing, OptionError};
 use crate::schedule::Order;
 use crate::transport::http;
@@ -232,7 +233,7 @@ pub fn check_name(name: &str) -> Result<(), OptionError> {
 
 /// The `options` of a stored destination. Unknown keys are refused, so a
 /// typo is an error at `create_destination`, not a silent default.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoredOptions {
     /// HTTP request headers (credentials live here, not in triggers).
@@ -248,7 +249,18 @@ pub struct StoredOptions {
     /// `key` (default), `destination` or `none`: see [`Order`].
     #[serde(default)]
     pub order: Option<StoredOrder>,
+    /// HTTP: up to this many events per request, as a JSON array (1 to
+    /// [`MAX_BATCH`]; default 1, one event per request, the body the
+    /// event itself).
+    #[serde(default)]
+    pub batch: Option<usize>,
+    /// HTTP: most events per second (a receiver's rate limit).
+    #[serde(default)]
+    pub max_rate: Option<f64>,
 }
+
+/// Most events in one HTTP request.
+pub const MAX_BATCH: usize = 1000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -268,11 +280,6 @@ impl From<StoredOrder> for Order {
     }
 }
 
-/// HTTP requests in flight per destination unless its options say: enough
-/// that a receiver taking 20 ms per request gets 1,600 a second, few enough
-/// to be polite to one that is small.
-pub const DEFAULT_CONCURRENCY: usize = 32;
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum StoredFormat {
@@ -290,12 +297,12 @@ impl From<StoredFormat> for Format {
 }
 
 /// A stored destination's URL and options, checked.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Stored {
     pub endpoint: Destination,
     pub format: Option<Format>,
-    pub concurrency: usize,
-    pub order: Order,
+    /// How its events flow (HTTP; TCP is always [`Flow::SERIAL`]).
+    pub flow: Flow,
 }
 
 /// Checks a stored destination's `url` and `options` (JSON text).
@@ -320,11 +327,28 @@ pub fn parse_stored(url: &str, options: &str) -> Result<Stored, OptionError> {
             http::MAX_CONCURRENCY
         )));
     }
+    let batch = opts.batch.unwrap_or(1);
+    if !(1..=MAX_BATCH).contains(&batch) {
+        return Err(OptionError::Destination(format!(
+            "options: batch {batch} is not between 1 and {MAX_BATCH}"
+        )));
+    }
+    if let Some(r) = opts.max_rate {
+        if !(r.is_finite() && r > 0.0) {
+            return Err(OptionError::Destination(format!(
+                "options: max_rate {r} is not a positive number of events per second"
+            )));
+        }
+    }
     Ok(Stored {
         endpoint: parse_url(url, headers)?,
         format: opts.format.map(Format::from),
-        concurrency,
-        order: opts.order.map_or(Order::Key, Order::from),
+        flow: Flow {
+            concurrency,
+            order: opts.order.map_or(Order::Key, Order::from),
+            batch,
+            max_rate: opts.max_rate,
+        },
     })
 }
 
@@ -399,15 +423,18 @@ mod tests {
         assert!(parse_stored("tcp://h:1", r#"{"headers":{"A":"b"}}"#).is_err());
         assert!(parse_stored("tcp://h:1", "{}").is_ok());
         let s = parse_stored("https://h/x", r#"{"concurrency":64,"order":"none"}"#).unwrap();
-        assert_eq!((s.concurrency, s.order), (64, Order::None));
-        assert_eq!(
-            parse_stored("https://h/x", "{}").unwrap().concurrency,
-            DEFAULT_CONCURRENCY
-        );
+        assert_eq!((s.flow.concurrency, s.flow.order), (64, Order::None));
+        assert_eq!(parse_stored("https://h/x", "{}").unwrap().flow, Flow::HTTP);
+        let s = parse_stored("https://h/x", r#"{"batch":100,"max_rate":5.5}"#).unwrap();
+        assert_eq!((s.flow.batch, s.flow.max_rate), (100, Some(5.5)));
         for bad in [
             r#"{"concurrency":0}"#,
             r#"{"concurrency":5000}"#,
             r#"{"order":"fifo"}"#,
+            r#"{"batch":0}"#,
+            r#"{"batch":1001}"#,
+            r#"{"max_rate":0}"#,
+            r#"{"max_rate":-5}"#,
         ] {
             assert!(parse_stored("https://h/x", bad).is_err(), "{bad}");
         }

@@ -57,54 +57,81 @@ enum State {
     Done,
 }
 
-/// Hands out event indexes `0..keys.len()` respecting per-key order.
+/// One thing sent at once: an event, or a batch of events in one request.
+#[derive(Debug)]
+struct Unit {
+    keys: Vec<i64>,
+    /// Holds an event without a key.
+    barrier: bool,
+}
+
+/// Hands out unit indexes `0..n` (events, or batches of events)
+/// respecting per-key order: a unit waits while any of its keys is in an
+/// earlier unit that is not done.
 #[derive(Debug)]
 pub struct Scheduler {
-    keys: Vec<Option<i64>>,
+    units: Vec<Unit>,
     state: Vec<State>,
-    /// Every event before this one is done.
+    /// Every unit before this one is done.
     done_below: usize,
-    /// Keys with an event in flight.
+    /// Keys in flight.
     busy: HashMap<i64, usize>,
-    /// In flight, all keys together.
+    /// In flight, all units together.
     in_flight: usize,
     /// A barrier is in flight.
     barrier: bool,
-    /// No more events are handed out (a failure: the job ends at the
+    /// No more units are handed out (a failure: the job ends at the
     /// first undelivered event).
     stopped: bool,
+    /// Units from here on are not handed out (see [`Scheduler::wind_down`]).
+    limit: usize,
 }
 
 impl Scheduler {
+    /// One unit per event.
     pub fn new(keys: Vec<Option<i64>>) -> Self {
-        let n = keys.len();
+        Self::batched(keys.into_iter().map(|k| vec![k]).collect())
+    }
+
+    /// One unit per batch of events (their keys, in order).
+    pub fn batched(batches: Vec<Vec<Option<i64>>>) -> Self {
+        let units: Vec<Unit> = batches
+            .into_iter()
+            .map(|keys| Unit {
+                barrier: keys.iter().any(Option::is_none),
+                keys: keys.into_iter().flatten().collect(),
+            })
+            .collect();
+        let n = units.len();
         Scheduler {
-            keys,
+            units,
             state: vec![State::Waiting; n],
             done_below: 0,
             busy: HashMap::new(),
             in_flight: 0,
             barrier: false,
             stopped: false,
+            limit: n,
         }
     }
 
-    /// The next event that may be sent now, marked in flight; `None` when
+    /// The next unit that may be sent now, marked in flight; `None` when
     /// none may (wait for a completion) or none is left.
     pub fn take(&mut self) -> Option<usize> {
         if self.stopped || self.barrier {
             return None;
         }
-        let end = self.keys.len().min(self.done_below + WINDOW);
-        // Keys of earlier events that are not done: later events with one
-        // of these keys must wait.
+        let end = self.limit.min(self.done_below + WINDOW);
+        // Keys of earlier units that are not done: later units with one of
+        // these keys must wait.
         let mut blocked: Vec<i64> = Vec::new();
         for i in self.done_below..end {
-            match (self.state[i], self.keys[i]) {
-                (State::Done, _) => {}
-                (State::InFlight, Some(k)) => blocked.push(k),
-                (State::InFlight, None) => return None,
-                (State::Waiting, None) => {
+            let unit = &self.units[i];
+            match self.state[i] {
+                State::Done => {}
+                State::InFlight if unit.barrier => return None,
+                State::InFlight => blocked.extend(&unit.keys),
+                State::Waiting if unit.barrier => {
                     // A barrier goes only when everything before it is done.
                     if self.in_flight == 0 && i == self.done_below {
                         self.state[i] = State::InFlight;
@@ -114,32 +141,38 @@ impl Scheduler {
                     }
                     return None;
                 }
-                (State::Waiting, Some(k)) => {
-                    if !blocked.contains(&k) && !self.busy.contains_key(&k) {
+                State::Waiting => {
+                    let free = unit
+                        .keys
+                        .iter()
+                        .all(|k| !blocked.contains(k) && !self.busy.contains_key(k));
+                    if free {
                         self.state[i] = State::InFlight;
                         self.in_flight += 1;
-                        *self.busy.entry(k).or_default() += 1;
+                        for &k in &unit.keys {
+                            *self.busy.entry(k).or_default() += 1;
+                        }
                         return Some(i);
                     }
-                    blocked.push(k);
+                    blocked.extend(&unit.keys);
                 }
             }
         }
         None
     }
 
-    /// Event `i` finished; `ok` false stops handing out events.
+    /// Unit `i` finished; `ok` false stops handing out units.
     pub fn finish(&mut self, i: usize, ok: bool) {
         debug_assert_eq!(self.state[i], State::InFlight);
         self.in_flight -= 1;
-        match self.keys[i] {
-            None => self.barrier = false,
-            Some(k) => {
-                if let Some(n) = self.busy.get_mut(&k) {
-                    *n -= 1;
-                    if *n == 0 {
-                        self.busy.remove(&k);
-                    }
+        if self.units[i].barrier {
+            self.barrier = false;
+        }
+        for k in &self.units[i].keys {
+            if let Some(n) = self.busy.get_mut(k) {
+                *n -= 1;
+                if *n == 0 {
+                    self.busy.remove(k);
                 }
             }
         }
@@ -154,21 +187,29 @@ impl Scheduler {
         }
     }
 
-    /// Stops handing out events (time slice used up, shutdown).
+    /// Stops handing out units at once (shutdown).
     pub fn stop(&mut self) {
         self.stopped = true;
     }
 
+    /// Ends the job at a clean cut (time slice used up): units after the
+    /// last one started are not handed out, those before it still are, so
+    /// that what is done is a prefix and nothing that was delivered has
+    /// to be sent again.
+    pub fn wind_down(&mut self) {
+        self.limit = (0..self.limit)
+            .rev()
+            .find(|&i| self.state[i] != State::Waiting)
+            .map_or(0, |i| i + 1)
+            .max(self.done_below);
+    }
+
     /// Whether nothing is in flight and nothing more will be handed out.
     pub fn finished(&self) -> bool {
-        self.in_flight == 0 && (self.stopped || self.done_below == self.keys.len())
+        self.in_flight == 0 && (self.stopped || self.done_below >= self.limit)
     }
 
-    pub fn in_flight(&self) -> usize {
-        self.in_flight
-    }
-
-    /// Events delivered in order from the start: what counts as sent.
+    /// Units delivered in order from the start: what counts as sent.
     pub fn done_prefix(&self) -> usize {
         self.done_below
     }
@@ -241,6 +282,42 @@ mod tests {
         assert_eq!(drain(&mut s, 10), Vec::<usize>::new());
         s.finish(2, true);
         assert_eq!(drain(&mut s, 10), vec![3]);
+    }
+
+    #[test]
+    fn batches_wait_for_every_key_they_hold() {
+        // [1,2] [3] [2,4] [5]: the third shares key 2 with the first.
+        let mut s = Scheduler::batched(vec![
+            vec![Some(1), Some(2)],
+            vec![Some(3)],
+            vec![Some(2), Some(4)],
+            vec![Some(5)],
+        ]);
+        assert_eq!(drain(&mut s, 10), vec![0, 1, 3]);
+        s.finish(0, true);
+        assert_eq!(drain(&mut s, 10), vec![2]);
+        let mut b = Scheduler::batched(vec![vec![Some(1)], vec![Some(2), None], vec![Some(3)]]);
+        assert_eq!(drain(&mut b, 10), vec![0]);
+        b.finish(0, true);
+        assert_eq!(drain(&mut b, 10), vec![1]);
+        b.finish(1, true);
+        assert_eq!(drain(&mut b, 10), vec![2]);
+    }
+
+    #[test]
+    fn winding_down_fills_the_holes_and_stops_at_a_clean_cut() {
+        // Key 1 twice, then three other keys.
+        let mut s = Scheduler::new(vec![Some(1), Some(1), Some(2), Some(3), Some(4)]);
+        assert_eq!(drain(&mut s, 2), vec![0, 2]);
+        s.finish(2, true);
+        s.wind_down();
+        // 1 is still owed (it comes before 2, which is done); 3 and 4 not.
+        assert_eq!(drain(&mut s, 10), Vec::<usize>::new());
+        s.finish(0, true);
+        assert_eq!(drain(&mut s, 10), vec![1]);
+        s.finish(1, true);
+        assert!(s.finished());
+        assert_eq!(s.done_prefix(), 3);
     }
 
     #[test]

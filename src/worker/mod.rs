@@ -24,15 +24,14 @@ use crate::security::Allowlist;
 use crate::settings;
 use crate::transport::http::ClientConfig;
 use crate::transport::{self, Cancelled, Interrupt};
-use pg_emit_core::destination::{self, Destination, DEFAULT_CONCURRENCY};
-use pg_emit_core::schedule::Order;
+use pg_emit_core::destination::{self, Destination};
 use pgrx::bgworkers::{
     BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, DynamicBackgroundWorker,
     SignalWakeFlags,
 };
 use pgrx::pg_sys;
 use pgrx::prelude::*;
-use send::{Dest as JobDest, Job, JobError, Outcome, Row};
+use send::{Dest as JobDest, Flow, Job, JobError, Outcome, Row};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
@@ -768,7 +767,7 @@ fn claim(
 ) -> Result<Option<Job>, pgrx::spi::Error> {
     let mut claimed = Vec::new();
     let mut fresh = Vec::new();
-    let mut target: Option<(JobDest, usize, Order)> = None;
+    let mut target: Option<(JobDest, Flow)> = None;
     let mut bytes = 0;
     let mut last_tx_seq = None;
     for r in plans::select(c, QUEUE_SQL, None, &[key.into()])? {
@@ -796,7 +795,7 @@ fn claim(
                             .collect(),
                         setup: http.clone(),
                     };
-                    (dest, DEFAULT_CONCURRENCY, Order::Key)
+                    (dest, Flow::HTTP)
                 }
                 Some("ndjson") => (
                     JobDest::Tcp {
@@ -804,8 +803,7 @@ fn claim(
                         port,
                         framing: Framing::Ndjson,
                     },
-                    1,
-                    Order::Destination,
+                    Flow::SERIAL,
                 ),
                 _ => (
                     JobDest::Tcp {
@@ -813,8 +811,7 @@ fn claim(
                         port,
                         framing: Framing::Close,
                     },
-                    1,
-                    Order::Destination,
+                    Flow::SERIAL,
                 ),
             });
         }
@@ -833,7 +830,7 @@ fn claim(
             fresh.push(row);
         }
     }
-    let Some((dest, concurrency, order)) = target else {
+    let Some((dest, flow)) = target else {
         return Ok(None);
     };
     let assign = claimed.is_empty();
@@ -867,8 +864,7 @@ fn claim(
     Ok(Some(Job {
         dest,
         rows,
-        concurrency,
-        order,
+        flow,
         stream,
         timeouts,
         allow: allow.clone(),
@@ -883,13 +879,13 @@ fn stored_dest(
     c: &mut pgrx::spi::SpiClient<'_>,
     name: &str,
     http: &Result<(ClientConfig, Option<Vec<u8>>), String>,
-) -> Result<(JobDest, usize, Order), pgrx::spi::Error> {
+) -> Result<(JobDest, Flow), pgrx::spi::Error> {
     let mut found = plans::select(c, STORED_SQL, None, &[name.into()])?;
     let row = match found.next() {
         Some(r) => (r.get::<String>(1)?, r.get::<String>(2)?),
         None => (None, None),
     };
-    let unavailable = |why: String| (JobDest::Unavailable(why), 1, Order::Destination);
+    let unavailable = |why: String| (JobDest::Unavailable(why), Flow::SERIAL);
     let (Some(url), Some(options)) = row else {
         return Ok(unavailable(format!(
             "stored destination {name:?} does not exist (dropped?); \
@@ -911,8 +907,7 @@ fn stored_dest(
                 port,
                 framing,
             },
-            1,
-            Order::Destination,
+            Flow::SERIAL,
         ),
         Destination::Http { url, headers } => (
             JobDest::Http {
@@ -920,8 +915,7 @@ fn stored_dest(
                 headers,
                 setup: http.clone(),
             },
-            stored.concurrency,
-            stored.order,
+            stored.flow,
         ),
         Destination::Stored { .. } => {
             unavailable(format!("stored destination {name:?} names another"))
@@ -1015,13 +1009,18 @@ fn record(
     let mut dead: i64 = 0;
     // A refused event becomes a dead letter of its own, with the status
     // and the response excerpt; the rest of its row carries on.
+    // (A refused batch: each of its events.)
     if let Some(JobError::Reject {
         status,
         message,
         excerpt,
+        events,
     }) = &out.error
     {
-        if let Some(r) = (0..job.rows.len()).find(|&r| sent_now[r] < job.rows[r].events()) {
+        for _ in 0..*events {
+            let Some(r) = (0..job.rows.len()).find(|&r| sent_now[r] < job.rows[r].events()) else {
+                break;
+            };
             let row = &job.rows[r];
             let k = sent_now[r] as usize;
             let event = row.payload.split('\n').nth(k).unwrap_or_default();
@@ -1037,7 +1036,7 @@ fn record(
                 ],
             )?;
             sent_now[r] += 1;
-            dead = 1;
+            dead += 1;
         }
     }
     let mut delivered_rows = Vec::new();

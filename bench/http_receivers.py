@@ -1,0 +1,189 @@
+"""Async HTTP delivery to receivers that take 0, 20 and 200 ms per request,
+with the concurrency a destination allows, and a per-row order check.
+
+Each run queues 1,000 rows and one UPDATE of each (2,000 events, two per
+row) in one transaction, then times COMMIT to the last response. The
+receiver records the order in which each row's events arrived: an UPDATE
+before its row's INSERT is a reordering, and the run fails. Figures are
+from one run on one machine; nothing here is asserted by the test suite.
+
+Usage: .venv/bin/python bench/http_receivers.py   (part of make bench)
+"""
+
+import heapq
+import json
+import os
+import selectors
+import socket
+import sys
+import threading
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+
+from pgcluster import Cluster  # noqa: E402
+
+
+class DelayedHttpReceiver:
+    """HTTP/1.1 keep-alive server on 127.0.0.1, single-threaded (epoll):
+    every request is answered `delay` seconds after it arrived, however
+    many are waiting, like a handler that awaits a 20 ms database call."""
+
+    RESPONSE = b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n"
+
+    def __init__(self, delay):
+        self.delay = delay
+        self.lsock = socket.socket()
+        self.lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.lsock.bind(("127.0.0.1", 0))
+        self.lsock.listen(1024)
+        self.lsock.setblocking(False)
+        self.port = self.lsock.getsockname()[1]
+        self.sel = selectors.DefaultSelector()
+        self.sel.register(self.lsock, selectors.EVENT_READ, None)
+        self.bufs = {}
+        self.due = []  # (when, seq, conn)
+        self.seq = 0
+        self.arrivals = []  # (row id, v) in arrival order
+        self.count = 0
+        self.max_in_flight = 0
+        self.stopped = False
+        threading.Thread(target=self.loop, daemon=True).start()
+
+    def loop(self):
+        while not self.stopped:
+            timeout = 0.2
+            if self.due:
+                timeout = max(0.0, self.due[0][0] - time.monotonic())
+            for key, _ in self.sel.select(timeout):
+                if key.data is None:
+                    while True:
+                        try:
+                            c, _ = self.lsock.accept()
+                        except BlockingIOError:
+                            break
+                        c.setblocking(False)
+                        c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                        self.sel.register(c, selectors.EVENT_READ, True)
+                        self.bufs[c] = b""
+                    continue
+                c = key.fileobj
+                try:
+                    data = c.recv(1 << 16)
+                except OSError:
+                    data = b""
+                if not data:
+                    self.sel.unregister(c)
+                    self.bufs.pop(c, None)
+                    c.close()
+                    continue
+                buf = self.bufs[c] + data
+                while True:
+                    head, sep, rest = buf.partition(b"\r\n\r\n")
+                    if not sep:
+                        break
+                    length = 0
+                    for line in head.split(b"\r\n"):
+                        if line.lower().startswith(b"content-length:"):
+                            length = int(line.split(b":", 1)[1])
+                    if len(rest) < length:
+                        break
+                    body, buf = rest[:length], rest[length:]
+                    e = json.loads(body)
+                    self.arrivals.append((e["new"]["id"], e["new"]["v"]))
+                    self.seq += 1
+                    heapq.heappush(self.due, (time.monotonic() + self.delay, self.seq, c))
+                    self.max_in_flight = max(self.max_in_flight, len(self.due))
+                self.bufs[c] = buf
+            now = time.monotonic()
+            while self.due and self.due[0][0] <= now:
+                _, _, c = heapq.heappop(self.due)
+                try:
+                    c.sendall(self.RESPONSE)
+                except OSError:
+                    pass
+                self.count += 1
+
+    def wait_for(self, n, timeout):
+        end = time.monotonic() + timeout
+        while self.count < n and time.monotonic() < end:
+            time.sleep(0.002)
+        return self.count
+
+    def reordered(self):
+        """Rows whose UPDATE arrived before their INSERT."""
+        seen = {}
+        bad = 0
+        for row, v in self.arrivals:
+            if seen.get(row, -1) >= v:
+                bad += 1
+            seen[row] = max(seen.get(row, -1), v)
+        return bad
+
+    def close(self):
+        self.stopped = True
+        self.lsock.close()
+
+
+ROWS = 1000
+
+
+def run(conn, delay, options):
+    rx = DelayedHttpReceiver(delay)
+    url = f"http://127.0.0.1:{rx.port}/hook"
+    conn.execute("DROP TABLE IF EXISTS hook_bench")
+    conn.execute("CREATE TABLE hook_bench (id int PRIMARY KEY, v int)")
+    if options is None:
+        call = f"row_to_http('{url}', 'delivery=async')"
+    else:
+        conn.execute("SELECT emit.drop_destination('bench') FROM emit.stored_destinations WHERE name = 'bench'")
+        conn.execute("SELECT emit.create_destination('bench', %s, %s)", (url, json.dumps(options)))
+        call = "row_to_destination('bench', 'delivery=async')"
+    conn.execute(f"CREATE TRIGGER out AFTER INSERT OR UPDATE ON hook_bench FOR EACH ROW EXECUTE FUNCTION {call}")
+    conn.execute("BEGIN")
+    conn.execute(f"INSERT INTO hook_bench SELECT g, 0 FROM generate_series(1, {ROWS}) g")
+    conn.execute("UPDATE hook_bench SET v = 1")
+    t = time.perf_counter()
+    conn.execute("COMMIT")
+    got = rx.wait_for(2 * ROWS, timeout=300)
+    elapsed = time.perf_counter() - t
+    rx.close()
+    if got != 2 * ROWS:
+        raise SystemExit(f"delay {delay}: receiver answered {got} of {2 * ROWS}")
+    return 2 * ROWS / elapsed, rx.reordered(), rx.max_in_flight
+
+
+SCENARIOS = [
+    ("0 ms receiver, defaults", 0.0, None, 20_000),
+    ("20 ms receiver, defaults (concurrency 32)", 0.02, None, 1_000),
+    ("20 ms receiver, concurrency 64", 0.02, {"concurrency": 64}, 2_500),
+    ("200 ms receiver, concurrency 256", 0.2, {"concurrency": 256}, 1_000),
+]
+
+
+def main():
+    cluster = Cluster("pg_emit-bench-http", port=54333)
+    cluster.init().start()
+    results = []
+    try:
+        with cluster.connect() as conn:
+            conn.execute("CREATE EXTENSION pg_emit")
+            for name, delay, options, target in SCENARIOS:
+                rate, bad, peak = run(conn, delay, options)
+                results.append((name, rate, bad, peak, target))
+                print(f"  measured {name}: {rate:,.0f} req/s, {bad} reordered, peak {peak} in flight",
+                      file=sys.stderr)
+    finally:
+        cluster.destroy()
+    print(f"\nasync row_to_http, {2 * ROWS:,} events ({ROWS:,} rows, INSERT then UPDATE each), "
+          f"COMMIT to last response, {os.cpu_count()} cores\n")
+    print("| receiver | requests/s | peak in flight | rows reordered | target | met |")
+    print("|---|---|---|---|---|---|")
+    for name, rate, bad, peak, target in results:
+        ok = rate >= target and bad == 0
+        print(f"| {name} | {rate:,.0f} | {peak} | {bad} | ≥ {target:,} | {'yes' if ok else 'NO'} |")
+    return results
+
+
+if __name__ == "__main__":
+    main()
