@@ -13,6 +13,7 @@ pub mod backoff;
 pub mod cooldown;
 pub mod destination;
 pub mod event;
+pub mod health;
 pub mod job;
 pub mod options;
 pub mod pending;

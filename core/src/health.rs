@@ -1,0 +1,152 @@
+//! A destination's failure streak as the worker sees it: when it may be
+//! tried again, and which failures are worth a line in the server log.
+//!
+//! Pure: the worker feeds it outcomes and the time, and writes the lines
+//! it returns.
+
+use crate::backoff::Backoff;
+use std::time::{Duration, Instant};
+
+/// Least time between two logged failures of one destination: the first
+/// failure, then one line a minute, so a thousand dead receivers do not
+/// flood the server log.
+pub const LOG_EVERY: Duration = Duration::from_secs(60);
+
+/// How a job ended, as far as retrying is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    Delivered,
+    /// An event was refused for good and dead-lettered: carry on at once.
+    Refused,
+    /// Worth trying again, not before `after` if the receiver said so.
+    Failed {
+        after: Option<Duration>,
+    },
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct Health {
+    /// Failed attempts in a row.
+    pub failures: u32,
+    /// Not to be tried before this.
+    pub retry_at: Option<Instant>,
+    last_logged: Option<Instant>,
+    logged_failures: u32,
+}
+
+impl Health {
+    /// Whether the destination may be tried at `now`.
+    pub fn ready(&self, now: Instant) -> bool {
+        self.retry_at.is_none_or(|t| t <= now)
+    }
+
+    /// Records how a job ended at `now`, with `jitter` in [0, 1) for the
+    /// backoff; returns what to log, if anything (`error` describes the
+    /// failure, `key` names the destination).
+    pub fn record(
+        &mut self,
+        ended: Ended,
+        now: Instant,
+        backoff: &Backoff,
+        jitter: f64,
+        key: &str,
+        error: &dyn std::fmt::Display,
+    ) -> Option<String> {
+        match ended {
+            Ended::Delivered => {
+                let resumed = (self.failures > 0).then(|| {
+                    format!(
+                        "pg_emit: delivery to {key} resumed after {} failed attempt(s)",
+                        self.failures
+                    )
+                });
+                *self = Health::default();
+                resumed
+            }
+            Ended::Refused => {
+                self.retry_at = None;
+                None
+            }
+            Ended::Failed { after } => {
+                self.failures += 1;
+                let delay = backoff
+                    .delay(self.failures, jitter)
+                    .max(after.unwrap_or_default());
+                self.retry_at = Some(now + delay);
+                let due = self.failures == 1
+                    || self
+                        .last_logged
+                        .is_none_or(|t| now.duration_since(t) >= LOG_EVERY);
+                if !due {
+                    return None;
+                }
+                let quiet = self.failures - self.logged_failures - 1;
+                let since = if quiet > 0 {
+                    format!(" ({quiet} failed attempt(s) since the last message)")
+                } else {
+                    String::new()
+                };
+                self.last_logged = Some(now);
+                self.logged_failures = self.failures;
+                Some(format!(
+                    "pg_emit: delivery to {key} failed (attempt {}): {error}; retrying in {} ms{since}",
+                    self.failures,
+                    delay.as_millis()
+                ))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const B: Backoff = Backoff {
+        min: Duration::from_millis(100),
+        max: Duration::from_secs(30),
+    };
+
+    #[test]
+    fn failures_back_off_and_log_once_a_minute() {
+        let mut h = Health::default();
+        let t0 = Instant::now();
+        let fail = Ended::Failed { after: None };
+        let first = h.record(fail, t0, &B, 0.0, "d", &"refused").unwrap();
+        assert!(
+            first.contains("attempt 1") && first.contains("refused"),
+            "{first}"
+        );
+        assert!(!h.ready(t0));
+        // Quiet for a minute, then one line that counts the quiet ones.
+        for i in 1..10 {
+            assert_eq!(
+                h.record(fail, t0 + Duration::from_secs(i), &B, 0.0, "d", &"x"),
+                None
+            );
+        }
+        let later = h.record(fail, t0 + LOG_EVERY, &B, 0.0, "d", &"x").unwrap();
+        assert!(
+            later.contains("attempt 11") && later.contains("9 failed attempt(s) since"),
+            "{later}"
+        );
+        let back = h
+            .record(Ended::Delivered, t0 + LOG_EVERY, &B, 0.0, "d", &"")
+            .unwrap();
+        assert!(back.contains("resumed after 11"), "{back}");
+        assert!(h.ready(t0) && h.failures == 0);
+    }
+
+    #[test]
+    fn retry_after_is_honoured_and_refusals_do_not_wait() {
+        let mut h = Health::default();
+        let t0 = Instant::now();
+        let after = Some(Duration::from_secs(120));
+        h.record(Ended::Failed { after }, t0, &B, 0.0, "d", &"429");
+        assert!(!h.ready(t0 + Duration::from_secs(119)));
+        assert!(h.ready(t0 + Duration::from_secs(120)));
+        h.record(Ended::Refused, t0, &B, 0.0, "d", &"400");
+        assert!(h.ready(t0));
+        assert_eq!(h.failures, 1);
+    }
+}

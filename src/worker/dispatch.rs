@@ -1,0 +1,333 @@
+//! The worker's main loop: wait on the latch, claim rows for idle
+//! destinations and hand them to their sender threads, record finished
+//! jobs, and retry failing destinations with backoff (see
+//! [`pg_emit_core::health`]), each on its own.
+
+use super::queue::{claim, record, DESTINATIONS_SQL};
+use super::txn::{stop_or_raise, transaction};
+use super::{database_wanted, Stop, Stopping};
+use crate::backoff::{self, Backoff};
+use crate::plans;
+use crate::settings;
+use crate::transport;
+use pg_emit_core::health::{Ended, Health};
+use pg_emit_core::job::{self as send, Job, JobError, Outcome};
+use pgrx::bgworkers::BackgroundWorker;
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use std::collections::HashMap;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// Least time between two claims (see [`Worker::run`]).
+const CLAIM_GAP: Duration = Duration::from_millis(2);
+/// Safety net for wakeups nobody sends (COMMIT PREPARED of an async
+/// transaction, rows re-queued by hand with INSERT).
+const IDLE_RESCAN: Duration = Duration::from_secs(10);
+/// How often the worker checks [`database_wanted`] while it waits.
+const DATABASE_CHECK: Duration = Duration::from_secs(1);
+
+unsafe extern "C" {
+    /// Declared here without pgrx's FFI guard, which only allows calls from
+    /// the main thread: sender threads use it to wake the main thread.
+    /// SetLatch is async-signal-safe, so it is safe from any thread.
+    #[link_name = "SetLatch"]
+    fn set_latch_from_any_thread(latch: *mut pg_sys::Latch);
+}
+
+/// A destination as the worker tracks it.
+struct Dest {
+    jobs: mpsc::Sender<Job>,
+    busy: bool,
+    health: Health,
+    last_job: Instant,
+}
+
+/// A destination with nothing to do for this long loses its thread and
+/// its kept-open connection; the next event starts them again.
+const IDLE_DEST: Duration = Duration::from_secs(300);
+
+pub(super) struct Worker {
+    dests: HashMap<String, Dest>,
+    done_tx: mpsc::Sender<(String, Job, Outcome)>,
+    done_rx: mpsc::Receiver<(String, Job, Outcome)>,
+    rng: u64,
+    /// Where this worker runs (see [`origin`]), recorded with each
+    /// destination's stream.
+    origin: String,
+    /// Schema `emit` of the installation this worker serves.
+    emit_nsp: pg_sys::Oid,
+}
+
+pub(super) struct WorkerSettings {
+    backoff: Backoff,
+    pub(super) max_attempts: i32,
+    pub(super) max_age_s: i32,
+}
+
+fn worker_settings() -> WorkerSettings {
+    WorkerSettings {
+        backoff: Backoff {
+            min: Duration::from_millis(settings::RETRY_MIN.get().max(1) as u64),
+            max: Duration::from_millis(settings::RETRY_MAX.get().max(1) as u64),
+        },
+        max_attempts: settings::MAX_ATTEMPTS.get(),
+        max_age_s: settings::MAX_AGE.get(),
+    }
+}
+
+impl Worker {
+    pub(super) fn new(origin: String, emit_nsp: pg_sys::Oid) -> Self {
+        let (done_tx, done_rx) = mpsc::channel();
+        // SAFETY: MyProcPid is set for the life of the process.
+        let seed = unsafe { pg_sys::MyProcPid } as u64;
+        Worker {
+            dests: HashMap::new(),
+            done_tx,
+            done_rx,
+            rng: 0x9e37_79b9_7f4a_7c15 ^ seed.rotate_left(32) ^ now_nanos(),
+            origin,
+            emit_nsp,
+        }
+    }
+
+    pub(super) fn run(&mut self) -> Stop {
+        let mut scan = true;
+        let mut last_scan = Instant::now();
+        loop {
+            if scan {
+                scan = false;
+                // Under a steady stream of commits every one of them sets
+                // the latch: claiming at most every CLAIM_GAP lets each
+                // claim take many transactions at once instead of one or
+                // two, which costs the worker a fraction of the CPU the
+                // writers need (and adds at most CLAIM_GAP of latency, only
+                // under load).
+                let since = last_scan.elapsed();
+                if since < CLAIM_GAP {
+                    std::thread::sleep(CLAIM_GAP - since);
+                }
+                last_scan = Instant::now();
+                if let Err(stop) = self.claim_and_dispatch() {
+                    return stop;
+                }
+            }
+            let timeout = self.next_timeout().min(DATABASE_CHECK);
+            // SAFETY: waiting on our own latch, as every bgworker does.
+            let rc = unsafe {
+                pg_sys::WaitLatch(
+                    pg_sys::MyLatch,
+                    (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH)
+                        as i32,
+                    timeout.as_millis() as std::ffi::c_long,
+                    pg_sys::PG_WAIT_EXTENSION,
+                )
+            };
+            // SAFETY: as above.
+            unsafe { pg_sys::ResetLatch(pg_sys::MyLatch) };
+            if BackgroundWorker::sigterm_received() {
+                return Stop::Terminated;
+            }
+            if BackgroundWorker::sighup_received() {
+                // SAFETY: the documented way for a bgworker to reload.
+                unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+            }
+            let done: Vec<_> = self.done_rx.try_iter().collect();
+            if !done.is_empty() {
+                if let Err(stop) = self.acknowledge(done) {
+                    return stop;
+                }
+                scan = true;
+            }
+            if database_wanted() {
+                return Stop::DatabaseWanted;
+            }
+            // A latch set by a committing backend, a backoff that expired,
+            // or the idle rescan: look for work.
+            let now = Instant::now();
+            let retry_due = self
+                .dests
+                .values()
+                .any(|d| !d.busy && d.health.retry_at.is_some_and(|t| t <= now));
+            if rc & pg_sys::WL_LATCH_SET as i32 != 0
+                || retry_due
+                || now.duration_since(last_scan) >= IDLE_RESCAN
+            {
+                scan = true;
+            }
+        }
+    }
+
+    /// How long to sleep: until the earliest retry, else the idle rescan.
+    fn next_timeout(&self) -> Duration {
+        let now = Instant::now();
+        self.dests
+            .values()
+            .filter(|d| !d.busy)
+            .filter_map(|d| d.health.retry_at)
+            .map(|t| t.saturating_duration_since(now))
+            .min()
+            .unwrap_or(IDLE_RESCAN)
+            .min(IDLE_RESCAN)
+            .max(Duration::from_millis(1))
+    }
+
+    /// One transaction: find destinations with work, claim rows for the
+    /// idle ones, then hand the jobs to their threads.
+    fn claim_and_dispatch(&mut self) -> Result<(), Stop> {
+        let now = Instant::now();
+        // Dropping a destination's sender ends its thread, which closes
+        // its connections: a worker that once served a thousand receivers
+        // does not keep a thousand threads.
+        self.dests.retain(|_, d| {
+            d.busy || d.health.failures > 0 || now.duration_since(d.last_job) < IDLE_DEST
+        });
+        // The worker waits as long as a receiver keeps reading: a large
+        // transaction to a slow reader must arrive, not time out for ever.
+        let timeouts = transport::Timeouts {
+            stall: true,
+            ..settings::timeouts()
+        };
+        let allow = settings::allowlist();
+        // A broken pg_emit.ca_file or signing key file fails HTTP jobs
+        // with its message (retried like a network error), not the worker.
+        let http =
+            settings::http_client_config().and_then(|c| settings::signing_secret().map(|s| (c, s)));
+        let ready = |d: Option<&Dest>| d.is_none_or(|d| !d.busy && d.health.ready(now));
+        let (dests, origin, installed) = (&self.dests, self.origin.as_str(), self.emit_nsp);
+        let jobs = transaction(c"pg_emit: claiming events", || {
+            Spi::connect_mut(
+                |c| -> Result<Result<Vec<(String, Job)>, Stop>, pgrx::spi::Error> {
+                    // SAFETY: a syscache lookup inside the transaction.
+                    let nsp = unsafe { pg_sys::get_namespace_oid(c"emit".as_ptr(), true) };
+                    if nsp == pg_sys::InvalidOid {
+                        return Ok(Err(Stop::ExtensionDropped));
+                    }
+                    // DROP and CREATE EXTENSION since this worker started:
+                    // its origin is the old installation's.
+                    if nsp != installed {
+                        return Ok(Err(Stop::Reinstalled));
+                    }
+                    plans::update(c, crate::delivery::outbox::SEQUENCE_PREPARED_SQL, &[])?;
+                    let keys: Vec<String> = c
+                        .select(DESTINATIONS_SQL, None, &[])?
+                        .filter_map(|r| r.get::<String>(1).ok().flatten())
+                        .collect();
+                    let mut jobs = Vec::new();
+                    for key in keys {
+                        if !ready(dests.get(&key)) {
+                            continue;
+                        }
+                        if let Some(job) = claim(c, &key, origin, timeouts, &allow, &http)? {
+                            jobs.push((key, job));
+                        }
+                    }
+                    Ok(Ok(jobs))
+                },
+            )
+        });
+        let jobs = match jobs {
+            Ok(Ok(jobs)) => jobs,
+            Ok(Err(stop)) => return Err(stop),
+            Err(e) => return Err(stop_or_raise("claiming events", e)),
+        };
+        for (key, job) in jobs {
+            let dest = self.dest(&key);
+            dest.busy = true;
+            dest.last_job = Instant::now();
+            if dest.jobs.send(job).is_err() {
+                pgrx::error!("pg_emit worker: sender thread for {key} is gone");
+            }
+        }
+        Ok(())
+    }
+
+    fn dest(&mut self, key: &str) -> &mut Dest {
+        if !self.dests.contains_key(key) {
+            let (tx, rx) = mpsc::channel::<Job>();
+            let done = self.done_tx.clone();
+            let name = key.to_string();
+            // SAFETY: MyLatch points at this process's latch for its life.
+            let latch = unsafe { pg_sys::MyLatch } as usize;
+            transport::spawn_without_signals("pg_emit-sender", move || {
+                let mut conn = send::Conn::default();
+                for job in rx {
+                    let out = send::send_job(&mut conn, &job, &Stopping);
+                    if done.send((name.clone(), job, out)).is_err() {
+                        return;
+                    }
+                    // SAFETY: see set_latch_from_any_thread.
+                    unsafe { set_latch_from_any_thread(latch as *mut pg_sys::Latch) };
+                }
+            })
+            .unwrap_or_else(|e| pgrx::error!("pg_emit worker: cannot start a sender thread: {e}"));
+            self.dests.insert(
+                key.to_string(),
+                Dest {
+                    jobs: tx,
+                    busy: false,
+                    health: Health::default(),
+                    last_job: Instant::now(),
+                },
+            );
+        }
+        self.dests.get_mut(key).expect("inserted above")
+    }
+
+    /// One transaction: record what finished jobs achieved.
+    fn acknowledge(&mut self, done: Vec<(String, Job, Outcome)>) -> Result<(), Stop> {
+        let ws = worker_settings();
+        let mut logs = Vec::new();
+        let result = transaction(c"pg_emit: recording deliveries", || {
+            Spi::connect_mut(|c| -> Result<Vec<i64>, pgrx::spi::Error> {
+                let mut dead = Vec::new();
+                for (key, job, out) in &done {
+                    dead.push(record(c, key, job, out, &ws)?);
+                }
+                Ok(dead)
+            })
+        });
+        let dead = match result {
+            Ok(d) => d,
+            Err(e) => return Err(stop_or_raise("recording deliveries", e)),
+        };
+        for ((key, _, out), dead) in done.into_iter().zip(dead) {
+            let jitter = backoff::jitter(&mut self.rng);
+            let dest = self.dests.get_mut(&key).expect("dispatched before");
+            dest.busy = false;
+            let ended = match &out.error {
+                None => Ended::Delivered,
+                Some(JobError::Reject { .. }) => Ended::Refused,
+                Some(JobError::Retry { after, .. }) => Ended::Failed { after: *after },
+                Some(JobError::NotAllowed(_)) => Ended::Failed { after: None },
+            };
+            let error: &dyn std::fmt::Display = match &out.error {
+                Some(e) => e,
+                None => &"",
+            };
+            let now = Instant::now();
+            logs.extend(
+                dest.health
+                    .record(ended, now, &ws.backoff, jitter, &key, error),
+            );
+            if dead > 0 {
+                logs.push(format!(
+                    "pg_emit: moved {dead} event(s) for {key} to emit.dead_letter \
+                     (see its last_error; pg_emit.max_attempts = {}, pg_emit.max_age = {} s)",
+                    ws.max_attempts, ws.max_age_s
+                ));
+            }
+        }
+        for l in logs {
+            pgrx::warning!("{l}");
+        }
+        Ok(())
+    }
+}
+
+/// Wall-clock nanoseconds, to seed the jitter differently in every worker.
+fn now_nanos() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}

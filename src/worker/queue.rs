@@ -1,0 +1,447 @@
+//! The queue's SQL: which destinations have work, claiming and numbering
+//! rows in commit order, and recording what a job achieved (deletes,
+//! progress, attempts, dead letters, counters). Runs inside the worker's
+//! transactions as the extension's owner, every statement a kept plan.
+
+use super::dispatch::WorkerSettings;
+use crate::encoding::message_text;
+use crate::options::Framing;
+use crate::plans;
+use crate::security::Allowlist;
+use crate::transport;
+use crate::transport::http::ClientConfig;
+use pg_emit_core::destination::{self, Destination};
+use pg_emit_core::job::{Dest as JobDest, Flow, Job, JobError, Outcome, Row};
+
+/// Most payload bytes claimed for one destination at a time (and at most
+/// 1,000 rows, the LIMIT of [`QUEUE_SQL`]).
+const CLAIM_BYTES: usize = 8 << 20;
+
+/// Destinations with rows, by a loose index scan over (destination, id):
+/// one index probe per destination however long the backlog is.
+pub(super) const DESTINATIONS_SQL: &str = "
+WITH RECURSIVE d(destination) AS (
+    (SELECT destination FROM emit.outbox ORDER BY destination LIMIT 1)
+  UNION ALL
+    SELECT (SELECT o.destination FROM emit.outbox o
+             WHERE o.destination > d.destination ORDER BY o.destination LIMIT 1)
+      FROM d WHERE d.destination IS NOT NULL
+)
+SELECT destination FROM d WHERE destination IS NOT NULL";
+
+/// Claims the next rows of `key`: rows already numbered (a job that failed,
+/// or was cut short by a restart) go first, with the same ids, so a
+/// receiver can drop what it already has; otherwise the next rows in commit
+/// order get the destination's next ids.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn claim(
+    c: &mut pgrx::spi::SpiClient<'_>,
+    key: &str,
+    origin: &str,
+    timeouts: transport::Timeouts,
+    allow: &Allowlist,
+    http: &Result<(ClientConfig, Option<Vec<u8>>), String>,
+) -> Result<Option<Job>, pgrx::spi::Error> {
+    let mut claimed = Vec::new();
+    let mut fresh = Vec::new();
+    let mut target: Option<(JobDest, Flow)> = None;
+    let mut bytes = 0;
+    let mut last_tx_seq = None;
+    for r in plans::select(c, QUEUE_SQL, None, &[key.into()])? {
+        // Read as UTF-8 whatever the database encoding (the outbox
+        // holds text in the database's own).
+        let payload = r.get_by_name::<Vec<u8>, _>("payload")?.unwrap_or_default();
+        let payload = String::from_utf8(payload)
+            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
+        if bytes > 0 && bytes + payload.len() > CLAIM_BYTES {
+            break;
+        }
+        bytes += payload.len();
+        if target.is_none() {
+            let host = r.get_by_name::<String, _>("host")?.unwrap_or_default();
+            let port = r.get_by_name::<i32, _>("port")?.unwrap_or(0) as u16;
+            target = Some(match r.get_by_name::<String, _>("framing")?.as_deref() {
+                Some("stored") => stored_dest(c, key, http)?,
+                Some("http") => {
+                    let headers: String = r.get_by_name("headers")?.unwrap_or_default();
+                    let dest = JobDest::Http {
+                        url: r.get_by_name::<String, _>("url")?.unwrap_or_default(),
+                        headers: headers
+                            .lines()
+                            .filter_map(|l| crate::transport::http::parse_header(l).ok())
+                            .collect(),
+                        setup: http.clone(),
+                    };
+                    (dest, Flow::HTTP)
+                }
+                Some("ndjson") => (
+                    JobDest::Tcp {
+                        host,
+                        port,
+                        framing: Framing::Ndjson,
+                    },
+                    Flow::SERIAL,
+                ),
+                _ => (
+                    JobDest::Tcp {
+                        host,
+                        port,
+                        framing: Framing::Close,
+                    },
+                    Flow::SERIAL,
+                ),
+            });
+        }
+        let first_event_id = r.get_by_name::<i64, _>("first_event_id")?;
+        let row = Row {
+            id: r.get_by_name("id")?.unwrap_or(0),
+            first_event_id: first_event_id.unwrap_or(0),
+            sent: r.get_by_name::<i32, _>("sent")?.unwrap_or(0) as u32,
+            payload,
+            keys: r.get_by_name::<Vec<Option<i64>>, _>("keys")?,
+        };
+        if first_event_id.is_some() {
+            claimed.push(row);
+        } else if claimed.is_empty() {
+            last_tx_seq = r.get_by_name::<i64, _>("tx_seq")?;
+            fresh.push(row);
+        }
+    }
+    let Some((dest, flow)) = target else {
+        return Ok(None);
+    };
+    let assign = claimed.is_empty();
+    let mut rows = if assign {
+        fresh
+    } else {
+        // Numbered rows come first in commit order, as they were numbered
+        // in it, except for a transaction that drew its number before
+        // one already numbered but became visible after it: ids decide.
+        claimed.sort_by_key(|r| r.first_event_id);
+        claimed
+    };
+    // A transaction is numbered whole, also its rows that did not fit in
+    // this job: they are the next job's (numbered rows go first), so no
+    // transaction that becomes visible meanwhile can come between its rows.
+    let rest: Vec<(i64, i32)> = match (assign, last_tx_seq) {
+        (true, Some(seq)) => {
+            let taken: Vec<i64> = rows.iter().map(|r| r.id).collect();
+            plans::select(
+                c,
+                REST_OF_TX_SQL,
+                None,
+                &[key.into(), seq.into(), taken.into()],
+            )?
+            .map(|r| {
+                Ok((
+                    r.get_by_name::<i64, _>("id")?.unwrap_or(0),
+                    r.get_by_name::<i32, _>("events")?.unwrap_or(0),
+                ))
+            })
+            .collect::<Result<_, pgrx::spi::Error>>()?
+        }
+        _ => Vec::new(),
+    };
+    let stream = number_events(c, key, origin, &mut rows, &rest, assign)?;
+    Ok(Some(Job {
+        dest,
+        rows,
+        flow,
+        stream,
+        timeouts,
+        allow: allow.clone(),
+    }))
+}
+
+/// A stored destination as it is now: queued events follow a changed URL
+/// or new credentials. One that was dropped (or no longer parses) fails
+/// its jobs with a message that says so; they are retried like any
+/// failure, so re-creating it lets them through.
+fn stored_dest(
+    c: &mut pgrx::spi::SpiClient<'_>,
+    name: &str,
+    http: &Result<(ClientConfig, Option<Vec<u8>>), String>,
+) -> Result<(JobDest, Flow), pgrx::spi::Error> {
+    let mut found = plans::select(c, STORED_SQL, None, &[name.into()])?;
+    let row = match found.next() {
+        Some(r) => (
+            r.get_by_name::<String, _>("url")?,
+            r.get_by_name::<String, _>("options")?,
+        ),
+        None => (None, None),
+    };
+    let unavailable = |why: String| (JobDest::Unavailable(why), Flow::SERIAL);
+    let (Some(url), Some(options)) = row else {
+        return Ok(unavailable(format!(
+            "stored destination {name:?} does not exist (dropped?); \
+             create it again and its events are delivered"
+        )));
+    };
+    let stored = match destination::parse_stored(&url, &options) {
+        Ok(s) => s,
+        Err(e) => return Ok(unavailable(format!("stored destination {name:?}: {e}"))),
+    };
+    Ok(match stored.endpoint {
+        Destination::Tcp {
+            host,
+            port,
+            framing,
+        } => (
+            JobDest::Tcp {
+                host,
+                port,
+                framing,
+            },
+            Flow::SERIAL,
+        ),
+        Destination::Http { url, headers } => (
+            JobDest::Http {
+                url,
+                headers,
+                setup: http.clone(),
+            },
+            stored.flow,
+        ),
+        Destination::Stored { .. } => {
+            unavailable(format!("stored destination {name:?} names another"))
+        }
+    })
+}
+
+const STORED_SQL: &str = "
+SELECT url, options::pg_catalog.text AS options FROM emit.stored_destinations WHERE name = $1";
+
+/// The head of a destination's queue, in commit order. LIMIT is in the SQL
+/// so that the kept plan is an ordered index scan that stops early (and
+/// marks the deleted rows it passes as dead for the next scan), not a scan
+/// of every index entry of the destination, dead ones included. Rows
+/// already numbered are at the head: numbering takes rows from the head.
+const QUEUE_SQL: &str = "
+SELECT id, host, port, framing, first_event_id, pg_catalog.convert_to(payload, 'UTF8') AS payload,
+       sent, url,
+       headers, tx_seq, keys
+  FROM emit.outbox
+ WHERE destination = $1 AND tx_seq IS NOT NULL
+ ORDER BY tx_seq, part
+ LIMIT 1000";
+/// The rest of a transaction's rows for a destination, without payloads.
+const REST_OF_TX_SQL: &str = "
+SELECT id, events FROM emit.outbox
+ WHERE destination = $1 AND tx_seq = $2 AND first_event_id IS NULL AND id <> ALL($3)
+ ORDER BY part";
+
+/// Gives freshly claimed rows (`assign`), then `rest` (id, events), the
+/// destination's next consecutive event ids, in that order, and returns
+/// the destination's stream.
+fn number_events(
+    c: &mut pgrx::spi::SpiClient<'_>,
+    key: &str,
+    origin: &str,
+    rows: &mut [Row],
+    rest: &[(i64, i32)],
+    assign: bool,
+) -> Result<String, pgrx::spi::Error> {
+    let total: i64 = if assign {
+        rows.iter().map(|r| i64::from(r.events())).sum::<i64>()
+            + rest.iter().map(|r| i64::from(r.1)).sum::<i64>()
+    } else {
+        0
+    };
+    let numbered = plans::update(
+        c,
+        "INSERT INTO emit.destinations AS d (destination, next_event_id, origin)
+         VALUES ($1, 1 + $2, $3)
+         ON CONFLICT (destination) DO UPDATE SET next_event_id = d.next_event_id + $2
+         RETURNING d.next_event_id - $2, d.stream::pg_catalog.text",
+        &[key.into(), total.into(), origin.into()],
+    )?;
+    let (first, stream) = numbered.first().get_two::<i64, String>()?;
+    if !assign {
+        return Ok(stream.unwrap_or_default());
+    }
+    let mut next = first.unwrap_or(1);
+    for r in rows.iter_mut() {
+        r.first_event_id = next;
+        next += i64::from(r.events());
+    }
+    let mut ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+    let mut firsts: Vec<i64> = rows.iter().map(|r| r.first_event_id).collect();
+    for &(id, events) in rest {
+        ids.push(id);
+        firsts.push(next);
+        next += i64::from(events);
+    }
+    plans::update(
+        c,
+        "UPDATE emit.outbox o SET first_event_id = v.f
+           FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.int8[]),
+                          pg_catalog.unnest($2::pg_catalog.int8[])) v(id, f) WHERE o.id = v.id",
+        &[ids.into(), firsts.into()],
+    )?;
+    Ok(stream.unwrap_or_default())
+}
+
+/// Applies one job's outcome: delete delivered rows, keep progress, count
+/// a failed attempt, move rows past the limits to the dead letters, and
+/// update the destination's counters. Returns the dead-lettered events.
+pub(super) fn record(
+    c: &mut pgrx::spi::SpiClient<'_>,
+    key: &str,
+    job: &Job,
+    out: &Outcome,
+    ws: &WorkerSettings,
+) -> Result<i64, pgrx::spi::Error> {
+    let mut sent_now = out.sent.clone();
+    let mut dead: i64 = 0;
+    // A refused event becomes a dead letter of its own, with the status
+    // and the response excerpt; the rest of its row carries on.
+    // (A refused batch: each of its events.)
+    if let Some(JobError::Reject {
+        status,
+        message,
+        excerpt,
+        events,
+    }) = &out.error
+    {
+        for _ in 0..*events {
+            let Some(r) = (0..job.rows.len()).find(|&r| sent_now[r] < job.rows[r].events()) else {
+                break;
+            };
+            let row = &job.rows[r];
+            let k = sent_now[r] as usize;
+            let event = row.payload.split('\n').nth(k).unwrap_or_default();
+            plans::update(
+                c,
+                REJECTED_SQL,
+                &[
+                    row.id.into(),
+                    event.as_bytes().into(),
+                    message_text(message).as_ref().into(),
+                    i32::from(*status).into(),
+                    message_text(excerpt).as_ref().into(),
+                ],
+            )?;
+            sent_now[r] += 1;
+            dead += 1;
+        }
+    }
+    let mut delivered_rows = Vec::new();
+    let mut partial: (Vec<i64>, Vec<i32>) = (Vec::new(), Vec::new());
+    let mut unfinished = Vec::new();
+    let mut delivered: i64 = -dead;
+    for (row, &sent) in job.rows.iter().zip(&sent_now) {
+        delivered += i64::from(sent - row.sent);
+        if sent == row.events() {
+            delivered_rows.push(row.id);
+        } else {
+            unfinished.push(row.id);
+            if sent != row.sent {
+                partial.0.push(row.id);
+                partial.1.push(sent as i32);
+            }
+        }
+    }
+    if !delivered_rows.is_empty() {
+        plans::update(
+            c,
+            "DELETE FROM emit.outbox WHERE id = ANY($1)",
+            &[delivered_rows.into()],
+        )?;
+    }
+    if !partial.0.is_empty() {
+        plans::update(
+            c,
+            "UPDATE emit.outbox o SET sent = v.s
+               FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.int8[]),
+                          pg_catalog.unnest($2::pg_catalog.int4[])) v(id, s) WHERE o.id = v.id",
+            &[partial.0.into(), partial.1.into()],
+        )?;
+    }
+    let error = out
+        .error
+        .as_ref()
+        .map(|e| message_text(&e.to_string()).into_owned());
+    let retry = out
+        .error
+        .as_ref()
+        .filter(|e| !matches!(e, JobError::Reject { .. }));
+    if let Some(err) = retry.map(|e| e.to_string()) {
+        plans::update(
+            c,
+            "UPDATE emit.outbox SET attempts = attempts + 1, last_error = $2 WHERE id = ANY($1)",
+            &[
+                unfinished.clone().into(),
+                message_text(&err).as_ref().into(),
+            ],
+        )?;
+        // A destination the allowlist refuses will not become deliverable
+        // by retrying: dead-letter at once (this attempt was just counted).
+        let max_attempts = match out.error {
+            Some(JobError::NotAllowed(_)) => 1,
+            _ => ws.max_attempts,
+        };
+        dead += plans::update(
+            c,
+            DEAD_LETTER_SQL,
+            &[unfinished.into(), max_attempts.into(), ws.max_age_s.into()],
+        )?
+        .first()
+        .get_one::<i64>()?
+        .unwrap_or(0);
+    }
+    plans::update(
+        c,
+        "INSERT INTO emit.destinations AS d
+             (destination, delivered, failed_attempts, dead_lettered, last_error, last_error_at, last_delivered_at)
+         VALUES ($1, $2, $3, $4, $5,
+                 CASE WHEN $5 IS NOT NULL THEN pg_catalog.now() END,
+                 CASE WHEN $2 > 0 THEN pg_catalog.now() END)
+         ON CONFLICT (destination) DO UPDATE SET
+             delivered = d.delivered + excluded.delivered,
+             failed_attempts = d.failed_attempts + excluded.failed_attempts,
+             dead_lettered = d.dead_lettered + excluded.dead_lettered,
+             last_error = coalesce(excluded.last_error, d.last_error),
+             last_error_at = coalesce(excluded.last_error_at, d.last_error_at),
+             last_delivered_at = coalesce(excluded.last_delivered_at, d.last_delivered_at)",
+        &[
+            key.into(),
+            delivered.into(),
+            i64::from(retry.is_some()).into(),
+            dead.into(),
+            error.into(),
+        ],
+    )?;
+    Ok(dead)
+}
+
+/// One event the receiver refused, as a dead letter of its own.
+const REJECTED_SQL: &str = "
+INSERT INTO emit.dead_letter
+    (outbox_id, destination, host, port, framing, url, headers, events, payload, attempts,
+     last_error, status, response, enqueued_at)
+SELECT id, destination, host, port, framing, url, headers, 1,
+       pg_catalog.convert_from($2, 'UTF8'), attempts + 1, $3, $4, $5, enqueued_at
+  FROM emit.outbox WHERE id = $1";
+
+/// Moves unfinished rows past `max_attempts` (when positive) or older than
+/// `max_age` seconds (when positive) to `emit.dead_letter`, keeping only
+/// their undelivered events. Returns how many events moved.
+const DEAD_LETTER_SQL: &str = "
+WITH dead AS (
+    DELETE FROM emit.outbox
+     WHERE id = ANY($1)
+       AND (($2 > 0 AND attempts >= $2)
+            OR ($3 > 0 AND enqueued_at < pg_catalog.clock_timestamp() - pg_catalog.make_interval(secs => $3::pg_catalog.float8)))
+    RETURNING *
+), moved AS (
+    INSERT INTO emit.dead_letter
+        (outbox_id, destination, host, port, framing, url, headers, events, payload, attempts,
+         last_error, enqueued_at)
+    SELECT id, destination, host, port, framing, url, headers, events - sent,
+           CASE WHEN sent = 0 THEN payload
+                ELSE pg_catalog.array_to_string((pg_catalog.string_to_array(payload, E'\\n'))[sent + 1:], E'\\n') END,
+           attempts, last_error, enqueued_at
+      FROM dead
+    RETURNING events
+)
+SELECT coalesce(pg_catalog.sum(events), 0)::pg_catalog.int8 FROM moved";

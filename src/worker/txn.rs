@@ -1,0 +1,84 @@
+//! The worker's transactions: each claim and each acknowledgement is one
+//! short transaction, never held while a receiver is waited on.
+
+use super::Stop;
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+
+/// Runs `f` in a transaction with a snapshot. pgrx's own helper demands
+/// unwind-safe closures; an ERROR here ends the worker anyway (it restarts).
+///
+/// An ERROR inside `f` (pgrx turns it into an unwinding panic) aborts the
+/// transaction and comes back as `Err` with its message, so the caller can
+/// tell a dropped extension from a real fault.
+///
+/// `what` shows in `pg_stat_activity.query` while it runs; afterwards the
+/// worker reports itself idle, so a DBA sees it never sits in a
+/// transaction while it waits on a receiver.
+pub(super) fn transaction<R, E: std::fmt::Display>(
+    what: &std::ffi::CStr,
+    f: impl FnOnce() -> Result<R, E>,
+) -> Result<R, String> {
+    // SAFETY: reporting activity and the standard bgworker transaction
+    // bracket.
+    unsafe {
+        pg_sys::pgstat_report_activity(pg_sys::BackendState::STATE_RUNNING, what.as_ptr());
+        pg_sys::SetCurrentStatementStartTimestamp();
+        pg_sys::StartTransactionCommand();
+        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+    }
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    let r = match r {
+        Ok(Ok(v)) => {
+            // SAFETY: closes what was opened above.
+            unsafe {
+                pg_sys::PopActiveSnapshot();
+                pg_sys::CommitTransactionCommand();
+                // Report this transaction's deletes and updates now: without
+                // it a bgworker reports nothing until it exits, autovacuum
+                // never learns that the outbox is full of dead rows, and the
+                // table grows for ever.
+                pg_sys::pgstat_report_stat(true);
+            }
+            Ok(v)
+        }
+        Ok(Err(e)) => {
+            // SAFETY: abort releases locks, snapshots and SPI state.
+            unsafe { pg_sys::AbortCurrentTransaction() };
+            Err(e.to_string())
+        }
+        Err(panic) => {
+            // SAFETY: as above; pgrx already flushed PostgreSQL's error
+            // state when it turned the ERROR into this panic.
+            unsafe { pg_sys::AbortCurrentTransaction() };
+            Err(match panic.downcast::<pgrx::pg_sys::panic::CaughtError>() {
+                Ok(e) => match *e {
+                    pgrx::pg_sys::panic::CaughtError::PostgresError(r)
+                    | pgrx::pg_sys::panic::CaughtError::ErrorReport(r)
+                    | pgrx::pg_sys::panic::CaughtError::RustPanic { ereport: r, .. } => {
+                        r.message().to_string()
+                    }
+                },
+                Err(_) => "unexpected panic".to_string(),
+            })
+        }
+    };
+    // SAFETY: as above.
+    unsafe { pg_sys::pgstat_report_activity(pg_sys::BackendState::STATE_IDLE, std::ptr::null()) };
+    r
+}
+
+/// After a failed transaction: a missing extension means DROP EXTENSION
+/// won the race with this worker, which then just stops; anything else is
+/// a real fault, raised (the worker restarts in a second).
+pub(super) fn stop_or_raise(what: &str, err: String) -> Stop {
+    let installed = transaction(c"pg_emit: checking the extension", || {
+        Spi::get_one::<bool>(
+            "SELECT EXISTS (SELECT FROM pg_catalog.pg_extension WHERE extname = 'pg_emit')",
+        )
+    });
+    match installed {
+        Ok(Some(false)) => Stop::ExtensionDropped,
+        _ => pgrx::error!("pg_emit worker: {what} failed: {err}"),
+    }
+}
