@@ -49,3 +49,5 @@ clean:
 bench: setup install-release
 	.venv/bin/python -c 'import matplotlib' 2>/dev/null || .venv/bin/pip install -q matplotlib
 	.venv/bin/python bench/bench.py
+	.venv/bin/python bench/small_tx.py
+	.venv/bin/python bench/http_receivers.py

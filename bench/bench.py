@@ -102,9 +102,9 @@ $$ LANGUAGE plpython3u
 
 class CountingHttpReceiver(Listener):
     """Minimal HTTP/1.1 keep-alive server on 127.0.0.1 that answers every
-    request with 204 and counts them: the async worker sends one request
-    at a time per destination, so the receiver's per-request cost bounds
-    what can be measured, and http.server costs several times this."""
+    request with 204 and counts them, a thread per connection (the worker
+    keeps up to 32 in flight): the receiver's per-request cost bounds what
+    can be measured, and http.server costs several times this."""
 
     RESPONSE = b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n"
 
@@ -226,7 +226,7 @@ def async_throughput(conn, events, kind):
         "http": f"row_to_http('http://127.0.0.1:{rx.port}/hook', 'delivery=async')",
     }[kind]
     conn.execute("DROP TABLE IF EXISTS bench_tp")
-    conn.execute("CREATE TABLE bench_tp (id int, note text)")
+    conn.execute("CREATE TABLE bench_tp (id int PRIMARY KEY, note text)")
     conn.execute(f"CREATE TRIGGER out AFTER INSERT ON bench_tp FOR EACH ROW EXECUTE FUNCTION {call}")
     conn.execute("BEGIN")
     conn.execute(f"INSERT INTO bench_tp SELECT g, 'note ' || g FROM generate_series(1, {events}) g")
@@ -332,8 +332,8 @@ def main():
         ("sync ndjson within 3× of a plain INSERT", sync_nd / floor <= 3, f"{sync_nd / floor:.1f}×"),
         ("async enqueue within 3× of a plain INSERT", t["async, ndjson (enqueue)"] / floor <= 3,
          f"{t['async, ndjson (enqueue)'] / floor:.1f}×"),
-        ("async delivery ≥ 50,000 events/s over TCP ndjson", tcp >= 50_000, f"{tcp:,.0f}/s"),
-        ("async delivery ≥ 5,000 requests/s over HTTP", http >= 5_000, f"{http:,.0f}/s"),
+        ("async delivery ≥ 1,000,000 events/s over TCP ndjson", tcp >= 1_000_000, f"{tcp:,.0f}/s"),
+        ("async delivery ≥ 20,000 requests/s over HTTP", http >= 20_000, f"{http:,.0f}/s"),
         ("commit-to-receipt p99 < 20 ms at 1,000 events/s", p99 < 20, f"{p99:.2f} ms"),
     ]
     print("\n| target | measured | met |\n|---|---|---|")
