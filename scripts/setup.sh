@@ -39,11 +39,13 @@ if ! grep -qs '^pg15 = ' "${PGRX_HOME:-$HOME/.pgrx}/config.toml"; then
 fi
 
 # 4. Python for the integration tests, demo and benchmarks.
-if [ ! -x .venv/bin/pytest ] || ! .venv/bin/python -c 'import psycopg, pyflakes' 2>/dev/null; then
-  say "python venv with pytest, psycopg and pyflakes"
+# standardwebhooks: the official Standard Webhooks library, which the tests
+# verify pg_emit's signatures with.
+if [ ! -x .venv/bin/pytest ] || ! .venv/bin/python -c 'import psycopg, pyflakes, standardwebhooks' 2>/dev/null; then
+  say "python venv with pytest, psycopg, pyflakes and standardwebhooks"
   if ! python3 -m venv .venv 2>/dev/null; then
     $SUDO apt-get install -y -qq python3-venv >/dev/null
     python3 -m venv .venv
   fi
-  .venv/bin/pip install -q --disable-pip-version-check pytest 'psycopg[binary]' pyflakes
+  .venv/bin/pip install -q --disable-pip-version-check pytest 'psycopg[binary]' pyflakes standardwebhooks
 fi

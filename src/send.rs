@@ -237,7 +237,8 @@ fn send_http(
         content_type,
         &headers,
         body.as_bytes(),
-        false,
+        // Bodies any emit_sender chooses are never signed.
+        &pg_emit_core::destination::SignWith::Nothing,
         &interrupts::Statement,
     ) {
         Ok(resp) => i32::from(resp.status),

@@ -79,13 +79,17 @@ pub fn lookup(func: &'static str, name: &str) -> Rc<Resolved> {
     };
     // Checked when stored; a row edited by hand gets the same message.
     let Stored {
-        endpoint, format, ..
+        endpoint,
+        format,
+        signing,
+        ..
     } = destination::parse_stored(&url, &options)
         .unwrap_or_else(|source| EmitError::Argument { func, source }.raise());
     let r = Rc::new(Resolved {
         target: Target::Stored {
             name: name.to_string(),
             endpoint: Box::new(endpoint),
+            signing,
         },
         format,
     });

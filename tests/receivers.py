@@ -236,7 +236,12 @@ class HttpReceiver:
 
             do_POST = do_PUT = do_GET = do_PATCH = do_DELETE = _any
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        class Server(http.server.ThreadingHTTPServer):
+            # The worker opens up to 32 connections at once: the default
+            # listen backlog of 5 would drop some handshakes.
+            request_queue_size = 256
+
+        self.server = Server(("127.0.0.1", port), Handler)
         self.server.daemon_threads = True
         if tls is not None:
             self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)

@@ -243,7 +243,7 @@ def test_async_reuses_keep_alive_connections(db, table, web):
     attach(db, table, web.url, "delivery=async")
     db.execute(f"INSERT INTO {table} SELECT g, 'x' FROM generate_series(1, 50) g")
     reqs = web.wait_for(50, timeout=10)
-    assert len(reqs) == 50
+    assert len(reqs) >= 50  # at least once
     # Different rows go in parallel (up to 32 at once), over kept-alive
     # connections: fewer connections than requests.
     assert sorted(body_json(r)["new"]["id"] for r in reqs) == list(range(1, 51))

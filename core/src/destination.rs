@@ -30,6 +30,9 @@ pub enum Destination {
     Stored {
         name: String,
         endpoint: Box<Destination>,
+        /// How its HTTP requests are signed (sync and commit; the worker
+        /// reads the destination itself).
+        signing: SignWith,
     },
 }
 
@@ -257,6 +260,32 @@ pub struct StoredOptions {
     /// HTTP: most events per second (a receiver's rate limit).
     #[serde(default)]
     pub max_rate: Option<f64>,
+    /// Standard Webhooks secrets, `whsec_<base64>`, space-separated.
+    #[serde(default)]
+    pub secret: Option<String>,
+    /// `standard` (the default with a `secret`), `emit` (0.1.0's scheme
+    /// with `pg_emit.signing_secret_file`, the default without) or `none`.
+    #[serde(default)]
+    pub signing: Option<StoredSigning>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoredSigning {
+    Standard,
+    Emit,
+    None,
+}
+
+/// How a destination's HTTP requests are signed.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum SignWith {
+    /// 0.1.0's scheme, when `pg_emit.signing_secret_file` is set.
+    #[default]
+    FileKey,
+    /// Standard Webhooks, with these secrets.
+    Standard(Vec<Vec<u8>>),
+    Nothing,
 }
 
 /// Most events in one HTTP request.
@@ -303,6 +332,7 @@ pub struct Stored {
     pub format: Option<Format>,
     /// How its events flow (HTTP; TCP is always [`Flow::SERIAL`]).
     pub flow: Flow,
+    pub signing: SignWith,
 }
 
 /// Checks a stored destination's `url` and `options` (JSON text).
@@ -340,8 +370,37 @@ pub fn parse_stored(url: &str, options: &str) -> Result<Stored, OptionError> {
             )));
         }
     }
+    let endpoint = parse_url(url, headers)?;
+    let secrets = match &opts.secret {
+        None => None,
+        Some(_) if !matches!(endpoint, Destination::Http { .. }) => {
+            return Err(OptionError::Destination(
+                "options: secret signs HTTP requests; this destination is not http(s)://".into(),
+            ))
+        }
+        Some(text) => Some(
+            http::parse_secrets(text)
+                .map_err(|e| OptionError::Destination(format!("options: {e}")))?,
+        ),
+    };
+    let signing = match (opts.signing, secrets) {
+        (Some(StoredSigning::Standard) | None, Some(s)) => SignWith::Standard(s),
+        (Some(StoredSigning::Standard), None) => {
+            return Err(OptionError::Destination(
+                "options: signing \"standard\" needs a secret (whsec_...)".into(),
+            ))
+        }
+        (Some(StoredSigning::Emit), None) | (None, None) => SignWith::FileKey,
+        (Some(StoredSigning::None), None) => SignWith::Nothing,
+        (Some(other), Some(_)) => {
+            return Err(OptionError::Destination(format!(
+                "options: a secret is for signing \"standard\", not {other:?}"
+            )))
+        }
+    };
     Ok(Stored {
-        endpoint: parse_url(url, headers)?,
+        signing,
+        endpoint,
         format: opts.format.map(Format::from),
         flow: Flow {
             concurrency,
@@ -427,6 +486,31 @@ mod tests {
         assert_eq!(parse_stored("https://h/x", "{}").unwrap().flow, Flow::HTTP);
         let s = parse_stored("https://h/x", r#"{"batch":100,"max_rate":5.5}"#).unwrap();
         assert_eq!((s.flow.batch, s.flow.max_rate), (100, Some(5.5)));
+        let secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+        let s = parse_stored(
+            "https://h/x",
+            &format!(r#"{{"secret":"{secret} {secret}"}}"#),
+        )
+        .unwrap();
+        assert!(matches!(s.signing, SignWith::Standard(ref k) if k.len() == 2));
+        assert_eq!(
+            parse_stored("https://h/x", "{}").unwrap().signing,
+            SignWith::FileKey
+        );
+        assert_eq!(
+            parse_stored("https://h/x", r#"{"signing":"none"}"#)
+                .unwrap()
+                .signing,
+            SignWith::Nothing
+        );
+        for bad in [
+            r#"{"secret":"nope"}"#,
+            r#"{"signing":"standard"}"#,
+            r#"{"signing":"emit","secret":"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"}"#,
+        ] {
+            assert!(parse_stored("https://h/x", bad).is_err(), "{bad}");
+        }
+        assert!(parse_stored("tcp://h:1", &format!(r#"{{"secret":"{secret}"}}"#)).is_err());
         for bad in [
             r#"{"concurrency":0}"#,
             r#"{"concurrency":5000}"#,

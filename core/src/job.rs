@@ -5,7 +5,7 @@
 use crate::options::Framing;
 use crate::schedule::{Order, Scheduler};
 use crate::security::Allowlist;
-use crate::transport::http::{self, ClientConfig, HttpError, Request};
+use crate::transport::http::{self, ClientConfig, HttpError, Request, Signing};
 use crate::transport::tcp::{self, SendError};
 use crate::transport::{Interrupt, Timeouts};
 use socket2::Socket;
@@ -45,6 +45,9 @@ pub enum Dest {
         headers: Vec<(String, String)>,
         /// Client settings and signing key, or why they could not be read.
         setup: Result<(ClientConfig, Option<Vec<u8>>), String>,
+        /// Standard Webhooks secrets (a stored destination's `secret`):
+        /// they sign instead of the key when set.
+        standard: Option<Vec<Vec<u8>>>,
     },
     /// A stored destination that cannot be used now (dropped, say): every
     /// job fails with this message and is retried.
@@ -200,7 +203,8 @@ pub fn send_job(conn: &mut Conn, job: &Job, intr: &dyn Interrupt) -> Outcome {
     if let Dest::Http {
         url,
         headers,
-        setup: Ok((cfg, secret)),
+        setup: Ok((cfg, key)),
+        standard,
     } = &job.dest
     {
         if (job.flow.concurrency > 1 && job.flow.order != Order::Destination)
@@ -208,7 +212,10 @@ pub fn send_job(conn: &mut Conn, job: &Job, intr: &dyn Interrupt) -> Outcome {
             || job.flow.max_rate.is_some()
         {
             return match http_client(&mut conn.http, cfg) {
-                Ok(c) => send_parallel(&c, url, headers, secret, job, &mut conn.next_slot, intr),
+                Ok(c) => {
+                    let signer = Signer { key, standard };
+                    send_parallel(&c, url, headers, &signer, job, &mut conn.next_slot, intr)
+                }
                 Err(e) => Outcome {
                     sent,
                     error: Some(e),
@@ -266,22 +273,26 @@ pub fn send_job(conn: &mut Conn, job: &Job, intr: &dyn Interrupt) -> Outcome {
                 url,
                 headers,
                 setup,
+                standard,
             } => setup
                 .as_ref()
                 .map_err(|e| JobError::Retry {
                     message: e.clone(),
                     after: None,
                 })
-                .and_then(|(client, secret)| Ok((http_client(&mut conn.http, client)?, secret)))
+                .and_then(|(client, key)| Ok((http_client(&mut conn.http, client)?, key)))
                 .map_err(Stopped)
-                .and_then(|(c, secret)| {
+                .and_then(|(c, key)| {
+                    let signer = Signer { key, standard };
                     lines.into_iter().try_for_each(|(k, line)| {
                         if sliced(started) {
                             return Err(Pause);
                         }
                         buf.clear();
-                        push_with_id(&mut buf, &job.stream, row.first_event_id + k as i64, line);
-                        post(&c, url, headers, secret, &buf).map_err(Stopped)?;
+                        let id = row.first_event_id + k as i64;
+                        push_with_id(&mut buf, &job.stream, id, line);
+                        let signing = signer.sign(&job.stream, id, id);
+                        post(&c, url, headers, signing, &buf).map_err(Stopped)?;
                         sent[i] += 1;
                         Ok(())
                     })
@@ -311,7 +322,7 @@ fn send_parallel(
     client: &http::Client,
     url: &str,
     headers: &[(String, String)],
-    secret: &Option<Vec<u8>>,
+    signer: &Signer<'_>,
     job: &Job,
     next_slot: &mut Option<Instant>,
     intr: &dyn Interrupt,
@@ -394,7 +405,9 @@ fn send_parallel(
                     if batch > 1 {
                         buf.push(b']');
                     }
-                    let r = post(client, url, headers, secret, &buf).map_err(|e| match e {
+                    let (first, last) = (events[units[i].start].1, events[units[i].end - 1].1);
+                    let signing = signer.sign(&job.stream, first, last);
+                    let r = post(client, url, headers, signing, &buf).map_err(|e| match e {
                         JobError::Reject {
                             status,
                             message,
@@ -503,11 +516,44 @@ fn http_client(
     }
 }
 
+/// How a destination's requests are signed.
+struct Signer<'a> {
+    /// `pg_emit.signing_secret_file`'s key (0.1.0's scheme).
+    key: &'a Option<Vec<u8>>,
+    /// Standard Webhooks secrets.
+    standard: &'a Option<Vec<Vec<u8>>>,
+}
+
+impl Signer<'_> {
+    /// The signing of a request carrying events `first..=last` of `stream`:
+    /// its `webhook-id` is made of them, so a retry has the same one.
+    fn sign(&self, stream: &str, first: i64, last: i64) -> Signing {
+        match (self.standard, self.key) {
+            (Some(secrets), _) => Signing::Standard {
+                id: webhook_id(stream, first, last),
+                secrets: secrets.clone(),
+            },
+            (None, Some(key)) => Signing::Emit(key.clone()),
+            (None, None) => Signing::None,
+        }
+    }
+}
+
+/// `evt_<stream>_<id>` (`_<first>-<last>` for a batch): unique across
+/// destinations, databases and restores, like `(stream, id)`.
+pub fn webhook_id(stream: &str, first: i64, last: i64) -> String {
+    if first == last {
+        format!("evt_{stream}_{first}")
+    } else {
+        format!("evt_{stream}_{first}-{last}")
+    }
+}
+
 fn post(
     client: &http::Client,
     url: &str,
     headers: &[(String, String)],
-    secret: &Option<Vec<u8>>,
+    signing: Signing,
     body: &[u8],
 ) -> Result<(), JobError> {
     let req = Request {
@@ -516,7 +562,7 @@ fn post(
         content_type: "application/json".into(),
         headers: headers.to_vec(),
         body: body.to_vec(),
-        secret: secret.clone(),
+        signing,
     };
     match http::request(client, &req) {
         Ok(r) if r.success() => Ok(()),
@@ -784,6 +830,7 @@ mod tests {
                 },
                 None,
             )),
+            standard: None,
         };
         let t = Instant::now();
         let out = send_job(&mut Conn::default(), &j, &Uninterruptible);
@@ -863,6 +910,7 @@ mod tests {
                 },
                 None,
             )),
+            standard: None,
         };
         let t = Instant::now();
         let out = send_job(&mut Conn::default(), &j, &Uninterruptible);
@@ -914,6 +962,7 @@ mod tests {
                 },
                 None,
             )),
+            standard: None,
         };
         let out = send_job(&mut Conn::default(), &j, &Uninterruptible);
         assert!(out.error.is_none(), "{:?}", out.error);
@@ -956,6 +1005,7 @@ mod tests {
                 },
                 None,
             )),
+            standard: None,
         };
         let t = Instant::now();
         let out = send_job(&mut Conn::default(), &j, &Uninterruptible);

@@ -11,9 +11,10 @@ use crate::error::EmitError;
 use crate::interrupts;
 use crate::options::Framing;
 use crate::settings::{self, OnError};
-use crate::transport::http::{self, HttpError, Request, Response};
+use crate::transport::http::{self, HttpError, Request, Response, Signing};
 use crate::transport::tcp::{self, SendError};
 use crate::transport::Interrupt;
+use pg_emit_core::destination::SignWith;
 use socket2::Socket;
 use std::cell::RefCell;
 use std::time::Instant;
@@ -141,7 +142,11 @@ pub fn try_send(target: &Target, msg: &[u8], intr: &dyn Interrupt) -> Result<(),
             framing,
         } => try_send_tcp(host, *port, msg, *framing, intr),
         Target::Http { url, headers } => {
-            let r = http_request(url, "POST", "application/json", headers, msg, true, intr)?;
+            let signing = match target {
+                Target::Stored { signing, .. } => signing,
+                _ => &SignWith::FileKey,
+            };
+            let r = http_request(url, "POST", "application/json", headers, msg, signing, intr)?;
             if r.success() {
                 Ok(())
             } else {
@@ -242,13 +247,24 @@ fn try_send_tcp(
 /// a receiver that pg_emit produced the body; a body chosen by a caller of
 /// `send_http` (which could forge an event id) must not carry one.
 #[allow(clippy::too_many_arguments)]
+/// A `webhook-id` for a sync or commit request, which is never retried:
+/// unique per backend and time, and across backends by the pid.
+fn fresh_id() -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!("msg_{nanos:x}_{:x}_{n:x}", std::process::id())
+}
+
 pub fn http_request(
     url: &str,
     method: &str,
     content_type: &str,
     headers: &[(String, String)],
     body: &[u8],
-    sign: bool,
+    sign: &SignWith,
     intr: &dyn Interrupt,
 ) -> Result<Response, Failure> {
     guarded(
@@ -262,10 +278,17 @@ pub fn http_request(
                 })
             };
             let client = http_client().map_err(setup)?;
-            let secret = if sign {
-                settings::signing_secret().map_err(setup)?
-            } else {
-                None
+            let signing = match sign {
+                SignWith::FileKey => match settings::signing_secret().map_err(setup)? {
+                    Some(key) => Signing::Emit(key),
+                    None => Signing::None,
+                },
+                // No retries here: a fresh id per request.
+                SignWith::Standard(secrets) => Signing::Standard {
+                    id: fresh_id(),
+                    secrets: secrets.clone(),
+                },
+                SignWith::Nothing => Signing::None,
             };
             let req = Request {
                 method: method.to_string(),
@@ -273,7 +296,7 @@ pub fn http_request(
                 content_type: content_type.to_string(),
                 headers: headers.to_vec(),
                 body: body.to_vec(),
-                secret,
+                signing,
             };
             http::request_interruptible(&client, req, intr).map_err(Failure::Http)
         },

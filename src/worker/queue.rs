@@ -10,7 +10,7 @@ use crate::plans;
 use crate::security::Allowlist;
 use crate::transport;
 use crate::transport::http::ClientConfig;
-use pg_emit_core::destination::{self, Destination};
+use pg_emit_core::destination::{self, Destination, SignWith};
 use pg_emit_core::job::{Dest as JobDest, Flow, Job, JobError, Outcome, Row};
 
 /// Most payload bytes claimed for one destination at a time (and at most
@@ -71,6 +71,7 @@ pub(super) fn claim(
                             .filter_map(|l| crate::transport::http::parse_header(l).ok())
                             .collect(),
                         setup: http.clone(),
+                        standard: None,
                     };
                     (dest, Flow::HTTP)
                 }
@@ -194,14 +195,24 @@ fn stored_dest(
             },
             Flow::SERIAL,
         ),
-        Destination::Http { url, headers } => (
-            JobDest::Http {
-                url,
-                headers,
-                setup: http.clone(),
-            },
-            stored.flow,
-        ),
+        Destination::Http { url, headers } => {
+            let (setup, standard) = match stored.signing {
+                SignWith::FileKey => (http.clone(), None),
+                SignWith::Nothing => (http.clone().map(|(c, _)| (c, None)), None),
+                SignWith::Standard(secrets) => {
+                    (http.clone().map(|(c, _)| (c, None)), Some(secrets))
+                }
+            };
+            (
+                JobDest::Http {
+                    url,
+                    headers,
+                    setup,
+                    standard,
+                },
+                stored.flow,
+            )
+        }
         Destination::Stored { .. } => {
             unavailable(format!("stored destination {name:?} names another"))
         }

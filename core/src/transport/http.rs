@@ -225,6 +225,62 @@ pub fn signature(secret: &[u8], timestamp: u64, body: &[u8]) -> String {
     out
 }
 
+/// How a request is signed.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Signing {
+    #[default]
+    None,
+    /// 0.1.0's scheme (`X-Emit-Timestamp`, `X-Emit-Signature`) with the
+    /// key of `pg_emit.signing_secret_file`.
+    Emit(Vec<u8>),
+    /// Standard Webhooks v1: `webhook-id` (`id`, the same on every retry),
+    /// `webhook-timestamp`, and one `v1,` signature per secret, so that a
+    /// receiver rotating its secret verifies with either.
+    Standard { id: String, secrets: Vec<Vec<u8>> },
+}
+
+/// A Standard Webhooks signature: `v1,` + base64 of HMAC-SHA256(secret,
+/// `"<id>.<timestamp>.<body>"`).
+pub fn standard_signature(secret: &[u8], id: &str, timestamp: u64, body: &[u8]) -> String {
+    use base64::Engine as _;
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes any key length");
+    mac.update(id.as_bytes());
+    mac.update(b".");
+    mac.update(timestamp.to_string().as_bytes());
+    mac.update(b".");
+    mac.update(body);
+    let tag = mac.finalize().into_bytes();
+    format!(
+        "v1,{}",
+        base64::engine::general_purpose::STANDARD.encode(tag)
+    )
+}
+
+/// Standard Webhooks secrets, `whsec_<base64>`, several separated by
+/// spaces (the new one and the old one, while receivers rotate).
+pub fn parse_secrets(text: &str) -> Result<Vec<Vec<u8>>, String> {
+    use base64::Engine as _;
+    let secrets: Vec<Vec<u8>> = text
+        .split_whitespace()
+        .map(|s| {
+            let b64 = s.strip_prefix("whsec_").ok_or(
+                "a secret is whsec_ followed by base64 (as Standard Webhooks libraries write it)",
+            )?;
+            let key = base64::engine::general_purpose::STANDARD
+                .decode(b64)
+                .map_err(|_| "a secret's part after whsec_ is not valid base64")?;
+            if !(24..=64).contains(&key.len()) {
+                return Err("a secret must decode to 24 to 64 bytes (Standard Webhooks' range)");
+            }
+            Ok(key)
+        })
+        .collect::<Result<_, &str>>()?;
+    if secrets.is_empty() {
+        return Err("secret is empty".into());
+    }
+    Ok(secrets)
+}
+
 /// Where trust comes from for HTTPS.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Trust {
@@ -333,6 +389,10 @@ impl Client {
             // ureq's default of three.
             .max_idle_connections(MAX_CONCURRENCY)
             .max_idle_connections_per_host(MAX_CONCURRENCY)
+            // Servers close idle keep-alive connections (Node after 5 s):
+            // one reused after that fails its request, which then counts
+            // as a failed attempt. Give them up first.
+            .max_idle_age(Duration::from_secs(4))
             .user_agent(concat!("pg_emit/", env!("CARGO_PKG_VERSION")))
             .tls_config(TlsConfig::builder().root_certs(roots).build())
             .build();
@@ -356,8 +416,8 @@ pub struct Request {
     pub content_type: String,
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
-    /// Signs the request when set (the signing secret).
-    pub secret: Option<Vec<u8>>,
+    /// How to sign the request.
+    pub signing: Signing,
 }
 
 #[derive(Debug, Clone)]
@@ -427,14 +487,27 @@ pub fn request(client: &Client, req: &Request) -> Result<Response, HttpError> {
     for (k, v) in &req.headers {
         b = b.header(k.as_str(), v.as_str());
     }
-    if let Some(secret) = &req.secret {
-        let ts = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_secs();
-        b = b
-            .header("X-Emit-Timestamp", ts.to_string())
-            .header("X-Emit-Signature", signature(secret, ts, &req.body));
+    let ts = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    match &req.signing {
+        Signing::None => {}
+        Signing::Emit(secret) => {
+            b = b
+                .header("X-Emit-Timestamp", ts.to_string())
+                .header("X-Emit-Signature", signature(secret, ts, &req.body));
+        }
+        Signing::Standard { id, secrets } => {
+            let sigs: Vec<String> = secrets
+                .iter()
+                .map(|s| standard_signature(s, id, ts, &req.body))
+                .collect();
+            b = b
+                .header("webhook-id", id.as_str())
+                .header("webhook-timestamp", ts.to_string())
+                .header("webhook-signature", sigs.join(" "));
+        }
     }
     let http_req = b.body(req.body.as_slice()).map_err(|e| HttpError::Failed {
         url: req.url.clone(),
@@ -550,6 +623,37 @@ pub fn request_interruptible(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn standard_webhooks_signature_matches_the_specification_example() {
+        // The example of the Standard Webhooks specification.
+        let secret = &parse_secrets("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").unwrap()[0];
+        assert_eq!(
+            standard_signature(
+                secret,
+                "msg_p5jXN8AQM9LWM0D4loKWxJek",
+                1614265330,
+                br#"{"test": 2432232314}"#
+            ),
+            "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
+        );
+        assert_eq!(
+            parse_secrets(
+                "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw  whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+            )
+            .unwrap()
+            .len(),
+            2
+        );
+        for bad in [
+            "",
+            "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+            "whsec_!!!",
+            "whsec_c2hvcnQ=",
+        ] {
+            assert!(parse_secrets(bad).is_err(), "{bad}");
+        }
+    }
     use crate::transport::Uninterruptible;
     use std::io::{BufRead, BufReader, Write};
     use std::net::TcpListener;
@@ -599,7 +703,7 @@ mod tests {
             content_type: "application/json".into(),
             headers: vec![("X-Trace".into(), "abc".into())],
             body: body.as_bytes().to_vec(),
-            secret: Some(b"k".to_vec()),
+            signing: Signing::Emit(b"k".to_vec()),
         }
     }
 
