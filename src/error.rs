@@ -114,13 +114,13 @@ impl EmitError {
                 func: "row_to_http",
                 ..
             } => return Some(
-                "row_to_http takes (url [, 'key=value' ...]) with keys delivery=sync|commit|async, format=json|td, header=Name: value.",
+                "row_to_http takes (url [, 'key=value' ...]) with keys delivery=sync|commit|async, format=json|td, header=Name: value, key=col[,col...].",
             ),
             EmitError::TriggerArgument {
                 func: "row_to_destination",
                 ..
             } => return Some(
-                "row_to_destination takes (destination [, 'key=value' ...]): a URL (tcp://host:port[?framing=ndjson], http(s)://...) or a stored destination's name, and keys delivery=sync|commit|async, format=json|td.",
+                "row_to_destination takes (destination [, 'key=value' ...]): a URL (tcp://host:port[?framing=ndjson], http(s)://...) or a stored destination's name, and keys delivery=sync|commit|async, format=json|td, key=col[,col...].",
             ),
             _ => {}
         }
@@ -138,7 +138,7 @@ impl EmitError {
                 "To keep them, roll back and let the worker deliver them (see emit.stats), or pg_dump the database first: the dump includes them.",
             ),
             EmitError::TriggerArgument { .. } => Some(
-                "row_to_socket takes (host, port [, 'key=value' ...]) with keys delivery=sync|commit|async, format=json|td, framing=close|ndjson.",
+                "row_to_socket takes (host, port [, 'key=value' ...]) with keys delivery=sync|commit|async, format=json|td, framing=close|ndjson, key=col[,col...].",
             ),
             _ => None,
         }

@@ -51,6 +51,8 @@ struct Plan {
     args: Vec<String>,
     dest: PlanDest,
     opts: Options,
+    /// `key=` columns as attribute numbers, for this relation.
+    key_attnums: RefCell<Option<(pg_sys::Oid, Rc<[i32]>)>>,
 }
 
 /// Where a trigger sends: fixed by its arguments, or a stored destination
@@ -346,13 +348,15 @@ fn fire(td: &pg_sys::TriggerData, func: Func) -> pg_sys::Datum {
             (true, _) => (None, Some(tuple_json(td.tg_trigtuple, desc))),
         }
     };
-    // The ordering key of async events: the row's replica identity (its
-    // primary key unless the table says otherwise), before an UPDATE.
+    // The ordering key of async events: the trigger's key columns, else
+    // the row's replica identity (its primary key unless the table says
+    // otherwise), before an UPDATE.
     let key = match (mode, op) {
-        (Delivery::Async, Op::Insert) => unsafe { row_key(td.tg_relation, td.tg_trigtuple) },
-        (Delivery::Async, Op::Update | Op::Delete) if row_level => unsafe {
-            row_key(td.tg_relation, td.tg_trigtuple)
-        },
+        (Delivery::Async, Op::Insert | Op::Update | Op::Delete) if row_level => {
+            let cols = key_columns(&firing, &plan);
+            // SAFETY: the firing's own relation and tuple.
+            unsafe { row_key(td.tg_relation, td.tg_trigtuple, cols.as_deref()) }
+        }
         _ => None,
     };
     let what = || format!("a row for {}", firing.describe());
@@ -408,34 +412,79 @@ fn fire(td: &pg_sys::TriggerData, func: Func) -> pg_sys::Datum {
 ///
 /// # Safety
 /// `rel` and `tuple` must belong to the firing.
-unsafe fn row_key(rel: pg_sys::Relation, tuple: pg_sys::HeapTuple) -> Option<i64> {
-    let cols = pg_sys::RelationGetIndexAttrBitmap(
-        rel,
-        pg_sys::IndexAttrBitmapKind::INDEX_ATTR_BITMAP_IDENTITY_KEY,
-    );
-    if cols.is_null() {
-        return None;
-    }
+unsafe fn row_key(
+    rel: pg_sys::Relation,
+    tuple: pg_sys::HeapTuple,
+    columns: Option<&[i32]>,
+) -> Option<i64> {
+    let attnums: Vec<i32> = match columns {
+        Some(c) => c.to_vec(),
+        None => {
+            let cols = pg_sys::RelationGetIndexAttrBitmap(
+                rel,
+                pg_sys::IndexAttrBitmapKind::INDEX_ATTR_BITMAP_IDENTITY_KEY,
+            );
+            if cols.is_null() {
+                return None;
+            }
+            let mut out = Vec::new();
+            let mut member = -1;
+            loop {
+                member = pg_sys::bms_next_member(cols, member);
+                if member < 0 {
+                    break;
+                }
+                out.push(member + pg_sys::FirstLowInvalidHeapAttributeNumber);
+            }
+            pg_sys::bms_free(cols);
+            out
+        }
+    };
     let desc = (*rel).rd_att;
     let mut parts: Vec<Option<Cow<'_, [u8]>>> = vec![Some(Cow::Owned(
         (*rel).rd_id.to_u32().to_le_bytes().to_vec(),
     ))];
-    let mut member = -1;
-    loop {
-        member = pg_sys::bms_next_member(cols, member);
-        if member < 0 {
-            break;
-        }
-        let attnum = member + pg_sys::FirstLowInvalidHeapAttributeNumber;
+    for attnum in attnums {
         let att = &*(*desc).attrs.as_ptr().add((attnum - 1) as usize);
         let mut isnull = false;
         let datum = pg_sys::heap_getattr(tuple, attnum, desc, &mut isnull);
         parts.push((!isnull).then(|| datum_bytes(datum, att)));
     }
-    pg_sys::bms_free(cols);
     Some(pg_emit_core::schedule::key_hash(
         parts.iter().map(|p| p.as_deref()),
     ))
+}
+
+/// The attribute numbers of the trigger's `key=` columns, looked up once
+/// per plan (and relation); `None` without the option. A column that does
+/// not exist is an ERROR naming the trigger.
+fn key_columns(firing: &Firing<'_>, plan: &Plan) -> Option<Rc<[i32]>> {
+    let names = plan.opts.key.as_ref()?;
+    // SAFETY: the relation is open for the firing.
+    let rel = unsafe { &*firing.td.tg_relation };
+    if let Some((relid, cols)) = plan.key_attnums.borrow().as_ref() {
+        if *relid == rel.rd_id {
+            return Some(cols.clone());
+        }
+    }
+    let cols: Rc<[i32]> = names
+        .iter()
+        .map(|name| {
+            let c = std::ffi::CString::new(name.as_str()).unwrap_or_default();
+            // SAFETY: a catalog lookup by name in the firing's relation.
+            let attnum = unsafe { pg_sys::get_attnum(rel.rd_id, c.as_ptr()) };
+            if attnum <= 0 {
+                EmitError::TriggerEvent {
+                    trigger: firing.describe(),
+                    problem: format!("key=: column {name:?} does not exist"),
+                }
+                .raise();
+            }
+            i32::from(attnum)
+        })
+        .collect();
+    *plan.key_attnums.borrow_mut() = Some((rel.rd_id, cols.clone()));
+    Some(cols)
 }
 
 /// The bytes of a datum's value (detoasted), to hash it.
@@ -659,6 +708,7 @@ fn plan_for(tg: &pg_sys::Trigger, firing: &Firing<'_>) -> Rc<Plan> {
         args,
         dest,
         opts,
+        key_attnums: RefCell::default(),
     });
     PLANS.with_borrow_mut(|plans| {
         plans.retain(|p| p.tgoid != tg.tgoid);

@@ -306,3 +306,33 @@ def test_batches_carry_many_events_per_request_and_refusals_dead_letter_each(db,
     finally:
         rx.close()
         db.execute("DELETE FROM emit.dead_letter WHERE destination = %s", (dest,))
+
+
+def test_key_columns_choose_what_stays_in_order(db, table):
+    """key=account on a table without a primary key: each account's
+    events in order, accounts in parallel (without key= every event of
+    such a table would wait for the one before)."""
+    rx = HttpReceiver(delay=0.02)
+    try:
+        db.execute(f"CREATE TABLE {table} (account int, seq int)")
+        db.execute(f"CREATE TRIGGER out AFTER INSERT ON {table} FOR EACH ROW "
+                   f"EXECUTE FUNCTION row_to_http('{rx.url}', 'delivery=async', 'key=account')")
+        db.execute(f"INSERT INTO {table} SELECT a, s FROM generate_series(1, 5) s, generate_series(1, 20) a "
+                   "ORDER BY s, a")
+        t = __import__("time").monotonic()
+        got = rx.wait_for(100, timeout=20)
+        elapsed = __import__("time").monotonic() - t
+        assert len(got) == 100
+        per_account = {}
+        for r in got:
+            e = body(r)["new"]
+            per_account.setdefault(e["account"], []).append(e["seq"])
+        assert all(seq == [1, 2, 3, 4, 5] for seq in per_account.values()), per_account
+        assert elapsed < 1.5, elapsed  # one at a time would take 2 s
+        db.execute(f"CREATE TRIGGER bad AFTER INSERT ON {table} FOR EACH ROW "
+                   f"EXECUTE FUNCTION row_to_http('{rx.url}', 'delivery=async', 'key=acount')")
+        with pytest.raises(psycopg.Error) as e:
+            db.execute(f"INSERT INTO {table} VALUES (1, 6)")
+        assert 'key=: column "acount" does not exist' in str(e.value)
+    finally:
+        rx.close()

@@ -611,6 +611,24 @@ mod tests {
         }
     }
 
+    /// An HTTP destination on loopback, unsigned, 2 s timeouts.
+    fn http_dest(port: u16) -> Dest {
+        Dest::Http {
+            url: format!("http://127.0.0.1:{port}/"),
+            headers: Vec::new(),
+            setup: Ok((
+                ClientConfig {
+                    connect_timeout: Duration::from_secs(2),
+                    request_timeout: Duration::from_secs(2),
+                    trust: crate::transport::http::Trust::System,
+                    allow: Allowlist::default(),
+                },
+                None,
+            )),
+            standard: None,
+        }
+    }
+
     fn row(id: i64, first: i64, sent: u32, payload: &str) -> Row {
         Row {
             id,
@@ -818,20 +836,7 @@ mod tests {
             Framing::Close,
             vec![row(1, 1, 0, &vec!["{}"; 20].join("\n"))],
         );
-        j.dest = Dest::Http {
-            url: format!("http://127.0.0.1:{port}/"),
-            headers: Vec::new(),
-            setup: Ok((
-                ClientConfig {
-                    connect_timeout: Duration::from_secs(2),
-                    request_timeout: Duration::from_secs(2),
-                    trust: crate::transport::http::Trust::System,
-                    allow: Allowlist::default(),
-                },
-                None,
-            )),
-            standard: None,
-        };
+        j.dest = http_dest(port);
         let t = Instant::now();
         let out = send_job(&mut Conn::default(), &j, &Uninterruptible);
         assert!(out.error.is_none(), "{:?}", out.error);
@@ -898,20 +903,7 @@ mod tests {
             concurrency: 16,
             ..Flow::HTTP
         };
-        j.dest = Dest::Http {
-            url: format!("http://127.0.0.1:{port}/"),
-            headers: Vec::new(),
-            setup: Ok((
-                ClientConfig {
-                    connect_timeout: Duration::from_secs(2),
-                    request_timeout: Duration::from_secs(2),
-                    trust: crate::transport::http::Trust::System,
-                    allow: Allowlist::default(),
-                },
-                None,
-            )),
-            standard: None,
-        };
+        j.dest = http_dest(port);
         let t = Instant::now();
         let out = send_job(&mut Conn::default(), &j, &Uninterruptible);
         assert!(out.error.is_none(), "{:?}", out.error);
@@ -950,20 +942,7 @@ mod tests {
         r.keys = Some((0..25).map(|i| Some(i % 3)).collect());
         let mut j = job(port, Framing::Close, vec![r]);
         (j.flow.concurrency, j.flow.batch) = (4, 10);
-        j.dest = Dest::Http {
-            url: format!("http://127.0.0.1:{port}/"),
-            headers: Vec::new(),
-            setup: Ok((
-                ClientConfig {
-                    connect_timeout: Duration::from_secs(2),
-                    request_timeout: Duration::from_secs(2),
-                    trust: crate::transport::http::Trust::System,
-                    allow: Allowlist::default(),
-                },
-                None,
-            )),
-            standard: None,
-        };
+        j.dest = http_dest(port);
         let out = send_job(&mut Conn::default(), &j, &Uninterruptible);
         assert!(out.error.is_none(), "{:?}", out.error);
         assert_eq!(out.sent, vec![25]);
@@ -993,20 +972,7 @@ mod tests {
             max_rate: Some(50.0),
             ..Flow::HTTP
         };
-        j.dest = Dest::Http {
-            url: format!("http://127.0.0.1:{port}/"),
-            headers: Vec::new(),
-            setup: Ok((
-                ClientConfig {
-                    connect_timeout: Duration::from_secs(2),
-                    request_timeout: Duration::from_secs(2),
-                    trust: crate::transport::http::Trust::System,
-                    allow: Allowlist::default(),
-                },
-                None,
-            )),
-            standard: None,
-        };
+        j.dest = http_dest(port);
         let t = Instant::now();
         let out = send_job(&mut Conn::default(), &j, &Uninterruptible);
         assert_eq!(out.sent, vec![21]);

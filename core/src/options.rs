@@ -59,6 +59,9 @@ pub struct Options {
     pub framing: Framing,
     /// `header=Name: value` (row_to_http only), in order.
     pub headers: Vec<(String, String)>,
+    /// `key=col[,col...]`: the columns whose values order async events
+    /// (default: the table's replica identity, its primary key).
+    pub key: Option<Vec<String>>,
 }
 
 /// Which trigger the options belong to: each accepts its own keys.
@@ -74,9 +77,9 @@ pub enum Kind {
 impl Kind {
     fn known(self) -> &'static str {
         match self {
-            Kind::Socket => "delivery, format, framing",
-            Kind::Http => "delivery, format, header",
-            Kind::Destination => "delivery, format",
+            Kind::Socket => "delivery, format, framing, key",
+            Kind::Http => "delivery, format, header, key",
+            Kind::Destination => "delivery, format, key",
         }
     }
 }
@@ -221,7 +224,7 @@ pub fn parse_options<S: AsRef<str>>(
     kind: Kind,
 ) -> Result<Options, OptionError> {
     let mut opts = Options::default();
-    let mut seen = [false; 3];
+    let mut seen = [false; 4];
     for (i, arg) in args.iter().enumerate() {
         let pos = first_pos + i;
         let arg = arg.as_ref();
@@ -263,6 +266,14 @@ pub fn parse_options<S: AsRef<str>>(
                     _ => return Err(bad("format", "json or td")),
                 });
                 (1, "format")
+            }
+            "key" => {
+                let cols: Vec<String> = value.split(',').map(|c| c.trim().to_string()).collect();
+                if cols.iter().any(String::is_empty) {
+                    return Err(bad("key", "column names separated by commas"));
+                }
+                opts.key = Some(cols);
+                (3, "key")
             }
             "framing" if kind == Kind::Socket => {
                 opts.framing = match value.to_ascii_lowercase().as_str() {
@@ -380,7 +391,7 @@ mod tests {
             Err(OptionError::UnknownKey {
                 pos: 4,
                 key: "fromat".into(),
-                known: "delivery, format, framing"
+                known: "delivery, format, framing, key"
             })
         );
         assert_eq!(
@@ -450,7 +461,7 @@ mod tests {
         let e = parse_socket_args(&["h", "1", "fromat=td"]).unwrap_err();
         assert_eq!(
             e.to_string(),
-            "argument 3: unknown option \"fromat\" (known options: delivery, format, framing)"
+            "argument 3: unknown option \"fromat\" (known options: delivery, format, framing, key)"
         );
     }
 }
