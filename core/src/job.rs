@@ -2,6 +2,7 @@
 //! destination. Runs on a per-destination thread and never touches
 //! PostgreSQL, so a receiver that hangs holds up only its own destination.
 
+use crate::destination::Destination;
 use crate::options::Framing;
 use crate::schedule::{Order, Scheduler};
 use crate::security::Allowlist;
@@ -31,27 +32,25 @@ impl Row {
     }
 }
 
-/// Where a job goes.
+/// Where a job goes: the same [`Destination`] sync and commit send to
+/// (the worker has already read a stored one: never
+/// [`Destination::Stored`]), with what its HTTP requests need.
 #[derive(Debug, Clone)]
 pub enum Dest {
-    Tcp {
-        host: String,
-        port: u16,
-        framing: Framing,
-    },
-    /// One POST per event.
-    Http {
-        url: String,
-        headers: Vec<(String, String)>,
-        /// Client settings and signing key, or why they could not be read.
-        setup: Result<(ClientConfig, Option<Vec<u8>>), String>,
-        /// Standard Webhooks secrets (a stored destination's `secret`):
-        /// they sign instead of the key when set.
-        standard: Option<Vec<Vec<u8>>>,
-    },
+    Endpoint(Destination, HttpSetup),
     /// A stored destination that cannot be used now (dropped, say): every
     /// job fails with this message and is retried.
     Unavailable(String),
+}
+
+/// What HTTP requests need beyond the URL and headers.
+#[derive(Debug, Clone)]
+pub struct HttpSetup {
+    /// Client settings and signing key, or why they could not be read.
+    pub client: Result<(ClientConfig, Option<Vec<u8>>), String>,
+    /// Standard Webhooks secrets (a stored destination's `secret`): they
+    /// sign instead of the key when set.
+    pub standard: Option<Vec<Vec<u8>>>,
 }
 
 /// How a destination's events flow: what a stored destination's options
@@ -200,12 +199,13 @@ pub fn send_job(conn: &mut Conn, job: &Job, intr: &dyn Interrupt) -> Outcome {
             }),
         };
     }
-    if let Dest::Http {
-        url,
-        headers,
-        setup: Ok((cfg, key)),
-        standard,
-    } = &job.dest
+    if let Dest::Endpoint(
+        Destination::Http { url, headers },
+        HttpSetup {
+            client: Ok((cfg, key)),
+            standard,
+        },
+    ) = &job.dest
     {
         if (job.flow.concurrency > 1 && job.flow.order != Order::Destination)
             || job.flow.batch > 1
@@ -226,11 +226,14 @@ pub fn send_job(conn: &mut Conn, job: &Job, intr: &dyn Interrupt) -> Outcome {
     for (i, row) in job.rows.iter().enumerate() {
         let lines = row.payload.split('\n').enumerate().skip(row.sent as usize);
         let result = match &job.dest {
-            Dest::Tcp {
-                framing: Framing::Ndjson,
-                host,
-                port,
-            } => {
+            Dest::Endpoint(
+                Destination::Tcp {
+                    framing: Framing::Ndjson,
+                    host,
+                    port,
+                },
+                _,
+            ) => {
                 buf.clear();
                 for (k, line) in lines {
                     push_with_id(&mut buf, &job.stream, row.first_event_id + k as i64, line);
@@ -254,11 +257,14 @@ pub fn send_job(conn: &mut Conn, job: &Job, intr: &dyn Interrupt) -> Outcome {
                 sent[i] += lines_acked as u32;
                 r.map_err(|e| Stopped(JobError::from(e)))
             }
-            Dest::Tcp {
-                framing: Framing::Close,
-                host,
-                port,
-            } => lines.into_iter().try_for_each(|(k, line)| {
+            Dest::Endpoint(
+                Destination::Tcp {
+                    framing: Framing::Close,
+                    host,
+                    port,
+                },
+                _,
+            ) => lines.into_iter().try_for_each(|(k, line)| {
                 if sliced(started) {
                     return Err(Pause);
                 }
@@ -269,12 +275,13 @@ pub fn send_job(conn: &mut Conn, job: &Job, intr: &dyn Interrupt) -> Outcome {
                 sent[i] += 1;
                 Ok(())
             }),
-            Dest::Http {
-                url,
-                headers,
-                setup,
-                standard,
-            } => setup
+            Dest::Endpoint(
+                Destination::Http { url, headers },
+                HttpSetup {
+                    client: setup,
+                    standard,
+                },
+            ) => setup
                 .as_ref()
                 .map_err(|e| JobError::Retry {
                     message: e.clone(),
@@ -297,6 +304,10 @@ pub fn send_job(conn: &mut Conn, job: &Job, intr: &dyn Interrupt) -> Outcome {
                         Ok(())
                     })
                 }),
+            Dest::Endpoint(Destination::Stored { name, .. }, _) => Err(Stopped(JobError::Retry {
+                message: format!("stored destination {name:?} was not read before delivery"),
+                after: None,
+            })),
             Dest::Unavailable(_) => unreachable!("returned above"),
         };
         match result {
@@ -594,11 +605,17 @@ mod tests {
 
     fn job(port: u16, framing: Framing, rows: Vec<Row>) -> Job {
         Job {
-            dest: Dest::Tcp {
-                host: "127.0.0.1".into(),
-                port,
-                framing,
-            },
+            dest: Dest::Endpoint(
+                Destination::Tcp {
+                    host: "127.0.0.1".into(),
+                    port,
+                    framing,
+                },
+                HttpSetup {
+                    client: Err("TCP".into()),
+                    standard: None,
+                },
+            ),
             rows,
             flow: Flow::SERIAL,
             stream: "s".into(),
@@ -613,20 +630,24 @@ mod tests {
 
     /// An HTTP destination on loopback, unsigned, 2 s timeouts.
     fn http_dest(port: u16) -> Dest {
-        Dest::Http {
-            url: format!("http://127.0.0.1:{port}/"),
-            headers: Vec::new(),
-            setup: Ok((
-                ClientConfig {
-                    connect_timeout: Duration::from_secs(2),
-                    request_timeout: Duration::from_secs(2),
-                    trust: crate::transport::http::Trust::System,
-                    allow: Allowlist::default(),
-                },
-                None,
-            )),
-            standard: None,
-        }
+        Dest::Endpoint(
+            Destination::Http {
+                url: format!("http://127.0.0.1:{port}/"),
+                headers: Vec::new(),
+            },
+            HttpSetup {
+                client: Ok((
+                    ClientConfig {
+                        connect_timeout: Duration::from_secs(2),
+                        request_timeout: Duration::from_secs(2),
+                        trust: crate::transport::http::Trust::System,
+                        allow: Allowlist::default(),
+                    },
+                    None,
+                )),
+                standard: None,
+            },
+        )
     }
 
     fn row(id: i64, first: i64, sent: u32, payload: &str) -> Row {

@@ -11,7 +11,7 @@ use crate::security::Allowlist;
 use crate::transport;
 use crate::transport::http::ClientConfig;
 use pg_emit_core::destination::{self, Destination, SignWith};
-use pg_emit_core::job::{Dest as JobDest, Flow, Job, JobError, Outcome, Row};
+use pg_emit_core::job::{Dest as JobDest, Flow, HttpSetup, Job, JobError, Outcome, Row};
 
 /// Most payload bytes claimed for one destination at a time (and at most
 /// 1,000 rows, the LIMIT of [`QUEUE_SQL`]).
@@ -60,37 +60,38 @@ pub(super) fn claim(
         if target.is_none() {
             let host = r.get_by_name::<String, _>("host")?.unwrap_or_default();
             let port = r.get_by_name::<i32, _>("port")?.unwrap_or(0) as u16;
+            let plain = |endpoint| {
+                let setup = HttpSetup {
+                    client: http.clone(),
+                    standard: None,
+                };
+                JobDest::Endpoint(endpoint, setup)
+            };
             target = Some(match r.get_by_name::<String, _>("framing")?.as_deref() {
                 Some("stored") => stored_dest(c, key, http)?,
                 Some("http") => {
                     let headers: String = r.get_by_name("headers")?.unwrap_or_default();
-                    let dest = JobDest::Http {
+                    let endpoint = Destination::Http {
                         url: r.get_by_name::<String, _>("url")?.unwrap_or_default(),
                         headers: headers
                             .lines()
                             .filter_map(|l| crate::transport::http::parse_header(l).ok())
                             .collect(),
-                        setup: http.clone(),
-                        standard: None,
                     };
-                    (dest, Flow::HTTP)
+                    (plain(endpoint), Flow::HTTP)
                 }
-                Some("ndjson") => (
-                    JobDest::Tcp {
+                framing => {
+                    let framing = match framing {
+                        Some("ndjson") => Framing::Ndjson,
+                        _ => Framing::Close,
+                    };
+                    let endpoint = Destination::Tcp {
                         host,
                         port,
-                        framing: Framing::Ndjson,
-                    },
-                    Flow::SERIAL,
-                ),
-                _ => (
-                    JobDest::Tcp {
-                        host,
-                        port,
-                        framing: Framing::Close,
-                    },
-                    Flow::SERIAL,
-                ),
+                        framing,
+                    };
+                    (plain(endpoint), Flow::SERIAL)
+                }
             });
         }
         let first_event_id = r.get_by_name::<i64, _>("first_event_id")?;
@@ -182,41 +183,19 @@ fn stored_dest(
         Ok(s) => s,
         Err(e) => return Ok(unavailable(format!("stored destination {name:?}: {e}"))),
     };
-    Ok(match stored.endpoint {
-        Destination::Tcp {
-            host,
-            port,
-            framing,
-        } => (
-            JobDest::Tcp {
-                host,
-                port,
-                framing,
-            },
-            Flow::SERIAL,
-        ),
-        Destination::Http { url, headers } => {
-            let (setup, standard) = match stored.signing {
-                SignWith::FileKey => (http.clone(), None),
-                SignWith::Nothing => (http.clone().map(|(c, _)| (c, None)), None),
-                SignWith::Standard(secrets) => {
-                    (http.clone().map(|(c, _)| (c, None)), Some(secrets))
-                }
-            };
-            (
-                JobDest::Http {
-                    url,
-                    headers,
-                    setup,
-                    standard,
-                },
-                stored.flow,
-            )
-        }
-        Destination::Stored { .. } => {
-            unavailable(format!("stored destination {name:?} names another"))
-        }
-    })
+    let (client, standard) = match stored.signing {
+        SignWith::FileKey => (http.clone(), None),
+        SignWith::Nothing => (http.clone().map(|(c, _)| (c, None)), None),
+        SignWith::Standard(secrets) => (http.clone().map(|(c, _)| (c, None)), Some(secrets)),
+    };
+    let flow = match stored.endpoint {
+        Destination::Http { .. } => stored.flow,
+        _ => Flow::SERIAL,
+    };
+    Ok((
+        JobDest::Endpoint(stored.endpoint, HttpSetup { client, standard }),
+        flow,
+    ))
 }
 
 const STORED_SQL: &str = "
