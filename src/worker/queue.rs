@@ -48,15 +48,11 @@ pub(super) fn claim(
     let mut bytes = 0;
     let mut last_tx_seq = None;
     for r in plans::select(c, QUEUE_SQL, None, &[key.into()])? {
-        // Read as UTF-8 whatever the database encoding (the outbox
-        // holds text in the database's own).
-        let payload = r.get_by_name::<Vec<u8>, _>("payload")?.unwrap_or_default();
-        let payload = String::from_utf8(payload)
-            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
-        if bytes > 0 && bytes + payload.len() > CLAIM_BYTES {
+        let size = r.get_by_name::<i32, _>("size")?.unwrap_or(0).max(0) as usize;
+        if bytes > 0 && bytes + size > CLAIM_BYTES {
             break;
         }
-        bytes += payload.len();
+        bytes += size;
         if target.is_none() {
             let host = r.get_by_name::<String, _>("host")?.unwrap_or_default();
             let port = r.get_by_name::<i32, _>("port")?.unwrap_or(0) as u16;
@@ -99,8 +95,9 @@ pub(super) fn claim(
             id: r.get_by_name("id")?.unwrap_or(0),
             first_event_id: first_event_id.unwrap_or(0),
             sent: r.get_by_name::<i32, _>("sent")?.unwrap_or(0) as u32,
-            payload,
-            keys: r.get_by_name::<Vec<Option<i64>>, _>("keys")?,
+            // Read below, for the rows this job takes only.
+            payload: String::new(),
+            keys: None,
         };
         if first_event_id.is_some() {
             claimed.push(row);
@@ -122,6 +119,7 @@ pub(super) fn claim(
         claimed.sort_by_key(|r| r.first_event_id);
         claimed
     };
+    read_payloads(c, &mut rows)?;
     // A transaction is numbered whole, also its rows that did not fit in
     // this job: they are the next job's (numbered rows go first), so no
     // transaction that becomes visible meanwhile can come between its rows.
@@ -201,15 +199,46 @@ fn stored_dest(
 const STORED_SQL: &str = "
 SELECT url, options::pg_catalog.text AS options FROM emit.stored_destinations WHERE name = $1";
 
+/// Fills in the payloads and keys of the rows a job takes: only theirs
+/// are read (detoasted), so a claim holds at most CLAIM_BYTES of events
+/// in memory however long the backlog of 8 MB rows is.
+fn read_payloads(
+    c: &mut pgrx::spi::SpiClient<'_>,
+    rows: &mut [Row],
+) -> Result<(), pgrx::spi::Error> {
+    let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+    let mut read = std::collections::HashMap::with_capacity(rows.len());
+    for r in plans::select(c, PAYLOADS_SQL, None, &[ids.into()])? {
+        // Read as UTF-8 whatever the database encoding (the outbox holds
+        // text in the database's own).
+        let payload = r.get_by_name::<Vec<u8>, _>("payload")?.unwrap_or_default();
+        let payload = String::from_utf8(payload)
+            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
+        let keys = r.get_by_name::<Vec<Option<i64>>, _>("keys")?;
+        read.insert(r.get_by_name::<i64, _>("id")?.unwrap_or(0), (payload, keys));
+    }
+    for row in rows.iter_mut() {
+        if let Some((payload, keys)) = read.remove(&row.id) {
+            (row.payload, row.keys) = (payload, keys);
+        }
+    }
+    Ok(())
+}
+
+const PAYLOADS_SQL: &str = "
+SELECT id, pg_catalog.convert_to(payload, 'UTF8') AS payload, keys
+  FROM emit.outbox WHERE id = ANY($1)";
+
 /// The head of a destination's queue, in commit order. LIMIT is in the SQL
 /// so that the kept plan is an ordered index scan that stops early (and
 /// marks the deleted rows it passes as dead for the next scan), not a scan
 /// of every index entry of the destination, dead ones included. Rows
 /// already numbered are at the head: numbering takes rows from the head.
+/// Sizes, not payloads: `octet_length` reads a TOASTed value's size from
+/// its pointer ([`read_payloads`] then reads what the job takes).
 const QUEUE_SQL: &str = "
-SELECT id, host, port, framing, first_event_id, pg_catalog.convert_to(payload, 'UTF8') AS payload,
-       sent, url,
-       headers, tx_seq, keys
+SELECT id, host, port, framing, first_event_id, pg_catalog.octet_length(payload) AS size, sent,
+       url, headers, tx_seq
   FROM emit.outbox
  WHERE destination = $1 AND tx_seq IS NOT NULL
  ORDER BY tx_seq, part
