@@ -12,6 +12,7 @@
 use crate::delivery::Target;
 use crate::error::EmitError;
 use crate::privileged::as_emit_owner;
+use crate::security::Allowlist;
 use pg_emit_core::destination::{self, Stored};
 use pg_emit_core::options::Format;
 use pgrx::pg_sys;
@@ -25,6 +26,19 @@ pub struct Resolved {
     /// [`Target::Stored`]: its name and endpoint.
     pub target: Target,
     pub format: Option<Format>,
+    /// The allowlist this destination was last found allowed under: a
+    /// trigger checks it once per allowlist, not once per row.
+    pub allowed_under: RefCell<Option<Rc<Allowlist>>>,
+}
+
+impl Resolved {
+    pub fn new(target: Target, format: Option<Format>) -> Self {
+        Resolved {
+            target,
+            format,
+            allowed_under: RefCell::default(),
+        }
+    }
 }
 
 thread_local! {
@@ -85,14 +99,14 @@ pub fn lookup(func: &'static str, name: &str) -> Rc<Resolved> {
         ..
     } = destination::parse_stored(&url, &options)
         .unwrap_or_else(|source| EmitError::Argument { func, source }.raise());
-    let r = Rc::new(Resolved {
-        target: Target::Stored {
+    let r = Rc::new(Resolved::new(
+        Target::Stored {
             name: name.to_string(),
             endpoint: Box::new(endpoint),
             signing,
         },
         format,
-    });
+    ));
     CACHE.with_borrow_mut(|c| c.insert(name.to_string(), r.clone()));
     r
 }
@@ -102,10 +116,7 @@ pub fn resolve(func: &'static str, dest: &str) -> Rc<Resolved> {
     if destination::is_url(dest) {
         let target = destination::parse_url(dest, Vec::new())
             .unwrap_or_else(|source| EmitError::Argument { func, source }.raise());
-        return Rc::new(Resolved {
-            target,
-            format: None,
-        });
+        return Rc::new(Resolved::new(target, None));
     }
     lookup(func, dest)
 }

@@ -148,12 +148,7 @@ impl Func {
     }
 
     fn parse(self, args: &[&str]) -> Result<(PlanDest, Options), OptionError> {
-        let fixed = |target| {
-            PlanDest::Fixed(Rc::new(Resolved {
-                target,
-                format: None,
-            }))
-        };
+        let fixed = |target| PlanDest::Fixed(Rc::new(Resolved::new(target, None)));
         match self {
             Func::Socket => {
                 let t = options::parse_socket_args(args)?;
@@ -326,7 +321,7 @@ fn fire(td: &pg_sys::TriggerData, func: Func) -> pg_sys::Datum {
     let dest = plan.destination();
     let (target, opts) = (&dest.target, &plan.opts);
     let format = plan.format(&dest);
-    let mode = delivery_mode(&firing, target, opts);
+    let mode = delivery_mode(&firing, &dest, opts);
 
     let event = td.tg_event;
     let op = op_of(event);
@@ -719,10 +714,19 @@ fn plan_for(tg: &pg_sys::Trigger, firing: &Firing<'_>) -> Rc<Plan> {
 
 /// The delivery mode in force; refuses, naming the trigger, a destination
 /// that sends later and that the allowlist cannot allow.
-fn delivery_mode(firing: &Firing<'_>, target: &Target, opts: &Options) -> Delivery {
+fn delivery_mode(firing: &Firing<'_>, dest: &Resolved, opts: &Options) -> Delivery {
     let mode = opts.delivery.unwrap_or_else(settings::default_delivery);
     if mode != Delivery::Sync {
-        crate::delivery::refuse_unless_allowed(&|| firing.describe(), target);
+        let allow = settings::allowlist();
+        let checked = dest
+            .allowed_under
+            .borrow()
+            .as_ref()
+            .is_some_and(|a| Rc::ptr_eq(a, &allow));
+        if !checked {
+            crate::delivery::refuse_unless_allowed(&|| firing.describe(), &dest.target);
+            *dest.allowed_under.borrow_mut() = Some(allow);
+        }
     }
     mode
 }
