@@ -50,7 +50,10 @@ CREATE TABLE emit.outbox (
     -- replica identity, or of send_message's key); NULL for an event
     -- without one, which is delivered after everything before it and
     -- before everything after it. NULL for the whole row: no event has one.
-    keys            bigint[]
+    keys            bigint[],
+    -- How its events were made (format=): where the worker puts their ids
+    -- and how it sends them.
+    format          text    NOT NULL DEFAULT 'json'
 );
 CREATE INDEX outbox_queue ON emit.outbox (destination, tx_seq, part);
 CREATE INDEX outbox_unsequenced ON emit.outbox (tx) WHERE tx_seq IS NULL;
@@ -96,7 +99,8 @@ CREATE TABLE emit.dead_letter (
     status          integer,
     response        text,
     enqueued_at     timestamptz NOT NULL,
-    dead_at         timestamptz NOT NULL DEFAULT clock_timestamp()
+    dead_at         timestamptz NOT NULL DEFAULT clock_timestamp(),
+    format          text    NOT NULL DEFAULT 'json'
 );
 COMMENT ON TABLE emit.dead_letter IS
     'pg_emit: async events given up on after pg_emit.max_attempts or pg_emit.max_age';

@@ -29,6 +29,10 @@ ALTER TABLE emit.outbox ADD COLUMN tx_seq bigint,
                         ADD COLUMN part bigint NOT NULL DEFAULT 0,
                         ADD COLUMN tx bigint,
                         ADD COLUMN keys bigint[];
+-- The format of each row's events (see outbox.sql); 0.1.0 knew only json
+-- and td, which the worker treats alike.
+ALTER TABLE emit.outbox ADD COLUMN format text NOT NULL DEFAULT 'json';
+ALTER TABLE emit.dead_letter ADD COLUMN format text NOT NULL DEFAULT 'json';
 UPDATE emit.outbox SET tx_seq = id;
 SELECT pg_catalog.setval('emit.tx_seq',
                          (SELECT pg_catalog.max(id) FROM emit.outbox), true)

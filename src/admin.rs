@@ -31,9 +31,10 @@ mod emit {
                  RETURNING *
              ), queued AS (
                  INSERT INTO emit.outbox
-                     (destination, host, port, framing, url, headers, events, payload, tx_seq)
+                     (destination, host, port, framing, url, headers, events, payload, tx_seq,
+                      format)
                  SELECT destination, host, port, framing, url, headers, events, payload,
-                        pg_catalog.nextval('emit.tx_seq'::pg_catalog.regclass)
+                        pg_catalog.nextval('emit.tx_seq'::pg_catalog.regclass), format
                    FROM (SELECT * FROM moved ORDER BY id) m
                  RETURNING events
              )

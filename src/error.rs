@@ -72,6 +72,9 @@ pub enum EmitError {
     /// `emit.create_destination` of a name already taken.
     #[error("emit.create_destination: destination {0:?} already exists (change it with emit.alter_destination)")]
     DestinationExists(String),
+    /// A feature the installed (older) schema cannot hold.
+    #[error("{0} needs pg_emit's current schema: run ALTER EXTENSION pg_emit UPDATE")]
+    NeedsUpdate(String),
     /// `emit.outbox` is over `pg_emit.max_outbox_size`.
     #[error("emit.outbox holds {size} bytes, over pg_emit.max_outbox_size ({limit} bytes): {events} event(s) not queued")]
     OutboxFull {
@@ -100,7 +103,9 @@ impl EmitError {
             }
             EmitError::NotAllowed { .. } => ERRCODE_INSUFFICIENT_PRIVILEGE,
             EmitError::OutboxFull { .. } => ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
-            EmitError::PrepareWithHeldEvents { .. } => ERRCODE_FEATURE_NOT_SUPPORTED,
+            EmitError::PrepareWithHeldEvents { .. } | EmitError::NeedsUpdate(_) => {
+                ERRCODE_FEATURE_NOT_SUPPORTED
+            }
             EmitError::CommitDeliveryIncomplete { .. } => ERRCODE_CONNECTION_FAILURE,
             EmitError::DropDiscards { .. } => ERRCODE_WARNING,
             EmitError::NoSuchDestination { .. } => ERRCODE_UNDEFINED_OBJECT,
@@ -114,13 +119,13 @@ impl EmitError {
                 func: "row_to_http",
                 ..
             } => return Some(
-                "row_to_http takes (url [, 'key=value' ...]) with keys delivery=sync|commit|async, format=json|td, header=Name: value, key=col[,col...].",
+                "row_to_http takes (url [, 'key=value' ...]) with keys delivery=sync|commit|async, format=json|td|supabase|debezium|cloudevents, cloudevents=binary|structured, header=Name: value, key=col[,col...].",
             ),
             EmitError::TriggerArgument {
                 func: "row_to_destination",
                 ..
             } => return Some(
-                "row_to_destination takes (destination [, 'key=value' ...]): a URL (tcp://host:port[?framing=ndjson], http(s)://...) or a stored destination's name, and keys delivery=sync|commit|async, format=json|td, key=col[,col...].",
+                "row_to_destination takes (destination [, 'key=value' ...]): a URL (tcp://host:port[?framing=ndjson], http(s)://...) or a stored destination's name, and keys delivery=sync|commit|async, format=json|td|supabase|debezium|cloudevents, cloudevents=binary|structured, key=col[,col...].",
             ),
             _ => {}
         }
@@ -138,7 +143,7 @@ impl EmitError {
                 "To keep them, roll back and let the worker deliver them (see emit.stats), or pg_dump the database first: the dump includes them.",
             ),
             EmitError::TriggerArgument { .. } => Some(
-                "row_to_socket takes (host, port [, 'key=value' ...]) with keys delivery=sync|commit|async, format=json|td, framing=close|ndjson, key=col[,col...].",
+                "row_to_socket takes (host, port [, 'key=value' ...]) with keys delivery=sync|commit|async, format=json|td|supabase|debezium|cloudevents, framing=close|ndjson, key=col[,col...].",
             ),
             _ => None,
         }

@@ -17,6 +17,7 @@ mod encoding;
 mod error;
 mod hooks;
 mod interrupts;
+mod made;
 mod plans;
 mod privileged;
 mod send;

@@ -4,7 +4,8 @@ use crate::delivery::{commit, outbox, sync, Target};
 use crate::error::EmitError;
 use crate::event;
 use crate::interrupts;
-use crate::options::{self, Delivery, Framing, OptionError};
+use crate::made::Made;
+use crate::options::{self, Delivery, Format, Framing, OptionError};
 use crate::settings;
 use crate::stored;
 use crate::transport::http::{self, UrlError};
@@ -42,7 +43,12 @@ fn send_socket(msg: &str, host: &str, port: i32) -> i32 {
         port,
         framing: Framing::Close,
     };
-    match sync::try_send(&target, msg.as_bytes(), &interrupts::Statement) {
+    match sync::try_send(
+        &target,
+        Format::Json,
+        msg.as_bytes(),
+        &interrupts::Statement,
+    ) {
         Ok(()) => 1,
         Err(f) => {
             sync::report(f, &|| "send_socket".to_string(), &target.name());
@@ -88,19 +94,26 @@ fn send_message(
     };
     let resolved = stored::resolve(FUNC, dest);
     let target = &resolved.target;
-    let one_line = mode == Delivery::Async || target.coalesces();
-    let mut buf = if one_line && (mode == Delivery::Async || msg.contains('\n')) {
-        event::one_line_object(msg).unwrap_or_else(|e| {
-            bad(
-                FUNC,
-                OptionError::Destination(format!(
+    let format = resolved.format.unwrap_or_default();
+    let one_line = mode == Delivery::Async || target.coalesces() || format.is_cloudevents();
+    let mut buf =
+        if one_line && (mode == Delivery::Async || msg.contains('\n')) || format.is_cloudevents() {
+            event::one_line_object(msg).unwrap_or_else(|e| {
+                bad(
+                    FUNC,
+                    OptionError::Destination(format!(
                     "{e} (delivery=async and ndjson destinations send one JSON object per line)"
                 )),
-            )
-        })
-    } else {
-        msg.as_bytes().to_vec()
-    };
+                )
+            })
+        } else {
+            msg.as_bytes().to_vec()
+        };
+    if format.is_cloudevents() {
+        let mut wrapped = Vec::with_capacity(buf.len() + 256);
+        event::write_message(&mut wrapped, format, &Made::now(format, mode).ctx(), &buf);
+        buf = wrapped;
+    }
     check_size(FUNC, buf.len());
     if target.coalesces() && mode != Delivery::Async {
         buf.push(b'\n');
@@ -114,7 +127,7 @@ fn send_message(
             // Events this statement's triggers hold for the same kept-open
             // connection go first.
             sync::flush_all();
-            match sync::try_send(target, &buf, &interrupts::Statement) {
+            match sync::try_send(target, format, &buf, &interrupts::Statement) {
                 Ok(()) => true,
                 Err(f) => {
                     sync::report(f, &context, &target.name());
@@ -123,11 +136,11 @@ fn send_message(
             }
         }
         Delivery::Commit => {
-            commit::hold(&context, target, &buf);
+            commit::hold(&context, target, format, &buf);
             true
         }
         Delivery::Async => {
-            outbox::queue(target, &buf, key);
+            outbox::queue(target, format, &buf, key);
             true
         }
     })
@@ -237,7 +250,9 @@ fn send_http(
         content_type,
         &headers,
         body.as_bytes(),
-        // Bodies any emit_sender chooses are never signed.
+        // Bodies any emit_sender chooses are never signed, nor given an
+        // event id.
+        None,
         &pg_emit_core::destination::SignWith::Nothing,
         &interrupts::Statement,
     ) {

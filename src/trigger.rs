@@ -9,6 +9,7 @@ use crate::delivery::{commit, outbox, sync, Target};
 use crate::encoding;
 use crate::error::EmitError;
 use crate::event::{self, Event, Op};
+use crate::made::Made;
 use crate::options::{self, Delivery, Format, OptionError, Options};
 use crate::settings;
 use crate::stored::{self, Resolved};
@@ -70,9 +71,21 @@ impl Plan {
         }
     }
 
-    /// The trigger's own `format=`, else the stored destination's.
-    fn format(&self, dest: &Resolved) -> Format {
-        self.opts.format.or(dest.format).unwrap_or_default()
+    /// The trigger's own `format=`, else the stored destination's (see
+    /// [`Format::combine`]); a combination that cannot work is an ERROR
+    /// naming the trigger.
+    fn format(&self, dest: &Resolved, firing: &Firing<'_>) -> Format {
+        let http = matches!(dest.target.endpoint(), Target::Http { .. });
+        Format::combine(self.opts.format, self.opts.cloudevents, dest.format, http).unwrap_or_else(
+            |source| {
+                EmitError::TriggerArgument {
+                    trigger: firing.describe(),
+                    func: self.func.name(),
+                    source,
+                }
+                .raise()
+            },
+        )
     }
 }
 
@@ -320,7 +333,7 @@ fn fire(td: &pg_sys::TriggerData, func: Func) -> pg_sys::Datum {
     let plan = plan_for(tg, &firing);
     let dest = plan.destination();
     let (target, opts) = (&dest.target, &plan.opts);
-    let format = plan.format(&dest);
+    let format = plan.format(&dest, &firing);
     let mode = delivery_mode(&firing, &dest, opts);
 
     let event = td.tg_event;
@@ -360,8 +373,9 @@ fn fire(td: &pg_sys::TriggerData, func: Func) -> pg_sys::Datum {
 
     let args: Vec<&str> = match format {
         Format::Td => plan.args.iter().map(String::as_str).collect(),
-        Format::Json => Vec::new(),
+        _ => Vec::new(),
     };
+    let made = Made::now(format, mode);
     let ev = Event {
         op,
         schema: &firing.schema,
@@ -371,6 +385,7 @@ fn fire(td: &pg_sys::TriggerData, func: Func) -> pg_sys::Datum {
         trigger_name: &firing.name,
         relid: relid.to_u32(),
         args: &args,
+        ctx: made.ctx(),
     };
     BUF.with_borrow_mut(|buf| {
         buf.clear();
@@ -382,7 +397,7 @@ fn fire(td: &pg_sys::TriggerData, func: Func) -> pg_sys::Datum {
             old.as_deref(),
             one_line(target, mode),
         );
-        send(&firing, target, mode, buf, key);
+        send(&firing, target, format, mode, buf, key);
         // Large rows must not pin megabytes per backend for its lifetime.
         if buf.capacity() > 1 << 20 {
             *buf = Vec::new();
@@ -513,8 +528,15 @@ fn one_line(target: &Target, mode: Delivery) -> bool {
     target.coalesces() || mode == Delivery::Async
 }
 
-/// Hands one finished message in `buf` to its delivery mode.
-fn send(firing: &Firing<'_>, target: &Target, mode: Delivery, buf: &mut Vec<u8>, key: Option<i64>) {
+/// Hands one finished message of `format` in `buf` to its delivery mode.
+fn send(
+    firing: &Firing<'_>,
+    target: &Target,
+    format: Format,
+    mode: Delivery,
+    buf: &mut Vec<u8>,
+    key: Option<i64>,
+) {
     if target.coalesces() && mode != Delivery::Async {
         buf.push(b'\n');
     }
@@ -529,9 +551,9 @@ fn send(firing: &Firing<'_>, target: &Target, mode: Delivery, buf: &mut Vec<u8>,
         .raise();
     }
     match mode {
-        Delivery::Sync => sync::deliver(&context, target, buf),
-        Delivery::Commit => commit::hold(&context, target, buf),
-        Delivery::Async => outbox::queue(target, buf, key),
+        Delivery::Sync => sync::deliver(&context, target, format, buf),
+        Delivery::Commit => commit::hold(&context, target, format, buf),
+        Delivery::Async => outbox::queue(target, format, buf, key),
     }
 }
 
@@ -562,10 +584,11 @@ fn fire_statement(
     }
     let args: Vec<&str> = match format {
         Format::Td => plan.args.iter().map(String::as_str).collect(),
-        Format::Json => Vec::new(),
+        _ => Vec::new(),
     };
     // SAFETY: the relation is open for the firing.
     let relid = unsafe { (*td.tg_relation).rd_id };
+    let mut made = Made::now(format, mode);
     let ev = Event {
         op: op_of(td.tg_event),
         schema: &firing.schema,
@@ -575,6 +598,7 @@ fn fire_statement(
         trigger_name: &firing.name,
         relid: relid.to_u32(),
         args: &args,
+        ctx: Default::default(),
     };
     let cap = settings::statement_batch_bytes();
     let one_line = one_line(target, mode);
@@ -636,16 +660,23 @@ fn fire_statement(
             }
             let row_len = new.as_ref().map_or(4, Vec::len) + old.as_ref().map_or(4, Vec::len);
             if in_message > 0 && buf.len() + row_len > cap {
-                event::end_batch(&mut buf);
-                send(firing, target, mode, &mut buf, None);
+                event::end_batch(&mut buf, format);
+                send(firing, target, format, mode, &mut buf, None);
                 buf.clear();
                 in_message = 0;
+                // Each message is an event of its own, with its own id.
+                made = Made::now(format, mode);
             }
             if in_message == 0 {
+                let ev = Event {
+                    ctx: made.ctx(),
+                    ..ev
+                };
                 event::begin_batch(&mut buf, format, &ev);
             }
             event::push_batch_row(
                 &mut buf,
+                format,
                 in_message == 0,
                 new.as_deref(),
                 old.as_deref(),
@@ -654,8 +685,8 @@ fn fire_statement(
             in_message += 1;
         }
         if in_message > 0 {
-            event::end_batch(&mut buf);
-            send(firing, target, mode, &mut buf, None);
+            event::end_batch(&mut buf, format);
+            send(firing, target, format, mode, &mut buf, None);
         }
         for (_, _, slot) in new_r.iter().chain(old_r.iter()) {
             pg_sys::ExecDropSingleTupleTableSlot(*slot);

@@ -245,6 +245,10 @@ pub struct StoredOptions {
     /// The event shape; a trigger's own `format=` wins.
     #[serde(default)]
     pub format: Option<StoredFormat>,
+    /// `binary` or `structured` (the default): CloudEvents' HTTP content
+    /// mode, with `format: cloudevents`.
+    #[serde(default)]
+    pub cloudevents: Option<StoredContentMode>,
     /// HTTP requests in flight at once (async delivery), 1 to
     /// [`http::MAX_CONCURRENCY`].
     #[serde(default)]
@@ -314,6 +318,9 @@ impl From<StoredOrder> for Order {
 pub enum StoredFormat {
     Json,
     Td,
+    Supabase,
+    Debezium,
+    CloudEvents,
 }
 
 impl From<StoredFormat> for Format {
@@ -321,8 +328,18 @@ impl From<StoredFormat> for Format {
         match f {
             StoredFormat::Json => Format::Json,
             StoredFormat::Td => Format::Td,
+            StoredFormat::Supabase => Format::Supabase,
+            StoredFormat::Debezium => Format::Debezium,
+            StoredFormat::CloudEvents => Format::CloudEvents,
         }
     }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoredContentMode {
+    Binary,
+    Structured,
 }
 
 /// A stored destination's URL and options, checked.
@@ -371,6 +388,25 @@ pub fn parse_stored(url: &str, options: &str) -> Result<Stored, OptionError> {
         }
     }
     let endpoint = parse_url(url, headers)?;
+    let format = match (opts.format, opts.cloudevents) {
+        (None, None) => None,
+        (f, mode) => Some(
+            Format::combine(
+                None,
+                mode.map(|m| m == StoredContentMode::Binary),
+                f.map(Format::from),
+                matches!(endpoint, Destination::Http { .. }),
+            )
+            .map_err(|e| OptionError::Destination(format!("options: {e}")))?,
+        ),
+    };
+    if format == Some(Format::CloudEventsBinary) && batch > 1 {
+        return Err(OptionError::Destination(
+            "options: cloudevents \"binary\" sends one event per request; batch must be 1 \
+             (structured mode batches as application/cloudevents-batch+json)"
+                .into(),
+        ));
+    }
     let secrets = match &opts.secret {
         None => None,
         Some(_) if !matches!(endpoint, Destination::Http { .. }) => {
@@ -401,7 +437,7 @@ pub fn parse_stored(url: &str, options: &str) -> Result<Stored, OptionError> {
     Ok(Stored {
         signing,
         endpoint,
-        format: opts.format.map(Format::from),
+        format,
         flow: Flow {
             concurrency,
             order: opts.order.map_or(Order::Key, Order::from),

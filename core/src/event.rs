@@ -41,7 +41,31 @@ pub struct Event<'a> {
     pub relid: u32,
     /// All trigger arguments, as plpython exposes them in `TD["args"]`.
     pub args: &'a [&'a str],
+    /// What Debezium and CloudEvents events say beyond the row.
+    pub ctx: Context<'a>,
 }
+
+/// When, where and in which transaction an event was made: Debezium's
+/// `source` and `ts_ms`, CloudEvents' `source`, `time` and `id`. Filled
+/// only for formats that [need it](Format::needs_context).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Context<'a> {
+    pub database: &'a str,
+    /// The writing transaction's id.
+    pub txid: u64,
+    /// Where PostgreSQL's write-ahead log was when the trigger fired:
+    /// just past the change's own WAL record.
+    pub lsn: u64,
+    /// When the trigger fired, in microseconds since the Unix epoch.
+    pub micros: i64,
+    /// A CloudEvents `id` made when the event is (sync and commit
+    /// delivery); `None` for async events, which the worker numbers and
+    /// so get their id from [`with_id`].
+    pub id: Option<&'a str>,
+}
+
+/// `source` of pg_emit's CloudEvents, before the database name.
+const CE_SOURCE: &str = "/pg_emit/";
 
 /// Appends one event to `buf`. `new`/`old` are `row_to_json` output.
 ///
@@ -57,33 +81,99 @@ pub fn write_event(
     old: Option<&[u8]>,
     one_line: bool,
 ) {
-    push_header(buf, format, ev);
-    buf.extend_from_slice(b",\"new\":");
-    push_row(buf, new, one_line);
-    buf.extend_from_slice(b",\"old\":");
-    push_row(buf, old, one_line);
-    buf.push(b'}');
+    match format {
+        Format::Json | Format::Td | Format::Supabase => {
+            push_header(buf, format, ev);
+            push_pair(buf, format, new, old, one_line);
+            buf.push(b'}');
+        }
+        // Debezium's truncate events carry no before/after at all.
+        Format::Debezium if ev.op == Op::Truncate => {
+            buf.push(b'{');
+            push_debezium_tail(buf, ev);
+            buf.push(b'}');
+        }
+        Format::Debezium => {
+            buf.push(b'{');
+            push_pair(buf, format, new, old, one_line);
+            buf.push(b',');
+            push_debezium_tail(buf, ev);
+            buf.push(b'}');
+        }
+        Format::CloudEvents | Format::CloudEventsBinary => {
+            let kind = if ev.op == Op::Truncate {
+                "pg_emit.truncate".to_string()
+            } else {
+                format!("pg_emit.row.{}", ev.op.name().to_ascii_lowercase())
+            };
+            push_cloudevent_head(buf, &ev.ctx, &kind, Some((ev.schema, ev.table)));
+            write_event(buf, Format::Json, ev, new, old, one_line);
+            buf.push(b'}');
+        }
+    }
 }
 
 /// Opens a statement-level message: the envelope of [`write_event`] with
-/// `"rows":[` where `new`/`old` would be. Rows follow with
+/// `"rows":[` where the row would be. Rows follow with
 /// [`push_batch_row`], then [`end_batch`].
 pub fn begin_batch(buf: &mut Vec<u8>, format: Format, ev: &Event<'_>) {
-    push_header(buf, format, ev);
+    match format {
+        Format::Json | Format::Td | Format::Supabase => push_header(buf, format, ev),
+        Format::Debezium => {
+            buf.push(b'{');
+            push_debezium_tail(buf, ev);
+        }
+        Format::CloudEvents | Format::CloudEventsBinary => {
+            let kind = format!("pg_emit.statement.{}", ev.op.name().to_ascii_lowercase());
+            push_cloudevent_head(buf, &ev.ctx, &kind, Some((ev.schema, ev.table)));
+            push_header(buf, Format::Json, ev);
+        }
+    }
     buf.extend_from_slice(b",\"rows\":[");
 }
 
-/// The keys every message of `format` starts with, object left open.
+/// Appends one row of a statement-level message: `{"new":..,"old":..}` in
+/// the format's own names; `first` is false for every row after the first.
+pub fn push_batch_row(
+    buf: &mut Vec<u8>,
+    format: Format,
+    first: bool,
+    new: Option<&[u8]>,
+    old: Option<&[u8]>,
+    one_line: bool,
+) {
+    if !first {
+        buf.push(b',');
+    }
+    buf.push(b'{');
+    push_pair(buf, format, new, old, one_line);
+    buf.push(b'}');
+}
+
+pub fn end_batch(buf: &mut Vec<u8>, format: Format) {
+    buf.extend_from_slice(b"]}");
+    if format.is_cloudevents() {
+        buf.push(b'}');
+    }
+}
+
+/// A `send_message` message as `format` sends it: CloudEvents wrap it as
+/// `data` of a `pg_emit.message` event; every other format sends it as
+/// it is (it is not a row change, so it has no row shape to take).
+pub fn write_message(buf: &mut Vec<u8>, format: Format, ctx: &Context<'_>, msg: &[u8]) {
+    if format.is_cloudevents() {
+        push_cloudevent_head(buf, ctx, "pg_emit.message", None);
+        buf.extend_from_slice(msg);
+        buf.push(b'}');
+    } else {
+        buf.extend_from_slice(msg);
+    }
+}
+
+/// The keys every message of `format` starts with, object left open
+/// (`json`, `td`, `supabase`).
 fn push_header(buf: &mut Vec<u8>, format: Format, ev: &Event<'_>) {
     match format {
-        Format::Json => {
-            buf.extend_from_slice(b"{\"op\":\"");
-            buf.extend_from_slice(ev.op.name().as_bytes());
-            buf.extend_from_slice(b"\",\"schema\":");
-            push_string(buf, ev.schema);
-            buf.extend_from_slice(b",\"table\":");
-            push_string(buf, ev.table);
-        }
         Format::Td => {
             buf.extend_from_slice(b"{\"event\":\"");
             buf.extend_from_slice(ev.op.name().as_bytes());
@@ -103,30 +193,175 @@ fn push_header(buf: &mut Vec<u8>, format: Format, ev: &Event<'_>) {
             buf.extend_from_slice(b"\",\"args\":");
             push_args(buf, ev.args);
         }
+        // Supabase's own key order (its http_request trigger builds the
+        // same object): type, table, schema.
+        Format::Supabase => {
+            buf.extend_from_slice(b"{\"type\":\"");
+            buf.extend_from_slice(ev.op.name().as_bytes());
+            buf.extend_from_slice(b"\",\"table\":");
+            push_string(buf, ev.table);
+            buf.extend_from_slice(b",\"schema\":");
+            push_string(buf, ev.schema);
+        }
+        _ => {
+            buf.extend_from_slice(b"{\"op\":\"");
+            buf.extend_from_slice(ev.op.name().as_bytes());
+            buf.extend_from_slice(b"\",\"schema\":");
+            push_string(buf, ev.schema);
+            buf.extend_from_slice(b",\"table\":");
+            push_string(buf, ev.table);
+        }
     }
 }
 
-/// Appends `{"new":...,"old":...}`; `first` is false for every row after
-/// the first of a message.
-pub fn push_batch_row(
+/// The new and old row under the format's names, after a `,` unless the
+/// object was just opened.
+fn push_pair(
     buf: &mut Vec<u8>,
-    first: bool,
+    format: Format,
     new: Option<&[u8]>,
     old: Option<&[u8]>,
     one_line: bool,
 ) {
-    if !first {
+    if buf.last() != Some(&b'{') {
         buf.push(b',');
     }
-    buf.extend_from_slice(b"{\"new\":");
-    push_row(buf, new, one_line);
-    buf.extend_from_slice(b",\"old\":");
-    push_row(buf, old, one_line);
-    buf.push(b'}');
+    let (first, second): ((&[u8], _), (&[u8], _)) = match format {
+        Format::Supabase => ((b"\"record\":", new), (b",\"old_record\":", old)),
+        Format::Debezium => ((b"\"before\":", old), (b",\"after\":", new)),
+        _ => ((b"\"new\":", new), (b",\"old\":", old)),
+    };
+    buf.extend_from_slice(first.0);
+    push_row(buf, first.1, one_line);
+    buf.extend_from_slice(second.0);
+    push_row(buf, second.1, one_line);
 }
 
-pub fn end_batch(buf: &mut Vec<u8>) {
-    buf.extend_from_slice(b"]}");
+/// Debezium's `"source":{...},"op":"c","ts_ms":N` (see the README for
+/// which `source` fields mean what here).
+fn push_debezium_tail(buf: &mut Vec<u8>, ev: &Event<'_>) {
+    let ctx = &ev.ctx;
+    let ms = ctx.micros.div_euclid(1000);
+    buf.extend_from_slice(b"\"source\":{\"version\":\"");
+    buf.extend_from_slice(env!("CARGO_PKG_VERSION").as_bytes());
+    buf.extend_from_slice(b"\",\"connector\":\"pg_emit\",\"name\":");
+    push_string(buf, ctx.database);
+    buf.extend_from_slice(b",\"ts_ms\":");
+    buf.extend_from_slice(ms.to_string().as_bytes());
+    buf.extend_from_slice(b",\"ts_us\":");
+    buf.extend_from_slice(ctx.micros.to_string().as_bytes());
+    buf.extend_from_slice(b",\"ts_ns\":");
+    buf.extend_from_slice((i128::from(ctx.micros) * 1000).to_string().as_bytes());
+    buf.extend_from_slice(b",\"snapshot\":\"false\",\"db\":");
+    push_string(buf, ctx.database);
+    buf.extend_from_slice(b",\"schema\":");
+    push_string(buf, ev.schema);
+    buf.extend_from_slice(b",\"table\":");
+    push_string(buf, ev.table);
+    buf.extend_from_slice(b",\"txId\":");
+    buf.extend_from_slice(ctx.txid.to_string().as_bytes());
+    buf.extend_from_slice(b",\"lsn\":");
+    buf.extend_from_slice(ctx.lsn.to_string().as_bytes());
+    buf.extend_from_slice(b",\"xmin\":null},\"op\":\"");
+    buf.push(match ev.op {
+        Op::Insert => b'c',
+        Op::Update => b'u',
+        Op::Delete => b'd',
+        Op::Truncate => b't',
+    });
+    buf.extend_from_slice(b"\",\"ts_ms\":");
+    buf.extend_from_slice(ms.to_string().as_bytes());
+    buf.extend_from_slice(b",\"ts_us\":");
+    buf.extend_from_slice(ctx.micros.to_string().as_bytes());
+    buf.extend_from_slice(b",\"ts_ns\":");
+    buf.extend_from_slice((i128::from(ctx.micros) * 1000).to_string().as_bytes());
+}
+
+/// A CloudEvents structured-mode object up to `"data":`. The `id` comes
+/// first when known; async events get it from the worker ([`with_id`]).
+fn push_cloudevent_head(
+    buf: &mut Vec<u8>,
+    ctx: &Context<'_>,
+    kind: &str,
+    subject: Option<(&str, &str)>,
+) {
+    buf.push(b'{');
+    if let Some(id) = ctx.id {
+        buf.extend_from_slice(b"\"id\":");
+        push_string(buf, id);
+        buf.push(b',');
+    }
+    buf.extend_from_slice(b"\"specversion\":\"1.0\",\"source\":");
+    let mut source = String::from(CE_SOURCE);
+    crate::cloudevents::percent_encode_path(&mut source, ctx.database);
+    push_string(buf, &source);
+    buf.extend_from_slice(b",\"type\":");
+    push_string(buf, kind);
+    if let Some((schema, table)) = subject {
+        buf.extend_from_slice(b",\"subject\":");
+        push_string(buf, &format!("{schema}.{table}"));
+    }
+    buf.extend_from_slice(b",\"time\":\"");
+    buf.extend_from_slice(rfc3339(ctx.micros).as_bytes());
+    buf.extend_from_slice(b"\",\"datacontenttype\":\"application/json\",\"data\":");
+}
+
+/// Writes `line` (one event of `format` as queued, a JSON object) with the
+/// id the worker gave it: `{"id":N,"stream":"S",...}` for `json` and `td`
+/// (and `send_message` objects to them), CloudEvents' string `id`
+/// (`evt_<stream>_<n>`, the same as `webhook-id`) for `cloudevents`, and
+/// nothing for `supabase` and `debezium`, whose shapes have no place for
+/// one: their id travels in the `webhook-id` header.
+pub fn with_id(buf: &mut Vec<u8>, format: Format, stream: &str, id: i64, line: &str) {
+    let rest = line.strip_prefix('{').unwrap_or(line);
+    match format {
+        Format::Supabase | Format::Debezium => {
+            buf.extend_from_slice(line.as_bytes());
+            return;
+        }
+        Format::CloudEvents | Format::CloudEventsBinary => {
+            buf.extend_from_slice(b"{\"id\":\"evt_");
+            buf.extend_from_slice(stream.as_bytes());
+            buf.push(b'_');
+            buf.extend_from_slice(id.to_string().as_bytes());
+            buf.push(b'"');
+        }
+        Format::Json | Format::Td => {
+            buf.extend_from_slice(b"{\"id\":");
+            buf.extend_from_slice(id.to_string().as_bytes());
+            buf.extend_from_slice(b",\"stream\":\"");
+            buf.extend_from_slice(stream.as_bytes());
+            buf.push(b'"');
+        }
+    }
+    if !rest.starts_with('}') {
+        buf.push(b',');
+    }
+    buf.extend_from_slice(rest.as_bytes());
+}
+
+/// `micros` since the Unix epoch as RFC 3339 UTC with microseconds
+/// (CloudEvents' `time`).
+pub fn rfc3339(micros: i64) -> String {
+    let secs = micros.div_euclid(1_000_000);
+    let frac = micros.rem_euclid(1_000_000);
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Howard Hinnant's days-to-civil algorithm.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{frac:06}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
 }
 
 fn push_args(buf: &mut Vec<u8>, args: &[&str]) {
@@ -242,6 +477,13 @@ mod tests {
             trigger_name: "orders_out",
             relid: 16384,
             args: &["127.0.0.1", "26200"],
+            ctx: Context {
+                database: "shop",
+                txid: 771,
+                lsn: 24_023_128,
+                micros: 1_795_262_400_123_456,
+                id: None,
+            },
         }
     }
 
@@ -315,23 +557,222 @@ mod tests {
         begin_batch(&mut buf, Format::Json, &e);
         push_batch_row(
             &mut buf,
+            Format::Json,
             true,
             Some(b"{\"id\":1}"),
             Some(b"{\"id\":0}"),
             false,
         );
-        push_batch_row(&mut buf, false, Some(b"{\"id\":2}"), None, false);
-        end_batch(&mut buf);
+        push_batch_row(
+            &mut buf,
+            Format::Json,
+            false,
+            Some(b"{\"id\":2}"),
+            None,
+            false,
+        );
+        end_batch(&mut buf, Format::Json);
         assert_eq!(
             String::from_utf8(buf).unwrap(),
             r#"{"op":"UPDATE","schema":"public","table":"orders","rows":[{"new":{"id":1},"old":{"id":0}},{"new":{"id":2},"old":null}]}"#
         );
         let mut buf = Vec::new();
         begin_batch(&mut buf, Format::Td, &e);
-        end_batch(&mut buf);
+        end_batch(&mut buf, Format::Td);
         assert_eq!(
             String::from_utf8(buf).unwrap(),
             r#"{"event":"UPDATE","when":"AFTER","level":"STATEMENT","name":"orders_out","table_name":"orders","table_schema":"public","relid":"16384","args":["127.0.0.1","26200"],"rows":[]}"#
+        );
+    }
+
+    fn parse(s: &str) -> serde_json::Value {
+        serde_json::from_str(s).unwrap_or_else(|e| panic!("{e}: {s}"))
+    }
+
+    fn keys(v: &serde_json::Value) -> Vec<&str> {
+        v.as_object().unwrap().keys().map(String::as_str).collect()
+    }
+
+    #[test]
+    fn supabase_has_its_five_keys_in_its_order() {
+        let ins = render(
+            Format::Supabase,
+            Op::Insert,
+            Some(r#"{"id":1}"#),
+            None,
+            false,
+        );
+        assert_eq!(
+            ins,
+            r#"{"type":"INSERT","table":"orders","schema":"public","record":{"id":1},"old_record":null}"#
+        );
+        let del = parse(&render(
+            Format::Supabase,
+            Op::Delete,
+            None,
+            Some("{}"),
+            false,
+        ));
+        assert_eq!(del["record"], serde_json::Value::Null);
+        assert_eq!(del["old_record"], serde_json::json!({}));
+        let t = parse(&render(Format::Supabase, Op::Truncate, None, None, false));
+        assert_eq!(t["type"], "TRUNCATE");
+    }
+
+    #[test]
+    fn debezium_value_has_source_and_op_codes() {
+        let up = parse(&render(
+            Format::Debezium,
+            Op::Update,
+            Some(r#"{"id":1,"n":2}"#),
+            Some(r#"{"id":1,"n":1}"#),
+            false,
+        ));
+        let mut top = keys(&up);
+        top.sort_unstable();
+        assert_eq!(
+            top,
+            ["after", "before", "op", "source", "ts_ms", "ts_ns", "ts_us"]
+        );
+        assert_eq!(up["op"], "u");
+        assert_eq!(up["before"]["n"], 1);
+        assert_eq!(up["after"]["n"], 2);
+        let src = &up["source"];
+        assert_eq!(src["connector"], "pg_emit");
+        assert_eq!(src["db"], "shop");
+        assert_eq!(src["txId"], 771);
+        assert_eq!(src["lsn"], 24_023_128);
+        assert_eq!(src["ts_ms"], 1_795_262_400_123_i64);
+        assert_eq!(src["ts_us"], 1_795_262_400_123_456_i64);
+        assert_eq!(up["ts_ns"], 1_795_262_400_123_456_000_i64);
+        assert_eq!(src["snapshot"], "false");
+        for (op, code) in [(Op::Insert, "c"), (Op::Delete, "d")] {
+            assert_eq!(
+                parse(&render(Format::Debezium, op, Some("{}"), Some("{}"), false))["op"],
+                code
+            );
+        }
+        // Truncate events have no before/after keys at all.
+        let t = parse(&render(Format::Debezium, Op::Truncate, None, None, false));
+        assert_eq!(t["op"], "t");
+        assert!(t.get("before").is_none() && t.get("after").is_none());
+    }
+
+    #[test]
+    fn cloudevents_wrap_the_json_envelope() {
+        let line = render(
+            Format::CloudEvents,
+            Op::Insert,
+            Some(r#"{"id":1}"#),
+            None,
+            true,
+        );
+        let ce = parse(&line);
+        assert!(ce.get("id").is_none(), "async ids come from the worker");
+        assert_eq!(ce["specversion"], "1.0");
+        assert_eq!(ce["source"], "/pg_emit/shop");
+        assert_eq!(ce["type"], "pg_emit.row.insert");
+        assert_eq!(ce["subject"], "public.orders");
+        assert_eq!(ce["time"], "2026-11-21T12:00:00.123456Z");
+        assert_eq!(ce["datacontenttype"], "application/json");
+        assert_eq!(
+            ce["data"],
+            parse(&render(
+                Format::Json,
+                Op::Insert,
+                Some(r#"{"id":1}"#),
+                None,
+                true
+            ))
+        );
+        let mut withid = Vec::new();
+        with_id(&mut withid, Format::CloudEvents, "s", 9, &line);
+        assert_eq!(
+            parse(std::str::from_utf8(&withid).unwrap())["id"],
+            "evt_s_9"
+        );
+        // Sync and commit events carry the id they were made with.
+        let mut e = ev(Op::Truncate);
+        e.ctx.id = Some("msg_1");
+        let mut buf = Vec::new();
+        write_event(&mut buf, Format::CloudEvents, &e, None, None, false);
+        let t = parse(std::str::from_utf8(&buf).unwrap());
+        assert_eq!(
+            (t["id"].as_str(), t["type"].as_str()),
+            (Some("msg_1"), Some("pg_emit.truncate"))
+        );
+    }
+
+    #[test]
+    fn ids_go_where_each_format_has_room() {
+        let mut b = Vec::new();
+        for f in [Format::Supabase, Format::Debezium] {
+            b.clear();
+            with_id(&mut b, f, "s", 3, r#"{"type":"INSERT"}"#);
+            assert_eq!(b, br#"{"type":"INSERT"}"#, "{f:?} stays exactly its shape");
+        }
+        b.clear();
+        with_id(&mut b, Format::Td, "s", 3, r#"{"event":"INSERT"}"#);
+        assert_eq!(b, br#"{"id":3,"stream":"s","event":"INSERT"}"#);
+    }
+
+    #[test]
+    fn statement_messages_in_every_format() {
+        let mut e = ev(Op::Insert);
+        e.level = "STATEMENT";
+        for f in [
+            Format::Json,
+            Format::Td,
+            Format::Supabase,
+            Format::Debezium,
+            Format::CloudEvents,
+        ] {
+            let mut buf = Vec::new();
+            begin_batch(&mut buf, f, &e);
+            push_batch_row(&mut buf, f, true, Some(b"{\"id\":1}"), None, true);
+            push_batch_row(&mut buf, f, false, Some(b"{\"id\":2}"), None, true);
+            end_batch(&mut buf, f);
+            let v = parse(std::str::from_utf8(&buf).unwrap());
+            let rows = match f {
+                Format::CloudEvents => {
+                    assert_eq!(v["type"], "pg_emit.statement.insert");
+                    v["data"]["rows"].clone()
+                }
+                _ => v["rows"].clone(),
+            };
+            let new = match f {
+                Format::Supabase => "record",
+                Format::Debezium => "after",
+                _ => "new",
+            };
+            assert_eq!(rows[1][new]["id"], 2, "{f:?}: {v}");
+        }
+    }
+
+    #[test]
+    fn messages_are_wrapped_only_as_cloudevents() {
+        let ctx = ev(Op::Insert).ctx;
+        let mut buf = Vec::new();
+        write_message(&mut buf, Format::Supabase, &ctx, br#"{"a":1}"#);
+        assert_eq!(buf, br#"{"a":1}"#);
+        buf.clear();
+        write_message(&mut buf, Format::CloudEvents, &ctx, br#"{"a":1}"#);
+        let v = parse(std::str::from_utf8(&buf).unwrap());
+        assert_eq!(
+            (v["type"].as_str(), &v["data"]),
+            (Some("pg_emit.message"), &serde_json::json!({"a":1}))
+        );
+        assert!(v.get("subject").is_none());
+    }
+
+    #[test]
+    fn rfc3339_times() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000000Z");
+        assert_eq!(rfc3339(951_782_400_000_001), "2000-02-29T00:00:00.000001Z");
+        assert_eq!(rfc3339(-1), "1969-12-31T23:59:59.999999Z");
+        assert_eq!(
+            rfc3339(4_102_444_799_999_999),
+            "2099-12-31T23:59:59.999999Z"
         );
     }
 

@@ -3,7 +3,8 @@
 //! PostgreSQL, so a receiver that hangs holds up only its own destination.
 
 use crate::destination::Destination;
-use crate::options::Framing;
+use crate::event::with_id;
+use crate::options::{Format, Framing};
 use crate::schedule::{Order, Scheduler};
 use crate::security::Allowlist;
 use crate::transport::http::{self, ClientConfig, HttpError, Request, Signing};
@@ -21,6 +22,9 @@ pub struct Row {
     pub first_event_id: i64,
     pub sent: u32,
     pub payload: String,
+    /// How its events were made, which says where their ids go (see
+    /// [`with_id`]) and how they are sent.
+    pub format: Format,
     /// Each event's ordering key (`None`: a barrier, see
     /// [`crate::schedule`]); `None` for the whole row: all barriers.
     pub keys: Option<Vec<Option<i64>>>,
@@ -169,21 +173,6 @@ pub struct Conn {
     next_slot: Option<Instant>,
 }
 
-/// Writes `{"id":N,"stream":"S",` + the rest of `event` (a JSON object)
-/// into `buf`: the id comes first without re-serializing the event.
-pub fn push_with_id(buf: &mut Vec<u8>, stream: &str, id: i64, event: &str) {
-    buf.extend_from_slice(b"{\"id\":");
-    buf.extend_from_slice(id.to_string().as_bytes());
-    buf.extend_from_slice(b",\"stream\":\"");
-    buf.extend_from_slice(stream.as_bytes());
-    buf.push(b'"');
-    let rest = event.strip_prefix('{').unwrap_or(event);
-    if !rest.starts_with('}') {
-        buf.push(b',');
-    }
-    buf.extend_from_slice(rest.as_bytes());
-}
-
 /// Delivers a job in order, stopping at the first failure, or pausing
 /// after [`JOB_SLICE`] where events go one connection or request at a time.
 pub fn send_job(conn: &mut Conn, job: &Job, intr: &dyn Interrupt) -> Outcome {
@@ -236,7 +225,8 @@ pub fn send_job(conn: &mut Conn, job: &Job, intr: &dyn Interrupt) -> Outcome {
             ) => {
                 buf.clear();
                 for (k, line) in lines {
-                    push_with_id(&mut buf, &job.stream, row.first_event_id + k as i64, line);
+                    let id = row.first_event_id + k as i64;
+                    with_id(&mut buf, row.format, &job.stream, id, line);
                     buf.push(b'\n');
                 }
                 let mut acked = 0;
@@ -269,7 +259,8 @@ pub fn send_job(conn: &mut Conn, job: &Job, intr: &dyn Interrupt) -> Outcome {
                     return Err(Pause);
                 }
                 buf.clear();
-                push_with_id(&mut buf, &job.stream, row.first_event_id + k as i64, line);
+                let id = row.first_event_id + k as i64;
+                with_id(&mut buf, row.format, &job.stream, id, line);
                 tcp::send_once(host, *port, &buf, &job.timeouts, &job.allow, intr)
                     .map_err(|e| Stopped(JobError::from(e)))?;
                 sent[i] += 1;
@@ -297,9 +288,10 @@ pub fn send_job(conn: &mut Conn, job: &Job, intr: &dyn Interrupt) -> Outcome {
                         }
                         buf.clear();
                         let id = row.first_event_id + k as i64;
-                        push_with_id(&mut buf, &job.stream, id, line);
+                        with_id(&mut buf, row.format, &job.stream, id, line);
                         let signing = signer.sign(&job.stream, id, id);
-                        post(&c, url, headers, signing, &buf).map_err(Stopped)?;
+                        let body = Body::one(row.format, &buf);
+                        post(&c, url, headers, signing, body).map_err(Stopped)?;
                         sent[i] += 1;
                         Ok(())
                     })
@@ -357,11 +349,8 @@ fn send_parallel(
             });
         }
     }
-    let batch = job.flow.batch.max(1);
-    let units: Vec<std::ops::Range<usize>> = (0..events.len())
-        .step_by(batch)
-        .map(|a| a..(a + batch).min(events.len()))
-        .collect();
+    let format = |e: &(usize, i64, &str)| job.rows[e.0].format;
+    let units = units(&events, job.flow.batch, format);
     let scheduler = Scheduler::batched(units.iter().map(|u| keys[u.clone()].to_vec()).collect());
     let state = Mutex::new((scheduler, None::<(usize, JobError)>));
     let wake = Condvar::new();
@@ -404,21 +393,28 @@ fn send_parallel(
                         std::thread::sleep(at.saturating_duration_since(Instant::now()));
                     }
                     buf.clear();
-                    if batch > 1 {
+                    let unit = &events[units[i].clone()];
+                    let batched = job.flow.batch > 1;
+                    if batched {
                         buf.push(b'[');
                     }
-                    for (n, &(_, id, line)) in events[units[i].clone()].iter().enumerate() {
+                    for (n, e) in unit.iter().enumerate() {
                         if n > 0 {
                             buf.push(b',');
                         }
-                        push_with_id(&mut buf, &job.stream, id, line);
+                        with_id(&mut buf, format(e), &job.stream, e.1, e.2);
                     }
-                    if batch > 1 {
+                    if batched {
                         buf.push(b']');
                     }
-                    let (first, last) = (events[units[i].start].1, events[units[i].end - 1].1);
+                    let (first, last) = (unit[0].1, unit[unit.len() - 1].1);
                     let signing = signer.sign(&job.stream, first, last);
-                    let r = post(client, url, headers, signing, &buf).map_err(|e| match e {
+                    let body = if batched {
+                        Body::Batch(format(&unit[0]), &buf)
+                    } else {
+                        Body::one(format(&unit[0]), &buf)
+                    };
+                    let r = post(client, url, headers, signing, body).map_err(|e| match e {
                         JobError::Reject {
                             status,
                             message,
@@ -536,17 +532,20 @@ struct Signer<'a> {
 }
 
 impl Signer<'_> {
-    /// The signing of a request carrying events `first..=last` of `stream`:
-    /// its `webhook-id` is made of them, so a retry has the same one.
-    fn sign(&self, stream: &str, first: i64, last: i64) -> Signing {
-        match (self.standard, self.key) {
+    /// The id and signing of a request carrying events `first..=last` of
+    /// `stream`: its `webhook-id` is made of them, so a retry has the same
+    /// one.
+    fn sign(&self, stream: &str, first: i64, last: i64) -> (String, Signing) {
+        let id = webhook_id(stream, first, last);
+        let signing = match (self.standard, self.key) {
             (Some(secrets), _) => Signing::Standard {
-                id: webhook_id(stream, first, last),
+                id: id.clone(),
                 secrets: secrets.clone(),
             },
             (None, Some(key)) => Signing::Emit(key.clone()),
             (None, None) => Signing::None,
-        }
+        };
+        (id, signing)
     }
 }
 
@@ -560,19 +559,83 @@ pub fn webhook_id(stream: &str, first: i64, last: i64) -> String {
     }
 }
 
+/// What one request carries.
+enum Body<'a> {
+    /// One event in its format.
+    One(Format, &'a [u8]),
+    /// A JSON array of events in one format.
+    Batch(Format, &'a [u8]),
+}
+
+impl<'a> Body<'a> {
+    fn one(format: Format, event: &'a [u8]) -> Self {
+        Body::One(format, event)
+    }
+}
+
+/// Groups events (in order) into requests: up to `batch` events each, one
+/// format per request (a destination can get several when triggers choose
+/// their own), and a CloudEvents binary-mode event always alone.
+fn units<E>(
+    events: &[E],
+    batch: usize,
+    format: impl Fn(&E) -> Format,
+) -> Vec<std::ops::Range<usize>> {
+    let batch = batch.max(1);
+    let mut out: Vec<std::ops::Range<usize>> = Vec::new();
+    for (i, e) in events.iter().enumerate() {
+        let f = format(e);
+        match out.last_mut() {
+            Some(u)
+                if u.len() < batch
+                    && f != Format::CloudEventsBinary
+                    && format(&events[u.start]) == f =>
+            {
+                u.end = i + 1
+            }
+            _ => out.push(i..i + 1),
+        }
+    }
+    out
+}
+
 fn post(
     client: &http::Client,
     url: &str,
     headers: &[(String, String)],
-    signing: Signing,
-    body: &[u8],
+    (id, signing): (String, Signing),
+    body: Body<'_>,
 ) -> Result<(), JobError> {
+    let (content_type, headers, body) = match body {
+        Body::One(Format::CloudEventsBinary, event) => {
+            let b = crate::cloudevents::to_binary(headers, event).map_err(|message| {
+                JobError::Reject {
+                    status: 0,
+                    message: message.clone(),
+                    excerpt: message,
+                    events: 1,
+                }
+            })?;
+            (b.content_type, b.headers, b.body)
+        }
+        Body::One(f, event) => (
+            crate::cloudevents::content_type(f, false).into(),
+            headers.to_vec(),
+            event.to_vec(),
+        ),
+        Body::Batch(f, events) => (
+            crate::cloudevents::content_type(f, true).into(),
+            headers.to_vec(),
+            events.to_vec(),
+        ),
+    };
     let req = Request {
         method: "POST".into(),
         url: url.to_string(),
-        content_type: "application/json".into(),
-        headers: headers.to_vec(),
-        body: body.to_vec(),
+        content_type,
+        headers,
+        body,
+        id: Some(id),
         signing,
     };
     match http::request(client, &req) {
@@ -656,17 +719,35 @@ mod tests {
             first_event_id: first,
             sent,
             payload: payload.into(),
+            format: Format::Json,
             keys: None,
         }
     }
 
     #[test]
+    fn requests_hold_one_format_and_binary_events_alone() {
+        use Format::*;
+        let fs = [
+            Json,
+            Json,
+            Json,
+            Supabase,
+            CloudEventsBinary,
+            CloudEventsBinary,
+            Json,
+        ];
+        assert_eq!(units(&fs, 2, |f| *f), [0..2, 2..3, 3..4, 4..5, 5..6, 6..7]);
+        assert_eq!(units(&fs[..3], 1, |f| *f), [0..1, 1..2, 2..3]);
+        assert!(units(&[] as &[Format], 5, |f| *f).is_empty());
+    }
+
+    #[test]
     fn id_becomes_the_first_key() {
         let mut b = Vec::new();
-        push_with_id(&mut b, "s", 7, r#"{"op":"INSERT"}"#);
+        with_id(&mut b, Format::Json, "s", 7, r#"{"op":"INSERT"}"#);
         assert_eq!(b, br#"{"id":7,"stream":"s","op":"INSERT"}"#);
         b.clear();
-        push_with_id(&mut b, "s", 8, "{}");
+        with_id(&mut b, Format::Json, "s", 8, "{}");
         assert_eq!(b, br#"{"id":8,"stream":"s"}"#);
     }
 

@@ -1,6 +1,6 @@
 //! pg_emit's core: everything about events and getting them to receivers
 //! that does not need a PostgreSQL backend. Destinations
-//! ([`destination`]) and trigger options ([`options`]), the event envelope ([`event`]), the allowlist
+//! ([`destination`]) and trigger options ([`options`]), the event envelope and formats ([`event`], [`cloudevents`]), the allowlist
 //! ([`security`]), the TCP and HTTP transports ([`transport`]), delivery of
 //! claimed outbox rows ([`job`]), retry policy ([`backoff`], [`cooldown`])
 //! and the per-transaction event buffer ([`pending`]).
@@ -10,6 +10,7 @@
 //! `cargo test -p pg_emit_core`, on a machine without PostgreSQL.
 
 pub mod backoff;
+pub mod cloudevents;
 pub mod cooldown;
 pub mod destination;
 pub mod event;

@@ -28,7 +28,7 @@ impl Delivery {
     }
 }
 
-/// Shape of the event JSON.
+/// Shape of the event JSON (see the README's format table).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Format {
     /// `{"op","schema","table","new","old"}`.
@@ -36,6 +36,86 @@ pub enum Format {
     Json,
     /// plpython's `TD` dictionary key names, for receivers of the old recipe.
     Td,
+    /// Supabase Database Webhooks' `{"type","table","schema","record","old_record"}`.
+    Supabase,
+    /// The value of a Debezium change event (`before`, `after`, `source`, `op`, `ts_ms`).
+    Debezium,
+    /// A CloudEvents 1.0 structured-mode event whose `data` is the `json` envelope.
+    CloudEvents,
+    /// The same event in CloudEvents' HTTP binary mode: attributes as
+    /// `ce-*` headers, the body only `data`. Queued like
+    /// [`Format::CloudEvents`] and split when sent.
+    CloudEventsBinary,
+}
+
+impl Format {
+    /// As `format=` and `emit.outbox.format` spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Json => "json",
+            Format::Td => "td",
+            Format::Supabase => "supabase",
+            Format::Debezium => "debezium",
+            Format::CloudEvents => "cloudevents",
+            Format::CloudEventsBinary => "cloudevents-binary",
+        }
+    }
+
+    /// The inverse of [`Format::name`].
+    pub fn from_name(name: &str) -> Option<Format> {
+        [
+            Format::Json,
+            Format::Td,
+            Format::Supabase,
+            Format::Debezium,
+            Format::CloudEvents,
+            Format::CloudEventsBinary,
+        ]
+        .into_iter()
+        .find(|f| f.name() == name)
+    }
+
+    pub fn is_cloudevents(self) -> bool {
+        matches!(self, Format::CloudEvents | Format::CloudEventsBinary)
+    }
+
+    /// Whether events say when, where and in which transaction they were
+    /// made (Debezium's `source`, CloudEvents' `time`).
+    pub fn needs_context(self) -> bool {
+        matches!(self, Format::Debezium) || self.is_cloudevents()
+    }
+
+    /// How a format given by a trigger (`format=`, `cloudevents=`) and one
+    /// given by its stored destination combine: the trigger's wins, and
+    /// `cloudevents=binary|structured` picks the content mode of whichever
+    /// CloudEvents format applies. Binary mode exists over HTTP only.
+    pub fn combine(
+        trigger: Option<Format>,
+        binary: Option<bool>,
+        stored: Option<Format>,
+        http: bool,
+    ) -> Result<Format, OptionError> {
+        let format = trigger.or(stored).unwrap_or_default();
+        let format = match (binary, format.is_cloudevents()) {
+            (None, _) => format,
+            (Some(b), true) if b => Format::CloudEventsBinary,
+            (Some(_), true) => Format::CloudEvents,
+            (Some(_), false) => {
+                return Err(OptionError::Destination(format!(
+                    "cloudevents= applies to format=cloudevents, not format={}",
+                    format.name()
+                )))
+            }
+        };
+        if format == Format::CloudEventsBinary && !http {
+            return Err(OptionError::Destination(
+                "cloudevents=binary puts attributes in HTTP headers; this destination is not \
+                 http(s)://"
+                    .into(),
+            ));
+        }
+        Ok(format)
+    }
 }
 
 /// How messages are delimited on a TCP connection.
@@ -56,6 +136,8 @@ pub struct Options {
     pub delivery: Option<Delivery>,
     /// `None` when not given: a stored destination's own format applies.
     pub format: Option<Format>,
+    /// `cloudevents=binary` (true) or `structured`: see [`Format::combine`].
+    pub cloudevents: Option<bool>,
     pub framing: Framing,
     /// `header=Name: value` (row_to_http only), in order.
     pub headers: Vec<(String, String)>,
@@ -78,8 +160,8 @@ impl Kind {
     fn known(self) -> &'static str {
         match self {
             Kind::Socket => "delivery, format, framing, key",
-            Kind::Http => "delivery, format, header, key",
-            Kind::Destination => "delivery, format, key",
+            Kind::Http => "cloudevents, delivery, format, header, key",
+            Kind::Destination => "cloudevents, delivery, format, key",
         }
     }
 }
@@ -224,7 +306,7 @@ pub fn parse_options<S: AsRef<str>>(
     kind: Kind,
 ) -> Result<Options, OptionError> {
     let mut opts = Options::default();
-    let mut seen = [false; 4];
+    let mut seen = [false; 5];
     for (i, arg) in args.iter().enumerate() {
         let pos = first_pos + i;
         let arg = arg.as_ref();
@@ -260,12 +342,22 @@ pub fn parse_options<S: AsRef<str>>(
                 (0, "delivery")
             }
             "format" => {
-                opts.format = Some(match value.to_ascii_lowercase().as_str() {
-                    "json" => Format::Json,
-                    "td" => Format::Td,
-                    _ => return Err(bad("format", "json or td")),
-                });
+                opts.format = Some(
+                    Format::from_name(&value.to_ascii_lowercase())
+                        .filter(|f| *f != Format::CloudEventsBinary)
+                        .ok_or_else(|| {
+                            bad("format", "json, td, supabase, debezium or cloudevents")
+                        })?,
+                );
                 (1, "format")
+            }
+            "cloudevents" if kind != Kind::Socket => {
+                opts.cloudevents = Some(match value.to_ascii_lowercase().as_str() {
+                    "binary" => true,
+                    "structured" => false,
+                    _ => return Err(bad("cloudevents", "binary or structured")),
+                });
+                (4, "cloudevents")
             }
             "key" => {
                 let cols: Vec<String> = value.split(',').map(|c| c.trim().to_string()).collect();
@@ -310,6 +402,71 @@ impl fmt::Display for Framing {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn formats_combine() {
+        let c = Format::combine;
+        assert_eq!(c(None, None, None, false), Ok(Format::Json));
+        assert_eq!(
+            c(Some(Format::Td), None, Some(Format::Supabase), true),
+            Ok(Format::Td)
+        );
+        assert_eq!(
+            c(None, None, Some(Format::Debezium), false),
+            Ok(Format::Debezium)
+        );
+        assert_eq!(
+            c(None, Some(true), Some(Format::CloudEvents), true),
+            Ok(Format::CloudEventsBinary)
+        );
+        assert_eq!(
+            c(None, Some(false), Some(Format::CloudEventsBinary), true),
+            Ok(Format::CloudEvents)
+        );
+        assert_eq!(
+            c(None, None, Some(Format::CloudEventsBinary), true),
+            Ok(Format::CloudEventsBinary)
+        );
+        let e = c(Some(Format::Json), Some(true), None, true).unwrap_err();
+        assert!(e.to_string().contains("format=cloudevents"), "{e}");
+        let e = c(Some(Format::CloudEvents), Some(true), None, false).unwrap_err();
+        assert!(e.to_string().contains("not http"), "{e}");
+        for f in [
+            "json",
+            "td",
+            "supabase",
+            "debezium",
+            "cloudevents",
+            "cloudevents-binary",
+        ] {
+            assert_eq!(Format::from_name(f).map(Format::name), Some(f));
+        }
+    }
+
+    #[test]
+    fn format_options() {
+        let o =
+            parse_options(&["format=CloudEvents", "cloudevents=binary"], 2, Kind::Http).unwrap();
+        assert_eq!(
+            (o.format, o.cloudevents),
+            (Some(Format::CloudEvents), Some(true))
+        );
+        assert!(matches!(
+            parse_options(&["format=cloudevents-binary"], 2, Kind::Http),
+            Err(OptionError::BadValue { key: "format", .. })
+        ));
+        assert!(matches!(
+            parse_options(&["cloudevents=binary"], 3, Kind::Socket),
+            Err(OptionError::UnknownKey { .. })
+        ));
+        assert!(matches!(
+            parse_options(&["cloudevents=yes"], 2, Kind::Destination),
+            Err(OptionError::BadValue {
+                key: "cloudevents",
+                ..
+            })
+        ));
+    }
 
     #[test]
     fn host_and_port_only() {

@@ -70,13 +70,27 @@ impl<K: PartialEq + Clone> Pending<K> {
         key: Option<i64>,
         limit: usize,
     ) -> Result<(), Full> {
+        self.push_to(|d| d == dest, || dest.clone(), msg, key, limit)
+    }
+
+    /// [`Pending::push_keyed`] to the destination `is` recognises, made by
+    /// `make` only the first time: a destination is cloned once per
+    /// transaction, not once per event.
+    pub fn push_to(
+        &mut self,
+        is: impl Fn(&K) -> bool,
+        make: impl FnOnce() -> K,
+        msg: &[u8],
+        key: Option<i64>,
+        limit: usize,
+    ) -> Result<(), Full> {
         if self.bytes.len() + msg.len() > limit {
             return Err(Full { limit });
         }
-        let idx = match self.dests.iter().position(|d| d == dest) {
+        let idx = match self.dests.iter().position(is) {
             Some(i) => i,
             None => {
-                self.dests.push(dest.clone());
+                self.dests.push(make());
                 self.dests.len() - 1
             }
         } as u32;

@@ -12,16 +12,28 @@ use super::Target;
 use crate::error::EmitError;
 use crate::interrupts;
 use crate::settings;
+use pg_emit_core::options::Format;
 use std::cell::RefCell;
 
 thread_local! {
-    static HELD: RefCell<Pending<Target>> = RefCell::default();
+    /// Events by destination and format.
+    static HELD: RefCell<Pending<(Target, Format)>> = RefCell::default();
 }
 
-/// Holds one event (newline-terminated for ndjson) until commit.
-pub fn hold(context: &dyn Fn() -> String, target: &Target, msg: &[u8]) {
+/// Holds one event of `format` (newline-terminated for ndjson) until
+/// commit.
+pub fn hold(context: &dyn Fn() -> String, target: &Target, format: Format, msg: &[u8]) {
     let limit = settings::commit_buffer_bytes();
-    if let Err(full) = HELD.with_borrow_mut(|p| p.push(target, msg, limit)) {
+    let held = HELD.with_borrow_mut(|p| {
+        p.push_to(
+            |(t, f)| *f == format && t == target,
+            || (target.clone(), format),
+            msg,
+            None,
+            limit,
+        )
+    });
+    if let Err(full) = held {
         EmitError::BufferFull {
             context: context(),
             limit: full.limit,
@@ -69,13 +81,14 @@ pub fn send_after_commit() {
     // up to COALESCE_BYTES, as in sync mode.
     let mut batch: Vec<u8> = Vec::new();
     let mut events = held.iter().peekable();
-    while let Some((target, msg)) = events.next() {
+    while let Some((key, msg)) = events.next() {
+        let (target, format) = (&key.0, key.1);
         let mut count = 1;
         let payload: &[u8] = if target.coalesces() {
             batch.clear();
             batch.extend_from_slice(msg);
             while let Some((next, m)) = events.peek() {
-                if *next != target || batch.len() + m.len() > sync::COALESCE_BYTES {
+                if *next != key || batch.len() + m.len() > sync::COALESCE_BYTES {
                     break;
                 }
                 batch.extend_from_slice(m);
@@ -99,7 +112,7 @@ pub fn send_after_commit() {
             entry.2 += count;
             continue;
         }
-        if let Err(f) = sync::try_send(target, payload, &intr) {
+        if let Err(f) = sync::try_send(target, format, payload, &intr) {
             cancelled = f.cancelled();
             entry.2 += count;
             if entry.3.is_none() {

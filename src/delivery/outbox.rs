@@ -17,6 +17,7 @@ use crate::error::EmitError;
 use crate::privileged::{as_emit_owner, schema_is_current};
 use crate::settings;
 use crate::worker;
+use pg_emit_core::options::Format;
 use pgrx::bgworkers::DynamicBackgroundWorker;
 use pgrx::datum::DatumWithOid;
 use pgrx::pg_sys;
@@ -32,6 +33,7 @@ pub const FLUSH_BYTES: usize = 8 << 20;
 /// One outbox row to write.
 struct Chunk {
     target: Target,
+    format: Format,
     events: i32,
     /// Ordinals of its first and last event (see [`Pending`]).
     first: u64,
@@ -42,7 +44,8 @@ struct Chunk {
 }
 
 thread_local! {
-    static QUEUED: RefCell<Pending<Target>> = RefCell::default();
+    /// Events by destination and format (one outbox row holds one of each).
+    static QUEUED: RefCell<Pending<(Target, Format)>> = RefCell::default();
     /// Outbox rows this transaction wrote before committing; they get its
     /// commit-order number at PRE_COMMIT.
     static EARLY: RefCell<Vec<i64>> = const { RefCell::new(Vec::new()) };
@@ -79,15 +82,21 @@ enum Seq {
     Known(i64),
 }
 
-/// Queues one event (a JSON object, no newline). The transaction (or the
+/// Queues one event of `format` (a JSON object, no newline). The transaction (or the
 /// savepoint or exception block it is in) writes its events out once they
 /// pass [`FLUSH_BYTES`]: rows written inside a subtransaction are rolled
 /// back with it, so memory stays bounded however much a transaction queues,
 /// at any nesting (see also [`pre_commit_sub`]).
-pub fn queue(target: &Target, event: &[u8], key: Option<i64>) {
+pub fn queue(target: &Target, format: Format, event: &[u8], key: Option<i64>) {
     let full = QUEUED.with_borrow_mut(|p| {
-        p.push_keyed(target, event, key, usize::MAX)
-            .expect("no limit on the async buffer");
+        p.push_to(
+            |(t, f)| *f == format && t == target,
+            || (target.clone(), format),
+            event,
+            key,
+            usize::MAX,
+        )
+        .expect("no limit on the async buffer");
         p.current_level_bytes() >= FLUSH_BYTES
     });
     if full {
@@ -129,12 +138,12 @@ pub fn note_written() {
 /// transaction's rows by their first event's ordinal, so a row never spans
 /// the ordinals of a row written earlier (a savepoint's events written out
 /// while its enclosing level's were still buffered).
-fn chunks(p: &Pending<Target>, early: &[(u64, u64)]) -> Vec<Chunk> {
+fn chunks(p: &Pending<(Target, Format)>, early: &[(u64, u64)]) -> Vec<Chunk> {
     let mut out: Vec<Chunk> = Vec::new();
-    // Index in `out` of each destination's open row.
-    let mut open: Vec<(Target, usize)> = Vec::new();
-    for (target, event, ordinal, key) in p.current_level() {
-        let slot = open.iter().position(|(t, _)| t == target);
+    // Index in `out` of each destination's (and format's) open row.
+    let mut open: Vec<(&(Target, Format), usize)> = Vec::new();
+    for (route, event, ordinal, key) in p.current_level() {
+        let slot = open.iter().position(|(r, _)| *r == route);
         let fits = |c: &Chunk| {
             // `early` is sorted: the first range starting after the row's
             // last event must not start before this one.
@@ -146,7 +155,8 @@ fn chunks(p: &Pending<Target>, early: &[(u64, u64)]) -> Vec<Chunk> {
             Some(i) if fits(&out[open[i].1]) => open[i].1,
             _ => {
                 out.push(Chunk {
-                    target: target.clone(),
+                    target: route.0.clone(),
+                    format: route.1,
                     events: 0,
                     first: ordinal,
                     last: ordinal,
@@ -155,7 +165,7 @@ fn chunks(p: &Pending<Target>, early: &[(u64, u64)]) -> Vec<Chunk> {
                 });
                 match slot {
                     Some(i) => open[i].1 = out.len() - 1,
-                    None => open.push((target.clone(), out.len() - 1)),
+                    None => open.push((route, out.len() - 1)),
                 }
                 out.len() - 1
             }
@@ -213,6 +223,7 @@ fn write_level(seq: Seq) -> Option<Seq> {
         let mut ids = Vec::with_capacity(rows.len());
         for Chunk {
             target,
+            format,
             events,
             first,
             payload,
@@ -244,7 +255,11 @@ fn write_level(seq: Seq) -> Option<Seq> {
             ];
             if !current {
                 // 0.1.0's outbox, until ALTER EXTENSION UPDATE: its rows
-                // are in commit order by id, which the update keeps.
+                // are in commit order by id, which the update keeps. It
+                // has no place to say a format other than its own two.
+                if !matches!(format, Format::Json | Format::Td) {
+                    EmitError::NeedsUpdate(format!("format={}", format.name())).raise();
+                }
                 let id = client
                     .update(legacy_insert_sql(utf8_db), None, &args)?
                     .first()
@@ -264,6 +279,7 @@ fn write_level(seq: Seq) -> Option<Seq> {
                 (*first as i64).into(),
                 tx.into(),
                 keys.into(),
+                format.name().into(),
             ]);
             let (id, drawn) = crate::plans::update(client, insert_sql(utf8_db), &args)?
                 .first()
@@ -297,17 +313,17 @@ fn write_level(seq: Seq) -> Option<Seq> {
 fn insert_sql(utf8_db: bool) -> &'static str {
     if utf8_db {
         "INSERT INTO emit.outbox (destination, host, port, framing, url, headers, events, payload, \
-                                  tx_seq, part, tx, keys) \
+                                  tx_seq, part, tx, keys, format) \
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, \
                  CASE WHEN $10 THEN pg_catalog.nextval('emit.tx_seq'::pg_catalog.regclass) \
-                      ELSE $9 END, $11, $12, $13) \
+                      ELSE $9 END, $11, $12, $13, $14) \
          RETURNING id, tx_seq"
     } else {
         "INSERT INTO emit.outbox (destination, host, port, framing, url, headers, events, payload, \
-                                  tx_seq, part, tx, keys) \
+                                  tx_seq, part, tx, keys, format) \
          VALUES ($1, $2, $3, $4, $5, $6, $7, pg_catalog.convert_from($8::pg_catalog.bytea, 'UTF8'), \
                  CASE WHEN $10 THEN pg_catalog.nextval('emit.tx_seq'::pg_catalog.regclass) \
-                      ELSE $9 END, $11, $12, $13) \
+                      ELSE $9 END, $11, $12, $13, $14) \
          RETURNING id, tx_seq"
     }
 }

@@ -9,12 +9,15 @@ use super::Target;
 use crate::cooldown::Cooldowns;
 use crate::error::EmitError;
 use crate::interrupts;
+use crate::made::fresh_id;
 use crate::options::Framing;
 use crate::settings::{self, OnError};
 use crate::transport::http::{self, HttpError, Request, Response, Signing};
 use crate::transport::tcp::{self, SendError};
 use crate::transport::Interrupt;
+use pg_emit_core::cloudevents;
 use pg_emit_core::destination::SignWith;
+use pg_emit_core::options::Format;
 use socket2::Socket;
 use std::cell::RefCell;
 use std::time::Instant;
@@ -131,10 +134,15 @@ impl Failure {
     }
 }
 
-/// Sends `msg` (newline-terminated for ndjson, a whole body for HTTP)
-/// through this backend's connections and cooldowns, without reporting.
-/// A response outside 2xx counts as a failure.
-pub fn try_send(target: &Target, msg: &[u8], intr: &dyn Interrupt) -> Result<(), Failure> {
+/// Sends `msg` (newline-terminated for ndjson, a whole body for HTTP), an
+/// event of `format`, through this backend's connections and cooldowns,
+/// without reporting. A response outside 2xx counts as a failure.
+pub fn try_send(
+    target: &Target,
+    format: Format,
+    msg: &[u8],
+    intr: &dyn Interrupt,
+) -> Result<(), Failure> {
     match target.endpoint() {
         Target::Tcp {
             host,
@@ -146,7 +154,24 @@ pub fn try_send(target: &Target, msg: &[u8], intr: &dyn Interrupt) -> Result<(),
                 Target::Stored { signing, .. } => signing,
                 _ => &SignWith::FileKey,
             };
-            let r = http_request(url, "POST", "application/json", headers, msg, signing, intr)?;
+            // Never retried: a fresh id per request.
+            let id = Some(fresh_id());
+            let r = match format {
+                Format::CloudEventsBinary => {
+                    let b = cloudevents::to_binary(headers, msg).map_err(|detail| {
+                        Failure::Http(HttpError::Failed {
+                            url: url.clone(),
+                            detail,
+                        })
+                    })?;
+                    let ct = &b.content_type;
+                    http_request(url, "POST", ct, &b.headers, &b.body, id, signing, intr)?
+                }
+                f => {
+                    let ct = cloudevents::content_type(f, false);
+                    http_request(url, "POST", ct, headers, msg, id, signing, intr)?
+                }
+            };
             if r.success() {
                 Ok(())
             } else {
@@ -243,27 +268,19 @@ fn try_send_tcp(
 /// One HTTP request with this backend's client; any status is a response.
 /// Network failures and 5xx put the URL in cooldown.
 ///
-/// `sign`: only events pg_emit wrote itself are signed. A signature tells
-/// a receiver that pg_emit produced the body; a body chosen by a caller of
-/// `send_http` (which could forge an event id) must not carry one.
+/// `id` goes out as `webhook-id` (what Standard Webhooks signs, else
+/// unsigned). `sign`: only events pg_emit wrote itself are signed. A
+/// signature tells a receiver that pg_emit produced the body; a body chosen
+/// by a caller of `send_http` (which could forge an event id) must not
+/// carry one.
 #[allow(clippy::too_many_arguments)]
-/// A `webhook-id` for a sync or commit request, which is never retried:
-/// unique per backend and time, and across backends by the pid.
-fn fresh_id() -> String {
-    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
-    format!("msg_{nanos:x}_{:x}_{n:x}", std::process::id())
-}
-
 pub fn http_request(
     url: &str,
     method: &str,
     content_type: &str,
     headers: &[(String, String)],
     body: &[u8],
+    id: Option<String>,
     sign: &SignWith,
     intr: &dyn Interrupt,
 ) -> Result<Response, Failure> {
@@ -283,9 +300,8 @@ pub fn http_request(
                     Some(key) => Signing::Emit(key),
                     None => Signing::None,
                 },
-                // No retries here: a fresh id per request.
                 SignWith::Standard(secrets) => Signing::Standard {
-                    id: fresh_id(),
+                    id: id.clone().unwrap_or_else(fresh_id),
                     secrets: secrets.clone(),
                 },
                 SignWith::Nothing => Signing::None,
@@ -296,6 +312,7 @@ pub fn http_request(
                 content_type: content_type.to_string(),
                 headers: headers.to_vec(),
                 body: body.to_vec(),
+                id,
                 signing,
             };
             http::request_interruptible(&client, req, intr).map_err(Failure::Http)
@@ -333,7 +350,7 @@ fn http_client() -> Result<http::Client, String> {
 /// executor and utility hooks) or every [`COALESCE_BYTES`]. At 20,000 rows
 /// that is a few dozen `send(2)` calls instead of 20,000, which is most of
 /// the cost of sync delivery (see the README's Performance section).
-pub fn deliver(context: &dyn Fn() -> String, target: &Target, msg: &[u8]) {
+pub fn deliver(context: &dyn Fn() -> String, target: &Target, format: Format, msg: &[u8]) {
     if let Target::Tcp {
         host,
         port,
@@ -363,7 +380,7 @@ pub fn deliver(context: &dyn Fn() -> String, target: &Target, msg: &[u8]) {
         }
         return;
     }
-    if let Err(f) = try_send(target, msg, &interrupts::Statement) {
+    if let Err(f) = try_send(target, format, msg, &interrupts::Statement) {
         report(f, context, &target.name());
     }
 }

@@ -5,7 +5,7 @@
 
 use super::dispatch::WorkerSettings;
 use crate::encoding::message_text;
-use crate::options::Framing;
+use crate::options::{Format, Framing};
 use crate::plans;
 use crate::security::Allowlist;
 use crate::transport;
@@ -97,6 +97,7 @@ pub(super) fn claim(
             sent: r.get_by_name::<i32, _>("sent")?.unwrap_or(0) as u32,
             // Read below, for the rows this job takes only.
             payload: String::new(),
+            format: Format::Json,
             keys: None,
         };
         if first_event_id.is_some() {
@@ -215,18 +216,27 @@ fn read_payloads(
         let payload = String::from_utf8(payload)
             .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
         let keys = r.get_by_name::<Vec<Option<i64>>, _>("keys")?;
-        read.insert(r.get_by_name::<i64, _>("id")?.unwrap_or(0), (payload, keys));
+        // Only this library writes the column; a name it does not know
+        // (from a newer one, before a downgrade) gets 0.1.0's treatment.
+        let format = r
+            .get_by_name::<String, _>("format")?
+            .and_then(|f| Format::from_name(&f))
+            .unwrap_or(Format::Json);
+        read.insert(
+            r.get_by_name::<i64, _>("id")?.unwrap_or(0),
+            (payload, keys, format),
+        );
     }
     for row in rows.iter_mut() {
-        if let Some((payload, keys)) = read.remove(&row.id) {
-            (row.payload, row.keys) = (payload, keys);
+        if let Some((payload, keys, format)) = read.remove(&row.id) {
+            (row.payload, row.keys, row.format) = (payload, keys, format);
         }
     }
     Ok(())
 }
 
 const PAYLOADS_SQL: &str = "
-SELECT id, pg_catalog.convert_to(payload, 'UTF8') AS payload, keys
+SELECT id, pg_catalog.convert_to(payload, 'UTF8') AS payload, keys, format
   FROM emit.outbox WHERE id = ANY($1)";
 
 /// The head of a destination's queue, in commit order. LIMIT is in the SQL
@@ -437,9 +447,9 @@ pub(super) fn record(
 const REJECTED_SQL: &str = "
 INSERT INTO emit.dead_letter
     (outbox_id, destination, host, port, framing, url, headers, events, payload, attempts,
-     last_error, status, response, enqueued_at)
+     last_error, status, response, enqueued_at, format)
 SELECT id, destination, host, port, framing, url, headers, 1,
-       pg_catalog.convert_from($2, 'UTF8'), attempts + 1, $3, $4, $5, enqueued_at
+       pg_catalog.convert_from($2, 'UTF8'), attempts + 1, $3, $4, $5, enqueued_at, format
   FROM emit.outbox WHERE id = $1";
 
 /// Moves unfinished rows past `max_attempts` (when positive) or older than
@@ -455,11 +465,11 @@ WITH dead AS (
 ), moved AS (
     INSERT INTO emit.dead_letter
         (outbox_id, destination, host, port, framing, url, headers, events, payload, attempts,
-         last_error, enqueued_at)
+         last_error, enqueued_at, format)
     SELECT id, destination, host, port, framing, url, headers, events - sent,
            CASE WHEN sent = 0 THEN payload
                 ELSE pg_catalog.array_to_string((pg_catalog.string_to_array(payload, E'\\n'))[sent + 1:], E'\\n') END,
-           attempts, last_error, enqueued_at
+           attempts, last_error, enqueued_at, format
       FROM dead
     RETURNING events
 )

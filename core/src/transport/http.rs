@@ -416,6 +416,10 @@ pub struct Request {
     pub content_type: String,
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
+    /// The id of the event(s) the body carries, sent as `webhook-id` (the
+    /// Standard Webhooks header, also when unsigned: a receiver's key for
+    /// dropping a redelivery whatever the body's format).
+    pub id: Option<String>,
     /// How to sign the request.
     pub signing: Signing,
 }
@@ -491,6 +495,10 @@ pub fn request(client: &Client, req: &Request) -> Result<Response, HttpError> {
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
         .as_secs();
+    // A Standard Webhooks signature sends (and signs) its own id.
+    if let (Some(id), Signing::None | Signing::Emit(_)) = (&req.id, &req.signing) {
+        b = b.header("webhook-id", id.as_str());
+    }
     match &req.signing {
         Signing::None => {}
         Signing::Emit(secret) => {
@@ -703,6 +711,7 @@ mod tests {
             content_type: "application/json".into(),
             headers: vec![("X-Trace".into(), "abc".into())],
             body: body.as_bytes().to_vec(),
+            id: None,
             signing: Signing::Emit(b"k".to_vec()),
         }
     }

@@ -1,0 +1,94 @@
+//! Where, when and in which transaction an event is made: what Debezium's
+//! `source` and CloudEvents' `time`, `source` and `id` say. Read only for
+//! the formats that say it, so `json` events cost nothing more.
+
+use crate::encoding;
+use pg_emit_core::event::Context;
+use pg_emit_core::options::{Delivery, Format};
+use pgrx::pg_sys;
+use std::cell::OnceCell;
+use std::rc::Rc;
+
+thread_local! {
+    /// The database's name: a database cannot be renamed while a session
+    /// is connected to it, so it is read once per backend.
+    static DATABASE: OnceCell<Rc<str>> = const { OnceCell::new() };
+}
+
+/// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01).
+const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
+
+/// The facts behind a [`Context`], owned.
+#[derive(Default)]
+pub struct Made {
+    database: Rc<str>,
+    txid: u64,
+    lsn: u64,
+    micros: i64,
+    id: Option<String>,
+}
+
+impl Made {
+    /// The facts of an event being made now in `format`, to be delivered
+    /// by `mode`: async events get their CloudEvents id from the worker,
+    /// which numbers them; sync and commit events get a fresh one here.
+    pub fn now(format: Format, mode: Delivery) -> Made {
+        if !format.needs_context() {
+            return Made::default();
+        }
+        // SAFETY: reads of backend and shared state inside a transaction.
+        let (txid, lsn, now) = unsafe {
+            (
+                pg_sys::GetTopTransactionIdIfAny().into_inner(),
+                pg_sys::GetXLogInsertRecPtr(),
+                pg_sys::GetCurrentTimestamp(),
+            )
+        };
+        Made {
+            database: database(),
+            txid: u64::from(txid),
+            lsn,
+            micros: now + PG_EPOCH_MICROS,
+            id: (format.is_cloudevents() && mode != Delivery::Async).then(fresh_id),
+        }
+    }
+
+    pub fn ctx(&self) -> Context<'_> {
+        Context {
+            database: &self.database,
+            txid: self.txid,
+            lsn: self.lsn,
+            micros: self.micros,
+            id: self.id.as_deref(),
+        }
+    }
+}
+
+fn database() -> Rc<str> {
+    DATABASE.with(|d| {
+        d.get_or_init(|| {
+            // SAFETY: the connected database's oid; the name is palloc'd
+            // and NUL-terminated.
+            unsafe {
+                let ptr = pg_sys::get_database_name(pg_sys::MyDatabaseId);
+                if ptr.is_null() {
+                    return "".into();
+                }
+                encoding::name(ptr, &|| "the database's name".into()).into()
+            }
+        })
+        .clone()
+    })
+}
+
+/// An id for an event or request that is sent once (sync and commit
+/// delivery are never retried): unique per backend and time, and across
+/// backends by the pid.
+pub fn fresh_id() -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!("msg_{nanos:x}_{:x}_{n:x}", std::process::id())
+}
