@@ -40,12 +40,14 @@ fi
 
 # 4. Python for the integration tests, demo and benchmarks.
 # standardwebhooks: the official Standard Webhooks library, which the tests
-# verify pg_emit's signatures with.
-if [ ! -x .venv/bin/pytest ] || ! .venv/bin/python -c 'import psycopg, pyflakes, standardwebhooks' 2>/dev/null; then
-  say "python venv with pytest, psycopg, pyflakes and standardwebhooks"
+# verify pg_emit's signatures with; cloudevents: the CloudEvents SDK, which
+# they parse pg_emit's CloudEvents with (2.x: its cloudevents.core API).
+if [ ! -x .venv/bin/pytest ] || ! .venv/bin/python -c 'import psycopg, pyflakes, standardwebhooks, cloudevents.core' 2>/dev/null; then
+  say "python venv with pytest, psycopg, pyflakes, standardwebhooks and cloudevents"
   if ! python3 -m venv .venv 2>/dev/null; then
     $SUDO apt-get install -y -qq python3-venv >/dev/null
     python3 -m venv .venv
   fi
-  .venv/bin/pip install -q --disable-pip-version-check pytest 'psycopg[binary]' pyflakes standardwebhooks
+  .venv/bin/pip install -q --disable-pip-version-check pytest 'psycopg[binary]' pyflakes standardwebhooks \
+    'cloudevents==2.2.0'
 fi
