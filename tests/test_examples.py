@@ -34,3 +34,33 @@ def test_example_receiver_prints_events(db, table, ndjson):
     finally:
         proc.kill()
         proc.wait()
+
+
+def readme_block(marker):
+    """The README's ```python block that contains `marker`."""
+    with open(os.path.join(ROOT, "README.md")) as f:
+        blocks = f.read().split("```python\n")[1:]
+    return next(b.split("```", 1)[0] for b in blocks if marker in b)
+
+
+@pytest.mark.usefixtures("fast_retries")
+def test_readme_cloudevents_consumer_reads_both_modes(db, table, tmp_path):
+    port = free_port()
+    code = readme_block("from cloudevents.core").replace("8080", str(port))
+    script = tmp_path / "consumer.py"
+    script.write_text(code)
+    proc = subprocess.Popen([sys.executable, "-u", str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        db.execute(f"CREATE TABLE {table} (id int PRIMARY KEY)")
+        for n, mode in enumerate(["structured", "binary"]):
+            db.execute(f"CREATE OR REPLACE TRIGGER out AFTER INSERT ON {table} FOR EACH ROW "
+                       f"EXECUTE FUNCTION row_to_http('http://127.0.0.1:{port}/', 'format=cloudevents', "
+                       f"'cloudevents={mode}', 'delivery=async')")
+            # The consumer may still be starting: async delivery retries.
+            db.execute(f"INSERT INTO {table} VALUES ({n + 1})")
+            line = proc.stdout.readline().split()
+            assert line[0].startswith("evt_") and line[1:3] == ["pg_emit.row.insert", f"public.{table}"]
+            assert json.loads(" ".join(line[3:]).replace("'", '"')) == {"id": n + 1}
+    finally:
+        proc.kill()
+        proc.wait()

@@ -60,42 +60,41 @@ pub fn to_binary(headers: &[(String, String)], structured: &[u8]) -> Result<Bina
             "data" => out.body = raw.get().as_bytes().to_vec(),
             "datacontenttype" => out.content_type = text,
             _ => {
-                let mut value = String::with_capacity(text.len());
-                percent_encode_header(&mut value, &text);
-                out.headers.push((format!("ce-{name}"), value));
+                out.headers
+                    .push((format!("ce-{name}"), percent_encode_header(&text)));
             }
         }
     }
     Ok(out)
 }
 
-/// Appends `s` for a `ce-*` header: space, `"`, `%` and everything outside
+/// `s` for a `ce-*` header: space, `"`, `%` and everything outside
 /// printable ASCII are percent-encoded as UTF-8 bytes (HTTP binding,
 /// section 3.1.3.2).
-fn percent_encode_header(out: &mut String, s: &str) {
-    encode(out, s, |b| {
+fn percent_encode_header(s: &str) -> String {
+    let mut out = Vec::with_capacity(s.len());
+    encode(&mut out, s, |b| {
         (0x21..=0x7e).contains(&b) && b != b'"' && b != b'%'
     });
+    String::from_utf8(out).expect("percent-encoding leaves ASCII")
 }
 
 /// Appends `s` as one URI path segment: everything but RFC 3986's
 /// unreserved characters is percent-encoded (CloudEvents' `source` is a
 /// URI reference; a database name may hold anything).
-pub fn percent_encode_path(out: &mut String, s: &str) {
+pub fn percent_encode_path(out: &mut Vec<u8>, s: &str) {
     encode(out, s, |b| {
         b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
     });
 }
 
-fn encode(out: &mut String, s: &str, keep: impl Fn(u8) -> bool) {
+fn encode(out: &mut Vec<u8>, s: &str, keep: impl Fn(u8) -> bool) {
     const HEX: &[u8; 16] = b"0123456789ABCDEF";
     for &b in s.as_bytes() {
         if keep(b) {
-            out.push(char::from(b));
+            out.push(b);
         } else {
-            out.push('%');
-            out.push(char::from(HEX[usize::from(b >> 4)]));
-            out.push(char::from(HEX[usize::from(b & 0xf)]));
+            out.extend([b'%', HEX[usize::from(b >> 4)], HEX[usize::from(b & 0xf)]]);
         }
     }
 }
@@ -135,8 +134,8 @@ mod tests {
 
     #[test]
     fn source_segments_are_encoded() {
-        let mut s = String::new();
+        let mut s = Vec::new();
         percent_encode_path(&mut s, "my db/ü");
-        assert_eq!(s, "my%20db%2F%C3%BC");
+        assert_eq!(s, b"my%20db%2F%C3%BC");
     }
 }

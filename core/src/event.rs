@@ -7,6 +7,7 @@
 //! would cost more than the socket write.
 
 use crate::options::Format;
+use std::io::Write as _;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Op {
@@ -101,12 +102,13 @@ pub fn write_event(
             buf.push(b'}');
         }
         Format::CloudEvents | Format::CloudEventsBinary => {
-            let kind = if ev.op == Op::Truncate {
-                "pg_emit.truncate".to_string()
-            } else {
-                format!("pg_emit.row.{}", ev.op.name().to_ascii_lowercase())
+            let kind = match ev.op {
+                Op::Insert => "pg_emit.row.insert",
+                Op::Update => "pg_emit.row.update",
+                Op::Delete => "pg_emit.row.delete",
+                Op::Truncate => "pg_emit.truncate",
             };
-            push_cloudevent_head(buf, &ev.ctx, &kind, Some((ev.schema, ev.table)));
+            push_cloudevent_head(buf, &ev.ctx, kind, Some((ev.schema, ev.table)));
             write_event(buf, Format::Json, ev, new, old, one_line);
             buf.push(b'}');
         }
@@ -124,8 +126,13 @@ pub fn begin_batch(buf: &mut Vec<u8>, format: Format, ev: &Event<'_>) {
             push_debezium_tail(buf, ev);
         }
         Format::CloudEvents | Format::CloudEventsBinary => {
-            let kind = format!("pg_emit.statement.{}", ev.op.name().to_ascii_lowercase());
-            push_cloudevent_head(buf, &ev.ctx, &kind, Some((ev.schema, ev.table)));
+            let kind = match ev.op {
+                Op::Insert => "pg_emit.statement.insert",
+                Op::Update => "pg_emit.statement.update",
+                Op::Delete => "pg_emit.statement.delete",
+                Op::Truncate => "pg_emit.truncate",
+            };
+            push_cloudevent_head(buf, &ev.ctx, kind, Some((ev.schema, ev.table)));
             push_header(buf, Format::Json, ev);
         }
     }
@@ -189,7 +196,7 @@ fn push_header(buf: &mut Vec<u8>, format: Format, ev: &Event<'_>) {
             push_string(buf, ev.schema);
             // plpython renders relid with oidout, i.e. as a string.
             buf.extend_from_slice(b",\"relid\":\"");
-            buf.extend_from_slice(ev.relid.to_string().as_bytes());
+            let _ = write!(buf, "{}", ev.relid);
             buf.extend_from_slice(b"\",\"args\":");
             push_args(buf, ev.args);
         }
@@ -247,11 +254,11 @@ fn push_debezium_tail(buf: &mut Vec<u8>, ev: &Event<'_>) {
     buf.extend_from_slice(b"\",\"connector\":\"pg_emit\",\"name\":");
     push_string(buf, ctx.database);
     buf.extend_from_slice(b",\"ts_ms\":");
-    buf.extend_from_slice(ms.to_string().as_bytes());
+    let _ = write!(buf, "{}", ms);
     buf.extend_from_slice(b",\"ts_us\":");
-    buf.extend_from_slice(ctx.micros.to_string().as_bytes());
+    let _ = write!(buf, "{}", ctx.micros);
     buf.extend_from_slice(b",\"ts_ns\":");
-    buf.extend_from_slice((i128::from(ctx.micros) * 1000).to_string().as_bytes());
+    let _ = write!(buf, "{}", i128::from(ctx.micros) * 1000);
     buf.extend_from_slice(b",\"snapshot\":\"false\",\"db\":");
     push_string(buf, ctx.database);
     buf.extend_from_slice(b",\"schema\":");
@@ -259,9 +266,9 @@ fn push_debezium_tail(buf: &mut Vec<u8>, ev: &Event<'_>) {
     buf.extend_from_slice(b",\"table\":");
     push_string(buf, ev.table);
     buf.extend_from_slice(b",\"txId\":");
-    buf.extend_from_slice(ctx.txid.to_string().as_bytes());
+    let _ = write!(buf, "{}", ctx.txid);
     buf.extend_from_slice(b",\"lsn\":");
-    buf.extend_from_slice(ctx.lsn.to_string().as_bytes());
+    let _ = write!(buf, "{}", ctx.lsn);
     buf.extend_from_slice(b",\"xmin\":null},\"op\":\"");
     buf.push(match ev.op {
         Op::Insert => b'c',
@@ -270,11 +277,11 @@ fn push_debezium_tail(buf: &mut Vec<u8>, ev: &Event<'_>) {
         Op::Truncate => b't',
     });
     buf.extend_from_slice(b"\",\"ts_ms\":");
-    buf.extend_from_slice(ms.to_string().as_bytes());
+    let _ = write!(buf, "{}", ms);
     buf.extend_from_slice(b",\"ts_us\":");
-    buf.extend_from_slice(ctx.micros.to_string().as_bytes());
+    let _ = write!(buf, "{}", ctx.micros);
     buf.extend_from_slice(b",\"ts_ns\":");
-    buf.extend_from_slice((i128::from(ctx.micros) * 1000).to_string().as_bytes());
+    let _ = write!(buf, "{}", i128::from(ctx.micros) * 1000);
 }
 
 /// A CloudEvents structured-mode object up to `"data":`. The `id` comes
@@ -291,18 +298,23 @@ fn push_cloudevent_head(
         push_string(buf, id);
         buf.push(b',');
     }
-    buf.extend_from_slice(b"\"specversion\":\"1.0\",\"source\":");
-    let mut source = String::from(CE_SOURCE);
-    crate::cloudevents::percent_encode_path(&mut source, ctx.database);
-    push_string(buf, &source);
+    // Percent-encoding leaves nothing JSON would escape.
+    buf.extend_from_slice(b"\"specversion\":\"1.0\",\"source\":\"");
+    buf.extend_from_slice(CE_SOURCE.as_bytes());
+    crate::cloudevents::percent_encode_path(buf, ctx.database);
+    buf.push(b'"');
     buf.extend_from_slice(b",\"type\":");
     push_string(buf, kind);
     if let Some((schema, table)) = subject {
         buf.extend_from_slice(b",\"subject\":");
-        push_string(buf, &format!("{schema}.{table}"));
+        buf.push(b'"');
+        push_escaped(buf, schema);
+        buf.push(b'.');
+        push_escaped(buf, table);
+        buf.push(b'"');
     }
     buf.extend_from_slice(b",\"time\":\"");
-    buf.extend_from_slice(rfc3339(ctx.micros).as_bytes());
+    push_rfc3339(buf, ctx.micros);
     buf.extend_from_slice(b"\",\"datacontenttype\":\"application/json\",\"data\":");
 }
 
@@ -323,12 +335,12 @@ pub fn with_id(buf: &mut Vec<u8>, format: Format, stream: &str, id: i64, line: &
             buf.extend_from_slice(b"{\"id\":\"evt_");
             buf.extend_from_slice(stream.as_bytes());
             buf.push(b'_');
-            buf.extend_from_slice(id.to_string().as_bytes());
+            let _ = write!(buf, "{}", id);
             buf.push(b'"');
         }
         Format::Json | Format::Td => {
             buf.extend_from_slice(b"{\"id\":");
-            buf.extend_from_slice(id.to_string().as_bytes());
+            let _ = write!(buf, "{}", id);
             buf.extend_from_slice(b",\"stream\":\"");
             buf.extend_from_slice(stream.as_bytes());
             buf.push(b'"');
@@ -340,9 +352,9 @@ pub fn with_id(buf: &mut Vec<u8>, format: Format, stream: &str, id: i64, line: &
     buf.extend_from_slice(rest.as_bytes());
 }
 
-/// `micros` since the Unix epoch as RFC 3339 UTC with microseconds
-/// (CloudEvents' `time`).
-pub fn rfc3339(micros: i64) -> String {
+/// Appends `micros` since the Unix epoch as RFC 3339 UTC with
+/// microseconds (CloudEvents' `time`).
+fn push_rfc3339(buf: &mut Vec<u8>, micros: i64) {
     let secs = micros.div_euclid(1_000_000);
     let frac = micros.rem_euclid(1_000_000);
     let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
@@ -356,12 +368,13 @@ pub fn rfc3339(micros: i64) -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
+    let _ = write!(
+        buf,
         "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{frac:06}Z",
         rem / 3600,
         rem / 60 % 60,
         rem % 60
-    )
+    );
 }
 
 fn push_args(buf: &mut Vec<u8>, args: &[&str]) {
@@ -393,8 +406,14 @@ fn push_row(buf: &mut Vec<u8>, row: Option<&[u8]>, one_line: bool) {
 
 /// Appends `s` as a JSON string literal.
 pub fn push_string(buf: &mut Vec<u8>, s: &str) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
     buf.push(b'"');
+    push_escaped(buf, s);
+    buf.push(b'"');
+}
+
+/// Appends `s` escaped for inside a JSON string literal.
+fn push_escaped(buf: &mut Vec<u8>, s: &str) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let bytes = s.as_bytes();
     let mut start = 0;
     for (i, &b) in bytes.iter().enumerate() {
@@ -418,7 +437,6 @@ pub fn push_string(buf: &mut Vec<u8>, s: &str) {
         start = i + 1;
     }
     buf.extend_from_slice(&bytes[start..]);
-    buf.push(b'"');
 }
 
 /// `msg` as one line of JSON: a message queued for async delivery is one
@@ -763,6 +781,12 @@ mod tests {
             (Some("pg_emit.message"), &serde_json::json!({"a":1}))
         );
         assert!(v.get("subject").is_none());
+    }
+
+    fn rfc3339(micros: i64) -> String {
+        let mut buf = Vec::new();
+        push_rfc3339(&mut buf, micros);
+        String::from_utf8(buf).unwrap()
     }
 
     #[test]
