@@ -36,14 +36,21 @@ impl Made {
         if !format.needs_context() {
             return Made::default();
         }
-        // SAFETY: reads of backend and shared state inside a transaction.
-        let (txid, lsn, now) = unsafe {
-            (
-                pg_sys::GetTopTransactionIdIfAny().into_inner(),
-                pg_sys::GetXLogInsertRecPtr(),
-                pg_sys::GetCurrentTimestamp(),
-            )
+        // Only Debezium's `source` says the transaction and WAL position.
+        // The id is assigned if need be: a BEFORE trigger can fire before
+        // the transaction's first write has given it one.
+        // SAFETY: backend and shared state read inside a transaction.
+        let (txid, lsn) = match format {
+            Format::Debezium => unsafe {
+                (
+                    pg_sys::GetTopTransactionId().into_inner(),
+                    pg_sys::GetXLogInsertRecPtr(),
+                )
+            },
+            _ => (0, 0),
         };
+        // SAFETY: reads the clock.
+        let now = unsafe { pg_sys::GetCurrentTimestamp() };
         Made {
             database: database(),
             txid: u64::from(txid),

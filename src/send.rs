@@ -102,8 +102,9 @@ fn send_message(
                 bad(
                     FUNC,
                     OptionError::Destination(format!(
-                    "{e} (delivery=async and ndjson destinations send one JSON object per line)"
-                )),
+                        "{e} (delivery=async, ndjson and cloudevents destinations send one JSON \
+                         object per event)"
+                    )),
                 )
             })
         } else {

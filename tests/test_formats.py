@@ -194,7 +194,7 @@ def test_cloudevents_binary_mode(db, table, dest, rx, mode):
             assert "%C3%A9" in r[2]["ce-subject"]
             assert ev.get_subject() == f"public.{name}"
             assert ev.get_type() == "pg_emit.row.insert"
-            assert ev.get_id() == r[2]["ce-id"]
+            assert ev.get_id() == r[2]["ce-id"] == r[2]["webhook-id"]
         # The body is only data, numbers as PostgreSQL wrote them. (Async
         # requests for different rows may arrive in either order.)
         first = next(r for r, ev in zip(reqs, events) if ev.get_data()["new"]["id"] == 1)
@@ -221,6 +221,39 @@ def test_cloudevents_batches_are_the_batched_content_mode(db, table, dest, rx):
               for e in json.loads(req[3])]
     assert [e.get_data()["new"]["id"] for e in events] == [1, 2, 3]
     assert len({e.get_id() for e in events}) == 3
+
+
+def test_binary_mode_on_a_batched_destination_goes_one_by_one(db, table, dest, rx):
+    db.execute("SELECT emit.create_destination(%s, %s, '{\"batch\": 10}')", (dest, rx.url))
+    db.execute(f"CREATE TABLE {table} (id int PRIMARY KEY)")
+    row_trigger(db, table, dest, "format=cloudevents", "cloudevents=binary", "delivery=async")
+    db.execute(f"INSERT INTO {table} SELECT generate_series(1, 3)")
+    reqs = rx.wait_for(3)
+    assert len(reqs) == 3
+    assert all(r[2]["content-type"] == "application/json" and "ce-id" in r[2] for r in reqs)
+    assert sorted(parse_ce(r).get_data()["new"]["id"] for r in reqs) == [1, 2, 3]
+
+
+def test_two_formats_to_one_destination_keep_commit_order(db, table, dest):
+    nd = Receiver("ndjson")
+    try:
+        db.execute("SELECT emit.create_destination(%s, %s)",
+                   (dest, f"tcp://127.0.0.1:{nd.port}?framing=ndjson"))
+        db.execute(f"CREATE TABLE {table} (id int PRIMARY KEY)")
+        db.execute(f"CREATE TABLE {table}_b (id int PRIMARY KEY)")
+        row_trigger(db, table, dest, "delivery=async")
+        db.execute(f"CREATE TRIGGER out AFTER INSERT ON {table}_b FOR EACH ROW "
+                   f"EXECUTE FUNCTION row_to_destination('{dest}', 'format=supabase', 'delivery=async')")
+        with db.conn.transaction():
+            db.execute(f"INSERT INTO {table} VALUES (1)")
+            db.execute(f"INSERT INTO {table}_b VALUES (1)")
+            db.execute(f"INSERT INTO {table} VALUES (2)")
+        got = [json.loads(m) for m in nd.wait_for(3)]
+        assert [(e.get("op") or e.get("type"), (e.get("new") or e.get("record"))["id"], e["table"])
+                for e in got] == [("INSERT", 1, table), ("INSERT", 1, f"{table}_b"), ("INSERT", 2, table)]
+    finally:
+        nd.close()
+        db.execute(f"DROP TABLE IF EXISTS {table}_b")
 
 
 def test_cloudevents_over_tcp_and_for_messages(db, dest):

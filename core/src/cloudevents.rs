@@ -3,8 +3,8 @@
 //! Events are made and queued in structured mode, one JSON object each
 //! (see [`crate::event`]); binary mode is a way of sending them, so the
 //! split into `ce-*` headers and a body happens here, when a request is
-//! built, and a stored destination switched between modes applies to what
-//! is already queued.
+//! built. (Which mode an event goes in is recorded with it when it is
+//! queued.)
 
 use crate::options::Format;
 use serde_json::value::RawValue;
@@ -23,6 +23,15 @@ pub fn content_type(format: Format, batch: bool) -> &'static str {
         (true, true) => BATCH,
         (false, _) => "application/json",
     }
+}
+
+/// The `id` an event of a CloudEvents format was made with (sync and
+/// commit events put it first), so that the request's `webhook-id` is the
+/// same id.
+pub fn made_id(event: &[u8]) -> Option<&str> {
+    let rest = event.strip_prefix(b"{\"id\":\"")?;
+    let end = rest.iter().position(|&b| b == b'"')?;
+    std::str::from_utf8(&rest[..end]).ok()
 }
 
 /// An event in binary mode: its attributes as headers, its data as body.
@@ -130,6 +139,16 @@ mod tests {
         assert_eq!(h["ce-time"], "2026-11-21T10:00:00.000001Z");
         assert!(!h.contains_key("ce-data") && !h.contains_key("ce-datacontenttype"));
         assert!(to_binary(&[], b"[1]").is_err());
+    }
+
+    #[test]
+    fn made_ids_are_read_back() {
+        assert_eq!(
+            made_id(br#"{"id":"msg_1_2","specversion":"1.0"}"#),
+            Some("msg_1_2")
+        );
+        assert_eq!(made_id(br#"{"specversion":"1.0","id":"x"}"#), None);
+        assert_eq!(made_id(b"{\"id\":\"open"), None);
     }
 
     #[test]

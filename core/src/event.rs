@@ -54,8 +54,9 @@ pub struct Context<'a> {
     pub database: &'a str,
     /// The writing transaction's id.
     pub txid: u64,
-    /// Where PostgreSQL's write-ahead log was when the trigger fired:
-    /// just past the change's own WAL record.
+    /// Where PostgreSQL's write-ahead log was when the trigger fired: past
+    /// the change's own WAL record (AFTER ROW triggers fire at the end of
+    /// their statement, so its rows share about the same position).
     pub lsn: u64,
     /// When the trigger fired, in microseconds since the Unix epoch.
     pub micros: i64,

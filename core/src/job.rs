@@ -394,7 +394,10 @@ fn send_parallel(
                     }
                     buf.clear();
                     let unit = &events[units[i].clone()];
-                    let batched = job.flow.batch > 1;
+                    // A binary-mode event is always alone (see units()), and
+                    // never an array, whatever batch the destination has.
+                    let batched =
+                        job.flow.batch > 1 && format(&unit[0]) != Format::CloudEventsBinary;
                     if batched {
                         buf.push(b'[');
                     }

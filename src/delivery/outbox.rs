@@ -133,16 +133,19 @@ pub fn note_written() {
     WROTE.set(true);
 }
 
-/// Splits the current level's events into outbox rows: per destination,
-/// in order, at most [`FLUSH_BYTES`] of payload each. The worker orders a
-/// transaction's rows by their first event's ordinal, so a row never spans
-/// the ordinals of a row written earlier (a savepoint's events written out
-/// while its enclosing level's were still buffered).
+/// Splits the current level's events into outbox rows: per destination
+/// and format, in order, at most [`FLUSH_BYTES`] of payload each. The
+/// worker orders a transaction's rows by their first event's ordinal, so a
+/// row never spans the ordinals of a row written earlier (a savepoint's
+/// events written out while its enclosing level's were still buffered),
+/// nor those of the destination's events in another format (two triggers
+/// choosing their own): its events would overtake them.
 fn chunks(p: &Pending<(Target, Format)>, early: &[(u64, u64)]) -> Vec<Chunk> {
     let mut out: Vec<Chunk> = Vec::new();
     // Index in `out` of each destination's (and format's) open row.
     let mut open: Vec<(&(Target, Format), usize)> = Vec::new();
     for (route, event, ordinal, key) in p.current_level() {
+        open.retain(|(r, _)| r.1 == route.1 || r.0 != route.0);
         let slot = open.iter().position(|(r, _)| *r == route);
         let fits = |c: &Chunk| {
             // `early` is sorted: the first range starting after the row's

@@ -154,8 +154,13 @@ pub fn try_send(
                 Target::Stored { signing, .. } => signing,
                 _ => &SignWith::FileKey,
             };
-            // Never retried: a fresh id per request.
-            let id = Some(fresh_id());
+            // Never retried: a fresh id per request, the CloudEvent's own
+            // when it has one.
+            let id = match format.is_cloudevents() {
+                true => cloudevents::made_id(msg).map(str::to_string),
+                false => None,
+            }
+            .or_else(|| Some(fresh_id()));
             let r = match format {
                 Format::CloudEventsBinary => {
                     let b = cloudevents::to_binary(headers, msg).map_err(|detail| {
