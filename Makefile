@@ -52,3 +52,4 @@ bench: setup install-release
 	.venv/bin/python bench/small_tx.py
 	.venv/bin/python bench/http_receivers.py
 	.venv/bin/python bench/formats.py
+	.venv/bin/python bench/redis_streams.py

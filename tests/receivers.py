@@ -4,6 +4,7 @@ Every receiver binds 127.0.0.1 on a free port, never another address.
 """
 
 import socket
+import subprocess
 import threading
 import time
 
@@ -273,3 +274,55 @@ class HttpReceiver:
                 c.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+
+
+class RedisServer:
+    """A real redis-server on 127.0.0.1 (the Debian package), without
+    persistence; `stop()` and `start()` keep its port, as a server that goes
+    away and comes back."""
+
+    def __init__(self, password=None):
+        import redis
+
+        self.port = free_port()
+        self.password = password
+        self.proc = None
+        self.start()
+        self.client = redis.Redis(host="127.0.0.1", port=self.port, password=password)
+
+    def start(self):
+        args = ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
+                "--appendonly", "no", "--protected-mode", "no"]
+        if self.password:
+            args += ["--requirepass", self.password]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        end = time.monotonic() + 10
+        while time.monotonic() < end:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self):
+        self.proc.kill()
+        self.proc.wait()
+
+    def entries(self, stream):
+        """(redis id, event id, event JSON) of every entry, in stream order."""
+        import json
+
+        return [(rid.decode(), f[b"id"].decode(), json.loads(f[b"event"]))
+                for rid, f in self.client.xrange(stream)]
+
+    def wait_for(self, stream, n, timeout=20.0):
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.client.xlen(stream) >= n:
+                break
+            time.sleep(0.05)
+        return self.entries(stream)
+
+    def close(self):
+        self.stop()

@@ -90,7 +90,8 @@ fn percent_encode_header(s: &str) -> String {
 
 /// Appends `s` as one URI path segment: everything but RFC 3986's
 /// unreserved characters is percent-encoded (CloudEvents' `source` is a
-/// URI reference; a database name may hold anything).
+/// URI reference, and a database name may hold anything; also a Redis
+/// stream's name in its URL).
 pub fn percent_encode_path(out: &mut Vec<u8>, s: &str) {
     encode(out, s, |b| {
         b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')

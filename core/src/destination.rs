@@ -8,6 +8,7 @@ use crate::job::{Flow, DEFAULT_CONCURRENCY};
 use crate::options::{self, Format, Framing, OptionError};
 use crate::schedule::Order;
 use crate::transport::http;
+use crate::transport::redis;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 
@@ -23,6 +24,8 @@ pub enum Destination {
         url: String,
         headers: Vec<(String, String)>,
     },
+    /// A Redis stream (`redis://host:port/stream`).
+    Redis(Box<redis::Stream>),
     /// A stored destination, as it was when the event was made. Async
     /// events keep only the name: the worker reads the destination when
     /// it delivers, so credentials never enter the outbox and a changed
@@ -42,6 +45,7 @@ impl Destination {
         match self {
             Destination::Tcp { host, port, .. } => host_port(host, *port),
             Destination::Http { url, .. } => url.clone(),
+            Destination::Redis(s) => redis_url(s),
             Destination::Stored { name, .. } => name.clone(),
         }
     }
@@ -82,6 +86,7 @@ impl Destination {
             Destination::Http { url, headers } => {
                 format!("{url} (headers {:08x})", fnv1a(headers) as u32)
             }
+            Destination::Redis(s) => redis_url(s),
             Destination::Stored { name, .. } => name.clone(),
         }
     }
@@ -90,7 +95,7 @@ impl Destination {
     /// how the worker reaches the destination (`framing` is `stored` for a
     /// stored destination, which the worker looks up by its key). Headers
     /// are one "Name: value" per line.
-    pub fn outbox_columns(&self) -> (String, i32, String, Option<&str>, Option<String>) {
+    pub fn outbox_columns(&self) -> (String, i32, String, Option<String>, Option<String>) {
         match self {
             Destination::Tcp {
                 host,
@@ -110,12 +115,31 @@ impl Destination {
                     u.as_ref().map(|u| u.host.clone()).unwrap_or_default(),
                     u.map_or(0, |u| i32::from(u.port)),
                     "http".to_string(),
-                    Some(url.as_str()),
+                    Some(url.clone()),
                     (!lines.is_empty()).then_some(lines),
                 )
             }
+            // Only URLs without credentials get here (those are stored).
+            Destination::Redis(s) => (
+                s.host.clone(),
+                i32::from(s.port),
+                "redis".into(),
+                Some(redis_url(s)),
+                None,
+            ),
             Destination::Stored { .. } => (String::new(), 0, "stored".into(), None, None),
         }
+    }
+}
+
+/// A stream's URL, without its credentials.
+fn redis_url(s: &redis::Stream) -> String {
+    let mut key = Vec::new();
+    crate::cloudevents::percent_encode_path(&mut key, &s.key);
+    let key = String::from_utf8(key).expect("percent-encoding leaves ASCII");
+    match s.maxlen {
+        Some(n) => format!("redis://{}/{key}?maxlen={n}", host_port(&s.host, s.port)),
+        None => format!("redis://{}/{key}", host_port(&s.host, s.port)),
     }
 }
 
@@ -160,17 +184,20 @@ pub fn parse_url(input: &str, headers: Vec<(String, String)>) -> Result<Destinat
                 headers,
             })
         }
-        Some("tcp") => {
+        Some(scheme @ ("tcp" | "redis")) => {
             if !headers.is_empty() {
                 return Err(OptionError::Destination(format!(
                     "{input:?}: headers apply to http:// and https:// destinations only"
                 )));
             }
-            parse_tcp(input)
+            match scheme {
+                "tcp" => parse_tcp(input),
+                _ => parse_redis(input),
+            }
         }
         _ => Err(OptionError::Destination(format!(
-            "{input:?} is neither a destination URL (tcp://host:port, http://..., https://...) \
-             nor the name of a stored destination"
+            "{input:?} is neither a destination URL (tcp://host:port, http://..., https://..., \
+             redis://host:port/stream) nor the name of a stored destination"
         ))),
     }
 }
@@ -214,6 +241,73 @@ fn parse_tcp(input: &str) -> Result<Destination, OptionError> {
         port,
         framing,
     })
+}
+
+/// `redis://host:port/stream[?maxlen=N]`. Credentials belong in a stored
+/// destination's options, never in a URL that a trigger would show.
+fn parse_redis(input: &str) -> Result<Destination, OptionError> {
+    let bad = |why: &str| OptionError::Destination(format!("{input:?}: {why}"));
+    if input.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err(bad("a URL cannot contain whitespace or control characters"));
+    }
+    let u = url::Url::parse(input).map_err(|e| bad(&e.to_string()))?;
+    if !u.username().is_empty() || u.password().is_some() {
+        return Err(bad(
+            "credentials go in a stored destination's options (username, password), \
+             not in the URL",
+        ));
+    }
+    let host = u.host_str().unwrap_or_default();
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    options::check_host(host)?;
+    let port = u.port().unwrap_or(6379);
+    let key = percent_decode(u.path().strip_prefix('/').unwrap_or_default())
+        .ok_or_else(|| bad("the stream name is not valid percent-encoded UTF-8"))?;
+    if key.is_empty() || u.fragment().is_some() {
+        return Err(bad(
+            "a redis:// URL is redis://host[:port]/stream[?maxlen=N]",
+        ));
+    }
+    let mut maxlen = None;
+    for (k, v) in u.query_pairs() {
+        match (k.as_ref(), v.parse::<u64>()) {
+            ("maxlen", Ok(n)) if n > 0 => maxlen = Some(n),
+            _ => {
+                return Err(bad(&format!(
+                    "unknown parameter {k}={v} (known: maxlen=N, a positive integer)"
+                )))
+            }
+        }
+    }
+    Ok(Destination::Redis(Box::new(redis::Stream {
+        host: host.to_string(),
+        port,
+        key,
+        maxlen,
+        auth: None,
+    })))
+}
+
+/// `%XX` sequences as the bytes they stand for (a URL path segment; `+`
+/// is itself), or `None` when that is not UTF-8 or a `%` is malformed.
+fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 /// A stored destination's name: an identifier-like word, so that it can
@@ -271,6 +365,14 @@ pub struct StoredOptions {
     /// with `pg_emit.signing_secret_file`, the default without) or `none`.
     #[serde(default)]
     pub signing: Option<StoredSigning>,
+    /// Redis: `AUTH` credentials (a password, and a username for ACL users).
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub password: Option<String>,
+    /// Redis: keep about this many newest entries (`XADD … MAXLEN ~`).
+    #[serde(default)]
+    pub maxlen: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -387,7 +489,40 @@ pub fn parse_stored(url: &str, options: &str) -> Result<Stored, OptionError> {
             )));
         }
     }
-    let endpoint = parse_url(url, headers)?;
+    let mut endpoint = parse_url(url, headers)?;
+    match &mut endpoint {
+        Destination::Redis(stream) => {
+            if let Some(n) = opts.maxlen {
+                if n == 0 {
+                    return Err(OptionError::Destination(
+                        "options: maxlen must be a positive number of entries".into(),
+                    ));
+                }
+                stream.maxlen = Some(n);
+            }
+            stream.auth = match (opts.username.clone(), opts.password.clone()) {
+                (username, Some(password)) => Some(redis::Auth { username, password }),
+                (Some(_), None) => {
+                    return Err(OptionError::Destination(
+                        "options: username needs a password".into(),
+                    ))
+                }
+                (None, None) => None,
+            };
+        }
+        _ => {
+            let extra = [
+                ("username", opts.username.is_some()),
+                ("password", opts.password.is_some()),
+                ("maxlen", opts.maxlen.is_some()),
+            ];
+            if let Some((name, _)) = extra.iter().find(|(_, set)| *set) {
+                return Err(OptionError::Destination(format!(
+                    "options: {name} applies to redis:// destinations only"
+                )));
+            }
+        }
+    }
     let format = match (opts.format, opts.cloudevents) {
         (None, None) => None,
         (f, mode) => Some(
@@ -450,6 +585,77 @@ pub fn parse_stored(url: &str, options: &str) -> Result<Stored, OptionError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn redis_urls() {
+        let d = parse_url("redis://127.0.0.1:6380/orders%20v2?maxlen=1000", Vec::new()).unwrap();
+        let Destination::Redis(s) = &d else {
+            panic!("{d:?}")
+        };
+        assert_eq!(
+            (s.host.as_str(), s.port, s.key.as_str(), s.maxlen),
+            ("127.0.0.1", 6380, "orders v2", Some(1000))
+        );
+        assert_eq!(d.key(), "redis://127.0.0.1:6380/orders%20v2?maxlen=1000");
+        // The key round-trips through the outbox's url column.
+        assert_eq!(parse_url(&d.key(), Vec::new()).unwrap(), d);
+        let plus = parse_url("redis://h/a+b", Vec::new()).unwrap();
+        assert!(matches!(plus, Destination::Redis(ref s) if s.key == "a+b" && s.port == 6379));
+        for bad in [
+            "redis://u:p@h/s",
+            "redis://h/",
+            "redis://h:1/s?maxlen=0",
+            "redis://h:1/s?db=2",
+            "redis://h:1/%ff",
+        ] {
+            assert!(parse_url(bad, Vec::new()).is_err(), "{bad}");
+        }
+        let e = parse_url("redis://u:p@h/s", Vec::new())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("stored destination's options"), "{e}");
+    }
+
+    #[test]
+    fn redis_stored_options() {
+        let s = parse_stored(
+            "redis://127.0.0.1/s",
+            r#"{"password":"pw","username":"app","maxlen":50,"format":"debezium"}"#,
+        )
+        .unwrap();
+        let Destination::Redis(r) = &s.endpoint else {
+            panic!()
+        };
+        assert_eq!(r.maxlen, Some(50));
+        assert_eq!(r.auth.as_ref().map(|a| a.password.as_str()), Some("pw"));
+        assert_eq!(s.format, Some(Format::Debezium));
+        assert!(
+            !s.endpoint.key().contains("pw"),
+            "credentials never in the key"
+        );
+        for (url, opts, why) in [
+            ("redis://h/s", r#"{"username":"u"}"#, "needs a password"),
+            (
+                "tcp://h:1",
+                r#"{"password":"p"}"#,
+                "redis:// destinations only",
+            ),
+            ("redis://h/s", r#"{"headers":{"A":"b"}}"#, "headers apply"),
+            (
+                "redis://h/s",
+                r#"{"secret":"whsec_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"}"#,
+                "not http",
+            ),
+            (
+                "redis://h/s",
+                r#"{"format":"cloudevents","cloudevents":"binary"}"#,
+                "not http",
+            ),
+        ] {
+            let e = parse_stored(url, opts).unwrap_err().to_string();
+            assert!(e.contains(why), "{url} {opts}: {e}");
+        }
+    }
 
     #[test]
     fn tcp_urls() {

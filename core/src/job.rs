@@ -8,6 +8,7 @@ use crate::options::{Format, Framing};
 use crate::schedule::{Order, Scheduler};
 use crate::security::Allowlist;
 use crate::transport::http::{self, ClientConfig, HttpError, Request, Signing};
+use crate::transport::redis;
 use crate::transport::tcp::{self, SendError};
 use crate::transport::{Interrupt, Timeouts};
 use socket2::Socket;
@@ -167,6 +168,7 @@ pub struct Outcome {
 #[derive(Default)]
 pub struct Conn {
     tcp: Option<Socket>,
+    redis: Option<Socket>,
     http: Option<http::Client>,
     /// With `max_rate`: the earliest time the next request may start,
     /// kept from one job to the next.
@@ -296,6 +298,43 @@ pub fn send_job(conn: &mut Conn, job: &Job, intr: &dyn Interrupt) -> Outcome {
                         Ok(())
                     })
                 }),
+            Dest::Endpoint(Destination::Redis(stream), _) => {
+                buf.clear();
+                let mut ends = Vec::new();
+                let mut ids = Vec::new();
+                for (k, line) in lines {
+                    let id = row.first_event_id + k as i64;
+                    with_id(&mut buf, row.format, &job.stream, id, line);
+                    ends.push(buf.len());
+                    ids.push(webhook_id(&job.stream, id, id));
+                }
+                let entries: Vec<redis::Entry<'_>> = ends
+                    .iter()
+                    .enumerate()
+                    .map(|(n, &end)| redis::Entry {
+                        id: &ids[n],
+                        event: &buf[if n == 0 { 0 } else { ends[n - 1] }..end],
+                    })
+                    .collect();
+                let (added, r) = redis::xadd(
+                    &mut conn.redis,
+                    stream,
+                    &entries,
+                    &job.timeouts,
+                    &job.allow,
+                    intr,
+                );
+                sent[i] += added as u32;
+                r.map_err(|e| {
+                    Stopped(match e {
+                        redis::RedisError::Send(s) => JobError::from(s),
+                        e => JobError::Retry {
+                            message: e.to_string(),
+                            after: None,
+                        },
+                    })
+                })
+            }
             Dest::Endpoint(Destination::Stored { name, .. }, _) => Err(Stopped(JobError::Retry {
                 message: format!("stored destination {name:?} was not read before delivery"),
                 after: None,

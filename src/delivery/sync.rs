@@ -13,6 +13,7 @@ use crate::made::fresh_id;
 use crate::options::Framing;
 use crate::settings::{self, OnError};
 use crate::transport::http::{self, HttpError, Request, Response, Signing};
+use crate::transport::redis;
 use crate::transport::tcp::{self, SendError};
 use crate::transport::Interrupt;
 use pg_emit_core::cloudevents;
@@ -27,6 +28,9 @@ struct State {
     cooldowns: Cooldowns,
     /// Kept-open ndjson connections per destination.
     conns: Vec<(String, u16, Option<Socket>)>,
+    /// Kept-open Redis connections, by destination key (credentials
+    /// differ per stored destination, so not by host and port).
+    redis: Vec<(String, Option<Socket>)>,
 }
 
 thread_local! {
@@ -68,6 +72,8 @@ pub enum Failure {
     Http(HttpError),
     /// A response outside 2xx (from a trigger's point of view).
     Status(Response),
+    /// A server that refused the event (a Redis error reply).
+    Refused(String),
 }
 
 impl Failure {
@@ -116,6 +122,7 @@ impl Failure {
             Failure::Send(e) => format!("could not send to {dest}: {e}"),
             Failure::Http(e) => format!("could not send to {dest}: {e}"),
             Failure::Status(r) => r.describe(dest),
+            Failure::Refused(why) => format!("could not send to {dest}: {why}"),
         }
     }
 
@@ -154,13 +161,7 @@ pub fn try_send(
                 Target::Stored { signing, .. } => signing,
                 _ => &SignWith::FileKey,
             };
-            // Never retried: a fresh id per request, the CloudEvent's own
-            // when it has one.
-            let id = match format.is_cloudevents() {
-                true => cloudevents::made_id(msg).map(str::to_string),
-                false => None,
-            }
-            .or_else(|| Some(fresh_id()));
+            let id = Some(event_id(format, msg));
             let r = match format {
                 Format::CloudEventsBinary => {
                     let b = cloudevents::to_binary(headers, msg).map_err(|detail| {
@@ -183,8 +184,65 @@ pub fn try_send(
                 Err(Failure::Status(r))
             }
         }
+        Target::Redis(stream) => {
+            let id = event_id(format, msg);
+            guarded(
+                &stream.host,
+                stream.port,
+                || xadd(&target.key(), stream, &id, msg, intr),
+                |r| match r {
+                    Err(f) if f.cancelled() || f.not_allowed().is_some() => None,
+                    Err(f) => Some(f.reason(&target.name())),
+                    Ok(()) => None,
+                },
+            )
+        }
         Target::Stored { .. } => unreachable!("endpoint() is never a stored destination"),
     }
+}
+
+/// The id a sync or commit event goes out with (never retried, so fresh):
+/// a CloudEvent's own, else a new one.
+fn event_id(format: Format, msg: &[u8]) -> String {
+    match format.is_cloudevents() {
+        true => cloudevents::made_id(msg).map(str::to_string),
+        false => None,
+    }
+    .unwrap_or_else(fresh_id)
+}
+
+/// One entry on this backend's kept connection for the destination `key`.
+fn xadd(
+    key: &str,
+    stream: &redis::Stream,
+    id: &str,
+    msg: &[u8],
+    intr: &dyn Interrupt,
+) -> Result<(), Failure> {
+    let timeouts = settings::timeouts();
+    let allow = settings::allowlist();
+    STATE.with_borrow_mut(|st| {
+        let i = match st.redis.iter().position(|(k, _)| k == key) {
+            Some(i) => i,
+            None => {
+                st.redis.push((key.to_string(), None));
+                st.redis.len() - 1
+            }
+        };
+        let entry = redis::Entry { id, event: msg };
+        let (_, r) = redis::xadd(
+            &mut st.redis[i].1,
+            stream,
+            &[entry],
+            &timeouts,
+            &allow,
+            intr,
+        );
+        r.map_err(|e| match e {
+            redis::RedisError::Send(e) => Failure::Send(e),
+            e => Failure::Refused(e.to_string()),
+        })
+    })
 }
 
 /// Runs `f` unless `key` is cooling down, and records its outcome.

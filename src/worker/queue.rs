@@ -76,6 +76,13 @@ pub(super) fn claim(
                     };
                     (plain(endpoint), Flow::HTTP)
                 }
+                Some("redis") => {
+                    let url: String = r.get_by_name("url")?.unwrap_or_default();
+                    match destination::parse_url(&url, Vec::new()) {
+                        Ok(endpoint) => (plain(endpoint), Flow::SERIAL),
+                        Err(e) => (JobDest::Unavailable(e.to_string()), Flow::SERIAL),
+                    }
+                }
                 framing => {
                     let framing = match framing {
                         Some("ndjson") => Framing::Ndjson,

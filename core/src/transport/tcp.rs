@@ -32,6 +32,8 @@ pub enum SendError {
         "write timed out after {ms} ms with {left} of {len} bytes unsent (pg_emit.write_timeout)"
     )]
     WriteTimeout { ms: u128, left: usize, len: usize },
+    #[error("no reply within {ms} ms (pg_emit.write_timeout)")]
+    ReadTimeout { ms: u128 },
     #[error("connection closed by the receiver")]
     Closed,
     #[error("{0}")]
@@ -351,6 +353,43 @@ pub fn write_kept(
     write_all(&sock, msg, timeouts, acked, intr)?;
     *slot = Some(sock);
     Ok(())
+}
+
+/// Reads what has arrived on `sock` into `buf` (appending), waiting until
+/// something has, `deadline` passes or `intr` says stop. A peer that
+/// closed the connection is [`SendError::Closed`].
+pub fn read_some(
+    sock: &Socket,
+    buf: &mut Vec<u8>,
+    deadline: Instant,
+    intr: &dyn Interrupt,
+) -> Result<usize, SendError> {
+    let started = Instant::now();
+    let mut scratch = [MaybeUninit::<u8>::uninit(); 16 * 1024];
+    loop {
+        match sock.recv_with_flags(&mut scratch, libc::MSG_DONTWAIT) {
+            Ok(0) => return Err(SendError::Closed),
+            Ok(n) => {
+                // SAFETY: recv initialised the first n bytes.
+                buf.extend(scratch[..n].iter().map(|b| unsafe { b.assume_init() }));
+                return Ok(n);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                match wait(sock.as_raw_fd(), libc::POLLIN, deadline, intr) {
+                    Ok(()) => {}
+                    Err(Wait::Cancelled) => return Err(SendError::Cancelled),
+                    Err(Wait::TimedOut) => {
+                        return Err(SendError::ReadTimeout {
+                            ms: millis(started.elapsed()),
+                        })
+                    }
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.raw_os_error() == Some(libc::ECONNRESET) => return Err(SendError::Closed),
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 /// Whether the receiver has closed a kept-open connection. A write to such

@@ -1,0 +1,333 @@
+//! Redis Streams: one `XADD` per event, pipelined on one connection.
+//!
+//! The protocol pg_emit needs is three commands of RESP2 (`AUTH`, `XADD`,
+//! and reading their replies), so it is spoken here over pg_emit's own TCP
+//! transport rather than through a client crate: the connection then goes
+//! through the same allowlist check of the resolved address, the same
+//! connect and write timeouts and the same cancellation as every other
+//! destination, which a client library's own connect would bypass.
+//!
+//! An event counts as delivered when its `XADD` reply (the entry's id) has
+//! come back. Redis cannot drop a repeated entry, so an event whose reply
+//! was lost (a crash, a broken connection) is added again when it is
+//! retried: consumers de-duplicate by the entry's `id` field.
+
+use super::tcp::{self, SendError};
+use super::{Interrupt, Timeouts};
+use crate::security::Allowlist;
+use socket2::Socket;
+use std::time::Instant;
+
+/// A stream on a Redis server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stream {
+    pub host: String,
+    pub port: u16,
+    /// The stream's key.
+    pub key: String,
+    /// `XADD … MAXLEN ~ n`: keep about the newest `n` entries.
+    pub maxlen: Option<u64>,
+    pub auth: Option<Auth>,
+}
+
+/// `AUTH [username] password`, from a stored destination's options.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Auth {
+    pub username: Option<String>,
+    pub password: String,
+}
+
+impl std::fmt::Debug for Auth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Auth {{ username: {:?}, password: <hidden> }}",
+            self.username
+        )
+    }
+}
+
+/// One stream entry: fields `id` (the event's id, a consumer's
+/// de-duplication key) and `event` (its JSON).
+#[derive(Debug, Clone, Copy)]
+pub struct Entry<'a> {
+    pub id: &'a str,
+    pub event: &'a [u8],
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RedisError {
+    #[error("{0}")]
+    Send(#[from] SendError),
+    /// An error reply: the server refused the command.
+    #[error("redis replied {0}")]
+    Refused(String),
+    #[error("redis sent something that is not RESP: {0}")]
+    Protocol(String),
+}
+
+/// A parsed RESP2 reply.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Reply {
+    Simple(String),
+    Error(String),
+    Integer(i64),
+    Bulk(Option<Vec<u8>>),
+    Array(Option<Vec<Reply>>),
+}
+
+/// Parses one reply from the start of `buf`: `Ok(None)` while it is
+/// incomplete, else the reply and the bytes it took.
+pub fn parse(buf: &[u8]) -> Result<Option<(Reply, usize)>, String> {
+    let Some(end) = buf.windows(2).position(|w| w == b"\r\n") else {
+        return Ok(None);
+    };
+    let line = std::str::from_utf8(&buf[1..end]).map_err(|e| e.to_string())?;
+    let after = end + 2;
+    let int = || {
+        line.parse::<i64>()
+            .map_err(|_| format!("bad length or integer {line:?}"))
+    };
+    match buf.first() {
+        Some(b'+') => Ok(Some((Reply::Simple(line.to_string()), after))),
+        Some(b'-') => Ok(Some((Reply::Error(line.to_string()), after))),
+        Some(b':') => Ok(Some((Reply::Integer(int()?), after))),
+        Some(b'$') => {
+            let n = int()?;
+            if n < 0 {
+                return Ok(Some((Reply::Bulk(None), after)));
+            }
+            let n = n as usize;
+            if buf.len() < after + n + 2 {
+                return Ok(None);
+            }
+            Ok(Some((
+                Reply::Bulk(Some(buf[after..after + n].to_vec())),
+                after + n + 2,
+            )))
+        }
+        Some(b'*') => {
+            let n = int()?;
+            if n < 0 {
+                return Ok(Some((Reply::Array(None), after)));
+            }
+            let mut items = Vec::with_capacity(n.min(1024) as usize);
+            let mut at = after;
+            for _ in 0..n {
+                match parse(&buf[at..])? {
+                    Some((r, used)) => {
+                        items.push(r);
+                        at += used;
+                    }
+                    None => return Ok(None),
+                }
+            }
+            Ok(Some((Reply::Array(Some(items)), at)))
+        }
+        other => Err(format!("unexpected reply type {other:?}")),
+    }
+}
+
+/// Appends one command in RESP2's array-of-bulk-strings form.
+pub fn command(out: &mut Vec<u8>, args: &[&[u8]]) {
+    use std::io::Write as _;
+    let _ = write!(out, "*{}\r\n", args.len());
+    for a in args {
+        let _ = write!(out, "${}\r\n", a.len());
+        out.extend_from_slice(a);
+        out.extend_from_slice(b"\r\n");
+    }
+}
+
+/// Commands per pipelined write: enough to keep the server busy, few
+/// enough that a failure resends little.
+const PIPELINE: usize = 512;
+
+/// Adds `entries` to the stream, in order, on the connection kept in
+/// `slot` (opened, and authenticated, when there is none). Returns how
+/// many were added (a prefix of `entries`) and what stopped the rest. After
+/// any failure the connection is dropped, so the next call starts clean.
+pub fn xadd(
+    slot: &mut Option<Socket>,
+    stream: &Stream,
+    entries: &[Entry<'_>],
+    timeouts: &Timeouts,
+    allow: &Allowlist,
+    intr: &dyn Interrupt,
+) -> (usize, Result<(), RedisError>) {
+    let sock = match connection(slot.take(), stream, timeouts, allow, intr) {
+        Ok(s) => s,
+        Err(e) => return (0, Err(e)),
+    };
+    let maxlen = stream.maxlen.map(|n| n.to_string());
+    let mut done = 0;
+    let mut out = Vec::new();
+    let mut replies = Vec::new();
+    for chunk in entries.chunks(PIPELINE) {
+        out.clear();
+        for e in chunk {
+            let mut args: Vec<&[u8]> = vec![b"XADD", stream.key.as_bytes()];
+            if let Some(n) = &maxlen {
+                args.extend([&b"MAXLEN"[..], b"~", n.as_bytes()]);
+            }
+            args.extend([&b"*"[..], b"id", e.id.as_bytes(), b"event", e.event]);
+            command(&mut out, &args);
+        }
+        if let Err(e) = tcp::write_all(&sock, &out, timeouts, &mut 0, intr) {
+            return (done, Err(e.into()));
+        }
+        match read_replies(&sock, &mut replies, chunk.len(), timeouts, intr) {
+            Ok(got) => {
+                for r in got {
+                    match r {
+                        Reply::Bulk(Some(_)) => done += 1,
+                        Reply::Error(msg) => {
+                            return (done, Err(RedisError::Refused(format!("to XADD: {msg}"))))
+                        }
+                        other => {
+                            return (
+                                done,
+                                Err(RedisError::Protocol(format!("XADD replied {other:?}"))),
+                            )
+                        }
+                    }
+                }
+            }
+            Err((got, e)) => return (done + got, Err(e)),
+        }
+    }
+    *slot = Some(sock);
+    (done, Ok(()))
+}
+
+/// The kept connection if it is still open and its peer still allowed,
+/// else a new one, authenticated.
+fn connection(
+    kept: Option<Socket>,
+    stream: &Stream,
+    timeouts: &Timeouts,
+    allow: &Allowlist,
+    intr: &dyn Interrupt,
+) -> Result<Socket, RedisError> {
+    if let Some(sock) = kept {
+        let peer_allowed = sock
+            .peer_addr()
+            .ok()
+            .and_then(|a| a.as_socket())
+            .is_some_and(|a| allow.filter(&stream.host, stream.port, None, &[a]).is_ok());
+        if peer_allowed && !tcp::peer_closed(&sock) {
+            return Ok(sock);
+        }
+    }
+    let sock = tcp::open(&stream.host, stream.port, timeouts, allow, intr)?;
+    if let Some(auth) = &stream.auth {
+        let mut out = Vec::new();
+        match &auth.username {
+            Some(user) => command(
+                &mut out,
+                &[b"AUTH", user.as_bytes(), auth.password.as_bytes()],
+            ),
+            None => command(&mut out, &[b"AUTH", auth.password.as_bytes()]),
+        }
+        tcp::write_all(&sock, &out, timeouts, &mut 0, intr)?;
+        let mut replies = Vec::new();
+        match read_replies(&sock, &mut replies, 1, timeouts, intr) {
+            Ok(mut r) => match r.pop() {
+                Some(Reply::Simple(_)) => {}
+                Some(Reply::Error(msg)) => {
+                    return Err(RedisError::Refused(format!("to AUTH: {msg}")))
+                }
+                other => return Err(RedisError::Protocol(format!("AUTH replied {other:?}"))),
+            },
+            Err((_, e)) => return Err(e),
+        }
+    }
+    Ok(sock)
+}
+
+/// Reads `n` replies. On failure, also says how many whole replies came
+/// before it (the caller counts those that were successes).
+fn read_replies(
+    sock: &Socket,
+    buf: &mut Vec<u8>,
+    n: usize,
+    timeouts: &Timeouts,
+    intr: &dyn Interrupt,
+) -> Result<Vec<Reply>, (usize, RedisError)> {
+    buf.clear();
+    let mut got = Vec::with_capacity(n);
+    let mut at = 0;
+    let mut deadline = Instant::now() + timeouts.write;
+    while got.len() < n {
+        match parse(&buf[at..]) {
+            Ok(Some((r, used))) => {
+                at += used;
+                got.push(r);
+                continue;
+            }
+            Ok(None) => {}
+            Err(e) => return Err((successes(&got), RedisError::Protocol(e))),
+        }
+        match tcp::read_some(sock, buf, deadline, intr) {
+            // Each arrival restarts the clock: a busy server that keeps
+            // answering is not timed out, a silent one is.
+            Ok(_) => deadline = Instant::now() + timeouts.write,
+            Err(e) => return Err((successes(&got), e.into())),
+        }
+    }
+    Ok(got)
+}
+
+/// Leading successful XADD replies.
+fn successes(replies: &[Reply]) -> usize {
+    replies
+        .iter()
+        .take_while(|r| matches!(r, Reply::Bulk(Some(_))))
+        .count()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commands_are_arrays_of_bulk_strings() {
+        let mut out = Vec::new();
+        command(
+            &mut out,
+            &[b"XADD", b"s", b"*", b"event", b"{\"a\":\"\r\n\"}"],
+        );
+        assert_eq!(
+            out,
+            b"*5\r\n$4\r\nXADD\r\n$1\r\ns\r\n$1\r\n*\r\n$5\r\nevent\r\n$10\r\n{\"a\":\"\r\n\"}\r\n"
+        );
+    }
+
+    #[test]
+    fn replies_parse_and_wait_for_more() {
+        assert_eq!(
+            parse(b"$15\r\n1700000000000-0\r\n+OK").unwrap(),
+            Some((Reply::Bulk(Some(b"1700000000000-0".to_vec())), 22))
+        );
+        assert_eq!(parse(b"$15\r\n1700000").unwrap(), None);
+        assert_eq!(
+            parse(b"-WRONGTYPE Operation\r\n").unwrap().unwrap().0,
+            Reply::Error("WRONGTYPE Operation".into())
+        );
+        assert_eq!(
+            parse(b"*2\r\n:1\r\n$-1\r\n").unwrap().unwrap().0,
+            Reply::Array(Some(vec![Reply::Integer(1), Reply::Bulk(None)]))
+        );
+        assert_eq!(parse(b"*2\r\n:1\r\n").unwrap(), None);
+        assert!(parse(b"?x\r\n").is_err());
+    }
+
+    #[test]
+    fn passwords_stay_out_of_debug_output() {
+        let a = Auth {
+            username: Some("u".into()),
+            password: "s3cret".into(),
+        };
+        assert!(!format!("{a:?}").contains("s3cret"));
+    }
+}
