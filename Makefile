@@ -53,3 +53,4 @@ bench: setup install-release
 	.venv/bin/python bench/http_receivers.py
 	.venv/bin/python bench/formats.py
 	.venv/bin/python bench/redis_streams.py
+	.venv/bin/python bench/nats_jetstream.py

@@ -14,10 +14,11 @@ say() { printf '\033[1m==> %s\033[0m\n' "$*"; }
 
 # 1. Debian packages: PostgreSQL 15 with headers, plpython (the old recipe,
 #    for compatibility tests and benchmarks), clang for bindgen, openssl for
-#    the test CA of the HTTPS tests, redis-server for the Redis Streams
-#    tests (started by the tests themselves on loopback; Debian's package
-#    also starts a service where systemd runs, which the tests do not use).
-pkgs=(postgresql-15 postgresql-server-dev-15 postgresql-plpython3-15 libclang-dev clang pkg-config sudo openssl redis-server)
+#    the test CA of the HTTPS tests, redis-server and nats-server (with
+#    JetStream) for the broker tests, which start their own on loopback
+#    (Debian's packages also start a service where systemd runs, which the
+#    tests do not use).
+pkgs=(postgresql-15 postgresql-server-dev-15 postgresql-plpython3-15 libclang-dev clang pkg-config sudo openssl redis-server nats-server)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -44,13 +45,13 @@ fi
 # standardwebhooks: the official Standard Webhooks library, which the tests
 # verify pg_emit's signatures with; cloudevents: the CloudEvents SDK, which
 # they parse pg_emit's CloudEvents with (2.x: its cloudevents.core API);
-# redis: the Redis client the tests read streams back with.
-if [ ! -x .venv/bin/pytest ] || ! .venv/bin/python -c 'import psycopg, pyflakes, standardwebhooks, cloudevents.core, redis' 2>/dev/null; then
-  say "python venv with pytest, psycopg, pyflakes, standardwebhooks, cloudevents and redis"
+# redis and nats-py: the Redis and NATS clients the tests read back with.
+if [ ! -x .venv/bin/pytest ] || ! .venv/bin/python -c 'import psycopg, pyflakes, standardwebhooks, cloudevents.core, redis, nats' 2>/dev/null; then
+  say "python venv with pytest, psycopg, pyflakes, standardwebhooks, cloudevents, redis and nats-py"
   if ! python3 -m venv .venv 2>/dev/null; then
     $SUDO apt-get install -y -qq python3-venv >/dev/null
     python3 -m venv .venv
   fi
   .venv/bin/pip install -q --disable-pip-version-check pytest 'psycopg[binary]' pyflakes standardwebhooks \
-    'cloudevents==2.2.0' redis
+    'cloudevents==2.2.0' redis nats-py
 fi

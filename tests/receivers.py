@@ -326,3 +326,97 @@ class RedisServer:
 
     def close(self):
         self.stop()
+
+
+class NatsServer:
+    """A real nats-server with JetStream on 127.0.0.1 (the Debian package),
+    its store in a temporary directory that survives `stop()`/`start()`.
+    Read back with nats-py, the NATS project's Python client."""
+
+    def __init__(self, user=None, password=None, token=None):
+        import tempfile
+
+        self.port = free_port()
+        self.store = tempfile.mkdtemp(prefix="pg_emit-nats-")
+        self.auth = {"user": user, "password": password, "token": token}
+        self.proc = None
+        self.start()
+
+    def start(self):
+        args = ["nats-server", "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", self.store]
+        if self.auth["user"]:
+            args += ["--user", self.auth["user"], "--pass", self.auth["password"]]
+        if self.auth["token"]:
+            args += ["--auth", self.auth["token"]]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        end = time.monotonic() + 10
+        while time.monotonic() < end:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("nats-server did not start")
+
+    def stop(self):
+        self.proc.kill()
+        self.proc.wait()
+
+    def _run(self, work):
+        import asyncio
+
+        import nats
+
+        async def go():
+            kw = {}
+            if self.auth["user"]:
+                kw = {"user": self.auth["user"], "password": self.auth["password"]}
+            if self.auth["token"]:
+                kw = {"token": self.auth["token"]}
+            nc = await nats.connect(f"nats://127.0.0.1:{self.port}", **kw)
+            try:
+                return await work(nc.jetstream())
+            finally:
+                await nc.close()
+
+        return asyncio.run(go())
+
+    def add_stream(self, name, subjects, **config):
+        async def work(js):
+            await js.add_stream(name=name, subjects=subjects, **config)
+        self._run(work)
+
+    def count(self, stream):
+        async def work(js):
+            return (await js.stream_info(stream)).state.messages
+        return self._run(work)
+
+    def messages(self, stream):
+        """(Nats-Msg-Id, event JSON) of every message, in stream order."""
+        import json
+
+        async def work(js):
+            info = await js.stream_info(stream)
+            out = []
+            for seq in range(info.state.first_seq, info.state.last_seq + 1):
+                m = await js.get_msg(stream, seq)
+                out.append(((m.headers or {}).get("Nats-Msg-Id"), json.loads(m.data)))
+            return out
+        return self._run(work)
+
+    def wait_for(self, stream, n, timeout=20.0):
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            try:
+                if self.count(stream) >= n:
+                    break
+            except Exception:  # the stream may not exist yet
+                pass
+            time.sleep(0.1)
+        return self.messages(stream)
+
+    def close(self):
+        import shutil
+
+        self.stop()
+        shutil.rmtree(self.store, ignore_errors=True)

@@ -8,7 +8,7 @@ use crate::job::{Flow, DEFAULT_CONCURRENCY};
 use crate::options::{self, Format, Framing, OptionError};
 use crate::schedule::Order;
 use crate::transport::http;
-use crate::transport::redis;
+use crate::transport::{nats, redis};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 
@@ -26,6 +26,8 @@ pub enum Destination {
     },
     /// A Redis stream (`redis://host:port/stream`).
     Redis(Box<redis::Stream>),
+    /// A NATS subject captured by a JetStream stream (`nats://host:port/subject`).
+    Nats(Box<nats::Subject>),
     /// A stored destination, as it was when the event was made. Async
     /// events keep only the name: the worker reads the destination when
     /// it delivers, so credentials never enter the outbox and a changed
@@ -46,6 +48,7 @@ impl Destination {
             Destination::Tcp { host, port, .. } => host_port(host, *port),
             Destination::Http { url, .. } => url.clone(),
             Destination::Redis(s) => redis_url(s),
+            Destination::Nats(s) => nats_url(s),
             Destination::Stored { name, .. } => name.clone(),
         }
     }
@@ -87,6 +90,7 @@ impl Destination {
                 format!("{url} (headers {:08x})", fnv1a(headers) as u32)
             }
             Destination::Redis(s) => redis_url(s),
+            Destination::Nats(s) => nats_url(s),
             Destination::Stored { name, .. } => name.clone(),
         }
     }
@@ -127,6 +131,13 @@ impl Destination {
                 Some(redis_url(s)),
                 None,
             ),
+            Destination::Nats(s) => (
+                s.host.clone(),
+                i32::from(s.port),
+                "nats".into(),
+                Some(nats_url(s)),
+                None,
+            ),
             Destination::Stored { .. } => (String::new(), 0, "stored".into(), None, None),
         }
     }
@@ -141,6 +152,11 @@ fn redis_url(s: &redis::Stream) -> String {
         Some(n) => format!("redis://{}/{key}?maxlen={n}", host_port(&s.host, s.port)),
         None => format!("redis://{}/{key}", host_port(&s.host, s.port)),
     }
+}
+
+/// A subject's URL, without its credentials.
+fn nats_url(s: &nats::Subject) -> String {
+    format!("nats://{}/{}", host_port(&s.host, s.port), s.subject)
 }
 
 /// `host:port`, with brackets around IPv6 addresses.
@@ -184,7 +200,7 @@ pub fn parse_url(input: &str, headers: Vec<(String, String)>) -> Result<Destinat
                 headers,
             })
         }
-        Some(scheme @ ("tcp" | "redis")) => {
+        Some(scheme @ ("tcp" | "redis" | "nats")) => {
             if !headers.is_empty() {
                 return Err(OptionError::Destination(format!(
                     "{input:?}: headers apply to http:// and https:// destinations only"
@@ -192,12 +208,14 @@ pub fn parse_url(input: &str, headers: Vec<(String, String)>) -> Result<Destinat
             }
             match scheme {
                 "tcp" => parse_tcp(input),
+                "nats" => parse_nats(input),
                 _ => parse_redis(input),
             }
         }
         _ => Err(OptionError::Destination(format!(
             "{input:?} is neither a destination URL (tcp://host:port, http://..., https://..., \
-             redis://host:port/stream) nor the name of a stored destination"
+             redis://host:port/stream, nats://host:port/subject) nor the name of a stored \
+             destination"
         ))),
     }
 }
@@ -291,6 +309,41 @@ fn parse_redis(input: &str) -> Result<Destination, OptionError> {
     })))
 }
 
+/// `nats://host[:port]/subject`; credentials belong in a stored
+/// destination's options.
+fn parse_nats(input: &str) -> Result<Destination, OptionError> {
+    let bad = |why: &str| OptionError::Destination(format!("{input:?}: {why}"));
+    if input.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err(bad("a URL cannot contain whitespace or control characters"));
+    }
+    let u = url::Url::parse(input).map_err(|e| bad(&e.to_string()))?;
+    if !u.username().is_empty() || u.password().is_some() {
+        return Err(bad(
+            "credentials go in a stored destination's options (username and password, or \
+             token), not in the URL",
+        ));
+    }
+    let host = u.host_str().unwrap_or_default();
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    options::check_host(host)?;
+    let subject = u.path().strip_prefix('/').unwrap_or_default();
+    if !nats::check_subject(subject) || u.query().is_some() || u.fragment().is_some() {
+        return Err(bad(
+            "a nats:// URL is nats://host[:port]/subject, the subject dot-separated tokens \
+             without wildcards",
+        ));
+    }
+    Ok(Destination::Nats(Box::new(nats::Subject {
+        host: host.to_string(),
+        port: u.port().unwrap_or(4222),
+        subject: subject.to_string(),
+        auth: None,
+    })))
+}
+
 /// `%XX` sequences as the bytes they stand for (a URL path segment; `+`
 /// is itself), or `None` when that is not UTF-8 or a `%` is malformed.
 fn percent_decode(s: &str) -> Option<String> {
@@ -365,7 +418,8 @@ pub struct StoredOptions {
     /// with `pg_emit.signing_secret_file`, the default without) or `none`.
     #[serde(default)]
     pub signing: Option<StoredSigning>,
-    /// Redis: `AUTH` credentials (a password, and a username for ACL users).
+    /// Redis `AUTH` (a password, and a username for ACL users) or NATS
+    /// user credentials.
     #[serde(default)]
     pub username: Option<String>,
     #[serde(default)]
@@ -373,6 +427,9 @@ pub struct StoredOptions {
     /// Redis: keep about this many newest entries (`XADD … MAXLEN ~`).
     #[serde(default)]
     pub maxlen: Option<u64>,
+    /// NATS: an authentication token.
+    #[serde(default)]
+    pub token: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -490,6 +547,26 @@ pub fn parse_stored(url: &str, options: &str) -> Result<Stored, OptionError> {
         }
     }
     let mut endpoint = parse_url(url, headers)?;
+    let refuse = |name: &str, applies: &str| {
+        Err(OptionError::Destination(format!(
+            "options: {name} applies to {applies} destinations only"
+        )))
+    };
+    if opts.maxlen.is_some() && !matches!(endpoint, Destination::Redis(_)) {
+        return refuse("maxlen", "redis://");
+    }
+    if opts.token.is_some() && !matches!(endpoint, Destination::Nats(_)) {
+        return refuse("token", "nats://");
+    }
+    let password = match (opts.username.clone(), opts.password.clone()) {
+        (Some(_), None) => {
+            return Err(OptionError::Destination(
+                "options: username needs a password".into(),
+            ))
+        }
+        (user, Some(password)) => Some((user, password)),
+        (None, None) => None,
+    };
     match &mut endpoint {
         Destination::Redis(stream) => {
             if let Some(n) = opts.maxlen {
@@ -500,28 +577,29 @@ pub fn parse_stored(url: &str, options: &str) -> Result<Stored, OptionError> {
                 }
                 stream.maxlen = Some(n);
             }
-            stream.auth = match (opts.username.clone(), opts.password.clone()) {
-                (username, Some(password)) => Some(redis::Auth { username, password }),
-                (Some(_), None) => {
+            stream.auth = password.map(|(username, password)| redis::Auth { username, password });
+        }
+        Destination::Nats(subject) => {
+            subject.auth = match (password, opts.token.clone()) {
+                (Some((Some(user), password)), None) => {
+                    Some(nats::Auth::UserPassword { user, password })
+                }
+                (Some((None, _)), None) => {
                     return Err(OptionError::Destination(
-                        "options: username needs a password".into(),
+                        "options: a NATS password needs its username".into(),
+                    ))
+                }
+                (None, Some(token)) => Some(nats::Auth::Token(token)),
+                (Some(_), Some(_)) => {
+                    return Err(OptionError::Destination(
+                        "options: give a token or a username and password, not both".into(),
                     ))
                 }
                 (None, None) => None,
             };
         }
-        _ => {
-            let extra = [
-                ("username", opts.username.is_some()),
-                ("password", opts.password.is_some()),
-                ("maxlen", opts.maxlen.is_some()),
-            ];
-            if let Some((name, _)) = extra.iter().find(|(_, set)| *set) {
-                return Err(OptionError::Destination(format!(
-                    "options: {name} applies to redis:// destinations only"
-                )));
-            }
-        }
+        _ if password.is_some() => return refuse("username and password", "redis:// and nats://"),
+        _ => {}
     }
     let format = match (opts.format, opts.cloudevents) {
         (None, None) => None,
@@ -638,7 +716,14 @@ mod tests {
             (
                 "tcp://h:1",
                 r#"{"password":"p"}"#,
-                "redis:// destinations only",
+                "redis:// and nats:// destinations only",
+            ),
+            ("tcp://h:1", r#"{"maxlen":3}"#, "redis:// destinations only"),
+            ("nats://h/a", r#"{"password":"p"}"#, "needs its username"),
+            (
+                "nats://h/a",
+                r#"{"token":"t","username":"u","password":"p"}"#,
+                "not both",
             ),
             ("redis://h/s", r#"{"headers":{"A":"b"}}"#, "headers apply"),
             (

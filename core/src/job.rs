@@ -8,8 +8,8 @@ use crate::options::{Format, Framing};
 use crate::schedule::{Order, Scheduler};
 use crate::security::Allowlist;
 use crate::transport::http::{self, ClientConfig, HttpError, Request, Signing};
-use crate::transport::redis;
 use crate::transport::tcp::{self, SendError};
+use crate::transport::{nats, redis};
 use crate::transport::{Interrupt, Timeouts};
 use socket2::Socket;
 use std::sync::{Condvar, Mutex};
@@ -169,6 +169,7 @@ pub struct Outcome {
 pub struct Conn {
     tcp: Option<Socket>,
     redis: Option<Socket>,
+    nats: Option<nats::Conn>,
     http: Option<http::Client>,
     /// With `max_rate`: the earliest time the next request may start,
     /// kept from one job to the next.
@@ -299,21 +300,11 @@ pub fn send_job(conn: &mut Conn, job: &Job, intr: &dyn Interrupt) -> Outcome {
                     })
                 }),
             Dest::Endpoint(Destination::Redis(stream), _) => {
-                buf.clear();
-                let mut ends = Vec::new();
-                let mut ids = Vec::new();
-                for (k, line) in lines {
-                    let id = row.first_event_id + k as i64;
-                    with_id(&mut buf, row.format, &job.stream, id, line);
-                    ends.push(buf.len());
-                    ids.push(webhook_id(&job.stream, id, id));
-                }
-                let entries: Vec<redis::Entry<'_>> = ends
-                    .iter()
-                    .enumerate()
-                    .map(|(n, &end)| redis::Entry {
+                let (ids, ends) = broker_batch(&mut buf, row, lines, &job.stream);
+                let entries: Vec<redis::Entry<'_>> = (0..ids.len())
+                    .map(|n| redis::Entry {
                         id: &ids[n],
-                        event: &buf[if n == 0 { 0 } else { ends[n - 1] }..end],
+                        event: &buf[ends[n].clone()],
                     })
                     .collect();
                 let (added, r) = redis::xadd(
@@ -328,6 +319,33 @@ pub fn send_job(conn: &mut Conn, job: &Job, intr: &dyn Interrupt) -> Outcome {
                 r.map_err(|e| {
                     Stopped(match e {
                         redis::RedisError::Send(s) => JobError::from(s),
+                        e => JobError::Retry {
+                            message: e.to_string(),
+                            after: None,
+                        },
+                    })
+                })
+            }
+            Dest::Endpoint(Destination::Nats(subject), _) => {
+                let (ids, ends) = broker_batch(&mut buf, row, lines, &job.stream);
+                let messages: Vec<nats::Message<'_>> = (0..ids.len())
+                    .map(|n| nats::Message {
+                        id: &ids[n],
+                        payload: &buf[ends[n].clone()],
+                    })
+                    .collect();
+                let (acked, r) = nats::publish(
+                    &mut conn.nats,
+                    subject,
+                    &messages,
+                    &job.timeouts,
+                    &job.allow,
+                    intr,
+                );
+                sent[i] += acked as u32;
+                r.map_err(|e| {
+                    Stopped(match e {
+                        nats::NatsError::Send(s) => JobError::from(s),
                         e => JobError::Retry {
                             message: e.to_string(),
                             after: None,
@@ -353,6 +371,26 @@ pub fn send_job(conn: &mut Conn, job: &Job, intr: &dyn Interrupt) -> Outcome {
         }
     }
     Outcome { sent, error: None }
+}
+
+/// A row's unsent events for a broker, one after the other in `buf`: each
+/// event's id (`evt_<stream>_<id>`, its dedupe key there) and byte range.
+fn broker_batch<'a>(
+    buf: &mut Vec<u8>,
+    row: &Row,
+    lines: impl Iterator<Item = (usize, &'a str)>,
+    stream: &str,
+) -> (Vec<String>, Vec<std::ops::Range<usize>>) {
+    buf.clear();
+    let (mut ids, mut ranges) = (Vec::new(), Vec::new());
+    for (k, line) in lines {
+        let id = row.first_event_id + k as i64;
+        let start = buf.len();
+        with_id(buf, row.format, stream, id, line);
+        ranges.push(start..buf.len());
+        ids.push(webhook_id(stream, id, id));
+    }
+    (ids, ranges)
 }
 
 /// HTTP requests of `job.flow.batch` events each (one request per event when

@@ -13,9 +13,9 @@ use crate::made::fresh_id;
 use crate::options::Framing;
 use crate::settings::{self, OnError};
 use crate::transport::http::{self, HttpError, Request, Response, Signing};
-use crate::transport::redis;
 use crate::transport::tcp::{self, SendError};
 use crate::transport::Interrupt;
+use crate::transport::{nats, redis};
 use pg_emit_core::cloudevents;
 use pg_emit_core::destination::SignWith;
 use pg_emit_core::options::Format;
@@ -31,6 +31,8 @@ struct State {
     /// Kept-open Redis connections, by destination key (credentials
     /// differ per stored destination, so not by host and port).
     redis: Vec<(String, Option<Socket>)>,
+    /// Kept-open NATS connections, likewise.
+    nats: Vec<(String, Option<nats::Conn>)>,
 }
 
 thread_local! {
@@ -197,8 +199,49 @@ pub fn try_send(
                 },
             )
         }
+        Target::Nats(subject) => {
+            let id = event_id(format, msg);
+            guarded(
+                &subject.host,
+                subject.port,
+                || publish(&target.key(), subject, &id, msg, intr),
+                |r| match r {
+                    Err(f) if f.cancelled() || f.not_allowed().is_some() => None,
+                    Err(f) => Some(f.reason(&target.name())),
+                    Ok(()) => None,
+                },
+            )
+        }
         Target::Stored { .. } => unreachable!("endpoint() is never a stored destination"),
     }
+}
+
+/// One message on this backend's kept connection for the destination
+/// `key`, acknowledged by JetStream.
+fn publish(
+    key: &str,
+    subject: &nats::Subject,
+    id: &str,
+    msg: &[u8],
+    intr: &dyn Interrupt,
+) -> Result<(), Failure> {
+    let timeouts = settings::timeouts();
+    let allow = settings::allowlist();
+    STATE.with_borrow_mut(|st| {
+        let i = match st.nats.iter().position(|(k, _)| k == key) {
+            Some(i) => i,
+            None => {
+                st.nats.push((key.to_string(), None));
+                st.nats.len() - 1
+            }
+        };
+        let m = nats::Message { id, payload: msg };
+        let (_, r) = nats::publish(&mut st.nats[i].1, subject, &[m], &timeouts, &allow, intr);
+        r.map_err(|e| match e {
+            nats::NatsError::Send(e) => Failure::Send(e),
+            e => Failure::Refused(e.to_string()),
+        })
+    })
 }
 
 /// The id a sync or commit event goes out with (never retried, so fresh):

@@ -1,0 +1,404 @@
+//! NATS JetStream: publish each event to a subject and wait for the
+//! stream's acknowledgement, pipelined on one connection.
+//!
+//! Like Redis, the part of the NATS client protocol pg_emit needs is
+//! small and text-based (`CONNECT`, `SUB`, `HPUB`, `PING`/`PONG`, reading
+//! `MSG`/`HMSG` replies), so it is spoken over pg_emit's own TCP transport:
+//! the allowlist check of the resolved address, the timeouts and the
+//! cancellation apply as for every destination, and no async runtime has
+//! to live inside the worker (the NATS project's Rust client needs tokio).
+//!
+//! An event counts as delivered when JetStream's PubAck came back for it.
+//! Each publish carries `Nats-Msg-Id`, the event's id: a retry after a
+//! lost acknowledgement (a crash, a broken connection) is dropped by the
+//! stream's duplicate window, so every event is in the stream once.
+
+use super::tcp::{self, SendError};
+use super::{Interrupt, Timeouts};
+use crate::security::Allowlist;
+use socket2::Socket;
+use std::collections::HashMap;
+use std::time::Instant;
+
+/// A subject on a NATS server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subject {
+    pub host: String,
+    pub port: u16,
+    pub subject: String,
+    pub auth: Option<Auth>,
+}
+
+/// Credentials from a stored destination's options.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Auth {
+    UserPassword { user: String, password: String },
+    Token(String),
+}
+
+impl std::fmt::Debug for Auth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Auth::UserPassword { user, .. } => write!(f, "UserPassword({user:?}, <hidden>)"),
+            Auth::Token(_) => f.write_str("Token(<hidden>)"),
+        }
+    }
+}
+
+/// One message: `Nats-Msg-Id` and payload.
+#[derive(Debug, Clone, Copy)]
+pub struct Message<'a> {
+    pub id: &'a str,
+    pub payload: &'a [u8],
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NatsError {
+    #[error("{0}")]
+    Send(#[from] SendError),
+    #[error("nats server: {0}")]
+    Server(String),
+    #[error(
+        "no JetStream stream captures subject {0:?} (create one that does, e.g. `nats stream add`)"
+    )]
+    NoStream(String),
+    #[error("JetStream refused the message: {0}")]
+    Refused(String),
+    #[error("nats sent something unexpected: {0}")]
+    Protocol(String),
+}
+
+/// Whether `s` is a subject one can publish to: dot-separated tokens of
+/// printable characters, without wildcards.
+pub fn check_subject(s: &str) -> bool {
+    !s.is_empty()
+        && s.split('.').all(|t| {
+            !t.is_empty()
+                && t != "*"
+                && t != ">"
+                && t.chars()
+                    .all(|c| c.is_ascii_graphic() && c != '*' && c != '>')
+        })
+}
+
+/// Acknowledgements awaited at once: enough to keep JetStream busy, few
+/// enough that a failure resends little.
+const IN_FLIGHT: usize = 256;
+
+/// A connection with its reply inbox.
+pub struct Conn {
+    sock: Socket,
+    inbox: String,
+    buf: Vec<u8>,
+}
+
+/// Publishes `messages` in order, on the connection kept in `slot` (opened
+/// when there is none), and waits for their acknowledgements. Returns how
+/// many were acknowledged (a prefix of `messages`) and what stopped the
+/// rest. After any failure the connection is dropped.
+pub fn publish(
+    slot: &mut Option<Conn>,
+    target: &Subject,
+    messages: &[Message<'_>],
+    timeouts: &Timeouts,
+    allow: &Allowlist,
+    intr: &dyn Interrupt,
+) -> (usize, Result<(), NatsError>) {
+    let mut conn = match connection(slot.take(), target, timeouts, allow, intr) {
+        Ok(c) => c,
+        Err(e) => return (0, Err(e)),
+    };
+    let mut done = 0;
+    let mut out = Vec::new();
+    for chunk in messages.chunks(IN_FLIGHT) {
+        out.clear();
+        for (k, m) in chunk.iter().enumerate() {
+            let headers = format!("NATS/1.0\r\nNats-Msg-Id: {}\r\n\r\n", m.id);
+            out.extend_from_slice(
+                format!(
+                    "HPUB {} {}.{k} {} {}\r\n",
+                    target.subject,
+                    conn.inbox,
+                    headers.len(),
+                    headers.len() + m.payload.len()
+                )
+                .as_bytes(),
+            );
+            out.extend_from_slice(headers.as_bytes());
+            out.extend_from_slice(m.payload);
+            out.extend_from_slice(b"\r\n");
+        }
+        if let Err(e) = tcp::write_all(&conn.sock, &out, timeouts, &mut 0, intr) {
+            return (done, Err(e.into()));
+        }
+        // Acks may come in any order; what counts is the acknowledged
+        // prefix.
+        let mut acked: HashMap<usize, Result<(), NatsError>> = HashMap::new();
+        let mut prefix = 0;
+        let mut deadline = Instant::now() + timeouts.write;
+        while prefix < chunk.len() {
+            match next_reply(&mut conn, deadline, timeouts, intr) {
+                Ok(Some((k, r))) => {
+                    acked.insert(k, r);
+                    deadline = Instant::now() + timeouts.write;
+                    while let Some(r) = acked.remove(&prefix) {
+                        if let Err(e) = r {
+                            let e = match e {
+                                NatsError::NoStream(_) => {
+                                    NatsError::NoStream(target.subject.clone())
+                                }
+                                e => e,
+                            };
+                            return (done + prefix, Err(e));
+                        }
+                        prefix += 1;
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => return (done + prefix, Err(e)),
+            }
+        }
+        done += prefix;
+    }
+    *slot = Some(conn);
+    (done, Ok(()))
+}
+
+/// The kept connection if it is still open and its peer still allowed,
+/// else a new one: `INFO` read, `CONNECT` sent and confirmed by a `PONG`,
+/// the reply inbox subscribed.
+fn connection(
+    kept: Option<Conn>,
+    target: &Subject,
+    timeouts: &Timeouts,
+    allow: &Allowlist,
+    intr: &dyn Interrupt,
+) -> Result<Conn, NatsError> {
+    if let Some(mut c) = kept {
+        let peer_allowed = c
+            .sock
+            .peer_addr()
+            .ok()
+            .and_then(|a| a.as_socket())
+            .is_some_and(|a| allow.filter(&target.host, target.port, None, &[a]).is_ok());
+        if peer_allowed && still_open(&mut c) {
+            return Ok(c);
+        }
+    }
+    let sock = tcp::open(&target.host, target.port, timeouts, allow, intr)?;
+    let mut conn = Conn {
+        sock,
+        inbox: format!("_INBOX.pg_emit.{}", inbox_token()),
+        buf: Vec::new(),
+    };
+    let deadline = Instant::now() + timeouts.connect;
+    let info = read_line(&mut conn, deadline, intr)?;
+    if !info.starts_with("INFO ") {
+        return Err(NatsError::Protocol(format!("expected INFO, got {info:?}")));
+    }
+    let mut connect = serde_json::json!({
+        "verbose": false, "pedantic": false, "headers": true, "no_responders": true,
+        "name": "pg_emit", "lang": "rust", "version": env!("CARGO_PKG_VERSION"), "protocol": 1,
+    });
+    match &target.auth {
+        Some(Auth::UserPassword { user, password }) => {
+            connect["user"] = user.as_str().into();
+            connect["pass"] = password.as_str().into();
+        }
+        Some(Auth::Token(t)) => connect["auth_token"] = t.as_str().into(),
+        None => {}
+    }
+    let hello = format!("CONNECT {connect}\r\nPING\r\nSUB {}.* 1\r\n", conn.inbox);
+    tcp::write_all(&conn.sock, hello.as_bytes(), timeouts, &mut 0, intr)?;
+    loop {
+        let line = read_line(&mut conn, deadline, intr)?;
+        match line.as_str() {
+            "PONG" => return Ok(conn),
+            "+OK" => {}
+            l if l.starts_with("-ERR") => return Err(NatsError::Server(server_error(l))),
+            l if l.starts_with("INFO ") => {}
+            l => return Err(NatsError::Protocol(format!("expected PONG, got {l:?}"))),
+        }
+    }
+}
+
+/// Whether a kept connection is still open. What the server sent since
+/// (a `PING`, say) stays in the buffer, answered before the next acks.
+fn still_open(conn: &mut Conn) -> bool {
+    let mut scratch = [std::mem::MaybeUninit::<u8>::uninit(); 4096];
+    loop {
+        match conn.sock.recv_with_flags(&mut scratch, libc::MSG_DONTWAIT) {
+            Ok(0) => return false,
+            Ok(n) => {
+                // SAFETY: recv initialised the first n bytes.
+                conn.buf
+                    .extend(scratch[..n].iter().map(|b| unsafe { b.assume_init() }));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return true,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return false,
+        }
+    }
+}
+
+/// A token for the inbox: unique enough per process and connection.
+fn inbox_token() -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!("{nanos:x}{:x}{n:x}", std::process::id())
+}
+
+fn server_error(line: &str) -> String {
+    line.trim_start_matches("-ERR")
+        .trim()
+        .trim_matches('\'')
+        .to_string()
+}
+
+/// One control line (without CRLF), reading as needed.
+fn read_line(
+    conn: &mut Conn,
+    deadline: Instant,
+    intr: &dyn Interrupt,
+) -> Result<String, NatsError> {
+    loop {
+        if let Some(end) = conn.buf.windows(2).position(|w| w == b"\r\n") {
+            let line = String::from_utf8_lossy(&conn.buf[..end]).into_owned();
+            conn.buf.drain(..end + 2);
+            return Ok(line);
+        }
+        tcp::read_some(&conn.sock, &mut conn.buf, deadline, intr)?;
+    }
+}
+
+/// The outcome of the `k`th publish of a chunk.
+type Ack = (usize, Result<(), NatsError>);
+
+/// The next acknowledgement: `Some((k, outcome))` for the reply to the
+/// `k`th message of the chunk, `None` for anything else (a server `PING`,
+/// answered here).
+fn next_reply(
+    conn: &mut Conn,
+    deadline: Instant,
+    timeouts: &Timeouts,
+    intr: &dyn Interrupt,
+) -> Result<Option<Ack>, NatsError> {
+    let line = read_line(conn, deadline, intr)?;
+    let mut parts = line.split_ascii_whitespace();
+    let (hdr_len, total, subject) = match parts.next() {
+        Some("MSG") => {
+            let f: Vec<&str> = parts.collect();
+            let total = f.last().and_then(|n| n.parse::<usize>().ok());
+            (Some(0), total, f.first().copied())
+        }
+        Some("HMSG") => {
+            let f: Vec<&str> = parts.collect();
+            let n = f.len();
+            let nums = |i: usize| f.get(i).and_then(|x| x.parse::<usize>().ok());
+            (
+                nums(n.wrapping_sub(2)),
+                nums(n.wrapping_sub(1)),
+                f.first().copied(),
+            )
+        }
+        Some("PING") => {
+            tcp::write_all(&conn.sock, b"PONG\r\n", timeouts, &mut 0, intr)?;
+            return Ok(None);
+        }
+        Some("PONG" | "+OK" | "INFO") => return Ok(None),
+        Some(e) if e.starts_with("-ERR") => return Err(NatsError::Server(server_error(&line))),
+        _ => return Err(NatsError::Protocol(format!("unexpected {line:?}"))),
+    };
+    let (Some(hdr_len), Some(total), Some(subject)) = (hdr_len, total, subject) else {
+        return Err(NatsError::Protocol(format!("malformed {line:?}")));
+    };
+    while conn.buf.len() < total + 2 {
+        tcp::read_some(&conn.sock, &mut conn.buf, deadline, intr)?;
+    }
+    let body: Vec<u8> = conn.buf.drain(..total + 2).take(total).collect();
+    let (headers, payload) = body.split_at(hdr_len.min(total));
+    let k = subject
+        .strip_prefix(conn.inbox.as_str())
+        .and_then(|s| s.strip_prefix('.'))
+        .and_then(|s| s.parse::<usize>().ok());
+    let Some(k) = k else {
+        return Ok(None);
+    };
+    Ok(Some((k, ack(headers, payload))))
+}
+
+/// What a reply says about one publish.
+fn ack(headers: &[u8], payload: &[u8]) -> Result<(), NatsError> {
+    let status = std::str::from_utf8(headers)
+        .ok()
+        .and_then(|h| h.lines().next())
+        .and_then(|l| l.strip_prefix("NATS/1.0"))
+        .map(str::trim)
+        .unwrap_or("");
+    if status.starts_with("503") {
+        return Err(NatsError::NoStream(String::new()));
+    }
+    if !status.is_empty() {
+        return Err(NatsError::Refused(status.to_string()));
+    }
+    let v: serde_json::Value = serde_json::from_slice(payload)
+        .map_err(|e| NatsError::Protocol(format!("a PubAck that is not JSON: {e}")))?;
+    if let Some(err) = v.get("error") {
+        let why = err
+            .get("description")
+            .and_then(|d| d.as_str())
+            .unwrap_or("unknown error");
+        return Err(NatsError::Refused(why.to_string()));
+    }
+    if v.get("stream").is_some() {
+        // `"duplicate": true` is a success too: the stream has it already.
+        return Ok(());
+    }
+    Err(NatsError::Protocol(format!("not a PubAck: {v}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subjects() {
+        assert!(check_subject("orders.created"));
+        assert!(check_subject("orders"));
+        for bad in ["", "a..b", "a.*", "a.>", "a b", ".a", "a."] {
+            assert!(!check_subject(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn acks() {
+        assert!(ack(b"", br#"{"stream":"S","seq":4}"#).is_ok());
+        assert!(ack(b"", br#"{"stream":"S","seq":4,"duplicate":true}"#).is_ok());
+        assert!(matches!(
+            ack(b"NATS/1.0 503\r\n\r\n", b""),
+            Err(NatsError::NoStream(_))
+        ));
+        let e = ack(
+            b"",
+            br#"{"error":{"code":503,"err_code":10077,"description":"maximum messages exceeded"}}"#,
+        );
+        assert!(e
+            .unwrap_err()
+            .to_string()
+            .contains("maximum messages exceeded"));
+        assert!(ack(b"", b"nope").is_err());
+    }
+
+    #[test]
+    fn credentials_stay_out_of_debug_output() {
+        let a = Auth::UserPassword {
+            user: "u".into(),
+            password: "s3cret".into(),
+        };
+        assert!(!format!("{a:?}").contains("s3cret"));
+        assert!(!format!("{:?}", Auth::Token("t0k".into())).contains("t0k"));
+    }
+}
