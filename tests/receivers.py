@@ -276,6 +276,20 @@ class HttpReceiver:
                 pass
 
 
+def serve(args, port):
+    """Starts a server process and waits until it listens on `port`."""
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    end = time.monotonic() + 10
+    while time.monotonic() < end:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return proc
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError(f"{args[0]} did not start")
+
+
 class RedisServer:
     """A real redis-server on 127.0.0.1 (the Debian package), without
     persistence; `stop()` and `start()` keep its port, as a server that goes
@@ -295,15 +309,7 @@ class RedisServer:
                 "--appendonly", "no", "--protected-mode", "no"]
         if self.password:
             args += ["--requirepass", self.password]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        end = time.monotonic() + 10
-        while time.monotonic() < end:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("redis-server did not start")
+        self.proc = serve(args, self.port)
 
     def stop(self):
         self.proc.kill()
@@ -348,15 +354,7 @@ class NatsServer:
             args += ["--user", self.auth["user"], "--pass", self.auth["password"]]
         if self.auth["token"]:
             args += ["--auth", self.auth["token"]]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        end = time.monotonic() + 10
-        while time.monotonic() < end:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("nats-server did not start")
+        self.proc = serve(args, self.port)
 
     def stop(self):
         self.proc.kill()

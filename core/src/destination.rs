@@ -261,26 +261,34 @@ fn parse_tcp(input: &str) -> Result<Destination, OptionError> {
     })
 }
 
-/// `redis://host:port/stream[?maxlen=N]`. Credentials belong in a stored
-/// destination's options, never in a URL that a trigger would show.
-fn parse_redis(input: &str) -> Result<Destination, OptionError> {
+/// A broker URL parsed, with its host checked; `credentials` names the
+/// options that take what a URL must not hold.
+fn broker_url(input: &str, credentials: &str) -> Result<(url::Url, String), OptionError> {
     let bad = |why: &str| OptionError::Destination(format!("{input:?}: {why}"));
     if input.chars().any(|c| c.is_control() || c.is_whitespace()) {
         return Err(bad("a URL cannot contain whitespace or control characters"));
     }
     let u = url::Url::parse(input).map_err(|e| bad(&e.to_string()))?;
     if !u.username().is_empty() || u.password().is_some() {
-        return Err(bad(
-            "credentials go in a stored destination's options (username, password), \
-             not in the URL",
-        ));
+        return Err(bad(&format!(
+            "credentials go in a stored destination's options ({credentials}), not in the URL"
+        )));
     }
     let host = u.host_str().unwrap_or_default();
     let host = host
         .strip_prefix('[')
         .and_then(|h| h.strip_suffix(']'))
-        .unwrap_or(host);
-    options::check_host(host)?;
+        .unwrap_or(host)
+        .to_string();
+    options::check_host(&host)?;
+    Ok((u, host))
+}
+
+/// `redis://host:port/stream[?maxlen=N]`. Credentials belong in a stored
+/// destination's options, never in a URL that a trigger would show.
+fn parse_redis(input: &str) -> Result<Destination, OptionError> {
+    let bad = |why: &str| OptionError::Destination(format!("{input:?}: {why}"));
+    let (u, host) = broker_url(input, "username, password")?;
     let port = u.port().unwrap_or(6379);
     let key = percent_decode(u.path().strip_prefix('/').unwrap_or_default())
         .ok_or_else(|| bad("the stream name is not valid percent-encoded UTF-8"))?;
@@ -301,7 +309,7 @@ fn parse_redis(input: &str) -> Result<Destination, OptionError> {
         }
     }
     Ok(Destination::Redis(Box::new(redis::Stream {
-        host: host.to_string(),
+        host,
         port,
         key,
         maxlen,
@@ -313,22 +321,7 @@ fn parse_redis(input: &str) -> Result<Destination, OptionError> {
 /// destination's options.
 fn parse_nats(input: &str) -> Result<Destination, OptionError> {
     let bad = |why: &str| OptionError::Destination(format!("{input:?}: {why}"));
-    if input.chars().any(|c| c.is_control() || c.is_whitespace()) {
-        return Err(bad("a URL cannot contain whitespace or control characters"));
-    }
-    let u = url::Url::parse(input).map_err(|e| bad(&e.to_string()))?;
-    if !u.username().is_empty() || u.password().is_some() {
-        return Err(bad(
-            "credentials go in a stored destination's options (username and password, or \
-             token), not in the URL",
-        ));
-    }
-    let host = u.host_str().unwrap_or_default();
-    let host = host
-        .strip_prefix('[')
-        .and_then(|h| h.strip_suffix(']'))
-        .unwrap_or(host);
-    options::check_host(host)?;
+    let (u, host) = broker_url(input, "username and password, or token")?;
     let subject = u.path().strip_prefix('/').unwrap_or_default();
     if !nats::check_subject(subject) || u.query().is_some() || u.fragment().is_some() {
         return Err(bad(
@@ -337,7 +330,7 @@ fn parse_nats(input: &str) -> Result<Destination, OptionError> {
         ));
     }
     Ok(Destination::Nats(Box::new(nats::Subject {
-        host: host.to_string(),
+        host,
         port: u.port().unwrap_or(4222),
         subject: subject.to_string(),
         auth: None,

@@ -228,20 +228,26 @@ fn publish(
     let timeouts = settings::timeouts();
     let allow = settings::allowlist();
     STATE.with_borrow_mut(|st| {
-        let i = match st.nats.iter().position(|(k, _)| k == key) {
-            Some(i) => i,
-            None => {
-                st.nats.push((key.to_string(), None));
-                st.nats.len() - 1
-            }
-        };
         let m = nats::Message { id, payload: msg };
-        let (_, r) = nats::publish(&mut st.nats[i].1, subject, &[m], &timeouts, &allow, intr);
+        let slot = kept(&mut st.nats, key);
+        let (_, r) = nats::publish(slot, subject, &[m], &timeouts, &allow, intr);
         r.map_err(|e| match e {
             nats::NatsError::Send(e) => Failure::Send(e),
             e => Failure::Refused(e.to_string()),
         })
     })
+}
+
+/// The kept connection of the destination `key` (empty the first time).
+fn kept<'a, C>(conns: &'a mut Vec<(String, Option<C>)>, key: &str) -> &'a mut Option<C> {
+    let i = match conns.iter().position(|(k, _)| k == key) {
+        Some(i) => i,
+        None => {
+            conns.push((key.to_string(), None));
+            conns.len() - 1
+        }
+    };
+    &mut conns[i].1
 }
 
 /// The id a sync or commit event goes out with (never retried, so fresh):
@@ -265,22 +271,9 @@ fn xadd(
     let timeouts = settings::timeouts();
     let allow = settings::allowlist();
     STATE.with_borrow_mut(|st| {
-        let i = match st.redis.iter().position(|(k, _)| k == key) {
-            Some(i) => i,
-            None => {
-                st.redis.push((key.to_string(), None));
-                st.redis.len() - 1
-            }
-        };
         let entry = redis::Entry { id, event: msg };
-        let (_, r) = redis::xadd(
-            &mut st.redis[i].1,
-            stream,
-            &[entry],
-            &timeouts,
-            &allow,
-            intr,
-        );
+        let slot = kept(&mut st.redis, key);
+        let (_, r) = redis::xadd(slot, stream, &[entry], &timeouts, &allow, intr);
         r.map_err(|e| match e {
             redis::RedisError::Send(e) => Failure::Send(e),
             e => Failure::Refused(e.to_string()),
