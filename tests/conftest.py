@@ -78,6 +78,17 @@ def db(cluster):
 
 
 @pytest.fixture
+def dest(db, request):
+    """A stored destination's name for this test (prefixed by its module),
+    dropped afterwards."""
+    module = request.module.__name__.removeprefix("test_")[:8]
+    name = f"{module}_" + request.node.name.split("[")[0][-40:]
+    yield name
+    if db.one("SELECT count(*) FROM emit.stored_destinations WHERE name = %s", (name,)):
+        db.execute("SELECT emit.drop_destination(%s)", (name,))
+
+
+@pytest.fixture
 def table(db, request):
     """A fresh table name per test, dropped afterwards."""
     node = request.node.name

@@ -15,15 +15,6 @@ pytestmark = pytest.mark.usefixtures("fast_retries")
 SECRET = "Bearer s3cret-token-do-not-log"
 
 
-@pytest.fixture
-def dest(db, request):
-    """A stored destination name for this test, dropped afterwards."""
-    name = "d_" + request.node.name.split("[")[0][-40:]
-    yield name
-    if db.one("SELECT count(*) FROM emit.stored_destinations WHERE name = %s", (name,)):
-        db.execute("SELECT emit.drop_destination(%s)", (name,))
-
-
 def body(req):
     return json.loads(req[3])
 

@@ -15,14 +15,6 @@ pytestmark = pytest.mark.usefixtures("fast_retries")
 
 
 @pytest.fixture
-def dest(db, request):
-    name = "fmt_" + request.node.name.split("[")[0][-40:]
-    yield name
-    if db.one("SELECT count(*) FROM emit.stored_destinations WHERE name = %s", (name,)):
-        db.execute("SELECT emit.drop_destination(%s)", (name,))
-
-
-@pytest.fixture
 def rx():
     r = HttpReceiver()
     yield r

@@ -24,14 +24,6 @@ def server():
     s.close()
 
 
-@pytest.fixture
-def dest(db, request):
-    name = "redis_" + request.node.name.split("[")[0][-40:]
-    yield name
-    if db.one("SELECT count(*) FROM emit.stored_destinations WHERE name = %s", (name,)):
-        db.execute("SELECT emit.drop_destination(%s)", (name,))
-
-
 def attach(db, table, dest, *opts):
     extra = "".join(f", '{o}'" for o in opts)
     db.execute(f"CREATE TABLE IF NOT EXISTS {table} (id int PRIMARY KEY, v text)")

@@ -18,14 +18,6 @@ def new_secret():
     return "whsec_" + base64.b64encode(os.urandom(32)).decode()
 
 
-@pytest.fixture
-def dest(db, request):
-    name = "std_" + request.node.name.split("[")[0][-40:]
-    yield name
-    if db.one("SELECT count(*) FROM emit.stored_destinations WHERE name = %s", (name,)):
-        db.execute("SELECT emit.drop_destination(%s)", (name,))
-
-
 def verify(secret, req):
     """The library's own check: raises unless the signature is right."""
     return Webhook(secret).verify(req[3], req[2])
