@@ -156,11 +156,10 @@ pub extern "C-unwind" fn pg_emit_worker_main(arg: pg_sys::Datum) {
         )
     });
     // DROP EXTENSION may have won the race since the check above: then
-    // this is a clean stop, not a fault to restart for.
+    // this is a stop, not a fault.
     if let Err(e) = registered {
         stop_or_raise("starting", e);
-        pgrx::log!("pg_emit worker: extension dropped, exiting");
-        return;
+        dropped();
     }
     if !wait_for_current_schema() {
         return;
@@ -176,8 +175,7 @@ pub extern "C-unwind" fn pg_emit_worker_main(arg: pg_sys::Datum) {
         Ok(origin) => origin,
         Err(e) => {
             stop_or_raise("starting", e);
-            pgrx::log!("pg_emit worker: extension dropped, exiting");
-            return;
+            dropped();
         }
     };
     pgrx::log!("pg_emit worker started");
@@ -185,7 +183,7 @@ pub extern "C-unwind" fn pg_emit_worker_main(arg: pg_sys::Datum) {
     let stop = Worker::new(origin, nsp).run();
     STOPPING.store(true, Ordering::Relaxed);
     match stop {
-        Stop::ExtensionDropped => pgrx::log!("pg_emit worker: extension dropped, exiting"),
+        Stop::ExtensionDropped => dropped(),
         Stop::DatabaseWanted => {
             pgrx::log!(
                 "pg_emit worker: leaving the database for CREATE DATABASE or DROP DATABASE; \
@@ -203,6 +201,17 @@ pub extern "C-unwind" fn pg_emit_worker_main(arg: pg_sys::Datum) {
             unsafe { pg_sys::proc_exit(1) }
         }
     }
+}
+
+/// Exits after DROP EXTENSION, to be started again a second later: a
+/// CREATE EXTENSION and a commit that queues events may come while this
+/// process is still on its way out, and that commit, finding it alive,
+/// starts no other. The restarted worker serves the new installation, or
+/// finds none and exits for good.
+fn dropped() -> ! {
+    pgrx::log!("pg_emit worker: extension dropped, exiting");
+    // SAFETY: exit 1: restarted a second later.
+    unsafe { pg_sys::proc_exit(1) }
 }
 
 /// Takes the session lock that makes this the only worker of database
