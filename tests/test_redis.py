@@ -142,6 +142,22 @@ def test_stored_destination_with_password_and_maxlen(db, table, dest):
         server.close()
 
 
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_an_altered_destination_leaves_its_kept_connection(db, table, dest, server, mode):
+    other = RedisServer()
+    try:
+        db.execute("SELECT emit.create_destination(%s, %s)", (dest, f"redis://127.0.0.1:{server.port}/s"))
+        attach(db, table, dest, f"delivery={mode}")
+        db.execute(f"INSERT INTO {table} VALUES (1, 'a')")
+        assert len(server.wait_for("s", 1)) == 1
+        db.execute("SELECT emit.alter_destination(%s, %s)", (dest, f"redis://127.0.0.1:{other.port}/s"))
+        db.execute(f"INSERT INTO {table} VALUES (2, 'b')")
+        assert [e["new"]["id"] for _, _, e in other.wait_for("s", 1)] == [2]
+        assert server.client.xlen("s") == 1
+    finally:
+        other.close()
+
+
 @pytest.mark.parametrize("call, text", [
     ("send_message('redis://u:pw@127.0.0.1/s', '{}')", "stored destination's options"),
     ("send_message('redis://127.0.0.1/', '{}')", "redis://host[:port]/stream"),

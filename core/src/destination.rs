@@ -375,8 +375,9 @@ pub fn check_name(name: &str) -> Result<(), OptionError> {
 }
 
 /// The `options` of a stored destination. Unknown keys are refused, so a
-/// typo is an error at `create_destination`, not a silent default.
-#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+/// typo is an error at `create_destination`, not a silent default. (No
+/// `Debug`: it holds secrets.)
+#[derive(Clone, PartialEq, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoredOptions {
     /// HTTP request headers (credentials live here, not in triggers).

@@ -168,7 +168,7 @@ pub struct Outcome {
 #[derive(Default)]
 pub struct Conn {
     tcp: Option<Socket>,
-    redis: Option<Socket>,
+    redis: Option<redis::Conn>,
     nats: Option<nats::Conn>,
     http: Option<http::Client>,
     /// With `max_rate`: the earliest time the next request may start,

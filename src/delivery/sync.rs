@@ -30,7 +30,7 @@ struct State {
     conns: Vec<(String, u16, Option<Socket>)>,
     /// Kept-open Redis connections, by destination key (credentials
     /// differ per stored destination, so not by host and port).
-    redis: Vec<(String, Option<Socket>)>,
+    redis: Vec<(String, Option<redis::Conn>)>,
     /// Kept-open NATS connections, likewise.
     nats: Vec<(String, Option<nats::Conn>)>,
 }
@@ -238,16 +238,23 @@ fn publish(
     })
 }
 
-/// The kept connection of the destination `key` (empty the first time).
+/// Broker connections a backend keeps open at most; past that the one
+/// used longest ago is closed (a session sending to many streams must
+/// not hold a socket per stream for its whole life).
+const KEPT_BROKER_CONNECTIONS: usize = 8;
+
+/// The kept connection of the destination `key` (empty the first time),
+/// moved to the end of `conns`, which is ordered by last use.
 fn kept<'a, C>(conns: &'a mut Vec<(String, Option<C>)>, key: &str) -> &'a mut Option<C> {
-    let i = match conns.iter().position(|(k, _)| k == key) {
-        Some(i) => i,
-        None => {
-            conns.push((key.to_string(), None));
-            conns.len() - 1
-        }
+    let entry = match conns.iter().position(|(k, _)| k == key) {
+        Some(i) => conns.remove(i),
+        None => (key.to_string(), None),
     };
-    &mut conns[i].1
+    if conns.len() >= KEPT_BROKER_CONNECTIONS {
+        conns.remove(0);
+    }
+    conns.push(entry);
+    &mut conns.last_mut().expect("just pushed").1
 }
 
 /// The id a sync or commit event goes out with (never retried, so fresh):

@@ -85,15 +85,26 @@ pub fn check_subject(s: &str) -> bool {
 /// enough that a failure resends little.
 const IN_FLIGHT: usize = 256;
 
-/// A connection with its reply inbox.
+/// A connection with its reply inbox, and the subject (with credentials)
+/// it was opened for.
 pub struct Conn {
     sock: Socket,
     inbox: String,
     buf: Vec<u8>,
+    /// The reply subject of the next publish is `<inbox>.<next>`: numbers
+    /// are never reused on a connection, so a late or second reply to an
+    /// earlier publish cannot pass for a later one's acknowledgement.
+    next: u64,
+    opened_for: Subject,
 }
 
+/// Longest message accepted from the server: acknowledgements are a few
+/// dozen bytes.
+const MAX_REPLY: usize = 64 * 1024;
+
 /// Publishes `messages` in order, on the connection kept in `slot` (opened
-/// when there is none), and waits for their acknowledgements. Returns how
+/// when there is none, or it was opened for another server or other
+/// credentials: an altered stored destination), and waits for their acknowledgements. Returns how
 /// many were acknowledged (a prefix of `messages`) and what stopped the
 /// rest. After any failure the connection is dropped.
 pub fn publish(
@@ -112,13 +123,16 @@ pub fn publish(
     let mut out = Vec::new();
     for chunk in messages.chunks(IN_FLIGHT) {
         out.clear();
+        let base = conn.next;
+        conn.next += chunk.len() as u64;
         for (k, m) in chunk.iter().enumerate() {
             let headers = format!("NATS/1.0\r\nNats-Msg-Id: {}\r\n\r\n", m.id);
             out.extend_from_slice(
                 format!(
-                    "HPUB {} {}.{k} {} {}\r\n",
+                    "HPUB {} {}.{} {} {}\r\n",
                     target.subject,
                     conn.inbox,
+                    base + k as u64,
                     headers.len(),
                     headers.len() + m.payload.len()
                 )
@@ -138,8 +152,8 @@ pub fn publish(
         let mut deadline = Instant::now() + timeouts.write;
         while prefix < chunk.len() {
             match next_reply(&mut conn, deadline, timeouts, intr) {
-                Ok(Some((k, r))) => {
-                    acked.insert(k, r);
+                Ok(Some((n, r))) if (base..conn.next).contains(&n) => {
+                    acked.insert((n - base) as usize, r);
                     deadline = Instant::now() + timeouts.write;
                     while let Some(r) = acked.remove(&prefix) {
                         if let Err(e) = r {
@@ -154,7 +168,8 @@ pub fn publish(
                         prefix += 1;
                     }
                 }
-                Ok(None) => {}
+                // Not an acknowledgement of this chunk.
+                Ok(_) => {}
                 Err(e) => return (done + prefix, Err(e)),
             }
         }
@@ -181,7 +196,7 @@ fn connection(
             .ok()
             .and_then(|a| a.as_socket())
             .is_some_and(|a| allow.filter(&target.host, target.port, None, &[a]).is_ok());
-        if peer_allowed && still_open(&mut c) {
+        if c.opened_for == *target && peer_allowed && still_open(&mut c) {
             return Ok(c);
         }
     }
@@ -190,11 +205,21 @@ fn connection(
         sock,
         inbox: format!("_INBOX.pg_emit.{}", inbox_token()),
         buf: Vec::new(),
+        next: 0,
+        opened_for: target.clone(),
     };
     let deadline = Instant::now() + timeouts.connect;
     let info = read_line(&mut conn, deadline, intr)?;
-    if !info.starts_with("INFO ") {
+    let Some(info) = info.strip_prefix("INFO ") else {
         return Err(NatsError::Protocol(format!("expected INFO, got {info:?}")));
+    };
+    // Credentials never go out in the clear to a server that wants TLS.
+    let info: serde_json::Value = serde_json::from_str(info)
+        .map_err(|e| NatsError::Protocol(format!("INFO is not JSON: {e}")))?;
+    if info["tls_required"] == serde_json::Value::Bool(true) {
+        return Err(NatsError::Server(
+            "the server requires TLS, which pg_emit's NATS destinations do not speak yet".into(),
+        ));
     }
     let mut connect = serde_json::json!({
         "verbose": false, "pedantic": false, "headers": true, "no_responders": true,
@@ -274,11 +299,11 @@ fn read_line(
     }
 }
 
-/// The outcome of the `k`th publish of a chunk.
-type Ack = (usize, Result<(), NatsError>);
+/// The outcome of publish number `n` on a connection.
+type Ack = (u64, Result<(), NatsError>);
 
-/// The next acknowledgement: `Some((k, outcome))` for the reply to the
-/// `k`th message of the chunk, `None` for anything else (a server `PING`,
+/// The next acknowledgement: `Some((n, outcome))` for the reply to publish
+/// number `n`, `None` for anything else (a server `PING`,
 /// answered here).
 fn next_reply(
     conn: &mut Conn,
@@ -315,6 +340,11 @@ fn next_reply(
     let (Some(hdr_len), Some(total), Some(subject)) = (hdr_len, total, subject) else {
         return Err(NatsError::Protocol(format!("malformed {line:?}")));
     };
+    if total > MAX_REPLY || hdr_len > total {
+        return Err(NatsError::Protocol(format!(
+            "an oversized or malformed {line:?}"
+        )));
+    }
     while conn.buf.len() < total + 2 {
         tcp::read_some(&conn.sock, &mut conn.buf, deadline, intr)?;
     }
@@ -323,7 +353,7 @@ fn next_reply(
     let k = subject
         .strip_prefix(conn.inbox.as_str())
         .and_then(|s| s.strip_prefix('.'))
-        .and_then(|s| s.parse::<usize>().ok());
+        .and_then(|s| s.parse::<u64>().ok());
     let Some(k) = k else {
         return Ok(None);
     };
