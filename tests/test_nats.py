@@ -46,7 +46,7 @@ def test_async_events_are_in_the_stream_once_in_commit_order(db, table, server):
     assert [e["new"]["id"] for _, e in msgs] == list(range(1, 501))
     for msg_id, e in msgs:
         assert msg_id == f"evt_{e['stream']}_{e['id']}"
-    assert db.one("SELECT count(*) FROM emit.outbox") == 0
+    assert db.one("SELECT count(*) FROM emit.outbox WHERE port = %s", (server.port,)) == 0
 
 
 @pytest.mark.parametrize("mode", ["sync", "commit"])
@@ -66,7 +66,7 @@ def test_a_subject_no_stream_captures_waits_and_says_why(db, table, server):
     attach(db, table, f"nats://127.0.0.1:{server.port}/invoices.paid", "delivery=async")
     db.execute(f"INSERT INTO {table} VALUES (1, 'a')")
     assert wait_until(lambda: "no JetStream stream captures subject" in (db.one(
-        "SELECT last_error FROM emit.outbox WHERE framing = 'nats' LIMIT 1") or ""), 10)
+        "SELECT last_error FROM emit.outbox WHERE port = %s", (server.port,)) or ""), 10)
     with pytest.raises(psycopg.errors.ConnectionFailure) as e:
         db.execute("SET pg_emit.on_error = 'error'")
         db.execute(f"SELECT send_message('nats://127.0.0.1:{server.port}/invoices.paid', '{{}}', 'sync')")
@@ -81,7 +81,7 @@ def test_server_down_then_back(db, table, server):
     server.stop()
     db.execute(f"INSERT INTO {table} SELECT g, 'x' FROM generate_series(1, 100) g")
     assert wait_until(lambda: db.one(
-        "SELECT last_error FROM emit.outbox WHERE framing = 'nats' LIMIT 1") is not None, 10)
+        "SELECT last_error FROM emit.outbox WHERE port = %s", (server.port,)) is not None, 10)
     server.start()
     assert sorted(e["new"]["id"] for _, e in server.wait_for("ORDERS", 100)) == list(range(1, 101))
 
@@ -103,7 +103,8 @@ def test_crash_mid_delivery_leaves_each_event_in_the_stream_once(cluster, server
             for start in range(1, 5001, 1000):
                 c.execute(f"INSERT INTO {table} SELECT g, 'x' FROM generate_series({start + 1}, {start + 1000}) g")
             assert wait_until(lambda: c.execute(
-                "SELECT count(*) FROM emit.outbox WHERE first_event_id IS NOT NULL").fetchone()[0], 5)
+                "SELECT count(*) FROM emit.outbox WHERE first_event_id IS NOT NULL AND port = %s",
+                (server.port,)).fetchone()[0], 5)
             time.sleep(0.5)
             assert cluster.stop("immediate").returncode == 0
         finally:
@@ -114,10 +115,11 @@ def test_crash_mid_delivery_leaves_each_event_in_the_stream_once(cluster, server
     before = server.count("ORDERS") - 1
     with cluster.connect("emit_test") as c:
         # ...but was never acknowledged to pg_emit: all of it goes again.
-        assert c.execute("SELECT sum(events - sent) FROM emit.outbox").fetchone()[0] == 5000
+        assert c.execute("SELECT sum(events - sent) FROM emit.outbox WHERE port = %s",
+                         (server.port,)).fetchone()[0] == 5000
         c.execute(f"INSERT INTO {table} VALUES (5002, 'after')")  # starts the worker
     assert wait_until(lambda: cluster.connect("emit_test").execute(
-        "SELECT count(*) FROM emit.outbox").fetchone()[0] == 0, 30)
+        "SELECT count(*) FROM emit.outbox WHERE port = %s", (server.port,)).fetchone()[0] == 0, 30)
     msgs = server.messages("ORDERS")
     # Published twice (before the crash, and again after), stored once.
     assert sorted(e["new"]["id"] for _, e in msgs) == list(range(1, 5003))
