@@ -4,7 +4,9 @@ installed by `make test` (cargo pgrx install) before pytest starts."""
 import hashlib
 import os
 import re
+import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -113,3 +115,26 @@ def wait_running(cluster, pid, text, timeout=10.0):
                 return
             time.sleep(0.01)
     raise AssertionError(f"backend {pid} never ran {text!r}")
+
+
+@pytest.fixture(scope="session")
+def pki():
+    """A throwaway CA and a server certificate for 127.0.0.1/localhost
+    (HTTPS and TLS-only broker tests)."""
+    d = tempfile.mkdtemp(prefix="pg_emit-pki-")
+    os.chmod(d, 0o755)
+
+    def run(*args):
+        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
+        "-days", "2", "-subj", "/CN=pg_emit test CA")
+    run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
+        "-subj", "/CN=localhost")
+    with open(os.path.join(d, "san.ext"), "w") as f:
+        f.write("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    run("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+        "-out", "server.pem", "-days", "2", "-extfile", "san.ext")
+    for f in os.listdir(d):
+        os.chmod(os.path.join(d, f), 0o644)
+    return d

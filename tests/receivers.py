@@ -339,12 +339,13 @@ class NatsServer:
     its store in a temporary directory that survives `stop()`/`start()`.
     Read back with nats-py, the NATS project's Python client."""
 
-    def __init__(self, user=None, password=None, token=None):
+    def __init__(self, user=None, password=None, token=None, tls=None):
         import tempfile
 
         self.port = free_port()
         self.store = tempfile.mkdtemp(prefix="pg_emit-nats-")
         self.auth = {"user": user, "password": password, "token": token}
+        self.tls = tls  # (certificate file, key file): TLS required
         self.proc = None
         self.start()
 
@@ -354,6 +355,8 @@ class NatsServer:
             args += ["--user", self.auth["user"], "--pass", self.auth["password"]]
         if self.auth["token"]:
             args += ["--auth", self.auth["token"]]
+        if self.tls:
+            args += ["--tls", "--tlscert", self.tls[0], "--tlskey", self.tls[1]]
         self.proc = serve(args, self.port)
 
     def stop(self):

@@ -380,27 +380,6 @@ def test_signing_key_is_not_readable_by_ordinary_roles(cluster, db, secret_file)
 # --- HTTPS with a locally generated CA -------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def pki():
-    d = tempfile.mkdtemp(prefix="pg_emit-pki-")
-    os.chmod(d, 0o755)
-
-    def run(*args):
-        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True)
-
-    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
-        "-days", "2", "-subj", "/CN=pg_emit test CA")
-    run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
-        "-subj", "/CN=localhost")
-    with open(os.path.join(d, "san.ext"), "w") as f:
-        f.write("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    run("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-        "-out", "server.pem", "-days", "2", "-extfile", "san.ext")
-    for f in os.listdir(d):
-        os.chmod(os.path.join(d, f), 0o644)
-    return d
-
-
 @pytest.fixture
 def https(pki):
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)

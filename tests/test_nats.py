@@ -149,6 +149,23 @@ def test_credentials_from_a_stored_destination(db, table, dest, auth, options):
         server.close()
 
 
+def test_no_credentials_go_to_a_server_that_requires_tls(db, table, dest, pki):
+    """pg_emit's NATS client has no TLS yet: it must say so instead of
+    sending the password in the clear."""
+    server = NatsServer(user="emit", password="pw", tls=(os.path.join(pki, "server.pem"),
+                                                         os.path.join(pki, "server.key")))
+    try:
+        db.execute("SELECT emit.create_destination(%s, %s, %s)",
+                   (dest, f"nats://127.0.0.1:{server.port}/orders.tls",
+                    json.dumps({"username": "emit", "password": "pw"})))
+        attach(db, table, dest, "delivery=async")
+        db.execute(f"INSERT INTO {table} VALUES (1, 'a')")
+        assert wait_until(lambda: "requires TLS" in (db.one(
+            "SELECT last_error FROM emit.outbox WHERE destination = %s", (dest,)) or ""), 10)
+    finally:
+        server.close()
+
+
 @pytest.mark.parametrize("call, text", [
     ("send_message('nats://u:pw@127.0.0.1/a', '{}')", "stored destination's options"),
     ("send_message('nats://127.0.0.1/orders.*', '{}')", "without wildcards"),

@@ -192,11 +192,7 @@ pub fn try_send(
                 &stream.host,
                 stream.port,
                 || xadd(&target.key(), stream, &id, msg, intr),
-                |r| match r {
-                    Err(f) if f.cancelled() || f.not_allowed().is_some() => None,
-                    Err(f) => Some(f.reason(&target.name())),
-                    Ok(()) => None,
-                },
+                receiver_failed(&target.name()),
             )
         }
         Target::Nats(subject) => {
@@ -205,11 +201,7 @@ pub fn try_send(
                 &subject.host,
                 subject.port,
                 || publish(&target.key(), subject, &id, msg, intr),
-                |r| match r {
-                    Err(f) if f.cancelled() || f.not_allowed().is_some() => None,
-                    Err(f) => Some(f.reason(&target.name())),
-                    Ok(()) => None,
-                },
+                receiver_failed(&target.name()),
             )
         }
         Target::Stored { .. } => unreachable!("endpoint() is never a stored destination"),
@@ -288,6 +280,16 @@ fn xadd(
     })
 }
 
+/// What a failed send says about the receiver `dest`, for its cooldown:
+/// a cancel or a refusal by policy says nothing.
+fn receiver_failed(dest: &str) -> impl Fn(&Result<(), Failure>) -> Option<String> + '_ {
+    move |r| match r {
+        Err(f) if f.cancelled() || f.not_allowed().is_some() => None,
+        Err(f) => Some(f.reason(dest)),
+        Ok(()) => None,
+    }
+}
+
 /// Runs `f` unless `key` is cooling down, and records its outcome.
 /// `failed` tells which errors say something about the receiver.
 fn guarded<T>(
@@ -362,12 +364,7 @@ fn try_send_tcp(
             }
             .map_err(Failure::Send)
         },
-        |r| match r {
-            // A cancel or a refusal by policy says nothing about the receiver.
-            Err(f) if f.cancelled() || f.not_allowed().is_some() => None,
-            Err(f) => Some(f.reason(&dest_name(host, port))),
-            Ok(()) => None,
-        },
+        receiver_failed(&dest_name(host, port)),
     )
 }
 
