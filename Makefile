@@ -54,3 +54,4 @@ bench: setup install-release
 	.venv/bin/python bench/formats.py
 	.venv/bin/python bench/redis_streams.py
 	.venv/bin/python bench/nats_jetstream.py
+	.venv/bin/python bench/kafka.py

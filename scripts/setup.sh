@@ -45,13 +45,25 @@ fi
 # standardwebhooks: the official Standard Webhooks library, which the tests
 # verify pg_emit's signatures with; cloudevents: the CloudEvents SDK, which
 # they parse pg_emit's CloudEvents with (2.x: its cloudevents.core API);
-# redis and nats-py: the Redis and NATS clients the tests read back with.
-if [ ! -x .venv/bin/pytest ] || ! .venv/bin/python -c 'import psycopg, pyflakes, standardwebhooks, cloudevents.core, redis, nats' 2>/dev/null; then
-  say "python venv with pytest, psycopg, pyflakes, standardwebhooks, cloudevents, redis and nats-py"
+# redis, nats-py and confluent-kafka: the Redis, NATS and Kafka clients the
+# tests read back with (confluent-kafka is Confluent's, on librdkafka, whose
+# wheel carries the library).
+if [ ! -x .venv/bin/pytest ] || ! .venv/bin/python -c 'import psycopg, pyflakes, standardwebhooks, cloudevents.core, redis, nats, confluent_kafka' 2>/dev/null; then
+  say "python venv with pytest, psycopg, pyflakes, standardwebhooks, cloudevents, redis, nats-py and confluent-kafka"
   if ! python3 -m venv .venv 2>/dev/null; then
     $SUDO apt-get install -y -qq python3-venv >/dev/null
     python3 -m venv .venv
   fi
   .venv/bin/pip install -q --disable-pip-version-check pytest 'psycopg[binary]' pyflakes standardwebhooks \
-    'cloudevents==2.2.0' redis nats-py
+    'cloudevents==2.2.0' redis nats-py 'confluent-kafka==2.16.1'
+fi
+
+# 5. A Kafka-protocol broker for the Kafka tests: tansu, from crates.io
+#    (Apache Kafka's own broker is a download from apache.org, which no
+#    registry this machine reaches offers). Its in-memory storage engine is behind the dynostore feature.
+#    About 8 minutes to build, once.
+TANSU_VERSION=0.6.0
+if ! tansu --version 2>/dev/null | grep -q " $TANSU_VERSION\$"; then
+  say "cargo install tansu $TANSU_VERSION (about 8 minutes, once)"
+  cargo install tansu --version "$TANSU_VERSION" --locked --features dynostore --quiet
 fi

@@ -47,6 +47,7 @@ fn send_socket(msg: &str, host: &str, port: i32) -> i32 {
         &target,
         Format::Json,
         msg.as_bytes(),
+        None,
         &interrupts::Statement,
     ) {
         Ok(()) => 1,
@@ -128,7 +129,7 @@ fn send_message(
             // Events this statement's triggers hold for the same kept-open
             // connection go first.
             sync::flush_all();
-            match sync::try_send(target, format, &buf, &interrupts::Statement) {
+            match sync::try_send(target, format, &buf, key, &interrupts::Statement) {
                 Ok(()) => true,
                 Err(f) => {
                     sync::report(f, &context, &target.name());
@@ -137,7 +138,7 @@ fn send_message(
             }
         }
         Delivery::Commit => {
-            commit::hold(&context, target, format, &buf);
+            commit::hold(&context, target, format, &buf, key);
             true
         }
         Delivery::Async => {

@@ -356,11 +356,13 @@ fn fire(td: &pg_sys::TriggerData, func: Func) -> pg_sys::Datum {
             (true, _) => (None, Some(tuple_json(td.tg_trigtuple, desc))),
         }
     };
-    // The ordering key of async events: the trigger's key columns, else
-    // the row's replica identity (its primary key unless the table says
-    // otherwise), before an UPDATE.
-    let key = match (mode, op) {
-        (Delivery::Async, Op::Insert | Op::Update | Op::Delete) if row_level => {
+    // The ordering key of async events and of Kafka records (their
+    // partition): the trigger's key columns, else the row's replica
+    // identity (its primary key unless the table says otherwise), before
+    // an UPDATE.
+    let keyed = mode == Delivery::Async || matches!(target.endpoint(), Target::Kafka(_));
+    let key = match op {
+        Op::Insert | Op::Update | Op::Delete if row_level && keyed => {
             let cols = key_columns(&firing, &plan);
             // SAFETY: the firing's own relation and tuple.
             unsafe { row_key(td.tg_relation, td.tg_trigtuple, cols.as_deref()) }
@@ -551,8 +553,8 @@ fn send(
         .raise();
     }
     match mode {
-        Delivery::Sync => sync::deliver(&context, target, format, buf),
-        Delivery::Commit => commit::hold(&context, target, format, buf),
+        Delivery::Sync => sync::deliver(&context, target, format, buf, key),
+        Delivery::Commit => commit::hold(&context, target, format, buf, key),
         Delivery::Async => outbox::queue(target, format, buf, key),
     }
 }

@@ -421,3 +421,83 @@ class NatsServer:
 
         self.stop()
         shutil.rmtree(self.store, ignore_errors=True)
+
+
+class KafkaServer:
+    """A real Kafka-protocol broker on 127.0.0.1: tansu (from crates.io,
+    built by the setup), its log in memory, so `stop()` and `start()` give
+    an empty broker on the same port, as a broker that was replaced. Read
+    back with confluent-kafka, Confluent's Python client (librdkafka)."""
+
+    def __init__(self):
+        self.port = free_port()
+        self.proc = None
+        self.start()
+
+    @property
+    def bootstrap(self):
+        return f"127.0.0.1:{self.port}"
+
+    def start(self):
+        url = f"tcp://127.0.0.1:{self.port}"
+        self.proc = serve(["tansu", "broker", "--listener-url", url, "--advertised-listener-url", url,
+                           "--storage-engine", "memory://tansu/"], self.port)
+
+    def stop(self):
+        self.proc.kill()
+        self.proc.wait()
+
+    close = stop
+
+    def create_topic(self, name, partitions=3):
+        subprocess.run(["tansu", "topic", "create", "--broker", f"tcp://127.0.0.1:{self.port}",
+                        "--partitions", str(partitions), name],
+                       check=True, capture_output=True, timeout=30)
+
+    def records(self, topic, n, partitions=3, timeout=20.0):
+        """Every record of `topic` once at least `n` are there (or the time
+        is up), read from the start of each partition: dicts with
+        partition, offset, key, headers and the value parsed as JSON."""
+        import json
+
+        from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+        c = Consumer({"bootstrap.servers": self.bootstrap, "group.id": f"pg_emit-test-{time.monotonic_ns()}",
+                      "enable.auto.commit": False, "enable.partition.eof": False})
+        try:
+            c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(partitions)])
+            out = []
+            end = time.monotonic() + timeout
+            while time.monotonic() < end:
+                m = c.poll(0.2)
+                if m is not None and not m.error():
+                    out.append({"partition": m.partition(), "offset": m.offset(),
+                                "key": m.key().decode() if m.key() is not None else None,
+                                "headers": {k: v.decode() for k, v in (m.headers() or [])},
+                                "value": json.loads(m.value())})
+                if len(out) >= n:
+                    # Anything beyond n (duplicates) has arrived by now too.
+                    end = min(end, time.monotonic() + 0.5)
+            return out
+        finally:
+            c.close()
+
+    def count(self, topic, partitions=3, idle=2.0):
+        """Records in `topic`, read from the start of each partition until
+        none came for `idle` seconds (tansu's high watermarks can lag
+        behind what a consumer reads, so they are not used)."""
+        from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+        c = Consumer({"bootstrap.servers": self.bootstrap, "group.id": "pg_emit-count",
+                      "enable.auto.commit": False})
+        try:
+            c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(partitions)])
+            n, last = 0, time.monotonic()
+            while time.monotonic() - last < idle:
+                batch = c.consume(10_000, 0.2)
+                n += sum(1 for m in batch if not m.error())
+                if batch:
+                    last = time.monotonic()
+            return n
+        finally:
+            c.close()

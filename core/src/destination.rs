@@ -8,7 +8,7 @@ use crate::job::{Flow, DEFAULT_CONCURRENCY};
 use crate::options::{self, Format, Framing, OptionError};
 use crate::schedule::Order;
 use crate::transport::http;
-use crate::transport::{nats, redis};
+use crate::transport::{kafka, nats, redis};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 
@@ -28,6 +28,8 @@ pub enum Destination {
     Redis(Box<redis::Stream>),
     /// A NATS subject captured by a JetStream stream (`nats://host:port/subject`).
     Nats(Box<nats::Subject>),
+    /// A Kafka topic (`kafka://host:port/topic`, one bootstrap broker).
+    Kafka(Box<kafka::Topic>),
     /// A stored destination, as it was when the event was made. Async
     /// events keep only the name: the worker reads the destination when
     /// it delivers, so credentials never enter the outbox and a changed
@@ -49,6 +51,7 @@ impl Destination {
             Destination::Http { url, .. } => url.clone(),
             Destination::Redis(s) => redis_url(s),
             Destination::Nats(s) => nats_url(s),
+            Destination::Kafka(t) => kafka_url(t),
             Destination::Stored { name, .. } => name.clone(),
         }
     }
@@ -91,6 +94,7 @@ impl Destination {
             }
             Destination::Redis(s) => redis_url(s),
             Destination::Nats(s) => nats_url(s),
+            Destination::Kafka(t) => kafka_url(t),
             Destination::Stored { name, .. } => name.clone(),
         }
     }
@@ -138,6 +142,13 @@ impl Destination {
                 Some(nats_url(s)),
                 None,
             ),
+            Destination::Kafka(t) => (
+                t.host.clone(),
+                i32::from(t.port),
+                "kafka".into(),
+                Some(kafka_url(t)),
+                None,
+            ),
             Destination::Stored { .. } => (String::new(), 0, "stored".into(), None, None),
         }
     }
@@ -157,6 +168,10 @@ fn redis_url(s: &redis::Stream) -> String {
 /// A subject's URL, without its credentials.
 fn nats_url(s: &nats::Subject) -> String {
     format!("nats://{}/{}", host_port(&s.host, s.port), s.subject)
+}
+
+fn kafka_url(t: &kafka::Topic) -> String {
+    format!("kafka://{}/{}", host_port(&t.host, t.port), t.topic)
 }
 
 /// `host:port`, with brackets around IPv6 addresses.
@@ -200,7 +215,7 @@ pub fn parse_url(input: &str, headers: Vec<(String, String)>) -> Result<Destinat
                 headers,
             })
         }
-        Some(scheme @ ("tcp" | "redis" | "nats")) => {
+        Some(scheme @ ("tcp" | "redis" | "nats" | "kafka")) => {
             if !headers.is_empty() {
                 return Err(OptionError::Destination(format!(
                     "{input:?}: headers apply to http:// and https:// destinations only"
@@ -209,12 +224,13 @@ pub fn parse_url(input: &str, headers: Vec<(String, String)>) -> Result<Destinat
             match scheme {
                 "tcp" => parse_tcp(input),
                 "nats" => parse_nats(input),
+                "kafka" => parse_kafka(input),
                 _ => parse_redis(input),
             }
         }
         _ => Err(OptionError::Destination(format!(
             "{input:?} is neither a destination URL (tcp://host:port, http://..., https://..., \
-             redis://host:port/stream, nats://host:port/subject) nor the name of a stored \
+             redis://host:port/stream, nats://host:port/subject, kafka://host:port/topic) nor the name of a stored \
              destination"
         ))),
     }
@@ -334,6 +350,29 @@ fn parse_nats(input: &str) -> Result<Destination, OptionError> {
         port: u.port().unwrap_or(4222),
         subject: subject.to_string(),
         auth: None,
+    })))
+}
+
+/// `kafka://host[:port]/topic`: one bootstrap broker; the partitions'
+/// leaders are found through it.
+fn parse_kafka(input: &str) -> Result<Destination, OptionError> {
+    let bad = |why: &str| OptionError::Destination(format!("{input:?}: {why}"));
+    if url::Url::parse(input).is_ok_and(|u| !u.username().is_empty() || u.password().is_some()) {
+        return Err(bad(
+            "kafka:// destinations take no credentials: pg_emit speaks Kafka without SASL",
+        ));
+    }
+    let (u, host) = broker_url(input, "")?;
+    let topic = u.path().strip_prefix('/').unwrap_or_default();
+    if !kafka::check_topic(topic) || u.query().is_some() || u.fragment().is_some() {
+        return Err(bad(
+            "a kafka:// URL is kafka://host[:port]/topic, the topic 1 to 249 of a-z A-Z 0-9 . _ -",
+        ));
+    }
+    Ok(Destination::Kafka(Box::new(kafka::Topic {
+        host,
+        port: u.port().unwrap_or(9092),
+        topic: topic.to_string(),
     })))
 }
 
@@ -686,6 +725,39 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("stored destination's options"), "{e}");
+    }
+
+    #[test]
+    fn kafka_urls() {
+        let d = parse_url("kafka://127.0.0.1:19092/orders.v2", Vec::new()).unwrap();
+        let Destination::Kafka(t) = &d else {
+            panic!("{d:?}")
+        };
+        assert_eq!(
+            (t.host.as_str(), t.port, t.topic.as_str()),
+            ("127.0.0.1", 19092, "orders.v2")
+        );
+        assert_eq!(parse_url(&d.key(), Vec::new()).unwrap(), d);
+        assert!(matches!(
+            parse_url("kafka://h/t", Vec::new()).unwrap(),
+            Destination::Kafka(ref t) if t.port == 9092
+        ));
+        for bad in [
+            "kafka://h/",
+            "kafka://h/a/b",
+            "kafka://h/t?acks=1",
+            "kafka://h/a%20b",
+        ] {
+            assert!(parse_url(bad, Vec::new()).is_err(), "{bad}");
+        }
+        let e = parse_url("kafka://u:p@h/t", Vec::new())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("without SASL"), "{e}");
+        let e = parse_stored("kafka://h/t", r#"{"username":"u","password":"p"}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("redis:// and nats://"), "{e}");
     }
 
     #[test]

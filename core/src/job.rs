@@ -9,7 +9,7 @@ use crate::schedule::{Order, Scheduler};
 use crate::security::Allowlist;
 use crate::transport::http::{self, ClientConfig, HttpError, Request, Signing};
 use crate::transport::tcp::{self, SendError};
-use crate::transport::{nats, redis};
+use crate::transport::{kafka, nats, redis};
 use crate::transport::{Interrupt, Timeouts};
 use socket2::Socket;
 use std::sync::{Condvar, Mutex};
@@ -170,6 +170,7 @@ pub struct Conn {
     tcp: Option<Socket>,
     redis: Option<redis::Conn>,
     nats: Option<nats::Conn>,
+    kafka: Option<kafka::Conn>,
     http: Option<http::Client>,
     /// With `max_rate`: the earliest time the next request may start,
     /// kept from one job to the next.
@@ -346,6 +347,40 @@ pub fn send_job(conn: &mut Conn, job: &Job, intr: &dyn Interrupt) -> Outcome {
                 r.map_err(|e| {
                     Stopped(match e {
                         nats::NatsError::Send(s) => JobError::from(s),
+                        e => JobError::Retry {
+                            message: e.to_string(),
+                            after: None,
+                        },
+                    })
+                })
+            }
+            Dest::Endpoint(Destination::Kafka(topic), _) => {
+                let first = row.sent as usize;
+                let (ids, ends) = broker_batch(&mut buf, row, lines, &job.stream);
+                let content_type = crate::cloudevents::content_type(row.format, false);
+                let records: Vec<kafka::Record<'_>> = (0..ids.len())
+                    .map(|n| kafka::Record {
+                        id: &ids[n],
+                        key: row
+                            .keys
+                            .as_ref()
+                            .and_then(|ks| ks.get(first + n).copied().flatten()),
+                        value: &buf[ends[n].clone()],
+                        content_type,
+                    })
+                    .collect();
+                let (acked, r) = kafka::produce(
+                    &mut conn.kafka,
+                    topic,
+                    &records,
+                    &job.timeouts,
+                    &job.allow,
+                    intr,
+                );
+                sent[i] += acked as u32;
+                r.map_err(|e| {
+                    Stopped(match e {
+                        kafka::KafkaError::Send(s) => JobError::from(s),
                         e => JobError::Retry {
                             message: e.to_string(),
                             after: None,

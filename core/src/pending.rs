@@ -169,8 +169,8 @@ impl<K: PartialEq + Clone> Pending<K> {
     }
 
     /// Events in order, each with its destination.
-    pub fn iter(&self) -> impl Iterator<Item = (&K, &[u8])> {
-        self.iter_from(0).map(|(d, m, _, _)| (d, m))
+    pub fn iter(&self) -> impl Iterator<Item = (&K, &[u8], Option<i64>)> {
+        self.iter_from(0).map(|(d, m, _, k)| (d, m, k))
     }
 
     /// The current level's events in order, each with its destination,
@@ -200,7 +200,7 @@ mod tests {
 
     fn msgs(p: &Pending<&'static str>) -> Vec<(String, String)> {
         p.iter()
-            .map(|(d, m)| (d.to_string(), String::from_utf8(m.to_vec()).unwrap()))
+            .map(|(d, m, _)| (d.to_string(), String::from_utf8(m.to_vec()).unwrap()))
             .collect()
     }
 

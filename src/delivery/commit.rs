@@ -20,16 +20,22 @@ thread_local! {
     static HELD: RefCell<Pending<(Target, Format)>> = RefCell::default();
 }
 
-/// Holds one event of `format` (newline-terminated for ndjson) until
-/// commit.
-pub fn hold(context: &dyn Fn() -> String, target: &Target, format: Format, msg: &[u8]) {
+/// Holds one event of `format` (newline-terminated for ndjson), with its
+/// ordering key (for Kafka's partitions), until commit.
+pub fn hold(
+    context: &dyn Fn() -> String,
+    target: &Target,
+    format: Format,
+    msg: &[u8],
+    key: Option<i64>,
+) {
     let limit = settings::commit_buffer_bytes();
     let held = HELD.with_borrow_mut(|p| {
         p.push_to(
             |(t, f)| *f == format && t == target,
             || (target.clone(), format),
             msg,
-            None,
+            key,
             limit,
         )
     });
@@ -81,14 +87,14 @@ pub fn send_after_commit() {
     // up to COALESCE_BYTES, as in sync mode.
     let mut batch: Vec<u8> = Vec::new();
     let mut events = held.iter().peekable();
-    while let Some((key, msg)) = events.next() {
-        let (target, format) = (&key.0, key.1);
+    while let Some((route, msg, key)) = events.next() {
+        let (target, format) = (&route.0, route.1);
         let mut count = 1;
         let payload: &[u8] = if target.coalesces() {
             batch.clear();
             batch.extend_from_slice(msg);
-            while let Some((next, m)) = events.peek() {
-                if *next != key || batch.len() + m.len() > sync::COALESCE_BYTES {
+            while let Some((next, m, _)) = events.peek() {
+                if *next != route || batch.len() + m.len() > sync::COALESCE_BYTES {
                     break;
                 }
                 batch.extend_from_slice(m);
@@ -112,7 +118,7 @@ pub fn send_after_commit() {
             entry.2 += count;
             continue;
         }
-        if let Err(f) = sync::try_send(target, format, payload, &intr) {
+        if let Err(f) = sync::try_send(target, format, payload, key, &intr) {
             cancelled = f.cancelled();
             entry.2 += count;
             if entry.3.is_none() {

@@ -35,6 +35,7 @@ pub(crate) fn refuse_unless_allowed(context: &dyn Fn() -> String, target: &Targe
             .is_ok_and(|u| settings::allowlist().may_allow(&u.host, u.port, Some(url))),
         Target::Redis(s) => settings::allowlist().may_allow(&s.host, s.port, None),
         Target::Nats(s) => settings::allowlist().may_allow(&s.host, s.port, None),
+        Target::Kafka(t) => settings::allowlist().may_allow(&t.host, t.port, None),
         Target::Stored { .. } => unreachable!("endpoint() is never a stored destination"),
     };
     if !allowed {

@@ -15,7 +15,7 @@ use crate::settings::{self, OnError};
 use crate::transport::http::{self, HttpError, Request, Response, Signing};
 use crate::transport::tcp::{self, SendError};
 use crate::transport::Interrupt;
-use crate::transport::{nats, redis};
+use crate::transport::{kafka, nats, redis};
 use pg_emit_core::cloudevents;
 use pg_emit_core::destination::SignWith;
 use pg_emit_core::options::Format;
@@ -33,6 +33,8 @@ struct State {
     redis: Vec<(String, Option<redis::Conn>)>,
     /// Kept-open NATS connections, likewise.
     nats: Vec<(String, Option<nats::Conn>)>,
+    /// Kept Kafka producer sessions, likewise.
+    kafka: Vec<(String, Option<kafka::Conn>)>,
 }
 
 thread_local! {
@@ -144,12 +146,14 @@ impl Failure {
 }
 
 /// Sends `msg` (newline-terminated for ndjson, a whole body for HTTP), an
-/// event of `format`, through this backend's connections and cooldowns,
-/// without reporting. A response outside 2xx counts as a failure.
+/// event of `format` with ordering key `key` (Kafka partitions by it),
+/// through this backend's connections and cooldowns, without reporting. A
+/// response outside 2xx counts as a failure.
 pub fn try_send(
     target: &Target,
     format: Format,
     msg: &[u8],
+    key: Option<i64>,
     intr: &dyn Interrupt,
 ) -> Result<(), Failure> {
     match target.endpoint() {
@@ -204,6 +208,20 @@ pub fn try_send(
                 receiver_failed(&target.name()),
             )
         }
+        Target::Kafka(topic) => {
+            let record = kafka::Record {
+                id: &event_id(format, msg),
+                key,
+                value: msg,
+                content_type: cloudevents::content_type(format, false),
+            };
+            guarded(
+                &topic.host,
+                topic.port,
+                || produce(&target.key(), topic, record, intr),
+                receiver_failed(&target.name()),
+            )
+        }
         Target::Stored { .. } => unreachable!("endpoint() is never a stored destination"),
     }
 }
@@ -225,6 +243,26 @@ fn publish(
         let (_, r) = nats::publish(slot, subject, &[m], &timeouts, &allow, intr);
         r.map_err(|e| match e {
             nats::NatsError::Send(e) => Failure::Send(e),
+            e => Failure::Refused(e.to_string()),
+        })
+    })
+}
+
+/// One record on this backend's kept producer session for the
+/// destination `key`, acknowledged by its partition's leader.
+fn produce(
+    key: &str,
+    topic: &kafka::Topic,
+    record: kafka::Record<'_>,
+    intr: &dyn Interrupt,
+) -> Result<(), Failure> {
+    let timeouts = settings::timeouts();
+    let allow = settings::allowlist();
+    STATE.with_borrow_mut(|st| {
+        let slot = kept(&mut st.kafka, key);
+        let (_, r) = kafka::produce(slot, topic, &[record], &timeouts, &allow, intr);
+        r.map_err(|e| match e {
+            kafka::KafkaError::Send(e) => Failure::Send(e),
             e => Failure::Refused(e.to_string()),
         })
     })
@@ -453,7 +491,13 @@ fn http_client() -> Result<http::Client, String> {
 /// executor and utility hooks) or every [`COALESCE_BYTES`]. At 20,000 rows
 /// that is a few dozen `send(2)` calls instead of 20,000, which is most of
 /// the cost of sync delivery (see the README's Performance section).
-pub fn deliver(context: &dyn Fn() -> String, target: &Target, format: Format, msg: &[u8]) {
+pub fn deliver(
+    context: &dyn Fn() -> String,
+    target: &Target,
+    format: Format,
+    msg: &[u8],
+    key: Option<i64>,
+) {
     if let Target::Tcp {
         host,
         port,
@@ -483,7 +527,7 @@ pub fn deliver(context: &dyn Fn() -> String, target: &Target, format: Format, ms
         }
         return;
     }
-    if let Err(f) = try_send(target, format, msg, &interrupts::Statement) {
+    if let Err(f) = try_send(target, format, msg, key, &interrupts::Statement) {
         report(f, context, &target.name());
     }
 }

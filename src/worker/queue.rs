@@ -76,7 +76,7 @@ pub(super) fn claim(
                     };
                     (plain(endpoint), Flow::HTTP)
                 }
-                Some("redis" | "nats") => {
+                Some("redis" | "nats" | "kafka") => {
                     let url: String = r.get_by_name("url")?.unwrap_or_default();
                     match destination::parse_url(&url, Vec::new()) {
                         Ok(endpoint) => (plain(endpoint), Flow::SERIAL),

@@ -2,6 +2,7 @@
 //! [`Interrupt`] that knows how to honour cancel requests, tests supply none.
 
 pub mod http;
+pub mod kafka;
 pub mod nats;
 pub mod redis;
 pub mod tcp;

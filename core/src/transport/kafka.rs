@@ -1,0 +1,943 @@
+//! Kafka: produce each event to a topic as an idempotent producer with
+//! `acks=all`, and count it delivered when its partition's leader has
+//! acknowledged it.
+//!
+//! A producer needs three requests of the Kafka protocol: `Metadata` (which
+//! broker leads each partition), `InitProducerId` (an idempotent
+//! producer's id) and `Produce` (v2 record batches). They are spoken over
+//! pg_emit's own TCP transport, like Redis and NATS: every broker
+//! connection, the bootstrap one and each leader the cluster advertises,
+//! passes the allowlist check of its resolved address and honours the
+//! timeouts and cancel requests. librdkafka would start several threads in
+//! every backend that sends, and resolve and connect on its own, out of
+//! the allowlist's sight.
+//!
+//! **Partitions.** A record's key is the event's ordering key (16 hex
+//! digits); its partition is `murmur2(key) mod partitions`, the Java
+//! client's default, so events of one row stay in one partition, in
+//! commit order. Events without a key (statement-level events, tables
+//! without a primary key) go to partition 0, in order among themselves.
+//!
+//! **Idempotence.** Each connection registers as an idempotent producer
+//! and numbers its batches per partition, so within a connection no batch
+//! is written twice or out of order. A failure closes the connection and
+//! ends its producer session; what was not acknowledged is sent again by a
+//! new session, which Kafka cannot tell from new records. Consumers dedupe
+//! by the record's `id` header, the event's stable id.
+
+use super::tcp::{self, SendError};
+use super::{Interrupt, Timeouts};
+use crate::security::Allowlist;
+use socket2::Socket;
+use std::collections::HashMap;
+use std::time::Instant;
+
+/// A topic on a Kafka cluster, reached through one bootstrap broker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topic {
+    pub host: String,
+    pub port: u16,
+    pub topic: String,
+}
+
+/// One record: the event's id (the `id` header), ordering key, value and
+/// its content type (the `content-type` header).
+#[derive(Debug, Clone, Copy)]
+pub struct Record<'a> {
+    pub id: &'a str,
+    pub key: Option<i64>,
+    pub value: &'a [u8],
+    pub content_type: &'a str,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KafkaError {
+    #[error("{0}")]
+    Send(#[from] SendError),
+    #[error(
+        "topic {0:?} does not exist on the Kafka cluster (create it, e.g. with kafka-topics.sh \
+         --create; pg_emit does not create topics)"
+    )]
+    NoTopic(String),
+    #[error("the broker answered {what} with error {code} ({})", error_name(*.code))]
+    Broker { what: String, code: i16 },
+    #[error("kafka broker sent something unexpected: {0}")]
+    Protocol(String),
+}
+
+/// Whether `s` is a name Kafka accepts for a topic.
+pub fn check_topic(s: &str) -> bool {
+    (1..=249).contains(&s.len())
+        && s != "."
+        && s != ".."
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+const PRODUCE: i16 = 0;
+const METADATA: i16 = 3;
+const INIT_PRODUCER_ID: i16 = 22;
+
+/// Kafka 4.0 answers nothing older than Produce v7 and Metadata v4
+/// (KIP-896); both are spoken since Kafka 2.1 and need none of the
+/// "flexible" encoding of newer versions. InitProducerId v3 (Kafka 2.5)
+/// is flexible, but the first that names the producer id it asks to
+/// renew (-1: a new one), which brokers such as tansu require.
+const PRODUCE_VERSION: i16 = 7;
+const METADATA_VERSION: i16 = 4;
+const INIT_PRODUCER_ID_VERSION: i16 = 3;
+
+/// Records sent at once: one request per leader broker, each partition's
+/// share as one batch. Small enough to stay under the broker's default
+/// `message.max.bytes` (1 MB) unless single events are that large.
+const CHUNK_RECORDS: usize = 2000;
+const CHUNK_BYTES: usize = 512 * 1024;
+
+/// Longest response accepted: metadata of one topic and produce answers
+/// are small; a larger claim is a broken or hostile peer.
+const MAX_RESPONSE: usize = 4 * 1024 * 1024;
+
+/// A producer session with the cluster: the leaders of the topic's
+/// partitions, a connection to each, the producer id and the next
+/// sequence number of each partition.
+pub struct Conn {
+    opened_for: Topic,
+    /// Open connections by broker node id, with the address they were
+    /// opened for (to recheck the allowlist before reuse).
+    socks: HashMap<i32, (Socket, String, u16)>,
+    brokers: HashMap<i32, (String, u16)>,
+    /// The leader's node id of each partition.
+    leaders: Vec<i32>,
+    producer_id: i64,
+    epoch: i16,
+    sequences: Vec<i32>,
+    correlation: i32,
+    buf: Vec<u8>,
+}
+
+/// Produces `records` in order, on the session kept in `slot` (started
+/// when there is none, or it was started for another topic). Returns how
+/// many were acknowledged (a prefix of `records`) and what stopped the
+/// rest. After any failure the session is dropped.
+pub fn produce(
+    slot: &mut Option<Conn>,
+    target: &Topic,
+    records: &[Record<'_>],
+    timeouts: &Timeouts,
+    allow: &Allowlist,
+    intr: &dyn Interrupt,
+) -> (usize, Result<(), KafkaError>) {
+    let mut conn = match session(slot.take(), target, timeouts, allow, intr) {
+        Ok(c) => c,
+        Err(e) => return (0, Err(e)),
+    };
+    let mut done = 0;
+    while done < records.len() {
+        let mut end = done;
+        let mut bytes = 0;
+        while end < records.len()
+            && end - done < CHUNK_RECORDS
+            && (end == done || bytes < CHUNK_BYTES)
+        {
+            bytes += records[end].value.len();
+            end += 1;
+        }
+        let chunk = &records[done..end];
+        match conn.send_chunk(chunk, timeouts, allow, intr) {
+            Ok(()) => done = end,
+            Err((acked, e)) => return (done + acked, Err(e)),
+        }
+    }
+    *slot = Some(conn);
+    (done, Ok(()))
+}
+
+/// The kept session if its connections are open and their peers still
+/// allowed, else a new one: metadata read, producer id obtained.
+fn session(
+    kept: Option<Conn>,
+    target: &Topic,
+    timeouts: &Timeouts,
+    allow: &Allowlist,
+    intr: &dyn Interrupt,
+) -> Result<Conn, KafkaError> {
+    if let Some(c) = kept {
+        let usable = c.opened_for == *target
+            && c.socks.values().all(|(sock, host, port)| {
+                let allowed = sock
+                    .peer_addr()
+                    .ok()
+                    .and_then(|a| a.as_socket())
+                    .is_some_and(|a| allow.filter(host, *port, None, &[a]).is_ok());
+                allowed && !tcp::peer_closed(sock)
+            });
+        if usable {
+            return Ok(c);
+        }
+    }
+    let sock = tcp::open(&target.host, target.port, timeouts, allow, intr)?;
+    let mut conn = Conn {
+        opened_for: target.clone(),
+        socks: HashMap::new(),
+        brokers: HashMap::new(),
+        leaders: Vec::new(),
+        producer_id: -1,
+        epoch: -1,
+        sequences: Vec::new(),
+        correlation: 0,
+        buf: Vec::new(),
+    };
+    let deadline = Instant::now() + timeouts.write;
+
+    let mut body = Vec::new();
+    put_i32(&mut body, 1);
+    put_str(&mut body, &target.topic);
+    body.push(0); // allow_auto_topic_creation: a typo must not create a topic
+    let r = conn.call(
+        &sock,
+        METADATA,
+        METADATA_VERSION,
+        &body,
+        deadline,
+        timeouts,
+        intr,
+    )?;
+    conn.read_metadata(&r, &target.topic)?;
+
+    let mut body = Vec::new();
+    body.push(0); // transactional_id: null (compact), idempotent only
+    put_i32(&mut body, 60_000);
+    put_i64(&mut body, -1); // producer_id: a new one
+    put_i16(&mut body, -1); // producer_epoch
+    body.push(0); // no tagged fields
+    let r = conn.call(
+        &sock,
+        INIT_PRODUCER_ID,
+        INIT_PRODUCER_ID_VERSION,
+        &body,
+        deadline,
+        timeouts,
+        intr,
+    )?;
+    let mut rd = Reader::new(&r);
+    rd.tagged_fields()?; // of the response header (v1)
+    rd.i32()?; // throttle_time_ms
+    let code = rd.i16()?;
+    if code != 0 {
+        return Err(KafkaError::Broker {
+            what: "InitProducerId".into(),
+            code,
+        });
+    }
+    conn.producer_id = rd.i64()?;
+    conn.epoch = rd.i16()?;
+
+    // The bootstrap connection serves the broker it reached, if that one
+    // leads partitions; leaders elsewhere are connected to when needed.
+    if let Some((&node, (h, p))) = conn
+        .brokers
+        .iter()
+        .find(|(_, (h, p))| h.eq_ignore_ascii_case(&target.host) && *p == target.port)
+    {
+        let (h, p) = (h.clone(), *p);
+        conn.socks.insert(node, (sock, h, p));
+    }
+    Ok(conn)
+}
+
+impl Conn {
+    fn read_metadata(&mut self, r: &[u8], topic: &str) -> Result<(), KafkaError> {
+        let mut rd = Reader::new(r);
+        rd.i32()?; // throttle_time_ms
+        for _ in 0..rd.len()? {
+            let node = rd.i32()?;
+            let host = rd.string()?;
+            let port = rd.i32()?;
+            rd.nullable_string()?; // rack
+            let port = u16::try_from(port)
+                .map_err(|_| KafkaError::Protocol(format!("broker {node} has port {port}")))?;
+            self.brokers.insert(node, (host, port));
+        }
+        rd.nullable_string()?; // cluster_id
+        rd.i32()?; // controller_id
+        let mut leaders = Vec::new();
+        for _ in 0..rd.len()? {
+            let code = rd.i16()?;
+            let name = rd.string()?;
+            rd.i8()?; // is_internal
+            if name != topic {
+                return Err(KafkaError::Protocol(format!(
+                    "metadata of topic {name:?}, asked for {topic:?}"
+                )));
+            }
+            if code == UNKNOWN_TOPIC_OR_PARTITION {
+                return Err(KafkaError::NoTopic(topic.to_string()));
+            }
+            if code != 0 {
+                return Err(KafkaError::Broker {
+                    what: format!("Metadata of topic {topic:?}"),
+                    code,
+                });
+            }
+            for _ in 0..rd.len()? {
+                let code = rd.i16()?;
+                let index = rd.i32()?;
+                let leader = rd.i32()?;
+                for _ in 0..rd.len()? {
+                    rd.i32()?; // replica_nodes
+                }
+                for _ in 0..rd.len()? {
+                    rd.i32()?; // isr_nodes
+                }
+                if code != 0 || leader < 0 {
+                    return Err(KafkaError::Broker {
+                        what: format!("Metadata of partition {index} of {topic:?}"),
+                        code: if code != 0 {
+                            code
+                        } else {
+                            LEADER_NOT_AVAILABLE
+                        },
+                    });
+                }
+                leaders.push((index, leader));
+            }
+        }
+        leaders.sort_unstable();
+        if leaders.is_empty() || leaders.iter().enumerate().any(|(i, &(p, _))| p != i as i32) {
+            return Err(KafkaError::Protocol(format!(
+                "partitions of {topic:?} are not numbered 0..n: {leaders:?}"
+            )));
+        }
+        self.leaders = leaders.into_iter().map(|(_, l)| l).collect();
+        self.sequences = vec![0; self.leaders.len()];
+        Ok(())
+    }
+
+    /// Sends one chunk: each partition's records as one batch, one request
+    /// per leader, and reads every answer. On failure, the number of
+    /// records acknowledged before the first one that was not.
+    fn send_chunk(
+        &mut self,
+        chunk: &[Record<'_>],
+        timeouts: &Timeouts,
+        allow: &Allowlist,
+        intr: &dyn Interrupt,
+    ) -> Result<(), (usize, KafkaError)> {
+        let n = self.leaders.len();
+        let partition_of: Vec<usize> = chunk.iter().map(|r| partition(r.key, n)).collect();
+        let mut by_partition: Vec<Vec<&Record<'_>>> = vec![Vec::new(); n];
+        for (r, &p) in chunk.iter().zip(&partition_of) {
+            by_partition[p].push(r);
+        }
+        let mut by_leader: Vec<(i32, Vec<usize>)> = Vec::new();
+        for (p, recs) in by_partition.iter().enumerate() {
+            if recs.is_empty() {
+                continue;
+            }
+            let leader = self.leaders[p];
+            match by_leader.iter_mut().find(|(l, _)| *l == leader) {
+                Some((_, ps)) => ps.push(p),
+                None => by_leader.push((leader, vec![p])),
+            }
+        }
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        let deadline = Instant::now() + timeouts.write;
+        // Every request goes out before any answer is awaited, so the
+        // leaders work on their shares at the same time.
+        let mut sent: Vec<(i32, i32)> = Vec::new();
+        for (leader, parts) in &by_leader {
+            let mut body = Vec::new();
+            put_i16(&mut body, -1); // transactional_id
+            put_i16(&mut body, -1); // acks=all
+            put_i32(
+                &mut body,
+                timeouts.write.as_millis().min(i32::MAX as u128) as i32,
+            );
+            put_i32(&mut body, 1);
+            put_str(&mut body, &self.opened_for.topic);
+            put_i32(&mut body, parts.len() as i32);
+            for &p in parts {
+                put_i32(&mut body, p as i32);
+                let size_at = body.len();
+                put_i32(&mut body, 0);
+                record_batch(
+                    &mut body,
+                    &by_partition[p],
+                    self.producer_id,
+                    self.epoch,
+                    self.sequences[p],
+                    now_ms,
+                );
+                let size = (body.len() - size_at - 4) as i32;
+                body[size_at..size_at + 4].copy_from_slice(&size.to_be_bytes());
+            }
+            let correlation = self
+                .send_to(
+                    *leader,
+                    PRODUCE,
+                    PRODUCE_VERSION,
+                    &body,
+                    timeouts,
+                    allow,
+                    intr,
+                )
+                .map_err(|e| (0, e))?;
+            sent.push((*leader, correlation));
+        }
+        let mut failed: Vec<(usize, KafkaError)> = Vec::new();
+        for (leader, correlation) in sent {
+            let answer = self.answer(leader, correlation, deadline, intr);
+            let r = match answer {
+                Ok(r) => r,
+                Err(e) => {
+                    return Err((0, e));
+                }
+            };
+            let results = produce_results(&r, &self.opened_for.topic).map_err(|e| (0, e))?;
+            for (p, code) in results {
+                let p = usize::try_from(p).ok().filter(|&p| p < n);
+                let Some(p) = p else {
+                    return Err((
+                        0,
+                        KafkaError::Protocol("an answer for an unknown partition".into()),
+                    ));
+                };
+                // DUPLICATE_SEQUENCE_NUMBER: the broker has this batch already.
+                if code == 0 || code == DUPLICATE_SEQUENCE_NUMBER {
+                    let count = by_partition[p].len() as i64;
+                    self.sequences[p] =
+                        ((self.sequences[p] as i64 + count) % (i32::MAX as i64 + 1)) as i32;
+                } else {
+                    failed.push((
+                        p,
+                        KafkaError::Broker {
+                            what: format!(
+                                "Produce to partition {p} of {:?}",
+                                self.opened_for.topic
+                            ),
+                            code,
+                        },
+                    ));
+                }
+            }
+        }
+        match failed
+            .into_iter()
+            .min_by_key(|(p, _)| partition_of.iter().position(|x| x == p))
+        {
+            None => Ok(()),
+            Some((p, e)) => {
+                let acked = partition_of.iter().position(|&x| x == p).unwrap_or(0);
+                Err((acked, e))
+            }
+        }
+    }
+
+    /// Writes a request to broker `node`, connecting first if needed;
+    /// returns its correlation id.
+    #[allow(clippy::too_many_arguments)]
+    fn send_to(
+        &mut self,
+        node: i32,
+        api: i16,
+        version: i16,
+        body: &[u8],
+        timeouts: &Timeouts,
+        allow: &Allowlist,
+        intr: &dyn Interrupt,
+    ) -> Result<i32, KafkaError> {
+        if !self.socks.contains_key(&node) {
+            let Some((host, port)) = self.brokers.get(&node).cloned() else {
+                return Err(KafkaError::Protocol(format!(
+                    "partition leader {node} is not among the brokers"
+                )));
+            };
+            let sock = tcp::open(&host, port, timeouts, allow, intr)?;
+            self.socks.insert(node, (sock, host, port));
+        }
+        self.correlation = self.correlation.wrapping_add(1);
+        let frame = frame(api, version, self.correlation, body);
+        let (sock, _, _) = &self.socks[&node];
+        tcp::write_all(sock, &frame, timeouts, &mut 0, intr)?;
+        Ok(self.correlation)
+    }
+
+    /// Reads the answer with `correlation` from broker `node`.
+    fn answer(
+        &mut self,
+        node: i32,
+        correlation: i32,
+        deadline: Instant,
+        intr: &dyn Interrupt,
+    ) -> Result<Vec<u8>, KafkaError> {
+        let (sock, _, _) = &self.socks[&node];
+        read_answer(sock, &mut self.buf, correlation, deadline, intr)
+    }
+
+    /// One request on `sock` (before the session's connections are
+    /// sorted by broker) and its answer.
+    #[allow(clippy::too_many_arguments)]
+    fn call(
+        &mut self,
+        sock: &Socket,
+        api: i16,
+        version: i16,
+        body: &[u8],
+        deadline: Instant,
+        timeouts: &Timeouts,
+        intr: &dyn Interrupt,
+    ) -> Result<Vec<u8>, KafkaError> {
+        self.correlation = self.correlation.wrapping_add(1);
+        tcp::write_all(
+            sock,
+            &frame(api, version, self.correlation, body),
+            timeouts,
+            &mut 0,
+            intr,
+        )?;
+        read_answer(sock, &mut self.buf, self.correlation, deadline, intr)
+    }
+}
+
+/// A request: size, header (api key, version, correlation id, client id;
+/// v2, for the flexible InitProducerId, adds empty tagged fields), body.
+fn frame(api: i16, version: i16, correlation: i32, body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(body.len() + 24);
+    put_i32(&mut out, 0);
+    put_i16(&mut out, api);
+    put_i16(&mut out, version);
+    put_i32(&mut out, correlation);
+    put_str(&mut out, "pg_emit");
+    if api == INIT_PRODUCER_ID {
+        out.push(0);
+    }
+    out.extend_from_slice(body);
+    let size = (out.len() - 4) as i32;
+    out[..4].copy_from_slice(&size.to_be_bytes());
+    out
+}
+
+/// The body of the next answer on `sock`, which must carry `correlation`.
+fn read_answer(
+    sock: &Socket,
+    buf: &mut Vec<u8>,
+    correlation: i32,
+    deadline: Instant,
+    intr: &dyn Interrupt,
+) -> Result<Vec<u8>, KafkaError> {
+    while buf.len() < 4 {
+        tcp::read_some(sock, buf, deadline, intr)?;
+    }
+    let size = i32::from_be_bytes(buf[..4].try_into().expect("4 bytes"));
+    let size = usize::try_from(size)
+        .ok()
+        .filter(|&s| (4..=MAX_RESPONSE).contains(&s))
+        .ok_or_else(|| KafkaError::Protocol(format!("an answer of {size} bytes")))?;
+    while buf.len() < 4 + size {
+        tcp::read_some(sock, buf, deadline, intr)?;
+    }
+    let body: Vec<u8> = buf.drain(..4 + size).skip(4).collect();
+    let got = i32::from_be_bytes(body[..4].try_into().expect("4 bytes"));
+    if got != correlation {
+        return Err(KafkaError::Protocol(format!(
+            "answer {got} where {correlation} was expected"
+        )));
+    }
+    Ok(body[4..].to_vec())
+}
+
+/// Each partition's error code in a Produce v7 answer for `topic`.
+fn produce_results(r: &[u8], topic: &str) -> Result<Vec<(i32, i16)>, KafkaError> {
+    let mut rd = Reader::new(r);
+    let mut out = Vec::new();
+    for _ in 0..rd.len()? {
+        let name = rd.string()?;
+        if name != topic {
+            return Err(KafkaError::Protocol(format!(
+                "an answer for topic {name:?}"
+            )));
+        }
+        for _ in 0..rd.len()? {
+            let index = rd.i32()?;
+            let code = rd.i16()?;
+            rd.i64()?; // base_offset
+            rd.i64()?; // log_append_time_ms
+            rd.i64()?; // log_start_offset
+            out.push((index, code));
+        }
+    }
+    Ok(out)
+}
+
+/// The partition of a record with `key` among `n`: the Java client's
+/// default partitioner; keyless records go to partition 0.
+fn partition(key: Option<i64>, n: usize) -> usize {
+    match key {
+        Some(k) => (murmur2(key_bytes(k).as_bytes()) & 0x7fff_ffff) as usize % n,
+        None => 0,
+    }
+}
+
+/// A record's key: the ordering key as 16 hex digits.
+fn key_bytes(key: i64) -> String {
+    format!("{:016x}", key as u64)
+}
+
+/// Appends a v2 record batch (uncompressed, create time) of `records`
+/// numbered from `sequence`.
+fn record_batch(
+    out: &mut Vec<u8>,
+    records: &[&Record<'_>],
+    producer_id: i64,
+    epoch: i16,
+    sequence: i32,
+    now_ms: i64,
+) {
+    let start = out.len();
+    put_i64(out, 0); // base_offset
+    put_i32(out, 0); // batch_length, set below
+    put_i32(out, -1); // partition_leader_epoch
+    out.push(2); // magic
+    let crc_at = out.len();
+    put_i32(out, 0); // crc, set below
+    put_i16(out, 0); // attributes
+    put_i32(out, records.len() as i32 - 1); // last_offset_delta
+    put_i64(out, now_ms);
+    put_i64(out, now_ms);
+    put_i64(out, producer_id);
+    put_i16(out, epoch);
+    put_i32(out, sequence);
+    put_i32(out, records.len() as i32);
+    let mut rec = Vec::new();
+    for (delta, r) in records.iter().enumerate() {
+        rec.clear();
+        rec.push(0); // attributes
+        put_varint(&mut rec, 0); // timestamp_delta
+        put_varint(&mut rec, delta as i64);
+        match r.key {
+            Some(k) => put_varbytes(&mut rec, key_bytes(k).as_bytes()),
+            None => put_varint(&mut rec, -1),
+        }
+        put_varbytes(&mut rec, r.value);
+        put_varint(&mut rec, 2);
+        put_varbytes(&mut rec, b"id");
+        put_varbytes(&mut rec, r.id.as_bytes());
+        put_varbytes(&mut rec, b"content-type");
+        put_varbytes(&mut rec, r.content_type.as_bytes());
+        put_varint(out, rec.len() as i64);
+        out.extend_from_slice(&rec);
+    }
+    let length = (out.len() - start - 12) as i32;
+    out[start + 8..start + 12].copy_from_slice(&length.to_be_bytes());
+    let crc = crc32c(&out[crc_at + 4..]);
+    out[crc_at..crc_at + 4].copy_from_slice(&crc.to_be_bytes());
+}
+
+const UNKNOWN_TOPIC_OR_PARTITION: i16 = 3;
+const LEADER_NOT_AVAILABLE: i16 = 5;
+const DUPLICATE_SEQUENCE_NUMBER: i16 = 46;
+
+/// The names of the errors a producer meets, as Kafka's documentation
+/// lists them.
+fn error_name(code: i16) -> &'static str {
+    match code {
+        -1 => "UNKNOWN_SERVER_ERROR",
+        2 => "CORRUPT_MESSAGE",
+        3 => "UNKNOWN_TOPIC_OR_PARTITION",
+        5 => "LEADER_NOT_AVAILABLE",
+        6 => "NOT_LEADER_OR_FOLLOWER",
+        7 => "REQUEST_TIMED_OUT",
+        10 => "MESSAGE_TOO_LARGE",
+        15 => "COORDINATOR_NOT_AVAILABLE",
+        17 => "INVALID_TOPIC_EXCEPTION",
+        18 => "RECORD_LIST_TOO_LARGE",
+        19 => "NOT_ENOUGH_REPLICAS",
+        20 => "NOT_ENOUGH_REPLICAS_AFTER_APPEND",
+        29 => "TOPIC_AUTHORIZATION_FAILED",
+        31 => "CLUSTER_AUTHORIZATION_FAILED",
+        35 => "UNSUPPORTED_VERSION",
+        45 => "OUT_OF_ORDER_SEQUENCE_NUMBER",
+        47 => "INVALID_PRODUCER_EPOCH",
+        59 => "UNKNOWN_PRODUCER_ID",
+        87 => "INVALID_RECORD",
+        _ => "see Kafka's protocol error codes",
+    }
+}
+
+fn put_i16(out: &mut Vec<u8>, v: i16) {
+    out.extend_from_slice(&v.to_be_bytes());
+}
+
+fn put_i32(out: &mut Vec<u8>, v: i32) {
+    out.extend_from_slice(&v.to_be_bytes());
+}
+
+fn put_i64(out: &mut Vec<u8>, v: i64) {
+    out.extend_from_slice(&v.to_be_bytes());
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    put_i16(out, s.len() as i16);
+    out.extend_from_slice(s.as_bytes());
+}
+
+/// A zigzag varint, as record batches encode lengths and deltas.
+fn put_varint(out: &mut Vec<u8>, v: i64) {
+    let mut z = ((v << 1) ^ (v >> 63)) as u64;
+    while z >= 0x80 {
+        out.push(z as u8 | 0x80);
+        z >>= 7;
+    }
+    out.push(z as u8);
+}
+
+fn put_varbytes(out: &mut Vec<u8>, b: &[u8]) {
+    put_varint(out, b.len() as i64);
+    out.extend_from_slice(b);
+}
+
+/// Reads an answer, every read checked against its length.
+struct Reader<'a> {
+    rest: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn new(b: &'a [u8]) -> Self {
+        Reader { rest: b }
+    }
+
+    fn take(&mut self, n: usize) -> Result<&'a [u8], KafkaError> {
+        if self.rest.len() < n {
+            return Err(KafkaError::Protocol("a truncated answer".into()));
+        }
+        let (a, b) = self.rest.split_at(n);
+        self.rest = b;
+        Ok(a)
+    }
+
+    fn i8(&mut self) -> Result<i8, KafkaError> {
+        Ok(self.take(1)?[0] as i8)
+    }
+
+    fn i16(&mut self) -> Result<i16, KafkaError> {
+        Ok(i16::from_be_bytes(
+            self.take(2)?.try_into().expect("2 bytes"),
+        ))
+    }
+
+    fn i32(&mut self) -> Result<i32, KafkaError> {
+        Ok(i32::from_be_bytes(
+            self.take(4)?.try_into().expect("4 bytes"),
+        ))
+    }
+
+    fn i64(&mut self) -> Result<i64, KafkaError> {
+        Ok(i64::from_be_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
+    }
+
+    /// An array's length (a null array counts as empty).
+    fn len(&mut self) -> Result<usize, KafkaError> {
+        let n = self.i32()?;
+        // Every element takes at least a byte: a count beyond what is
+        // left is a lie that must not size a loop.
+        match usize::try_from(n) {
+            Ok(n) if n <= self.rest.len() => Ok(n),
+            Ok(_) => Err(KafkaError::Protocol(format!("an array of {n} elements"))),
+            Err(_) => Ok(0),
+        }
+    }
+
+    /// Skips a flexible version's tagged fields.
+    fn tagged_fields(&mut self) -> Result<(), KafkaError> {
+        for _ in 0..self.uvarint()? {
+            self.uvarint()?; // tag
+            let size = self.uvarint()?;
+            self.take(usize::try_from(size).unwrap_or(usize::MAX))?;
+        }
+        Ok(())
+    }
+
+    fn uvarint(&mut self) -> Result<u64, KafkaError> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let b = self.take(1)?[0];
+            v |= u64::from(b & 0x7f) << shift;
+            if b & 0x80 == 0 {
+                return Ok(v);
+            }
+        }
+        Err(KafkaError::Protocol("an overlong varint".into()))
+    }
+
+    fn nullable_string(&mut self) -> Result<Option<String>, KafkaError> {
+        let n = self.i16()?;
+        if n < 0 {
+            return Ok(None);
+        }
+        let b = self.take(n as usize)?;
+        Ok(Some(String::from_utf8_lossy(b).into_owned()))
+    }
+
+    fn string(&mut self) -> Result<String, KafkaError> {
+        self.nullable_string()?
+            .ok_or_else(|| KafkaError::Protocol("a null string".into()))
+    }
+}
+
+/// Kafka's murmur2 (the Java client's `Utils.murmur2`).
+fn murmur2(data: &[u8]) -> u32 {
+    const M: u32 = 0x5bd1_e995;
+    let mut h: u32 = 0x9747_b28c ^ data.len() as u32;
+    let mut chunks = data.chunks_exact(4);
+    for c in &mut chunks {
+        let mut k = u32::from_le_bytes(c.try_into().expect("4 bytes"));
+        k = k.wrapping_mul(M);
+        k ^= k >> 24;
+        k = k.wrapping_mul(M);
+        h = h.wrapping_mul(M);
+        h ^= k;
+    }
+    let tail = chunks.remainder();
+    if !tail.is_empty() {
+        if tail.len() == 3 {
+            h ^= u32::from(tail[2]) << 16;
+        }
+        if tail.len() >= 2 {
+            h ^= u32::from(tail[1]) << 8;
+        }
+        h ^= u32::from(tail[0]);
+        h = h.wrapping_mul(M);
+    }
+    h ^= h >> 13;
+    h = h.wrapping_mul(M);
+    h ^= h >> 15;
+    h
+}
+
+/// CRC-32C (Castagnoli), which record batches carry.
+fn crc32c(data: &[u8]) -> u32 {
+    const TABLE: [u32; 256] = {
+        let mut t = [0u32; 256];
+        let mut i = 0;
+        while i < 256 {
+            let mut c = i as u32;
+            let mut k = 0;
+            while k < 8 {
+                c = if c & 1 != 0 {
+                    0x82f6_3b78 ^ (c >> 1)
+                } else {
+                    c >> 1
+                };
+                k += 1;
+            }
+            t[i] = c;
+            i += 1;
+        }
+        t
+    };
+    let mut crc = !0u32;
+    for &b in data {
+        crc = TABLE[((crc ^ u32::from(b)) & 0xff) as usize] ^ (crc >> 8);
+    }
+    !crc
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crc32c_check_value() {
+        assert_eq!(crc32c(b"123456789"), 0xe306_9283);
+        assert_eq!(crc32c(b""), 0);
+    }
+
+    #[test]
+    fn varints_are_zigzag() {
+        let enc = |v| {
+            let mut o = Vec::new();
+            put_varint(&mut o, v);
+            o
+        };
+        assert_eq!(enc(0), [0]);
+        assert_eq!(enc(-1), [1]);
+        assert_eq!(enc(1), [2]);
+        assert_eq!(enc(63), [126]);
+        assert_eq!(enc(64), [0x80, 1]);
+        assert_eq!(enc(-65), [0x81, 1]);
+    }
+
+    #[test]
+    fn topics() {
+        assert!(check_topic("orders.v2_x-1"));
+        for bad in ["", ".", "..", "a b", "a/b", "ä", &"x".repeat(250)] {
+            assert!(!check_topic(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn keyless_records_go_to_partition_zero() {
+        assert_eq!(partition(None, 7), 0);
+        for k in [0, 1, -1, i64::MAX, i64::MIN] {
+            assert!(partition(Some(k), 7) < 7);
+            assert_eq!(partition(Some(k), 1), 0);
+        }
+        assert_eq!(key_bytes(-1), "ffffffffffffffff");
+        assert_eq!(key_bytes(10), "000000000000000a");
+    }
+
+    #[test]
+    fn batches_are_well_formed() {
+        let recs = [
+            Record {
+                id: "evt_s_1",
+                key: Some(5),
+                value: b"{\"a\":1}",
+                content_type: "application/json",
+            },
+            Record {
+                id: "evt_s_2",
+                key: None,
+                value: b"{}",
+                content_type: "application/json",
+            },
+        ];
+        let refs: Vec<&Record<'_>> = recs.iter().collect();
+        let mut out = Vec::new();
+        record_batch(&mut out, &refs, 42, 3, 7, 1_700_000_000_000);
+        let mut rd = Reader::new(&out);
+        assert_eq!(rd.i64().unwrap(), 0);
+        assert_eq!(rd.i32().unwrap() as usize, out.len() - 12);
+        assert_eq!(rd.i32().unwrap(), -1);
+        assert_eq!(rd.i8().unwrap(), 2);
+        let crc = rd.i32().unwrap() as u32;
+        assert_eq!(crc, crc32c(&out[21..]));
+        assert_eq!(rd.i16().unwrap(), 0);
+        assert_eq!(rd.i32().unwrap(), 1);
+        rd.i64().unwrap();
+        rd.i64().unwrap();
+        assert_eq!(rd.i64().unwrap(), 42);
+        assert_eq!(rd.i16().unwrap(), 3);
+        assert_eq!(rd.i32().unwrap(), 7);
+        assert_eq!(rd.i32().unwrap(), 2);
+        assert!(out.windows(16).any(|w| w == b"0000000000000005"));
+        assert!(out.windows(7).any(|w| w == b"evt_s_2"));
+    }
+
+    #[test]
+    fn hostile_answers_are_refused() {
+        // An array claiming more elements than bytes left.
+        let mut r = Vec::new();
+        put_i32(&mut r, 1_000_000);
+        assert!(produce_results(&r, "t").is_err());
+        assert!(produce_results(&[0, 0], "t").is_err());
+        let mut r = Vec::new();
+        put_i32(&mut r, 1);
+        put_str(&mut r, "other");
+        assert!(produce_results(&r, "t").is_err());
+    }
+}

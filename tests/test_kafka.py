@@ -1,0 +1,211 @@
+"""Kafka destinations (`kafka://host:port/topic`) against a real
+Kafka-protocol broker (tansu), read back with confluent-kafka: every
+committed event is in the topic, keyed by its row so that one row's events
+share a partition in commit order (the partition Java's and librdkafka's
+murmur2 partitioner picks for the key), each with an `id` header that
+stays the same when a crash makes pg_emit produce it again; rollbacks send
+nothing; a missing topic is an error that says so; a broker that is down
+gets its events when it is back."""
+
+import json
+import os
+import signal
+import time
+
+import psycopg
+import pytest
+
+from pgcluster import wait_until
+from receivers import KafkaServer
+
+pytestmark = pytest.mark.usefixtures("fast_retries")
+
+
+@pytest.fixture
+def server():
+    s = KafkaServer()
+    s.create_topic("orders")
+    yield s
+    s.close()
+
+
+def attach(db, table, dest, *opts):
+    extra = "".join(f", '{o}'" for o in opts)
+    db.execute(f"CREATE TABLE IF NOT EXISTS {table} (id int PRIMARY KEY, v int)")
+    db.execute(f"CREATE TRIGGER out AFTER INSERT OR UPDATE ON {table} FOR EACH ROW "
+               f"EXECUTE FUNCTION row_to_destination('{dest}'{extra})")
+
+
+def java_partitions(server, topic, keys):
+    """The partition Confluent's producer, with librdkafka's Java-compatible
+    murmur2 partitioner, gives each key."""
+    from confluent_kafka import Producer
+
+    p = Producer({"bootstrap.servers": server.bootstrap, "partitioner": "murmur2"})
+    out = {}
+
+    def done(err, msg):
+        assert err is None, err
+        out[msg.key().decode()] = msg.partition()
+
+    for k in keys:
+        p.produce(topic, key=k.encode(), value=b"{}", on_delivery=done)
+    assert p.flush(20) == 0
+    return out
+
+
+def test_async_events_are_keyed_by_row_in_commit_order(db, table, server):
+    attach(db, table, f"kafka://127.0.0.1:{server.port}/orders", "delivery=async")
+    db.execute(f"INSERT INTO {table} SELECT g, 0 FROM generate_series(1, 200) g")
+    for v in range(1, 6):
+        db.execute(f"UPDATE {table} SET v = {v}")
+    with pytest.raises(psycopg.errors.DivisionByZero):
+        with db.conn.transaction():
+            db.execute(f"UPDATE {table} SET v = 99")
+            db.execute("SELECT 1/0")
+    recs = server.records("orders", 1200)
+    assert len(recs) == 1200
+    by_row = {}
+    for r in sorted(recs, key=lambda r: (r["partition"], r["offset"])):
+        e = r["value"]
+        assert r["headers"]["id"] == f"evt_{e['stream']}_{e['id']}"
+        assert r["headers"]["content-type"] == "application/json"
+        by_row.setdefault(e["new"]["id"], []).append((r["partition"], r["key"], e["new"]["v"]))
+    assert sorted(by_row) == list(range(1, 201))
+    for row, seen in by_row.items():
+        # One partition and one key per row; its values in commit order.
+        assert len({(p, k) for p, k, _ in seen}) == 1, seen
+        assert [v for _, _, v in seen] == [0, 1, 2, 3, 4, 5]
+    assert len({p for seen in by_row.values() for p, _, _ in seen}) == 3
+    # The partition is the one Java's default partitioner gives the key.
+    keys = {seen[0][1]: seen[0][0] for seen in by_row.values()}
+    server.create_topic("java")
+    assert java_partitions(server, "java", keys) == keys
+    assert db.one("SELECT count(*) FROM emit.outbox WHERE port = %s", (server.port,)) == 0
+
+
+@pytest.mark.parametrize("mode", ["sync", "commit"])
+def test_sync_and_commit(db, table, server, mode):
+    attach(db, table, f"kafka://127.0.0.1:{server.port}/orders", f"delivery={mode}",
+           "format=cloudevents")
+    db.execute(f"INSERT INTO {table} VALUES (1, 0)")
+    db.execute(f"UPDATE {table} SET v = 1")
+    db.execute(f"INSERT INTO {table} VALUES (2, 0)")
+    recs = server.records("orders", 3)
+    assert len(recs) == 3
+    one = [r for r in recs if r["value"]["data"]["new"]["id"] == 1]
+    assert [r["value"]["data"]["new"]["v"] for r in sorted(one, key=lambda r: r["offset"])] == [0, 1]
+    assert len({(r["partition"], r["key"]) for r in one}) == 1
+    for r in recs:
+        # The CloudEvent's id is the id header; structured mode's type.
+        assert r["headers"]["id"] == r["value"]["id"]
+        assert r["headers"]["content-type"] == "application/cloudevents+json"
+    assert db.warnings() == []
+
+
+def test_events_without_a_key_go_to_partition_zero(db, table, server):
+    db.execute(f"CREATE TABLE {table} (v int)")  # no primary key
+    db.execute(f"CREATE TRIGGER out AFTER INSERT ON {table} FOR EACH ROW EXECUTE FUNCTION "
+               f"row_to_destination('kafka://127.0.0.1:{server.port}/orders', 'delivery=async')")
+    db.execute(f"INSERT INTO {table} SELECT g FROM generate_series(1, 50) g")
+    db.execute(f"SELECT send_message('kafka://127.0.0.1:{server.port}/orders', '{{\"m\":1}}')")
+    recs = server.records("orders", 51)
+    assert {(r["partition"], r["key"]) for r in recs} == {(0, None)}
+    assert [r["value"].get("new", {}).get("v") for r in recs] == list(range(1, 51)) + [None]
+
+
+def test_a_missing_topic_waits_and_says_why(db, table, server):
+    attach(db, table, f"kafka://127.0.0.1:{server.port}/invoices", "delivery=async")
+    db.execute(f"INSERT INTO {table} VALUES (1, 0)")
+    assert wait_until(lambda: "does not exist" in (db.one(
+        "SELECT last_error FROM emit.outbox WHERE port = %s", (server.port,)) or ""), 10)
+    db.execute("SET pg_emit.on_error = 'error'")
+    with pytest.raises(psycopg.errors.ConnectionFailure) as e:
+        db.execute(f"SELECT send_message('kafka://127.0.0.1:{server.port}/invoices', '{{}}', 'sync')")
+    assert 'topic "invoices" does not exist' in str(e.value)
+    db.execute("RESET pg_emit.on_error")
+    server.create_topic("invoices", partitions=1)
+    assert [r["value"]["new"]["id"] for r in server.records("invoices", 1, partitions=1)] == [1]
+
+
+def test_broker_down_then_back(db, table, server):
+    attach(db, table, f"kafka://127.0.0.1:{server.port}/orders", "delivery=async")
+    server.stop()
+    db.execute(f"INSERT INTO {table} SELECT g, 0 FROM generate_series(1, 100) g")
+    assert wait_until(lambda: db.one(
+        "SELECT last_error FROM emit.outbox WHERE port = %s", (server.port,)) is not None, 10)
+    server.start()
+    server.create_topic("orders")
+    recs = server.records("orders", 100)
+    assert sorted(r["value"]["new"]["id"] for r in recs) == list(range(1, 101))
+
+
+def test_crash_mid_delivery_loses_nothing(cluster, server):
+    """Kafka cannot tell a new producer session's records from new ones:
+    what was produced but not acknowledged before the crash is in the topic
+    twice, with the same id header, which consumers dedupe by."""
+    table = "kafka_crash"
+    dest = f"kafka://127.0.0.1:{server.port}/orders"
+    with cluster.connect("emit_test") as c:
+        c.execute(f"DROP TABLE IF EXISTS {table}")
+        c.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, v int)")
+        c.execute(f"CREATE TRIGGER out AFTER INSERT ON {table} FOR EACH ROW EXECUTE FUNCTION "
+                  f"row_to_destination('{dest}', 'delivery=async')")
+        c.execute(f"INSERT INTO {table} VALUES (1, 0)")  # the worker connects
+        assert len(server.records("orders", 1, timeout=10)) == 1
+        # The broker freezes: the worker's produce requests go out and wait
+        # for answers when PostgreSQL goes down.
+        os.kill(server.proc.pid, signal.SIGSTOP)
+        try:
+            for start in range(1, 5001, 1000):
+                c.execute(f"INSERT INTO {table} SELECT g, 0 FROM generate_series({start + 1}, {start + 1000}) g")
+            assert wait_until(lambda: c.execute(
+                "SELECT count(*) FROM emit.outbox WHERE first_event_id IS NOT NULL AND port = %s",
+                (server.port,)).fetchone()[0], 5)
+            time.sleep(0.5)
+            assert cluster.stop("immediate").returncode == 0
+        finally:
+            os.kill(server.proc.pid, signal.SIGCONT)
+    cluster.start()
+    with cluster.connect("emit_test") as c:
+        assert c.execute("SELECT sum(events - sent) FROM emit.outbox WHERE port = %s",
+                         (server.port,)).fetchone()[0] == 5000
+        c.execute(f"INSERT INTO {table} VALUES (5002, 0)")  # starts the worker
+    assert wait_until(lambda: cluster.connect("emit_test").execute(
+        "SELECT count(*) FROM emit.outbox WHERE port = %s", (server.port,)).fetchone()[0] == 0, 30)
+    recs = server.records("orders", 5002)
+    ids = [r["value"]["new"]["id"] for r in recs]
+    assert sorted(set(ids)) == list(range(1, 5003))
+    by_id = {}
+    for r in recs:
+        by_id.setdefault(r["headers"]["id"], set()).add(r["value"]["new"]["id"])
+    # Every copy of an event carries that event's id, and only it.
+    assert len(by_id) == 5002 and all(len(v) == 1 for v in by_id.values())
+    print(f"\nkafka crash: {len(ids) - 5002} records produced before the crash and again after")
+    with cluster.connect("emit_test") as c:
+        c.execute(f"DROP TABLE {table}")
+
+
+@pytest.mark.parametrize("call, text", [
+    ("send_message('kafka://u:pw@127.0.0.1/a', '{}')", "without SASL"),
+    ("send_message('kafka://127.0.0.1/a/b', '{}')", "kafka://host[:port]/topic"),
+    ("send_message('kafka://127.0.0.1/', '{}')", "kafka://host[:port]/topic"),
+    ("emit.create_destination('x', 'kafka://127.0.0.1/a', '{\"password\": \"p\"}')",
+     "redis:// and nats:// destinations only"),
+    ("emit.create_destination('x', 'kafka://127.0.0.1/a', "
+     "'{\"format\": \"cloudevents\", \"cloudevents\": \"binary\"}')", "not http"),
+])
+def test_bad_kafka_destinations(db, call, text):
+    with pytest.raises(psycopg.errors.InvalidParameterValue) as e:
+        db.execute(f"SELECT {call}")
+    assert text in str(e.value)
+
+
+def test_stored_destination(db, table, dest, server):
+    db.execute("SELECT emit.create_destination(%s, %s, %s)",
+               (dest, f"kafka://127.0.0.1:{server.port}/orders", json.dumps({"format": "debezium"})))
+    attach(db, table, dest, "delivery=async")
+    db.execute(f"INSERT INTO {table} VALUES (7, 0)")
+    (r,) = server.records("orders", 1)
+    assert r["value"]["after"] == {"id": 7, "v": 0} and r["value"]["op"] == "c"
+    assert r["headers"]["id"].startswith("evt_")
