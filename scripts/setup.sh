@@ -6,7 +6,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PGRX_VERSION=0.18.1
-PG_CONFIG=/usr/lib/postgresql/15/bin/pg_config
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO=sudo
 
@@ -17,8 +16,10 @@ say() { printf '\033[1m==> %s\033[0m\n' "$*"; }
 #    the test CA of the HTTPS tests, redis-server and nats-server (with
 #    JetStream) for the broker tests, which start their own on loopback
 #    (Debian's packages also start a service where systemd runs, which the
-#    tests do not use).
-pkgs=(postgresql-15 postgresql-server-dev-15 postgresql-plpython3-15 libclang-dev clang pkg-config sudo openssl redis-server nats-server)
+#    tests do not use); what building PostgreSQL 17 and 18 needs, and
+#    dpkg-dev for the .deb packages.
+pkgs=(postgresql-15 postgresql-server-dev-15 postgresql-plpython3-15 libclang-dev clang pkg-config sudo openssl redis-server nats-server
+      bison flex liblz4-dev libreadline-dev zlib1g-dev python3-dev dpkg-dev)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -35,10 +36,25 @@ if ! cargo pgrx --version 2>/dev/null | grep -q " $PGRX_VERSION\$"; then
   cargo install cargo-pgrx --version "$PGRX_VERSION" --locked --quiet
 fi
 
-# 3. Point pgrx at Debian's PostgreSQL 15 (no download).
-if ! grep -qs '^pg15 = ' "${PGRX_HOME:-$HOME/.pgrx}/config.toml"; then
-  say "cargo pgrx init --pg15 $PG_CONFIG"
-  cargo pgrx init --pg15 "$PG_CONFIG" >/dev/null
+# 3. PostgreSQL 17 and 18, built once from Debian's sources (only the one
+#    asked for when PG is set), and pgrx pointed at every version here:
+#    Debian's 15 and those builds (no download by pgrx).
+for v in ${PG:-15 17 18}; do
+  if [ "$v" != 15 ] && [ ! -x "/usr/lib/postgresql/$v/bin/pg_config" ]; then
+    say "PostgreSQL $v from Debian's source package (about 3 minutes, once)"
+    bash scripts/build-postgres.sh "$v"
+  fi
+done
+init=()
+for v in 15 17 18; do
+  if [ -x "/usr/lib/postgresql/$v/bin/pg_config" ]; then
+    init+=(--pg"$v" "/usr/lib/postgresql/$v/bin/pg_config")
+    grep -qs "^pg$v = " "${PGRX_HOME:-$HOME/.pgrx}/config.toml" || missing_init=1
+  fi
+done
+if [ -n "${missing_init:-}" ]; then
+  say "cargo pgrx init ${init[*]}"
+  cargo pgrx init "${init[@]}" >/dev/null
 fi
 
 # 4. Python for the integration tests, demo and benchmarks.

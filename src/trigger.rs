@@ -453,14 +453,17 @@ unsafe fn row_key(
         }
     };
     let desc = (*rel).rd_att;
+    // pgrx's accessor: PostgreSQL 18 moved the attributes behind compact
+    // ones, so the array is not reached directly.
+    let atts = pgrx::PgTupleDesc::from_pg_unchecked(desc);
     let mut parts: Vec<Option<Cow<'_, [u8]>>> = vec![Some(Cow::Owned(
         (*rel).rd_id.to_u32().to_le_bytes().to_vec(),
     ))];
     for attnum in attnums {
-        let att = &*(*desc).attrs.as_ptr().add((attnum - 1) as usize);
         let mut isnull = false;
         let datum = pg_sys::heap_getattr(tuple, attnum, desc, &mut isnull);
-        parts.push((!isnull).then(|| datum_bytes(datum, att)));
+        let att = atts.get((attnum - 1) as usize).filter(|_| !isnull);
+        parts.push(att.map(|att| datum_bytes(datum, att)));
     }
     Some(pg_emit_core::schedule::key_hash(
         parts.iter().map(|p| p.as_deref()),

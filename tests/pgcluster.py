@@ -1,4 +1,5 @@
-"""A throwaway PostgreSQL 15 cluster for tests, the demo and benchmarks.
+"""A throwaway PostgreSQL cluster for tests, the demo and benchmarks: of
+the version whose binaries are in $PG_BIN (15 unless told).
 
 initdb refuses to run as root, so as root every server command runs as the
 `postgres` OS user (runuser); as any other user it runs directly. The

@@ -5,8 +5,12 @@ import shutil
 import subprocess
 import tempfile
 
+from pgcluster import BIN
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PG_REGRESS = "/usr/lib/postgresql/15/lib/pgxs/src/test/regress/pg_regress"
+# Beside the server's binaries, in Debian's layout and in our builds of 17
+# and 18 (scripts/build-postgres.sh).
+PG_REGRESS = os.path.join(os.path.dirname(BIN), "lib/pgxs/src/test/regress/pg_regress")
 
 
 def test_pg_regress_suite(cluster):

@@ -51,7 +51,9 @@ SELECT pg_temp.try($$SET pg_emit.allowed_destinations = '10.0.0.0/33'$$);
 SET pg_emit.connect_timeout = '2s';
 SHOW pg_emit.connect_timeout;
 SELECT pg_temp.try($$SET pg_emit.on_error = 'sometimes'$$);
-SELECT pg_temp.try($$SET pg_emit.connect_timeout = 0$$);
+-- PostgreSQL 17 names the unit in the range ("1 ms .. 2147483647 ms").
+SELECT regexp_replace(pg_temp.try($$SET pg_emit.connect_timeout = 0$$),
+                      '(\d+) ms \.\. (\d+) ms', '\1 .. \2') AS try;
 RESET pg_emit.connect_timeout;
 
 -- Trigger arguments are checked at the first firing, naming the trigger.

@@ -189,16 +189,16 @@ pub extern "C-unwind" fn pg_emit_worker_main(arg: pg_sys::Datum) {
                 "pg_emit worker: leaving the database for CREATE DATABASE or DROP DATABASE; \
                  back once it is done"
             );
-            // SAFETY: exit 1: restarted a second later.
-            unsafe { pg_sys::proc_exit(1) }
+            // Exit 1: restarted a second later.
+            exit(1)
         }
         // Terminated (pg_terminate_backend) or shutting down: exit 1 so a
         // terminated worker comes back; during shutdown no restart happens.
-        Stop::Terminated => unsafe { pg_sys::proc_exit(1) },
+        Stop::Terminated => exit(1),
         Stop::Reinstalled => {
             pgrx::log!("pg_emit worker: extension reinstalled, restarting");
-            // SAFETY: exit 1: restarted a second later, for the new install.
-            unsafe { pg_sys::proc_exit(1) }
+            // Exit 1: restarted a second later, for the new install.
+            exit(1)
         }
     }
 }
@@ -210,8 +210,17 @@ pub extern "C-unwind" fn pg_emit_worker_main(arg: pg_sys::Datum) {
 /// finds none and exits for good.
 fn dropped() -> ! {
     pgrx::log!("pg_emit worker: extension dropped, exiting");
-    // SAFETY: exit 1: restarted a second later.
-    unsafe { pg_sys::proc_exit(1) }
+    // Exit 1: restarted a second later.
+    exit(1)
+}
+
+/// `proc_exit`, which PostgreSQL 18's headers no longer declare as not
+/// returning (so its binding returns `()`, where 15's and 17's return `!`).
+#[allow(unreachable_code)]
+fn exit(code: i32) -> ! {
+    // SAFETY: leaves through PostgreSQL's exit callbacks, as any process does.
+    unsafe { pg_sys::proc_exit(code) };
+    unreachable!("proc_exit returned")
 }
 
 /// Takes the session lock that makes this the only worker of database

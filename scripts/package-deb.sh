@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Builds target/deb/postgresql-MAJOR-pg-emit_VERSION_ARCH.deb from
+# `cargo pgrx package` output: pg_emit for Debian's PostgreSQL MAJOR, as
+# pg_graphql and the PostgreSQL apt repository's extensions ship, installable
+# with `apt install ./….deb` on a server with no Rust.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+major=$1
+pg_config=/usr/lib/postgresql/$major/bin/pg_config
+version=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
+arch=$(dpkg --print-architecture)
+name=postgresql-$major-pg-emit
+
+cargo pgrx package --pg-config "$pg_config" >/dev/null
+built=target/release/pg_emit-pg$major
+staging=target/deb/$name
+rm -rf "$staging"
+mkdir -p "$staging/DEBIAN"
+cp -a "$built"/. "$staging"/
+so=$(find "$staging" -name 'pg_emit.so')
+strip --strip-unneeded "$so"
+
+# The shared libraries pg_emit.so links against, as package dependencies
+# (dpkg-shlibdeps wants a debian/control to read; it gets a minimal one).
+shlib=$(mktemp -d)
+mkdir "$shlib/debian"
+printf 'Source: pg-emit\n\nPackage: %s\nArchitecture: any\n' "$name" > "$shlib/debian/control"
+libs=$(cd "$shlib" && dpkg-shlibdeps -O "$OLDPWD/$so" 2>/dev/null | sed -n 's/^shlibs:Depends=//p')
+rm -rf "$shlib"
+
+size=$(du -sk --exclude=DEBIAN "$staging" | cut -f1)
+cat > "$staging/DEBIAN/control" <<EOF
+Package: $name
+Version: $version
+Architecture: $arch
+Maintainer: pg_emit developers <pg_emit@localhost>
+Installed-Size: $size
+Depends: postgresql-$major, $libs
+Section: database
+Priority: optional
+Description: send row changes and messages out of PostgreSQL $major
+ pg_emit sends row changes and messages from triggers and SQL over TCP,
+ HTTP (signed webhooks, CloudEvents), Redis Streams, NATS JetStream and
+ Kafka, synchronously, after commit, or from a transactional outbox
+ delivered by a background worker. Run CREATE EXTENSION pg_emit.
+EOF
+dpkg-deb --root-owner-group --build "$staging" "target/deb/${name}_${version}_${arch}.deb" >/dev/null
+echo "target/deb/${name}_${version}_${arch}.deb"
