@@ -1,5 +1,6 @@
 """ALTER EXTENSION pg_emit UPDATE from 0.1.0: the same objects as a fresh
-install, and a queued backlog survives and is delivered.
+install; a queued backlog, dead letters, delivery counters and settings
+survive, and the backlog and the requeued dead letters are delivered.
 
 `fixtures/pg_emit--0.1.0.sql` is the install script 0.1.0 generated
 (`cargo pgrx schema` at that release), installed beside the current one.
@@ -91,6 +92,16 @@ def test_update_from_0_1_0_matches_a_fresh_install_and_keeps_the_backlog(cluster
                 f"row_to_socket('127.0.0.1', {port}, 'delivery=async', 'framing=ndjson')")
             c.execute("INSERT INTO orders SELECT generate_series(1, 5)")
             assert c.execute("SELECT sum(events) FROM emit.outbox").fetchone()[0] == 5
+            # What 0.1.0's worker left: a dead letter and its counters, as
+            # it wrote them; a setting of the database.
+            dest = f"tcp://127.0.0.1:{port}?framing=ndjson"
+            c.execute(
+                "INSERT INTO emit.dead_letter (outbox_id, destination, host, port, framing, events, "
+                "payload, attempts, last_error, enqueued_at) VALUES (1, %s, '127.0.0.1', %s, 'ndjson', "
+                "1, '{\"dead\":1}', 10, 'connection refused', now())", (dest, port))
+            c.execute("INSERT INTO emit.destinations (destination, delivered, dead_lettered) "
+                      "VALUES (%s, 41, 1)", (dest,))
+            c.execute("ALTER DATABASE emit_old SET pg_emit.connect_timeout = '3s'")
             c.execute("ALTER EXTENSION pg_emit UPDATE")
             assert c.execute(
                 "SELECT extversion FROM pg_extension WHERE extname = 'pg_emit'").fetchone()[0] == "0.2.0"
@@ -106,6 +117,15 @@ def test_update_from_0_1_0_matches_a_fresh_install_and_keeps_the_backlog(cluster
             assert sorted({json.loads(m)["new"]["id"] for m in got}) == [1, 2, 3, 4, 5]
             with cluster.connect("emit_old") as c:
                 assert wait_until(lambda: c.execute("SELECT count(*) FROM emit.outbox").fetchone()[0] == 0)
+                assert c.execute("SELECT format, last_error FROM emit.dead_letter").fetchall() == [
+                    ("json", "connection refused")]
+                assert c.execute("SELECT delivered >= 46, dead_lettered FROM emit.destinations "
+                                 "WHERE destination = %s", (dest,)).fetchone() == (True, 1)
+                assert c.execute("SHOW pg_emit.connect_timeout").fetchone()[0] == "3s"
+                assert c.execute("SELECT emit.requeue_dead_letters()").fetchone()[0] == 1
+            # Delivered as async events are, with an id in front.
+            got = [json.loads(m) for m in nd.wait_for(6, timeout=20)]
+            assert [e for e in got if "dead" in e][0]["dead"] == 1
         finally:
             nd.close()
     finally:
