@@ -318,12 +318,9 @@ pub fn send_job(conn: &mut Conn, job: &Job, intr: &dyn Interrupt) -> Outcome {
                 );
                 sent[i] += added as u32;
                 r.map_err(|e| {
-                    Stopped(match e {
-                        redis::RedisError::Send(s) => JobError::from(s),
-                        e => JobError::Retry {
-                            message: e.to_string(),
-                            after: None,
-                        },
+                    broker_error(e, |e| match e {
+                        redis::RedisError::Send(s) => Ok(s),
+                        e => Err(e),
                     })
                 })
             }
@@ -345,12 +342,9 @@ pub fn send_job(conn: &mut Conn, job: &Job, intr: &dyn Interrupt) -> Outcome {
                 );
                 sent[i] += acked as u32;
                 r.map_err(|e| {
-                    Stopped(match e {
-                        nats::NatsError::Send(s) => JobError::from(s),
-                        e => JobError::Retry {
-                            message: e.to_string(),
-                            after: None,
-                        },
+                    broker_error(e, |e| match e {
+                        nats::NatsError::Send(s) => Ok(s),
+                        e => Err(e),
                     })
                 })
             }
@@ -379,12 +373,9 @@ pub fn send_job(conn: &mut Conn, job: &Job, intr: &dyn Interrupt) -> Outcome {
                 );
                 sent[i] += acked as u32;
                 r.map_err(|e| {
-                    Stopped(match e {
-                        kafka::KafkaError::Send(s) => JobError::from(s),
-                        e => JobError::Retry {
-                            message: e.to_string(),
-                            after: None,
-                        },
+                    broker_error(e, |e| match e {
+                        kafka::KafkaError::Send(s) => Ok(s),
+                        e => Err(e),
                     })
                 })
             }
@@ -406,6 +397,18 @@ pub fn send_job(conn: &mut Conn, job: &Job, intr: &dyn Interrupt) -> Outcome {
         }
     }
     Outcome { sent, error: None }
+}
+
+/// A broker's error as a job error: a network failure as every
+/// destination's, anything the broker said retried with its words.
+fn broker_error<E: std::fmt::Display>(e: E, network: fn(E) -> Result<SendError, E>) -> Halt {
+    Stopped(match network(e) {
+        Ok(s) => JobError::from(s),
+        Err(e) => JobError::Retry {
+            message: e.to_string(),
+            after: None,
+        },
+    })
 }
 
 /// A row's unsent events for a broker, one after the other in `buf`: each
