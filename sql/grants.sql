@@ -10,6 +10,9 @@ REVOKE EXECUTE ON FUNCTION send_message(text, text, text, text) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION emit.create_destination(text, text, jsonb) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION emit.alter_destination(text, text, jsonb) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION emit.drop_destination(text) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION emit.create_ddl_trigger(text, text, jsonb) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION emit.drop_ddl_trigger(text) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION emit.ddl_event() FROM PUBLIC;
 
 -- Two optional roles bundle what a DBA hands out. Roles are cluster-wide:
 -- created by the first database that installs pg_emit, kept by
@@ -45,3 +48,7 @@ GRANT SELECT ON emit.stored_destinations TO emit_admin;
 GRANT EXECUTE ON FUNCTION emit.create_destination(text, text, jsonb) TO emit_admin;
 GRANT EXECUTE ON FUNCTION emit.alter_destination(text, text, jsonb) TO emit_admin;
 GRANT EXECUTE ON FUNCTION emit.drop_destination(text) TO emit_admin;
+-- DDL routes: what they send is object names, never command text.
+GRANT SELECT ON emit.ddl_triggers TO emit_admin;
+GRANT EXECUTE ON FUNCTION emit.create_ddl_trigger(text, text, jsonb) TO emit_admin;
+GRANT EXECUTE ON FUNCTION emit.drop_ddl_trigger(text) TO emit_admin;

@@ -123,3 +123,35 @@ GRANT EXECUTE ON FUNCTION emit.alter_destination(text, text, jsonb) TO emit_admi
 GRANT EXECUTE ON FUNCTION emit.drop_destination(text) TO emit_admin;
 COMMENT ON ROLE emit_sender IS 'pg_emit: may call send_socket/send_http/send_message and attach row_to_socket/row_to_http/row_to_destination triggers';
 COMMENT ON ROLE emit_admin IS 'pg_emit: emit_sender, plus emit.stats, emit.dead_letter, re-queueing and stored destinations';
+
+-- DDL events (sql/ddl.sql, src/ddl.rs).
+CREATE TABLE emit.ddl_triggers (
+    name        text PRIMARY KEY,
+    dest        text NOT NULL,
+    options     jsonb NOT NULL DEFAULT '{}',
+    created_at  timestamptz NOT NULL DEFAULT pg_catalog.now()
+);
+COMMENT ON TABLE emit.ddl_triggers IS
+    'pg_emit: where DDL events go (emit.create_ddl_trigger)';
+REVOKE ALL ON emit.ddl_triggers FROM PUBLIC;
+SELECT pg_catalog.pg_extension_config_dump('emit.ddl_triggers', '');
+CREATE FUNCTION emit.ddl_event() RETURNS event_trigger
+  LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'ddl_event';
+COMMENT ON FUNCTION emit.ddl_event() IS
+  'Event trigger: one event per DDL command to each route of emit.ddl_triggers';
+CREATE EVENT TRIGGER pg_emit_ddl ON ddl_command_end EXECUTE FUNCTION emit.ddl_event();
+CREATE EVENT TRIGGER pg_emit_ddl_drop ON sql_drop EXECUTE FUNCTION emit.ddl_event();
+CREATE FUNCTION emit.create_ddl_trigger(
+    "name" TEXT, "dest" TEXT, "options" jsonb DEFAULT '{}'
+) RETURNS void
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c AS 'MODULE_PATHNAME', 'create_ddl_trigger_wrapper';
+CREATE FUNCTION emit.drop_ddl_trigger("name" TEXT) RETURNS void
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c AS 'MODULE_PATHNAME', 'drop_ddl_trigger_wrapper';
+REVOKE EXECUTE ON FUNCTION emit.create_ddl_trigger(text, text, jsonb) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION emit.drop_ddl_trigger(text) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION emit.ddl_event() FROM PUBLIC;
+GRANT SELECT ON emit.ddl_triggers TO emit_admin;
+GRANT EXECUTE ON FUNCTION emit.create_ddl_trigger(text, text, jsonb) TO emit_admin;
+GRANT EXECUTE ON FUNCTION emit.drop_ddl_trigger(text) TO emit_admin;

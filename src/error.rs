@@ -72,6 +72,11 @@ pub enum EmitError {
     /// `emit.create_destination` of a name already taken.
     #[error("emit.create_destination: destination {0:?} already exists (change it with emit.alter_destination)")]
     DestinationExists(String),
+    /// `emit.create_ddl_trigger` of a name already taken.
+    #[error("emit.create_ddl_trigger: DDL trigger {0:?} already exists")]
+    DdlTriggerExists(String),
+    #[error("emit.drop_ddl_trigger: DDL trigger {0:?} does not exist")]
+    NoSuchDdlTrigger(String),
     /// A feature the installed (older) schema cannot hold.
     #[error("{0} needs pg_emit's current schema: run ALTER EXTENSION pg_emit UPDATE")]
     NeedsUpdate(String),
@@ -109,7 +114,10 @@ impl EmitError {
             EmitError::CommitDeliveryIncomplete { .. } => ERRCODE_CONNECTION_FAILURE,
             EmitError::DropDiscards { .. } => ERRCODE_WARNING,
             EmitError::NoSuchDestination { .. } => ERRCODE_UNDEFINED_OBJECT,
-            EmitError::DestinationExists(_) => ERRCODE_DUPLICATE_OBJECT,
+            EmitError::DestinationExists(_) | EmitError::DdlTriggerExists(_) => {
+                ERRCODE_DUPLICATE_OBJECT
+            }
+            EmitError::NoSuchDdlTrigger(_) => ERRCODE_UNDEFINED_OBJECT,
         }
     }
 

@@ -12,6 +12,7 @@ use pgrx::prelude::*;
 use pg_emit_core::{backoff, cooldown, event, options, security, transport};
 
 mod admin;
+mod ddl;
 mod delivery;
 mod encoding;
 mod error;
@@ -36,6 +37,7 @@ pgrx::extension_sql_file!(
     name = "outbox",
     requires = ["bootstrap"]
 );
+pgrx::extension_sql_file!("../sql/ddl.sql", name = "ddl", requires = ["outbox"]);
 pgrx::extension_sql_file!("../sql/grants.sql", name = "grants", finalize);
 
 #[pg_guard]

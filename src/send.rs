@@ -116,15 +116,29 @@ fn send_message(
         event::write_message(&mut wrapped, format, &Made::now(format, mode).ctx(), &buf);
         buf = wrapped;
     }
-    check_size(FUNC, buf.len());
+    Some(hand_over(FUNC, target, format, mode, buf, key))
+}
+
+/// Hands one finished message of `format` to its delivery mode, as
+/// `send_message` and DDL events do: true when it was sent (sync) or held or
+/// queued (commit, async), false when a sync send failed (with a WARNING).
+pub(crate) fn hand_over(
+    func: &'static str,
+    target: &Target,
+    format: Format,
+    mode: Delivery,
+    mut buf: Vec<u8>,
+    key: Option<i64>,
+) -> bool {
+    check_size(func, buf.len());
     if target.coalesces() && mode != Delivery::Async {
         buf.push(b'\n');
     }
-    let context = || FUNC.to_string();
+    let context = || func.to_string();
     if mode != Delivery::Sync {
         crate::delivery::refuse_unless_allowed(&context, target);
     }
-    Some(match mode {
+    match mode {
         Delivery::Sync => {
             // Events this statement's triggers hold for the same kept-open
             // connection go first.
@@ -145,7 +159,7 @@ fn send_message(
             outbox::queue(target, format, &buf, key);
             true
         }
-    })
+    }
 }
 
 /// `send_http(url, body [, method, content_type, headers])`: one request.

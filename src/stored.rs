@@ -121,6 +121,11 @@ pub fn resolve(func: &'static str, dest: &str) -> Rc<Resolved> {
     lookup(func, dest)
 }
 
+/// Whether a stored destination `name` exists now.
+pub fn exists(name: &str) -> bool {
+    stored(name).is_some()
+}
+
 /// Tells every backend (this one too) to forget what it looked up, once
 /// the changing transaction commits.
 fn invalidate() {

@@ -49,6 +49,9 @@ CATALOG = {
     "sequences": """
         SELECT c.relname, c.relacl::text FROM pg_class c
          WHERE c.relkind = 'S' AND c.relnamespace = 'emit'::regnamespace ORDER BY 1""",
+    "event_triggers": """
+        SELECT evtname, evtevent, evtfoid::regprocedure::text, evtenabled, evttags
+          FROM pg_event_trigger ORDER BY 1""",
     "views": """
         SELECT viewname, definition FROM pg_views WHERE schemaname = 'emit' ORDER BY 1""",
 }

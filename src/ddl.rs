@@ -1,0 +1,219 @@
+//! DDL events: `emit.create_ddl_trigger(name, dest, options)` names a
+//! route that sends one event per DDL command of the database to `dest`.
+//!
+//! Event trigger functions take no arguments and cannot tell which event
+//! trigger called them, so one pair of event triggers, part of the
+//! extension (`pg_emit_ddl` on `ddl_command_end`, `pg_emit_ddl_drop` on
+//! `sql_drop`, see `sql/ddl.sql`), serves every route in
+//! `emit.ddl_triggers`. Being members of the extension, they come back with
+//! `CREATE EXTENSION` after a dump and restore, where the routes come back
+//! as dumped data, and go with `DROP EXTENSION`.
+//!
+//! An event names what changed and never carries the command's text: a
+//! `CREATE FUNCTION` body or a `CREATE SERVER … OPTIONS (password …)` may
+//! hold secrets that receivers must not get.
+
+use crate::error::EmitError;
+use crate::privileged::as_emit_owner;
+use crate::send::hand_over;
+use crate::stored;
+use pg_emit_core::options::{Delivery, Format, OptionError};
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use std::ffi::CStr;
+
+const FUNC: &str = "emit.ddl_event";
+
+/// A route's options: `{"delivery": "sync" | "commit" | "async"}`
+/// (default async).
+fn delivery_of(func: &'static str, options: &serde_json::Value) -> Delivery {
+    let bad = |why: String| -> ! {
+        EmitError::Argument {
+            func,
+            source: OptionError::Destination(format!("options: {why}")),
+        }
+        .raise()
+    };
+    let Some(map) = options.as_object() else {
+        bad("must be a JSON object".into())
+    };
+    if let Some(k) = map.keys().find(|k| *k != "delivery") {
+        bad(format!("unknown option {k:?} (known: delivery)"))
+    }
+    match map.get("delivery").map(|d| d.as_str()) {
+        None | Some(Some("async")) => Delivery::Async,
+        Some(Some("sync")) => Delivery::Sync,
+        Some(Some("commit")) => Delivery::Commit,
+        Some(other) => bad(format!(
+            "delivery {} is not sync, commit or async",
+            other.map_or_else(|| map["delivery"].to_string(), |s| format!("{s:?}"))
+        )),
+    }
+}
+
+#[pgrx::pg_schema]
+mod emit {
+    use super::*;
+    use pgrx::JsonB;
+
+    /// Sends one event per DDL command of this database to `dest` (a URL
+    /// or a stored destination), in `options.delivery` (default async).
+    #[pg_extern(volatile, parallel_unsafe)]
+    fn create_ddl_trigger(name: &str, dest: &str, options: default!(JsonB, "'{}'")) {
+        const F: &str = "emit.create_ddl_trigger";
+        if let Err(source) = pg_emit_core::destination::check_name(name) {
+            EmitError::Argument { func: F, source }.raise()
+        }
+        let delivery = delivery_of(F, &options.0);
+        // An unknown or refused destination fails here, not at every DDL.
+        let resolved = stored::resolve(F, dest);
+        crate::delivery::refuse_unless_allowed(&|| F.to_string(), &resolved.target);
+        let options = serde_json::json!({"delivery": delivery.name()}).to_string();
+        let inserted = as_emit_owner(|| {
+            Spi::connect_mut(|c| {
+                c.update(
+                    "INSERT INTO emit.ddl_triggers (name, dest, options) \
+                     VALUES ($1, $2, $3::pg_catalog.jsonb) ON CONFLICT (name) DO NOTHING",
+                    None,
+                    &[name.into(), dest.into(), options.as_str().into()],
+                )
+                .map(|t| t.len())
+            })
+        })
+        .unwrap_or_else(|e| pgrx::error!("{F}: {e}"));
+        if inserted == 0 {
+            EmitError::DdlTriggerExists(name.to_string()).raise();
+        }
+    }
+
+    /// Stops the route `name`.
+    #[pg_extern(volatile, parallel_unsafe)]
+    fn drop_ddl_trigger(name: &str) {
+        let deleted = as_emit_owner(|| {
+            Spi::get_one_with_args::<String>(
+                "DELETE FROM emit.ddl_triggers WHERE name = $1 RETURNING name",
+                &[name.into()],
+            )
+        });
+        if !matches!(deleted, Ok(Some(_))) {
+            EmitError::NoSuchDdlTrigger(name.to_string()).raise();
+        }
+    }
+}
+
+#[unsafe(no_mangle)]
+#[doc(hidden)]
+pub extern "C" fn pg_finfo_ddl_event() -> &'static pg_sys::Pg_finfo_record {
+    const V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
+    &V1
+}
+
+/// The event trigger function of `pg_emit_ddl` and `pg_emit_ddl_drop`.
+///
+/// # Safety
+/// Called by PostgreSQL's function manager with a valid `fcinfo`.
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn ddl_event(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    let context = (*fcinfo).context;
+    if context.is_null() || (*context).type_ != pg_sys::NodeTag::T_EventTriggerData {
+        pgrx::error!("{FUNC}: not called as an event trigger");
+    }
+    let data = context as *mut pg_sys::EventTriggerData;
+    let dropping = CStr::from_ptr((*data).event).to_bytes() == b"sql_drop";
+    let tag = CStr::from_ptr(pg_sys::GetCommandTagName((*data).tag))
+        .to_string_lossy()
+        .into_owned();
+    // DROP EXTENSION pg_emit drops the routes before this runs for it.
+    if !routes_table_exists() {
+        return pg_sys::Datum::from(0);
+    }
+    let routes =
+        as_emit_owner(|| {
+            Spi::connect(|c| {
+                c.select(
+                "SELECT name, dest, options::pg_catalog.text FROM emit.ddl_triggers ORDER BY name",
+                None,
+                &[],
+            )?
+            .map(|r| Ok((r.get::<String>(1)?, r.get::<String>(2)?, r.get::<String>(3)?)))
+            .collect::<Result<Vec<_>, pgrx::spi::Error>>()
+            })
+        })
+        .unwrap_or_else(|e| pgrx::error!("{FUNC}: {e}"));
+    if routes.is_empty() {
+        return pg_sys::Datum::from(0);
+    }
+    let events = commands(dropping, &tag);
+    if events.is_empty() {
+        return pg_sys::Datum::from(0);
+    }
+    for (name, dest, options) in routes {
+        let (Some(name), Some(dest)) = (name, dest) else {
+            continue;
+        };
+        let options = options
+            .and_then(|o| serde_json::from_str(&o).ok())
+            .unwrap_or(serde_json::Value::Null);
+        let mode = delivery_of(FUNC, &options);
+        // A stored destination dropped since: the DDL goes on, with a
+        // WARNING, rather than every DDL of the database failing.
+        if !pg_emit_core::destination::is_url(&dest) && !stored::exists(&dest) {
+            pgrx::warning!(
+                "{FUNC}: DDL trigger {name:?}: destination {dest:?} does not exist; \
+                 {} DDL event(s) not sent",
+                events.len()
+            );
+            continue;
+        }
+        let resolved = stored::resolve(FUNC, &dest);
+        for e in &events {
+            hand_over(FUNC, &resolved.target, Format::Json, mode, e.clone(), None);
+        }
+    }
+    pg_sys::Datum::from(0)
+}
+
+fn routes_table_exists() -> bool {
+    // SAFETY: syscache lookups inside a transaction.
+    unsafe {
+        let nsp = pg_sys::get_namespace_oid(c"emit".as_ptr(), true);
+        nsp != pg_sys::InvalidOid
+            && pg_sys::get_relname_relid(c"ddl_triggers".as_ptr(), nsp) != pg_sys::InvalidOid
+    }
+}
+
+/// The events of the command that fired: one per created or altered object
+/// (`ddl_command_end`), or one per object it dropped by name or by CASCADE
+/// (`sql_drop`; objects that went along internally, such as a table's
+/// row type or indexes, or a view's `_RETURN` rule, which is the view
+/// itself, are left out).
+fn commands(dropping: bool, tag: &str) -> Vec<Vec<u8>> {
+    let query = if dropping {
+        "SELECT NULL::pg_catalog.text, object_type, schema_name, object_identity, false \
+           FROM pg_catalog.pg_event_trigger_dropped_objects() \
+          WHERE (original OR normal) \
+            AND NOT (object_type = 'rule' AND object_name = '_RETURN')"
+    } else {
+        "SELECT command_tag, object_type, schema_name, object_identity, in_extension \
+           FROM pg_catalog.pg_event_trigger_ddl_commands()"
+    };
+    Spi::connect(|c| {
+        c.select(query, None, &[])?
+            .map(|r| {
+                let command_tag = r.get::<String>(1)?.unwrap_or_else(|| tag.to_string());
+                let event = serde_json::json!({
+                    "op": "DDL",
+                    "command_tag": command_tag,
+                    "object_type": r.get::<String>(2)?,
+                    "schema": r.get::<String>(3)?,
+                    "object_identity": r.get::<String>(4)?,
+                    "dropped": dropping,
+                    "in_extension": r.get::<bool>(5)?.unwrap_or(false),
+                });
+                Ok(event.to_string().into_bytes())
+            })
+            .collect::<Result<Vec<_>, pgrx::spi::Error>>()
+    })
+    .unwrap_or_else(|e| pgrx::error!("{FUNC}: {e}"))
+}

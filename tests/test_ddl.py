@@ -1,0 +1,172 @@
+"""DDL events (emit.create_ddl_trigger): one event per DDL command, in every
+delivery mode; nothing for rolled-back DDL in commit and async; never the
+command's text; DDL by an ordinary role works and is reported; a route
+whose stored destination is gone warns instead of blocking DDL."""
+
+import json
+
+import psycopg
+import pytest
+
+from conftest import Session
+from receivers import Receiver
+
+
+@pytest.fixture
+def rx():
+    r = Receiver("ndjson")
+    yield r
+    r.close()
+
+
+@pytest.fixture
+def route(db, rx):
+    """A DDL route named ddl_test to `rx`; returns a function creating it
+    with options, dropped afterwards."""
+    def make(options="{}", dest=None):
+        db.execute("SELECT emit.create_ddl_trigger('ddl_test', %s, %s)",
+                   (dest or f"tcp://127.0.0.1:{rx.port}?framing=ndjson", options))
+    yield make
+    db.execute("DELETE FROM emit.ddl_triggers")  # as a superuser may
+    db.execute("DROP SCHEMA IF EXISTS ddl_s CASCADE")
+
+
+def events(rx, n, timeout=10):
+    return [json.loads(m) for m in rx.wait_for(n, timeout=timeout)]
+
+
+def test_async_one_event_per_command_none_for_rollback(db, rx, route):
+    route()
+    db.execute("CREATE SCHEMA ddl_s")
+    db.execute("CREATE TABLE ddl_s.orders (id int PRIMARY KEY)")
+    db.execute("ALTER TABLE ddl_s.orders ADD COLUMN note text")
+    with pytest.raises(psycopg.errors.DivisionByZero):
+        with db.conn.transaction():
+            db.execute("ALTER TABLE ddl_s.orders ADD COLUMN rolled_back int")
+            db.execute("SELECT 1/0")
+    db.execute("CREATE INDEX orders_note ON ddl_s.orders (note)")
+    db.execute("DROP TABLE ddl_s.orders")
+    got = events(rx, 6)
+    seen = [(e["command_tag"], e["object_type"], e["object_identity"], e["dropped"]) for e in got]
+    # The primary key's index is a command of its own; DROP TABLE reports
+    # the table, not its row type or indexes, which go along internally.
+    assert seen == [
+        ("CREATE SCHEMA", "schema", "ddl_s", False),
+        ("CREATE TABLE", "table", "ddl_s.orders", False),
+        ("CREATE INDEX", "index", "ddl_s.orders_pkey", False),
+        ("ALTER TABLE", "table", "ddl_s.orders", False),
+        ("CREATE INDEX", "index", "ddl_s.orders_note", False),
+        ("DROP TABLE", "table", "ddl_s.orders", True),
+    ]
+    assert not any("rolled_back" in json.dumps(e) for e in got)
+    assert all(e["op"] == "DDL" and isinstance(e["id"], int) for e in got)
+    assert {e["schema"] for e in got[1:]} == {"ddl_s"}
+    # A view dropped by CASCADE is reported too.
+    db.execute("CREATE TABLE ddl_s.base (id int)")
+    db.execute("CREATE VIEW ddl_s.v AS SELECT * FROM ddl_s.base")
+    db.execute("DROP TABLE ddl_s.base CASCADE")
+    dropped = [(e["object_identity"], e["dropped"]) for e in events(rx, 10)[6:]]
+    assert dropped == [("ddl_s.base", False), ("ddl_s.v", False),
+                       ("ddl_s.base", True), ("ddl_s.v", True)]
+
+
+@pytest.mark.parametrize("mode", ["sync", "commit"])
+def test_sync_and_commit(db, rx, route, mode):
+    route(json.dumps({"delivery": mode}))
+    db.execute("CREATE SCHEMA ddl_s")
+    with pytest.raises(psycopg.errors.DivisionByZero):
+        with db.conn.transaction():
+            db.execute("CREATE TABLE ddl_s.gone (id int)")
+            db.execute("SELECT 1/0")
+    db.execute("CREATE TABLE ddl_s.kept (id int)")
+    got = events(rx, 2 if mode == "commit" else 3)
+    identities = [e["object_identity"] for e in got]
+    if mode == "commit":
+        assert identities == ["ddl_s", "ddl_s.kept"]
+    else:
+        # Sync sends inside the statement: a rolled-back one was sent.
+        assert identities == ["ddl_s", "ddl_s.gone", "ddl_s.kept"]
+    assert db.warnings() == []
+
+
+def test_no_command_text_is_sent(db, rx, route):
+    route()
+    db.execute("CREATE SCHEMA ddl_s")
+    db.execute("CREATE FUNCTION ddl_s.f() RETURNS text LANGUAGE sql AS $$SELECT 'hunter2'$$")
+    db.execute("COMMENT ON FUNCTION ddl_s.f() IS 'password hunter2'")
+    got = events(rx, 3)
+    assert [e["command_tag"] for e in got] == ["CREATE SCHEMA", "CREATE FUNCTION", "COMMENT"]
+    assert not any("hunter2" in json.dumps(e) for e in got)
+    assert set(got[1]) == {"op", "command_tag", "object_type", "schema", "object_identity",
+                           "dropped", "in_extension", "id", "stream"}
+
+
+def test_ddl_by_an_ordinary_role_is_reported(cluster, db, rx, route):
+    route()
+    db.execute("DROP ROLE IF EXISTS ddl_bob")
+    db.execute("CREATE ROLE ddl_bob LOGIN")
+    db.execute("CREATE SCHEMA ddl_s AUTHORIZATION ddl_bob")
+    bob = Session(cluster, user="ddl_bob")
+    try:
+        bob.execute("CREATE TABLE ddl_s.mine (id int)")
+        # ...who may not read the routes, nor make one.
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            bob.execute("SELECT * FROM emit.ddl_triggers")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            bob.execute("SELECT emit.create_ddl_trigger('x', 'tcp://127.0.0.1:1')")
+    finally:
+        bob.close()
+        db.execute("DROP SCHEMA ddl_s CASCADE")
+        db.execute("DROP ROLE ddl_bob")
+    assert [e["object_identity"] for e in events(rx, 2)][:2] == ["ddl_s", "ddl_s.mine"]
+
+
+def test_a_dropped_stored_destination_warns_and_ddl_goes_on(db, rx, route, dest):
+    db.execute("SELECT emit.create_destination(%s, %s)",
+               (dest, f"tcp://127.0.0.1:{rx.port}?framing=ndjson"))
+    route(dest=dest)
+    db.execute("CREATE SCHEMA ddl_s")
+    assert [e["object_identity"] for e in events(rx, 1)] == ["ddl_s"]
+    db.execute("SELECT emit.drop_destination(%s)", (dest,))
+    db.execute("CREATE TABLE ddl_s.t (id int)")
+    assert any("does not exist" in w and "not sent" in w for w in db.warnings())
+
+
+@pytest.mark.parametrize("call, error, text", [
+    ("emit.create_ddl_trigger('x', 'nope://h')", psycopg.errors.InvalidParameterValue, "nope://h"),
+    ("emit.create_ddl_trigger('x', 'no_such_destination')", psycopg.errors.UndefinedObject,
+     "no_such_destination"),
+    ("emit.create_ddl_trigger('x', 'tcp://127.0.0.1:1', '{\"delivery\": \"later\"}')",
+     psycopg.errors.InvalidParameterValue, "sync, commit or async"),
+    ("emit.create_ddl_trigger('x', 'tcp://127.0.0.1:1', '{\"command\": true}')",
+     psycopg.errors.InvalidParameterValue, "unknown option"),
+    ("emit.drop_ddl_trigger('never_made')", psycopg.errors.UndefinedObject, "never_made"),
+])
+def test_bad_calls(db, call, error, text):
+    with pytest.raises(error) as e:
+        db.execute(f"SELECT {call}")
+    assert text in str(e.value)
+
+
+def test_duplicate_name(db, route):
+    route()
+    with pytest.raises(psycopg.errors.DuplicateObject):
+        route()
+
+
+def test_drop_extension_with_a_route(cluster, rx):
+    cluster.create_db("emit_ddl_drop")
+    try:
+        with cluster.connect("emit_ddl_drop") as c:
+            c.execute("CREATE EXTENSION pg_emit")
+            c.execute("SELECT emit.create_ddl_trigger('r', %s, '{\"delivery\": \"sync\"}')",
+                      (f"tcp://127.0.0.1:{rx.port}?framing=ndjson",))
+            c.execute("CREATE TABLE t (id int)")
+            assert [e["object_identity"] for e in events(rx, 1)] == ["public.t"]
+            c.execute("DROP EXTENSION pg_emit")
+            c.execute("DROP TABLE t")  # DDL without pg_emit: nothing fires
+            assert c.execute("SELECT count(*) FROM pg_event_trigger").fetchone()[0] == 0
+    finally:
+        with cluster.connect() as c:
+            c.execute("DROP DATABASE emit_ddl_drop WITH (FORCE)")
+    assert len(rx.messages) == 1
