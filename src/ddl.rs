@@ -14,10 +14,12 @@
 //! hold secrets that receivers must not get.
 
 use crate::error::EmitError;
+use crate::made::Made;
 use crate::privileged::as_emit_owner;
 use crate::send::hand_over;
 use crate::stored;
-use pg_emit_core::options::{Delivery, Format, OptionError};
+use pg_emit_core::event::write_ddl;
+use pg_emit_core::options::{Delivery, OptionError};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use std::ffi::CStr;
@@ -167,8 +169,12 @@ pub unsafe extern "C-unwind" fn ddl_event(fcinfo: pg_sys::FunctionCallInfo) -> p
             continue;
         }
         let resolved = stored::resolve(FUNC, &dest);
-        for e in &events {
-            hand_over(FUNC, &resolved.target, Format::Json, mode, e.clone(), None);
+        let format = resolved.format.unwrap_or_default();
+        for (event, object) in &events {
+            let mut buf = Vec::with_capacity(event.len() + 256);
+            let made = Made::now(format, mode);
+            write_ddl(&mut buf, format, &made.ctx(), event, object);
+            hand_over(FUNC, &resolved.target, format, mode, buf, None);
         }
     }
     pg_sys::Datum::from(0)
@@ -188,7 +194,9 @@ fn routes_table_exists() -> bool {
 /// (`sql_drop`; objects that went along internally, such as a table's
 /// row type or indexes, or a view's `_RETURN` rule, which is the view
 /// itself, are left out).
-fn commands(dropping: bool, tag: &str) -> Vec<Vec<u8>> {
+/// Each event is pg_emit's JSON with the object's identity (a CloudEvent's
+/// subject).
+fn commands(dropping: bool, tag: &str) -> Vec<(Vec<u8>, String)> {
     let query = if dropping {
         "SELECT NULL::pg_catalog.text, object_type, schema_name, object_identity, false \
            FROM pg_catalog.pg_event_trigger_dropped_objects() \
@@ -202,16 +210,17 @@ fn commands(dropping: bool, tag: &str) -> Vec<Vec<u8>> {
         c.select(query, None, &[])?
             .map(|r| {
                 let command_tag = r.get::<String>(1)?.unwrap_or_else(|| tag.to_string());
+                let object = r.get::<String>(4)?.unwrap_or_default();
                 let event = serde_json::json!({
                     "op": "DDL",
                     "command_tag": command_tag,
                     "object_type": r.get::<String>(2)?,
                     "schema": r.get::<String>(3)?,
-                    "object_identity": r.get::<String>(4)?,
+                    "object_identity": object,
                     "dropped": dropping,
                     "in_extension": r.get::<bool>(5)?.unwrap_or(false),
                 });
-                Ok(event.to_string().into_bytes())
+                Ok((event.to_string().into_bytes(), object))
             })
             .collect::<Result<Vec<_>, pgrx::spi::Error>>()
     })

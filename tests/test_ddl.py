@@ -9,7 +9,7 @@ import psycopg
 import pytest
 
 from conftest import Session
-from receivers import Receiver
+from receivers import HttpReceiver, Receiver
 
 
 @pytest.fixture
@@ -130,6 +130,27 @@ def test_a_dropped_stored_destination_warns_and_ddl_goes_on(db, rx, route, dest)
     db.execute("SELECT emit.drop_destination(%s)", (dest,))
     db.execute("CREATE TABLE ddl_s.t (id int)")
     assert any("does not exist" in w and "not sent" in w for w in db.warnings())
+
+
+@pytest.mark.parametrize("mode, options", [
+    ("async", {"format": "cloudevents"}),
+    ("sync", {"format": "cloudevents", "cloudevents": "binary"}),
+])
+def test_cloudevents_destinations_get_pg_emit_ddl_events(db, route, dest, mode, options):
+    from cloudevents.core.bindings.http import HTTPMessage, from_http_event
+
+    http = HttpReceiver()
+    try:
+        db.execute("SELECT emit.create_destination(%s, %s, %s)", (dest, http.url, json.dumps(options)))
+        route(json.dumps({"delivery": mode}), dest=dest)
+        db.execute("CREATE SCHEMA ddl_s")
+        req = http.wait_for(1)[0]
+        ev = from_http_event(HTTPMessage(headers=req[2], body=req[3]))
+        assert (ev.get_type(), ev.get_subject()) == ("pg_emit.ddl", "ddl_s")
+        assert ev.get_data()["command_tag"] == "CREATE SCHEMA"
+        assert ev.get_id() == req[2]["webhook-id"]
+    finally:
+        http.close()
 
 
 @pytest.mark.parametrize("call, error, text", [

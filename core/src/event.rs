@@ -178,6 +178,22 @@ pub fn write_message(buf: &mut Vec<u8>, format: Format, ctx: &Context<'_>, msg: 
     }
 }
 
+/// A DDL event (pg_emit's JSON, `event`) as `format` sends it:
+/// CloudEvents wrap it as `data` of a `pg_emit.ddl` event whose subject is
+/// the object's identity; every other format sends it as it is (formats
+/// shape row changes, and a DDL command has no row).
+pub fn write_ddl(buf: &mut Vec<u8>, format: Format, ctx: &Context<'_>, event: &[u8], object: &str) {
+    if format.is_cloudevents() {
+        push_cloudevent_head(buf, ctx, "pg_emit.ddl", None);
+        buf.extend_from_slice(event);
+        buf.extend_from_slice(b",\"subject\":");
+        push_string(buf, object);
+        buf.push(b'}');
+    } else {
+        buf.extend_from_slice(event);
+    }
+}
+
 /// The keys every message of `format` starts with, object left open
 /// (`json`, `td`, `supabase`).
 fn push_header(buf: &mut Vec<u8>, format: Format, ev: &Event<'_>) {
@@ -472,6 +488,28 @@ pub fn one_line_object(msg: &str) -> Result<Vec<u8>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ddl_events_as_cloudevents() {
+        let ctx = Context {
+            database: "db",
+            txid: 0,
+            lsn: 0,
+            micros: 0,
+            id: Some("msg_1"),
+        };
+        let ev = br#"{"op":"DDL","object_identity":"public.t"}"#;
+        let mut buf = Vec::new();
+        write_ddl(&mut buf, Format::CloudEvents, &ctx, ev, "public.\"t\"");
+        let v: serde_json::Value = serde_json::from_slice(&buf).unwrap();
+        assert_eq!(v["type"], "pg_emit.ddl");
+        assert_eq!(v["subject"], "public.\"t\"");
+        assert_eq!(v["data"]["op"], "DDL");
+        assert_eq!(v["id"], "msg_1");
+        buf.clear();
+        write_ddl(&mut buf, Format::Json, &ctx, ev, "public.t");
+        assert_eq!(buf, ev);
+    }
 
     #[test]
     fn messages_become_one_line_objects() {
