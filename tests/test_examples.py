@@ -64,3 +64,49 @@ def test_readme_cloudevents_consumer_reads_both_modes(db, table, tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_readme_kafka_consumer_drops_redeliveries(db, table, tmp_path):
+    from receivers import KafkaServer
+
+    server = KafkaServer()
+    try:
+        server.create_topic("orders")
+        code = readme_block("from confluent_kafka").replace("127.0.0.1:9092", server.bootstrap)
+        script = tmp_path / "consumer.py"
+        script.write_text(code)
+        proc = subprocess.Popen([sys.executable, "-u", str(script)], stdout=subprocess.PIPE, text=True)
+        try:
+            db.execute(f"CREATE TABLE {table} (id int PRIMARY KEY)")
+            db.execute(f"CREATE TRIGGER out AFTER INSERT ON {table} FOR EACH ROW EXECUTE FUNCTION "
+                       f"row_to_destination('kafka://{server.bootstrap}/orders', 'delivery=async')")
+            db.execute(f"INSERT INTO {table} VALUES (1)")
+            # The same record again, as a new producer session after a
+            # crash would produce it: the consumer prints it once.
+            from confluent_kafka import Consumer, Producer
+            c = Consumer({"bootstrap.servers": server.bootstrap, "group.id": "copy",
+                          "auto.offset.reset": "earliest"})
+            c.subscribe(["orders"])
+            m = None
+            while m is None or m.error():
+                m = c.poll(1.0)
+            c.close()
+            p = Producer({"bootstrap.servers": server.bootstrap})
+            p.produce("orders", key=m.key(), value=m.value(), headers=m.headers(), partition=m.partition())
+            p.flush(10)
+            db.execute(f"INSERT INTO {table} VALUES (2)")
+            import ast
+            import time
+            lines = [proc.stdout.readline() for _ in range(2)]
+            # "<partition> <key> <event>", the event as Python prints a dict.
+            ids = [ast.literal_eval(line.split(" ", 2)[2])["new"]["id"] for line in lines]
+            assert sorted(ids) == [1, 2]
+            # The copy of event 1 was read and dropped: nothing more comes.
+            time.sleep(2)
+            proc.kill()
+            assert proc.stdout.read() == ""
+        finally:
+            proc.kill()
+            proc.wait()
+    finally:
+        server.close()
