@@ -10,7 +10,7 @@ use crate::security::Allowlist;
 use crate::transport::http::{self, ClientConfig, HttpError, Request, Signing};
 use crate::transport::tcp::{self, SendError};
 use crate::transport::{kafka, nats, redis};
-use crate::transport::{Interrupt, Timeouts};
+use crate::transport::{BrokerError, Interrupt, Timeouts};
 use socket2::Socket;
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -317,12 +317,7 @@ pub fn send_job(conn: &mut Conn, job: &Job, intr: &dyn Interrupt) -> Outcome {
                     intr,
                 );
                 sent[i] += added as u32;
-                r.map_err(|e| {
-                    broker_error(e, |e| match e {
-                        redis::RedisError::Send(s) => Ok(s),
-                        e => Err(e),
-                    })
-                })
+                r.map_err(broker_error)
             }
             Dest::Endpoint(Destination::Nats(subject), _) => {
                 let (ids, ends) = broker_batch(&mut buf, row, lines, &job.stream);
@@ -341,12 +336,7 @@ pub fn send_job(conn: &mut Conn, job: &Job, intr: &dyn Interrupt) -> Outcome {
                     intr,
                 );
                 sent[i] += acked as u32;
-                r.map_err(|e| {
-                    broker_error(e, |e| match e {
-                        nats::NatsError::Send(s) => Ok(s),
-                        e => Err(e),
-                    })
-                })
+                r.map_err(broker_error)
             }
             Dest::Endpoint(Destination::Kafka(topic), _) => {
                 let first = row.sent as usize;
@@ -372,12 +362,7 @@ pub fn send_job(conn: &mut Conn, job: &Job, intr: &dyn Interrupt) -> Outcome {
                     intr,
                 );
                 sent[i] += acked as u32;
-                r.map_err(|e| {
-                    broker_error(e, |e| match e {
-                        kafka::KafkaError::Send(s) => Ok(s),
-                        e => Err(e),
-                    })
-                })
+                r.map_err(broker_error)
             }
             Dest::Endpoint(Destination::Stored { name, .. }, _) => Err(Stopped(JobError::Retry {
                 message: format!("stored destination {name:?} was not read before delivery"),
@@ -401,11 +386,11 @@ pub fn send_job(conn: &mut Conn, job: &Job, intr: &dyn Interrupt) -> Outcome {
 
 /// A broker's error as a job error: a network failure as every
 /// destination's, anything the broker said retried with its words.
-fn broker_error<E: std::fmt::Display>(e: E, network: fn(E) -> Result<SendError, E>) -> Halt {
-    Stopped(match network(e) {
+fn broker_error(e: impl BrokerError) -> Halt {
+    Stopped(match e.network() {
         Ok(s) => JobError::from(s),
-        Err(e) => JobError::Retry {
-            message: e.to_string(),
+        Err(message) => JobError::Retry {
+            message,
             after: None,
         },
     })

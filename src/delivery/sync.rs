@@ -11,11 +11,12 @@ use crate::error::EmitError;
 use crate::interrupts;
 use crate::made::fresh_id;
 use crate::options::Framing;
+use crate::security::Allowlist;
 use crate::settings::{self, OnError};
 use crate::transport::http::{self, HttpError, Request, Response, Signing};
 use crate::transport::tcp::{self, SendError};
-use crate::transport::Interrupt;
 use crate::transport::{kafka, nats, redis};
+use crate::transport::{BrokerError, Interrupt, Timeouts};
 use pg_emit_core::cloudevents;
 use pg_emit_core::destination::SignWith;
 use pg_emit_core::options::Format;
@@ -190,35 +191,64 @@ pub fn try_send(
                 Err(Failure::Status(r))
             }
         }
+        // Brokers: one event on this backend's kept connection for the
+        // destination, acknowledged by the broker.
         Target::Redis(stream) => {
             let id = event_id(format, msg);
+            let entry = [redis::Entry {
+                id: &id,
+                event: msg,
+            }];
             guarded(
                 &stream.host,
                 stream.port,
-                || xadd(&target.key(), stream, &id, msg, intr),
+                || {
+                    on_kept(
+                        |st| &mut st.redis,
+                        &target.key(),
+                        |slot, t, a| redis::xadd(slot, stream, &entry, t, a, intr),
+                    )
+                },
                 receiver_failed(&target.name()),
             )
         }
         Target::Nats(subject) => {
             let id = event_id(format, msg);
+            let m = [nats::Message {
+                id: &id,
+                payload: msg,
+            }];
             guarded(
                 &subject.host,
                 subject.port,
-                || publish(&target.key(), subject, &id, msg, intr),
+                || {
+                    on_kept(
+                        |st| &mut st.nats,
+                        &target.key(),
+                        |slot, t, a| nats::publish(slot, subject, &m, t, a, intr),
+                    )
+                },
                 receiver_failed(&target.name()),
             )
         }
         Target::Kafka(topic) => {
-            let record = kafka::Record {
-                id: &event_id(format, msg),
+            let id = event_id(format, msg);
+            let record = [kafka::Record {
+                id: &id,
                 key,
                 value: msg,
                 content_type: cloudevents::content_type(format, false),
-            };
+            }];
             guarded(
                 &topic.host,
                 topic.port,
-                || produce(&target.key(), topic, record, intr),
+                || {
+                    on_kept(
+                        |st| &mut st.kafka,
+                        &target.key(),
+                        |slot, t, a| kafka::produce(slot, topic, &record, t, a, intr),
+                    )
+                },
                 receiver_failed(&target.name()),
             )
         }
@@ -226,44 +256,24 @@ pub fn try_send(
     }
 }
 
-/// One message on this backend's kept connection for the destination
-/// `key`, acknowledged by JetStream.
-fn publish(
-    key: &str,
-    subject: &nats::Subject,
-    id: &str,
-    msg: &[u8],
-    intr: &dyn Interrupt,
-) -> Result<(), Failure> {
-    let timeouts = settings::timeouts();
-    let allow = settings::allowlist();
-    STATE.with_borrow_mut(|st| {
-        let m = nats::Message { id, payload: msg };
-        let slot = kept(&mut st.nats, key);
-        let (_, r) = nats::publish(slot, subject, &[m], &timeouts, &allow, intr);
-        r.map_err(|e| match e {
-            nats::NatsError::Send(e) => Failure::Send(e),
-            e => Failure::Refused(e.to_string()),
-        })
-    })
-}
+/// Kept-open broker connections by destination key, in order of last use.
+type Kept<C> = Vec<(String, Option<C>)>;
 
-/// One record on this backend's kept producer session for the
-/// destination `key`, acknowledged by its partition's leader.
-fn produce(
+/// Sends on the kept broker connection (one of `conns(state)`) of the
+/// destination `key`; `send` gets the connection slot, the timeouts and
+/// the allowlist.
+fn on_kept<C, E: BrokerError>(
+    conns: fn(&mut State) -> &mut Kept<C>,
     key: &str,
-    topic: &kafka::Topic,
-    record: kafka::Record<'_>,
-    intr: &dyn Interrupt,
+    send: impl FnOnce(&mut Option<C>, &Timeouts, &Allowlist) -> (usize, Result<(), E>),
 ) -> Result<(), Failure> {
     let timeouts = settings::timeouts();
     let allow = settings::allowlist();
     STATE.with_borrow_mut(|st| {
-        let slot = kept(&mut st.kafka, key);
-        let (_, r) = kafka::produce(slot, topic, &[record], &timeouts, &allow, intr);
-        r.map_err(|e| match e {
-            kafka::KafkaError::Send(e) => Failure::Send(e),
-            e => Failure::Refused(e.to_string()),
+        let (_, r) = send(kept(conns(st), key), &timeouts, &allow);
+        r.map_err(|e| match e.network() {
+            Ok(s) => Failure::Send(s),
+            Err(why) => Failure::Refused(why),
         })
     })
 }
@@ -295,27 +305,6 @@ fn event_id(format: Format, msg: &[u8]) -> String {
         false => None,
     }
     .unwrap_or_else(fresh_id)
-}
-
-/// One entry on this backend's kept connection for the destination `key`.
-fn xadd(
-    key: &str,
-    stream: &redis::Stream,
-    id: &str,
-    msg: &[u8],
-    intr: &dyn Interrupt,
-) -> Result<(), Failure> {
-    let timeouts = settings::timeouts();
-    let allow = settings::allowlist();
-    STATE.with_borrow_mut(|st| {
-        let entry = redis::Entry { id, event: msg };
-        let slot = kept(&mut st.redis, key);
-        let (_, r) = redis::xadd(slot, stream, &[entry], &timeouts, &allow, intr);
-        r.map_err(|e| match e {
-            redis::RedisError::Send(e) => Failure::Send(e),
-            e => Failure::Refused(e.to_string()),
-        })
-    })
 }
 
 /// What a failed send says about the receiver `dest`, for its cooldown:

@@ -846,6 +846,15 @@ fn crc32c(data: &[u8]) -> u32 {
     !crc
 }
 
+impl super::BrokerError for KafkaError {
+    fn network(self) -> Result<SendError, String> {
+        match self {
+            KafkaError::Send(s) => Ok(s),
+            e => Err(e.to_string()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

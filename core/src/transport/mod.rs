@@ -9,6 +9,12 @@ pub mod tcp;
 
 use std::time::{Duration, Instant};
 
+/// What stopped a broker client: the network, as for every destination,
+/// or the broker itself, in its words.
+pub trait BrokerError: std::fmt::Display {
+    fn network(self) -> Result<tcp::SendError, String>;
+}
+
 /// Lets a wait give way to `pg_cancel_backend`, `statement_timeout` and
 /// shutdown. Waits are sliced (see [`SLICE`]) and call this between slices
 /// and after every signal, so a cancel takes effect within milliseconds.

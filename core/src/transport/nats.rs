@@ -390,6 +390,15 @@ fn ack(headers: &[u8], payload: &[u8]) -> Result<(), NatsError> {
     Err(NatsError::Protocol(format!("not a PubAck: {v}")))
 }
 
+impl super::BrokerError for NatsError {
+    fn network(self) -> Result<SendError, String> {
+        match self {
+            NatsError::Send(s) => Ok(s),
+            e => Err(e.to_string()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -293,6 +293,15 @@ fn successes(replies: &[Reply]) -> usize {
         .count()
 }
 
+impl super::BrokerError for RedisError {
+    fn network(self) -> Result<SendError, String> {
+        match self {
+            RedisError::Send(s) => Ok(s),
+            e => Err(e.to_string()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
