@@ -127,24 +127,27 @@ pub fn produce(
     allow: &Allowlist,
     intr: &dyn Interrupt,
 ) -> (usize, Result<(), KafkaError>) {
-    let mut conn = match session(slot.take(), target, timeouts, allow, intr) {
+    let (mut conn, mut reused) = match session(slot.take(), target, timeouts, allow, intr) {
         Ok(c) => c,
         Err(e) => return (0, Err(e)),
     };
     let mut done = 0;
     while done < records.len() {
-        let mut end = done;
-        let mut bytes = 0;
-        while end < records.len()
-            && end - done < CHUNK_RECORDS
-            && (end == done || bytes < CHUNK_BYTES)
-        {
-            bytes += records[end].value.len();
-            end += 1;
-        }
+        let end = chunk_end(records, done);
         let chunk = &records[done..end];
         match conn.send_chunk(chunk, timeouts, allow, intr) {
             Ok(()) => done = end,
+            // A kept session's leaders may have moved since (Kafka
+            // rebalances them without closing connections): once, a
+            // fresh session, with fresh metadata, sends the rest.
+            Err((acked, e)) if reused && stale(&e) => {
+                done += acked;
+                reused = false;
+                conn = match session(None, target, timeouts, allow, intr) {
+                    Ok((c, _)) => c,
+                    Err(e) => return (done, Err(e)),
+                };
+            }
             Err((acked, e)) => return (done + acked, Err(e)),
         }
     }
@@ -152,15 +155,27 @@ pub fn produce(
     (done, Ok(()))
 }
 
+/// Whether a failure may come from a session's stale view of the cluster:
+/// a leader that moved, a topic or producer id the broker has forgotten,
+/// an idle connection the broker closed.
+fn stale(e: &KafkaError) -> bool {
+    match e {
+        KafkaError::Broker { code, .. } => matches!(code, 3 | 5 | 6 | 45 | 47 | 59),
+        KafkaError::Send(SendError::Closed) => true,
+        _ => false,
+    }
+}
+
 /// The kept session if its connections are open and their peers still
-/// allowed, else a new one: metadata read, producer id obtained.
+/// allowed (and `true`), else a new one: metadata read, producer id
+/// obtained.
 fn session(
     kept: Option<Conn>,
     target: &Topic,
     timeouts: &Timeouts,
     allow: &Allowlist,
     intr: &dyn Interrupt,
-) -> Result<Conn, KafkaError> {
+) -> Result<(Conn, bool), KafkaError> {
     if let Some(c) = kept {
         let usable = c.opened_for == *target
             && c.socks.values().all(|(sock, host, port)| {
@@ -172,7 +187,7 @@ fn session(
                 allowed && !tcp::peer_closed(sock)
             });
         if usable {
-            return Ok(c);
+            return Ok((c, true));
         }
     }
     let sock = tcp::open(&target.host, target.port, timeouts, allow, intr)?;
@@ -242,7 +257,7 @@ fn session(
         let (h, p) = (h.clone(), *p);
         conn.socks.insert(node, (sock, h, p));
     }
-    Ok(conn)
+    Ok((conn, false))
 }
 
 impl Conn {
@@ -351,9 +366,11 @@ impl Conn {
             let mut body = Vec::new();
             put_i16(&mut body, -1); // transactional_id
             put_i16(&mut body, -1); // acks=all
+                                    // The broker's own wait ends before ours, so that its answer
+                                    // (REQUEST_TIMED_OUT, say) arrives rather than our timeout.
             put_i32(
                 &mut body,
-                timeouts.write.as_millis().min(i32::MAX as u128) as i32,
+                (timeouts.write.as_millis() * 3 / 4).min(i32::MAX as u128) as i32,
             );
             put_i32(&mut body, 1);
             put_str(&mut body, &self.opened_for.topic);
@@ -387,23 +404,30 @@ impl Conn {
             sent.push((*leader, correlation));
         }
         let mut failed: Vec<(usize, KafkaError)> = Vec::new();
-        for (leader, correlation) in sent {
-            let answer = self.answer(leader, correlation, deadline, intr);
-            let r = match answer {
-                Ok(r) => r,
-                Err(e) => {
-                    return Err((0, e));
-                }
-            };
+        for ((leader, parts), (_, correlation)) in by_leader.iter().zip(sent) {
+            let r = self
+                .answer(*leader, correlation, deadline, intr)
+                .map_err(|e| (0, e))?;
             let results = produce_results(&r, &self.opened_for.topic).map_err(|e| (0, e))?;
+            // Each partition sent to this leader is answered exactly once,
+            // by it; one the answer leaves out was not delivered.
+            let mut answered = vec![false; parts.len()];
             for (p, code) in results {
-                let p = usize::try_from(p).ok().filter(|&p| p < n);
-                let Some(p) = p else {
+                let k = usize::try_from(p)
+                    .ok()
+                    .and_then(|p| parts.iter().position(|&q| q == p))
+                    .filter(|&k| !answered[k]);
+                let Some(k) = k else {
                     return Err((
                         0,
-                        KafkaError::Protocol("an answer for an unknown partition".into()),
+                        KafkaError::Protocol(format!(
+                            "broker {leader} answered for partition {p}, which it was not \
+                             sent or answered twice"
+                        )),
                     ));
                 };
+                answered[k] = true;
+                let p = parts[k];
                 // DUPLICATE_SEQUENCE_NUMBER: the broker has this batch already.
                 if code == 0 || code == DUPLICATE_SEQUENCE_NUMBER {
                     let count = by_partition[p].len() as i64;
@@ -419,6 +443,16 @@ impl Conn {
                             ),
                             code,
                         },
+                    ));
+                }
+            }
+            for (k, &p) in parts.iter().enumerate() {
+                if !answered[k] {
+                    failed.push((
+                        p,
+                        KafkaError::Protocol(format!(
+                            "broker {leader} did not answer for partition {p}"
+                        )),
                     ));
                 }
             }
@@ -539,6 +573,13 @@ fn read_answer(
         tcp::read_some(sock, buf, deadline, intr)?;
     }
     let body: Vec<u8> = buf.drain(..4 + size).skip(4).collect();
+    // One request at a time per connection: anything more is unasked, and
+    // must not pass for the start of the next answer.
+    if !buf.is_empty() {
+        return Err(KafkaError::Protocol(
+            "more than the answer asked for".into(),
+        ));
+    }
     let got = i32::from_be_bytes(body[..4].try_into().expect("4 bytes"));
     if got != correlation {
         return Err(KafkaError::Protocol(format!(
@@ -578,6 +619,28 @@ fn partition(key: Option<i64>, n: usize) -> usize {
         Some(k) => (murmur2(key_bytes(k).as_bytes()) & 0x7fff_ffff) as usize % n,
         None => 0,
     }
+}
+
+/// Where the chunk starting at `start` ends: at most [`CHUNK_RECORDS`]
+/// records and [`CHUNK_BYTES`], counted whole; a record larger than a
+/// chunk goes alone.
+fn chunk_end(records: &[Record<'_>], start: usize) -> usize {
+    let mut end = start;
+    let mut bytes = 0;
+    while end < records.len() && end - start < CHUNK_RECORDS {
+        let size = encoded_size(&records[end]);
+        if end > start && bytes + size > CHUNK_BYTES {
+            break;
+        }
+        bytes += size;
+        end += 1;
+    }
+    end
+}
+
+/// About what a record takes in a batch: value, key, headers, framing.
+fn encoded_size(r: &Record<'_>) -> usize {
+    r.value.len() + r.id.len() + r.content_type.len() + 16 + 40
 }
 
 /// A record's key: the ordering key as 16 hex digits.
@@ -935,6 +998,152 @@ mod tests {
         assert_eq!(rd.i32().unwrap(), 2);
         assert!(out.windows(16).any(|w| w == b"0000000000000005"));
         assert!(out.windows(7).any(|w| w == b"evt_s_2"));
+    }
+
+    #[test]
+    fn chunks_count_records_whole_and_big_ones_go_alone() {
+        let small = vec![b'x'; 100_000];
+        let big = vec![b'y'; 600_000];
+        let rec = |v: &'static [u8]| Record {
+            id: "evt_s_1",
+            key: None,
+            value: v,
+            content_type: "application/json",
+        };
+        let small: &'static [u8] = small.leak();
+        let big: &'static [u8] = big.leak();
+        let recs = [
+            rec(small),
+            rec(small),
+            rec(small),
+            rec(small),
+            rec(small),
+            rec(big),
+            rec(small),
+        ];
+        assert_eq!(chunk_end(&recs, 0), 5);
+        assert_eq!(chunk_end(&recs, 5), 6);
+        assert_eq!(chunk_end(&recs, 6), 7);
+        let tiny: Vec<Record<'_>> = (0..5000).map(|_| rec(b"{}")).collect();
+        assert_eq!(chunk_end(&tiny, 0), CHUNK_RECORDS);
+    }
+
+    /// A one-partition broker on loopback that answers Metadata and
+    /// InitProducerId, and every Produce with the body `produce` makes.
+    fn fake_broker(produce: fn() -> Vec<u8>) -> u16 {
+        use std::io::{Read, Write};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            let (mut c, _) = l.accept().unwrap();
+            loop {
+                let mut size = [0u8; 4];
+                if c.read_exact(&mut size).is_err() {
+                    return;
+                }
+                let mut req = vec![0u8; i32::from_be_bytes(size) as usize];
+                c.read_exact(&mut req).unwrap();
+                let api = i16::from_be_bytes([req[0], req[1]]);
+                let mut out = req[4..8].to_vec(); // correlation id
+                match api {
+                    METADATA => {
+                        put_i32(&mut out, 0);
+                        put_i32(&mut out, 1);
+                        put_i32(&mut out, 1);
+                        put_str(&mut out, "127.0.0.1");
+                        put_i32(&mut out, i32::from(port));
+                        put_i16(&mut out, -1);
+                        put_i16(&mut out, -1);
+                        put_i32(&mut out, 1);
+                        put_i32(&mut out, 1);
+                        put_i16(&mut out, 0);
+                        put_str(&mut out, "t");
+                        out.push(0);
+                        put_i32(&mut out, 1);
+                        put_i16(&mut out, 0);
+                        put_i32(&mut out, 0);
+                        put_i32(&mut out, 1);
+                        put_i32(&mut out, 1);
+                        put_i32(&mut out, 1);
+                        put_i32(&mut out, 1);
+                        put_i32(&mut out, 1);
+                    }
+                    INIT_PRODUCER_ID => {
+                        out.push(0);
+                        put_i32(&mut out, 0);
+                        put_i16(&mut out, 0);
+                        put_i64(&mut out, 7);
+                        put_i16(&mut out, 0);
+                        out.push(0);
+                    }
+                    _ => out.extend(produce()),
+                }
+                let mut frame = (out.len() as i32).to_be_bytes().to_vec();
+                frame.extend(out);
+                c.write_all(&frame).unwrap();
+            }
+        });
+        port
+    }
+
+    fn produce_to(port: u16, n: usize) -> (usize, Result<(), KafkaError>) {
+        let target = Topic {
+            host: "127.0.0.1".into(),
+            port,
+            topic: "t".into(),
+        };
+        let recs: Vec<Record<'_>> = (0..n)
+            .map(|_| Record {
+                id: "evt_s_1",
+                key: None,
+                value: b"{}",
+                content_type: "application/json",
+            })
+            .collect();
+        let timeouts = Timeouts {
+            connect: std::time::Duration::from_secs(2),
+            write: std::time::Duration::from_secs(2),
+            stall: false,
+        };
+        let mut slot = None;
+        produce(
+            &mut slot,
+            &target,
+            &recs,
+            &timeouts,
+            &Allowlist::default(),
+            &crate::transport::Uninterruptible,
+        )
+    }
+
+    #[test]
+    fn a_partition_the_answer_leaves_out_is_not_delivered() {
+        let empty = fake_broker(|| {
+            let mut a = Vec::new();
+            put_i32(&mut a, 0); // no topics
+            put_i32(&mut a, 0);
+            a
+        });
+        let (acked, r) = produce_to(empty, 3);
+        assert_eq!(acked, 0);
+        assert!(r
+            .unwrap_err()
+            .to_string()
+            .contains("did not answer for partition 0"));
+        let ok = fake_broker(|| {
+            let mut a = Vec::new();
+            put_i32(&mut a, 1);
+            put_str(&mut a, "t");
+            put_i32(&mut a, 1);
+            put_i32(&mut a, 0);
+            put_i16(&mut a, 0);
+            put_i64(&mut a, 0);
+            put_i64(&mut a, -1);
+            put_i64(&mut a, 0);
+            put_i32(&mut a, 0);
+            a
+        });
+        assert!(matches!(produce_to(ok, 3), (3, Ok(()))));
     }
 
     #[test]
