@@ -1,7 +1,10 @@
 -- DDL events (emit.create_ddl_trigger): each named route sends the
 -- database's DDL to a destination. Event trigger functions take no
 -- arguments, so one pair of event triggers, members of the extension,
--- serves every route (see src/ddl.rs).
+-- serves every route (see src/ddl.rs). The routes are not dumped: the
+-- event triggers come back with CREATE EXTENSION, before a restore's
+-- indexes and constraints, which would otherwise be reported to the
+-- original's receivers.
 CREATE TABLE emit.ddl_triggers (
     name        text PRIMARY KEY,
     dest        text NOT NULL,
@@ -11,7 +14,6 @@ CREATE TABLE emit.ddl_triggers (
 COMMENT ON TABLE emit.ddl_triggers IS
     'pg_emit: where DDL events go (emit.create_ddl_trigger)';
 REVOKE ALL ON emit.ddl_triggers FROM PUBLIC;
-SELECT pg_catalog.pg_extension_config_dump('emit.ddl_triggers', '');
 
 CREATE FUNCTION emit.ddl_event() RETURNS event_trigger
   LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'ddl_event';

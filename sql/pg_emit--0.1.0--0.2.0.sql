@@ -134,7 +134,6 @@ CREATE TABLE emit.ddl_triggers (
 COMMENT ON TABLE emit.ddl_triggers IS
     'pg_emit: where DDL events go (emit.create_ddl_trigger)';
 REVOKE ALL ON emit.ddl_triggers FROM PUBLIC;
-SELECT pg_catalog.pg_extension_config_dump('emit.ddl_triggers', '');
 CREATE FUNCTION emit.ddl_event() RETURNS event_trigger
   LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'ddl_event';
 COMMENT ON FUNCTION emit.ddl_event() IS

@@ -122,7 +122,13 @@ pub unsafe extern "C-unwind" fn ddl_event(fcinfo: pg_sys::FunctionCallInfo) -> p
         pgrx::error!("{FUNC}: not called as an event trigger");
     }
     let data = context as *mut pg_sys::EventTriggerData;
-    let dropping = CStr::from_ptr((*data).event).to_bytes() == b"sql_drop";
+    // Attached by hand to another event (a login trigger, say), it does
+    // nothing rather than fail what fired it.
+    let dropping = match CStr::from_ptr((*data).event).to_bytes() {
+        b"sql_drop" => true,
+        b"ddl_command_end" => false,
+        _ => return pg_sys::Datum::from(0),
+    };
     let tag = CStr::from_ptr(pg_sys::GetCommandTagName((*data).tag))
         .to_string_lossy()
         .into_owned();
@@ -170,10 +176,20 @@ pub unsafe extern "C-unwind" fn ddl_event(fcinfo: pg_sys::FunctionCallInfo) -> p
         }
         let resolved = stored::resolve(FUNC, &dest);
         let format = resolved.format.unwrap_or_default();
+        let limit = crate::settings::max_message_bytes();
         for (event, object) in &events {
             let mut buf = Vec::with_capacity(event.len() + 256);
             let made = Made::now(format, mode);
-            write_ddl(&mut buf, format, &made.ctx(), event, object);
+            write_ddl(&mut buf, format, &made.ctx(), event, object.as_deref());
+            // Someone else's DDL must not fail for an event too large.
+            if buf.len() > limit {
+                pgrx::warning!(
+                    "{FUNC}: DDL trigger {name:?}: an event of {} bytes exceeds \
+                     pg_emit.max_message_size ({limit} bytes); not sent",
+                    buf.len()
+                );
+                continue;
+            }
             hand_over(FUNC, &resolved.target, format, mode, buf, None);
         }
     }
@@ -193,36 +209,56 @@ fn routes_table_exists() -> bool {
 /// (`ddl_command_end`), or one per object it dropped by name or by CASCADE
 /// (`sql_drop`; objects that went along internally, such as a table's
 /// row type or indexes, or a view's `_RETURN` rule, which is the view
-/// itself, are left out).
-/// Each event is pg_emit's JSON with the object's identity (a CloudEvent's
-/// subject).
-fn commands(dropping: bool, tag: &str) -> Vec<(Vec<u8>, String)> {
+/// itself, are left out). Each is pg_emit's JSON with the object's
+/// identity (a CloudEvent's subject; none for `GRANT`).
+///
+/// Read as the extension's owner with `search_path` pinned: this runs as
+/// whoever did the DDL, under a search path they may have chosen. Text
+/// comes as bytes (`textsend`) and is converted to UTF-8 here, so a name in
+/// a LATIN1 database is an event, not an error in someone's DDL.
+fn commands(dropping: bool, tag: &str) -> Vec<(Vec<u8>, Option<String>)> {
     let query = if dropping {
-        "SELECT NULL::pg_catalog.text, object_type, schema_name, object_identity, false \
-           FROM pg_catalog.pg_event_trigger_dropped_objects() \
-          WHERE (original OR normal) \
-            AND NOT (object_type = 'rule' AND object_name = '_RETURN')"
+        "SELECT NULL::pg_catalog.bytea, pg_catalog.textsend(object_type), \
+                pg_catalog.textsend(schema_name), pg_catalog.textsend(object_identity), false \
+           FROM pg_catalog.pg_event_trigger_dropped_objects() WHERE original OR normal"
     } else {
-        "SELECT command_tag, object_type, schema_name, object_identity, in_extension \
+        "SELECT pg_catalog.textsend(command_tag), pg_catalog.textsend(object_type), \
+                pg_catalog.textsend(schema_name), pg_catalog.textsend(object_identity), \
+                in_extension \
            FROM pg_catalog.pg_event_trigger_ddl_commands()"
     };
-    Spi::connect(|c| {
-        c.select(query, None, &[])?
-            .map(|r| {
-                let command_tag = r.get::<String>(1)?.unwrap_or_else(|| tag.to_string());
-                let object = r.get::<String>(4)?.unwrap_or_default();
+    let text = |b: Option<Vec<u8>>| {
+        b.map(|b| {
+            let what = || format!("{FUNC}: an object name");
+            String::from_utf8_lossy(&crate::encoding::to_utf8(&b, &what)).into_owned()
+        })
+    };
+    as_emit_owner(|| {
+        Spi::connect(|c| {
+            let mut out = Vec::new();
+            for r in c.select(query, None, &[])? {
+                let object_type = text(r.get::<Vec<u8>>(2)?);
+                let object = text(r.get::<Vec<u8>>(4)?);
+                if object_type.as_deref() == Some("rule")
+                    && object
+                        .as_deref()
+                        .is_some_and(|o| o.starts_with("\"_RETURN\" on "))
+                {
+                    continue;
+                }
                 let event = serde_json::json!({
                     "op": "DDL",
-                    "command_tag": command_tag,
-                    "object_type": r.get::<String>(2)?,
-                    "schema": r.get::<String>(3)?,
+                    "command_tag": text(r.get::<Vec<u8>>(1)?).unwrap_or_else(|| tag.to_string()),
+                    "object_type": object_type,
+                    "schema": text(r.get::<Vec<u8>>(3)?),
                     "object_identity": object,
                     "dropped": dropping,
                     "in_extension": r.get::<bool>(5)?.unwrap_or(false),
                 });
-                Ok((event.to_string().into_bytes(), object))
-            })
-            .collect::<Result<Vec<_>, pgrx::spi::Error>>()
+                out.push((event.to_string().into_bytes(), object));
+            }
+            Ok::<_, pgrx::spi::Error>(out)
+        })
     })
     .unwrap_or_else(|e| pgrx::error!("{FUNC}: {e}"))
 }

@@ -68,6 +68,13 @@ def test_async_one_event_per_command_none_for_rollback(db, rx, route):
     dropped = [(e["object_identity"], e["dropped"]) for e in events(rx, 10)[6:]]
     assert dropped == [("ddl_s.base", False), ("ddl_s.v", False),
                        ("ddl_s.base", True), ("ddl_s.v", True)]
+    # A rule of one's own is reported when dropped (a view's is the view).
+    db.execute("CREATE TABLE ddl_s.r (id int)")
+    db.execute("CREATE RULE quiet AS ON DELETE TO ddl_s.r DO INSTEAD NOTHING")
+    db.execute("DROP RULE quiet ON ddl_s.r")
+    last = events(rx, 13)[-1]
+    assert (last["command_tag"], last["object_type"], last["object_identity"]) == (
+        "DROP RULE", "rule", "quiet on ddl_s.r")
 
 
 @pytest.mark.parametrize("mode", ["sync", "commit"])
@@ -175,6 +182,41 @@ def test_duplicate_name(db, route):
         route()
 
 
+def test_an_operator_on_the_search_path_is_not_used(db, rx, route):
+    """The event trigger runs as whoever does the DDL, under their
+    search_path: an operator planted there must not run in its queries
+    (with a superuser's rights)."""
+    route()
+    db.execute("CREATE SCHEMA ddl_s")
+    db.execute("CREATE FUNCTION ddl_s.eq(text, text) RETURNS bool LANGUAGE plpgsql "
+               "AS $$BEGIN RAISE EXCEPTION 'hijacked'; END$$")
+    db.execute("CREATE OPERATOR ddl_s.= (leftarg = text, rightarg = text, function = ddl_s.eq)")
+    db.execute("SET search_path = ddl_s, pg_catalog, public")
+    try:
+        db.execute("CREATE TABLE public.ddl_hijack (id int)")
+        db.execute("CREATE RULE r AS ON DELETE TO public.ddl_hijack DO INSTEAD NOTHING")
+        db.execute("DROP TABLE public.ddl_hijack")
+    finally:
+        db.execute("RESET search_path")
+    assert "public.ddl_hijack" in {e["object_identity"] for e in events(rx, 6)}
+
+
+def test_latin1_names(cluster, rx):
+    with cluster.connect() as c:
+        c.execute("CREATE DATABASE emit_ddl_latin1 ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' "
+                  "TEMPLATE template0")
+    try:
+        with cluster.connect("emit_ddl_latin1") as c:
+            c.execute("CREATE EXTENSION pg_emit")
+            c.execute("SELECT emit.create_ddl_trigger('r', %s, '{\"delivery\": \"sync\"}')",
+                      (f"tcp://127.0.0.1:{rx.port}?framing=ndjson",))
+            c.execute('CREATE TABLE "café" (id int)')
+            assert events(rx, 1)[0]["object_identity"] == 'public."café"'
+    finally:
+        with cluster.connect() as c:
+            c.execute("DROP DATABASE emit_ddl_latin1 WITH (FORCE)")
+
+
 def test_drop_extension_with_a_route(cluster, rx):
     cluster.create_db("emit_ddl_drop")
     try:
@@ -186,6 +228,15 @@ def test_drop_extension_with_a_route(cluster, rx):
             assert [e["object_identity"] for e in events(rx, 1)] == ["public.t"]
             c.execute("DROP EXTENSION pg_emit")
             c.execute("DROP TABLE t")  # DDL without pg_emit: nothing fires
+            assert c.execute("SELECT count(*) FROM pg_event_trigger").fetchone()[0] == 0
+            # Async DDL, then DROP EXTENSION, in one transaction: the
+            # commit goes through, the events go with the extension.
+            c.execute("CREATE EXTENSION pg_emit")
+            c.execute("SELECT emit.create_ddl_trigger('r', %s)",
+                      (f"tcp://127.0.0.1:{rx.port}?framing=ndjson",))
+            with c.transaction():
+                c.execute("CREATE TABLE t2 (id int)")
+                c.execute("DROP EXTENSION pg_emit")
             assert c.execute("SELECT count(*) FROM pg_event_trigger").fetchone()[0] == 0
     finally:
         with cluster.connect() as c:

@@ -182,12 +182,22 @@ pub fn write_message(buf: &mut Vec<u8>, format: Format, ctx: &Context<'_>, msg: 
 /// CloudEvents wrap it as `data` of a `pg_emit.ddl` event whose subject is
 /// the object's identity; every other format sends it as it is (formats
 /// shape row changes, and a DDL command has no row).
-pub fn write_ddl(buf: &mut Vec<u8>, format: Format, ctx: &Context<'_>, event: &[u8], object: &str) {
+pub fn write_ddl(
+    buf: &mut Vec<u8>,
+    format: Format,
+    ctx: &Context<'_>,
+    event: &[u8],
+    object: Option<&str>,
+) {
     if format.is_cloudevents() {
         push_cloudevent_head(buf, ctx, "pg_emit.ddl", None);
         buf.extend_from_slice(event);
-        buf.extend_from_slice(b",\"subject\":");
-        push_string(buf, object);
+        // CloudEvents forbids an empty subject: none for what has no
+        // identity (a GRANT).
+        if let Some(o) = object.filter(|o| !o.is_empty()) {
+            buf.extend_from_slice(b",\"subject\":");
+            push_string(buf, o);
+        }
         buf.push(b'}');
     } else {
         buf.extend_from_slice(event);
@@ -500,14 +510,24 @@ mod tests {
         };
         let ev = br#"{"op":"DDL","object_identity":"public.t"}"#;
         let mut buf = Vec::new();
-        write_ddl(&mut buf, Format::CloudEvents, &ctx, ev, "public.\"t\"");
+        write_ddl(
+            &mut buf,
+            Format::CloudEvents,
+            &ctx,
+            ev,
+            Some("public.\"t\""),
+        );
         let v: serde_json::Value = serde_json::from_slice(&buf).unwrap();
         assert_eq!(v["type"], "pg_emit.ddl");
         assert_eq!(v["subject"], "public.\"t\"");
         assert_eq!(v["data"]["op"], "DDL");
         assert_eq!(v["id"], "msg_1");
         buf.clear();
-        write_ddl(&mut buf, Format::Json, &ctx, ev, "public.t");
+        write_ddl(&mut buf, Format::CloudEvents, &ctx, ev, None);
+        let v: serde_json::Value = serde_json::from_slice(&buf).unwrap();
+        assert!(v.get("subject").is_none());
+        buf.clear();
+        write_ddl(&mut buf, Format::Json, &ctx, ev, Some("public.t"));
         assert_eq!(buf, ev);
     }
 

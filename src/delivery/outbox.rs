@@ -479,6 +479,19 @@ pub fn pre_commit(prepare: bool) {
     if !queued && !early && !WROTE.get() {
         return;
     }
+    // DROP EXTENSION pg_emit later in this transaction: the outbox is gone
+    // with it, and so are these events, which must not fail the commit.
+    if crate::privileged::emit_owner().is_none() {
+        let n = QUEUED.with_borrow(|p| p.len());
+        forget();
+        if n > 0 {
+            pgrx::warning!(
+                "pg_emit: {n} async event(s) of this transaction discarded: the extension was \
+                 dropped in it"
+            );
+        }
+        return;
+    }
     // One switch to the owner for the rows and their number.
     as_emit_owner(|| {
         let mut seq = if prepare || !schema_is_current() {
