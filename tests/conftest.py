@@ -90,6 +90,15 @@ def dest(db, request):
         db.execute("SELECT emit.drop_destination(%s)", (name,))
 
 
+def attach(db, table, dest, *opts, v="text"):
+    """Creates `table` (id, v) if need be, with an AFTER INSERT OR UPDATE
+    row trigger sending to `dest` with trigger options `opts`."""
+    extra = "".join(f", '{o}'" for o in opts)
+    db.execute(f"CREATE TABLE IF NOT EXISTS {table} (id int PRIMARY KEY, v {v})")
+    db.execute(f"CREATE TRIGGER out AFTER INSERT OR UPDATE ON {table} FOR EACH ROW "
+               f"EXECUTE FUNCTION row_to_destination('{dest}'{extra})")
+
+
 @pytest.fixture
 def table(db, request):
     """A fresh table name per test, dropped afterwards."""

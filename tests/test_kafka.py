@@ -15,6 +15,7 @@ import time
 import psycopg
 import pytest
 
+from conftest import attach
 from pgcluster import wait_until
 from receivers import KafkaServer
 
@@ -27,13 +28,6 @@ def server():
     s.create_topic("orders")
     yield s
     s.close()
-
-
-def attach(db, table, dest, *opts):
-    extra = "".join(f", '{o}'" for o in opts)
-    db.execute(f"CREATE TABLE IF NOT EXISTS {table} (id int PRIMARY KEY, v int)")
-    db.execute(f"CREATE TRIGGER out AFTER INSERT OR UPDATE ON {table} FOR EACH ROW "
-               f"EXECUTE FUNCTION row_to_destination('{dest}'{extra})")
 
 
 def java_partitions(server, topic, keys):
@@ -55,7 +49,7 @@ def java_partitions(server, topic, keys):
 
 
 def test_async_events_are_keyed_by_row_in_commit_order(db, table, server):
-    attach(db, table, f"kafka://127.0.0.1:{server.port}/orders", "delivery=async")
+    attach(db, table, f"kafka://127.0.0.1:{server.port}/orders", "delivery=async", v="int")
     db.execute(f"INSERT INTO {table} SELECT g, 0 FROM generate_series(1, 200) g")
     for v in range(1, 6):
         db.execute(f"UPDATE {table} SET v = {v}")
@@ -87,7 +81,7 @@ def test_async_events_are_keyed_by_row_in_commit_order(db, table, server):
 @pytest.mark.parametrize("mode", ["sync", "commit"])
 def test_sync_and_commit(db, table, server, mode):
     attach(db, table, f"kafka://127.0.0.1:{server.port}/orders", f"delivery={mode}",
-           "format=cloudevents")
+           "format=cloudevents", v="int")
     db.execute(f"INSERT INTO {table} VALUES (1, 0)")
     db.execute(f"UPDATE {table} SET v = 1")
     db.execute(f"INSERT INTO {table} VALUES (2, 0)")
@@ -115,7 +109,7 @@ def test_events_without_a_key_go_to_partition_zero(db, table, server):
 
 
 def test_a_missing_topic_waits_and_says_why(db, table, server):
-    attach(db, table, f"kafka://127.0.0.1:{server.port}/invoices", "delivery=async")
+    attach(db, table, f"kafka://127.0.0.1:{server.port}/invoices", "delivery=async", v="int")
     db.execute(f"INSERT INTO {table} VALUES (1, 0)")
     assert wait_until(lambda: "does not exist" in (db.one(
         "SELECT last_error FROM emit.outbox WHERE port = %s", (server.port,)) or ""), 10)
@@ -129,7 +123,7 @@ def test_a_missing_topic_waits_and_says_why(db, table, server):
 
 
 def test_broker_down_then_back(db, table, server):
-    attach(db, table, f"kafka://127.0.0.1:{server.port}/orders", "delivery=async")
+    attach(db, table, f"kafka://127.0.0.1:{server.port}/orders", "delivery=async", v="int")
     server.stop()
     db.execute(f"INSERT INTO {table} SELECT g, 0 FROM generate_series(1, 100) g")
     assert wait_until(lambda: db.one(
@@ -204,7 +198,7 @@ def test_bad_kafka_destinations(db, call, text):
 def test_stored_destination(db, table, dest, server):
     db.execute("SELECT emit.create_destination(%s, %s, %s)",
                (dest, f"kafka://127.0.0.1:{server.port}/orders", json.dumps({"format": "debezium"})))
-    attach(db, table, dest, "delivery=async")
+    attach(db, table, dest, "delivery=async", v="int")
     db.execute(f"INSERT INTO {table} VALUES (7, 0)")
     (r,) = server.records("orders", 1)
     assert r["value"]["after"] == {"id": 7, "v": 0} and r["value"]["op"] == "c"

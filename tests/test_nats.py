@@ -13,6 +13,7 @@ import time
 import psycopg
 import pytest
 
+from conftest import attach
 from pgcluster import wait_until
 from receivers import NatsServer
 
@@ -25,13 +26,6 @@ def server():
     s.add_stream("ORDERS", ["orders.>"])
     yield s
     s.close()
-
-
-def attach(db, table, dest, *opts):
-    extra = "".join(f", '{o}'" for o in opts)
-    db.execute(f"CREATE TABLE IF NOT EXISTS {table} (id int PRIMARY KEY, v text)")
-    db.execute(f"CREATE TRIGGER out AFTER INSERT OR UPDATE ON {table} FOR EACH ROW "
-               f"EXECUTE FUNCTION row_to_destination('{dest}'{extra})")
 
 
 def test_async_events_are_in_the_stream_once_in_commit_order(db, table, server):

@@ -11,6 +11,7 @@ import time
 import psycopg
 import pytest
 
+from conftest import attach
 from pgcluster import wait_until
 from receivers import RedisServer
 
@@ -22,13 +23,6 @@ def server():
     s = RedisServer()
     yield s
     s.close()
-
-
-def attach(db, table, dest, *opts):
-    extra = "".join(f", '{o}'" for o in opts)
-    db.execute(f"CREATE TABLE IF NOT EXISTS {table} (id int PRIMARY KEY, v text)")
-    db.execute(f"CREATE TRIGGER out AFTER INSERT OR UPDATE ON {table} FOR EACH ROW "
-               f"EXECUTE FUNCTION row_to_destination('{dest}'{extra})")
 
 
 def test_async_events_arrive_once_in_commit_order(db, table, server):
