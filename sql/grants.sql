@@ -13,6 +13,8 @@ REVOKE EXECUTE ON FUNCTION emit.drop_destination(text) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION emit.create_ddl_trigger(text, text, jsonb) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION emit.drop_ddl_trigger(text) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION emit.ddl_event() FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION emit.create_token(text[], interval) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION emit.revoke_token(text) FROM PUBLIC;
 
 -- Two optional roles bundle what a DBA hands out. Roles are cluster-wide:
 -- created by the first database that installs pg_emit, kept by
@@ -52,3 +54,9 @@ GRANT EXECUTE ON FUNCTION emit.drop_destination(text) TO emit_admin;
 GRANT SELECT ON emit.ddl_triggers TO emit_admin;
 GRANT EXECUTE ON FUNCTION emit.create_ddl_trigger(text, text, jsonb) TO emit_admin;
 GRANT EXECUTE ON FUNCTION emit.drop_ddl_trigger(text) TO emit_admin;
+-- Live channels: emit_admin hands out and revokes tokens, and may look at
+-- (and delete) the tokens and the retained events.
+GRANT EXECUTE ON FUNCTION emit.create_token(text[], interval) TO emit_admin;
+GRANT EXECUTE ON FUNCTION emit.revoke_token(text) TO emit_admin;
+GRANT SELECT, DELETE ON emit.channel_tokens TO emit_admin;
+GRANT SELECT ON emit.channel_events TO emit_admin;

@@ -70,6 +70,7 @@ mod emit {
         // An unknown or refused destination fails here, not at every DDL.
         let resolved = stored::resolve(F, dest);
         crate::delivery::refuse_unless_allowed(&|| F.to_string(), &resolved.target);
+        crate::delivery::for_target(&|| F.to_string(), &resolved.target, delivery);
         let options = serde_json::json!({"delivery": delivery.name()}).to_string();
         let inserted = as_emit_owner(|| {
             Spi::connect_mut(|c| {
@@ -175,6 +176,11 @@ pub unsafe extern "C-unwind" fn ddl_event(fcinfo: pg_sys::FunctionCallInfo) -> p
             continue;
         }
         let resolved = stored::resolve(FUNC, &dest);
+        let mode = crate::delivery::for_target(
+            &|| format!("{FUNC}: DDL trigger {name:?}"),
+            &resolved.target,
+            mode,
+        );
         let format = resolved.format.unwrap_or_default();
         let limit = crate::settings::max_message_bytes();
         for (event, object) in &events {

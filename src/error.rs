@@ -25,6 +25,13 @@ pub enum EmitError {
         func: &'static str,
         source: OptionError,
     },
+    /// `delivery=sync` to a channel.
+    #[error(
+        "{context}: {channel} cannot take delivery=sync: channel events are stored when the \
+         transaction commits and pushed to subscribers by the listener; use delivery=async \
+         (commit means the same for a channel)"
+    )]
+    ChannelSync { context: String, channel: String },
     /// A trigger function called as a plain function.
     #[error("{0}: must be called as a trigger")]
     NotTrigger(&'static str),
@@ -93,9 +100,9 @@ impl EmitError {
     pub fn sqlstate(&self) -> PgSqlErrorCode {
         use PgSqlErrorCode::*;
         match self {
-            EmitError::Argument { .. } | EmitError::TriggerArgument { .. } => {
-                ERRCODE_INVALID_PARAMETER_VALUE
-            }
+            EmitError::Argument { .. }
+            | EmitError::TriggerArgument { .. }
+            | EmitError::ChannelSync { .. } => ERRCODE_INVALID_PARAMETER_VALUE,
             EmitError::TriggerEvent { .. } | EmitError::NotTrigger(_) => {
                 ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED
             }

@@ -38,6 +38,11 @@ pgrx::extension_sql_file!(
     requires = ["bootstrap"]
 );
 pgrx::extension_sql_file!("../sql/ddl.sql", name = "ddl", requires = ["outbox"]);
+pgrx::extension_sql_file!(
+    "../sql/channels.sql",
+    name = "channels",
+    requires = ["outbox"]
+);
 pgrx::extension_sql_file!("../sql/grants.sql", name = "grants", finalize);
 
 #[pg_guard]

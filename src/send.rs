@@ -95,6 +95,7 @@ fn send_message(
     };
     let resolved = stored::resolve(FUNC, dest);
     let target = &resolved.target;
+    let mode = crate::delivery::for_target(&|| FUNC.to_string(), target, mode);
     let format = resolved.format.unwrap_or_default();
     let one_line = mode == Delivery::Async || target.coalesces() || format.is_cloudevents();
     let mut buf =

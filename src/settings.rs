@@ -41,6 +41,10 @@ pub static SIGNING_SECRET_FILE: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(None);
 pub static CA_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static STATEMENT_BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(1024);
+pub static LISTEN: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+pub static LISTEN_DATABASE: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"postgres"));
+pub static CHANNEL_RETENTION: GucSetting<i32> = GucSetting::<i32>::new(3600);
 pub static ON_ERROR: GucSetting<OnError> = GucSetting::<OnError>::new(OnError::Warning);
 pub static DEFAULT_DELIVERY: GucSetting<DefaultDelivery> =
     GucSetting::<DefaultDelivery>::new(DefaultDelivery::Sync);
@@ -89,6 +93,34 @@ pub fn init() {
         i32::MAX,
         GucContext::Suset,
         GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_string_guc(
+        c"pg_emit.listen",
+        c"host:port on which the worker of pg_emit.listen_database serves live channels \
+          (WebSocket and Server-Sent Events at /channels/<name>); empty: off.",
+        c"Plain HTTP: put TLS in front of it (a reverse proxy) when it leaves the host.",
+        &LISTEN,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"pg_emit.listen_database",
+        c"The database whose channels and tokens the listener serves.",
+        c"",
+        &LISTEN_DATABASE,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"pg_emit.channel_retention",
+        c"How long channel events are kept for subscribers that reconnect.",
+        c"A subscriber that comes back with its last event id gets every event after it \
+          still kept; older ones are deleted by the worker.",
+        &CHANNEL_RETENTION,
+        0,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
     );
     GucRegistry::define_string_guc(
         c"pg_emit.signing_secret_file",
@@ -394,4 +426,19 @@ pub fn http_client_config() -> Result<ClientConfig, String> {
 
 pub fn statement_batch_bytes() -> usize {
     STATEMENT_BATCH_SIZE.get().max(1) as usize * 1024
+}
+
+/// `pg_emit.listen`, when set.
+pub fn listen() -> Option<String> {
+    LISTEN
+        .get()
+        .map(|s| s.to_string_lossy().trim().to_string())
+        .filter(|s| !s.is_empty())
+}
+
+pub fn listen_database() -> String {
+    LISTEN_DATABASE
+        .get()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }

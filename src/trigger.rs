@@ -752,6 +752,7 @@ fn plan_for(tg: &pg_sys::Trigger, firing: &Firing<'_>) -> Rc<Plan> {
 /// that sends later and that the allowlist cannot allow.
 fn delivery_mode(firing: &Firing<'_>, dest: &Resolved, opts: &Options) -> Delivery {
     let mode = opts.delivery.unwrap_or_else(settings::default_delivery);
+    let mode = crate::delivery::for_target(&|| firing.describe(), &dest.target, mode);
     if mode != Delivery::Sync {
         let allow = settings::allowlist();
         let checked = dest

@@ -30,6 +30,10 @@ pub enum Destination {
     Nats(Box<nats::Subject>),
     /// A Kafka topic (`kafka://host:port/topic`, one bootstrap broker).
     Kafka(Box<kafka::Topic>),
+    /// A live channel (`channel:name`): kept in the database for
+    /// `pg_emit.channel_retention` and pushed to WebSocket and SSE
+    /// subscribers by the listener (see [`crate::live`]).
+    Channel(String),
     /// A stored destination, as it was when the event was made. Async
     /// events keep only the name: the worker reads the destination when
     /// it delivers, so credentials never enter the outbox and a changed
@@ -52,6 +56,7 @@ impl Destination {
             Destination::Redis(s) => redis_url(s),
             Destination::Nats(s) => nats_url(s),
             Destination::Kafka(t) => kafka_url(t),
+            Destination::Channel(name) => format!("channel:{name}"),
             Destination::Stored { name, .. } => name.clone(),
         }
     }
@@ -95,6 +100,7 @@ impl Destination {
             Destination::Redis(s) => redis_url(s),
             Destination::Nats(s) => nats_url(s),
             Destination::Kafka(t) => kafka_url(t),
+            Destination::Channel(name) => format!("channel:{name}"),
             Destination::Stored { name, .. } => name.clone(),
         }
     }
@@ -147,6 +153,13 @@ impl Destination {
                 i32::from(t.port),
                 "kafka".into(),
                 Some(kafka_url(t)),
+                None,
+            ),
+            Destination::Channel(name) => (
+                String::new(),
+                0,
+                "channel".into(),
+                Some(format!("channel:{name}")),
                 None,
             ),
             Destination::Stored { .. } => (String::new(), 0, "stored".into(), None, None),
@@ -206,6 +219,15 @@ pub fn is_url(dest: &str) -> bool {
 /// Parses a destination URL: `tcp://host:port[?framing=close|ndjson]`,
 /// `http://...` or `https://...`; `headers` go with HTTP.
 pub fn parse_url(input: &str, headers: Vec<(String, String)>) -> Result<Destination, OptionError> {
+    if let Some(name) = input.strip_prefix("channel:") {
+        if !headers.is_empty() {
+            return Err(OptionError::Destination(format!(
+                "{input:?}: headers apply to http:// and https:// destinations only"
+            )));
+        }
+        check_channel(name)?;
+        return Ok(Destination::Channel(name.to_string()));
+    }
     let scheme = input.split_once("://").map(|(s, _)| s.to_ascii_lowercase());
     match scheme.as_deref() {
         Some("http" | "https") => {
@@ -230,9 +252,28 @@ pub fn parse_url(input: &str, headers: Vec<(String, String)>) -> Result<Destinat
         }
         _ => Err(OptionError::Destination(format!(
             "{input:?} is neither a destination URL (tcp://host:port, http://..., https://..., \
-             redis://host:port/stream, nats://host:port/subject, kafka://host:port/topic) nor the name of a stored \
-             destination"
+             redis://host:port/stream, nats://host:port/subject, kafka://host:port/topic, \
+             channel:name) nor the name of a stored destination"
         ))),
+    }
+}
+
+/// A channel's name: it is a path segment of the listener's URLs
+/// (`/channels/<name>`), so only characters that need no escaping there.
+pub fn check_channel(name: &str) -> Result<(), OptionError> {
+    let ok = (1..=63).contains(&name.len())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+        && name != "."
+        && name != "..";
+    if ok {
+        Ok(())
+    } else {
+        Err(OptionError::Destination(format!(
+            "channel name {name:?} must be 1 to 63 letters, digits, _, . and - \
+             (it is a path segment of /channels/<name>)"
+        )))
     }
 }
 
@@ -580,6 +621,13 @@ pub fn parse_stored(url: &str, options: &str) -> Result<Stored, OptionError> {
         }
     }
     let mut endpoint = parse_url(url, headers)?;
+    if let Destination::Channel(name) = &endpoint {
+        // Its events are numbered per destination key: a stored name and
+        // channel:name would number the same channel twice.
+        return Err(OptionError::Destination(format!(
+            "a channel is not stored: name it as channel:{name} wherever a destination goes"
+        )));
+    }
     let refuse = |name: &str, applies: &str| {
         Err(OptionError::Destination(format!(
             "options: {name} applies to {applies} destinations only"
@@ -844,6 +892,26 @@ mod tests {
         assert_eq!(d.name(), "http://example.com/a");
         // The key hides the headers' values, and is stable across builds.
         assert_eq!(d.key(), "http://example.com/a (headers 595907c5)");
+    }
+
+    #[test]
+    fn channels() {
+        let d = parse_url("channel:orders.eu-1", Vec::new()).unwrap();
+        assert_eq!(d, Destination::Channel("orders.eu-1".into()));
+        assert_eq!(d.key(), "channel:orders.eu-1");
+        assert!(is_url("channel:orders"));
+        for bad in [
+            "channel:",
+            "channel:a/b",
+            "channel:..",
+            "channel:a b",
+            "channel:%41",
+        ] {
+            assert!(parse_url(bad, Vec::new()).is_err(), "{bad}");
+        }
+        assert!(parse_url(&format!("channel:{}", "a".repeat(64)), Vec::new()).is_err());
+        let e = parse_stored("channel:orders", "{}").unwrap_err();
+        assert!(e.to_string().contains("not stored"), "{e}");
     }
 
     #[test]

@@ -368,6 +368,9 @@ pub fn send_job(conn: &mut Conn, job: &Job, intr: &dyn Interrupt) -> Outcome {
                 message: format!("stored destination {name:?} was not read before delivery"),
                 after: None,
             })),
+            Dest::Endpoint(Destination::Channel(_), _) => {
+                unreachable!("the worker publishes channel events itself, it never sends them")
+            }
             Dest::Unavailable(_) => unreachable!("returned above"),
         };
         match result {

@@ -16,6 +16,7 @@ pub mod destination;
 pub mod event;
 pub mod health;
 pub mod job;
+pub mod live;
 pub mod options;
 pub mod pending;
 pub mod schedule;

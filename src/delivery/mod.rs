@@ -36,6 +36,8 @@ pub(crate) fn refuse_unless_allowed(context: &dyn Fn() -> String, target: &Targe
         Target::Redis(s) => settings::allowlist().may_allow(&s.host, s.port, None),
         Target::Nats(s) => settings::allowlist().may_allow(&s.host, s.port, None),
         Target::Kafka(t) => settings::allowlist().may_allow(&t.host, t.port, None),
+        // Stored in this database; the listener serves it.
+        Target::Channel(_) => true,
         Target::Stored { .. } => unreachable!("endpoint() is never a stored destination"),
     };
     if !allowed {
@@ -48,6 +50,29 @@ pub(crate) fn refuse_unless_allowed(context: &dyn Fn() -> String, target: &Targe
         }
         .raise();
     }
+}
+
+/// The mode a channel's events take: the worker stores them in the
+/// database, so they are queued (`async`) whether `commit` or `async` was
+/// asked; `sync`, which promises a send inside the statement, is refused.
+/// Other destinations keep `mode`.
+pub(crate) fn for_target(
+    context: &dyn Fn() -> String,
+    target: &Target,
+    mode: crate::options::Delivery,
+) -> crate::options::Delivery {
+    use crate::options::Delivery;
+    if !matches!(target.endpoint(), Target::Channel(_)) {
+        return mode;
+    }
+    if mode == Delivery::Sync {
+        EmitError::ChannelSync {
+            context: context(),
+            channel: target.endpoint().name(),
+        }
+        .raise();
+    }
+    Delivery::Async
 }
 
 pub fn init() {

@@ -253,6 +253,7 @@ pub fn try_send(
             )
         }
         Target::Stored { .. } => unreachable!("endpoint() is never a stored destination"),
+        Target::Channel(_) => unreachable!("channels are queued (delivery::for_target)"),
     }
 }
 

@@ -3,6 +3,7 @@
 //! jobs, and retry failing destinations with backoff (see
 //! [`pg_emit_core::health`]), each on its own.
 
+use super::live::{self, Live};
 use super::queue::{claim, record, DESTINATIONS_SQL};
 use super::txn::{stop_or_raise, transaction};
 use super::{database_wanted, Stop, Stopping};
@@ -32,8 +33,12 @@ unsafe extern "C" {
     /// the main thread: sender threads use it to wake the main thread.
     /// SetLatch is async-signal-safe, so it is safe from any thread.
     #[link_name = "SetLatch"]
-    fn set_latch_from_any_thread(latch: *mut pg_sys::Latch);
+    pub(super) fn set_latch_from_any_thread(latch: *mut pg_sys::Latch);
 }
+
+/// What one claim transaction took: jobs for sender threads, and channel
+/// events it stored, to publish once it has committed.
+type Claimed = (Vec<(String, Job)>, live::Stored);
 
 /// A destination as the worker tracks it.
 struct Dest {
@@ -57,6 +62,7 @@ pub(super) struct Worker {
     origin: String,
     /// Schema `emit` of the installation this worker serves.
     emit_nsp: pg_sys::Oid,
+    live: Live,
 }
 
 pub(super) struct WorkerSettings {
@@ -88,6 +94,7 @@ impl Worker {
             rng: 0x9e37_79b9_7f4a_7c15 ^ seed.rotate_left(32) ^ now_nanos(),
             origin,
             emit_nsp,
+            live: Live::new(),
         }
     }
 
@@ -112,7 +119,10 @@ impl Worker {
                     return stop;
                 }
             }
-            let timeout = self.next_timeout().min(DATABASE_CHECK);
+            let timeout = self
+                .next_timeout()
+                .min(DATABASE_CHECK)
+                .min(self.live.next_timeout());
             // SAFETY: waiting on our own latch, as every bgworker does.
             let rc = unsafe {
                 pg_sys::WaitLatch(
@@ -131,7 +141,10 @@ impl Worker {
             if BackgroundWorker::sighup_received() {
                 // SAFETY: the documented way for a bgworker to reload.
                 unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+                self.live.configure();
             }
+            self.live.serve();
+            self.live.housekeeping();
             let done: Vec<_> = self.done_rx.try_iter().collect();
             if !done.is_empty() {
                 if let Err(stop) = self.acknowledge(done) {
@@ -196,38 +209,49 @@ impl Worker {
         let ready = |d: Option<&Dest>| d.is_none_or(|d| !d.busy && d.health.ready(now));
         let (dests, origin, installed) = (&self.dests, self.origin.as_str(), self.emit_nsp);
         let jobs = transaction(c"pg_emit: claiming events", || {
-            Spi::connect_mut(
-                |c| -> Result<Result<Vec<(String, Job)>, Stop>, pgrx::spi::Error> {
-                    // SAFETY: a syscache lookup inside the transaction.
-                    let nsp = unsafe { pg_sys::get_namespace_oid(c"emit".as_ptr(), true) };
-                    if nsp == pg_sys::InvalidOid {
-                        return Ok(Err(Stop::ExtensionDropped));
-                    }
-                    // DROP and CREATE EXTENSION since this worker started:
-                    // its origin is the old installation's.
-                    if nsp != installed {
-                        return Ok(Err(Stop::Reinstalled));
-                    }
-                    plans::update(c, crate::delivery::outbox::SEQUENCE_PREPARED_SQL, &[])?;
-                    let keys: Vec<String> = c
-                        .select(DESTINATIONS_SQL, None, &[])?
-                        .filter_map(|r| r.get::<String>(1).ok().flatten())
-                        .collect();
-                    let mut jobs = Vec::new();
-                    for key in keys {
-                        if !ready(dests.get(&key)) {
-                            continue;
+            Spi::connect_mut(|c| -> Result<Result<Claimed, Stop>, pgrx::spi::Error> {
+                // SAFETY: a syscache lookup inside the transaction.
+                let nsp = unsafe { pg_sys::get_namespace_oid(c"emit".as_ptr(), true) };
+                if nsp == pg_sys::InvalidOid {
+                    return Ok(Err(Stop::ExtensionDropped));
+                }
+                // DROP and CREATE EXTENSION since this worker started:
+                // its origin is the old installation's.
+                if nsp != installed {
+                    return Ok(Err(Stop::Reinstalled));
+                }
+                plans::update(c, crate::delivery::outbox::SEQUENCE_PREPARED_SQL, &[])?;
+                let keys: Vec<String> = c
+                    .select(DESTINATIONS_SQL, None, &[])?
+                    .filter_map(|r| r.get::<String>(1).ok().flatten())
+                    .collect();
+                let mut jobs = Vec::new();
+                let mut stored = Vec::new();
+                for key in keys {
+                    // Stored here, in this transaction: no thread,
+                    // no network.
+                    if let Some(channel) = key.strip_prefix("channel:") {
+                        let events = live::store(c, &key, channel, origin)?;
+                        if !events.is_empty() {
+                            stored.push((channel.to_string(), events));
                         }
-                        if let Some(job) = claim(c, &key, origin, timeouts, &allow, &http)? {
-                            jobs.push((key, job));
-                        }
+                        continue;
                     }
-                    Ok(Ok(jobs))
-                },
-            )
+                    if !ready(dests.get(&key)) {
+                        continue;
+                    }
+                    if let Some(job) = claim(c, &key, origin, timeouts, &allow, &http)? {
+                        jobs.push((key, job));
+                    }
+                }
+                Ok(Ok((jobs, stored)))
+            })
         });
         let jobs = match jobs {
-            Ok(Ok(jobs)) => jobs,
+            Ok(Ok((jobs, stored))) => {
+                self.live.publish(stored);
+                jobs
+            }
             Ok(Err(stop)) => return Err(stop),
             Err(e) => return Err(stop_or_raise("claiming events", e)),
         };

@@ -18,6 +18,7 @@
 
 mod dispatch;
 pub(crate) mod launcher;
+mod live;
 mod queue;
 mod txn;
 

@@ -1,0 +1,199 @@
+//! Live subscribers: an HTTP listener that serves `GET /channels/<name>`
+//! as Server-Sent Events or WebSocket (RFC 6455, through tungstenite).
+//!
+//! Threads here never touch the database. Each connection has a thread of
+//! its own; it asks the worker's main thread (through [`Request`]s and a
+//! wake-up callback that sets the worker's latch) to check a token and
+//! subscribe it, and for pages of retained events to replay. The main
+//! thread publishes each new event to the [`hub::Hub`] once, right after
+//! the transaction that stored it committed; subscribing happens on that
+//! same thread between two publishes, so replay up to the head it reports
+//! and live events after it meet with no gap and no duplicate.
+
+mod conn;
+pub mod hub;
+
+use hub::{Bounds, Hub, Sub};
+use sha2::{Digest, Sha256};
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+
+/// Most events in one replay page ([`Request::Page`]).
+pub const PAGE: i64 = 1000;
+
+/// Most connections at once; past it new ones get 503.
+const MAX_CONNECTIONS: usize = 1000;
+
+/// Asked of the main thread by a connection thread.
+pub enum Request {
+    /// Check `token` (its SHA-256) for `channel` and subscribe.
+    Open {
+        channel: String,
+        token: [u8; 32],
+        reply: mpsc::SyncSender<Opened>,
+    },
+    /// Retained events of `channel` with `after < id <= upto`, in id
+    /// order, at most [`PAGE`] of them: `(id, payload)`.
+    Page {
+        channel: String,
+        after: i64,
+        upto: i64,
+        reply: mpsc::SyncSender<Result<Vec<(i64, String)>, String>>,
+    },
+}
+
+pub enum Opened {
+    /// Subscribed; events after `head` will come through `sub`.
+    Subscribed {
+        sub: Arc<Sub>,
+        head: i64,
+    },
+    Refused(Refusal),
+}
+
+/// Why a request gets no events, as an HTTP status.
+#[derive(Debug)]
+pub enum Refusal {
+    Unauthorized(&'static str),
+    Forbidden(String),
+    NotFound,
+    Method,
+    NotAcceptable,
+    BadRequest(String),
+    Unavailable(String),
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refusal::Unauthorized(m) => f.write_str(m),
+            Refusal::Forbidden(m) | Refusal::BadRequest(m) | Refusal::Unavailable(m) => {
+                f.write_str(m)
+            }
+            Refusal::NotFound => f.write_str("not found: subscribe at /channels/<name>"),
+            Refusal::Method => f.write_str("only GET"),
+            Refusal::NotAcceptable => f.write_str(
+                "ask for Server-Sent Events (Accept: text/event-stream) or a WebSocket upgrade",
+            ),
+        }
+    }
+}
+
+/// What the listener's threads share.
+struct Shared {
+    hub: Arc<Hub>,
+    requests: Mutex<mpsc::Sender<Request>>,
+    wake: Box<dyn Fn() + Send + Sync>,
+    stopping: AtomicBool,
+    connections: AtomicUsize,
+}
+
+impl Shared {
+    /// Sends `req` to the main thread and waits for its answer; `None`
+    /// when the listener stops or the main thread does not answer.
+    fn ask<T>(&self, req: Request, rx: &mpsc::Receiver<T>) -> Option<T> {
+        if self.stopping.load(Ordering::Relaxed) {
+            return None;
+        }
+        self.requests.lock().ok()?.send(req).ok()?;
+        (self.wake)();
+        rx.recv_timeout(conn::ANSWER_TIME).ok()
+    }
+}
+
+/// A bound listening socket and its accepting thread.
+pub struct Listener {
+    shared: Arc<Shared>,
+    requests: mpsc::Receiver<Request>,
+    socket: Arc<TcpListener>,
+    addr: SocketAddr,
+}
+
+impl Listener {
+    /// Binds `addr` (`host:port`) and starts accepting. `wake` is called
+    /// from connection threads when a [`Request`] waits.
+    pub fn bind(
+        addr: &str,
+        bounds: Bounds,
+        wake: Box<dyn Fn() + Send + Sync>,
+    ) -> std::io::Result<Listener> {
+        let socket = Arc::new(TcpListener::bind(addr)?);
+        let addr = socket.local_addr()?;
+        let (tx, rx) = mpsc::channel();
+        let shared = Arc::new(Shared {
+            hub: Arc::new(Hub::new(bounds)),
+            requests: Mutex::new(tx),
+            wake,
+            stopping: AtomicBool::new(false),
+            connections: AtomicUsize::new(0),
+        });
+        let (s, l) = (shared.clone(), socket.clone());
+        crate::transport::spawn_without_signals("pg_emit-listen", move || accept(&l, &s))?;
+        Ok(Listener {
+            shared,
+            requests: rx,
+            socket,
+            addr,
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn hub(&self) -> &Hub {
+        &self.shared.hub
+    }
+
+    /// Requests waiting for the main thread.
+    pub fn requests(&self) -> mpsc::TryIter<'_, Request> {
+        self.requests.try_iter()
+    }
+}
+
+impl Drop for Listener {
+    /// Stops accepting and closes every subscription (they are told to
+    /// reconnect with their last id).
+    fn drop(&mut self) {
+        self.shared.stopping.store(true, Ordering::Relaxed);
+        // SAFETY: shutting down our own listening socket makes the
+        // accepting thread's accept() fail, so it returns.
+        unsafe { libc::shutdown(self.socket.as_raw_fd(), libc::SHUT_RDWR) };
+        self.shared.hub.close_all();
+    }
+}
+
+fn accept(socket: &TcpListener, shared: &Arc<Shared>) {
+    for stream in socket.incoming() {
+        if shared.stopping.load(Ordering::Relaxed) {
+            return;
+        }
+        let Ok(mut stream) = stream else {
+            // EMFILE and the like: back off instead of spinning.
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            continue;
+        };
+        if shared.connections.fetch_add(1, Ordering::Relaxed) >= MAX_CONNECTIONS {
+            shared.connections.fetch_sub(1, Ordering::Relaxed);
+            let busy = Refusal::Unavailable(format!("more than {MAX_CONNECTIONS} connections"));
+            let _ = conn::refuse(&mut stream, &busy);
+            continue;
+        }
+        let s = shared.clone();
+        let spawned = crate::transport::spawn_without_signals("pg_emit-subscriber", move || {
+            conn::serve(stream, &s);
+            s.connections.fetch_sub(1, Ordering::Relaxed);
+        });
+        if spawned.is_err() {
+            shared.connections.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// A token as stored: its SHA-256. Tokens are random, so a plain hash is
+/// enough (no salt or stretching: nothing to guess).
+pub fn token_hash(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
