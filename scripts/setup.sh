@@ -17,9 +17,10 @@ say() { printf '\033[1m==> %s\033[0m\n' "$*"; }
 #    JetStream) for the broker tests, which start their own on loopback
 #    (Debian's packages also start a service where systemd runs, which the
 #    tests do not use); what building PostgreSQL 17 and 18 needs, and
-#    dpkg-dev for the .deb packages.
+#    dpkg-dev for the .deb packages; chromium, headless, which the
+#    live-channel tests open examples/live.html in.
 pkgs=(postgresql-15 postgresql-server-dev-15 postgresql-plpython3-15 libclang-dev clang pkg-config sudo openssl redis-server nats-server
-      bison flex liblz4-dev libreadline-dev zlib1g-dev python3-dev dpkg-dev)
+      bison flex liblz4-dev libreadline-dev zlib1g-dev python3-dev dpkg-dev chromium)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -63,15 +64,16 @@ fi
 # they parse pg_emit's CloudEvents with (2.x: its cloudevents.core API);
 # redis, nats-py and confluent-kafka: the Redis, NATS and Kafka clients the
 # tests read back with (confluent-kafka is Confluent's, on librdkafka, whose
-# wheel carries the library).
-if [ ! -x .venv/bin/pytest ] || ! .venv/bin/python -c 'import psycopg, pyflakes, standardwebhooks, cloudevents.core, redis, nats, confluent_kafka' 2>/dev/null; then
-  say "python venv with pytest, psycopg, pyflakes, standardwebhooks, cloudevents, redis, nats-py and confluent-kafka"
+# wheel carries the library); websockets and httpx-sse: the WebSocket and
+# Server-Sent Events clients the live-channel tests subscribe with.
+if [ ! -x .venv/bin/pytest ] || ! .venv/bin/python -c 'import psycopg, pyflakes, standardwebhooks, cloudevents.core, redis, nats, confluent_kafka, websockets, httpx_sse' 2>/dev/null; then
+  say "python venv with pytest, psycopg, pyflakes, standardwebhooks, cloudevents, redis, nats-py, confluent-kafka, websockets and httpx-sse"
   if ! python3 -m venv .venv 2>/dev/null; then
     $SUDO apt-get install -y -qq python3-venv >/dev/null
     python3 -m venv .venv
   fi
   .venv/bin/pip install -q --disable-pip-version-check pytest 'psycopg[binary]' pyflakes standardwebhooks \
-    'cloudevents==2.2.0' redis nats-py 'confluent-kafka==2.16.1'
+    'cloudevents==2.2.0' redis nats-py 'confluent-kafka==2.16.1' 'websockets==17.4' httpx 'httpx-sse==0.4.3'
 fi
 
 # 5. A Kafka-protocol broker for the Kafka tests: tansu, from crates.io
