@@ -186,7 +186,7 @@ CREATE TABLE emit.channel_tokens (
     channels    text[]      NOT NULL,
     expires_at  timestamptz NOT NULL,
     created_at  timestamptz NOT NULL DEFAULT pg_catalog.now(),
-    created_by  name        NOT NULL DEFAULT CURRENT_USER
+    created_by  name        NOT NULL
 );
 SELECT pg_catalog.pg_extension_config_dump('emit.channel_tokens', '');
 COMMENT ON TABLE emit.channel_tokens IS
@@ -225,9 +225,10 @@ BEGIN
   token := 'pgemit_' OPERATOR(pg_catalog.||) pg_catalog.rtrim(pg_catalog.translate(pg_catalog.encode(
              pg_catalog.uuid_send(pg_catalog.gen_random_uuid()) OPERATOR(pg_catalog.||)
              pg_catalog.uuid_send(pg_catalog.gen_random_uuid()), 'base64'), '+/', '-_'), '=');
-  INSERT INTO emit.channel_tokens (hash, channels, expires_at)
+  -- SESSION_USER: inside SECURITY DEFINER, CURRENT_USER is the owner.
+  INSERT INTO emit.channel_tokens (hash, channels, expires_at, created_by)
   VALUES (pg_catalog.sha256(pg_catalog.convert_to(token, 'UTF8')), channels,
-          pg_catalog.now() OPERATOR(pg_catalog.+) valid_for);
+          pg_catalog.now() OPERATOR(pg_catalog.+) valid_for, SESSION_USER);
   RETURN token;
 END
 $$;

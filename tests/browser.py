@@ -173,7 +173,8 @@ class Page:
         self.browser = browser
         self.target_id = target["id"]
         # No Origin header (Chromium would want --remote-allow-origins for
-        # one), no proxy, no size limit (screenshots are megabytes).
+        # one), no proxy, no size limit (screenshots are megabytes). Entered
+        # as a context manager (websockets 17 warns otherwise); close() ends it.
         self.ws = connect(
             target["webSocketDebuggerUrl"],
             proxy=None,
@@ -181,7 +182,7 @@ class Page:
             max_size=None,
             ping_interval=None,
             open_timeout=10,
-        )
+        ).__enter__()
         self._ids = itertools.count(1)
         self._console = []
         self.call("Runtime.enable")

@@ -5,6 +5,7 @@ events, with no gap and no duplicate. Real clients: the `websockets`
 library, `httpx-sse`, raw sockets for what clients should not do."""
 
 import json
+import os
 import socket
 import threading
 import time
@@ -13,8 +14,10 @@ import httpx
 import psycopg
 import pytest
 from httpx_sse import connect_sse
+from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect as ws_connect
 
+from browser import Chromium
 from conftest import DB, Session
 from receivers import free_port
 
@@ -98,6 +101,8 @@ class Subscriber(threading.Thread):
                 for m in ws:
                     self.got.append(json.loads(m))
                 self.closed = (ws.close_code, ws.close_reason)
+        except ConnectionClosed as e:
+            self.closed = (e.rcvd.code, e.rcvd.reason) if e.rcvd else e
         except Exception as e:
             self.closed = e
             self.ready.set()
@@ -177,3 +182,192 @@ def test_payloads_of_any_size(db, live):
     # The same event replayed over SSE: one data line of 2 MB.
     (i, e), = sse_events(f"{live}/channels/big", tok, 1, last_id=got[0]["id"] - 1)
     assert i == got[0]["id"] and e["big"] == big
+
+
+def status_of(url, headers=None):
+    r = httpx.get(url, headers={"Accept": "text/event-stream", **(headers or {})}, timeout=10)
+    return r.status_code, r.text
+
+
+def test_tokens_are_checked_before_any_data(db, cluster, live):
+    good = token(db, "secret", "other")
+    send(db, "secret", 3)
+    url = f"{live}/channels/secret"
+    assert status_of(url)[0] == 401
+    code, body = status_of(url + "?token=pgemit_wrong")
+    assert (code, body) == (401, "unknown or revoked token\n")
+    assert status_of(url, {"Authorization": "Bearer pgemit_wrong"})[0] == 401
+    assert status_of(url, {"Authorization": f"Basic {good}"})[0] == 401
+    elsewhere = token(db, "elsewhere")
+    code, body = status_of(url + f"?token={elsewhere}")
+    assert code == 403 and "does not give channel" in body
+    expired = token(db, "secret", valid_for="1 second")
+    time.sleep(1.2)
+    assert status_of(url + f"?token={expired}") == (401, "token expired\n")
+    # A revoked token stops working, for new and open subscriptions alike.
+    open_ws = Subscriber(f"{url}?token={good}")
+    assert db.one("SELECT emit.revoke_token(%s)", (good,)) is True
+    assert db.one("SELECT emit.revoke_token(%s)", (good,)) is False
+    assert status_of(url + f"?token={good}")[0] == 401
+    open_ws.join(5)
+    assert open_ws.closed == (4001, "token revoked or expired"), open_ws.closed
+    # WebSocket handshakes are refused the same way.
+    with pytest.raises(Exception, match="401"):
+        with ws_connect(url.replace("http", "ws") + "?token=nope", open_timeout=5):
+            pass
+    # Only superusers and emit_admin make and revoke tokens; bad arguments
+    # name themselves.
+    db.execute("DROP ROLE IF EXISTS live_app")
+    db.execute("CREATE ROLE live_app LOGIN")
+    try:
+        app = Session(cluster, user="live_app")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            app.execute("SELECT emit.create_token(ARRAY['secret'])")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            app.execute("SELECT * FROM emit.channel_tokens")
+        app.close()
+        db.execute("GRANT emit_admin TO live_app")
+        app = Session(cluster, user="live_app")
+        t = app.one("SELECT emit.create_token(ARRAY['secret'], '5 minutes')")
+        assert t.startswith("pgemit_") and len(t) > 40
+        assert app.one("SELECT count(*) FROM emit.channel_tokens WHERE created_by = 'live_app'") == 1
+        assert app.one("SELECT emit.revoke_token(%s)", (t,)) is True
+        for args, name in ((["a/b"], "channels"), ([], "channels"), (["ok"], "valid_for")):
+            with pytest.raises(psycopg.errors.InvalidParameterValue, match=name):
+                app.execute("SELECT emit.create_token(%s, %s::interval)",
+                            (args, "-1 day" if name == "valid_for" else "1 day"))
+        app.close()
+    finally:
+        db.execute("DROP OWNED BY live_app")
+        db.execute("DROP ROLE live_app")
+    # Only the hash is kept.
+    assert db.one("SELECT count(*) FROM emit.channel_tokens WHERE hash = convert_to(%s, 'UTF8')",
+                  (elsewhere,)) == 0
+
+
+def test_requests_that_are_not_subscriptions(db, live):
+    tok = token(db, "shape")
+    r = httpx.get(f"{live}/channels/shape?token={tok}", timeout=5)
+    assert r.status_code == 406
+    assert httpx.get(f"{live}/nope", timeout=5).status_code == 404
+    assert httpx.get(f"{live}/channels/a%2Fb?token={tok}", timeout=5).status_code == 404
+    assert httpx.post(f"{live}/channels/shape?token={tok}", timeout=5).status_code == 405
+    code, body = status_of(f"{live}/channels/shape?token={tok}&last_event_id=x")
+    assert code == 400 and "last_event_id" in body
+    pre = httpx.options(f"{live}/channels/shape", timeout=5)
+    assert pre.status_code == 204
+    assert pre.headers["access-control-allow-origin"] == "*"
+    assert "Authorization" in pre.headers["access-control-allow-headers"]
+    # A client that sends half a request and waits is not waited on for ever.
+    s = socket.create_connection(urlparse_port(live))
+    s.sendall(b"GET /channels/shape HTTP/1.1\r\n")
+    s.settimeout(15)
+    assert s.recv(100) == b""  # closed after the head's deadline (10 s)
+    s.close()
+
+
+def urlparse_port(url):
+    host, port = url.removeprefix("http://").split(":")
+    return host, int(port)
+
+
+def test_sync_delivery_to_a_channel_is_refused(db, table):
+    with pytest.raises(psycopg.errors.InvalidParameterValue, match="delivery=sync"):
+        db.execute("SELECT send_message('channel:x', '{}', 'sync')")
+    db.execute(f"CREATE TABLE {table} (id int PRIMARY KEY)")
+    db.execute(f"CREATE TRIGGER out AFTER INSERT ON {table} FOR EACH ROW "
+               "EXECUTE FUNCTION row_to_destination('channel:x')")  # sync by default
+    with pytest.raises(psycopg.errors.InvalidParameterValue, match="delivery=async"):
+        db.execute(f"INSERT INTO {table} VALUES (1)")
+    for bad in ("channel:", "channel:a b", "channel:../x"):
+        with pytest.raises(psycopg.errors.InvalidParameterValue, match="channel name"):
+            db.execute("SELECT send_message(%s, '{}')", (bad,))
+    with pytest.raises(psycopg.errors.InvalidParameterValue, match="not stored"):
+        db.execute("SELECT emit.create_destination('chan', 'channel:x')")
+
+
+def test_a_subscriber_that_does_not_read_is_dropped_and_resumes(db, live):
+    tok = token(db, "flood")
+    # A reader that reads nothing, with small socket buffers.
+    lazy = socket.socket()
+    lazy.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    lazy.connect(urlparse_port(live))
+    lazy.sendall(f"GET /channels/flood?token={tok} HTTP/1.1\r\nHost: x\r\n"
+                 "Accept: text/event-stream\r\n\r\n".encode())
+    time.sleep(0.3)
+    keen = Subscriber(f"{live}/channels/flood?token={tok}")
+    # 20,000 events of 1 kB: past the bound of 10,000 queued events.
+    send(db, "flood", 20_000, size=1000)
+    got = keen.wait(20_000, timeout=60)
+    assert [m["data"]["n"] for m in got] == list(range(20_000))
+    keen.ws.close()
+    # The lazy one now reads: what it was sent, then the reason.
+    lazy.settimeout(10)
+    data = b""
+    while True:
+        chunk = lazy.recv(1 << 20)
+        if not chunk:
+            break
+        data += chunk
+    text = data.decode()
+    assert "event: close" in text, text[-500:]
+    close = json.loads(text.split("event: close\ndata: ")[1].split("\n")[0])
+    assert "too far behind" in close["reason"]
+    sent_ids = [int(line[4:]) for line in text.split("\n") if line.startswith("id: ")]
+    assert close["last_event_id"] == (sent_ids[-1] if sent_ids else close["last_event_id"])
+    assert len(sent_ids) < 20_000
+    # It resumes where it was cut off and gets the rest, once each.
+    rest = sse_events(f"{live}/channels/flood", tok, 20_000 - len(sent_ids),
+                      last_id=close["last_event_id"], timeout=30)
+    ns = [e["n"] for _, e in rest]
+    assert ns == list(range(len(sent_ids), 20_000))
+
+
+@pytest.fixture(scope="module")
+def pages():
+    """examples/ served on 127.0.0.1 (another origin than the listener)."""
+    import functools
+    import http.server
+    here = os.path.join(os.path.dirname(__file__), "..", "examples")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=here)
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+@pytest.mark.parametrize("transport", ["sse", "ws"])
+def test_the_page_shows_rows_as_they_change_in_chromium(db, live, pages, table, transport,
+                                                         tmp_path):
+    channel = f"page_{transport}"
+    db.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, item text, qty int)")
+    db.execute(f"CREATE TRIGGER out AFTER INSERT OR UPDATE OR DELETE ON {table} FOR EACH ROW "
+               f"EXECUTE FUNCTION row_to_destination('channel:{channel}', 'delivery=async')")
+    tok = token(db, channel)
+    db.execute(f"INSERT INTO {table} VALUES (1, 'apples', 3), (2, 'pears', 5)")
+    url = (f"{pages}/live.html?server={live}&channel={channel}&token={tok}"
+           f"&transport={transport}")
+    cell = "document.querySelector('#rows tr[data-id=\"{}\"] td[data-col=\"{}\"]')?.textContent"
+    with Chromium() as browser:
+        page = browser.open(url)
+        page.wait_for("document.querySelector('#status').textContent === 'connected'")
+        db.execute(f"UPDATE {table} SET qty = 4 WHERE id = 1")
+        db.execute(f"INSERT INTO {table} VALUES (3, '<b>plums</b>', 7)")
+        db.execute(f"DELETE FROM {table} WHERE id = 2")
+        page.wait_for(f"{cell.format(3, 'item')} === '<b>plums</b>'")
+        page.wait_for(f"{cell.format(1, 'qty')} === '4'")
+        page.wait_for("!document.querySelector('#rows tr[data-id=\"2\"]')")
+        # The two rows inserted before the page opened were not replayed
+        # (it did not ask): only what changed since.
+        assert page.eval("document.querySelectorAll('#rows tbody tr').length") == 2
+        assert page.eval("document.querySelector('b')") is None  # text, not markup
+        last = page.eval("document.querySelector('#last-id').textContent")
+        assert int(last) == db.one(
+            "SELECT max(id) FROM emit.channel_events WHERE channel = %s", (channel,))
+        page.screenshot(str(tmp_path / f"live-{transport}.png"))
+        # The token revoked: the page says so and stays closed.
+        db.execute("SELECT emit.revoke_token(%s)", (tok,))
+        page.wait_for("document.querySelector('#status').textContent.startsWith('closed')")
+        assert "revoked" in page.eval("document.querySelector('#status').textContent")
+        assert not [c for c in page.console() if "error" in c.lower() and "401" not in c]
