@@ -55,8 +55,9 @@ GRANT SELECT ON emit.ddl_triggers TO emit_admin;
 GRANT EXECUTE ON FUNCTION emit.create_ddl_trigger(text, text, jsonb) TO emit_admin;
 GRANT EXECUTE ON FUNCTION emit.drop_ddl_trigger(text) TO emit_admin;
 -- Live channels: emit_admin hands out and revokes tokens, and may look at
--- (and delete) the tokens and the retained events.
+-- the tokens (hashes) and the retained events. Not DELETE: that would let
+-- it lock the table the listener reads.
 GRANT EXECUTE ON FUNCTION emit.create_token(text[], interval) TO emit_admin;
 GRANT EXECUTE ON FUNCTION emit.revoke_token(text) TO emit_admin;
-GRANT SELECT, DELETE ON emit.channel_tokens TO emit_admin;
+GRANT SELECT ON emit.channel_tokens TO emit_admin;
 GRANT SELECT ON emit.channel_events TO emit_admin;

@@ -253,5 +253,5 @@ REVOKE EXECUTE ON FUNCTION emit.create_token(text[], interval) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION emit.revoke_token(text) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION emit.create_token(text[], interval) TO emit_admin;
 GRANT EXECUTE ON FUNCTION emit.revoke_token(text) TO emit_admin;
-GRANT SELECT, DELETE ON emit.channel_tokens TO emit_admin;
+GRANT SELECT ON emit.channel_tokens TO emit_admin;
 GRANT SELECT ON emit.channel_events TO emit_admin;

@@ -751,7 +751,12 @@ fn plan_for(tg: &pg_sys::Trigger, firing: &Firing<'_>) -> Rc<Plan> {
 /// The delivery mode in force; refuses, naming the trigger, a destination
 /// that sends later and that the allowlist cannot allow.
 fn delivery_mode(firing: &Firing<'_>, dest: &Resolved, opts: &Options) -> Delivery {
-    let mode = opts.delivery.unwrap_or_else(settings::default_delivery);
+    // A channel without delivery= is async whatever the default: only an
+    // explicit delivery=sync is refused.
+    let mode = match (opts.delivery, dest.target.endpoint()) {
+        (None, Target::Channel(_)) => Delivery::Async,
+        (mode, _) => mode.unwrap_or_else(settings::default_delivery),
+    };
     let mode = crate::delivery::for_target(&|| firing.describe(), &dest.target, mode);
     if mode != Delivery::Sync {
         let allow = settings::allowlist();

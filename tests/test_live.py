@@ -276,9 +276,16 @@ def test_sync_delivery_to_a_channel_is_refused(db, table):
         db.execute("SELECT send_message('channel:x', '{}', 'sync')")
     db.execute(f"CREATE TABLE {table} (id int PRIMARY KEY)")
     db.execute(f"CREATE TRIGGER out AFTER INSERT ON {table} FOR EACH ROW "
-               "EXECUTE FUNCTION row_to_destination('channel:x')")  # sync by default
+               "EXECUTE FUNCTION row_to_destination('channel:x', 'delivery=sync')")
     with pytest.raises(psycopg.errors.InvalidParameterValue, match="delivery=async"):
         db.execute(f"INSERT INTO {table} VALUES (1)")
+    # Without delivery=, a channel is async, whatever pg_emit.default_delivery says.
+    db.execute(f"DROP TRIGGER out ON {table}")
+    db.execute(f"CREATE TRIGGER out AFTER INSERT ON {table} FOR EACH ROW "
+               "EXECUTE FUNCTION row_to_destination('channel:x')")
+    db.execute(f"INSERT INTO {table} VALUES (2)")
+    assert db.one("SELECT count(*) FROM emit.outbox WHERE destination = 'channel:x'") + \
+        db.one("SELECT count(*) FROM emit.channel_events WHERE channel = 'x'") >= 1
     for bad in ("channel:", "channel:a b", "channel:../x"):
         with pytest.raises(psycopg.errors.InvalidParameterValue, match="channel name"):
             db.execute("SELECT send_message(%s, '{}')", (bad,))

@@ -94,7 +94,10 @@ impl Live {
         // SAFETY: see set_latch_from_any_thread.
         let wake =
             Box::new(move || unsafe { set_latch_from_any_thread(latch as *mut pg_sys::Latch) });
-        match Listener::bind(&addr, BOUNDS, wake) {
+        // What PostgreSQL may open itself, and a margin.
+        // SAFETY: reading a setting.
+        let reserved = unsafe { pg_sys::max_files_per_process }.max(0) as usize + 64;
+        match Listener::bind(&addr, BOUNDS, wake, reserved) {
             Ok(l) => {
                 pgrx::log!(
                     "pg_emit worker: serving live channels of database {:?} on {}",
@@ -322,11 +325,18 @@ SELECT t.hash FROM emit.channel_tokens t
 /// publishes right after each commit, before it answers anything.
 const HEAD_SQL: &str = "
 SELECT pg_catalog.max(e.id) FROM emit.channel_events e WHERE e.channel = $1";
+/// At most $4 events and, past the first, 4 MB: sizes come from the
+/// values' headers, so events past the page are never read.
 const PAGE_SQL: &str = "
-SELECT e.id, pg_catalog.convert_to(e.payload, 'UTF8')
-  FROM emit.channel_events e
- WHERE e.channel = $1 AND e.id > $2 AND e.id <= $3
- ORDER BY e.id LIMIT $4";
+SELECT p.id, pg_catalog.convert_to(e.payload, 'UTF8')
+  FROM (SELECT e.id, pg_catalog.sum(pg_catalog.octet_length(e.payload)) OVER (ORDER BY e.id)
+                     - pg_catalog.octet_length(e.payload) AS before
+          FROM emit.channel_events e
+         WHERE e.channel = $1 AND e.id > $2 AND e.id <= $3
+         ORDER BY e.id LIMIT $4) p
+  JOIN emit.channel_events e ON e.channel = $1 AND e.id = p.id
+ WHERE p.before < 4194304
+ ORDER BY p.id";
 const RETENTION_SQL: &str = "
 DELETE FROM emit.channel_events
  WHERE created_at < pg_catalog.now() - pg_catalog.make_interval(secs => $1::pg_catalog.float8)";
@@ -342,10 +352,11 @@ pub(super) fn store(
     origin: &str,
 ) -> Result<Vec<(i64, String)>, pgrx::spi::Error> {
     let mut ids = Vec::new();
-    let (mut events, mut bytes) = (0i64, 0i64);
+    let (mut events, mut bytes, mut more) = (0i64, 0i64, false);
     for r in plans::select(c, CHANNEL_QUEUE_SQL, None, &[key.into()])? {
         let size = r.get::<i32>(3)?.unwrap_or(0) as i64;
         if !ids.is_empty() && bytes + size > STORE_BYTES {
+            more = true;
             break;
         }
         bytes += size;
@@ -354,6 +365,12 @@ pub(super) fn store(
     }
     if ids.is_empty() {
         return Ok(Vec::new());
+    }
+    // More than one claim's worth: come back at once rather than at the
+    // next commit.
+    if more || ids.len() == 1000 {
+        // SAFETY: setting our own latch.
+        unsafe { pg_sys::SetLatch(pg_sys::MyLatch) };
     }
     let first = plans::update(
         c,

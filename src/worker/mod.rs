@@ -320,7 +320,7 @@ const NEW_STREAMS_SQL: &str = "
 WITH moved AS (
     UPDATE emit.destinations t
        SET stream = pg_catalog.gen_random_uuid(), next_event_id = 1, origin = $1
-     WHERE t.origin IS DISTINCT FROM $1
+     WHERE t.origin IS DISTINCT FROM $1 AND t.destination NOT LIKE 'channel:%'
     RETURNING t.destination
 )
 UPDATE emit.outbox o SET first_event_id = NULL

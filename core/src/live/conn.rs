@@ -152,7 +152,8 @@ fn read_request(stream: &mut TcpStream) -> Result<Option<Ask>, Refusal> {
         after = Some(id.to_string());
     }
     let token = match token {
-        Some(t) if !t.is_empty() => super::token_hash(&t),
+        Some(t) if super::token_shaped(&t) => super::token_hash(&t),
+        Some(_) => return Err(Refusal::Unauthorized("unknown or revoked token")),
         _ => {
             return Err(Refusal::Unauthorized(
                 "a token is required (Authorization: Bearer <token> or ?token=)",
@@ -273,7 +274,17 @@ impl Session<'_> {
     /// Replays (last, head] page by page, then writes live events until
     /// the hub closes the subscription or the client leaves.
     fn run(&mut self, out: &mut dyn Out, head: i64) -> io::Result<()> {
+        // An id past the channel's last is from another history (a
+        // restored or copied database numbers again): not a reason to
+        // skip what comes next.
+        if self.last > head {
+            self.last = head;
+        }
         while self.last < head {
+            // Revoked, or stopping, while replaying: no further pages.
+            if self.sub.is_closed() {
+                break;
+            }
             let (tx, rx) = mpsc::sync_channel(1);
             let page = Request::Page {
                 channel: self.sub.channel.clone(),
@@ -433,13 +444,19 @@ impl Out for Ws {
             reason: reason.into(),
         };
         self.0.close(Some(frame)).map_err(ws_err)?;
-        // Wait (briefly) for the client's close frame, as RFC 6455 asks.
-        let _ = self
-            .0
-            .get_ref()
-            .set_read_timeout(Some(Duration::from_secs(2)));
-        while self.0.read().is_ok() {}
-        Ok(())
+        // Wait (two seconds at most) for the client's close frame, as
+        // RFC 6455 asks.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(());
+            }
+            let _ = self.0.get_ref().set_read_timeout(Some(left));
+            if self.0.read().is_err() {
+                return Ok(());
+            }
+        }
     }
 
     fn fd(&self) -> i32 {

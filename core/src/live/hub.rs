@@ -119,20 +119,30 @@ impl Sub {
         self.wake.as_raw_fd()
     }
 
-    fn push(&self, e: &Arc<Event>, bounds: Bounds) {
+    /// Queues `events` under one lock and wakes the thread once. An
+    /// event is always taken into an empty queue, however large it is.
+    fn push(&self, events: &[Arc<Event>], bounds: Bounds) {
         let mut q = self.queue.lock().expect("hub lock");
         if q.closed.is_some() {
             return;
         }
-        if q.events.len() >= bounds.events || q.bytes + e.sse.len() > bounds.bytes {
-            q.events.clear();
-            q.closed = Some(Close::Lagging);
-        } else {
+        for e in events {
+            let full = q.events.len() >= bounds.events || q.bytes + e.sse.len() > bounds.bytes;
+            if full && !q.events.is_empty() {
+                q.events.clear();
+                q.closed = Some(Close::Lagging);
+                break;
+            }
             q.bytes += e.sse.len();
             q.events.push_back(e.clone());
         }
         drop(q);
         self.notify();
+    }
+
+    /// Whether the hub has closed it (its connection stops replaying).
+    pub fn is_closed(&self) -> bool {
+        self.queue.lock().expect("hub lock").closed.is_some()
     }
 
     fn close(&self, why: Close) {
@@ -214,9 +224,7 @@ impl Hub {
     pub fn publish(&self, channel: &str, events: &[Arc<Event>]) {
         let inner = self.inner.lock().expect("hub lock");
         for sub in inner.by_channel.get(channel).into_iter().flatten() {
-            for e in events {
-                sub.push(e, self.bounds);
-            }
+            sub.push(events, self.bounds);
         }
     }
 
@@ -289,6 +297,15 @@ mod tests {
         assert_eq!(got.iter().map(|e| e.id).collect::<Vec<_>>(), [1, 2, 3]);
         assert!(closed.is_none());
         assert!(other.take().0.is_empty());
+        // One event past the byte bound still goes into an empty queue.
+        let small = Hub::new(Bounds {
+            events: 5,
+            bytes: 4,
+        });
+        let idle = small.subscribe("c", [3; 32]).unwrap();
+        small.publish("c", &events(1..2));
+        let (got, closed) = idle.take();
+        assert_eq!((got.len(), closed), (1, None));
         // b never read: three more pass its bound of five.
         hub.publish("c", &events(4..7));
         let (got, closed) = b.take();

@@ -23,8 +23,37 @@ use std::sync::{mpsc, Arc, Mutex};
 /// Most events in one replay page ([`Request::Page`]).
 pub const PAGE: i64 = 1000;
 
-/// Most connections at once; past it new ones get 503.
+/// Most connections at once; past it new ones get 503. Fewer when the
+/// process may open fewer files (see [`connection_cap`]).
 const MAX_CONNECTIONS: usize = 1000;
+
+/// How many connections fit beside `reserved` descriptors (what the
+/// backend itself may open): each costs a socket and an eventfd. Raises
+/// the soft limit to the hard one first, as far as 65,536.
+fn connection_cap(reserved: usize) -> usize {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscalls on a struct we own.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return MAX_CONNECTIONS;
+        }
+        let want = lim.rlim_max.min(65_536);
+        if lim.rlim_cur < want {
+            let raised = libc::rlimit {
+                rlim_cur: want,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                lim.rlim_cur = want;
+            }
+        }
+    }
+    let free = (lim.rlim_cur as usize).saturating_sub(reserved);
+    (free / 2).clamp(1, MAX_CONNECTIONS)
+}
 
 /// Asked of the main thread by a connection thread.
 pub enum Request {
@@ -88,6 +117,7 @@ struct Shared {
     wake: Box<dyn Fn() + Send + Sync>,
     stopping: AtomicBool,
     connections: AtomicUsize,
+    max_connections: usize,
 }
 
 impl Shared {
@@ -112,13 +142,21 @@ pub struct Listener {
 }
 
 impl Listener {
-    /// Binds `addr` (`host:port`) and starts accepting. `wake` is called
-    /// from connection threads when a [`Request`] waits.
+    /// Binds `addr` (`ip:port`; no name lookup) and starts accepting.
+    /// `wake` is called from connection threads when a [`Request`] waits;
+    /// `reserved_fds` descriptors are left to the process itself.
     pub fn bind(
         addr: &str,
         bounds: Bounds,
         wake: Box<dyn Fn() + Send + Sync>,
+        reserved_fds: usize,
     ) -> std::io::Result<Listener> {
+        let addr: SocketAddr = addr.parse().map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "not an IP address and port (such as 127.0.0.1:8090 or [::1]:8090)",
+            )
+        })?;
         let socket = Arc::new(TcpListener::bind(addr)?);
         let addr = socket.local_addr()?;
         let (tx, rx) = mpsc::channel();
@@ -128,6 +166,7 @@ impl Listener {
             wake,
             stopping: AtomicBool::new(false),
             connections: AtomicUsize::new(0),
+            max_connections: connection_cap(reserved_fds),
         });
         let (s, l) = (shared.clone(), socket.clone());
         crate::transport::spawn_without_signals("pg_emit-listen", move || accept(&l, &s))?;
@@ -175,9 +214,10 @@ fn accept(socket: &TcpListener, shared: &Arc<Shared>) {
             std::thread::sleep(std::time::Duration::from_millis(50));
             continue;
         };
-        if shared.connections.fetch_add(1, Ordering::Relaxed) >= MAX_CONNECTIONS {
+        let max = shared.max_connections;
+        if shared.connections.fetch_add(1, Ordering::Relaxed) >= max {
             shared.connections.fetch_sub(1, Ordering::Relaxed);
-            let busy = Refusal::Unavailable(format!("more than {MAX_CONNECTIONS} connections"));
+            let busy = Refusal::Unavailable(format!("more than {max} connections"));
             let _ = conn::refuse(&mut stream, &busy);
             continue;
         }
@@ -190,6 +230,17 @@ fn accept(socket: &TcpListener, shared: &Arc<Shared>) {
             shared.connections.fetch_sub(1, Ordering::Relaxed);
         }
     }
+}
+
+/// Whether `token` looks like one `emit.create_token` makes (`pgemit_`
+/// and 43 base64url characters): anything else is refused without
+/// asking the database.
+pub fn token_shaped(token: &str) -> bool {
+    token.strip_prefix("pgemit_").is_some_and(|t| {
+        t.len() == 43
+            && t.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    })
 }
 
 /// A token as stored: its SHA-256. Tokens are random, so a plain hash is
