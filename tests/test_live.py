@@ -378,3 +378,31 @@ def test_the_page_shows_rows_as_they_change_in_chromium(db, live, pages, table, 
         page.wait_for("document.querySelector('#status').textContent.startsWith('closed')")
         assert "revoked" in page.eval("document.querySelector('#status').textContent")
         assert not [c for c in page.console() if "error" in c.lower() and "401" not in c]
+
+
+def test_events_past_the_retention_are_deleted(db, cluster, live):
+    tok = token(db, "brief")
+    send(db, "brief", 5)
+    end = time.monotonic() + 10
+    while db.one("SELECT count(*) FROM emit.channel_events WHERE channel = 'brief'") < 5:
+        assert time.monotonic() < end
+        time.sleep(0.05)
+    with cluster.connect() as c:
+        c.execute("LOAD 'pg_emit'")  # ALTER SYSTEM checks the setting exists
+        c.execute("ALTER SYSTEM SET pg_emit.channel_retention = '1s'")
+        c.execute("SELECT pg_reload_conf()")
+    try:
+        end = time.monotonic() + 25  # checked every 10 s
+        while db.one("SELECT count(*) FROM emit.channel_events WHERE channel = 'brief'"):
+            assert time.monotonic() < end, "events past the retention were kept"
+            time.sleep(0.2)
+        # A subscriber asking from 0 gets only what is new.
+        sub = Subscriber(f"{live}/channels/brief?token={tok}", after=0)
+        send(db, "brief", 1, start=5)
+        assert [m["data"]["n"] for m in sub.wait(1)] == [5]
+        sub.ws.close()
+    finally:
+        with cluster.connect() as c:
+            c.execute("LOAD 'pg_emit'")
+            c.execute("ALTER SYSTEM RESET pg_emit.channel_retention")
+            c.execute("SELECT pg_reload_conf()")
