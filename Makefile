@@ -3,10 +3,10 @@
 # user with sudo on a fresh Debian bookworm machine.
 
 # The PostgreSQL versions `make test` runs everything on; `PG=17 make test`
-# runs on one. 15 is Debian's package, 17 and 18 are built from Debian's
-# sources by scripts/build-postgres.sh (16 is not obtainable here). The
-# other targets use PG, 15 unless told.
-VERSIONS  := $(if $(PG),$(PG),15 17 18)
+# runs on one. 15 is Debian's package; 14, 16, 17 and 18 are pinned builds
+# installed by scripts/install-postgres.sh. The other targets use PG, 15
+# unless told.
+VERSIONS  := $(if $(PG),$(PG),14 15 16 17 18)
 PG        ?= 15
 PG_CONFIG  = /usr/lib/postgresql/$(PG)/bin/pg_config
 ROOT      := $(shell id -u)
@@ -15,13 +15,22 @@ ROOT      := $(shell id -u)
 RUNAS      = $(if $(filter 0,$(ROOT)),--runas postgres --pgdata /tmp/pg_emit-pgtest-$(PG),)
 SUDO      := $(if $(filter 0,$(ROOT)),,--sudo)
 
-.PHONY: setup demo test lint unit pgtest install install-release itest package package-test bench clean
+.PHONY: setup setup-demo demo test lint unit pgtest install install-release itest package package-test bench clean
+
+# The installers run outside this make: a build they start must not inherit
+# its MAKEFLAGS and MAKELEVEL (they make a nested build skip steps).
+SETUP = env -u MAKEFLAGS -u MAKELEVEL -u MFLAGS PG="$(VERSIONS)" bash scripts/setup.sh
 
 setup:
-	@bash scripts/setup.sh
+	@$(SETUP) test
+
+setup-demo:
+	@$(SETUP) demo
 
 ## make demo: build, start a throwaway cluster and a receiver, show events.
-demo: setup install-release
+## It needs only PostgreSQL 15, cargo-pgrx and Python.
+demo: PG = 15
+demo: setup-demo install-release
 	.venv/bin/python examples/demo.py
 
 ## make test: every test (lint, unit; then #[pg_test], pg_regress and
@@ -71,6 +80,7 @@ clean:
 	rm -rf .venv /tmp/pg_emit-pgtest-*
 
 ## make bench: the side-by-side benchmark (release build).
+bench: VERSIONS := $(PG)
 bench: setup install-release
 	.venv/bin/python -c 'import matplotlib' 2>/dev/null || .venv/bin/pip install -q matplotlib
 	.venv/bin/python bench/bench.py

@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
-# Builds target/deb/postgresql-MAJOR-pg-emit_VERSION_ARCH.deb from
+# Builds target/deb/postgresql-MAJOR-pg-emit_VERSION-REVISION_ARCH.deb from
 # `cargo pgrx package` output: pg_emit for Debian's PostgreSQL MAJOR, as
 # pg_graphql and the PostgreSQL apt repository's extensions ship, installable
-# with `apt install ./….deb` on a server with no Rust.
+# with `apt install ./….deb` on a server with no Rust. Whatever layout the
+# PostgreSQL built against has (the pinned builds keep everything under
+# /usr/lib/postgresql/MAJOR), the package has Debian's.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 major=$1
 pg_config=/usr/lib/postgresql/$major/bin/pg_config
-version=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
+upstream=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
+# The Debian revision: the packaging of one upstream version, raised when
+# only the packaging changes.
+version=$upstream-1
 arch=$(dpkg --print-architecture)
 name=postgresql-$major-pg-emit
 
@@ -16,8 +21,29 @@ built=target/release/pg_emit-pg$major
 staging=target/deb/$name
 rm -rf "$staging"
 mkdir -p "$staging/DEBIAN"
-cp -a "$built"/. "$staging"/
-so=$(find "$staging" -name 'pg_emit.so')
+libdir=$("$pg_config" --pkglibdir)
+sharedir=$("$pg_config" --sharedir)
+install -D -m 0644 "$built$libdir/pg_emit.so" "$staging/usr/lib/postgresql/$major/lib/pg_emit.so"
+mkdir -p "$staging/usr/share/postgresql/$major"
+cp -a "$built$sharedir/extension" "$staging/usr/share/postgresql/$major/"
+if [ "$(find "$built" -type f | wc -l)" -ne "$(find "$staging" -type f | wc -l)" ]; then
+  echo "package-deb.sh: cargo pgrx package made files outside $libdir and $sharedir/extension:" >&2
+  (cd "$built" && find . -type f) >&2
+  exit 1
+fi
+# Debian's machine-readable copyright file, from LICENSE.
+doc=$staging/usr/share/doc/$name
+mkdir -p "$doc"
+{
+  echo "Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/"
+  echo "Upstream-Name: pg_emit"
+  echo
+  echo "Files: *"
+  echo "Copyright: $(sed -n 's/^Copyright (c) //p' LICENSE)"
+  echo "License: PostgreSQL"
+  sed -n '5,$p' LICENSE | sed -e 's/^$/./' -e 's/^/ /'
+} > "$doc/copyright"
+so=$staging/usr/lib/postgresql/$major/lib/pg_emit.so
 strip --strip-unneeded "$so"
 
 # The shared libraries pg_emit.so links against, as package dependencies

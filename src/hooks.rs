@@ -111,9 +111,20 @@ unsafe fn drops_pg_emit(pstmt: *mut pg_sys::PlannedStmt) -> bool {
         let node = (*list.elements.add(i)).ptr_value as *mut pg_sys::Node;
         !node.is_null()
             && (*node).type_ == pg_sys::NodeTag::T_String
-            && std::ffi::CStr::from_ptr((*(node as *mut pg_sys::String)).sval).to_bytes()
-                == b"pg_emit"
+            && std::ffi::CStr::from_ptr(string_node_value(node)).to_bytes() == b"pg_emit"
     })
+}
+
+/// The text of a T_String node: its own struct from PostgreSQL 15 on, a
+/// `Value` union before.
+#[cfg(not(feature = "pg14"))]
+unsafe fn string_node_value(node: *mut pg_sys::Node) -> *const std::ffi::c_char {
+    (*(node as *mut pg_sys::String)).sval
+}
+
+#[cfg(feature = "pg14")]
+unsafe fn string_node_value(node: *mut pg_sys::Node) -> *const std::ffi::c_char {
+    (*(node as *mut pg_sys::Value)).val.str_
 }
 
 #[pg_guard]

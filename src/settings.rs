@@ -265,9 +265,22 @@ pub fn init() {
         GucContext::Suset,
         GucFlags::default(),
     );
-    // After defining every setting (SAFETY: PostgreSQL 15 API): now `SET pg_emit.typo = ...` is an
-    // error instead of a silently ignored placeholder.
-    unsafe { pgrx::pg_sys::MarkGUCPrefixReserved(c"pg_emit".as_ptr()) };
+    reserve_prefix();
+}
+
+/// After defining every setting: from PostgreSQL 15 on, `SET pg_emit.typo
+/// = ...` is an error instead of a silently ignored placeholder; 14 has
+/// only a WARNING for placeholders that already exist.
+fn reserve_prefix() {
+    // SAFETY: called from _PG_init, after the prefix's settings are defined.
+    #[cfg(not(feature = "pg14"))]
+    unsafe {
+        pgrx::pg_sys::MarkGUCPrefixReserved(c"pg_emit".as_ptr())
+    };
+    #[cfg(feature = "pg14")]
+    unsafe {
+        pgrx::pg_sys::EmitWarningsOnPlaceholders(c"pg_emit".as_ptr())
+    };
 }
 
 fn ms(setting: &GucSetting<i32>) -> Duration {

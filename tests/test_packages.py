@@ -33,6 +33,8 @@ def test_package_installs_works_and_removes_cleanly():
                            text=True).stdout.split()[1].split(".")[0]
     package = field("Package")
     assert package == f"postgresql-{major}-pg-emit"
+    upstream, revision = field("Version").rsplit("-", 1)
+    assert revision.isdigit()
     depends = [d.strip().split()[0] for d in field("Depends").split(",")]
     assert f"postgresql-{major}" in depends and "libc6" in depends
     files = [line.split()[-1].lstrip(".") for line in subprocess.run(
@@ -41,6 +43,7 @@ def test_package_installs_works_and_removes_cleanly():
     lib = f"/usr/lib/postgresql/{major}/lib/pg_emit.so"
     ext = f"/usr/share/postgresql/{major}/extension"
     assert lib in files
+    assert f"/usr/share/doc/{package}/copyright" in files
     for f in ("pg_emit.control", "pg_emit--0.2.0.sql", "pg_emit--0.1.0--0.2.0.sql"):
         assert f"{ext}/{f}" in files
     # A server without pg_emit: what `make install` copied goes first.
@@ -51,9 +54,10 @@ def test_package_installs_works_and_removes_cleanly():
     if "install ok installed" in registered.stdout:
         sh("apt-get", "install", "-y", "-qq", os.path.abspath(DEB))
     else:
-        # 17 and 18 are built here from Debian's source packages, in
-        # Debian's layout, but are not dpkg packages: the one dependency
-        # dpkg cannot see is waived, nothing else.
+        # 14, 16, 17 and 18 are the pinned builds, laid out here as Debian
+        # lays out its server (scripts/install-postgres.sh) but not dpkg
+        # packages: the one dependency dpkg cannot see is waived, nothing
+        # else.
         sh("dpkg", "--ignore-depends", f"postgresql-{major}", "-i", DEB)
     try:
         assert all(os.path.exists(f) for f in files)
@@ -65,7 +69,7 @@ def test_package_installs_works_and_removes_cleanly():
             with cluster.connect() as c:
                 c.execute("CREATE EXTENSION pg_emit")
                 assert c.execute("SELECT extversion FROM pg_extension "
-                                 "WHERE extname = 'pg_emit'").fetchone()[0] == field("Version")
+                                 "WHERE extname = 'pg_emit'").fetchone()[0] == upstream
                 c.execute("SELECT send_message(%s, '{\"via\":\"sync\"}', 'sync')", (dest,))
                 c.execute("CREATE TABLE t (id int PRIMARY KEY)")
                 c.execute("CREATE TRIGGER out AFTER INSERT ON t FOR EACH ROW EXECUTE FUNCTION "

@@ -8,8 +8,8 @@ import tempfile
 from pgcluster import BIN
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Beside the server's binaries, in Debian's layout and in our builds of 17
-# and 18 (scripts/build-postgres.sh).
+# Beside the server's binaries, in Debian's layout and in the pinned builds
+# (scripts/install-postgres.sh).
 PG_REGRESS = os.path.join(os.path.dirname(BIN), "lib/pgxs/src/test/regress/pg_regress")
 
 
@@ -20,7 +20,9 @@ def test_pg_regress_suite(cluster):
     cluster.create_db("emit_regress")
     r = subprocess.run(
         [
-            PG_REGRESS, "--use-existing", f"--host={cluster.sock}", f"--port={cluster.port}",
+            # --bindir: a relocatable build's pg_regress would look for
+            # psql where that build was configured, not where it is.
+            PG_REGRESS, "--use-existing", f"--bindir={BIN}", f"--host={cluster.sock}", f"--port={cluster.port}",
             "--user=postgres", "--dbname=emit_regress",
             f"--inputdir={os.path.join(ROOT, 'pg_test')}", f"--outputdir={out}", *tests,
         ],

@@ -306,10 +306,23 @@ fn origin() -> Result<String, pgrx::spi::Error> {
         (
             pg_sys::GetSystemIdentifier() as i64,
             pg_sys::MyDatabaseId.to_u32(),
-            pg_sys::GetWALInsertionTimeLine(),
+            insertion_timeline(),
         )
     };
     Ok(format!("{system}/{db}/{timeline}/{install}"))
+}
+
+/// The timeline WAL is written on. PostgreSQL 14 has no function for it:
+/// `ThisTimeLineID` is set once `RecoveryInProgress` has seen recovery end.
+#[cfg(not(feature = "pg14"))]
+unsafe fn insertion_timeline() -> pg_sys::TimeLineID {
+    pg_sys::GetWALInsertionTimeLine()
+}
+
+#[cfg(feature = "pg14")]
+unsafe fn insertion_timeline() -> pg_sys::TimeLineID {
+    pg_sys::RecoveryInProgress();
+    pg_sys::ThisTimeLineID
 }
 
 /// In a copy or a restore of a database (see [`origin`]), the
