@@ -15,7 +15,7 @@ ROOT      := $(shell id -u)
 RUNAS      = $(if $(filter 0,$(ROOT)),--runas postgres --pgdata /tmp/pg_emit-pgtest-$(PG),)
 SUDO      := $(if $(filter 0,$(ROOT)),,--sudo)
 
-.PHONY: setup setup-demo demo test lint unit pgtest install install-release itest package package-test bench clean
+.PHONY: setup setup-demo demo test lint unit pgtest install install-release itest package package-test package-one package-test-one bench clean
 
 # The installers run outside this make: a build they start must not inherit
 # its MAKEFLAGS and MAKELEVEL (they make a nested build skip steps).
@@ -33,14 +33,11 @@ demo: PG = 15
 demo: setup-demo install-release
 	.venv/bin/python examples/demo.py
 
-## make test: every test (lint, unit; then #[pg_test], pg_regress and
-## integration on each PostgreSQL version).
+## make test: every test (lint, unit; then #[pg_test], pg_regress,
+## integration and the package on each PostgreSQL version, the next
+## version building while one is tested: scripts/test-versions.sh).
 test: setup lint unit
-	@for v in $(VERSIONS); do \
-	  echo "==> PostgreSQL $$v"; \
-	  $(MAKE) --no-print-directory PG=$$v pgtest install itest || exit 1; \
-	done
-	@$(MAKE) --no-print-directory package-test
+	@bash scripts/test-versions.sh $(VERSIONS)
 
 lint:
 	cargo fmt --all -- --check
@@ -64,16 +61,19 @@ itest:
 
 ## make package: a .deb per PostgreSQL version, in target/deb/.
 package: setup
-	@for v in $(VERSIONS); do bash scripts/package-deb.sh $$v || exit 1; done
+	@for v in $(VERSIONS); do $(MAKE) --no-print-directory PG=$$v package-one || exit 1; done
 
 ## make package-test: installs each .deb into its PostgreSQL, without what
 ## `make install` put there, tries it and removes it.
 package-test: package
-	@for v in $(VERSIONS); do \
-	  echo "==> package for PostgreSQL $$v"; \
-	  PG_BIN=/usr/lib/postgresql/$$v/bin PG_EMIT_PACKAGE=$$(ls target/deb/postgresql-$$v-pg-emit_*.deb) \
-	    .venv/bin/pytest -q tests/test_packages.py || exit 1; \
-	done
+	@for v in $(VERSIONS); do $(MAKE) --no-print-directory PG=$$v package-test-one || exit 1; done
+
+package-one:
+	@bash scripts/package-deb.sh $(PG)
+
+package-test-one:
+	PG_BIN=/usr/lib/postgresql/$(PG)/bin PG_EMIT_PACKAGE=$$(ls target/deb/postgresql-$(PG)-pg-emit_*.deb) \
+	  .venv/bin/pytest -q tests/test_packages.py
 
 clean:
 	cargo clean

@@ -6,6 +6,8 @@
 #   scripts/fresh-machine.sh                 make demo, PG=16 make setup, PG=17 make setup
 #   scripts/fresh-machine.sh 'make test'     any commands, each one timed
 #
+# Each line of a command's log starts with the seconds since it began.
+#
 # Root only: it runs in a private mount namespace (unshare -m), where what
 # earlier sessions built is hidden behind empty, writable directories (tmpfs):
 # PostgreSQL 14, 16, 17 and 18 under /usr/lib/postgresql and
@@ -73,7 +75,8 @@ for cmd in "$@"; do
   log=$clone/$i.log
   echo "==> $cmd (log: $log)"
   start=$(date +%s)
-  if env -u MAKEFLAGS -u MAKELEVEL PATH="$HOME/.cargo/bin:$PATH" bash -c "$cmd" > "$log" 2>&1; then
+  if env -u MAKEFLAGS -u MAKELEVEL PATH="$HOME/.cargo/bin:$PATH" bash -o pipefail -c "($cmd) 2>&1 < /dev/null |
+       while IFS= read -r line; do printf '%5d %s\n' \$((EPOCHSECONDS - $start)) \"\$line\"; done" > "$log"; then
     result=ok
   else
     result="FAILED (exit $?)"
