@@ -15,6 +15,10 @@ ROOT      := $(shell id -u)
 RUNAS      = $(if $(filter 0,$(ROOT)),--runas postgres --pgdata /tmp/pg_emit-pgtest-$(PG),)
 SUDO      := $(if $(filter 0,$(ROOT)),,--sudo)
 
+# In order, always: setup installs what lint and the tests use, and the
+# version pipeline (scripts/test-versions.sh) does its own overlapping.
+.NOTPARALLEL:
+
 .PHONY: setup setup-demo demo test lint unit pgtest install install-release itest package package-test package-one package-test-one bench clean
 
 # The installers run outside this make: a build they start must not inherit
@@ -71,9 +75,11 @@ package-test: package
 package-one:
 	@bash scripts/package-deb.sh $(PG)
 
+# package-deb.sh leaves one .deb per version; none is an error, not a skip.
 package-test-one:
-	PG_BIN=/usr/lib/postgresql/$(PG)/bin PG_EMIT_PACKAGE=$$(ls target/deb/postgresql-$(PG)-pg-emit_*.deb) \
-	  .venv/bin/pytest -q tests/test_packages.py
+	@deb=$$(ls target/deb/postgresql-$(PG)-pg-emit_*.deb 2>/dev/null); \
+	  [ "$$(echo $$deb | wc -w)" -eq 1 ] || { echo "package-test-one: want one .deb for $(PG) in target/deb, found: $$deb" >&2; exit 1; }; \
+	  PG_BIN=/usr/lib/postgresql/$(PG)/bin PG_EMIT_PACKAGE=$$deb .venv/bin/pytest -q tests/test_packages.py
 
 clean:
 	cargo clean

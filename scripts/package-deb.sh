@@ -17,6 +17,7 @@ arch=$(dpkg --print-architecture)
 name=postgresql-$major-pg-emit
 
 cargo pgrx package --pg-config "$pg_config" >/dev/null
+rm -f target/deb/"$name"_*.deb
 built=target/release/pg_emit-pg$major
 staging=target/deb/$name
 rm -rf "$staging"
@@ -43,6 +44,13 @@ mkdir -p "$doc"
   echo "License: PostgreSQL"
   sed -n '5,$p' LICENSE | sed -e 's/^$/./' -e 's/^/ /'
 } > "$doc/copyright"
+# A non-native version has a Debian changelog; this one says which
+# upstream version the package carries, dated by the commit it was built from.
+when=$(git log -1 --format=%aD 2>/dev/null || date -R)
+printf '%s (%s) unstable; urgency=medium\n\n  * pg_emit %s for PostgreSQL %s.\n\n -- pg_emit developers <pg_emit@localhost>  %s\n' \
+  "$name" "$version" "$upstream" "$major" "$when" | gzip -9n > "$doc/changelog.Debian.gz"
+# Whatever the umask: directories 0755, files 0644.
+chmod -R u+rwX,go+rX,go-w "$staging"
 so=$staging/usr/lib/postgresql/$major/lib/pg_emit.so
 strip --strip-unneeded "$so"
 

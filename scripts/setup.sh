@@ -61,9 +61,13 @@ fi
 # nats-py and confluent-kafka (Confluent's, on librdkafka, whose wheel
 # carries the library), websockets and httpx-sse (the WebSocket and
 # Server-Sent Events clients the live-channel tests subscribe with).
-if [ ! -x .venv/bin/python ]; then
+# A venv without pip (python3 -m venv fails half-way without Debian's
+# python3-venv) is made again.
+if [ ! -x .venv/bin/pip ]; then
+  rm -rf .venv
   if ! python3 -m venv .venv 2>/dev/null; then
-    $SUDO apt-get install -y -qq python3-venv >/dev/null
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3-venv >/dev/null
     rm -rf .venv
     python3 -m venv .venv
   fi
