@@ -1,5 +1,6 @@
-//! pg_emit: send row changes and messages out of PostgreSQL over TCP and
-//! HTTP.
+//! pg_emit: send row changes, DDL events and messages out of PostgreSQL:
+//! over TCP and HTTP, into Redis Streams, NATS JetStream and Kafka, and live
+//! to subscribers of channels.
 //!
 //! Everything that needs no backend lives in the `pg_emit_core` crate
 //! (destinations, options, envelope, transports, allowlist, retry policy),

@@ -1,7 +1,8 @@
 //! pg_emit's core: everything about events and getting them to receivers
 //! that does not need a PostgreSQL backend. Destinations
 //! ([`destination`]) and trigger options ([`options`]), the event envelope and formats ([`event`], [`cloudevents`]), the allowlist
-//! ([`security`]), the TCP and HTTP transports ([`transport`]), delivery of
+//! ([`security`]), the transports (TCP, HTTP, Redis, NATS, Kafka:
+//! [`transport`]), live channels ([`live`]), delivery of
 //! claimed outbox rows ([`job`]), retry policy ([`backoff`], [`cooldown`])
 //! and the per-transaction event buffer ([`pending`]).
 //!
