@@ -130,7 +130,7 @@ unsafe fn pin_search_path(source: pg_sys::GucSource::Type, save: bool) {
 /// not expect), with the
 /// values the worker needs. Applied at the highest priority, so nothing
 /// overrides them for the life of the process. `transaction_timeout` exists
-/// from PostgreSQL 17 on.
+/// from PostgreSQL 17 on; settings a version lacks are skipped.
 const WORKER_SETTINGS: &[(&CStr, &CStr)] = &[
     // A database-level `SET role` would make the worker act as that role.
     (c"role", c"none"),
@@ -150,6 +150,29 @@ const WORKER_SETTINGS: &[(&CStr, &CStr)] = &[
     // every entry, dead ones included) can cost a core at a steady load.
     (c"enable_seqscan", c"off"),
     (c"enable_bitmapscan", c"off"),
+    // What else those plans depend on, which a database owner could turn
+    // against them: the index scans themselves, the cost constants that
+    // weigh them (a random_page_cost of 1e20 outweighs any disabled scan),
+    // JIT compiling every small statement, and parallel plans.
+    (c"enable_indexscan", c"on"),
+    (c"enable_indexonlyscan", c"on"),
+    (c"enable_sort", c"on"),
+    (c"enable_incremental_sort", c"on"),
+    (c"enable_nestloop", c"on"),
+    (c"enable_hashjoin", c"on"),
+    (c"enable_mergejoin", c"on"),
+    (c"enable_hashagg", c"on"),
+    (c"enable_material", c"on"),
+    (c"enable_memoize", c"on"),
+    (c"seq_page_cost", c"1"),
+    (c"random_page_cost", c"4"),
+    (c"cpu_tuple_cost", c"0.01"),
+    (c"cpu_index_tuple_cost", c"0.005"),
+    (c"cpu_operator_cost", c"0.0025"),
+    (c"effective_cache_size", c"524288"),
+    (c"plan_cache_mode", c"auto"),
+    (c"jit", c"off"),
+    (c"max_parallel_workers_per_gather", c"0"),
 ];
 
 /// Pins the worker's `search_path` and [`WORKER_SETTINGS`] after it has

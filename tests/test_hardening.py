@@ -356,6 +356,48 @@ def test_no_lock_a_role_can_take_stops_the_worker(hard):
             nd.close()
 
 
+# A database owner's planner settings: the worker's kept plans stay ordered
+# index scans of the queue (issue 24, item 12).
+HOSTILE_PLANNER = {
+    "enable_indexscan": "off", "enable_indexonlyscan": "off", "random_page_cost": "1e20",
+    "jit": "on", "jit_above_cost": "0", "max_parallel_workers_per_gather": "8",
+    "parallel_setup_cost": "0", "parallel_tuple_cost": "0", "plan_cache_mode": "force_custom_plan",
+}
+
+
+def test_a_database_owner_cannot_change_the_worker_s_plans(hard):
+    rx = Receiver("ndjson")
+    with admin(hard, "postgres") as c:
+        c.execute("DROP DATABASE IF EXISTS planned WITH (FORCE)")
+        fresh_role(c, "planner")
+        c.execute("CREATE DATABASE planned OWNER planner")
+    try:
+        with login(hard, "planner", "planned") as o:
+            for k, v in HOSTILE_PLANNER.items():
+                o.execute(f"ALTER DATABASE planned SET {k} = '{v}'")
+        with admin(hard, "planned") as c:
+            c.execute("CREATE EXTENSION pg_emit")
+            c.execute("CREATE TABLE t (id int PRIMARY KEY)")
+            c.execute("CREATE TRIGGER out AFTER INSERT ON t FOR EACH ROW EXECUTE FUNCTION "
+                      f"public.row_to_socket('127.0.0.1', {rx.port}, 'delivery=async', 'framing=ndjson')")
+            assert c.execute("SHOW random_page_cost").fetchone()[0] == "1e+20"
+            for i in range(200):
+                c.execute("INSERT INTO t VALUES (%s)", (i,))
+            assert len(rx.wait_for(200, timeout=30)) == 200
+
+            def scans():
+                return c.execute(
+                    "SELECT coalesce(seq_scan, 0), coalesce(idx_scan, 0) FROM pg_catalog.pg_stat_user_tables "
+                    "WHERE schemaname = 'emit' AND relname = 'outbox'").fetchone()
+            # The worker reports its statistics after each transaction.
+            assert wait_until(lambda: scans()[1] > 0, 10), scans()
+            assert scans()[0] == 0, scans()
+    finally:
+        rx.close()
+        with admin(hard, "postgres") as c:
+            c.execute("DROP DATABASE planned WITH (FORCE)")
+
+
 # --- Finding 3: no proxy from the server's environment ---
 
 def test_proxy_variables_in_the_server_environment_are_ignored(hard, proxy):
