@@ -38,6 +38,13 @@ pub enum EmitError {
     /// Attached to an event it cannot handle.
     #[error("{trigger}: {problem}")]
     TriggerEvent { trigger: String, problem: String },
+    /// `columns=` or `exclude=` names a column the table does not have.
+    #[error("{trigger}: {option}=: column \"{column}\" does not exist")]
+    UnknownColumn {
+        trigger: String,
+        option: &'static str,
+        column: String,
+    },
     /// A failed delivery: WARNING, or ERROR under `pg_emit.on_error = error`.
     #[error("{context}: {reason}")]
     Delivery {
@@ -106,6 +113,7 @@ impl EmitError {
             EmitError::TriggerEvent { .. } | EmitError::NotTrigger(_) => {
                 ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED
             }
+            EmitError::UnknownColumn { .. } => ERRCODE_UNDEFINED_COLUMN,
             EmitError::Delivery { connect: true, .. } => {
                 ERRCODE_SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION
             }
@@ -134,13 +142,13 @@ impl EmitError {
                 func: "row_to_http",
                 ..
             } => return Some(
-                "row_to_http takes (url [, 'key=value' ...]) with keys delivery=sync|commit|async, format=json|td|supabase|debezium|cloudevents, cloudevents=binary|structured, header=Name: value, key=col[,col...].",
+                "row_to_http takes (url [, 'key=value' ...]) with keys delivery=sync|commit|async, format=json|td|supabase|debezium|cloudevents, cloudevents=binary|structured, header=Name: value, key=col[,col...], columns=col[,col...] or exclude=col[,col...], unchanged=send|skip.",
             ),
             EmitError::TriggerArgument {
                 func: "row_to_destination",
                 ..
             } => return Some(
-                "row_to_destination takes (destination [, 'key=value' ...]): a URL (tcp://host:port[?framing=ndjson], http(s)://...) or a stored destination's name, and keys delivery=sync|commit|async, format=json|td|supabase|debezium|cloudevents, cloudevents=binary|structured, key=col[,col...].",
+                "row_to_destination takes (destination [, 'key=value' ...]): a URL (tcp://host:port[?framing=ndjson], http(s)://...) or a stored destination's name, and keys delivery=sync|commit|async, format=json|td|supabase|debezium|cloudevents, cloudevents=binary|structured, key=col[,col...], columns=col[,col...] or exclude=col[,col...], unchanged=send|skip.",
             ),
             _ => {}
         }
@@ -158,7 +166,7 @@ impl EmitError {
                 "To keep them, roll back and let the worker deliver them (see emit.stats), or pg_dump the database first: the dump includes them.",
             ),
             EmitError::TriggerArgument { .. } => Some(
-                "row_to_socket takes (host, port [, 'key=value' ...]) with keys delivery=sync|commit|async, format=json|td|supabase|debezium|cloudevents, framing=close|ndjson, key=col[,col...].",
+                "row_to_socket takes (host, port [, 'key=value' ...]) with keys delivery=sync|commit|async, format=json|td|supabase|debezium|cloudevents, framing=close|ndjson, key=col[,col...], columns=col[,col...] or exclude=col[,col...], unchanged=send|skip.",
             ),
             _ => None,
         }

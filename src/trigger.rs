@@ -10,7 +10,7 @@ use crate::encoding;
 use crate::error::EmitError;
 use crate::event::{self, Event, Op};
 use crate::made::Made;
-use crate::options::{self, Delivery, Format, OptionError, Options};
+use crate::options::{self, Columns, Delivery, Format, OptionError, Options, Unchanged};
 use crate::settings;
 use crate::stored::{self, Resolved};
 use pg_emit_core::destination;
@@ -27,6 +27,15 @@ extern "C-unwind" {
     /// receivers exactly the JSON that SQL users see, for every type,
     /// including domains, composites and extension types.
     fn row_to_json(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum;
+    /// PostgreSQL's binary equality of two non-NULL values of one type
+    /// (detoasting as needed): what `unchanged=skip` calls unchanged, as
+    /// logical replication does.
+    fn datum_image_eq(
+        value1: pg_sys::Datum,
+        value2: pg_sys::Datum,
+        typ_by_val: bool,
+        typ_len: std::ffi::c_int,
+    ) -> bool;
 }
 
 thread_local! {
@@ -215,16 +224,134 @@ impl Firing<'_> {
     }
 }
 
-/// Serializes a heap tuple with `row_to_json`. TOASTed values are
-/// detoasted by `heap_copy_tuple_as_datum`, so receivers always get whole
-/// values, however large.
+/// The columns a row event carries in `new` and `old` (`columns=`,
+/// `exclude=`), resolved for one firing: names are looked up in the
+/// relation as it is now, so a dropped or renamed column is an ERROR at the
+/// next row rather than a wrong one.
+struct Carried {
+    /// Attribute numbers, in the order the event lists them.
+    attnums: Vec<i16>,
+    /// A descriptor of just those columns (blessed, for `row_to_json`);
+    /// `None` when the event carries every column.
+    desc: Option<pg_sys::TupleDesc>,
+}
+
+/// What `plan`'s row events carry; `None` when that is every column and
+/// nothing needs to know which (the common case costs nothing).
+fn carried(firing: &Firing<'_>, plan: &Plan, op: Op) -> Option<Carried> {
+    let skip = plan.opts.unchanged == Unchanged::Skip && op == Op::Update;
+    if plan.opts.columns == Columns::All && !skip {
+        return None;
+    }
+    // SAFETY: the relation is open for the firing.
+    let rel = unsafe { &*firing.td.tg_relation };
+    // SAFETY: its descriptor, borrowed for the firing.
+    let atts = unsafe { pgrx::PgTupleDesc::from_pg_unchecked(rel.rd_att) };
+    let live = || atts.iter().filter(|a| !a.attisdropped);
+    let find = |option: &'static str, name: &str| -> i16 {
+        live()
+            // SAFETY: attname is a NUL-terminated NameData.
+            .find(|a| {
+                unsafe { CStr::from_ptr(a.attname.data.as_ptr()) }.to_bytes() == name.as_bytes()
+            })
+            .map(|a| a.attnum)
+            .unwrap_or_else(|| {
+                EmitError::UnknownColumn {
+                    trigger: firing.describe(),
+                    option,
+                    column: name.to_string(),
+                }
+                .raise()
+            })
+    };
+    let attnums: Vec<i16> = match &plan.opts.columns {
+        Columns::All => {
+            return Some(Carried {
+                attnums: live().map(|a| a.attnum).collect(),
+                desc: None,
+            })
+        }
+        Columns::Only(names) => names.iter().map(|n| find("columns", n)).collect(),
+        Columns::Except(names) => {
+            let out: Vec<i16> = names.iter().map(|n| find("exclude", n)).collect();
+            live()
+                .map(|a| a.attnum)
+                .filter(|n| !out.contains(n))
+                .collect()
+        }
+    };
+    // SAFETY: a new descriptor in the firing's memory context, its entries
+    // copied from the relation's; blessing registers (or finds) its record
+    // type, which row_to_json looks up.
+    let desc = unsafe {
+        let d = pg_sys::CreateTemplateTupleDesc(attnums.len() as std::ffi::c_int);
+        for (i, attnum) in attnums.iter().enumerate() {
+            pg_sys::TupleDescCopyEntry(d, (i + 1) as pg_sys::AttrNumber, rel.rd_att, *attnum);
+        }
+        pg_sys::BlessTupleDesc(d)
+    };
+    Some(Carried {
+        attnums,
+        desc: Some(desc),
+    })
+}
+
+/// Serializes a heap tuple, or the columns of it that `carried` names,
+/// with `row_to_json`. TOASTed values are detoasted by
+/// `heap_copy_tuple_as_datum`, so receivers always get whole values,
+/// however large.
 ///
 /// # Safety
 /// `tuple` and `desc` must belong to the firing's relation.
-unsafe fn tuple_json<'a>(tuple: pg_sys::HeapTuple, desc: pg_sys::TupleDesc) -> &'a [u8] {
-    let datum = pg_sys::heap_copy_tuple_as_datum(tuple, desc);
+unsafe fn tuple_json<'a>(
+    tuple: pg_sys::HeapTuple,
+    desc: pg_sys::TupleDesc,
+    carried: Option<&Carried>,
+) -> &'a [u8] {
+    let datum = match carried.and_then(|c| c.desc.map(|d| (c, d))) {
+        None => pg_sys::heap_copy_tuple_as_datum(tuple, desc),
+        Some((c, sub)) => {
+            let (mut values, mut nulls): (Vec<pg_sys::Datum>, Vec<bool>) = c
+                .attnums
+                .iter()
+                .map(|&n| {
+                    let mut isnull = false;
+                    let v = pg_sys::heap_getattr(tuple, i32::from(n), desc, &mut isnull);
+                    (v, isnull)
+                })
+                .unzip();
+            let t = pg_sys::heap_form_tuple(sub, values.as_mut_ptr(), nulls.as_mut_ptr());
+            pg_sys::heap_copy_tuple_as_datum(t, sub)
+        }
+    };
     let json = pg_sys::DirectFunctionCall1Coll(Some(row_to_json), pg_sys::InvalidOid, datum);
     pgrx::varlena::varlena_to_byte_slice(json.cast_mut_ptr::<pg_sys::varlena>())
+}
+
+/// Whether an UPDATE left every carried column as it was (NULL stays
+/// NULL, values binary-equal).
+///
+/// # Safety
+/// `old`, `new` and `desc` must belong to the firing's relation.
+unsafe fn unchanged(
+    old: pg_sys::HeapTuple,
+    new: pg_sys::HeapTuple,
+    desc: pg_sys::TupleDesc,
+    carried: &Carried,
+) -> bool {
+    let atts = pgrx::PgTupleDesc::from_pg_unchecked(desc);
+    carried.attnums.iter().all(|&n| {
+        let (mut old_null, mut new_null) = (false, false);
+        let a = pg_sys::heap_getattr(old, i32::from(n), desc, &mut old_null);
+        let b = pg_sys::heap_getattr(new, i32::from(n), desc, &mut new_null);
+        match (old_null, new_null, atts.get((n - 1) as usize)) {
+            (true, true, _) => true,
+            (false, false, Some(att)) => {
+                datum_image_eq(a, b, att.attbyval, std::ffi::c_int::from(att.attlen))
+            }
+            _ => false,
+        }
+    })
 }
 
 fn op_of(event: u32) -> Op {
@@ -339,21 +466,41 @@ fn fire(td: &pg_sys::TriggerData, func: Func) -> pg_sys::Datum {
     let event = td.tg_event;
     let op = op_of(event);
     let row_level = event & pg_sys::TRIGGER_EVENT_ROW != 0;
+    // A BEFORE (or INSTEAD OF) row trigger must hand the row back, or
+    // PostgreSQL would skip the operation; AFTER triggers' results are
+    // ignored.
+    let before = event & pg_sys::TRIGGER_EVENT_TIMINGMASK != pg_sys::TRIGGER_EVENT_AFTER;
+    let handed_back = pg_sys::Datum::from(match (row_level && before, op) {
+        (false, _) => std::ptr::null_mut(),
+        (true, Op::Update) => td.tg_newtuple,
+        (true, _) => td.tg_trigtuple,
+    });
+    let carried = carried(&firing, &plan, op);
     if !row_level && op != Op::Truncate {
-        fire_statement(&firing, &plan, target, format, mode);
+        fire_statement(&firing, &plan, carried.as_ref(), target, format, mode);
         return pg_sys::Datum::from(0);
     }
     // SAFETY: tuples and descriptor come from the firing itself.
+    let desc = unsafe { (*td.tg_relation).rd_att };
+    if row_level && op == Op::Update && plan.opts.unchanged == Unchanged::Skip {
+        if let Some(c) = &carried {
+            // SAFETY: as above.
+            if unsafe { unchanged(td.tg_trigtuple, td.tg_newtuple, desc, c) } {
+                return handed_back;
+            }
+        }
+    }
+    let c = carried.as_ref();
+    // SAFETY: as above.
     let (new, old) = unsafe {
-        let desc = (*td.tg_relation).rd_att;
         match (row_level, op) {
             (false, _) => (None, None),
-            (true, Op::Insert) => (Some(tuple_json(td.tg_trigtuple, desc)), None),
+            (true, Op::Insert) => (Some(tuple_json(td.tg_trigtuple, desc, c)), None),
             (true, Op::Update) => (
-                Some(tuple_json(td.tg_newtuple, desc)),
-                Some(tuple_json(td.tg_trigtuple, desc)),
+                Some(tuple_json(td.tg_newtuple, desc, c)),
+                Some(tuple_json(td.tg_trigtuple, desc, c)),
             ),
-            (true, _) => (None, Some(tuple_json(td.tg_trigtuple, desc))),
+            (true, _) => (None, Some(tuple_json(td.tg_trigtuple, desc, c))),
         }
     };
     // The ordering key of async events and of Kafka records (their
@@ -406,16 +553,7 @@ fn fire(td: &pg_sys::TriggerData, func: Func) -> pg_sys::Datum {
         }
     });
 
-    // A BEFORE (or INSTEAD OF) row trigger must hand the row back, or
-    // PostgreSQL would skip the operation; AFTER triggers' results are
-    // ignored.
-    let before = event & pg_sys::TRIGGER_EVENT_TIMINGMASK != pg_sys::TRIGGER_EVENT_AFTER;
-    let row = match (row_level && before, op) {
-        (false, _) => std::ptr::null_mut(),
-        (true, Op::Update) => td.tg_newtuple,
-        (true, _) => td.tg_trigtuple,
-    };
-    pg_sys::Datum::from(row)
+    handed_back
 }
 
 /// A row's ordering key: its replica identity columns (the primary key by
@@ -570,6 +708,7 @@ fn send(
 fn fire_statement(
     firing: &Firing<'_>,
     plan: &Plan,
+    carried: Option<&Carried>,
     target: &Target,
     format: Format,
     mode: Delivery,
@@ -631,35 +770,46 @@ fn fire_statement(
         let what = || format!("a row for {}", firing.describe());
         let mut buf = Vec::new();
         let mut in_message = 0usize;
+        let skip_unchanged = plan.opts.unchanged == Unchanged::Skip;
         loop {
+            // The next row of a transition table, as a heap tuple in the
+            // per-row context.
             let next = |r: &Option<(
                 *mut pg_sys::Tuplestorestate,
                 i32,
                 *mut pg_sys::TupleTableSlot,
-            )>,
-                        cx: &mut PgMemoryContexts|
-             -> Option<Vec<u8>> {
+            )>|
+             -> Option<pg_sys::HeapTuple> {
                 let (ts, ptr, slot) = (*r)?;
                 pg_sys::tuplestore_select_read_pointer(ts, ptr);
                 if !pg_sys::tuplestore_gettupleslot(ts, true, false, slot) {
                     return None;
                 }
-                Some(cx.switch_to(|_| {
-                    let datum = pg_sys::ExecFetchSlotHeapTupleDatum(slot);
-                    let json = pg_sys::DirectFunctionCall1Coll(
-                        Some(row_to_json),
-                        pg_sys::InvalidOid,
-                        datum,
-                    );
-                    let bytes = pgrx::varlena::varlena_to_byte_slice(
-                        json.cast_mut_ptr::<pg_sys::varlena>(),
-                    );
-                    encoding::to_utf8(bytes, &what).into_owned()
-                }))
+                Some(pg_sys::ExecFetchSlotHeapTuple(
+                    slot,
+                    false,
+                    std::ptr::null_mut(),
+                ))
             };
-            let new = next(&new_r, &mut rows_cx);
-            let old = next(&old_r, &mut rows_cx);
+            let (new, old, same) = rows_cx.switch_to(|_| {
+                let (new, old) = (next(&new_r), next(&old_r));
+                let same = match (skip_unchanged, new, old, carried) {
+                    (true, Some(n), Some(o), Some(c)) => unchanged(o, n, desc, c),
+                    _ => false,
+                };
+                let json = |t: pg_sys::HeapTuple| {
+                    encoding::to_utf8(tuple_json(t, desc, carried), &what).into_owned()
+                };
+                if same {
+                    (None, None, true)
+                } else {
+                    (new.map(json), old.map(json), false)
+                }
+            });
             rows_cx.reset();
+            if same {
+                continue;
+            }
             if new.is_none() && old.is_none() {
                 break;
             }

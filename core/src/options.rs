@@ -129,6 +129,29 @@ pub enum Framing {
     Ndjson,
 }
 
+/// `unchanged=`: what an UPDATE that changes none of the columns its event
+/// carries sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Unchanged {
+    /// An event, as for any UPDATE.
+    #[default]
+    Send,
+    /// Nothing.
+    Skip,
+}
+
+/// Which columns a row event carries in `new` and `old`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Columns {
+    /// Every column of the table.
+    #[default]
+    All,
+    /// `columns=a,b`: these, in this order.
+    Only(Vec<String>),
+    /// `exclude=a,b`: every column but these, in the table's order.
+    Except(Vec<String>),
+}
+
 /// Parsed `'key=value'` options. `delivery` stays `None` when not given so
 /// that `pg_emit.default_delivery` is read at firing time, not frozen.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -144,6 +167,10 @@ pub struct Options {
     /// `key=col[,col...]`: the columns whose values order async events
     /// (default: the table's replica identity, its primary key).
     pub key: Option<Vec<String>>,
+    /// `columns=` or `exclude=`.
+    pub columns: Columns,
+    /// `unchanged=send|skip`.
+    pub unchanged: Unchanged,
 }
 
 /// Which trigger the options belong to: each accepts its own keys.
@@ -159,9 +186,9 @@ pub enum Kind {
 impl Kind {
     fn known(self) -> &'static str {
         match self {
-            Kind::Socket => "delivery, format, framing, key",
-            Kind::Http => "cloudevents, delivery, format, header, key",
-            Kind::Destination => "cloudevents, delivery, format, key",
+            Kind::Socket => "columns, delivery, exclude, format, framing, key, unchanged",
+            Kind::Http => "cloudevents, columns, delivery, exclude, format, header, key, unchanged",
+            Kind::Destination => "cloudevents, columns, delivery, exclude, format, key, unchanged",
         }
     }
 }
@@ -229,6 +256,8 @@ pub enum OptionError {
     },
     #[error("argument {pos}: option {key:?} is given twice")]
     Duplicate { pos: usize, key: &'static str },
+    #[error("argument {pos}: columns= and exclude= cannot both be given")]
+    ColumnsAndExclude { pos: usize },
     #[error("{0}")]
     Destination(String),
 }
@@ -306,7 +335,7 @@ pub fn parse_options<S: AsRef<str>>(
     kind: Kind,
 ) -> Result<Options, OptionError> {
     let mut opts = Options::default();
-    let mut seen = [false; 5];
+    let mut seen = [false; 8];
     for (i, arg) in args.iter().enumerate() {
         let pos = first_pos + i;
         let arg = arg.as_ref();
@@ -360,12 +389,45 @@ pub fn parse_options<S: AsRef<str>>(
                 (4, "cloudevents")
             }
             "key" => {
-                let cols: Vec<String> = value.split(',').map(|c| c.trim().to_string()).collect();
-                if cols.iter().any(String::is_empty) {
-                    return Err(bad("key", "column names separated by commas"));
-                }
-                opts.key = Some(cols);
+                opts.key = Some(column_list(value).ok_or_else(|| bad("key", COLUMN_LIST))?);
                 (3, "key")
+            }
+            "columns" | "exclude" => {
+                let only = key.eq_ignore_ascii_case("columns");
+                match (&opts.columns, only) {
+                    (Columns::All, _) => {}
+                    (Columns::Only(_), true) => {
+                        return Err(OptionError::Duplicate {
+                            pos,
+                            key: "columns",
+                        })
+                    }
+                    (Columns::Except(_), false) => {
+                        return Err(OptionError::Duplicate {
+                            pos,
+                            key: "exclude",
+                        })
+                    }
+                    _ => return Err(OptionError::ColumnsAndExclude { pos }),
+                }
+                if only {
+                    opts.columns = Columns::Only(
+                        column_list(value).ok_or_else(|| bad("columns", COLUMN_LIST))?,
+                    );
+                } else {
+                    opts.columns = Columns::Except(
+                        column_list(value).ok_or_else(|| bad("exclude", COLUMN_LIST))?,
+                    );
+                }
+                (5, "columns")
+            }
+            "unchanged" => {
+                opts.unchanged = match value.to_ascii_lowercase().as_str() {
+                    "send" => Unchanged::Send,
+                    "skip" => Unchanged::Skip,
+                    _ => return Err(bad("unchanged", "send or skip")),
+                };
+                (6, "unchanged")
             }
             "framing" if kind == Kind::Socket => {
                 opts.framing = match value.to_ascii_lowercase().as_str() {
@@ -388,6 +450,16 @@ pub fn parse_options<S: AsRef<str>>(
         }
     }
     Ok(opts)
+}
+
+const COLUMN_LIST: &str = "column names separated by commas";
+
+/// `a, b,c` as column names, exactly as spelled (PostgreSQL's names are
+/// case-sensitive once stored); `None` for an empty name or a repeat.
+fn column_list(value: &str) -> Option<Vec<String>> {
+    let cols: Vec<String> = value.split(',').map(|c| c.trim().to_string()).collect();
+    let repeated = cols.iter().enumerate().any(|(i, c)| cols[..i].contains(c));
+    (!cols.iter().any(String::is_empty) && !repeated).then_some(cols)
 }
 
 impl fmt::Display for Framing {
@@ -548,7 +620,7 @@ mod tests {
             Err(OptionError::UnknownKey {
                 pos: 4,
                 key: "fromat".into(),
-                known: "delivery, format, framing, key"
+                known: "columns, delivery, exclude, format, framing, key, unchanged"
             })
         );
         assert_eq!(
@@ -618,7 +690,7 @@ mod tests {
         let e = parse_socket_args(&["h", "1", "fromat=td"]).unwrap_err();
         assert_eq!(
             e.to_string(),
-            "argument 3: unknown option \"fromat\" (known options: delivery, format, framing, key)"
+            "argument 3: unknown option \"fromat\" (known options: columns, delivery, exclude, format, framing, key, unchanged)"
         );
     }
 }
@@ -657,5 +729,35 @@ mod fuzz {
     fn megabyte_host_is_refused() {
         let host = "a".repeat(1 << 20);
         assert_eq!(check_host(&host), Err(OptionError::HostTooLong(1 << 20)));
+    }
+
+    #[test]
+    fn column_subsets_and_unchanged() {
+        let o = parse_options(&["columns=id, total", "unchanged=skip"], 3, Kind::Socket).unwrap();
+        assert_eq!(o.columns, Columns::Only(vec!["id".into(), "total".into()]));
+        assert_eq!(o.unchanged, Unchanged::Skip);
+        let o = parse_options(&["exclude=Secret"], 2, Kind::Destination).unwrap();
+        assert_eq!(o.columns, Columns::Except(vec!["Secret".into()]));
+        assert_eq!(Options::default().unchanged, Unchanged::Send);
+        assert_eq!(
+            parse_options(&["columns=a", "exclude=b"], 2, Kind::Http),
+            Err(OptionError::ColumnsAndExclude { pos: 3 })
+        );
+        assert_eq!(
+            parse_options(&["columns=a", "columns=b"], 2, Kind::Http),
+            Err(OptionError::Duplicate {
+                pos: 3,
+                key: "columns"
+            })
+        );
+        for bad in ["columns=", "columns=a,,b", "exclude=a,a", "unchanged=maybe"] {
+            assert!(
+                matches!(
+                    parse_options(&[bad], 2, Kind::Http),
+                    Err(OptionError::BadValue { pos: 2, .. })
+                ),
+                "{bad}"
+            );
+        }
     }
 }
