@@ -8,7 +8,9 @@
 # compiled and its #[pg_test]s run, and its release build packaged, at the
 # lowest CPU priority, so that the tests keep the CPU they ask for. The
 # install (which may ask sudo for a password) stays in the foreground. On two cores this takes about a quarter off five versions. The
-# background step's output is printed whole when it is waited for.
+# background step's output is printed whole when it is waited for. The
+# last line adds up the tests run here (pytest's and #[pg_test]'s), for
+# whoever reads only that.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ $# -gt 0 ] || { echo "usage: test-versions.sh VERSION..." >&2; exit 2; }
@@ -18,13 +20,18 @@ prepare() { # VERSION: compile, #[pg_test]s, .deb
   make --no-print-directory PG="$v" pgtest package-one
 }
 
+# Runs make with its output also kept in $logs/all, for the count.
+counted() {
+  make --no-print-directory "$@" 2>&1 | tee -a "$logs/all"
+}
+
 logs=$(mktemp -d /tmp/pg_emit-test-versions.XXXXXX)
 # The background step runs in a process group of its own, ended with it.
 trap 'rm -rf "$logs"; [ -z "${bg:-}" ] || kill -- "-$bg" 2>/dev/null || true' EXIT
 versions=("$@")
 
 echo "==> PostgreSQL ${versions[0]}: build, #[pg_test]s, package"
-prepare "${versions[0]}"
+prepare "${versions[0]}" 2>&1 | tee -a "$logs/all"
 make --no-print-directory PG="${versions[0]}" install
 for i in "${!versions[@]}"; do
   v=${versions[$i]}
@@ -35,16 +42,26 @@ for i in "${!versions[@]}"; do
     bg=$!
   fi
   echo "==> PostgreSQL $v: integration tests${next:+ (PostgreSQL $next builds meanwhile)}"
-  make --no-print-directory PG="$v" itest
+  counted PG="$v" itest
   echo "==> PostgreSQL $v: package"
-  make --no-print-directory PG="$v" package-test-one
+  counted PG="$v" package-test-one
   if [ -n "$bg" ]; then
     status=0
     wait "$bg" || status=$?
     bg=""
     echo "==> PostgreSQL $next: build, #[pg_test]s, package (ran in the background)"
-    cat "$logs/$next.log"
+    tee -a "$logs/all" < "$logs/$next.log"
     [ "$status" -eq 0 ] || { echo "PostgreSQL $next: preparing failed (exit $status)" >&2; exit "$status"; }
     make --no-print-directory PG="$next" install
   fi
 done
+# pytest's "N passed, M skipped in Ts" and cargo's "test result: ok. N
+# passed; ..." lines, added up.
+echo "PostgreSQL ${versions[*]}: every test passed"
+awk '/^[0-9]+ (passed|failed|skipped)/ || /^test result: / {
+       for (i = 1; i <= NF; i++) {
+         n = $(i - 1) + 0
+         if ($i ~ /^passed/) p += n; else if ($i ~ /^failed/) f += n; else if ($i ~ /^skipped/) s += n
+       }
+     }
+     END { printf "total: %d passed, %d failed, %d skipped\n", p, f, s }' "$logs/all"
