@@ -14,6 +14,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 
 from pgcluster import Cluster  # noqa: E402
+from receivers import Receiver  # noqa: E402
 
 DB = "emit_test"
 
@@ -70,6 +71,14 @@ class Session:
 
     def close(self):
         self.conn.close()
+
+
+@pytest.fixture
+def nd():
+    """A receiver of newline-delimited messages on 127.0.0.1."""
+    r = Receiver("ndjson")
+    yield r
+    r.close()
 
 
 @pytest.fixture

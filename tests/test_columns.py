@@ -7,15 +7,6 @@ import json
 import psycopg
 import pytest
 
-from receivers import Receiver
-
-
-@pytest.fixture
-def nd():
-    r = Receiver("ndjson")
-    yield r
-    r.close()
-
 
 def make(db, table):
     db.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, total numeric, note text, "

@@ -9,13 +9,6 @@ import pytest
 from receivers import HttpReceiver, Receiver
 
 
-@pytest.fixture
-def nd():
-    r = Receiver("ndjson")
-    yield r
-    r.close()
-
-
 def stmt_trigger(db, table, port, op, refs, *opts, func="row_to_socket", dest=None):
     extra = "".join(f", '{o}'" for o in opts)
     dest = dest or f"'127.0.0.1', {port}, 'framing=ndjson'"

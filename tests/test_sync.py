@@ -20,13 +20,6 @@ def rx():
     r.close()
 
 
-@pytest.fixture
-def nd():
-    r = Receiver("ndjson")
-    yield r
-    r.close()
-
-
 def loads(msg):
     return json.loads(msg, parse_float=Decimal)
 
