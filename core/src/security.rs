@@ -346,6 +346,22 @@ impl Allowlist {
         })
     }
 
+    /// Before any name lookup: refuses `host:port` when no address it could
+    /// resolve to would pass, so that a name nobody allowed (one a hostile
+    /// Kafka broker's metadata names, say) is never looked up. That holds
+    /// for allowlists of names and URLs; with an address or network entry
+    /// any name may resolve into it, so it is looked up and its addresses
+    /// checked.
+    pub fn check_name(&self, host: &str, port: u16) -> Result<(), Refused> {
+        if self.may_allow(host, port, None) {
+            Ok(())
+        } else {
+            Err(Refused(format!(
+                "{host}:{port} is not allowed by {SETTING}"
+            )))
+        }
+    }
+
     /// Early check without DNS, for triggers that send later (commit,
     /// async): false only when no address of `host` could ever pass.
     pub fn may_allow(&self, host: &str, port: u16, url: Option<&str>) -> bool {

@@ -285,6 +285,9 @@ pub fn open(
     allow: &Allowlist,
     intr: &dyn Interrupt,
 ) -> Result<Socket, SendError> {
+    allow
+        .check_name(host, port)
+        .map_err(|r| SendError::NotAllowed(r.0))?;
     let deadline = timeouts.connect_deadline();
     let addrs = resolve(host, port, deadline, intr)?;
     let addrs = allow
@@ -452,6 +455,35 @@ mod tests {
             "no-such-host.invalid",
             5,
             Instant::now() + Duration::from_secs(5),
+            &Uninterruptible,
+        )
+        .unwrap_err();
+        assert!(matches!(e, SendError::HostNotFound { .. }), "{e}");
+    }
+
+    #[test]
+    fn names_no_entry_allows_are_not_looked_up() {
+        let names = Allowlist::parse("broker-1.example:9092").unwrap();
+        let e = open(
+            "no-such-host.invalid",
+            9092,
+            &timeouts(2000),
+            &names,
+            &Uninterruptible,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&e, SendError::NotAllowed(m) if m == "no-such-host.invalid:9092 is not allowed by pg_emit.allowed_destinations"),
+            "{e}"
+        );
+        // An address or network entry may hold what any name resolves to:
+        // looked up.
+        let net = Allowlist::parse("127.0.0.1").unwrap();
+        let e = open(
+            "no-such-host.invalid",
+            9092,
+            &timeouts(2000),
+            &net,
             &Uninterruptible,
         )
         .unwrap_err();
