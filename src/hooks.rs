@@ -68,6 +68,7 @@ unsafe extern "C-unwind" fn process_utility(
     qc: *mut pg_sys::QueryCompletion,
 ) {
     let commit_prepared = is_commit_prepared(pstmt);
+    let creates = creates_pg_emit(pstmt);
     if drops_pg_emit(pstmt) {
         dropping_pg_emit();
     }
@@ -80,7 +81,22 @@ unsafe extern "C-unwind" fn process_utility(
     if commit_prepared {
         prepared_committed();
     }
+    if creates {
+        crate::delivery::outbox::start_worker_at_commit();
+    }
     statement_end();
+}
+
+/// Whether `pstmt` is `CREATE EXTENSION pg_emit`.
+///
+/// # Safety
+/// `pstmt` must be the statement the utility hook was given.
+unsafe fn creates_pg_emit(pstmt: *mut pg_sys::PlannedStmt) -> bool {
+    let stmt = (*pstmt).utilityStmt;
+    !stmt.is_null() && (*stmt).type_ == pg_sys::NodeTag::T_CreateExtensionStmt && {
+        let name = (*(stmt as *mut pg_sys::CreateExtensionStmt)).extname;
+        !name.is_null() && std::ffi::CStr::from_ptr(name).to_bytes() == b"pg_emit"
+    }
 }
 
 /// # Safety

@@ -19,6 +19,7 @@ from websockets.sync.client import connect as ws_connect
 
 from browser import Chromium
 from conftest import DB, Session
+from pgcluster import Cluster
 from receivers import free_port
 
 
@@ -406,3 +407,37 @@ def test_events_past_the_retention_are_deleted(db, cluster, live):
             c.execute("LOAD 'pg_emit'")
             c.execute("ALTER SYSTEM RESET pg_emit.channel_retention")
             c.execute("SELECT pg_reload_conf()")
+
+
+def test_the_listener_serves_as_soon_as_the_extension_exists():
+    """With preloading and pg_emit.listen set for a database, CREATE
+    EXTENSION there starts the listener: no first event needed."""
+    port = free_port()
+    c = Cluster("pg_emit-live-create", port=54347, conf={
+        "shared_preload_libraries": "'pg_emit'",
+        "pg_emit.listen": f"'127.0.0.1:{port}'",
+        "pg_emit.listen_database": "'livenew'",
+    })
+    c.init().start()
+    try:
+        c.create_db("livenew")
+        time.sleep(1)
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        with c.connect("livenew") as conn:
+            with conn.transaction():
+                conn.execute("CREATE EXTENSION pg_emit")
+                conn.execute("CREATE TABLE t (id int)")
+        end = time.monotonic() + 10
+        while True:
+            try:
+                r = httpx.get(f"http://127.0.0.1:{port}/channels/orders", timeout=2)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < end, "the listener did not start after CREATE EXTENSION"
+                time.sleep(0.1)
+        assert r.status_code == 401
+        with c.connect("livenew") as conn:
+            assert conn.execute("SELECT count(*) FROM emit.outbox").fetchone()[0] == 0
+    finally:
+        c.destroy()

@@ -353,7 +353,10 @@ impl Allowlist {
     /// any name may resolve into it, so it is looked up and its addresses
     /// checked.
     pub fn check_name(&self, host: &str, port: u16) -> Result<(), Refused> {
-        if self.may_allow(host, port, None) {
+        // An address needs no lookup, and [`Allowlist::filter`] says why it
+        // is refused (a metadata address, say) better.
+        let literal = host.trim_matches(['[', ']']).parse::<IpAddr>().is_ok();
+        if literal || self.may_allow(host, port, None) {
             Ok(())
         } else {
             Err(Refused(format!(

@@ -54,6 +54,9 @@ thread_local! {
     static EARLY_RANGES: RefCell<Vec<(u64, u64)>> = const { RefCell::new(Vec::new()) };
     /// This transaction wrote outbox rows: wake the worker at commit.
     static WROTE: Cell<bool> = const { Cell::new(false) };
+    /// This transaction created the extension: start its worker once the
+    /// commit is visible (see [`start_worker_at_commit`]).
+    static CREATED: Cell<bool> = const { Cell::new(false) };
     /// The worker's latch, found at PRE_COMMIT, set at COMMIT.
     static LATCH: Cell<*mut pg_sys::Latch> = const { Cell::new(std::ptr::null_mut()) };
     /// The worker this backend started last (its handle lives in
@@ -529,6 +532,36 @@ pub fn pre_commit(prepare: bool) {
     }
 }
 
+/// After `CREATE EXTENSION pg_emit` (seen by the utility hook: with
+/// preloading, or once the session has loaded the library): the database's
+/// worker starts when the transaction commits, as the launcher starts one
+/// at server start, so that `pg_emit.listen` serves and channel retention
+/// runs before the first async event. Not before the commit: a worker that
+/// does not see the extension exits for good. A rollback forgets it.
+pub fn start_worker_at_commit() {
+    CREATED.set(true);
+}
+
+/// At `XACT_EVENT_COMMIT`, where nothing may raise: registering a worker
+/// reports a full table of workers by its result, and anything else is
+/// caught and reported as a WARNING.
+fn start_worker_after_commit() {
+    // SAFETY: reading the backend's database oid.
+    let db = unsafe { pg_sys::MyDatabaseId };
+    let started = PgTryBuilder::new(|| {
+        // SAFETY: as in start_worker.
+        unsafe { PgMemoryContexts::TopMemoryContext.switch_to(|_| worker::start(db)) }.is_ok()
+    })
+    .catch_others(|_| false)
+    .execute();
+    if !started {
+        pgrx::warning!(
+            "pg_emit: could not start the delivery worker after CREATE EXTENSION (are \
+             max_worker_processes slots free?); it starts with the first async event"
+        );
+    }
+}
+
 fn start_worker() {
     use pgrx::bgworkers::BackgroundWorkerStatus::NotYetStarted;
     match STARTED.with_borrow(|h| h.as_ref().map(|h| h.pid())) {
@@ -563,8 +596,12 @@ fn start_worker() {
 }
 
 /// `XACT_EVENT_COMMIT`: the rows are visible now; wake the worker. Only
-/// non-failing calls here: SetLatch and a lookup of a started worker's pid.
+/// non-failing calls here: SetLatch, a lookup of a started worker's pid,
+/// and after CREATE EXTENSION a worker's registration, errors caught.
 pub fn on_commit() {
+    if CREATED.replace(false) {
+        start_worker_after_commit();
+    }
     if STARTED_NOW.replace(false) {
         // Not started yet means it will start after this commit and see
         // the rows on its first scan; started means it may have scanned
@@ -589,6 +626,7 @@ pub fn on_commit() {
 
 /// Abort (or PREPARE, whose rows the worker will see if it commits).
 pub fn forget() {
+    CREATED.set(false);
     QUEUED.with_borrow_mut(|p| p.clear());
     EARLY.with_borrow_mut(|e| e.clear());
     EARLY_RANGES.with_borrow_mut(|r| r.clear());
