@@ -6,12 +6,19 @@
 # Pipelined: while the integration tests of one version run (they wait on
 # sockets and servers, and use a fraction of a core), the next version is
 # compiled and its #[pg_test]s run, and its release build packaged, at the
-# lowest CPU priority, so that the tests keep the CPU they ask for. The
-# install (which may ask sudo for a password) stays in the foreground. On two cores this takes about a quarter off five versions. The
-# background step's output is printed whole when it is waited for. The
-# last line adds up the tests run here (pytest's and #[pg_test]'s), for
-# whoever reads only that.
+# lowest CPU and I/O priority, so that the tests keep the CPU they ask for
+# (their bounds on cancels and timeouts are tight). The install (which may
+# ask sudo for a password) stays in the foreground. On two cores this takes
+# about a third off five versions. The background step's output is printed
+# whole when it is waited for. The last line adds up the tests run here
+# (pytest's and #[pg_test]'s), for whoever reads only that.
 set -euo pipefail
+# Job control: the background step gets a process group of its own, to be
+# ended with it, while staying in this session. A session of its own
+# (setsid) would also be a scheduling group of its own wherever the kernel
+# groups by session (autogroup, on by default), with an equal share of the
+# CPU whatever its nice value: tests then missed their bounds.
+set -m
 cd "$(dirname "$0")/.."
 [ $# -gt 0 ] || { echo "usage: test-versions.sh VERSION..." >&2; exit 2; }
 
@@ -26,7 +33,6 @@ counted() {
 }
 
 logs=$(mktemp -d /tmp/pg_emit-test-versions.XXXXXX)
-# The background step runs in a process group of its own, ended with it.
 trap 'rm -rf "$logs"; [ -z "${bg:-}" ] || kill -- "-$bg" 2>/dev/null || true' EXIT
 versions=("$@")
 
@@ -38,7 +44,7 @@ for i in "${!versions[@]}"; do
   next=${versions[$((i + 1))]:-}
   bg=""
   if [ -n "$next" ]; then
-    setsid nice -n 19 bash -c "$(declare -f prepare); prepare $next" > "$logs/$next.log" 2>&1 < /dev/null &
+    nice -n 19 ionice -c 3 bash -c "$(declare -f prepare); prepare $next" > "$logs/$next.log" 2>&1 < /dev/null &
     bg=$!
   fi
   echo "==> PostgreSQL $v: integration tests${next:+ (PostgreSQL $next builds meanwhile)}"
