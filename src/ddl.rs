@@ -18,7 +18,7 @@ use crate::made::Made;
 use crate::privileged::as_emit_owner;
 use crate::send::hand_over;
 use crate::stored;
-use pg_emit_core::event::write_ddl;
+use pg_emit_core::event::{write_ddl, Kind};
 use pg_emit_core::options::{Delivery, OptionError};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
@@ -196,7 +196,7 @@ pub unsafe extern "C-unwind" fn ddl_event(fcinfo: pg_sys::FunctionCallInfo) -> p
                 );
                 continue;
             }
-            hand_over(FUNC, &resolved.target, format, mode, buf, None);
+            hand_over(FUNC, &resolved.target, Kind::event(format), mode, buf, None);
         }
     }
     pg_sys::Datum::from(0)

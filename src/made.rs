@@ -60,6 +60,16 @@ impl Made {
         }
     }
 
+    /// As [`Made::now`], for a `send_message` message: a CloudEvent that
+    /// wraps it gets a message's id (see [`fresh_message_id`]).
+    pub fn message(format: Format, mode: Delivery) -> Made {
+        let mut made = Made::now(format, mode);
+        if made.id.is_some() {
+            made.id = Some(fresh_message_id());
+        }
+        made
+    }
+
     pub fn ctx(&self) -> Context<'_> {
         Context {
             database: &self.database,
@@ -92,10 +102,20 @@ fn database() -> Rc<str> {
 /// delivery are never retried): unique per backend and time, and across
 /// backends by the pid.
 pub fn fresh_id() -> String {
+    fresh("msg")
+}
+
+/// A [`fresh_id`] for a `send_message` message: `message_…`, so that a
+/// signed id tells a receiver that a caller wrote the body.
+pub fn fresh_message_id() -> String {
+    fresh("message")
+}
+
+fn fresh(prefix: &str) -> String {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos());
-    format!("msg_{nanos:x}_{:x}_{n:x}", std::process::id())
+    format!("{prefix}_{nanos:x}_{:x}_{n:x}", std::process::id())
 }

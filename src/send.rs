@@ -2,7 +2,7 @@
 
 use crate::delivery::{commit, outbox, sync, Target};
 use crate::error::EmitError;
-use crate::event;
+use crate::event::{self, Kind};
 use crate::interrupts;
 use crate::made::Made;
 use crate::options::{self, Delivery, Format, Framing, OptionError};
@@ -45,7 +45,7 @@ fn send_socket(msg: &str, host: &str, port: i32) -> i32 {
     };
     match sync::try_send(
         &target,
-        Format::Json,
+        Kind::message(Format::Json),
         msg.as_bytes(),
         None,
         &interrupts::Statement,
@@ -63,8 +63,9 @@ fn send_socket(msg: &str, host: &str, port: i32) -> i32 {
 /// was sent (`sync`) or queued (`commit`, `async`), false when a sync send
 /// failed (with a WARNING). NULL `dest` or `msg` gives NULL.
 ///
-/// `async` messages must be JSON objects (the worker adds its `id`); any
-/// message to an ndjson destination is sent as one line. `key` is the
+/// A message goes out as its caller wrote it: its event id travels beside
+/// it (see [`Kind`]). `async` messages must be JSON, and they and any
+/// message to an ndjson destination are sent as one line. `key` is the
 /// message's ordering key for async delivery: messages with the same key
 /// arrive in commit order, others may overtake them; without a key a
 /// message is ordered against every other event of its destination.
@@ -100,12 +101,12 @@ fn send_message(
     let one_line = mode == Delivery::Async || target.coalesces() || format.is_cloudevents();
     let mut buf =
         if one_line && (mode == Delivery::Async || msg.contains('\n')) || format.is_cloudevents() {
-            event::one_line_object(msg).unwrap_or_else(|e| {
+            event::one_line_json(msg).unwrap_or_else(|e| {
                 bad(
                     FUNC,
                     OptionError::Destination(format!(
                         "{e} (delivery=async, ndjson and cloudevents destinations send one JSON \
-                         object per event)"
+                         value per event, on one line)"
                     )),
                 )
             })
@@ -114,19 +115,31 @@ fn send_message(
         };
     if format.is_cloudevents() {
         let mut wrapped = Vec::with_capacity(buf.len() + 256);
-        event::write_message(&mut wrapped, format, &Made::now(format, mode).ctx(), &buf);
+        event::write_message(
+            &mut wrapped,
+            format,
+            &Made::message(format, mode).ctx(),
+            &buf,
+        );
         buf = wrapped;
     }
-    Some(hand_over(FUNC, target, format, mode, buf, key))
+    Some(hand_over(
+        FUNC,
+        target,
+        Kind::message(format),
+        mode,
+        buf,
+        key,
+    ))
 }
 
-/// Hands one finished message of `format` to its delivery mode, as
+/// Hands one finished message of `kind` to its delivery mode, as
 /// `send_message` and DDL events do: true when it was sent (sync) or held or
 /// queued (commit, async), false when a sync send failed (with a WARNING).
 pub(crate) fn hand_over(
     func: &'static str,
     target: &Target,
-    format: Format,
+    kind: Kind,
     mode: Delivery,
     mut buf: Vec<u8>,
     key: Option<i64>,
@@ -144,7 +157,7 @@ pub(crate) fn hand_over(
             // Events this statement's triggers hold for the same kept-open
             // connection go first.
             sync::flush_all();
-            match sync::try_send(target, format, &buf, key, &interrupts::Statement) {
+            match sync::try_send(target, kind, &buf, key, &interrupts::Statement) {
                 Ok(()) => true,
                 Err(f) => {
                     sync::report(f, &context, &target.name());
@@ -153,11 +166,11 @@ pub(crate) fn hand_over(
             }
         }
         Delivery::Commit => {
-            commit::hold(&context, target, format, &buf, key);
+            commit::hold(&context, target, kind, &buf, key);
             true
         }
         Delivery::Async => {
-            outbox::queue(target, format, &buf, key);
+            outbox::queue(target, kind, &buf, key);
             true
         }
     }

@@ -8,7 +8,7 @@
 use crate::delivery::{commit, outbox, sync, Target};
 use crate::encoding;
 use crate::error::EmitError;
-use crate::event::{self, Event, Op};
+use crate::event::{self, Event, Kind, Op};
 use crate::made::Made;
 use crate::options::{self, Columns, Delivery, Format, OptionError, Options, Unchanged};
 use crate::settings;
@@ -695,8 +695,8 @@ fn send(
     }
     match mode {
         Delivery::Sync => sync::deliver(&context, target, format, buf, key),
-        Delivery::Commit => commit::hold(&context, target, format, buf, key),
-        Delivery::Async => outbox::queue(target, format, buf, key),
+        Delivery::Commit => commit::hold(&context, target, Kind::event(format), buf, key),
+        Delivery::Async => outbox::queue(target, Kind::event(format), buf, key),
     }
 }
 

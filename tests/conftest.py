@@ -4,6 +4,7 @@ installed by `make test` (cargo pgrx install) before pytest starts."""
 import hashlib
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -156,3 +157,22 @@ def pki():
     for f in os.listdir(d):
         os.chmod(os.path.join(d, f), 0o644)
     return d
+
+
+@pytest.fixture
+def secret_file():
+    """A key file as a DBA would make it: readable by the server's OS user only."""
+    d = tempfile.mkdtemp(prefix="pg_emit-key-")
+    os.chmod(d, 0o755)
+    path = os.path.join(d, "signing.key")
+
+    def write(key):
+        with open(path, "w") as f:
+            f.write(key + "\n")
+        os.chmod(path, 0o600)
+        if os.geteuid() == 0:
+            shutil.chown(path, "postgres", "postgres")
+        return path
+
+    yield write
+    shutil.rmtree(d, ignore_errors=True)

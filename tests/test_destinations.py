@@ -143,7 +143,6 @@ def test_dropped_destination_fails_triggers_and_holds_queued_events(db, table, d
     ("emit.drop_destination('nope')", "42704", 'destination "nope" does not exist'),
     ("send_message('nope', '{}')", "42704", 'destination "nope" does not exist'),
     ("send_message('tcp://127.0.0.1:1', '{}', 'later')", "22023", "sync, commit or async"),
-    ("send_message('tcp://127.0.0.1:1', '[1,2]')", "22023", "must be a JSON object"),
     ("send_message('tcp://127.0.0.1:1', 'hello')", "22023", "not JSON"),
 ])
 def test_bad_input_is_refused_with_its_sqlstate(db, call, state, text):
@@ -215,14 +214,12 @@ def test_send_message_in_each_mode(db, dest):
         db.execute("BEGIN")
         db.execute("SELECT send_message(%s, '{\"n\":3}', 'commit')", (dest,))
         db.execute("COMMIT")
-        # async (the default): durable, with the worker's id first.
+        # async (the default): durable, and as the caller wrote it.
         db.execute("BEGIN")
         db.execute("SELECT send_message(%s, '{\"n\":4}')", (dest,))
         db.execute("ROLLBACK")
-        assert db.one("SELECT send_message(%s, '{\"n\":5}', key => 'k1')", (dest,)) is True
-        got = [json.loads(m) for m in nd.wait_for(3)]
-        assert [m["n"] for m in got] == [1, 3, 5]
-        assert list(got[2])[:2] == ["id", "stream"]
+        assert db.one("SELECT send_message(%s, '{\"n\": 5}', key => 'k1')", (dest,)) is True
+        assert nd.wait_for(3) == [b'{"n":1}', b'{"n":3}', b'{"n": 5}']
         assert db.one("SELECT send_message(NULL, '{}')") is None
     finally:
         nd.close()

@@ -100,7 +100,7 @@ def test_signing_none_sends_no_signature(db, dest):
         assert not any(k in headers for k in signed), headers
         # The event id still goes out (unsigned): a receiver's dedupe key
         # whatever the body's format.
-        assert headers["webhook-id"].startswith("msg_")
+        assert headers["webhook-id"].startswith("message_")
     finally:
         rx.close()
 

@@ -28,6 +28,66 @@ impl Op {
     }
 }
 
+/// What a queued event is, which says where its id goes and what may sign
+/// it: an event pg_emit wrote in `format` (the formats' envelopes carry
+/// their id), or a `send_message` message, which goes out byte for byte
+/// as its caller wrote it (CloudEvents formats wrap it as their `data`):
+/// its id travels beside the body, and it starts `message_` (see
+/// [`event_id`]) so that a signed id tells a receiver who wrote the body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Kind {
+    pub format: Format,
+    pub message: bool,
+}
+
+impl Kind {
+    pub const fn event(format: Format) -> Kind {
+        Kind {
+            format,
+            message: false,
+        }
+    }
+
+    pub const fn message(format: Format) -> Kind {
+        Kind {
+            format,
+            message: true,
+        }
+    }
+
+    /// As `emit.outbox.format` spells it: the format's name, after
+    /// `message:` for a message.
+    pub fn name(self) -> String {
+        match self.message {
+            true => format!("{MESSAGE_PREFIX}{}", self.format.name()),
+            false => self.format.name().to_string(),
+        }
+    }
+
+    /// The inverse of [`Kind::name`].
+    pub fn from_name(name: &str) -> Option<Kind> {
+        match name.strip_prefix(MESSAGE_PREFIX) {
+            Some(f) => Format::from_name(f).map(Kind::message),
+            None => Format::from_name(name).map(Kind::event),
+        }
+    }
+}
+
+const MESSAGE_PREFIX: &str = "message:";
+
+/// The id of events `first..=last` of `stream` (several for a batch):
+/// `evt_<stream>_<first>` (`_<first>-<last>` for a batch), `message_…`
+/// for messages. Unique across destinations, databases and restores, like
+/// `(stream, id)`, and the same on every retry.
+pub fn event_id(kind: Kind, stream: &str, first: i64, last: i64) -> String {
+    let prefix = if kind.message { "message" } else { "evt" };
+    if first == last {
+        format!("{prefix}_{stream}_{first}")
+    } else {
+        format!("{prefix}_{stream}_{first}-{last}")
+    }
+}
+
 /// Facts about the firing that only `format=td` needs beyond the basics.
 #[derive(Debug, Clone, Copy)]
 pub struct Event<'a> {
@@ -345,25 +405,26 @@ fn push_cloudevent_head(
     buf.extend_from_slice(b"\",\"datacontenttype\":\"application/json\",\"data\":");
 }
 
-/// Writes `line` (one event of `format` as queued, a JSON object) with the
-/// id the worker gave it: `{"id":N,"stream":"S",...}` for `json` and `td`
-/// (and `send_message` objects to them), CloudEvents' string `id`
-/// (`evt_<stream>_<n>`, the same as `webhook-id`) for `cloudevents`, and
-/// nothing for `supabase` and `debezium`, whose shapes have no place for
-/// one: their id travels in the `webhook-id` header.
-pub fn with_id(buf: &mut Vec<u8>, format: Format, stream: &str, id: i64, line: &str) {
+/// Writes `line` (one event of `kind` as queued) with the id the worker
+/// gave it: `{"id":N,"stream":"S",...}` for `json` and `td` events,
+/// CloudEvents' string `id` (the same as `webhook-id`, see [`event_id`])
+/// for `cloudevents`, and nothing for `supabase` and `debezium`, whose
+/// shapes have no place for one, nor for messages outside a CloudEvent:
+/// their id travels beside the body (`webhook-id`, broker headers).
+pub fn with_id(buf: &mut Vec<u8>, kind: Kind, stream: &str, id: i64, line: &str) {
     let rest = line.strip_prefix('{').unwrap_or(line);
-    match format {
-        Format::Supabase | Format::Debezium => {
+    match kind.format {
+        Format::CloudEvents | Format::CloudEventsBinary => {
+            buf.extend_from_slice(b"{\"id\":");
+            push_string(buf, &event_id(kind, stream, id, id));
+        }
+        _ if kind.message => {
             buf.extend_from_slice(line.as_bytes());
             return;
         }
-        Format::CloudEvents | Format::CloudEventsBinary => {
-            buf.extend_from_slice(b"{\"id\":\"evt_");
-            buf.extend_from_slice(stream.as_bytes());
-            buf.push(b'_');
-            let _ = write!(buf, "{}", id);
-            buf.push(b'"');
+        Format::Supabase | Format::Debezium => {
+            buf.extend_from_slice(line.as_bytes());
+            return;
         }
         Format::Json | Format::Td => {
             buf.extend_from_slice(b"{\"id\":");
@@ -466,15 +527,16 @@ fn push_escaped(buf: &mut Vec<u8>, s: &str) {
     buf.extend_from_slice(&bytes[start..]);
 }
 
-/// `msg` as one line of JSON: a message queued for async delivery is one
-/// line of the outbox, and the worker puts its `id` first, so it must be a
-/// JSON object. Whitespace between tokens (newlines included) is dropped;
-/// everything else, numbers' digits included, is kept byte for byte.
-pub fn one_line_object(msg: &str) -> Result<Vec<u8>, String> {
+/// `msg`, which must be JSON, as one line: a message queued for async
+/// delivery is one line of the outbox. A message already on one line is
+/// kept byte for byte; from one of several lines the whitespace between
+/// tokens is dropped, and everything else, numbers' digits and the order
+/// of keys included, is kept.
+pub fn one_line_json(msg: &str) -> Result<Vec<u8>, String> {
     serde_json::from_str::<serde::de::IgnoredAny>(msg)
         .map_err(|e| format!("msg is not JSON: {e}"))?;
-    if !msg.trim_start().starts_with('{') {
-        return Err("msg must be a JSON object (the worker adds its \"id\" to it)".into());
+    if !msg.contains(['\n', '\r']) {
+        return Ok(msg.as_bytes().to_vec());
     }
     let mut out = Vec::with_capacity(msg.len());
     let (mut in_string, mut escaped) = (false, false);
@@ -532,16 +594,18 @@ mod tests {
     }
 
     #[test]
-    fn messages_become_one_line_objects() {
+    fn messages_become_one_line() {
         let m =
             "{\n  \"a\": 1.50,\n  \"s\": \"x y\\n\\\"z\\\" \",\n  \"n\": 12345678901234567890\n}";
         assert_eq!(
-            String::from_utf8(one_line_object(m).unwrap()).unwrap(),
+            String::from_utf8(one_line_json(m).unwrap()).unwrap(),
             r#"{"a":1.50,"s":"x y\n\"z\" ","n":12345678901234567890}"#
         );
-        assert!(one_line_object("[1]").unwrap_err().contains("JSON object"));
-        assert!(one_line_object("{").unwrap_err().contains("not JSON"));
-        assert!(one_line_object("plain text").is_err());
+        for as_written in [r#"{ "b": 1, "a" : [1, 2] }"#, "[1, 2]", r#""text""#, "42"] {
+            assert_eq!(one_line_json(as_written).unwrap(), as_written.as_bytes());
+        }
+        assert!(one_line_json("{").unwrap_err().contains("not JSON"));
+        assert!(one_line_json("plain text").is_err());
     }
 
     fn ev(op: Op) -> Event<'static> {
@@ -763,7 +827,7 @@ mod tests {
             ))
         );
         let mut withid = Vec::new();
-        with_id(&mut withid, Format::CloudEvents, "s", 9, &line);
+        with_id(&mut withid, Kind::event(Format::CloudEvents), "s", 9, &line);
         assert_eq!(
             parse(std::str::from_utf8(&withid).unwrap())["id"],
             "evt_s_9"
@@ -785,12 +849,58 @@ mod tests {
         let mut b = Vec::new();
         for f in [Format::Supabase, Format::Debezium] {
             b.clear();
-            with_id(&mut b, f, "s", 3, r#"{"type":"INSERT"}"#);
+            with_id(&mut b, Kind::event(f), "s", 3, r#"{"type":"INSERT"}"#);
             assert_eq!(b, br#"{"type":"INSERT"}"#, "{f:?} stays exactly its shape");
         }
         b.clear();
-        with_id(&mut b, Format::Td, "s", 3, r#"{"event":"INSERT"}"#);
+        with_id(
+            &mut b,
+            Kind::event(Format::Td),
+            "s",
+            3,
+            r#"{"event":"INSERT"}"#,
+        );
         assert_eq!(b, br#"{"id":3,"stream":"s","event":"INSERT"}"#);
+    }
+
+    #[test]
+    fn messages_go_out_as_written() {
+        let caller = r#"{"id":42,"name":"x"}"#;
+        for f in [Format::Json, Format::Td, Format::Supabase, Format::Debezium] {
+            let mut b = Vec::new();
+            with_id(&mut b, Kind::message(f), "s", 3, caller);
+            assert_eq!(b, caller.as_bytes(), "{f:?}");
+        }
+        // A CloudEvent is pg_emit's envelope: its id says it holds a message.
+        let mut b = Vec::new();
+        let line = r#"{"specversion":"1.0","data":{"id":42}}"#;
+        with_id(&mut b, Kind::message(Format::CloudEvents), "s", 3, line);
+        let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
+        assert_eq!(v["id"], "message_s_3");
+        assert_eq!(v["data"]["id"], 42);
+        assert_eq!(event_id(Kind::event(Format::Json), "s", 3, 5), "evt_s_3-5");
+        assert_eq!(
+            event_id(Kind::message(Format::Json), "s", 3, 3),
+            "message_s_3"
+        );
+    }
+
+    #[test]
+    fn kinds_by_name() {
+        for f in [
+            "json",
+            "td",
+            "supabase",
+            "debezium",
+            "cloudevents",
+            "cloudevents-binary",
+        ] {
+            for name in [f.to_string(), format!("message:{f}")] {
+                assert_eq!(Kind::from_name(&name).map(Kind::name), Some(name));
+            }
+        }
+        assert_eq!(Kind::from_name("message:"), None);
+        assert_eq!(Kind::from_name("message"), None);
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! PostgreSQL, so a receiver that hangs holds up only its own destination.
 
 use crate::destination::Destination;
-use crate::event::with_id;
+use crate::event::{event_id, with_id, Kind};
 use crate::options::{Format, Framing};
 use crate::schedule::{Order, Scheduler};
 use crate::security::Allowlist;
@@ -24,8 +24,8 @@ pub struct Row {
     pub sent: u32,
     pub payload: String,
     /// How its events were made, which says where their ids go (see
-    /// [`with_id`]) and how they are sent.
-    pub format: Format,
+    /// [`with_id`]), how they are sent and what signs them.
+    pub kind: Kind,
     /// Each event's ordering key (`None`: a barrier, see
     /// [`crate::schedule`]); `None` for the whole row: all barriers.
     pub keys: Option<Vec<Option<i64>>>,
@@ -230,7 +230,7 @@ pub fn send_job(conn: &mut Conn, job: &Job, intr: &dyn Interrupt) -> Outcome {
                 buf.clear();
                 for (k, line) in lines {
                     let id = row.first_event_id + k as i64;
-                    with_id(&mut buf, row.format, &job.stream, id, line);
+                    with_id(&mut buf, row.kind, &job.stream, id, line);
                     buf.push(b'\n');
                 }
                 let mut acked = 0;
@@ -264,7 +264,7 @@ pub fn send_job(conn: &mut Conn, job: &Job, intr: &dyn Interrupt) -> Outcome {
                 }
                 buf.clear();
                 let id = row.first_event_id + k as i64;
-                with_id(&mut buf, row.format, &job.stream, id, line);
+                with_id(&mut buf, row.kind, &job.stream, id, line);
                 tcp::send_once(host, *port, &buf, &job.timeouts, &job.allow, intr)
                     .map_err(|e| Stopped(JobError::from(e)))?;
                 sent[i] += 1;
@@ -292,9 +292,9 @@ pub fn send_job(conn: &mut Conn, job: &Job, intr: &dyn Interrupt) -> Outcome {
                         }
                         buf.clear();
                         let id = row.first_event_id + k as i64;
-                        with_id(&mut buf, row.format, &job.stream, id, line);
-                        let signing = signer.sign(&job.stream, id, id);
-                        let body = Body::one(row.format, &buf);
+                        with_id(&mut buf, row.kind, &job.stream, id, line);
+                        let signing = signer.sign(row.kind, &job.stream, id, id);
+                        let body = Body::one(row.kind.format, &buf);
                         post(&c, url, headers, signing, body).map_err(Stopped)?;
                         sent[i] += 1;
                         Ok(())
@@ -341,7 +341,7 @@ pub fn send_job(conn: &mut Conn, job: &Job, intr: &dyn Interrupt) -> Outcome {
             Dest::Endpoint(Destination::Kafka(topic), _) => {
                 let first = row.sent as usize;
                 let (ids, ends) = broker_batch(&mut buf, row, lines, &job.stream);
-                let content_type = crate::cloudevents::content_type(row.format, false);
+                let content_type = crate::cloudevents::content_type(row.kind.format, false);
                 let records: Vec<kafka::Record<'_>> = (0..ids.len())
                     .map(|n| kafka::Record {
                         id: &ids[n],
@@ -400,7 +400,7 @@ fn broker_error(e: impl BrokerError) -> Halt {
 }
 
 /// A row's unsent events for a broker, one after the other in `buf`: each
-/// event's id (`evt_<stream>_<id>`, its dedupe key there) and byte range.
+/// event's id (see [`event_id`], its dedupe key there) and byte range.
 fn broker_batch<'a>(
     buf: &mut Vec<u8>,
     row: &Row,
@@ -412,9 +412,9 @@ fn broker_batch<'a>(
     for (k, line) in lines {
         let id = row.first_event_id + k as i64;
         let start = buf.len();
-        with_id(buf, row.format, stream, id, line);
+        with_id(buf, row.kind, stream, id, line);
         ranges.push(start..buf.len());
-        ids.push(webhook_id(stream, id, id));
+        ids.push(event_id(row.kind, stream, id, id));
     }
     (ids, ranges)
 }
@@ -452,8 +452,8 @@ fn send_parallel(
             });
         }
     }
-    let format = |e: &(usize, i64, &str)| job.rows[e.0].format;
-    let units = units(&events, job.flow.batch, format);
+    let kind = |e: &(usize, i64, &str)| job.rows[e.0].kind;
+    let units = units(&events, job.flow.batch, kind);
     let scheduler = Scheduler::batched(units.iter().map(|u| keys[u.clone()].to_vec()).collect());
     let state = Mutex::new((scheduler, None::<(usize, JobError)>));
     let wake = Condvar::new();
@@ -500,7 +500,7 @@ fn send_parallel(
                     // A binary-mode event is always alone (see units()), and
                     // never an array, whatever batch the destination has.
                     let batched =
-                        job.flow.batch > 1 && format(&unit[0]) != Format::CloudEventsBinary;
+                        job.flow.batch > 1 && kind(&unit[0]).format != Format::CloudEventsBinary;
                     if batched {
                         buf.push(b'[');
                     }
@@ -508,17 +508,17 @@ fn send_parallel(
                         if n > 0 {
                             buf.push(b',');
                         }
-                        with_id(&mut buf, format(e), &job.stream, e.1, e.2);
+                        with_id(&mut buf, kind(e), &job.stream, e.1, e.2);
                     }
                     if batched {
                         buf.push(b']');
                     }
                     let (first, last) = (unit[0].1, unit[unit.len() - 1].1);
-                    let signing = signer.sign(&job.stream, first, last);
+                    let signing = signer.sign(kind(&unit[0]), &job.stream, first, last);
                     let body = if batched {
-                        Body::Batch(format(&unit[0]), &buf)
+                        Body::Batch(kind(&unit[0]).format, &buf)
                     } else {
-                        Body::one(format(&unit[0]), &buf)
+                        Body::one(kind(&unit[0]).format, &buf)
                     };
                     let r = post(client, url, headers, signing, body).map_err(|e| match e {
                         JobError::Reject {
@@ -640,28 +640,20 @@ struct Signer<'a> {
 impl Signer<'_> {
     /// The id and signing of a request carrying events `first..=last` of
     /// `stream`: its `webhook-id` is made of them, so a retry has the same
-    /// one.
-    fn sign(&self, stream: &str, first: i64, last: i64) -> (String, Signing) {
-        let id = webhook_id(stream, first, last);
+    /// one. A message is signed only by the destination's own secret,
+    /// never by the server's key (a sender cannot read either, and the key
+    /// vouches that pg_emit wrote the body).
+    fn sign(&self, kind: Kind, stream: &str, first: i64, last: i64) -> (String, Signing) {
+        let id = event_id(kind, stream, first, last);
         let signing = match (self.standard, self.key) {
             (Some(secrets), _) => Signing::Standard {
                 id: id.clone(),
                 secrets: secrets.clone(),
             },
-            (None, Some(key)) => Signing::Emit(key.clone()),
-            (None, None) => Signing::None,
+            (None, Some(key)) if !kind.message => Signing::Emit(key.clone()),
+            (None, _) => Signing::None,
         };
         (id, signing)
-    }
-}
-
-/// `evt_<stream>_<id>` (`_<first>-<last>` for a batch): unique across
-/// destinations, databases and restores, like `(stream, id)`.
-pub fn webhook_id(stream: &str, first: i64, last: i64) -> String {
-    if first == last {
-        format!("evt_{stream}_{first}")
-    } else {
-        format!("evt_{stream}_{first}-{last}")
     }
 }
 
@@ -680,22 +672,19 @@ impl<'a> Body<'a> {
 }
 
 /// Groups events (in order) into requests: up to `batch` events each, one
-/// format per request (a destination can get several when triggers choose
-/// their own), and a CloudEvents binary-mode event always alone.
-fn units<E>(
-    events: &[E],
-    batch: usize,
-    format: impl Fn(&E) -> Format,
-) -> Vec<std::ops::Range<usize>> {
+/// kind per request (a destination can get several formats when triggers
+/// choose their own, and messages are never signed as events), and a
+/// CloudEvents binary-mode event always alone.
+fn units<E>(events: &[E], batch: usize, kind: impl Fn(&E) -> Kind) -> Vec<std::ops::Range<usize>> {
     let batch = batch.max(1);
     let mut out: Vec<std::ops::Range<usize>> = Vec::new();
     for (i, e) in events.iter().enumerate() {
-        let f = format(e);
+        let k = kind(e);
         match out.last_mut() {
             Some(u)
                 if u.len() < batch
-                    && f != Format::CloudEventsBinary
-                    && format(&events[u.start]) == f =>
+                    && k.format != Format::CloudEventsBinary
+                    && kind(&events[u.start]) == k =>
             {
                 u.end = i + 1
             }
@@ -825,7 +814,7 @@ mod tests {
             first_event_id: first,
             sent,
             payload: payload.into(),
-            format: Format::Json,
+            kind: Kind::default(),
             keys: None,
         }
     }
@@ -842,18 +831,50 @@ mod tests {
             CloudEventsBinary,
             Json,
         ];
-        assert_eq!(units(&fs, 2, |f| *f), [0..2, 2..3, 3..4, 4..5, 5..6, 6..7]);
-        assert_eq!(units(&fs[..3], 1, |f| *f), [0..1, 1..2, 2..3]);
-        assert!(units(&[] as &[Format], 5, |f| *f).is_empty());
+        assert_eq!(
+            units(&fs, 2, |f| Kind::event(*f)),
+            [0..2, 2..3, 3..4, 4..5, 5..6, 6..7]
+        );
+        assert_eq!(units(&fs[..3], 1, |f| Kind::event(*f)), [0..1, 1..2, 2..3]);
+        assert!(units(&[] as &[Format], 5, |f| Kind::event(*f)).is_empty());
+        let mixed = [Kind::event(Json), Kind::message(Json), Kind::message(Json)];
+        assert_eq!(units(&mixed, 5, |k| *k), [0..1, 1..3]);
+    }
+
+    #[test]
+    fn messages_are_never_signed_with_the_servers_key() {
+        let (key, none) = (Some(b"k".to_vec()), None);
+        let s = Signer {
+            key: &key,
+            standard: &none,
+        };
+        let (id, signing) = s.sign(Kind::event(Format::Json), "s", 1, 1);
+        assert!(id == "evt_s_1" && matches!(signing, Signing::Emit(_)));
+        let (id, signing) = s.sign(Kind::message(Format::Json), "s", 1, 1);
+        assert!(id == "message_s_1" && matches!(signing, Signing::None));
+        // The destination's own secret signs both, under ids that differ.
+        let standard = Some(vec![b"secret".to_vec()]);
+        let s = Signer {
+            key: &key,
+            standard: &standard,
+        };
+        let (id, signing) = s.sign(Kind::message(Format::Json), "s", 1, 2);
+        assert!(id == "message_s_1-2" && matches!(signing, Signing::Standard { .. }));
     }
 
     #[test]
     fn id_becomes_the_first_key() {
         let mut b = Vec::new();
-        with_id(&mut b, Format::Json, "s", 7, r#"{"op":"INSERT"}"#);
+        with_id(
+            &mut b,
+            Kind::event(Format::Json),
+            "s",
+            7,
+            r#"{"op":"INSERT"}"#,
+        );
         assert_eq!(b, br#"{"id":7,"stream":"s","op":"INSERT"}"#);
         b.clear();
-        with_id(&mut b, Format::Json, "s", 8, "{}");
+        with_id(&mut b, Kind::event(Format::Json), "s", 8, "{}");
         assert_eq!(b, br#"{"id":8,"stream":"s"}"#);
     }
 

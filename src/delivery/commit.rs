@@ -12,12 +12,12 @@ use super::Target;
 use crate::error::EmitError;
 use crate::interrupts;
 use crate::settings;
-use pg_emit_core::options::Format;
+use pg_emit_core::event::Kind;
 use std::cell::RefCell;
 
 thread_local! {
     /// Events by destination and format.
-    static HELD: RefCell<Pending<(Target, Format)>> = RefCell::default();
+    static HELD: RefCell<Pending<(Target, Kind)>> = RefCell::default();
 }
 
 /// Holds one event of `format` (newline-terminated for ndjson), with its
@@ -25,15 +25,15 @@ thread_local! {
 pub fn hold(
     context: &dyn Fn() -> String,
     target: &Target,
-    format: Format,
+    kind: Kind,
     msg: &[u8],
     key: Option<i64>,
 ) {
     let limit = settings::commit_buffer_bytes();
     let held = HELD.with_borrow_mut(|p| {
         p.push_to(
-            |(t, f)| *f == format && t == target,
-            || (target.clone(), format),
+            |(t, k)| *k == kind && t == target,
+            || (target.clone(), kind),
             msg,
             key,
             limit,
@@ -88,7 +88,7 @@ pub fn send_after_commit() {
     let mut batch: Vec<u8> = Vec::new();
     let mut events = held.iter().peekable();
     while let Some((route, msg, key)) = events.next() {
-        let (target, format) = (&route.0, route.1);
+        let (target, kind) = (&route.0, route.1);
         let mut count = 1;
         let payload: &[u8] = if target.coalesces() {
             batch.clear();
@@ -118,7 +118,7 @@ pub fn send_after_commit() {
             entry.2 += count;
             continue;
         }
-        if let Err(f) = sync::try_send(target, format, payload, key, &intr) {
+        if let Err(f) = sync::try_send(target, kind, payload, key, &intr) {
             cancelled = f.cancelled();
             entry.2 += count;
             if entry.3.is_none() {

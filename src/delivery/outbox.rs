@@ -17,6 +17,7 @@ use crate::error::EmitError;
 use crate::privileged::{as_emit_owner, schema_is_current};
 use crate::settings;
 use crate::worker;
+use pg_emit_core::event::Kind;
 use pg_emit_core::options::Format;
 use pgrx::bgworkers::DynamicBackgroundWorker;
 use pgrx::datum::DatumWithOid;
@@ -33,7 +34,7 @@ pub const FLUSH_BYTES: usize = 8 << 20;
 /// One outbox row to write.
 struct Chunk {
     target: Target,
-    format: Format,
+    kind: Kind,
     events: i32,
     /// Ordinals of its first and last event (see [`Pending`]).
     first: u64,
@@ -44,8 +45,8 @@ struct Chunk {
 }
 
 thread_local! {
-    /// Events by destination and format (one outbox row holds one of each).
-    static QUEUED: RefCell<Pending<(Target, Format)>> = RefCell::default();
+    /// Events by destination and kind (one outbox row holds one of each).
+    static QUEUED: RefCell<Pending<(Target, Kind)>> = RefCell::default();
     /// Outbox rows this transaction wrote before committing; they get its
     /// commit-order number at PRE_COMMIT.
     static EARLY: RefCell<Vec<i64>> = const { RefCell::new(Vec::new()) };
@@ -85,16 +86,16 @@ enum Seq {
     Known(i64),
 }
 
-/// Queues one event of `format` (a JSON object, no newline). The transaction (or the
+/// Queues one event of `kind` (one line of JSON). The transaction (or the
 /// savepoint or exception block it is in) writes its events out once they
 /// pass [`FLUSH_BYTES`]: rows written inside a subtransaction are rolled
 /// back with it, so memory stays bounded however much a transaction queues,
 /// at any nesting (see also [`pre_commit_sub`]).
-pub fn queue(target: &Target, format: Format, event: &[u8], key: Option<i64>) {
+pub fn queue(target: &Target, kind: Kind, event: &[u8], key: Option<i64>) {
     let full = QUEUED.with_borrow_mut(|p| {
         p.push_to(
-            |(t, f)| *f == format && t == target,
-            || (target.clone(), format),
+            |(t, k)| *k == kind && t == target,
+            || (target.clone(), kind),
             event,
             key,
             usize::MAX,
@@ -143,10 +144,10 @@ pub fn note_written() {
 /// events written out while its enclosing level's were still buffered),
 /// nor those of the destination's events in another format (two triggers
 /// choosing their own): its events would overtake them.
-fn chunks(p: &Pending<(Target, Format)>, early: &[(u64, u64)]) -> Vec<Chunk> {
+fn chunks(p: &Pending<(Target, Kind)>, early: &[(u64, u64)]) -> Vec<Chunk> {
     let mut out: Vec<Chunk> = Vec::new();
     // Index in `out` of each destination's (and format's) open row.
-    let mut open: Vec<(&(Target, Format), usize)> = Vec::new();
+    let mut open: Vec<(&(Target, Kind), usize)> = Vec::new();
     for (route, event, ordinal, key) in p.current_level() {
         open.retain(|(r, _)| r.1 == route.1 || r.0 != route.0);
         let slot = open.iter().position(|(r, _)| *r == route);
@@ -162,7 +163,7 @@ fn chunks(p: &Pending<(Target, Format)>, early: &[(u64, u64)]) -> Vec<Chunk> {
             _ => {
                 out.push(Chunk {
                     target: route.0.clone(),
-                    format: route.1,
+                    kind: route.1,
                     events: 0,
                     first: ordinal,
                     last: ordinal,
@@ -229,7 +230,7 @@ fn write_level(seq: Seq) -> Option<Seq> {
         let mut ids = Vec::with_capacity(rows.len());
         for Chunk {
             target,
-            format,
+            kind,
             events,
             first,
             payload,
@@ -262,9 +263,11 @@ fn write_level(seq: Seq) -> Option<Seq> {
             if !current {
                 // 0.1.0's outbox, until ALTER EXTENSION UPDATE: its rows
                 // are in commit order by id, which the update keeps. It
-                // has no place to say a format other than its own two.
-                if !matches!(format, Format::Json | Format::Td) {
-                    EmitError::NeedsUpdate(format!("format={}", format.name())).raise();
+                // has no place to say a format other than its own two,
+                // nor that an event is a message (the worker then puts
+                // its id into it, as 0.1.0 did).
+                if !matches!(kind.format, Format::Json | Format::Td) {
+                    EmitError::NeedsUpdate(format!("format={}", kind.format.name())).raise();
                 }
                 let id = client
                     .update(legacy_insert_sql(utf8_db), None, &args)?
@@ -285,7 +288,7 @@ fn write_level(seq: Seq) -> Option<Seq> {
                 (*first as i64).into(),
                 tx.into(),
                 keys.into(),
-                format.name().into(),
+                kind.name().into(),
             ]);
             let (id, drawn) = crate::plans::update(client, insert_sql(utf8_db), &args)?
                 .first()

@@ -9,7 +9,7 @@ use super::Target;
 use crate::cooldown::Cooldowns;
 use crate::error::EmitError;
 use crate::interrupts;
-use crate::made::fresh_id;
+use crate::made::{fresh_id, fresh_message_id};
 use crate::options::Framing;
 use crate::security::Allowlist;
 use crate::settings::{self, OnError};
@@ -19,6 +19,7 @@ use crate::transport::{kafka, nats, redis};
 use crate::transport::{BrokerError, Interrupt, Timeouts};
 use pg_emit_core::cloudevents;
 use pg_emit_core::destination::SignWith;
+use pg_emit_core::event::Kind;
 use pg_emit_core::options::Format;
 use socket2::Socket;
 use std::cell::RefCell;
@@ -152,7 +153,7 @@ impl Failure {
 /// response outside 2xx counts as a failure.
 pub fn try_send(
     target: &Target,
-    format: Format,
+    kind: Kind,
     msg: &[u8],
     key: Option<i64>,
     intr: &dyn Interrupt,
@@ -164,12 +165,22 @@ pub fn try_send(
             framing,
         } => try_send_tcp(host, *port, msg, *framing, intr),
         Target::Http { url, headers } => {
-            let signing = match target {
-                Target::Stored { signing, .. } => signing,
-                _ => &SignWith::FileKey,
+            // A message is signed only by its stored destination's own
+            // secret (see pg_emit_core::event::Kind).
+            let signing = match (target, kind.message) {
+                (Target::Stored { signing, .. }, false) => signing,
+                (
+                    Target::Stored {
+                        signing: s @ SignWith::Standard(_),
+                        ..
+                    },
+                    true,
+                ) => s,
+                (_, true) => &SignWith::Nothing,
+                (_, false) => &SignWith::FileKey,
             };
-            let id = Some(event_id(format, msg));
-            let r = match format {
+            let id = Some(event_id(kind, msg));
+            let r = match kind.format {
                 Format::CloudEventsBinary => {
                     let b = cloudevents::to_binary(headers, msg).map_err(|detail| {
                         Failure::Http(HttpError::Failed {
@@ -194,7 +205,7 @@ pub fn try_send(
         // Brokers: one event on this backend's kept connection for the
         // destination, acknowledged by the broker.
         Target::Redis(stream) => {
-            let id = event_id(format, msg);
+            let id = event_id(kind, msg);
             let entry = [redis::Entry {
                 id: &id,
                 event: msg,
@@ -213,7 +224,7 @@ pub fn try_send(
             )
         }
         Target::Nats(subject) => {
-            let id = event_id(format, msg);
+            let id = event_id(kind, msg);
             let m = [nats::Message {
                 id: &id,
                 payload: msg,
@@ -232,12 +243,12 @@ pub fn try_send(
             )
         }
         Target::Kafka(topic) => {
-            let id = event_id(format, msg);
+            let id = event_id(kind, msg);
             let record = [kafka::Record {
                 id: &id,
                 key,
                 value: msg,
-                content_type: cloudevents::content_type(format, false),
+                content_type: cloudevents::content_type(kind.format, false),
             }];
             guarded(
                 &topic.host,
@@ -299,13 +310,16 @@ fn kept<'a, C>(conns: &'a mut Vec<(String, Option<C>)>, key: &str) -> &'a mut Op
 }
 
 /// The id a sync or commit event goes out with (never retried, so fresh):
-/// a CloudEvent's own, else a new one.
-fn event_id(format: Format, msg: &[u8]) -> String {
-    match format.is_cloudevents() {
+/// a CloudEvent's own, else a new one (`message_…` for a message).
+fn event_id(kind: Kind, msg: &[u8]) -> String {
+    match kind.format.is_cloudevents() {
         true => cloudevents::made_id(msg).map(str::to_string),
         false => None,
     }
-    .unwrap_or_else(fresh_id)
+    .unwrap_or_else(|| match kind.message {
+        true => fresh_message_id(),
+        false => fresh_id(),
+    })
 }
 
 /// What a failed send says about the receiver `dest`, for its cooldown:
@@ -517,7 +531,13 @@ pub fn deliver(
         }
         return;
     }
-    if let Err(f) = try_send(target, format, msg, key, &interrupts::Statement) {
+    if let Err(f) = try_send(
+        target,
+        Kind::event(format),
+        msg,
+        key,
+        &interrupts::Statement,
+    ) {
         report(f, context, &target.name());
     }
 }

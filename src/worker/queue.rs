@@ -5,7 +5,8 @@
 
 use super::dispatch::WorkerSettings;
 use crate::encoding::message_text;
-use crate::options::{Format, Framing};
+use crate::event::Kind;
+use crate::options::Framing;
 use crate::plans;
 use crate::security::Allowlist;
 use crate::transport;
@@ -104,7 +105,7 @@ pub(super) fn claim(
             sent: r.get_by_name::<i32, _>("sent")?.unwrap_or(0) as u32,
             // Read below, for the rows this job takes only.
             payload: String::new(),
-            format: Format::Json,
+            kind: Kind::default(),
             keys: None,
         };
         if first_event_id.is_some() {
@@ -225,18 +226,18 @@ fn read_payloads(
         let keys = r.get_by_name::<Vec<Option<i64>>, _>("keys")?;
         // Only this library writes the column; a name it does not know
         // (from a newer one, before a downgrade) gets 0.1.0's treatment.
-        let format = r
+        let kind = r
             .get_by_name::<String, _>("format")?
-            .and_then(|f| Format::from_name(&f))
-            .unwrap_or(Format::Json);
+            .and_then(|f| Kind::from_name(&f))
+            .unwrap_or_default();
         read.insert(
             r.get_by_name::<i64, _>("id")?.unwrap_or(0),
-            (payload, keys, format),
+            (payload, keys, kind),
         );
     }
     for row in rows.iter_mut() {
-        if let Some((payload, keys, format)) = read.remove(&row.id) {
-            (row.payload, row.keys, row.format) = (payload, keys, format);
+        if let Some((payload, keys, kind)) = read.remove(&row.id) {
+            (row.payload, row.keys, row.kind) = (payload, keys, kind);
         }
     }
     Ok(())
