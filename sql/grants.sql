@@ -31,7 +31,7 @@ BEGIN
   END IF;
 END $$;
 COMMENT ON ROLE emit_sender IS 'pg_emit: may call send_socket/send_http/send_message and attach row_to_socket/row_to_http/row_to_destination triggers';
-COMMENT ON ROLE emit_admin IS 'pg_emit: emit_sender, plus emit.stats, emit.dead_letter, re-queueing and stored destinations';
+COMMENT ON ROLE emit_admin IS 'pg_emit: emit_sender, plus emit.stats, emit.dead_letter (read, re-queue, discard) and stored destinations';
 
 GRANT EXECUTE ON FUNCTION send_socket(text, text, integer) TO emit_sender;
 GRANT EXECUTE ON FUNCTION send_http(text, text, text, text, jsonb) TO emit_sender;
@@ -42,9 +42,13 @@ GRANT EXECUTE ON FUNCTION send_message(text, text, text, text) TO emit_sender;
 GRANT emit_sender TO emit_admin;
 GRANT USAGE ON SCHEMA emit TO emit_admin;
 GRANT SELECT ON emit.stats TO emit_admin;
-GRANT SELECT, DELETE ON emit.dead_letter TO emit_admin;
+-- Not DELETE: that right includes LOCK TABLE … ACCESS EXCLUSIVE, which
+-- would stall the worker; emit.discard_dead_letters deletes instead.
+GRANT SELECT ON emit.dead_letter TO emit_admin;
 GRANT EXECUTE ON FUNCTION emit.requeue_dead_letters(text) TO emit_admin;
 REVOKE EXECUTE ON FUNCTION emit.requeue_dead_letters(text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION emit.discard_dead_letters(text, bigint[]) TO emit_admin;
+REVOKE EXECUTE ON FUNCTION emit.discard_dead_letters(text, bigint[]) FROM PUBLIC;
 -- Stored destinations hold credentials: emit_admin manages and reads them.
 GRANT SELECT ON emit.stored_destinations TO emit_admin;
 GRANT EXECUTE ON FUNCTION emit.create_destination(text, text, jsonb) TO emit_admin;

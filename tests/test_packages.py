@@ -44,7 +44,8 @@ def test_package_installs_works_and_removes_cleanly():
     ext = f"/usr/share/postgresql/{major}/extension"
     assert lib in files
     assert f"/usr/share/doc/{package}/copyright" in files
-    for f in ("pg_emit.control", "pg_emit--0.2.0.sql", "pg_emit--0.1.0--0.2.0.sql"):
+    for f in ("pg_emit.control", "pg_emit--0.3.0.sql", "pg_emit--0.1.0--0.2.0.sql",
+              "pg_emit--0.2.0--0.3.0.sql"):
         assert f"{ext}/{f}" in files
     # A server without pg_emit: what `make install` copied goes first.
     for f in files:

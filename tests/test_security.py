@@ -8,7 +8,7 @@ import pytest
 
 from conftest import DB, Session
 from pgcluster import wait_until
-from receivers import Receiver, free_port
+from receivers import HttpReceiver, Receiver, free_port
 
 
 @pytest.fixture
@@ -114,6 +114,50 @@ def test_emit_admin_reads_stats_and_dead_letters(db, alice):
         db.execute("DELETE FROM emit.dead_letter WHERE destination = %s", (dest,))
     assert alice.one("SELECT emit.requeue_dead_letters('tcp://nowhere:1')") == 0
     denied(alice, "SELECT * FROM emit.outbox")  # row payloads stay private
+
+
+def test_emit_admin_discards_dead_letters_but_cannot_stall_the_worker(db, alice, table):
+    """DELETE on emit.dead_letter would also let emit_admin LOCK it in
+    ACCESS EXCLUSIVE mode, and the worker, which writes dead letters, would
+    wait for that transaction with all delivery stalled (0.2.0). emit_admin
+    discards through a function instead; its open transaction holds up
+    nothing."""
+    db.execute("GRANT emit_admin TO alice")
+    rejecting = HttpReceiver(default=(400, {}, b"no"))
+    healthy = Receiver("ndjson")
+    try:
+        alice.execute("BEGIN")
+        denied(alice, "LOCK TABLE emit.dead_letter IN ACCESS EXCLUSIVE MODE")
+        alice.execute("ROLLBACK")
+        denied(alice, "DELETE FROM emit.dead_letter")
+        db.execute(f"CREATE TABLE {table} (id int PRIMARY KEY)")
+        for url in (rejecting.url, f"tcp://127.0.0.1:{healthy.port}?framing=ndjson"):
+            db.execute(f"CREATE TRIGGER \"{url}\" AFTER INSERT ON {table} FOR EACH ROW "
+                       f"EXECUTE FUNCTION row_to_destination('{url}', 'delivery=async')")
+        db.execute(f"INSERT INTO {table} VALUES (1), (2), (3)")
+        assert len(healthy.wait_for(3)) == 3
+        dead = lambda: db.one("SELECT count(*) FROM emit.dead_letter WHERE destination = %s",  # noqa: E731
+                              (rejecting.url,))
+        assert wait_until(lambda: dead() == 3)
+        ids = [i for (i,) in db.conn.execute(
+            "SELECT id FROM emit.dead_letter WHERE destination = %s ORDER BY id", (rejecting.url,)).fetchall()]
+        # One by id, inside a transaction emit_admin keeps open: the worker
+        # goes on delivering and dead-lettering meanwhile.
+        alice.execute("BEGIN")
+        assert alice.one("SELECT emit.discard_dead_letters(ids => %s)", ([ids[0]],)) == 1
+        db.execute(f"INSERT INTO {table} VALUES (4)")
+        assert len(healthy.wait_for(4)) == 4
+        assert wait_until(lambda: dead() == 4)
+        alice.execute("COMMIT")
+        assert dead() == 3
+        # The rest of that destination's; nothing of any other.
+        assert alice.one("SELECT emit.discard_dead_letters(%s)", (rejecting.url,)) == 3
+        assert dead() == 0
+        assert alice.one("SELECT emit.discard_dead_letters('tcp://nowhere:1')") == 0
+    finally:
+        rejecting.close()
+        healthy.close()
+        db.execute("REVOKE emit_admin FROM alice")
 
 
 def test_existing_triggers_fire_for_every_writer(db, alice, rx):

@@ -1,9 +1,11 @@
-"""ALTER EXTENSION pg_emit UPDATE from 0.1.0: the same objects as a fresh
-install; a queued backlog, dead letters, delivery counters and settings
-survive, and the backlog and the requeued dead letters are delivered.
+"""ALTER EXTENSION pg_emit UPDATE from 0.1.0 and from 0.2.0: the same
+objects as a fresh install; a queued backlog, dead letters, delivery
+counters and settings survive, and the backlog and the requeued dead
+letters are delivered.
 
-`fixtures/pg_emit--0.1.0.sql` is the install script 0.1.0 generated
-(`cargo pgrx schema` at that release), installed beside the current one.
+`fixtures/pg_emit--<version>.sql` are the install scripts those releases
+generated (`cargo pgrx schema` at the release), installed beside the
+current one.
 """
 
 import json
@@ -15,7 +17,12 @@ import pytest
 from pgcluster import BIN, wait_until
 from receivers import Receiver, free_port
 
-FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "pg_emit--0.1.0.sql")
+OLD = ["0.1.0", "0.2.0"]
+CURRENT = "0.3.0"
+
+
+def fixture(version):
+    return os.path.join(os.path.dirname(__file__), "fixtures", f"pg_emit--{version}.sql")
 
 CATALOG = {
     "functions": """
@@ -68,13 +75,15 @@ def as_root(*cmd):
 
 
 @pytest.fixture(scope="module")
-def old_script():
-    target = os.path.join(extension_dir(), os.path.basename(FIXTURE))
-    installed_here = not os.path.exists(target)
-    if installed_here:
-        as_root("cp", FIXTURE, target)
+def old_scripts():
+    installed_here = []
+    for version in OLD:
+        target = os.path.join(extension_dir(), os.path.basename(fixture(version)))
+        if not os.path.exists(target):
+            as_root("cp", fixture(version), target)
+            installed_here.append(target)
     yield
-    if installed_here:
+    for target in installed_here:
         as_root("rm", "-f", target)
 
 
@@ -82,21 +91,22 @@ def snapshot(conn):
     return {k: conn.execute(q).fetchall() for k, q in CATALOG.items()}
 
 
-def test_update_from_0_1_0_matches_a_fresh_install_and_keeps_the_backlog(cluster, old_script):
+@pytest.mark.parametrize("old", OLD)
+def test_update_matches_a_fresh_install_and_keeps_the_backlog(cluster, old_scripts, old):
     port = free_port()
     for db in ("emit_old", "emit_new"):
         cluster.create_db(db)
     try:
         with cluster.connect("emit_old") as c:
-            c.execute("CREATE EXTENSION pg_emit VERSION '0.1.0'")
+            c.execute(f"CREATE EXTENSION pg_emit VERSION '{old}'")
             c.execute("CREATE TABLE orders (id int PRIMARY KEY)")
             c.execute(
                 "CREATE TRIGGER out AFTER INSERT ON orders FOR EACH ROW EXECUTE FUNCTION "
                 f"row_to_socket('127.0.0.1', {port}, 'delivery=async', 'framing=ndjson')")
             c.execute("INSERT INTO orders SELECT generate_series(1, 5)")
             assert c.execute("SELECT sum(events) FROM emit.outbox").fetchone()[0] == 5
-            # What 0.1.0's worker left: a dead letter and its counters, as
-            # it wrote them; a setting of the database.
+            # What the old worker left: a dead letter and its counters, as
+            # 0.1.0 wrote them; a setting of the database.
             dest = f"tcp://127.0.0.1:{port}?framing=ndjson"
             c.execute(
                 "INSERT INTO emit.dead_letter (outbox_id, destination, host, port, framing, events, "
@@ -107,7 +117,7 @@ def test_update_from_0_1_0_matches_a_fresh_install_and_keeps_the_backlog(cluster
             c.execute("ALTER DATABASE emit_old SET pg_emit.connect_timeout = '3s'")
             c.execute("ALTER EXTENSION pg_emit UPDATE")
             assert c.execute(
-                "SELECT extversion FROM pg_extension WHERE extname = 'pg_emit'").fetchone()[0] == "0.2.0"
+                "SELECT extversion FROM pg_extension WHERE extname = 'pg_emit'").fetchone()[0] == CURRENT
             updated = snapshot(c)
         with cluster.connect("emit_new") as c:
             c.execute("CREATE EXTENSION pg_emit")
