@@ -13,13 +13,14 @@
 //! `CREATE FUNCTION` body or a `CREATE SERVER … OPTIONS (password …)` may
 //! hold secrets that receivers must not get.
 
+use crate::delivery::{commit, outbox, sync, Target};
 use crate::error::EmitError;
+use crate::interrupts;
 use crate::made::Made;
 use crate::privileged::as_emit_owner;
-use crate::send::hand_over;
 use crate::stored;
 use pg_emit_core::event::{write_ddl, Kind};
-use pg_emit_core::options::{Delivery, OptionError};
+use pg_emit_core::options::{Delivery, Format, OptionError};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use std::ffi::CStr;
@@ -176,6 +177,15 @@ pub unsafe extern "C-unwind" fn ddl_event(fcinfo: pg_sys::FunctionCallInfo) -> p
             continue;
         }
         let resolved = stored::resolve(FUNC, &dest);
+        // Allowed when the route was made; the allowlist or the stored
+        // destination may have changed since.
+        if let Some(why) = crate::delivery::not_allowed(&resolved.target) {
+            pgrx::warning!(
+                "{FUNC}: DDL trigger {name:?}: {why}; {} DDL event(s) not sent",
+                events.len()
+            );
+            continue;
+        }
         let mode = crate::delivery::for_target(
             &|| format!("{FUNC}: DDL trigger {name:?}"),
             &resolved.target,
@@ -196,10 +206,42 @@ pub unsafe extern "C-unwind" fn ddl_event(fcinfo: pg_sys::FunctionCallInfo) -> p
                 );
                 continue;
             }
-            hand_over(FUNC, &resolved.target, Kind::event(format), mode, buf, None);
+            hand_over(&name, &resolved.target, format, mode, buf);
         }
     }
     pg_sys::Datum::from(0)
+}
+
+/// Hands one DDL event to its delivery mode, as `send_message` does, except
+/// that a delivery problem (a failed sync send, a full commit buffer) is a
+/// WARNING whatever `pg_emit.on_error` says: the DDL is someone else's, and
+/// must not fail for it.
+fn hand_over(route: &str, target: &Target, format: Format, mode: Delivery, mut buf: Vec<u8>) {
+    let context = || format!("{FUNC}: DDL trigger {route:?}");
+    let kind = Kind::event(format);
+    if target.coalesces() && mode != Delivery::Async {
+        buf.push(b'\n');
+    }
+    let failed = match mode {
+        Delivery::Sync => {
+            // Events this statement's triggers hold for the same kept-open
+            // connection go first.
+            sync::flush_all();
+            sync::try_send(target, kind, &buf, None, &interrupts::Statement)
+                .err()
+                .map(|f| f.into_error(context(), &target.name()))
+        }
+        Delivery::Commit => commit::try_hold(&context, target, kind, &buf, None).err(),
+        Delivery::Async => {
+            outbox::queue(target, kind, &buf, None);
+            None
+        }
+    };
+    if let Some(e) = failed {
+        e.warn();
+        // A cancel that interrupted the send still cancels the command.
+        pgrx::check_for_interrupts!();
+    }
 }
 
 fn routes_table_exists() -> bool {
@@ -218,6 +260,11 @@ fn routes_table_exists() -> bool {
 /// itself, are left out). Each is pg_emit's JSON with the object's
 /// identity (a CloudEvent's subject; none for `GRANT`).
 ///
+/// Temporary objects are left out too: they live and die with a session,
+/// and any role may make them (`TEMP` is granted to PUBLIC), so a loop of
+/// temporary tables would otherwise let it fill the outbox every writer of
+/// the database shares.
+///
 /// Read as the extension's owner with `search_path` pinned: this runs as
 /// whoever did the DDL, under a search path they may have chosen. Text
 /// comes as bytes (`textsend`) and is converted to UTF-8 here, so a name in
@@ -226,12 +273,14 @@ fn commands(dropping: bool, tag: &str) -> Vec<(Vec<u8>, Option<String>)> {
     let query = if dropping {
         "SELECT NULL::pg_catalog.bytea, pg_catalog.textsend(object_type), \
                 pg_catalog.textsend(schema_name), pg_catalog.textsend(object_identity), false \
-           FROM pg_catalog.pg_event_trigger_dropped_objects() WHERE original OR normal"
+           FROM pg_catalog.pg_event_trigger_dropped_objects() \
+          WHERE (original OR normal) AND NOT is_temporary"
     } else {
         "SELECT pg_catalog.textsend(command_tag), pg_catalog.textsend(object_type), \
                 pg_catalog.textsend(schema_name), pg_catalog.textsend(object_identity), \
                 in_extension \
-           FROM pg_catalog.pg_event_trigger_ddl_commands()"
+           FROM pg_catalog.pg_event_trigger_ddl_commands() \
+          WHERE schema_name IS DISTINCT FROM 'pg_temp'"
     };
     let text = |b: Option<Vec<u8>>| {
         b.map(|b| {

@@ -133,10 +133,9 @@ fn send_message(
     ))
 }
 
-/// Hands one finished message of `kind` to its delivery mode, as
-/// `send_message` and DDL events do: true when it was sent (sync) or held or
+/// Hands one finished message of `kind` to its delivery mode: true when it was sent (sync) or held or
 /// queued (commit, async), false when a sync send failed (with a WARNING).
-pub(crate) fn hand_over(
+fn hand_over(
     func: &'static str,
     target: &Target,
     kind: Kind,

@@ -133,10 +133,14 @@ fn invalidate() {
     unsafe { pg_sys::CacheInvalidateRelcacheByRelid(table()) };
 }
 
+/// Refuses a bad name, URL or options, and an endpoint the allowlist
+/// cannot allow: a stored destination re-pointed at a refused address
+/// would otherwise be found out at every use, by whoever fires it.
 fn check(func: &'static str, name: &str, url: &str, options: &str) {
-    destination::check_name(name)
+    let stored = destination::check_name(name)
         .and_then(|()| destination::parse_stored(url, options))
         .unwrap_or_else(|source| EmitError::Argument { func, source }.raise());
+    crate::delivery::refuse_unless_allowed(&|| func.to_string(), &stored.endpoint);
 }
 
 fn stored(name: &str) -> Option<(String, String)> {

@@ -9,7 +9,7 @@ import psycopg
 import pytest
 
 from conftest import Session
-from receivers import HttpReceiver, Receiver
+from receivers import HttpReceiver, Receiver, free_port
 
 
 @pytest.fixture
@@ -137,6 +137,78 @@ def test_a_dropped_stored_destination_warns_and_ddl_goes_on(db, rx, route, dest)
     db.execute("SELECT emit.drop_destination(%s)", (dest,))
     db.execute("CREATE TABLE ddl_s.t (id int)")
     assert any("does not exist" in w and "not sent" in w for w in db.warnings())
+
+
+def test_a_refused_destination_is_refused_when_stored(db, rx, dest):
+    db.execute(f"SET pg_emit.allowed_destinations = '127.0.0.1:{rx.port}'")
+    try:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege) as e:
+            db.execute("SELECT emit.create_destination(%s, 'tcp://127.0.0.1:1')", (dest,))
+        assert "emit.create_destination: 127.0.0.1:1 is not allowed by pg_emit.allowed_destinations" \
+            in str(e.value)
+        db.execute("SELECT emit.create_destination(%s, %s)", (dest, f"tcp://127.0.0.1:{rx.port}"))
+        with pytest.raises(psycopg.errors.InsufficientPrivilege) as e:
+            db.execute("SELECT emit.alter_destination(%s, 'http://169.254.169.254/latest')", (dest,))
+        assert "emit.alter_destination" in str(e.value)
+    finally:
+        db.execute("RESET pg_emit.allowed_destinations")
+
+
+@pytest.mark.parametrize("mode", ["sync", "commit", "async"])
+def test_no_delivery_problem_fails_someone_elses_ddl(db, rx, route, dest, mode):
+    """A route whose destination the allowlist now refuses, or whose
+    receiver is gone, or whose commit buffer is full: the DDL goes on with
+    a WARNING, even with pg_emit.on_error = error (which makes triggers'
+    failures errors)."""
+    db.execute("SELECT emit.create_destination(%s, %s)",
+               (dest, f"tcp://127.0.0.1:{rx.port}?framing=ndjson"))
+    route(json.dumps({"delivery": mode}), dest=dest)
+    db.execute("SET pg_emit.on_error = 'error'")
+    try:
+        db.execute("CREATE SCHEMA ddl_s")
+        assert [e["object_identity"] for e in events(rx, 1)] == ["ddl_s"]
+        db.execute("SET pg_emit.allowed_destinations = '127.0.0.1:1'")
+        db.execute("CREATE TABLE ddl_s.refused (id int)")
+        assert any("is not allowed by pg_emit.allowed_destinations" in w and "not sent" in w
+                   for w in db.warnings()), db.warnings()
+        db.execute("RESET pg_emit.allowed_destinations")
+        db.execute("SELECT emit.alter_destination(%s, %s)",
+                   (dest, f"tcp://127.0.0.1:{free_port()}?framing=ndjson"))
+        db.execute("CREATE TABLE ddl_s.unreachable (id int)")
+        if mode != "async":
+            assert any("refused" in w for w in db.warnings()), db.warnings()
+        if mode == "commit":
+            db.execute("SET pg_emit.commit_buffer_size = 1")
+            db.execute("DO $$ BEGIN FOR i IN 1..20 LOOP "
+                       "EXECUTE format('CREATE TABLE ddl_s.many%s (id int)', i); END LOOP; END $$")
+            assert any("pg_emit.commit_buffer_size" in w for w in db.warnings()), db.warnings()
+            db.execute("RESET pg_emit.commit_buffer_size")
+        assert db.one("SELECT count(*) FROM pg_tables WHERE schemaname = 'ddl_s'") >= 2
+    finally:
+        db.execute("RESET pg_emit.on_error")
+        db.execute("RESET pg_emit.allowed_destinations")
+
+
+def test_temporary_objects_send_nothing(cluster, db, rx, route):
+    """Any role may make temporary tables (TEMP is PUBLIC's): a loop of
+    them must not fill the outbox every writer shares."""
+    route()
+    db.execute("DROP ROLE IF EXISTS ddl_temp")
+    db.execute("CREATE ROLE ddl_temp LOGIN")
+    temp = Session(cluster, user="ddl_temp")
+    try:
+        for i in range(20):
+            temp.execute(f"CREATE TEMP TABLE t{i} (id serial PRIMARY KEY, v text)")
+            temp.execute(f"CREATE INDEX ON t{i} (v)")
+            temp.execute(f"DROP TABLE t{i}")
+        temp.execute("CREATE FUNCTION pg_temp.f() RETURNS int LANGUAGE sql AS 'SELECT 1'")
+        assert db.one("SELECT count(*) FROM emit.outbox") == 0
+    finally:
+        temp.close()
+        db.execute("DROP ROLE ddl_temp")
+    # The route works: the next persistent object is the first event.
+    db.execute("CREATE SCHEMA ddl_s")
+    assert [e["object_identity"] for e in events(rx, 1)] == ["ddl_s"]
 
 
 @pytest.mark.parametrize("mode, options", [

@@ -29,6 +29,19 @@ pub fn hold(
     msg: &[u8],
     key: Option<i64>,
 ) {
+    if let Err(e) = try_hold(context, target, kind, msg, key) {
+        e.raise()
+    }
+}
+
+/// [`hold`], or why the event could not be held (the buffer is full).
+pub fn try_hold(
+    context: &dyn Fn() -> String,
+    target: &Target,
+    kind: Kind,
+    msg: &[u8],
+    key: Option<i64>,
+) -> Result<(), EmitError> {
     let limit = settings::commit_buffer_bytes();
     let held = HELD.with_borrow_mut(|p| {
         p.push_to(
@@ -39,13 +52,10 @@ pub fn hold(
             limit,
         )
     });
-    if let Err(full) = held {
-        EmitError::BufferFull {
-            context: context(),
-            limit: full.limit,
-        }
-        .raise();
-    }
+    held.map_err(|full| EmitError::BufferFull {
+        context: context(),
+        limit: full.limit,
+    })
 }
 
 pub fn start_sub(sub: u32) {

@@ -29,6 +29,18 @@ pub(crate) use pg_emit_core::destination::Destination as Target;
 /// rather than being discovered after commit; the check at connect time
 /// stays the authoritative one.
 pub(crate) fn refuse_unless_allowed(context: &dyn Fn() -> String, target: &Target) {
+    if let Some(why) = not_allowed(target) {
+        EmitError::NotAllowed {
+            context: context(),
+            why,
+        }
+        .raise();
+    }
+}
+
+/// Why the allowlist cannot allow `target` (see [`refuse_unless_allowed`]),
+/// if it cannot.
+pub(crate) fn not_allowed(target: &Target) -> Option<String> {
     let allowed = match target.endpoint() {
         Target::Tcp { host, port, .. } => settings::allowlist().may_allow(host, *port, None),
         Target::Http { url, .. } => crate::transport::http::parse_url(url)
@@ -40,16 +52,12 @@ pub(crate) fn refuse_unless_allowed(context: &dyn Fn() -> String, target: &Targe
         Target::Channel(_) => true,
         Target::Stored { .. } => unreachable!("endpoint() is never a stored destination"),
     };
-    if !allowed {
-        EmitError::NotAllowed {
-            context: context(),
-            why: format!(
-                "{} is not allowed by pg_emit.allowed_destinations",
-                target.name()
-            ),
-        }
-        .raise();
-    }
+    (!allowed).then(|| {
+        format!(
+            "{} is not allowed by pg_emit.allowed_destinations",
+            target.name()
+        )
+    })
 }
 
 /// The mode a channel's events take: the worker stores them in the
