@@ -324,3 +324,50 @@ def test_key_columns_choose_what_stays_in_order(db, table):
         assert 'key=: column "acount" does not exist' in str(e.value)
     finally:
         rx.close()
+
+
+def test_warnings_name_a_stored_destination_never_its_address(db, table, dest):
+    """A stored destination keeps its URL (a Slack-style path is a token)
+    from writers: a failing trigger's or DDL route's WARNING names it, in
+    every mode and for every failure, cooldowns included (0.2.0 printed the
+    URL from the HTTP error and the cooldown's reason)."""
+    port = free_port()
+    secret = "services/T0001/B0001/SECRETTOKEN"
+    hanging = HttpReceiver(hang=True)
+    db.execute("CREATE ROLE leak_writer")
+    try:
+        db.execute("SELECT emit.create_destination(%s, %s)", (dest, f"http://127.0.0.1:{port}/{secret}"))
+        db.execute(f"CREATE TABLE {table} (id int PRIMARY KEY)")
+        db.execute(f"GRANT INSERT ON {table} TO leak_writer")
+        for mode in ("sync", "commit"):
+            db.execute(f"CREATE OR REPLACE TRIGGER out AFTER INSERT ON {table} FOR EACH ROW "
+                       f"EXECUTE FUNCTION row_to_destination('{dest}', 'delivery={mode}')")
+            db.execute("SET ROLE leak_writer")
+            try:
+                for i in range(2):  # refused, then cooling down
+                    db.execute(f"INSERT INTO {table} VALUES ({i + (10 if mode == 'commit' else 0)})")
+            finally:
+                db.execute("RESET ROLE")
+        db.execute("SELECT emit.create_ddl_trigger('leak_route', %s, '{\"delivery\": \"sync\"}')", (dest,))
+        db.execute(f"CREATE INDEX ON {table} (id)")
+        # A hanging receiver times out; a TCP destination is refused.
+        db.execute("SET pg_emit.http_timeout = '300ms'")
+        db.execute("SELECT emit.alter_destination(%s, %s)", (dest, f"{hanging.url}{secret}"))
+        db.execute(f"INSERT INTO {table} VALUES (100)")
+        db.execute("SELECT emit.alter_destination(%s, %s)", (dest, f"tcp://127.0.0.1:{port}"))
+        db.execute(f"INSERT INTO {table} VALUES (101)")
+        warnings = db.warnings()
+        assert len(warnings) >= 6, warnings
+        for w in warnings:
+            assert dest in w, w
+            assert "SECRET" not in w and str(port) not in w and str(hanging.port) not in w, w
+        assert any("connection refused" in w for w in warnings)
+        assert any("it failed" in w and "ms ago" in w for w in warnings)
+        assert any("timed out" in w for w in warnings)
+        assert any("DDL trigger" in w for w in warnings)
+    finally:
+        hanging.close()
+        db.execute("RESET pg_emit.http_timeout")
+        db.execute("SELECT emit.drop_ddl_trigger('leak_route')")
+        db.execute(f"DROP TABLE IF EXISTS {table}")
+        db.execute("DROP ROLE leak_writer")

@@ -107,28 +107,41 @@ impl Failure {
                 | Failure::Send(
                     SendError::HostNotFound { .. }
                         | SendError::ResolveTimeout { .. }
-                        | SendError::Refused(_)
+                        | SendError::Refused
                         | SendError::ConnectTimeout { .. }
-                        | SendError::Connect { .. }
+                        | SendError::Connect(_)
                 )
         )
     }
 
+    /// Why the message was not sent, naming `dest` (a stored
+    /// destination's name, never its address: see [`Failure::cause`]).
     pub fn reason(&self, dest: &str) -> String {
         let dest = &crate::transport::http::quote(dest);
+        match self {
+            Failure::CoolingDown { .. } => format!("not sending to {dest}: {}", self.cause()),
+            Failure::Status(r) => r.describe(dest),
+            _ => format!("could not send to {dest}: {}", self.cause()),
+        }
+    }
+
+    /// What happened, without where: the transports' errors never say
+    /// where, so this is what a cooldown keeps. It is shared by every
+    /// destination with the same address, and shown under each one's name.
+    fn cause(&self) -> String {
         match self {
             Failure::CoolingDown {
                 reason,
                 ago_ms,
                 left_ms,
             } => format!(
-                "not sending to {dest}: it failed {ago_ms} ms ago ({reason}); \
+                "it failed {ago_ms} ms ago ({reason}); \
                  next attempt in {left_ms} ms (pg_emit.failure_cooldown)"
             ),
-            Failure::Send(e) => format!("could not send to {dest}: {e}"),
-            Failure::Http(e) => format!("could not send to {dest}: {e}"),
-            Failure::Status(r) => r.describe(dest),
-            Failure::Refused(why) => format!("could not send to {dest}: {why}"),
+            Failure::Send(e) => e.to_string(),
+            Failure::Http(e) => e.to_string(),
+            Failure::Status(r) => r.cause(),
+            Failure::Refused(why) => why.clone(),
         }
     }
 
@@ -182,12 +195,8 @@ pub fn try_send(
             let id = Some(event_id(kind, msg));
             let r = match kind.format {
                 Format::CloudEventsBinary => {
-                    let b = cloudevents::to_binary(headers, msg).map_err(|detail| {
-                        Failure::Http(HttpError::Failed {
-                            url: url.clone(),
-                            detail,
-                        })
-                    })?;
+                    let b = cloudevents::to_binary(headers, msg)
+                        .map_err(|detail| Failure::Http(HttpError::Failed { detail }))?;
                     let ct = &b.content_type;
                     http_request(url, "POST", ct, &b.headers, &b.body, id, signing, intr)?
                 }
@@ -220,7 +229,7 @@ pub fn try_send(
                         |slot, t, a| redis::xadd(slot, stream, &entry, t, a, intr),
                     )
                 },
-                receiver_failed(&target.name()),
+                receiver_failed,
             )
         }
         Target::Nats(subject) => {
@@ -239,7 +248,7 @@ pub fn try_send(
                         |slot, t, a| nats::publish(slot, subject, &m, t, a, intr),
                     )
                 },
-                receiver_failed(&target.name()),
+                receiver_failed,
             )
         }
         Target::Kafka(topic) => {
@@ -260,7 +269,7 @@ pub fn try_send(
                         |slot, t, a| kafka::produce(slot, topic, &record, t, a, intr),
                     )
                 },
-                receiver_failed(&target.name()),
+                receiver_failed,
             )
         }
         Target::Stored { .. } => unreachable!("endpoint() is never a stored destination"),
@@ -322,12 +331,12 @@ fn event_id(kind: Kind, msg: &[u8]) -> String {
     })
 }
 
-/// What a failed send says about the receiver `dest`, for its cooldown:
-/// a cancel or a refusal by policy says nothing.
-fn receiver_failed(dest: &str) -> impl Fn(&Result<(), Failure>) -> Option<String> + '_ {
-    move |r| match r {
+/// What a failed send says about the receiver, for its cooldown: a
+/// cancel or a refusal by policy says nothing.
+fn receiver_failed(r: &Result<(), Failure>) -> Option<String> {
+    match r {
         Err(f) if f.cancelled() || f.not_allowed().is_some() => None,
-        Err(f) => Some(f.reason(dest)),
+        Err(f) => Some(f.cause()),
         Ok(()) => None,
     }
 }
@@ -406,7 +415,7 @@ fn try_send_tcp(
             }
             .map_err(Failure::Send)
         },
-        receiver_failed(&dest_name(host, port)),
+        receiver_failed,
     )
 }
 
@@ -433,12 +442,7 @@ pub fn http_request(
         url,
         0,
         || {
-            let setup = |detail: String| {
-                Failure::Http(HttpError::Failed {
-                    url: url.to_string(),
-                    detail,
-                })
-            };
+            let setup = |detail: String| Failure::Http(HttpError::Failed { detail });
             let client = http_client().map_err(setup)?;
             let signing = match sign {
                 SignWith::FileKey => match settings::signing_secret().map_err(setup)? {
@@ -463,10 +467,10 @@ pub fn http_request(
             http::request_interruptible(&client, req, intr).map_err(Failure::Http)
         },
         |r| match r {
-            Ok(resp) if resp.status >= 500 => Some(resp.describe(url)),
+            Ok(resp) if resp.status >= 500 => Some(resp.cause()),
             Ok(_) => None,
             Err(f) if f.cancelled() || f.not_allowed().is_some() => None,
-            Err(f) => Some(f.reason(url)),
+            Err(f) => Some(f.cause()),
         },
     )
 }

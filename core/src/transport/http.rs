@@ -431,17 +431,16 @@ pub struct Response {
     pub retry_after: Option<Duration>,
 }
 
+/// Why a request got no response. Like [`super::tcp::SendError`], it
+/// never says where: the caller names the destination.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum HttpError {
     #[error("{0}")]
     NotAllowed(String),
-    #[error(
-        "request to {} timed out after {ms} ms (pg_emit.connect_timeout / pg_emit.http_timeout)",
-        quote(.url)
-    )]
-    Timeout { url: String, ms: u128 },
-    #[error("request to {} failed: {detail}", quote(.url))]
-    Failed { url: String, detail: String },
+    #[error("request timed out after {ms} ms (pg_emit.connect_timeout / pg_emit.http_timeout)")]
+    Timeout { ms: u128 },
+    #[error("request failed: {detail}")]
+    Failed { detail: String },
     #[error("cancelled")]
     Cancelled,
 }
@@ -460,13 +459,21 @@ impl Response {
     /// The status only: a receiver that echoes the request would put row
     /// data into WARNINGs (seen by writers who may not read every column)
     /// and `emit.stats`. The excerpt is kept only with dead letters.
-    pub fn describe(&self, url: &str) -> String {
+    pub fn describe(&self, dest: &str) -> String {
         let kind = if (300..400).contains(&self.status) {
             " (redirects are not followed)"
         } else {
             ""
         };
-        format!("HTTP {} from {}{kind}", self.status, quote(url))
+        format!("HTTP {} from {}{kind}", self.status, quote(dest))
+    }
+
+    /// [`Response::describe`] without naming the destination.
+    pub fn cause(&self) -> String {
+        match (300..400).contains(&self.status) {
+            true => format!("HTTP {} (redirects are not followed)", self.status),
+            false => format!("HTTP {}", self.status),
+        }
     }
 }
 
@@ -518,8 +525,7 @@ pub fn request(client: &Client, req: &Request) -> Result<Response, HttpError> {
         }
     }
     let http_req = b.body(req.body.as_slice()).map_err(|e| HttpError::Failed {
-        url: req.url.clone(),
-        detail: e.to_string(),
+        detail: without(&e.to_string(), &req.url),
     })?;
     match client.agent.run(http_req) {
         Ok(mut resp) => {
@@ -557,29 +563,30 @@ fn classify(e: ureq::Error, url: &str, started: Instant) -> HttpError {
         ureq::Error::Other(inner) => match inner.downcast::<Refused>() {
             Ok(r) => HttpError::NotAllowed(r.0),
             Err(other) => HttpError::Failed {
-                url: url.to_string(),
-                detail: other.to_string(),
+                detail: without(&other.to_string(), url),
             },
         },
         ureq::Error::Timeout(_) => HttpError::Timeout {
-            url: url.to_string(),
             ms: started.elapsed().as_millis(),
         },
         ureq::Error::HostNotFound => HttpError::Failed {
-            url: url.to_string(),
             detail: "host not found".into(),
         },
         ureq::Error::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused => {
             HttpError::Failed {
-                url: url.to_string(),
                 detail: "connection refused".into(),
             }
         }
         other => HttpError::Failed {
-            url: url.to_string(),
-            detail: other.to_string(),
+            detail: without(&other.to_string(), url),
         },
     }
+}
+
+/// `detail` (a library's error message) without `url`, which a stored
+/// destination keeps out of sight (see [`HttpError`]).
+fn without(detail: &str, url: &str) -> String {
+    detail.replace(url, "the URL")
 }
 
 /// Performs `req` on a helper thread, waiting in slices that honour
@@ -594,14 +601,12 @@ pub fn request_interruptible(
 ) -> Result<Response, HttpError> {
     let started = Instant::now();
     let deadline = started + client.config.request_timeout + Duration::from_secs(1);
-    let url = req.url.clone();
     let (tx, rx) = mpsc::channel();
     let client = client.clone();
     super::spawn_without_signals("pg_emit-http", move || {
         let _ = tx.send(request(&client, &req));
     })
     .map_err(|e| HttpError::Failed {
-        url: url.clone(),
         detail: e.to_string(),
     })?;
     loop {
@@ -611,7 +616,6 @@ pub fn request_interruptible(
         let now = Instant::now();
         if now >= deadline {
             return Err(HttpError::Timeout {
-                url,
                 ms: started.elapsed().as_millis(),
             });
         }
@@ -620,7 +624,6 @@ pub fn request_interruptible(
             Err(mpsc::RecvTimeoutError::Timeout) => continue,
             Err(mpsc::RecvTimeoutError::Disconnected) => {
                 return Err(HttpError::Failed {
-                    url,
                     detail: "request thread failed".into(),
                 })
             }
