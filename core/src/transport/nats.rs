@@ -149,12 +149,13 @@ pub fn publish(
         // prefix.
         let mut acked: HashMap<usize, Result<(), NatsError>> = HashMap::new();
         let mut prefix = 0;
-        let mut deadline = Instant::now() + timeouts.write;
+        // One deadline for the chunk's acks: a server that trickles them
+        // holds the sender no longer than a silent one.
+        let deadline = Instant::now() + timeouts.write;
         while prefix < chunk.len() {
             match next_reply(&mut conn, deadline, timeouts, intr) {
                 Ok(Some((n, r))) if (base..conn.next).contains(&n) => {
                     acked.insert((n - base) as usize, r);
-                    deadline = Instant::now() + timeouts.write;
                     while let Some(r) = acked.remove(&prefix) {
                         if let Err(e) = r {
                             let e = match e {
@@ -283,17 +284,29 @@ fn server_error(line: &str) -> String {
         .to_string()
 }
 
-/// One control line (without CRLF), reading as needed.
+/// One control line (without CRLF), reading as needed. Bytes already
+/// searched are not searched again, and a line longer than [`MAX_REPLY`]
+/// is an error: a server that never ends a line costs neither quadratic
+/// time nor unbounded memory.
 fn read_line(
     conn: &mut Conn,
     deadline: Instant,
     intr: &dyn Interrupt,
 ) -> Result<String, NatsError> {
+    let mut searched: usize = 0;
     loop {
-        if let Some(end) = conn.buf.windows(2).position(|w| w == b"\r\n") {
+        let from = searched.saturating_sub(1);
+        if let Some(at) = conn.buf[from..].windows(2).position(|w| w == b"\r\n") {
+            let end = from + at;
             let line = String::from_utf8_lossy(&conn.buf[..end]).into_owned();
             conn.buf.drain(..end + 2);
             return Ok(line);
+        }
+        searched = conn.buf.len();
+        if searched > MAX_REPLY {
+            return Err(NatsError::Protocol(format!(
+                "a line of over {MAX_REPLY} bytes"
+            )));
         }
         tcp::read_some(&conn.sock, &mut conn.buf, deadline, intr)?;
     }
@@ -429,6 +442,49 @@ mod tests {
             .to_string()
             .contains("maximum messages exceeded"));
         assert!(ack(b"", b"nope").is_err());
+    }
+
+    /// A server whose first line never ends: refused once it passes
+    /// MAX_REPLY, in far less than the timeout.
+    #[test]
+    fn an_endless_line_is_refused() {
+        use std::io::Write as _;
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let chunk = [b'x'; 4096];
+            let _ = s.write_all(b"INFO ");
+            while s.write_all(&chunk).is_ok() {}
+        });
+        let subject = Subject {
+            host: "127.0.0.1".into(),
+            port,
+            subject: "s".into(),
+            auth: None,
+        };
+        let timeouts = Timeouts {
+            connect: std::time::Duration::from_secs(5),
+            write: std::time::Duration::from_secs(5),
+            stall: false,
+        };
+        let started = Instant::now();
+        let (_, r) = publish(
+            &mut None,
+            &subject,
+            &[Message {
+                id: "1",
+                payload: b"{}",
+            }],
+            &timeouts,
+            &crate::security::Allowlist::default(),
+            &crate::transport::Uninterruptible,
+        );
+        assert!(
+            matches!(&r, Err(NatsError::Protocol(m)) if m.contains("a line of over")),
+            "{r:?}"
+        );
+        assert!(started.elapsed() < std::time::Duration::from_secs(2));
     }
 
     #[test]

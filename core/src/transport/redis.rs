@@ -76,8 +76,12 @@ pub enum Reply {
 }
 
 /// Longest bulk reply accepted: `AUTH` and `XADD` answer with a few
-/// dozen bytes, so anything near this is not a reply to them.
-const MAX_BULK: i64 = 64 * 1024;
+/// dozen bytes, so anything near this is not a reply to them. With
+/// [`MAX_LINE`] it bounds what a pipeline's replies can hold in memory.
+const MAX_BULK: i64 = 1024;
+
+/// Longest reply line accepted (error messages included).
+const MAX_LINE: usize = 1024;
 
 /// Parses one reply from the start of `buf`: `Ok(None)` while it is
 /// incomplete, else the reply and the bytes it took. Only the reply types
@@ -85,6 +89,10 @@ const MAX_BULK: i64 = 64 * 1024;
 /// could nest without end) and oversized bulk strings are errors.
 pub fn parse(buf: &[u8]) -> Result<Option<(Reply, usize)>, String> {
     let Some(end) = buf.windows(2).position(|w| w == b"\r\n") else {
+        // A line that never ends would be searched again at every arrival.
+        if buf.len() > MAX_LINE {
+            return Err(format!("a reply line of over {MAX_LINE} bytes"));
+        }
         return Ok(None);
     };
     if end == 0 {
@@ -264,7 +272,7 @@ fn read_replies(
     buf.clear();
     let mut got = Vec::with_capacity(n);
     let mut at = 0;
-    let mut deadline = Instant::now() + timeouts.write;
+    let deadline = Instant::now() + timeouts.write;
     while got.len() < n {
         match parse(&buf[at..]) {
             Ok(Some((r, used))) => {
@@ -275,11 +283,10 @@ fn read_replies(
             Ok(None) => {}
             Err(e) => return Err((successes(&got), RedisError::Protocol(e))),
         }
-        match tcp::read_some(sock, buf, deadline, intr) {
-            // Each arrival restarts the clock: a busy server that keeps
-            // answering is not timed out, a silent one is.
-            Ok(_) => deadline = Instant::now() + timeouts.write,
-            Err(e) => return Err((successes(&got), e.into())),
+        // One deadline for all of them: a server that trickles its replies
+        // a byte at a time holds the sender no longer than a silent one.
+        if let Err(e) = tcp::read_some(sock, buf, deadline, intr) {
+            return Err((successes(&got), e.into()));
         }
     }
     Ok(got)
@@ -336,6 +343,64 @@ mod tests {
         assert!(parse(b"\r\n").is_err());
         assert!(parse(b"$99999999999\r\n").is_err());
         assert!(parse(b"?x\r\n").is_err());
+        assert!(parse(&[b'+'; 2000]).is_err(), "a line that never ends");
+        assert!(parse(b"$2000\r\n").is_err(), "a reply XADD never gives");
+    }
+
+    /// A server that answers one byte every 50 ms, for ever: the whole
+    /// pipeline's replies have one write_timeout (0.2.0 restarted it at
+    /// every byte and held a writer as long as the server liked).
+    #[test]
+    fn a_trickling_server_gets_one_deadline() {
+        use std::io::{Read as _, Write as _};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let mut scratch = [0u8; 4096];
+            let _ = s.read(&mut scratch);
+            for b in b"$15\r\n1700000000000-0\r\n".iter().cycle() {
+                if s.write_all(&[*b]).is_err() {
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+        });
+        let stream = Stream {
+            host: "127.0.0.1".into(),
+            port,
+            key: "s".into(),
+            maxlen: None,
+            auth: None,
+        };
+        let timeouts = crate::transport::Timeouts {
+            connect: std::time::Duration::from_millis(500),
+            write: std::time::Duration::from_millis(500),
+            stall: false,
+        };
+        let entries = vec![
+            Entry {
+                id: "1",
+                event: b"{}"
+            };
+            10
+        ];
+        let started = Instant::now();
+        let (added, r) = xadd(
+            &mut None,
+            &stream,
+            &entries,
+            &timeouts,
+            &crate::security::Allowlist::default(),
+            &crate::transport::Uninterruptible,
+        );
+        let took = started.elapsed();
+        assert!(
+            matches!(r, Err(RedisError::Send(SendError::ReadTimeout { .. }))),
+            "{r:?}"
+        );
+        assert!(added < 10);
+        assert!(took < std::time::Duration::from_millis(1500), "{took:?}");
     }
 
     #[test]
