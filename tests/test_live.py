@@ -409,6 +409,42 @@ def test_events_past_the_retention_are_deleted(db, cluster, live):
             c.execute("SELECT pg_reload_conf()")
 
 
+def test_retained_events_are_held_to_the_outbox_limit(db, cluster, live):
+    """Events reach a channel through the outbox and then leave it: 0.2.0
+    kept 44 MB of channel history under a 4 MB max_outbox_size. The
+    newest events that fit stay; the oldest, of any channel, go."""
+    with cluster.connect() as c:
+        c.execute("LOAD 'pg_emit'")
+        c.execute("ALTER SYSTEM SET pg_emit.max_outbox_size = '256kB'")
+        c.execute("SELECT pg_reload_conf()")
+    try:
+        time.sleep(0.5)
+        for start in range(0, 600, 100):  # 600 kB in six commits
+            send(db, "capped", 100, start=start, size=1000)
+        end = time.monotonic() + 15
+        while db.one("SELECT max(id) FROM emit.channel_events WHERE channel = 'capped'") != 600:
+            assert time.monotonic() < end, "the channel's events were not stored"
+            time.sleep(0.05)
+        kept = db.one("SELECT sum(octet_length(payload)) FROM emit.channel_events")
+        assert kept <= 256 * 1024, kept
+        ids = [i for (i,) in db.conn.execute(
+            "SELECT id FROM emit.channel_events WHERE channel = 'capped' ORDER BY id").fetchall()]
+        assert len(ids) >= 200 and ids == list(range(601 - len(ids), 601)), ids[:3]
+        # Subscribers still get what is kept, and what is new.
+        tok = token(db, "capped")
+        sub = Subscriber(f"{live}/channels/capped?token={tok}", after=0)
+        send(db, "capped", 1, start=600)
+        got = [m["data"]["n"] for m in sub.wait(len(ids) + 1)]
+        assert got[-1] == 600 and len(got) == len(ids) + 1
+        sub.ws.close()
+    finally:
+        with cluster.connect() as c:
+            c.execute("LOAD 'pg_emit'")
+            c.execute("ALTER SYSTEM RESET pg_emit.max_outbox_size")
+            c.execute("SELECT pg_reload_conf()")
+        db.execute("DELETE FROM emit.channel_events WHERE channel = 'capped'")
+
+
 def test_the_listener_serves_as_soon_as_the_extension_exists():
     """With preloading and pg_emit.listen set for a database, CREATE
     EXTENSION there starts the listener: no first event needed."""

@@ -337,6 +337,20 @@ SELECT p.id, pg_catalog.convert_to(e.payload, 'UTF8')
   JOIN emit.channel_events e ON e.channel = $1 AND e.id = p.id
  WHERE p.before < 4194304
  ORDER BY p.id";
+/// Deletes the oldest channel events past the newest `$1` bytes; returns
+/// the bytes kept.
+const TRIM_SQL: &str = "
+WITH sized AS (
+    SELECT e.channel, e.id, pg_catalog.octet_length(e.payload) AS n,
+           pg_catalog.sum(pg_catalog.octet_length(e.payload))
+               OVER (ORDER BY e.created_at DESC, e.id DESC) AS newer
+      FROM emit.channel_events e
+), gone AS (
+    DELETE FROM emit.channel_events e USING sized s
+     WHERE s.newer > $1 AND e.channel = s.channel AND e.id = s.id
+)
+SELECT coalesce(pg_catalog.sum(s.n) FILTER (WHERE s.newer <= $1), 0)::pg_catalog.int8
+  FROM sized s";
 const RETENTION_SQL: &str = "
 DELETE FROM emit.channel_events
  WHERE created_at < pg_catalog.now() - pg_catalog.make_interval(secs => $1::pg_catalog.float8)";
@@ -388,7 +402,35 @@ pub(super) fn store(
         })
         .collect::<Result<Vec<_>, pgrx::spi::Error>>()?;
     stored.sort_unstable_by_key(|e| e.0);
+    trim(c, bytes)?;
     Ok(stored)
+}
+
+thread_local! {
+    /// Bytes of payload in `emit.channel_events` as last measured, plus
+    /// what was stored since (`None`: not measured yet).
+    static RETAINED: std::cell::Cell<Option<i64>> = const { std::cell::Cell::new(None) };
+}
+
+/// Holds the retained channel events to `pg_emit.max_outbox_size` as well
+/// as to `pg_emit.channel_retention`: `added` bytes were just stored, and
+/// once the estimate passes the limit the oldest events (of any channel)
+/// are deleted until the rest fits. Events reach channels through the
+/// outbox, whose limit they would otherwise leave behind; a subscriber
+/// replaying from before what was trimmed gets what is still kept, as after
+/// the retention time.
+fn trim(c: &mut pgrx::spi::SpiClient<'_>, added: i64) -> Result<(), pgrx::spi::Error> {
+    let limit = settings::max_outbox_bytes();
+    let estimate = RETAINED.get().map(|r| r + added);
+    if limit == 0 || estimate.is_some_and(|e| e <= limit) {
+        RETAINED.set(estimate);
+        return Ok(());
+    }
+    let kept = plans::update(c, TRIM_SQL, &[limit.into()])?
+        .first()
+        .get_one::<i64>()?;
+    RETAINED.set(Some(kept.unwrap_or(0)));
+    Ok(())
 }
 
 const CHANNEL_QUEUE_SQL: &str = "
