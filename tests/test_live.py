@@ -267,6 +267,76 @@ def test_requests_that_are_not_subscriptions(db, live):
     s.close()
 
 
+def test_clients_without_a_token_cannot_hold_every_slot(db, live):
+    """1,005 connections that send half a request and wait (0.2.0: valid
+    subscribers got 503 until the attacker stopped). Those that have not
+    authenticated get a quarter of the slots, the oldest closed for a new
+    one; a subscriber always gets in."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(max(soft, 4096), hard), hard))
+    tok = token(db, "crowded")
+    idle = []
+    try:
+        for _ in range(1005):
+            s = socket.create_connection(urlparse_port(live))
+            s.sendall(b"GET /channels/crowded HTTP/1.1\r\n")
+            idle.append(s)
+        sub = Subscriber(f"{live}/channels/crowded?token={tok}")
+        send(db, "crowded", 1)
+        assert [m["data"]["n"] for m in sub.wait(1)] == [0]
+        sub.ws.close()
+        # Most of the idle ones were closed to make room.
+        closed = 0
+        for s in idle:
+            s.settimeout(0.01)
+            try:
+                closed += s.recv(1) == b""
+            except OSError:
+                pass
+        assert closed >= 700, closed
+    finally:
+        for s in idle:
+            s.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_heads_past_16_kb_are_refused(db, live):
+    tok = token(db, "heads")
+    code, body = status_of(f"{live}/channels/heads?token={tok}", {"X-Pad": "a" * 16500})
+    assert code == 400 and "too large" in body
+
+
+def test_a_half_sent_frame_does_not_delay_a_revocation(db, live):
+    """A WebSocket client that sends half a frame and waits: its token's
+    revocation still closes it within a second or so (0.2.0: 29 s)."""
+    import base64
+
+    tok = token(db, "halves")
+    s = socket.create_connection(urlparse_port(live))
+    key = base64.b64encode(os.urandom(16)).decode()
+    s.sendall((f"GET /channels/halves?token={tok} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+               f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+               "Sec-WebSocket-Version: 13\r\n\r\n").encode())
+    s.settimeout(10)
+    assert s.recv(12) == b"HTTP/1.1 101"
+    # A masked text frame of 100 bytes: its header and 10 bytes of it.
+    s.sendall(bytes([0x81, 0x80 | 100]) + os.urandom(4) + b"x" * 10)
+    time.sleep(0.3)
+    started = time.monotonic()
+    assert db.one("SELECT emit.revoke_token(%s)", (tok,)) is True
+    got = b""
+    while b"token revoked" not in got:
+        chunk = s.recv(4096)
+        if not chunk:
+            break
+        got += chunk
+    assert b"token revoked" in got, got
+    assert time.monotonic() - started < 3
+    s.close()
+
+
 def urlparse_port(url):
     host, port = url.removeprefix("http://").split(":")
     return host, int(port)

@@ -22,6 +22,8 @@ const WRITE_TIME: Duration = Duration::from_secs(30);
 /// Comment lines (SSE) or pings (WebSocket) this often, so that proxies
 /// keep the connection and a vanished client is noticed.
 const KEEPALIVE: Duration = Duration::from_secs(15);
+/// Longest wait for the rest of a client's WebSocket frame at a time.
+const INCOMING_TIME: Duration = Duration::from_millis(50);
 /// How long a request waits for the main thread (busy in a long claim).
 pub(super) const ANSWER_TIME: Duration = Duration::from_secs(30);
 
@@ -33,7 +35,12 @@ struct Ask {
     websocket: Option<String>,
 }
 
-pub(super) fn serve(mut stream: TcpStream, shared: &Shared) {
+/// Serves connection number `n`, which [`Shared::admit`] registered as
+/// not authenticated: it leaves that list once its token is accepted, and
+/// in any case before its socket closes.
+pub(super) fn serve(mut stream: TcpStream, n: u64, shared: &Shared) {
+    // Dropped before `stream`, a parameter, is.
+    let _settled = Settled(shared, n);
     let _ = stream.set_nodelay(true);
     let _ = stream.set_write_timeout(Some(WRITE_TIME));
     let ask = match read_request(&mut stream) {
@@ -58,7 +65,10 @@ pub(super) fn serve(mut stream: TcpStream, shared: &Shared) {
         return;
     };
     let (sub, head) = match opened {
-        Opened::Subscribed { sub, head } => (sub, head),
+        Opened::Subscribed { sub, head } => {
+            shared.settled(n);
+            (sub, head)
+        }
         Opened::Refused(r) => {
             let _ = refuse(&mut stream, &r);
             return;
@@ -76,6 +86,14 @@ pub(super) fn serve(mut stream: TcpStream, shared: &Shared) {
     shared.hub.unsubscribe(&sub);
 }
 
+struct Settled<'a>(&'a Shared, u64);
+
+impl Drop for Settled<'_> {
+    fn drop(&mut self) {
+        self.0.settled(self.1);
+    }
+}
+
 /// Reads and checks the request head. `Ok(None)`: nothing to answer (the
 /// client went away, or a CORS preflight was answered).
 fn read_request(stream: &mut TcpStream) -> Result<Option<Ask>, Refusal> {
@@ -84,6 +102,9 @@ fn read_request(stream: &mut TcpStream) -> Result<Option<Ask>, Refusal> {
     let mut chunk = [0u8; 2048];
     let end = loop {
         if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            if i + 4 > HEAD_BYTES {
+                return Err(Refusal::BadRequest("request head too large".into()));
+            }
             break i + 4;
         }
         if buf.len() > HEAD_BYTES {
@@ -411,8 +432,10 @@ impl Out for Ws {
     }
 
     fn incoming(&mut self) -> io::Result<bool> {
-        // Blocks at most until the read timeout on a frame sent in pieces.
-        let _ = self.0.get_ref().set_read_timeout(Some(WRITE_TIME));
+        // A frame sent in pieces is kept by tungstenite and finished on a
+        // later call: a short wait here keeps a client that stops halfway
+        // from holding up its own close (a revoked token, say).
+        let _ = self.0.get_ref().set_read_timeout(Some(INCOMING_TIME));
         match self.0.read() {
             // Pings are answered by tungstenite on the next write or flush.
             Ok(Message::Close(_)) => {
@@ -422,6 +445,14 @@ impl Out for Ws {
             Ok(_) => self.0.flush().map_err(ws_err).map(|()| true),
             Err(tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed) => {
                 Ok(false)
+            }
+            Err(tungstenite::Error::Io(e))
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                Ok(true)
             }
             Err(e) => Err(ws_err(e)),
         }

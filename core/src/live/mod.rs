@@ -118,6 +118,44 @@ struct Shared {
     stopping: AtomicBool,
     connections: AtomicUsize,
     max_connections: usize,
+    /// Connections whose token has not been accepted yet, oldest first:
+    /// (number, socket descriptor). See [`Shared::admit`].
+    pending: Mutex<std::collections::VecDeque<(u64, i32)>>,
+    next_pending: std::sync::atomic::AtomicU64,
+}
+
+impl Shared {
+    /// Most connections that have not authenticated: a quarter of all.
+    /// Past it the oldest of them is closed for a new one, so clients that
+    /// open connections and never send a token keep only their share, and
+    /// subscribers always have the rest.
+    fn max_pending(&self) -> usize {
+        (self.max_connections / 4).max(1)
+    }
+
+    /// Registers a new connection (socket `fd`) as not authenticated,
+    /// closing the oldest such one if there are too many, or if every
+    /// slot is taken. `None`: every slot is held by subscribers.
+    fn admit(&self, fd: i32) -> Option<u64> {
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        let full = self.connections.load(Ordering::Relaxed) >= self.max_connections;
+        if full || pending.len() >= self.max_pending() {
+            let (_, oldest) = pending.pop_front()?;
+            // SAFETY: the descriptor is open: a connection leaves this list
+            // (under the lock) before its socket is closed. Shutting it
+            // down makes its thread's read end, and the thread closes it.
+            unsafe { libc::shutdown(oldest, libc::SHUT_RDWR) };
+        }
+        let n = self.next_pending.fetch_add(1, Ordering::Relaxed);
+        pending.push_back((n, fd));
+        Some(n)
+    }
+
+    /// Connection `n` authenticated, or is about to close its socket.
+    fn settled(&self, n: u64) {
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        pending.retain(|&(k, _)| k != n);
+    }
 }
 
 impl Shared {
@@ -167,6 +205,8 @@ impl Listener {
             stopping: AtomicBool::new(false),
             connections: AtomicUsize::new(0),
             max_connections: connection_cap(reserved_fds),
+            pending: Mutex::default(),
+            next_pending: std::sync::atomic::AtomicU64::new(0),
         });
         let (s, l) = (shared.clone(), socket.clone());
         crate::transport::spawn_without_signals("pg_emit-listen", move || accept(&l, &s))?;
@@ -214,19 +254,20 @@ fn accept(socket: &TcpListener, shared: &Arc<Shared>) {
             std::thread::sleep(std::time::Duration::from_millis(50));
             continue;
         };
-        let max = shared.max_connections;
-        if shared.connections.fetch_add(1, Ordering::Relaxed) >= max {
-            shared.connections.fetch_sub(1, Ordering::Relaxed);
-            let busy = Refusal::Unavailable(format!("more than {max} connections"));
+        let Some(n) = shared.admit(stream.as_raw_fd()) else {
+            let max = shared.max_connections;
+            let busy = Refusal::Unavailable(format!("{max} subscribers"));
             let _ = conn::refuse(&mut stream, &busy);
             continue;
-        }
+        };
+        shared.connections.fetch_add(1, Ordering::Relaxed);
         let s = shared.clone();
         let spawned = crate::transport::spawn_without_signals("pg_emit-subscriber", move || {
-            conn::serve(stream, &s);
+            conn::serve(stream, n, &s);
             s.connections.fetch_sub(1, Ordering::Relaxed);
         });
         if spawned.is_err() {
+            shared.settled(n);
             shared.connections.fetch_sub(1, Ordering::Relaxed);
         }
     }
