@@ -545,5 +545,21 @@ def test_the_listener_serves_as_soon_as_the_extension_exists():
         assert r.status_code == 401
         with c.connect("livenew") as conn:
             assert conn.execute("SELECT count(*) FROM emit.outbox").fetchone()[0] == 0
+        # And on reload: a new address serves at once, the old one closes.
+        moved = free_port()
+        with c.connect("livenew") as conn:
+            conn.execute(f"ALTER SYSTEM SET pg_emit.listen = '127.0.0.1:{moved}'")
+            conn.execute("SELECT pg_reload_conf()")
+        end = time.monotonic() + 10
+        while True:
+            try:
+                r = httpx.get(f"http://127.0.0.1:{moved}/channels/orders", timeout=2)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < end, "the listener did not move on reload"
+                time.sleep(0.1)
+        assert r.status_code == 401
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
     finally:
         c.destroy()
