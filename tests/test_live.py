@@ -302,6 +302,78 @@ def test_clients_without_a_token_cannot_hold_every_slot(db, live):
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
+def worker_rss_kb(db):
+    pid = db.one("SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_emit worker' "
+                 "AND datname = current_database()")
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+class RawSse(threading.Thread):
+    """An SSE subscriber on a raw socket that counts what it reads."""
+
+    def __init__(self, url, tok, after=None):
+        super().__init__(daemon=True)
+        host, port = urlparse_port(url.split("/channels/")[0])
+        self.sock = socket.create_connection((host, port))
+        path = "/channels/" + url.split("/channels/")[1]
+        extra = f"Last-Event-ID: {after}\r\n" if after is not None else ""
+        self.sock.sendall((f"GET {path}?token={tok} HTTP/1.1\r\nHost: x\r\n"
+                           f"Accept: text/event-stream\r\n{extra}\r\n").encode())
+        self.got = 0
+        self.start()
+
+    def run(self):
+        while True:
+            try:
+                b = self.sock.recv(1 << 20)
+            except OSError:
+                return
+            if not b:
+                return
+            self.got += len(b)
+
+
+def peak_rss_while(db, done, timeout=60):
+    """The worker's highest RSS (kB) until done() or the timeout."""
+    peak = 0
+    end = time.monotonic() + timeout
+    while not done():
+        assert time.monotonic() < end, "subscribers did not get the event"
+        peak = max(peak, worker_rss_kb(db))
+        time.sleep(0.01)
+    return max(peak, worker_rss_kb(db))
+
+
+def test_one_copy_of_an_event_for_every_subscriber(db, live):
+    """A 16 MB event to 100 subscribers, then replayed by 8 at once: the
+    worker holds it about once (0.2.0 copied it per subscriber: 16
+    subscribers and a 24 MB event cost +454 MB, 8 replayers +986 MB)."""
+    big = 16 << 20
+    tok = token(db, "big")
+    url = f"{live}/channels/big"
+    subs = [RawSse(url, tok) for _ in range(100)]
+    time.sleep(1)  # subscribed
+    before = worker_rss_kb(db)
+    send(db, "big", 1, size=big)
+    peak = peak_rss_while(db, lambda: all(s.got > big for s in subs))
+    live_growth = (peak - before) // 1024
+    for s in subs:
+        s.sock.close()
+    time.sleep(0.5)
+    before = worker_rss_kb(db)
+    head = db.one("SELECT max(id) FROM emit.channel_events WHERE channel = 'big'")
+    replayers = [RawSse(url, tok, after=head - 1) for _ in range(8)]
+    peak = peak_rss_while(db, lambda: all(s.got > big for s in replayers))
+    replay_growth = (peak - before) // 1024
+    for s in replayers:
+        s.sock.close()
+    print(f"worker RSS growth: 100 subscribers, one 16 MB event: {live_growth} MB; "
+          f"8 replaying it: {replay_growth} MB")
+    assert live_growth < 160, live_growth
+    assert replay_growth < 120, replay_growth
+
+
 def test_heads_past_16_kb_are_refused(db, live):
     tok = token(db, "heads")
     code, body = status_of(f"{live}/channels/heads?token={tok}", {"X-Pad": "a" * 16500})

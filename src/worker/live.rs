@@ -12,7 +12,7 @@ use super::txn::transaction;
 use crate::plans;
 use crate::settings;
 use pg_emit_core::live::hub::{Bounds, Event};
-use pg_emit_core::live::{Listener, Opened, Refusal, Request, PAGE};
+use pg_emit_core::live::{Listener, Opened, Refusal, Request, PAGE, PAGE_BYTES};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use std::sync::Arc;
@@ -29,6 +29,8 @@ const TOKEN_CHECK: Duration = Duration::from_secs(1);
 const RETENTION_CHECK: Duration = Duration::from_secs(10);
 /// How often a listener that could not bind tries again.
 const BIND_RETRY: Duration = Duration::from_secs(10);
+/// Replay pages read per turn of the main loop (see [`Live::serve`]).
+const PAGES_PER_TURN: usize = 4;
 /// Most payload bytes stored per channel and claim.
 const STORE_BYTES: i64 = 8 << 20;
 
@@ -41,6 +43,8 @@ pub(super) struct Live {
     bind_failed: Option<(String, Instant)>,
     tokens_checked: Instant,
     retention_checked: Instant,
+    /// Requests left for the next turn (see [`Live::serve`]).
+    waiting: Vec<Request>,
 }
 
 impl Live {
@@ -65,6 +69,7 @@ impl Live {
             bind_failed: None,
             tokens_checked: Instant::now(),
             retention_checked: Instant::now() - RETENTION_CHECK,
+            waiting: Vec::new(),
         };
         live.configure();
         live
@@ -143,12 +148,30 @@ impl Live {
         }
     }
 
-    /// Answers what connection threads asked, in one transaction.
+    /// Answers what connection threads asked, in one transaction: every
+    /// token check, and at most [`PAGES_PER_TURN`] replay pages, so that
+    /// subscribers replaying a long history delay deliveries by a few
+    /// pages' reading at a time (the main loop delivers between turns).
     pub(super) fn serve(&mut self) {
         let Some((_, l)) = &self.listening else {
             return;
         };
-        let requests: Vec<Request> = l.requests().collect();
+        self.waiting.extend(l.requests());
+        let mut pages = 0;
+        let (requests, later): (Vec<Request>, Vec<Request>) = std::mem::take(&mut self.waiting)
+            .into_iter()
+            .partition(|r| match r {
+                Request::Page { .. } => {
+                    pages += 1;
+                    pages <= PAGES_PER_TURN
+                }
+                Request::Open { .. } => true,
+            });
+        self.waiting = later;
+        if !self.waiting.is_empty() {
+            // SAFETY: setting our own latch: the next turn comes at once.
+            unsafe { pg_sys::SetLatch(pg_sys::MyLatch) };
+        }
         if requests.is_empty() {
             return;
         }
@@ -191,6 +214,14 @@ impl Live {
                     {
                         l.hub().unsubscribe(&sub);
                     }
+                }
+                Answer::Page {
+                    channel,
+                    events,
+                    reply,
+                } => {
+                    l.hub().remember(&channel, &events);
+                    let _ = reply.try_send(Ok(events));
                 }
                 Answer::Done => {}
             }
@@ -240,6 +271,11 @@ impl Live {
 }
 
 enum Answer {
+    Page {
+        channel: String,
+        events: Vec<Arc<Event>>,
+        reply: std::sync::mpsc::SyncSender<Result<Vec<Arc<Event>>, String>>,
+    },
     Open {
         channel: String,
         token: [u8; 32],
@@ -302,16 +338,20 @@ fn answer(c: &mut pgrx::spi::SpiClient<'_>, r: Request) -> Result<Answer, pgrx::
                     after.into(),
                     upto.into(),
                     PAGE.into(),
+                    (PAGE_BYTES as i64).into(),
                 ],
             )?
             .map(|r| {
                 let id = r.get::<i64>(1)?.unwrap_or(0);
                 let payload = r.get::<Vec<u8>>(2)?.unwrap_or_default();
-                Ok((id, String::from_utf8_lossy(&payload).into_owned()))
+                Ok(Arc::new(Event::new(id, &String::from_utf8_lossy(&payload))))
             })
             .collect::<Result<Vec<_>, pgrx::spi::Error>>()?;
-            let _ = reply.try_send(Ok(rows));
-            Ok(Answer::Done)
+            Ok(Answer::Page {
+                channel,
+                events: rows,
+                reply,
+            })
         }
     }
 }
@@ -325,7 +365,7 @@ SELECT t.hash FROM emit.channel_tokens t
 /// publishes right after each commit, before it answers anything.
 const HEAD_SQL: &str = "
 SELECT pg_catalog.max(e.id) FROM emit.channel_events e WHERE e.channel = $1";
-/// At most $4 events and, past the first, 4 MB: sizes come from the
+/// At most $4 events and, past the first, $5 bytes: sizes come from the
 /// values' headers, so events past the page are never read.
 const PAGE_SQL: &str = "
 SELECT p.id, pg_catalog.convert_to(e.payload, 'UTF8')
@@ -335,7 +375,7 @@ SELECT p.id, pg_catalog.convert_to(e.payload, 'UTF8')
          WHERE e.channel = $1 AND e.id > $2 AND e.id <= $3
          ORDER BY e.id LIMIT $4) p
   JOIN emit.channel_events e ON e.channel = $1 AND e.id = p.id
- WHERE p.before < 4194304
+ WHERE p.before < $5
  ORDER BY p.id";
 /// Deletes the oldest channel events past the newest `$1` bytes; returns
 /// the bytes kept.

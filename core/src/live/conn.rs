@@ -3,7 +3,7 @@
 //! missed, then write live events as the hub hands them over. Nothing
 //! here touches the database: the main thread answers [`Request`]s.
 
-use super::hub::{Close, Event, Sub};
+use super::hub::{write_slices, Close, Event, Sub};
 use super::{Opened, Refusal, Request, Shared};
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
@@ -306,24 +306,38 @@ impl Session<'_> {
             if self.sub.is_closed() {
                 break;
             }
-            let (tx, rx) = mpsc::sync_channel(1);
-            let page = Request::Page {
-                channel: self.sub.channel.clone(),
-                after: self.last,
-                upto: head,
-                reply: tx,
+            // What another subscriber holds is shared from memory, on
+            // this thread; the rest is read by the main thread.
+            let channel = &self.sub.channel;
+            let recent = self.shared.hub.recent(
+                channel,
+                self.last,
+                head,
+                super::PAGE as usize,
+                super::PAGE_BYTES,
+            );
+            let events = match recent {
+                Some(events) => events,
+                None => {
+                    let (tx, rx) = mpsc::sync_channel(1);
+                    let page = Request::Page {
+                        channel: channel.clone(),
+                        after: self.last,
+                        upto: head,
+                        reply: tx,
+                    };
+                    match self.shared.ask(page, &rx) {
+                        Some(Ok(events)) => events,
+                        Some(Err(why)) => return out.close(&Close::Failed(why), self.last),
+                        None => return out.close(&Close::Stopping, self.last),
+                    }
+                }
             };
-            let rows = match self.shared.ask(page, &rx) {
-                Some(Ok(rows)) => rows,
-                Some(Err(why)) => return out.close(&Close::Failed(why), self.last),
-                None => return out.close(&Close::Stopping, self.last),
-            };
-            if rows.is_empty() {
+            if events.is_empty() {
                 break;
             }
-            let events: Vec<Event> = rows.iter().map(|(id, p)| Event::new(*id, p)).collect();
             self.last = events.last().map_or(head, |e| e.id);
-            out.events(&events.iter().collect::<Vec<_>>())?;
+            out.events(&events.iter().map(|e| &**e).collect::<Vec<_>>())?;
         }
         self.last = self.last.max(head);
         let fd = self.sub.wake_fd();
@@ -379,11 +393,11 @@ struct Sse(TcpStream);
 
 impl Out for Sse {
     fn events(&mut self, events: &[&Event]) -> io::Result<()> {
-        let mut buf = Vec::with_capacity(events.iter().map(|e| e.sse.len()).sum());
+        let mut slices = Vec::new();
         for e in events {
-            buf.extend_from_slice(&e.sse);
+            e.sse(&mut slices);
         }
-        self.0.write_all(&buf)
+        write_slices(&mut self.0, &mut slices)
     }
 
     fn keepalive(&mut self) -> io::Result<()> {
@@ -418,11 +432,15 @@ fn ws_err(e: tungstenite::Error) -> io::Error {
 }
 
 impl Out for Ws {
+    /// Frames go straight to the socket, written around the shared
+    /// events, once what tungstenite has buffered (a pong) is out.
     fn events(&mut self, events: &[&Event]) -> io::Result<()> {
+        self.0.flush().map_err(ws_err)?;
+        let mut slices = Vec::new();
         for e in events {
-            self.0.write(Message::Text(e.ws.clone())).map_err(ws_err)?;
+            e.ws(&mut slices);
         }
-        self.0.flush().map_err(ws_err)
+        write_slices(self.0.get_mut(), &mut slices)
     }
 
     fn keepalive(&mut self) -> io::Result<()> {

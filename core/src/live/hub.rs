@@ -1,51 +1,114 @@
 //! Who is subscribed to what, and each subscriber's queue of events.
 //!
-//! The worker's main thread publishes each event once; every subscriber
-//! of its channel gets a reference to the same bytes (framed once for SSE
-//! and once for WebSocket), so a hundred subscribers cost a hundred
-//! pointers per event, not a hundred copies. A subscriber's queue is
-//! bounded: one that falls too far behind is closed with a reason that
-//! says where to resume, instead of making the worker hold its backlog.
+//! Each event is in memory once, however many subscribers get it: the
+//! worker's main thread makes it once per publish (or replay page), every
+//! subscriber of its channel gets a reference to it, and connections
+//! write their framing around the shared payload with vectored writes
+//! ([`Event::sse`], [`Event::ws`]) instead of copying it into a buffer of
+//! their own. Replay pages that several subscribers read at once share
+//! their events too ([`Hub::recent`]). A subscriber's queue is bounded:
+//! one that falls too far behind is closed with a reason that says where
+//! to resume, instead of making the worker hold its backlog.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::io::IoSlice;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
-/// One channel event, framed for both protocols.
+/// One channel event: its payload, once, and the little each protocol
+/// puts around it.
 pub struct Event {
     pub id: i64,
-    /// `id: N` and the payload's `data:` lines, ending with a blank line.
-    pub sse: Vec<u8>,
-    /// `{"id":N,"data":<payload>}`.
-    pub ws: tungstenite::Utf8Bytes,
+    payload: Box<str>,
+    /// `id: N` and the first `data: `.
+    sse_head: Box<str>,
+    /// The WebSocket frame header (a server's: unmasked, one text frame)
+    /// and `{"id":N,"data":`.
+    ws_head: Box<[u8]>,
+    /// The payload as a JSON string, when it is not JSON itself.
+    quoted: Option<Box<str>>,
 }
 
 impl Event {
-    /// `payload` is the event as its destination's format made it: one
-    /// JSON object (async events always are).
+    /// `payload` is the event as its destination's format made it (JSON,
+    /// which async events always are, or text, sent as a JSON string over
+    /// WebSocket).
     pub fn new(id: i64, payload: &str) -> Event {
-        let mut sse = format!("id: {id}\n").into_bytes();
-        // A payload of several lines is several data fields, which the
-        // reader joins back with newlines.
-        for line in payload.split('\n') {
-            sse.extend_from_slice(b"data: ");
-            sse.extend_from_slice(line.trim_end_matches('\r').as_bytes());
-            sse.push(b'\n');
-        }
-        sse.push(b'\n');
         let json = serde_json::from_str::<&serde_json::value::RawValue>(payload).is_ok();
-        let ws = if json {
-            format!("{{\"id\":{id},\"data\":{payload}}}")
-        } else {
-            let quoted = serde_json::to_string(payload).expect("a string serializes");
-            format!("{{\"id\":{id},\"data\":{quoted}}}")
-        };
+        let quoted: Option<Box<str>> = (!json).then(|| {
+            serde_json::to_string(payload)
+                .expect("a string serializes")
+                .into()
+        });
+        let prefix = format!("{{\"id\":{id},\"data\":");
+        let data = quoted.as_deref().unwrap_or(payload);
+        let len = prefix.len() + data.len() + 1;
+        let mut ws_head = vec![0x81]; // FIN, text
+        match len {
+            0..=125 => ws_head.push(len as u8),
+            126..=0xffff => {
+                ws_head.push(126);
+                ws_head.extend_from_slice(&(len as u16).to_be_bytes());
+            }
+            _ => {
+                ws_head.push(127);
+                ws_head.extend_from_slice(&(len as u64).to_be_bytes());
+            }
+        }
+        ws_head.extend_from_slice(prefix.as_bytes());
         Event {
             id,
-            sse,
-            ws: ws.into(),
+            payload: payload.into(),
+            sse_head: format!("id: {id}\ndata: ").into(),
+            ws_head: ws_head.into(),
+            quoted,
         }
     }
+
+    /// Bytes of the event, for the subscribers' bounds.
+    pub fn size(&self) -> usize {
+        self.payload.len() + self.quoted.as_ref().map_or(0, |q| q.len())
+    }
+
+    /// The Server-Sent Events framing: `id: N`, one `data:` field per
+    /// line of the payload (the reader joins them back with newlines), a
+    /// blank line. Appended to `out` as slices of the event.
+    pub fn sse<'a>(&'a self, out: &mut Vec<IoSlice<'a>>) {
+        out.push(IoSlice::new(self.sse_head.as_bytes()));
+        for (i, line) in self.payload.split('\n').enumerate() {
+            if i > 0 {
+                out.push(IoSlice::new(b"\ndata: "));
+            }
+            out.push(IoSlice::new(line.trim_end_matches('\r').as_bytes()));
+        }
+        out.push(IoSlice::new(b"\n\n"));
+    }
+
+    /// One WebSocket text frame carrying `{"id":N,"data":<payload>}`,
+    /// appended to `out` as slices of the event.
+    pub fn ws<'a>(&'a self, out: &mut Vec<IoSlice<'a>>) {
+        let data = self.quoted.as_deref().unwrap_or(&self.payload);
+        out.push(IoSlice::new(&self.ws_head));
+        out.push(IoSlice::new(data.as_bytes()));
+        out.push(IoSlice::new(b"}"));
+    }
+}
+
+/// Writes every byte of `slices` (vectored, so shared events are never
+/// copied into a buffer of the connection's own).
+pub fn write_slices(
+    w: &mut impl std::io::Write,
+    mut slices: &mut [IoSlice<'_>],
+) -> std::io::Result<()> {
+    while !slices.is_empty() {
+        match w.write_vectored(slices) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut slices, n),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Why the listener closed a subscription.
@@ -127,13 +190,13 @@ impl Sub {
             return;
         }
         for e in events {
-            let full = q.events.len() >= bounds.events || q.bytes + e.sse.len() > bounds.bytes;
+            let full = q.events.len() >= bounds.events || q.bytes + e.size() > bounds.bytes;
             if full && !q.events.is_empty() {
                 q.events.clear();
                 q.closed = Some(Close::Lagging);
                 break;
             }
-            q.bytes += e.sse.len();
+            q.bytes += e.size();
             q.events.push_back(e.clone());
         }
         drop(q);
@@ -166,6 +229,18 @@ impl Sub {
 pub struct Hub {
     bounds: Bounds,
     inner: Mutex<Inner>,
+    recent: Mutex<Recent>,
+}
+
+/// Events some subscriber holds, by channel and id, held weakly: they
+/// cost nothing once no subscriber needs them, and a replay page that
+/// several subscribers read at once is in memory once.
+#[derive(Default)]
+struct Recent {
+    by_channel: HashMap<String, BTreeMap<i64, Weak<Event>>>,
+    entries: usize,
+    /// `entries` after the last sweep of dead ones.
+    swept: usize,
 }
 
 #[derive(Default)]
@@ -179,7 +254,59 @@ impl Hub {
         Hub {
             bounds,
             inner: Mutex::default(),
+            recent: Mutex::default(),
         }
+    }
+
+    /// Remembers `events` of `channel` (see [`Recent`]).
+    pub fn remember(&self, channel: &str, events: &[Arc<Event>]) {
+        let mut r = self.recent.lock().expect("hub lock");
+        let map = r.by_channel.entry(channel.to_string()).or_default();
+        let before = map.len();
+        for e in events {
+            map.insert(e.id, Arc::downgrade(e));
+        }
+        let added = map.len() - before;
+        r.entries += added;
+        // Dead entries go once there are twice as many as after the last
+        // sweep: a sweep's cost is spread over as many inserts.
+        if r.entries > 2 * r.swept.max(1024) {
+            r.by_channel.retain(|_, m| {
+                m.retain(|_, e| e.strong_count() > 0);
+                !m.is_empty()
+            });
+            r.entries = r.by_channel.values().map(BTreeMap::len).sum();
+            r.swept = r.entries;
+        }
+    }
+
+    /// A replay page from memory: events of `channel` with ids from
+    /// `after + 1` on, consecutive and at most `upto`, at most `events` of
+    /// them and, past the first, `bytes`; `None` unless event `after + 1`
+    /// is in memory.
+    pub fn recent(
+        &self,
+        channel: &str,
+        after: i64,
+        upto: i64,
+        events: usize,
+        bytes: usize,
+    ) -> Option<Vec<Arc<Event>>> {
+        let r = self.recent.lock().expect("hub lock");
+        let map = r.by_channel.get(channel)?;
+        let (mut out, mut size) = (Vec::new(), 0);
+        for (&id, e) in map.range(after + 1..=upto) {
+            let Some(e) = e.upgrade() else { break };
+            if id != after + 1 + out.len() as i64
+                || out.len() == events
+                || (!out.is_empty() && size + e.size() > bytes)
+            {
+                break;
+            }
+            size += e.size();
+            out.push(e);
+        }
+        (!out.is_empty()).then_some(out)
     }
 
     /// Adds a subscriber. Called by the main thread, between two
@@ -222,6 +349,7 @@ impl Hub {
 
     /// Hands `events` (in id order) to every subscriber of `channel`.
     pub fn publish(&self, channel: &str, events: &[Arc<Event>]) {
+        self.remember(channel, events);
         let inner = self.inner.lock().expect("hub lock");
         for sub in inner.by_channel.get(channel).into_iter().flatten() {
             sub.push(events, self.bounds);
@@ -273,14 +401,73 @@ mod tests {
         ids.map(|i| Arc::new(Event::new(i, "{\"a\":1}"))).collect()
     }
 
+    fn sse(e: &Event) -> Vec<u8> {
+        let mut s = Vec::new();
+        e.sse(&mut s);
+        s.iter().flat_map(|x| x.to_vec()).collect()
+    }
+
+    /// The frame's payload, after checking its header.
+    fn ws(e: &Event) -> String {
+        let mut s = Vec::new();
+        e.ws(&mut s);
+        let frame: Vec<u8> = s.iter().flat_map(|x| x.to_vec()).collect();
+        let (len, at) = match frame[1] {
+            126 => (u16::from_be_bytes([frame[2], frame[3]]) as usize, 4),
+            127 => (
+                u64::from_be_bytes(frame[2..10].try_into().unwrap()) as usize,
+                10,
+            ),
+            n => (n as usize, 2),
+        };
+        assert_eq!(frame[0], 0x81);
+        assert_eq!(frame.len(), at + len);
+        String::from_utf8(frame[at..].to_vec()).unwrap()
+    }
+
     #[test]
     fn framing() {
         let e = Event::new(7, "{\"a\":\"x\"}");
-        assert_eq!(e.sse, b"id: 7\ndata: {\"a\":\"x\"}\n\n");
-        assert_eq!(e.ws.as_str(), "{\"id\":7,\"data\":{\"a\":\"x\"}}");
-        let e = Event::new(8, "two\nlines");
-        assert_eq!(e.sse, b"id: 8\ndata: two\ndata: lines\n\n");
-        assert_eq!(e.ws.as_str(), "{\"id\":8,\"data\":\"two\\nlines\"}");
+        assert_eq!(sse(&e), b"id: 7\ndata: {\"a\":\"x\"}\n\n");
+        assert_eq!(ws(&e), "{\"id\":7,\"data\":{\"a\":\"x\"}}");
+        let e = Event::new(8, "two\r\nlines");
+        assert_eq!(sse(&e), b"id: 8\ndata: two\ndata: lines\n\n");
+        assert_eq!(ws(&e), "{\"id\":8,\"data\":\"two\\r\\nlines\"}");
+        for n in [100, 1000, 70_000] {
+            let big = format!("{{\"p\":\"{}\"}}", "x".repeat(n));
+            assert_eq!(
+                ws(&Event::new(9, &big)),
+                format!("{{\"id\":9,\"data\":{big}}}")
+            );
+        }
+    }
+
+    #[test]
+    fn replayers_share_what_some_subscriber_holds() {
+        let hub = Hub::new(Bounds {
+            events: 5,
+            bytes: 1 << 20,
+        });
+        let held = events(1..6);
+        hub.remember("c", &held);
+        let page = hub.recent("c", 0, 5, 3, 1 << 20).unwrap();
+        assert_eq!(page.iter().map(|e| e.id).collect::<Vec<_>>(), [1, 2, 3]);
+        assert!(
+            Arc::ptr_eq(&page[0], &held[0]),
+            "the same event, not a copy"
+        );
+        assert!(hub.recent("c", 3, 4, 10, 1 << 20).unwrap().len() == 1);
+        assert!(hub.recent("c", 5, 9, 10, 1 << 20).is_none());
+        assert!(hub.recent("d", 0, 5, 10, 1 << 20).is_none());
+        // Past the first, a page stops at its bytes.
+        assert_eq!(hub.recent("c", 0, 5, 10, 1).unwrap().len(), 1);
+        // Once nobody holds them, they are gone (and swept in time).
+        drop((held, page));
+        assert!(hub.recent("c", 0, 5, 10, 1 << 20).is_none());
+        for k in 0..3000 {
+            hub.remember("c", &events(10 + k..11 + k));
+        }
+        assert!(hub.recent.lock().unwrap().entries < 3000);
     }
 
     #[test]

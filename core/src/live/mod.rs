@@ -22,6 +22,8 @@ use std::sync::{mpsc, Arc, Mutex};
 
 /// Most events in one replay page ([`Request::Page`]).
 pub const PAGE: i64 = 1000;
+/// Most bytes of events in one replay page, past its first event.
+pub const PAGE_BYTES: usize = 4 << 20;
 
 /// Most connections at once; past it new ones get 503. Fewer when the
 /// process may open fewer files (see [`connection_cap`]).
@@ -64,12 +66,13 @@ pub enum Request {
         reply: mpsc::SyncSender<Opened>,
     },
     /// Retained events of `channel` with `after < id <= upto`, in id
-    /// order, at most [`PAGE`] of them: `(id, payload)`.
+    /// order, at most [`PAGE`] of them and, past the first,
+    /// [`PAGE_BYTES`].
     Page {
         channel: String,
         after: i64,
         upto: i64,
-        reply: mpsc::SyncSender<Result<Vec<(i64, String)>, String>>,
+        reply: mpsc::SyncSender<Result<Vec<Arc<hub::Event>>, String>>,
     },
 }
 
