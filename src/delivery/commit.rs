@@ -42,6 +42,8 @@ pub fn try_hold(
     msg: &[u8],
     key: Option<i64>,
 ) -> Result<(), EmitError> {
+    // Sent after the commit, where no wait event can be made.
+    crate::interrupts::make_wait_events();
     let limit = settings::commit_buffer_bytes();
     let held = HELD.with_borrow_mut(|p| {
         p.push_to(

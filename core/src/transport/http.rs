@@ -619,7 +619,10 @@ pub fn request_interruptible(
                 ms: started.elapsed().as_millis(),
             });
         }
-        match rx.recv_timeout(SLICE.min(deadline - now)) {
+        intr.waiting(Some(super::WaitOn::Http));
+        let got = rx.recv_timeout(SLICE.min(deadline - now));
+        intr.waiting(None);
+        match got {
             Ok(r) => return r,
             Err(mpsc::RecvTimeoutError::Timeout) => continue,
             Err(mpsc::RecvTimeoutError::Disconnected) => {

@@ -22,6 +22,46 @@ pub trait Interrupt {
     /// `Err` means "stop now". Inside a statement the backend's
     /// implementation raises the pending ERROR itself and never returns.
     fn check(&self) -> Result<(), Cancelled>;
+
+    /// Called with what a wait is for as it starts blocking, and with
+    /// `None` when it stops: a backend shows it in `pg_stat_activity`.
+    fn waiting(&self, _on: Option<WaitOn>) {}
+}
+
+/// What a wait on the network is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WaitOn {
+    /// A host name's lookup.
+    Resolve,
+    /// A TCP handshake.
+    Connect,
+    /// A write the receiver is not reading fast enough for.
+    Send,
+    /// A reply (brokers' acknowledgements).
+    Reply,
+    /// An HTTP request, connect to last response byte.
+    Http,
+}
+
+impl WaitOn {
+    pub const ALL: [WaitOn; 5] = [
+        WaitOn::Resolve,
+        WaitOn::Connect,
+        WaitOn::Send,
+        WaitOn::Reply,
+        WaitOn::Http,
+    ];
+
+    /// Its name in `pg_stat_activity.wait_event` (PostgreSQL 17 and later).
+    pub fn name(self) -> &'static std::ffi::CStr {
+        match self {
+            WaitOn::Resolve => c"PgEmitResolve",
+            WaitOn::Connect => c"PgEmitConnect",
+            WaitOn::Send => c"PgEmitSend",
+            WaitOn::Reply => c"PgEmitReply",
+            WaitOn::Http => c"PgEmitHttp",
+        }
+    }
 }
 
 /// The wait was abandoned because the backend was asked to stop.

@@ -6,7 +6,7 @@
 //! `std::net` calls cannot offer either: `connect_timeout` cannot be
 //! interrupted and DNS has no timeout at all.
 
-use super::{Cancelled, Interrupt, Timeouts, SLICE};
+use super::{Cancelled, Interrupt, Timeouts, WaitOn, SLICE};
 use crate::security::Allowlist;
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use std::io;
@@ -60,7 +60,13 @@ enum Wait {
 }
 
 /// Waits until `fd` is ready for `events` (or has an error to report).
-fn wait(fd: i32, events: i16, deadline: Instant, intr: &dyn Interrupt) -> Result<(), Wait> {
+fn wait(
+    fd: i32,
+    events: i16,
+    on: WaitOn,
+    deadline: Instant,
+    intr: &dyn Interrupt,
+) -> Result<(), Wait> {
     loop {
         intr.check().map_err(|_| Wait::Cancelled)?;
         let now = Instant::now();
@@ -75,8 +81,10 @@ fn wait(fd: i32, events: i16, deadline: Instant, intr: &dyn Interrupt) -> Result
         };
         // Round up so a 0.4 ms remainder does not spin with timeout 0.
         let ms = slice.as_micros().div_ceil(1000) as i32;
+        intr.waiting(Some(on));
         // SAFETY: one valid pollfd, count 1.
         let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+        intr.waiting(None);
         if n > 0 {
             return Ok(());
         }
@@ -123,7 +131,10 @@ pub fn resolve(
                 ms: millis(now - started),
             });
         }
-        match rx.recv_timeout((deadline - now).min(SLICE)) {
+        intr.waiting(Some(WaitOn::Resolve));
+        let got = rx.recv_timeout((deadline - now).min(SLICE));
+        intr.waiting(None);
+        match got {
             Ok(Ok(addrs)) if !addrs.is_empty() => return Ok(addrs),
             Ok(Ok(_)) => {
                 return Err(SendError::HostNotFound {
@@ -188,7 +199,13 @@ fn connect_one(
         Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
         Err(e) => return Err(refused(e)),
     }
-    match wait(sock.as_raw_fd(), libc::POLLOUT, deadline, intr) {
+    match wait(
+        sock.as_raw_fd(),
+        libc::POLLOUT,
+        WaitOn::Connect,
+        deadline,
+        intr,
+    ) {
         Ok(()) => {}
         Err(Wait::Cancelled) => return Err(SendError::Cancelled),
         Err(Wait::TimedOut) => {
@@ -245,7 +262,13 @@ pub fn write_all(
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                match wait(sock.as_raw_fd(), libc::POLLOUT, deadline, intr) {
+                match wait(
+                    sock.as_raw_fd(),
+                    libc::POLLOUT,
+                    WaitOn::Send,
+                    deadline,
+                    intr,
+                ) {
                     Ok(()) => {}
                     Err(Wait::Cancelled) => {
                         stalled(sent, acked);
@@ -376,7 +399,13 @@ pub fn read_some(
                 return Ok(n);
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                match wait(sock.as_raw_fd(), libc::POLLIN, deadline, intr) {
+                match wait(
+                    sock.as_raw_fd(),
+                    libc::POLLIN,
+                    WaitOn::Reply,
+                    deadline,
+                    intr,
+                ) {
                     Ok(()) => {}
                     Err(Wait::Cancelled) => return Err(SendError::Cancelled),
                     Err(Wait::TimedOut) => {
