@@ -60,7 +60,8 @@ fi
 # cloudevents (the CloudEvents SDK, 2.x: its cloudevents.core API), redis,
 # nats-py and confluent-kafka (Confluent's, on librdkafka, whose wheel
 # carries the library), websockets and httpx-sse (the WebSocket and
-# Server-Sent Events clients the live-channel tests subscribe with).
+# Server-Sent Events clients the live-channel tests subscribe with), and
+# prometheus-client (whose parser reads emit.metrics() as Prometheus would).
 # A venv without pip (python3 -m venv fails half-way without Debian's
 # python3-venv) is made again.
 if [ ! -x .venv/bin/pip ]; then
@@ -76,10 +77,11 @@ if ! .venv/bin/python -c 'import psycopg' 2>/dev/null; then
   say "python venv with psycopg"
   .venv/bin/pip install -q --disable-pip-version-check 'psycopg[binary]'
 fi
-if [ "$mode" = test ] && ! .venv/bin/python -c 'import pytest, pyflakes, standardwebhooks, cloudevents.core, redis, nats, confluent_kafka, websockets, httpx_sse' 2>/dev/null; then
-  say "python test clients: pytest, pyflakes, standardwebhooks, cloudevents, redis, nats-py, confluent-kafka, websockets, httpx-sse"
+if [ "$mode" = test ] && ! .venv/bin/python -c 'import pytest, pyflakes, standardwebhooks, cloudevents.core, redis, nats, confluent_kafka, websockets, httpx_sse, prometheus_client' 2>/dev/null; then
+  say "python test clients: pytest, pyflakes, standardwebhooks, cloudevents, redis, nats-py, confluent-kafka, websockets, httpx-sse, prometheus-client"
   .venv/bin/pip install -q --disable-pip-version-check pytest pyflakes standardwebhooks \
-    'cloudevents==2.2.0' redis nats-py 'confluent-kafka==2.16.1' 'websockets==17.4' httpx 'httpx-sse==0.4.3'
+    'cloudevents==2.2.0' redis nats-py 'confluent-kafka==2.16.1' 'websockets==17.4' httpx 'httpx-sse==0.4.3' \
+    'prometheus-client==0.26.0'
 fi
 
 # 4. PostgreSQL versions other than 15: pinned, hash-checked builds

@@ -48,6 +48,8 @@ GRANT SELECT ON emit.dead_letter TO emit_admin;
 GRANT EXECUTE ON FUNCTION emit.requeue_dead_letters(text) TO emit_admin;
 REVOKE EXECUTE ON FUNCTION emit.requeue_dead_letters(text) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION emit.discard_dead_letters(text, bigint[]) TO emit_admin;
+GRANT EXECUTE ON FUNCTION emit.metrics() TO emit_admin;
+REVOKE EXECUTE ON FUNCTION emit.metrics() FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION emit.discard_dead_letters(text, bigint[]) FROM PUBLIC;
 -- Stored destinations hold credentials: emit_admin manages and reads them.
 GRANT SELECT ON emit.stored_destinations TO emit_admin;

@@ -121,7 +121,11 @@ CREATE TABLE emit.destinations (
     last_delivered_at timestamptz,
     stream            uuid   NOT NULL DEFAULT pg_catalog.gen_random_uuid(),
     next_event_id     bigint NOT NULL DEFAULT 1,
-    origin            text
+    origin            text,
+    -- (0.3) Commit to delivery of the last five minutes' events, as the
+    -- worker last wrote them (emit.metrics()).
+    latency_p50_ms    double precision,
+    latency_p99_ms    double precision
 );
 
 -- Single-row state: which process is the worker (committing backends read
@@ -131,7 +135,12 @@ CREATE TABLE emit.worker (
     one            boolean PRIMARY KEY DEFAULT true CHECK (one),
     pid            integer,
     started_at     timestamptz,
-    install        uuid NOT NULL DEFAULT pg_catalog.gen_random_uuid()
+    install        uuid NOT NULL DEFAULT pg_catalog.gen_random_uuid(),
+    -- (0.3) The live listener, if this database's worker runs it, as it
+    -- last wrote it (emit.metrics()).
+    live_connections integer,
+    live_subscribers integer,
+    live_dropped     bigint
 );
 INSERT INTO emit.worker DEFAULT VALUES;
 
@@ -145,7 +154,9 @@ SELECT d.destination,
        s.last_error,
        s.last_error_at,
        s.last_delivered_at,
-       q.oldest_enqueued_at
+       q.oldest_enqueued_at,
+       s.latency_p50_ms,
+       s.latency_p99_ms
   FROM (SELECT destination FROM emit.outbox
         UNION SELECT destination FROM emit.destinations) d
   LEFT JOIN (SELECT destination,

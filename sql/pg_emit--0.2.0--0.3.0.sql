@@ -16,3 +16,38 @@ REVOKE EXECUTE ON FUNCTION emit.discard_dead_letters(text, bigint[]) FROM PUBLIC
 REVOKE DELETE ON emit.dead_letter FROM emit_admin;
 GRANT EXECUTE ON FUNCTION emit.discard_dead_letters(text, bigint[]) TO emit_admin;
 COMMENT ON ROLE emit_admin IS 'pg_emit: emit_sender, plus emit.stats, emit.dead_letter (read, re-queue, discard) and stored destinations';
+
+-- emit.metrics(): each destination's recent delivery latency, and the live
+-- listener's state, as the worker writes them.
+ALTER TABLE emit.destinations ADD COLUMN latency_p50_ms double precision,
+                              ADD COLUMN latency_p99_ms double precision;
+ALTER TABLE emit.worker ADD COLUMN live_connections integer,
+                        ADD COLUMN live_subscribers integer,
+                        ADD COLUMN live_dropped bigint;
+CREATE OR REPLACE VIEW emit.stats AS
+SELECT d.destination,
+       coalesce(q.queued, 0)    AS queued,
+       coalesce(q.in_flight, 0) AS in_flight,
+       coalesce(s.delivered, 0)       AS delivered,
+       coalesce(s.failed_attempts, 0) AS failed_attempts,
+       coalesce(s.dead_lettered, 0)   AS dead_lettered,
+       s.last_error,
+       s.last_error_at,
+       s.last_delivered_at,
+       q.oldest_enqueued_at,
+       s.latency_p50_ms,
+       s.latency_p99_ms
+  FROM (SELECT destination FROM emit.outbox
+        UNION SELECT destination FROM emit.destinations) d
+  LEFT JOIN (SELECT destination,
+                    sum(events - sent) FILTER (WHERE first_event_id IS NULL)     AS queued,
+                    sum(events - sent) FILTER (WHERE first_event_id IS NOT NULL) AS in_flight,
+                    min(enqueued_at) AS oldest_enqueued_at
+               FROM emit.outbox GROUP BY destination) q USING (destination)
+  LEFT JOIN emit.destinations s USING (destination);
+CREATE FUNCTION emit.metrics() RETURNS text
+STRICT VOLATILE SECURITY DEFINER PARALLEL UNSAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c AS 'MODULE_PATHNAME', 'metrics_wrapper';
+REVOKE EXECUTE ON FUNCTION emit.metrics() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION emit.metrics() TO emit_admin;

@@ -20,6 +20,7 @@ mod error;
 mod hooks;
 mod interrupts;
 mod made;
+mod metrics;
 mod plans;
 mod privileged;
 mod send;

@@ -197,15 +197,34 @@ pub fn pin_worker_settings() {
     }
 }
 
-/// Whether the extension's SQL objects are this library's (0.2), not
-/// 0.1.0's: between installing a new library and `ALTER EXTENSION pg_emit
-/// UPDATE`, writers keep queueing in the old layout and the worker waits,
-/// so nothing is lost or refused while the DBA upgrades.
-pub fn schema_is_current() -> bool {
+/// Whose SQL objects the extension has: between installing a new library
+/// and `ALTER EXTENSION pg_emit UPDATE`, writers keep queueing in the old
+/// layout and the worker waits, so nothing is lost or refused while the
+/// DBA upgrades.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Schema {
+    /// 0.1.0's: an outbox in id order, with no format.
+    V0_1,
+    /// 0.2.0's: the outbox as now, but none of the columns the worker
+    /// writes for `emit.metrics()`.
+    V0_2,
+    /// This library's.
+    Current,
+}
+
+pub fn schema() -> Schema {
     // SAFETY: syscache lookups inside a transaction.
     unsafe {
         let nsp = pg_sys::get_namespace_oid(c"emit".as_ptr(), true);
-        nsp != pg_sys::InvalidOid
-            && pg_sys::get_relname_relid(c"tx_seq".as_ptr(), nsp) != pg_sys::InvalidOid
+        if nsp == pg_sys::InvalidOid
+            || pg_sys::get_relname_relid(c"tx_seq".as_ptr(), nsp) == pg_sys::InvalidOid
+        {
+            return Schema::V0_1;
+        }
+        let stats = pg_sys::get_relname_relid(c"destinations".as_ptr(), nsp);
+        match pg_sys::get_attnum(stats, c"latency_p50_ms".as_ptr()) {
+            n if n > 0 => Schema::Current,
+            _ => Schema::V0_2,
+        }
     }
 }

@@ -374,6 +374,26 @@ def test_one_copy_of_an_event_for_every_subscriber(db, live):
     assert replay_growth < 120, replay_growth
 
 
+def test_metrics_show_the_listener(db, live):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def live_metrics():
+        text = db.one("SELECT emit.metrics()")
+        return {s.name: s.value for f in text_string_to_metric_families(text)
+                for s in f.samples if s.name.startswith("pg_emit_live")}
+
+    tok = token(db, "watched")
+    subs = [Subscriber(f"{live}/channels/watched?token={tok}") for _ in range(3)]
+    end = time.monotonic() + 5
+    while live_metrics().get("pg_emit_live_subscribers", 0) < 3:
+        assert time.monotonic() < end, live_metrics()
+        time.sleep(0.1)
+    m = live_metrics()
+    assert m["pg_emit_live_connections"] >= 3 and "pg_emit_live_dropped_total" in m
+    for s in subs:
+        s.ws.close()
+
+
 def test_heads_past_16_kb_are_refused(db, live):
     tok = token(db, "heads")
     code, body = status_of(f"{live}/channels/heads?token={tok}", {"X-Pad": "a" * 16500})

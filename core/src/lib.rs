@@ -3,8 +3,9 @@
 //! ([`destination`]) and trigger options ([`options`]), the event envelope and formats ([`event`], [`cloudevents`]), the allowlist
 //! ([`security`]), the transports (TCP, HTTP, Redis, NATS, Kafka:
 //! [`transport`]), live channels ([`live`]), delivery of
-//! claimed outbox rows ([`job`]), retry policy ([`backoff`], [`cooldown`])
-//! and the per-transaction event buffer ([`pending`]).
+//! claimed outbox rows ([`job`]), retry policy ([`backoff`], [`cooldown`]),
+//! the per-transaction event buffer ([`pending`]) and `emit.metrics()`'s
+//! exposition ([`metrics`]).
 //!
 //! The extension crate is glue around it: triggers, SPI, hooks, the
 //! worker's main loop and settings. Everything here is tested with plain
@@ -18,6 +19,7 @@ pub mod event;
 pub mod health;
 pub mod job;
 pub mod live;
+pub mod metrics;
 pub mod options;
 pub mod pending;
 pub mod schedule;

@@ -14,7 +14,7 @@
 use super::pending::Pending;
 use super::Target;
 use crate::error::EmitError;
-use crate::privileged::{as_emit_owner, schema_is_current};
+use crate::privileged::{as_emit_owner, schema, Schema};
 use crate::settings;
 use crate::worker;
 use pg_emit_core::event::Kind;
@@ -224,7 +224,7 @@ fn write_level(seq: Seq) -> Option<Seq> {
     // SAFETY: the transaction is writing, so it has (or now gets) an xid.
     let tx = unsafe { pg_sys::GetTopFullTransactionId() }.value as i64;
     let utf8_db = crate::encoding::database_is_utf8();
-    let current = schema_is_current();
+    let numbered = schema() >= Schema::V0_2;
     let mut seq = seq;
     let ids = Spi::connect_mut(|client| {
         let mut ids = Vec::with_capacity(rows.len());
@@ -260,7 +260,7 @@ fn write_level(seq: Seq) -> Option<Seq> {
                 (*events).into(),
                 payload,
             ];
-            if !current {
+            if !numbered {
                 // 0.1.0's outbox, until ALTER EXTENSION UPDATE: its rows
                 // are in commit order by id, which the update keeps. It
                 // has no place to say a format other than its own two,
@@ -500,7 +500,7 @@ pub fn pre_commit(prepare: bool) {
     }
     // One switch to the owner for the rows and their number.
     as_emit_owner(|| {
-        let mut seq = if prepare || !schema_is_current() {
+        let mut seq = if prepare || schema() < Schema::V0_2 {
             Seq::Unknown
         } else {
             Seq::Draw

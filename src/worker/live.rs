@@ -45,6 +45,10 @@ pub(super) struct Live {
     retention_checked: Instant,
     /// Requests left for the next turn (see [`Live::serve`]).
     waiting: Vec<Request>,
+    /// The listener's state as last written to `emit.worker` (`None`:
+    /// not written yet; `Some(None)`: not listening).
+    reported: Option<Option<[i64; 3]>>,
+    reported_at: Instant,
 }
 
 impl Live {
@@ -70,6 +74,8 @@ impl Live {
             tokens_checked: Instant::now(),
             retention_checked: Instant::now() - RETENTION_CHECK,
             waiting: Vec::new(),
+            reported: None,
+            reported_at: Instant::now(),
         };
         live.configure();
         live
@@ -228,12 +234,14 @@ impl Live {
         }
     }
 
-    /// Closes subscriptions whose token was revoked or has expired, and
-    /// deletes events past the retention.
+    /// Closes subscriptions whose token was revoked or has expired,
+    /// deletes events past the retention, and writes the listener's state
+    /// for `emit.metrics()`.
     pub(super) fn housekeeping(&mut self) {
         if self.listening.is_none() && self.bind_failed.is_some() {
             self.configure();
         }
+        self.report();
         if let Some((_, l)) = &self.listening {
             if self.tokens_checked.elapsed() >= TOKEN_CHECK {
                 self.tokens_checked = Instant::now();
@@ -269,6 +277,51 @@ impl Live {
         }
     }
 }
+
+impl Live {
+    /// Writes the listener's connections, subscribers and drops into
+    /// `emit.worker` when they changed (NULLs when not listening, which
+    /// also clears what an earlier worker wrote).
+    fn report(&mut self) {
+        // At most once a second (the main loop may turn far more often).
+        if self.reported.is_some() && self.reported_at.elapsed() < TOKEN_CHECK {
+            return;
+        }
+        self.reported_at = Instant::now();
+        let now = self.listening.as_ref().map(|(_, l)| {
+            [
+                l.connections() as i64,
+                l.hub().subscribers() as i64,
+                l.hub().dropped() as i64,
+            ]
+        });
+        if self.reported == Some(now) {
+            return;
+        }
+        let [c, s, d] = now.map_or([None; 3], |v| v.map(Some));
+        let written = transaction(c"pg_emit: reporting the listener", || {
+            Spi::connect_mut(|sc| {
+                plans::update(
+                    sc,
+                    REPORT_SQL,
+                    &[
+                        c.map(|v| v as i32).into(),
+                        s.map(|v| v as i32).into(),
+                        d.into(),
+                    ],
+                )
+                .map(|_| ())
+            })
+        });
+        match written {
+            Ok(()) => self.reported = Some(now),
+            Err(e) => pgrx::warning!("pg_emit worker: could not report the listener: {e}"),
+        }
+    }
+}
+
+const REPORT_SQL: &str = "
+UPDATE emit.worker SET live_connections = $1, live_subscribers = $2, live_dropped = $3";
 
 enum Answer {
     Page {

@@ -243,8 +243,9 @@ fn take_worker_lock(db: pg_sys::Oid) -> bool {
     got != pg_sys::LockAcquireResult::LOCKACQUIRE_NOT_AVAIL
 }
 
-/// With a new library but 0.1.0's SQL objects (before `ALTER EXTENSION
-/// pg_emit UPDATE`), waits, keeping the queue, until the update is done.
+/// With a new library but an older release's SQL objects (before `ALTER
+/// EXTENSION pg_emit UPDATE`), waits, keeping the queue, until the update
+/// is done.
 /// False when asked to stop meanwhile, or when the extension is gone.
 fn wait_for_current_schema() -> bool {
     let mut said = false;
@@ -252,7 +253,7 @@ fn wait_for_current_schema() -> bool {
         let state = transaction(c"pg_emit: checking the extension version", || {
             Ok::<_, String>((
                 crate::privileged::emit_owner().is_some(),
-                crate::privileged::schema_is_current(),
+                crate::privileged::schema() == crate::privileged::Schema::Current,
             ))
         });
         match state {

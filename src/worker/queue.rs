@@ -13,6 +13,7 @@ use crate::transport;
 use crate::transport::http::ClientConfig;
 use pg_emit_core::destination::{self, Destination, SignWith};
 use pg_emit_core::job::{Dest as JobDest, Flow, HttpSetup, Job, JobError, Outcome, Row};
+use pg_emit_core::metrics::Latencies;
 
 /// Most payload bytes claimed for one destination at a time (and at most
 /// 1,000 rows, the LIMIT of [`QUEUE_SQL`]).
@@ -205,6 +206,19 @@ fn stored_dest(
     ))
 }
 
+thread_local! {
+    /// Each destination's recent delivery latencies (`emit.metrics()`).
+    static LATENCIES: std::cell::RefCell<std::collections::HashMap<String, Latencies>> =
+        std::cell::RefCell::default();
+}
+
+/// Deletes delivered rows; returns each one's queue-to-delivery time (ms)
+/// and its events.
+const DELIVERED_SQL: &str = "
+DELETE FROM emit.outbox o WHERE o.id = ANY($1)
+RETURNING (pg_catalog.date_part('epoch', pg_catalog.clock_timestamp() OPERATOR(pg_catalog.-)
+                                o.enqueued_at) * 1000)::pg_catalog.float8, o.events";
+
 const STORED_SQL: &str = "
 SELECT url, options::pg_catalog.text AS options FROM emit.stored_destinations WHERE name = $1";
 
@@ -378,12 +392,19 @@ pub(super) fn record(
             }
         }
     }
+    let mut latency = None;
     if !delivered_rows.is_empty() {
-        plans::update(
-            c,
-            "DELETE FROM emit.outbox WHERE id = ANY($1)",
-            &[delivered_rows.into()],
-        )?;
+        let now = std::time::Instant::now();
+        let gone = plans::update(c, DELIVERED_SQL, &[delivered_rows.into()])?;
+        latency = LATENCIES.with_borrow_mut(|all| {
+            let window = all.entry(key.to_string()).or_default();
+            for r in gone {
+                let ms = r.get::<f64>(1)?.unwrap_or(0.0);
+                let events = r.get::<i32>(2)?.unwrap_or(1).max(1) as u32;
+                window.add(now, ms, events);
+            }
+            Ok::<_, pgrx::spi::Error>(window.quantiles(now))
+        })?;
     }
     if !partial.0.is_empty() {
         plans::update(
@@ -429,23 +450,28 @@ pub(super) fn record(
     plans::update(
         c,
         "INSERT INTO emit.destinations AS d
-             (destination, delivered, failed_attempts, dead_lettered, last_error, last_error_at, last_delivered_at)
+             (destination, delivered, failed_attempts, dead_lettered, last_error, last_error_at,
+              last_delivered_at, latency_p50_ms, latency_p99_ms)
          VALUES ($1, $2, $3, $4, $5,
                  CASE WHEN $5 IS NOT NULL THEN pg_catalog.now() END,
-                 CASE WHEN $2 > 0 THEN pg_catalog.now() END)
+                 CASE WHEN $2 > 0 THEN pg_catalog.now() END, $6, $7)
          ON CONFLICT (destination) DO UPDATE SET
              delivered = d.delivered + excluded.delivered,
              failed_attempts = d.failed_attempts + excluded.failed_attempts,
              dead_lettered = d.dead_lettered + excluded.dead_lettered,
              last_error = coalesce(excluded.last_error, d.last_error),
              last_error_at = coalesce(excluded.last_error_at, d.last_error_at),
-             last_delivered_at = coalesce(excluded.last_delivered_at, d.last_delivered_at)",
+             last_delivered_at = coalesce(excluded.last_delivered_at, d.last_delivered_at),
+             latency_p50_ms = coalesce(excluded.latency_p50_ms, d.latency_p50_ms),
+             latency_p99_ms = coalesce(excluded.latency_p99_ms, d.latency_p99_ms)",
         &[
             key.into(),
             delivered.into(),
             i64::from(retry.is_some()).into(),
             dead.into(),
             error.into(),
+            latency.map(|l| l.0).into(),
+            latency.map(|l| l.1).into(),
         ],
     )?;
     Ok(dead)

@@ -184,16 +184,19 @@ impl Sub {
 
     /// Queues `events` under one lock and wakes the thread once. An
     /// event is always taken into an empty queue, however large it is.
-    fn push(&self, events: &[Arc<Event>], bounds: Bounds) {
+    /// True when this closed the subscription for lagging.
+    fn push(&self, events: &[Arc<Event>], bounds: Bounds) -> bool {
         let mut q = self.queue.lock().expect("hub lock");
         if q.closed.is_some() {
-            return;
+            return false;
         }
+        let mut lagging = false;
         for e in events {
             let full = q.events.len() >= bounds.events || q.bytes + e.size() > bounds.bytes;
             if full && !q.events.is_empty() {
                 q.events.clear();
                 q.closed = Some(Close::Lagging);
+                lagging = true;
                 break;
             }
             q.bytes += e.size();
@@ -201,6 +204,7 @@ impl Sub {
         }
         drop(q);
         self.notify();
+        lagging
     }
 
     /// Whether the hub has closed it (its connection stops replaying).
@@ -230,6 +234,8 @@ pub struct Hub {
     bounds: Bounds,
     inner: Mutex<Inner>,
     recent: Mutex<Recent>,
+    /// Subscriptions closed for lagging.
+    dropped: std::sync::atomic::AtomicU64,
 }
 
 /// Events some subscriber holds, by channel and id, held weakly: they
@@ -255,7 +261,13 @@ impl Hub {
             bounds,
             inner: Mutex::default(),
             recent: Mutex::default(),
+            dropped: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// Subscriptions closed so far because they fell too far behind.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Remembers `events` of `channel` (see [`Recent`]).
@@ -352,7 +364,10 @@ impl Hub {
         self.remember(channel, events);
         let inner = self.inner.lock().expect("hub lock");
         for sub in inner.by_channel.get(channel).into_iter().flatten() {
-            sub.push(events, self.bounds);
+            if sub.push(events, self.bounds) {
+                self.dropped
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
         }
     }
 
@@ -498,6 +513,7 @@ mod tests {
         let (got, closed) = b.take();
         assert!(got.is_empty());
         assert_eq!(closed, Some(Close::Lagging));
+        assert_eq!(hub.dropped(), 1);
         assert_eq!(a.take().0.len(), 3);
         hub.close_tokens(&[[1; 32]]);
         assert_eq!(a.take().1, Some(Close::TokenGone));

@@ -229,6 +229,11 @@ impl Listener {
         &self.shared.hub
     }
 
+    /// Open connections (subscribed or not yet).
+    pub fn connections(&self) -> usize {
+        self.shared.connections.load(Ordering::Relaxed)
+    }
+
     /// Requests waiting for the main thread.
     pub fn requests(&self) -> mpsc::TryIter<'_, Request> {
         self.requests.try_iter()
