@@ -32,12 +32,20 @@ pub struct Live {
     pub dropped: i64,
 }
 
+/// A metric of every destination: name, type, help, its value.
+type Family = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&Destination) -> Option<f64>,
+);
+
 /// The exposition of `dests` and `live` (when this database listens),
 /// each sample labelled with `database`.
 pub fn render(database: &str, dests: &[Destination], live: Option<&Live>) -> String {
     let mut out = String::new();
     let db = escape(database);
-    let per_dest: [(&str, &str, &str, fn(&Destination) -> Option<f64>); 6] = [
+    let per_dest: [Family; 6] = [
         (
             "pg_emit_queued_events",
             "gauge",
