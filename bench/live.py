@@ -39,6 +39,7 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 from websockets.asyncio.client import connect as ws_connect
@@ -535,6 +536,97 @@ async def replay(port, token, first, last, websocket):
     return sub.first_at - t, sub.last_at - t, len(sub.ids), ok, sub.problem
 
 
+HISTORY_EVENTS = 440  # of 100 kB: 44 MB of history
+REPLAYERS = 30
+
+
+def replay_beside_delivery(conn, port):
+    """Scenario 3: an unrelated async TCP destination's commit → receipt
+    latency (20 events/s) alone, then while REPLAYERS SSE subscribers
+    replay 44 MB of channel history from the start; and the worker's
+    highest RSS meanwhile."""
+    token = conn.execute("SELECT emit.create_token(ARRAY['history'], '1 hour')").fetchone()[0]
+    conn.execute("SELECT send_message('channel:history', json_build_object('n', i, 'pad', "
+                 "repeat('x', 100000))::text) FROM generate_series(1, %s) i", (HISTORY_EVENTS,))
+    if not wait_until(lambda: conn.execute(
+            "SELECT count(*) FROM emit.channel_events WHERE channel = 'history'"
+    ).fetchone()[0] >= HISTORY_EVENTS, timeout=60):
+        raise SystemExit("the worker did not store the history")
+    pid = conn.execute("SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_emit worker' "
+                       "AND datname = current_database()").fetchone()[0]
+
+    def rss_mb():
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(x.split()[1]) for x in f if x.startswith("VmRSS:")) / 1024
+
+    tcp = socket.create_server(("127.0.0.1", 0))
+    lat = []
+
+    def read_lines():
+        c, _ = tcp.accept()
+        buf = b""
+        while True:
+            b = c.recv(1 << 16)
+            if not b:
+                return
+            buf += b
+            *lines, buf = buf.split(b"\n")
+            now = time.time()
+            lat.extend(now - float(line.split(b'"t":')[1].rstrip(b"}")) for line in lines if line)
+
+    threading.Thread(target=read_lines, daemon=True).start()
+    dest = f"tcp://127.0.0.1:{tcp.getsockname()[1]}?framing=ndjson"
+
+    def phase(seconds):
+        lat.clear()
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            conn.execute("SELECT send_message(%s, json_build_object('t', "
+                         "extract(epoch FROM clock_timestamp()))::text)", (dest,))
+            time.sleep(0.05)
+        time.sleep(0.5)
+        return sorted(lat)
+
+    alone = phase(5)
+    before = rss_mb()
+    got = [0] * REPLAYERS
+
+    def replayer(k):
+        s = socket.create_connection(("127.0.0.1", port))
+        s.sendall((f"GET /channels/history?token={token} HTTP/1.1\r\nHost: x\r\n"
+                   "Accept: text/event-stream\r\nLast-Event-ID: 0\r\n\r\n").encode())
+        while got[k] < HISTORY_EVENTS * 100_000:
+            b = s.recv(1 << 20)
+            if not b:
+                break
+            got[k] += len(b)
+        s.close()
+
+    threads = [threading.Thread(target=replayer, args=(k,), daemon=True) for k in range(REPLAYERS)]
+    peak = [before]
+    sampling = [True]
+
+    def sample():
+        while sampling[0]:
+            peak[0] = max(peak[0], rss_mb())
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    t0 = time.monotonic()
+    for t in threads:
+        t.start()
+    beside = phase(5)
+    for t in threads:
+        t.join(60)
+    took = time.monotonic() - t0
+    sampling[0] = False
+    sampler.join()
+    tcp.close()
+    return {"alone": alone, "beside": beside, "rss_before": before, "rss_peak": peak[0],
+            "replayed": sum(g >= HISTORY_EVENTS * 100_000 for g in got), "took": took}
+
+
 def start_listener(cluster):
     """Listens on a free port for DB and waits until it accepts."""
     port = free_port()
@@ -587,11 +679,28 @@ def main():
                 "WHERE channel = 'replay'").fetchone()
             time.sleep(0.5)  # the worker is idle
             two = {ws: asyncio.run(replay(port, token, first, last, ws)) for ws in (False, True)}
+            print("  replaying history beside a TCP destination", file=sys.stderr)
+            three = replay_beside_delivery(conn, port)
     finally:
         with open(cluster.log, errors="replace") as f:
             log = f.read()
         cluster.destroy()
     report(one, two, size, log)
+    report_three(three)
+
+
+def report_three(three):
+    def ms(v):
+        return f"{pct(v, 50) * 1e3:.1f} / {v[-1] * 1e3:.1f}" if v else "–"
+
+    print(f"\n3. An async TCP destination (20 events/s) beside {REPLAYERS} SSE subscribers "
+          f"replaying {HISTORY_EVENTS * 100_000 / 1e6:.0f} MB of history each\n")
+    print("| | commit → receipt p50 / max (ms) |")
+    print("|---|---:|")
+    print(f"| alone | {ms(three['alone'])} |")
+    print(f"| while they replay | {ms(three['beside'])} |")
+    print(f"\n  {three['replayed']} of {REPLAYERS} got the whole history in {three['took']:.1f} s; "
+          f"worker RSS {three['rss_before']:.0f} MB before, {three['rss_peak']:.0f} MB at most")
 
 
 def library(path):
