@@ -45,6 +45,7 @@ GRANT SELECT ON emit.stats TO emit_admin;
 -- Not DELETE: that right includes LOCK TABLE … ACCESS EXCLUSIVE, which
 -- would stall the worker; emit.discard_dead_letters deletes instead.
 GRANT SELECT ON emit.dead_letter TO emit_admin;
+GRANT SELECT ON emit.http_responses TO emit_admin;
 GRANT EXECUTE ON FUNCTION emit.requeue_dead_letters(text) TO emit_admin;
 REVOKE EXECUTE ON FUNCTION emit.requeue_dead_letters(text) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION emit.discard_dead_letters(text, bigint[]) TO emit_admin;

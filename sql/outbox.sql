@@ -182,6 +182,27 @@ COMMENT ON TABLE emit.stored_destinations IS
 
 REVOKE ALL ON emit.outbox, emit.dead_letter, emit.destinations, emit.worker, emit.stats,
               emit.stored_destinations FROM PUBLIC;
+
+-- (0.3) With pg_emit.response_log: the async HTTP responses the worker got
+-- (or why none came), for pg_emit.response_log_retention. Not dumped: a log.
+CREATE TABLE emit.http_responses (
+    id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    destination     text    NOT NULL,
+    -- The events the request carried (one, or a batch).
+    first_event_id  bigint  NOT NULL,
+    last_event_id   bigint  NOT NULL,
+    -- NULL when no response came; error says why.
+    status          integer,
+    elapsed_ms      double precision NOT NULL,
+    -- The start of the body (512 bytes at most).
+    excerpt         text    NOT NULL,
+    error           text,
+    created_at      timestamptz NOT NULL DEFAULT pg_catalog.now()
+);
+CREATE INDEX http_responses_age ON emit.http_responses USING brin (created_at);
+COMMENT ON TABLE emit.http_responses IS
+    'pg_emit: async HTTP responses (pg_emit.response_log), kept for pg_emit.response_log_retention';
+REVOKE ALL ON emit.http_responses FROM PUBLIC;
 REVOKE ALL ON SEQUENCE emit.tx_seq FROM PUBLIC;
 
 -- pg_dump keeps the backlog, the dead letters and the counters, with the

@@ -48,6 +48,29 @@ pub static CHANNEL_RETENTION: GucSetting<i32> = GucSetting::<i32>::new(3600);
 pub static ON_ERROR: GucSetting<OnError> = GucSetting::<OnError>::new(OnError::Warning);
 pub static DEFAULT_DELIVERY: GucSetting<DefaultDelivery> =
     GucSetting::<DefaultDelivery>::new(DefaultDelivery::Sync);
+pub static RESPONSE_LOG: GucSetting<ResponseLog> = GucSetting::<ResponseLog>::new(ResponseLog::Off);
+pub static RESPONSE_LOG_RETENTION: GucSetting<i32> = GucSetting::<i32>::new(86_400);
+
+/// Which async HTTP responses the worker keeps in `emit.http_responses`.
+#[derive(PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
+pub enum ResponseLog {
+    #[name = c"off"]
+    Off,
+    #[name = c"errors"]
+    Errors,
+    #[name = c"all"]
+    All,
+}
+
+/// As the worker's jobs take it.
+pub fn response_log() -> pg_emit_core::job::LogLevel {
+    use pg_emit_core::job::LogLevel;
+    match RESPONSE_LOG.get() {
+        ResponseLog::Off => LogLevel::Off,
+        ResponseLog::Errors => LogLevel::Errors,
+        ResponseLog::All => LogLevel::All,
+    }
+}
 
 /// What a failed delivery does to the statement that caused it.
 #[derive(PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
@@ -256,6 +279,24 @@ pub fn init() {
         &ON_ERROR,
         GucContext::Suset,
         GucFlags::default(),
+    );
+    GucRegistry::define_enum_guc(
+        c"pg_emit.response_log",
+        c"Which async HTTP responses the worker keeps in emit.http_responses: off, errors or all.",
+        c"Each with its status, time and the start of its body; kept for pg_emit.response_log_retention.",
+        &RESPONSE_LOG,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"pg_emit.response_log_retention",
+        c"How long emit.http_responses keeps a response.",
+        c"",
+        &RESPONSE_LOG_RETENTION,
+        1,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
     );
     GucRegistry::define_enum_guc(
         c"pg_emit.default_delivery",

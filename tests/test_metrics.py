@@ -2,6 +2,8 @@
 and the live listener, in the Prometheus text format, read back with the
 parser of prometheus-client (the official Python client)."""
 
+import time
+
 import psycopg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -74,3 +76,71 @@ def test_who_may_scrape(db, cluster):
     finally:
         s.close()
         db.execute("DROP ROLE scraper")
+
+
+def test_the_response_log(db, cluster, table):
+    """pg_emit.response_log keeps async HTTP responses (status, time, the
+    start of the body) for emit_admin to read, errors only or all, and
+    deletes them after pg_emit.response_log_retention; off by default."""
+    rx = HttpReceiver(script=[(503, {}, b"busy, try later")], default=(201, {}, b"created " * 100))
+    down = f"http://127.0.0.1:{free_port()}/hook"
+
+    def reload(**values):
+        with cluster.connect() as c:
+            c.execute("LOAD 'pg_emit'")
+            for name, value in values.items():
+                if value is None:
+                    c.execute(f"ALTER SYSTEM RESET pg_emit.{name}")
+                else:
+                    c.execute(f"ALTER SYSTEM SET pg_emit.{name} = '{value}'")
+            c.execute("SELECT pg_reload_conf()")
+        time.sleep(0.5)  # the worker has read it
+
+    def logged(dest):
+        return db.conn.execute(
+            "SELECT first_event_id, last_event_id, status, elapsed_ms, excerpt, error "
+            "FROM emit.http_responses WHERE destination = %s ORDER BY id", (dest,)).fetchall()
+
+    try:
+        db.execute(f"CREATE TABLE {table} (id int PRIMARY KEY)")
+        db.execute(f"CREATE TRIGGER a AFTER INSERT ON {table} FOR EACH ROW "
+                   f"EXECUTE FUNCTION row_to_http('{rx.url}', 'delivery=async')")
+        db.execute(f"INSERT INTO {table} VALUES (1)")
+        assert len(rx.wait_for(2)) == 2  # off: nothing kept
+        assert wait_until(lambda: db.one("SELECT count(*) FROM emit.outbox") == 0)
+        assert logged(rx.url) == []
+        reload(response_log="all")
+        db.execute(f"INSERT INTO {table} VALUES (2)")
+        assert wait_until(lambda: len(logged(rx.url)) == 1)
+        (first, last, status, ms, excerpt, error), = logged(rx.url)
+        assert first == last and status == 201 and ms >= 0 and error is None
+        assert excerpt.startswith("created created") and len(excerpt) <= 512
+        # errors: a refused connection is kept with why; successes are not.
+        reload(response_log="errors")
+        db.execute(f"CREATE TRIGGER b AFTER INSERT ON {table} FOR EACH ROW "
+                   f"EXECUTE FUNCTION row_to_http('{down}', 'delivery=async')")
+        db.execute(f"INSERT INTO {table} VALUES (3)")
+        assert wait_until(lambda: len(logged(down)) >= 2)
+        assert all(s is None and "refused" in e for _, _, s, _, _, e in logged(down))
+        assert len(logged(rx.url)) == 1
+        # emit_admin reads it; nobody else.
+        db.execute("DROP ROLE IF EXISTS log_reader")
+        db.execute("CREATE ROLE log_reader LOGIN")
+        reader = Session(cluster, user="log_reader")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            reader.one("SELECT count(*) FROM emit.http_responses")
+        reader.close()
+        db.execute("GRANT emit_admin TO log_reader")
+        reader = Session(cluster, user="log_reader")
+        assert reader.one("SELECT count(*) FROM emit.http_responses") >= 3
+        reader.close()
+        # Retention: checked every 10 s.
+        reload(response_log_retention="1s")
+        assert wait_until(lambda: db.one("SELECT count(*) FROM emit.http_responses "
+                                         "WHERE destination = %s", (rx.url,)) == 0, timeout=20)
+    finally:
+        reload(response_log=None, response_log_retention=None)
+        rx.close()
+        db.execute(f"DROP TABLE IF EXISTS {table}")
+        db.execute("DELETE FROM emit.outbox")
+        db.execute("DROP ROLE IF EXISTS log_reader")

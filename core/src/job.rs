@@ -107,6 +107,73 @@ pub struct Job {
     /// `pg_emit.allowed_destinations` as of the claim: checked again at
     /// delivery, so a destination disallowed after queueing is refused.
     pub allow: Allowlist,
+    /// HTTP responses to keep (`pg_emit.response_log`).
+    pub log: ResponseLog,
+}
+
+/// Which HTTP responses the worker keeps in `emit.http_responses`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogLevel {
+    #[default]
+    Off,
+    /// Failures: a status outside 2xx, or no response at all.
+    Errors,
+    All,
+}
+
+/// One HTTP request's outcome, as the response log keeps it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Logged {
+    /// The events it carried (one, or a batch).
+    pub first: i64,
+    pub last: i64,
+    /// `None`: no response (the error says why).
+    pub status: Option<u16>,
+    pub ms: f64,
+    /// The start of the response body (see [`http::Response`]).
+    pub excerpt: String,
+    pub error: Option<String>,
+}
+
+/// A job's response log, filled by its sender threads.
+#[derive(Debug, Default)]
+pub struct ResponseLog {
+    pub level: LogLevel,
+    entries: Mutex<Vec<Logged>>,
+}
+
+impl Clone for ResponseLog {
+    /// The level; a copy of a job starts with an empty log.
+    fn clone(&self) -> Self {
+        ResponseLog::new(self.level)
+    }
+}
+
+impl ResponseLog {
+    pub fn new(level: LogLevel) -> Self {
+        ResponseLog {
+            level,
+            entries: Mutex::default(),
+        }
+    }
+
+    fn record(&self, l: Logged) {
+        let success = l.status.is_some_and(|s| (200..300).contains(&s));
+        match self.level {
+            LogLevel::Off => {}
+            LogLevel::Errors if success => {}
+            _ => self
+                .entries
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(l),
+        }
+    }
+
+    /// What was recorded, in the order the requests ended.
+    pub fn take(&self) -> Vec<Logged> {
+        std::mem::take(&mut *self.entries.lock().unwrap_or_else(|p| p.into_inner()))
+    }
 }
 
 /// Why a job stopped.
@@ -295,7 +362,8 @@ pub fn send_job(conn: &mut Conn, job: &Job, intr: &dyn Interrupt) -> Outcome {
                         with_id(&mut buf, row.kind, &job.stream, id, line);
                         let signing = signer.sign(row.kind, &job.stream, id, id);
                         let body = Body::one(row.kind.format, &buf);
-                        post(&c, url, headers, signing, body).map_err(Stopped)?;
+                        post(&c, url, headers, signing, body, &job.log, (id, id))
+                            .map_err(Stopped)?;
                         sent[i] += 1;
                         Ok(())
                     })
@@ -520,20 +588,24 @@ fn send_parallel(
                     } else {
                         Body::one(kind(&unit[0]).format, &buf)
                     };
-                    let r = post(client, url, headers, signing, body).map_err(|e| match e {
-                        JobError::Reject {
-                            status,
-                            message,
-                            excerpt,
-                            ..
-                        } => JobError::Reject {
-                            status,
-                            message,
-                            excerpt,
-                            events: units[i].len() as u32,
-                        },
-                        e => e,
-                    });
+                    let log = (&job.log, (first, last));
+                    let r =
+                        post(client, url, headers, signing, body, log.0, log.1).map_err(
+                            |e| match e {
+                                JobError::Reject {
+                                    status,
+                                    message,
+                                    excerpt,
+                                    ..
+                                } => JobError::Reject {
+                                    status,
+                                    message,
+                                    excerpt,
+                                    events: units[i].len() as u32,
+                                },
+                                e => e,
+                            },
+                        );
                     let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
                     st.0.finish(i, r.is_ok());
                     if let Err(e) = r {
@@ -700,6 +772,8 @@ fn post(
     headers: &[(String, String)],
     (id, signing): (String, Signing),
     body: Body<'_>,
+    log: &ResponseLog,
+    (first, last): (i64, i64),
 ) -> Result<(), JobError> {
     let (content_type, headers, body) = match body {
         Body::One(Format::CloudEventsBinary, event) => {
@@ -733,7 +807,23 @@ fn post(
         id: Some(id),
         signing,
     };
-    match http::request(client, &req) {
+    let started = Instant::now();
+    let result = http::request(client, &req);
+    if log.level != LogLevel::Off {
+        let (status, excerpt, error) = match &result {
+            Ok(r) => (Some(r.status), r.excerpt.clone(), None),
+            Err(e) => (None, String::new(), Some(e.to_string())),
+        };
+        log.record(Logged {
+            first,
+            last,
+            status,
+            ms: started.elapsed().as_secs_f64() * 1000.0,
+            excerpt,
+            error,
+        });
+    }
+    match result {
         Ok(r) if r.success() => Ok(()),
         Ok(r) if r.retryable() => Err(JobError::Retry {
             message: r.describe(url),
@@ -783,6 +873,7 @@ mod tests {
                 stall: true,
             },
             allow: Allowlist::default(),
+            log: ResponseLog::default(),
         }
     }
 
@@ -1137,6 +1228,58 @@ mod tests {
         let barrier = ids.iter().position(|&id| id == 33).unwrap();
         assert!(ids[..barrier].iter().all(|&id| id < 33));
         assert!(ids[barrier + 1..].iter().all(|&id| id > 33));
+    }
+
+    #[test]
+    fn the_response_log_keeps_what_its_level_says() {
+        let (port, _) = slow_http(Duration::ZERO);
+        let payload: Vec<String> = (0..4).map(|i| format!("{{\"n\":{i}}}")).collect();
+        let mut j = job(
+            port,
+            Framing::Close,
+            vec![row(1, 1, 0, &payload.join("\n"))],
+        );
+        j.dest = http_dest(port);
+        (j.flow.concurrency, j.flow.batch) = (2, 2);
+        for (level, n) in [
+            (LogLevel::Off, 0),
+            (LogLevel::Errors, 0),
+            (LogLevel::All, 2),
+        ] {
+            j.log = ResponseLog::new(level);
+            let out = send_job(&mut Conn::default(), &j, &Uninterruptible);
+            assert!(out.error.is_none(), "{:?}", out.error);
+            let mut got = j.log.take();
+            assert_eq!(got.len(), n, "{level:?}");
+            got.sort_by_key(|l| l.first);
+            if n > 0 {
+                assert_eq!(
+                    (got[0].first, got[0].last, got[0].status),
+                    (1, 2, Some(200))
+                );
+                assert_eq!((got[1].first, got[1].last), (3, 4));
+                assert!(got[0].ms >= 0.0 && got[0].error.is_none());
+            }
+        }
+        // No response at all is a failure the log keeps, with why.
+        let closed = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        j.dest = http_dest(closed);
+        j.log = ResponseLog::new(LogLevel::Errors);
+        let out = send_job(&mut Conn::default(), &j, &Uninterruptible);
+        assert!(out.error.is_some());
+        let got = j.log.take();
+        assert!(!got.is_empty() && got[0].status.is_none(), "{got:?}");
+        assert!(
+            got[0]
+                .error
+                .as_deref()
+                .is_some_and(|e| e.contains("refused")),
+            "{got:?}"
+        );
     }
 
     #[test]

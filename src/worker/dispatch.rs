@@ -63,7 +63,12 @@ pub(super) struct Worker {
     /// Schema `emit` of the installation this worker serves.
     emit_nsp: pg_sys::Oid,
     live: Live,
+    /// When `emit.http_responses` was last purged.
+    responses_purged: Instant,
 }
+
+/// How often responses past their retention are deleted.
+const RESPONSES_PURGE: Duration = Duration::from_secs(10);
 
 pub(super) struct WorkerSettings {
     backoff: Backoff,
@@ -95,6 +100,7 @@ impl Worker {
             origin,
             emit_nsp,
             live: Live::new(),
+            responses_purged: Instant::now(),
         }
     }
 
@@ -145,6 +151,15 @@ impl Worker {
             }
             self.live.serve();
             self.live.housekeeping();
+            if self.responses_purged.elapsed() >= RESPONSES_PURGE {
+                self.responses_purged = Instant::now();
+                let purged = transaction(c"pg_emit: deleting old HTTP responses", || {
+                    Spi::connect_mut(super::queue::purge_responses)
+                });
+                if let Err(e) = purged {
+                    pgrx::warning!("pg_emit worker: could not delete old HTTP responses: {e}");
+                }
+            }
             let done: Vec<_> = self.done_rx.try_iter().collect();
             if !done.is_empty() {
                 if let Err(stop) = self.acknowledge(done) {

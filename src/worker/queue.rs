@@ -12,7 +12,9 @@ use crate::security::Allowlist;
 use crate::transport;
 use crate::transport::http::ClientConfig;
 use pg_emit_core::destination::{self, Destination, SignWith};
-use pg_emit_core::job::{Dest as JobDest, Flow, HttpSetup, Job, JobError, Outcome, Row};
+use pg_emit_core::job::{
+    Dest as JobDest, Flow, HttpSetup, Job, JobError, Outcome, ResponseLog, Row,
+};
 use pg_emit_core::metrics::Latencies;
 
 /// Most payload bytes claimed for one destination at a time (and at most
@@ -154,6 +156,7 @@ pub(super) fn claim(
     };
     let stream = number_events(c, key, origin, &mut rows, &rest, assign)?;
     Ok(Some(Job {
+        log: ResponseLog::new(crate::settings::response_log()),
         dest,
         rows,
         flow,
@@ -204,6 +207,28 @@ fn stored_dest(
         JobDest::Endpoint(stored.endpoint, HttpSetup { client, standard }),
         flow,
     ))
+}
+
+/// The response log's rows of one job (`pg_emit.response_log`).
+const RESPONSES_SQL: &str = "
+INSERT INTO emit.http_responses (destination, first_event_id, last_event_id, status, elapsed_ms,
+                                 excerpt, error)
+SELECT $1, r.f, r.l, r.s, r.ms, r.x, r.e
+  FROM ROWS FROM (pg_catalog.unnest($2::pg_catalog.int8[]), pg_catalog.unnest($3::pg_catalog.int8[]),
+                  pg_catalog.unnest($4::pg_catalog.int4[]), pg_catalog.unnest($5::pg_catalog.float8[]),
+                  pg_catalog.unnest($6::pg_catalog.text[]), pg_catalog.unnest($7::pg_catalog.text[]))
+       r(f, l, s, ms, x, e)";
+
+/// Deletes responses past `pg_emit.response_log_retention`.
+pub(super) fn purge_responses(c: &mut pgrx::spi::SpiClient<'_>) -> Result<(), pgrx::spi::Error> {
+    plans::update(
+        c,
+        "DELETE FROM emit.http_responses
+          WHERE created_at < pg_catalog.now()
+                OPERATOR(pg_catalog.-) pg_catalog.make_interval(secs => $1::pg_catalog.float8)",
+        &[crate::settings::RESPONSE_LOG_RETENTION.get().into()],
+    )
+    .map(|_| ())
 }
 
 thread_local! {
@@ -391,6 +416,34 @@ pub(super) fn record(
                 partial.1.push(sent as i32);
             }
         }
+    }
+    let responses = job.log.take();
+    if !responses.is_empty() {
+        let first: Vec<i64> = responses.iter().map(|l| l.first).collect();
+        let last: Vec<i64> = responses.iter().map(|l| l.last).collect();
+        let status: Vec<Option<i32>> = responses.iter().map(|l| l.status.map(i32::from)).collect();
+        let ms: Vec<f64> = responses.iter().map(|l| l.ms).collect();
+        let excerpt: Vec<String> = responses
+            .iter()
+            .map(|l| message_text(&l.excerpt).into_owned())
+            .collect();
+        let error: Vec<Option<String>> = responses
+            .iter()
+            .map(|l| l.error.as_deref().map(|e| message_text(e).into_owned()))
+            .collect();
+        plans::update(
+            c,
+            RESPONSES_SQL,
+            &[
+                key.into(),
+                first.into(),
+                last.into(),
+                status.into(),
+                ms.into(),
+                excerpt.into(),
+                error.into(),
+            ],
+        )?;
     }
     let mut latency = None;
     if !delivered_rows.is_empty() {
