@@ -32,6 +32,7 @@ import array
 import asyncio
 import base64
 import hashlib
+import json
 import math
 import multiprocessing
 import os
@@ -572,7 +573,7 @@ def replay_beside_delivery(conn, port):
             buf += b
             *lines, buf = buf.split(b"\n")
             now = time.time()
-            lat.extend(now - float(line.split(b'"t":')[1].rstrip(b"}")) for line in lines if line)
+            lat.extend(now - json.loads(line)["t"] for line in lines if line)
 
     threading.Thread(target=read_lines, daemon=True).start()
     dest = f"tcp://127.0.0.1:{tcp.getsockname()[1]}?framing=ndjson"

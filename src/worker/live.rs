@@ -30,7 +30,7 @@ const RETENTION_CHECK: Duration = Duration::from_secs(10);
 /// How often a listener that could not bind tries again.
 const BIND_RETRY: Duration = Duration::from_secs(10);
 /// Replay pages read per turn of the main loop (see [`Live::serve`]).
-const PAGES_PER_TURN: usize = 4;
+const PAGES_PER_TURN: usize = 2;
 /// Most payload bytes stored per channel and claim.
 const STORE_BYTES: i64 = 8 << 20;
 

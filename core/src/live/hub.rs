@@ -238,16 +238,23 @@ pub struct Hub {
     dropped: std::sync::atomic::AtomicU64,
 }
 
-/// Events some subscriber holds, by channel and id, held weakly: they
-/// cost nothing once no subscriber needs them, and a replay page that
-/// several subscribers read at once is in memory once.
+/// Events some subscriber holds, by channel and id, held weakly: a
+/// replay page that several subscribers read at once is in memory once.
+/// The last [`KEEP_BYTES`] remembered are also held strongly, so that
+/// subscribers replaying the same history a little apart share what the
+/// first of them read instead of each reading it from the database.
 #[derive(Default)]
 struct Recent {
     by_channel: HashMap<String, BTreeMap<i64, Weak<Event>>>,
     entries: usize,
     /// `entries` after the last sweep of dead ones.
     swept: usize,
+    kept: VecDeque<Arc<Event>>,
+    kept_bytes: usize,
 }
+
+/// Bytes of recently remembered events held strongly (see [`Recent`]).
+const KEEP_BYTES: usize = 32 << 20;
 
 #[derive(Default)]
 struct Inner {
@@ -280,6 +287,14 @@ impl Hub {
         }
         let added = map.len() - before;
         r.entries += added;
+        for e in events {
+            r.kept_bytes += e.size();
+            r.kept.push_back(e.clone());
+        }
+        while r.kept_bytes > KEEP_BYTES && r.kept.len() > 1 {
+            let old = r.kept.pop_front().expect("more than one");
+            r.kept_bytes -= old.size();
+        }
         // Dead entries go once there are twice as many as after the last
         // sweep: a sweep's cost is spread over as many inserts.
         if r.entries > 2 * r.swept.max(1024) {
@@ -476,13 +491,24 @@ mod tests {
         assert!(hub.recent("d", 0, 5, 10, 1 << 20).is_none());
         // Past the first, a page stops at its bytes.
         assert_eq!(hub.recent("c", 0, 5, 10, 1).unwrap().len(), 1);
-        // Once nobody holds them, they are gone (and swept in time).
+        // Once nobody holds them and they are no longer among the last
+        // KEEP_BYTES, they are gone (and swept in time).
         drop((held, page));
+        assert!(hub.recent("c", 0, 5, 10, 1 << 20).is_some(), "kept");
+        let big = format!("{{\"p\":\"{}\"}}", "x".repeat(KEEP_BYTES / 2));
+        let bigs: Vec<Arc<Event>> = (100..103).map(|i| Arc::new(Event::new(i, &big))).collect();
+        hub.remember("c", &bigs);
+        drop(bigs);
         assert!(hub.recent("c", 0, 5, 10, 1 << 20).is_none());
+        assert!(hub.recent.lock().unwrap().kept_bytes <= KEEP_BYTES);
+        // Entries of events nobody holds are swept: what stays is about
+        // what is kept.
+        let mid = format!("{{\"p\":\"{}\"}}", "x".repeat(64 << 10));
         for k in 0..3000 {
-            hub.remember("c", &events(10 + k..11 + k));
+            hub.remember("c", &[Arc::new(Event::new(200 + k, &mid))]);
         }
-        assert!(hub.recent.lock().unwrap().entries < 3000);
+        let r = hub.recent.lock().unwrap();
+        assert!(r.entries <= r.kept.len() + 2048, "{} {}", r.entries, r.kept.len());
     }
 
     #[test]

@@ -22,8 +22,10 @@ use std::sync::{mpsc, Arc, Mutex};
 
 /// Most events in one replay page ([`Request::Page`]).
 pub const PAGE: i64 = 1000;
-/// Most bytes of events in one replay page, past its first event.
-pub const PAGE_BYTES: usize = 4 << 20;
+/// Most bytes of events in one replay page, past its first event: the
+/// worker reads a page between two delivery turns, so a page must be
+/// quick to read.
+pub const PAGE_BYTES: usize = 1 << 20;
 
 /// Most connections at once; past it new ones get 503. Fewer when the
 /// process may open fewer files (see [`connection_cap`]).
