@@ -371,3 +371,27 @@ def test_warnings_name_a_stored_destination_never_its_address(db, table, dest):
         db.execute("SELECT emit.drop_ddl_trigger('leak_route')")
         db.execute(f"DROP TABLE IF EXISTS {table}")
         db.execute("DROP ROLE leak_writer")
+
+
+def test_an_altered_destination_gets_the_next_async_event(db, table, dest):
+    """The worker kept a connection to the old address: 0.2.0 wrote the
+    next events to it (30 s later nothing had reached the new one)."""
+    old, new = Receiver("ndjson"), Receiver("ndjson")
+    try:
+        db.execute("SELECT emit.create_destination(%s, %s)",
+                   (dest, f"tcp://127.0.0.1:{old.port}?framing=ndjson"))
+        db.execute(f"CREATE TABLE {table} (id int PRIMARY KEY)")
+        db.execute(f"CREATE TRIGGER out AFTER INSERT ON {table} FOR EACH ROW "
+                   f"EXECUTE FUNCTION row_to_destination('{dest}', 'delivery=async')")
+        db.execute(f"INSERT INTO {table} VALUES (1)")
+        assert len(old.wait_for(1)) == 1
+        db.execute("SELECT emit.alter_destination(%s, %s)",
+                   (dest, f"tcp://127.0.0.1:{new.port}?framing=ndjson"))
+        db.execute(f"INSERT INTO {table} VALUES (2)")
+        got = new.wait_for(1, timeout=5)
+        assert [json.loads(m)["new"]["id"] for m in got] == [2]
+        assert len(old.messages) == 1
+    finally:
+        old.close()
+        new.close()
+        db.execute(f"DROP TABLE IF EXISTS {table}")

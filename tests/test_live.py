@@ -621,6 +621,17 @@ def test_retained_events_are_held_to_the_outbox_limit(db, cluster, live):
         db.execute("DELETE FROM emit.channel_events WHERE channel = 'capped'")
 
 
+def first_answer(port, why, timeout=10):
+    """The status of the first request the listener on `port` answers."""
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            return httpx.get(f"http://127.0.0.1:{port}/channels/orders", timeout=2).status_code
+        except httpx.TransportError:
+            assert time.monotonic() < end, why
+            time.sleep(0.1)
+
+
 def test_the_listener_serves_as_soon_as_the_extension_exists():
     """With preloading and pg_emit.listen set for a database, CREATE
     EXTENSION there starts the listener: no first event needed."""
@@ -640,15 +651,7 @@ def test_the_listener_serves_as_soon_as_the_extension_exists():
             with conn.transaction():
                 conn.execute("CREATE EXTENSION pg_emit")
                 conn.execute("CREATE TABLE t (id int)")
-        end = time.monotonic() + 10
-        while True:
-            try:
-                r = httpx.get(f"http://127.0.0.1:{port}/channels/orders", timeout=2)
-                break
-            except httpx.TransportError:
-                assert time.monotonic() < end, "the listener did not start after CREATE EXTENSION"
-                time.sleep(0.1)
-        assert r.status_code == 401
+        assert first_answer(port, "the listener did not start after CREATE EXTENSION") == 401
         with c.connect("livenew") as conn:
             assert conn.execute("SELECT count(*) FROM emit.outbox").fetchone()[0] == 0
         # And on reload: a new address serves at once, the old one closes.
@@ -656,15 +659,7 @@ def test_the_listener_serves_as_soon_as_the_extension_exists():
         with c.connect("livenew") as conn:
             conn.execute(f"ALTER SYSTEM SET pg_emit.listen = '127.0.0.1:{moved}'")
             conn.execute("SELECT pg_reload_conf()")
-        end = time.monotonic() + 10
-        while True:
-            try:
-                r = httpx.get(f"http://127.0.0.1:{moved}/channels/orders", timeout=2)
-                break
-            except httpx.TransportError:
-                assert time.monotonic() < end, "the listener did not move on reload"
-                time.sleep(0.1)
-        assert r.status_code == 401
+        assert first_answer(moved, "the listener did not move on reload") == 401
         with pytest.raises(OSError):
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
     finally:

@@ -11,7 +11,6 @@ use crate::transport::http::{self, ClientConfig, HttpError, Request, Signing};
 use crate::transport::tcp::{self, SendError};
 use crate::transport::{kafka, nats, redis};
 use crate::transport::{BrokerError, Interrupt, Timeouts};
-use socket2::Socket;
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -234,7 +233,7 @@ pub struct Outcome {
 /// connection, or the keep-alive HTTP client.
 #[derive(Default)]
 pub struct Conn {
-    tcp: Option<Socket>,
+    tcp: Option<tcp::Kept>,
     redis: Option<redis::Conn>,
     nats: Option<nats::Conn>,
     kafka: Option<kafka::Conn>,
@@ -995,6 +994,38 @@ mod tests {
                 r#"{"id":12,"stream":"s","a":3}"#
             ]
         );
+    }
+
+    /// A stored destination altered to another address: the kept
+    /// connection to the old one is not written to again (0.2.0 sent the
+    /// next events to the old address for as long as it stayed open).
+    #[test]
+    fn a_kept_connection_serves_only_its_address() {
+        let (old, new) = (
+            TcpListener::bind("127.0.0.1:0").unwrap(),
+            TcpListener::bind("127.0.0.1:0").unwrap(),
+        );
+        let (old_port, new_port) = (
+            old.local_addr().unwrap().port(),
+            new.local_addr().unwrap().port(),
+        );
+        let mut conn = Conn::default();
+        let first = job(old_port, Framing::Ndjson, vec![row(1, 1, 0, "{\"a\":1}")]);
+        assert!(send_job(&mut conn, &first, &Uninterruptible)
+            .error
+            .is_none());
+        let second = job(new_port, Framing::Ndjson, vec![row(2, 2, 0, "{\"a\":2}")]);
+        assert!(send_job(&mut conn, &second, &Uninterruptible)
+            .error
+            .is_none());
+        drop(conn);
+        let read = |l: TcpListener| {
+            let mut s = String::new();
+            l.accept().unwrap().0.read_to_string(&mut s).unwrap();
+            s
+        };
+        assert_eq!(read(old), "{\"id\":1,\"stream\":\"s\",\"a\":1}\n");
+        assert_eq!(read(new), "{\"id\":2,\"stream\":\"s\",\"a\":2}\n");
     }
 
     /// A receiver that reads 16 kB every 20 ms (~800 kB/s); after

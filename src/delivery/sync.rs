@@ -21,7 +21,6 @@ use pg_emit_core::cloudevents;
 use pg_emit_core::destination::SignWith;
 use pg_emit_core::event::Kind;
 use pg_emit_core::options::Format;
-use socket2::Socket;
 use std::cell::RefCell;
 use std::time::Instant;
 
@@ -29,7 +28,7 @@ use std::time::Instant;
 struct State {
     cooldowns: Cooldowns,
     /// Kept-open ndjson connections per destination.
-    conns: Vec<(String, u16, Option<Socket>)>,
+    conns: Vec<(String, u16, Option<tcp::Kept>)>,
     /// Kept-open Redis connections, by destination key (credentials
     /// differ per stored destination, so not by host and port).
     redis: Vec<(String, Option<redis::Conn>)>,

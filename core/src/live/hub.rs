@@ -508,7 +508,12 @@ mod tests {
             hub.remember("c", &[Arc::new(Event::new(200 + k, &mid))]);
         }
         let r = hub.recent.lock().unwrap();
-        assert!(r.entries <= r.kept.len() + 2048, "{} {}", r.entries, r.kept.len());
+        assert!(
+            r.entries <= r.kept.len() + 2048,
+            "{} {}",
+            r.entries,
+            r.kept.len()
+        );
     }
 
     #[test]

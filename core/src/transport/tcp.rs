@@ -345,7 +345,7 @@ pub fn send_once(
 /// last (nothing when reconnecting failed).
 #[allow(clippy::too_many_arguments)]
 pub fn write_kept(
-    slot: &mut Option<Socket>,
+    slot: &mut Option<Kept>,
     host: &str,
     port: u16,
     msg: &[u8],
@@ -355,16 +355,18 @@ pub fn write_kept(
     intr: &dyn Interrupt,
 ) -> Result<(), SendError> {
     *acked = 0;
-    if let Some(sock) = slot.take() {
+    if let Some(kept) = slot.take() {
+        let sock = &kept.sock;
         let peer_allowed = sock
             .peer_addr()
             .ok()
             .and_then(|a| a.as_socket())
             .is_some_and(|a| allow.filter(host, port, None, &[a]).is_ok());
-        if peer_allowed && !peer_closed(&sock) {
-            match write_all(&sock, msg, timeouts, acked, intr) {
+        let same = kept.host == host && kept.port == port;
+        if same && peer_allowed && !peer_closed(sock) {
+            match write_all(sock, msg, timeouts, acked, intr) {
                 Ok(()) => {
-                    *slot = Some(sock);
+                    *slot = Some(kept);
                     return Ok(());
                 }
                 // The receiver went away between messages: reconnect.
@@ -375,8 +377,21 @@ pub fn write_kept(
     }
     let sock = open(host, port, timeouts, allow, intr)?;
     write_all(&sock, msg, timeouts, acked, intr)?;
-    *slot = Some(sock);
+    *slot = Some(Kept {
+        host: host.to_string(),
+        port,
+        sock,
+    });
     Ok(())
+}
+
+/// A kept-open connection and the address it was opened for: one kept for
+/// another address (a stored destination that was altered) is replaced,
+/// not written to.
+pub struct Kept {
+    host: String,
+    port: u16,
+    sock: Socket,
 }
 
 /// Reads what has arrived on `sock` into `buf` (appending), waiting until
