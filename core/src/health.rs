@@ -19,8 +19,10 @@ pub enum Ended {
     /// An event was refused for good and dead-lettered: carry on at once.
     Refused,
     /// Worth trying again, not before `after` if the receiver said so.
+    /// `progressed`: the job delivered events before it failed.
     Failed {
         after: Option<Duration>,
+        progressed: bool,
     },
 }
 
@@ -67,7 +69,15 @@ impl Health {
                 self.retry_at = None;
                 None
             }
-            Ended::Failed { after } => {
+            Ended::Failed { after, progressed } => {
+                // A job that delivered events before one failed is a
+                // receiver that works and failed a request (a 500 in a
+                // hundred): the streak starts again, and the next attempt
+                // comes after the shortest backoff, not a doubled one.
+                if progressed {
+                    self.failures = 0;
+                    self.logged_failures = 0;
+                }
                 self.failures += 1;
                 let delay = backoff
                     .delay(self.failures, jitter)
@@ -111,7 +121,10 @@ mod tests {
     fn failures_back_off_and_log_once_a_minute() {
         let mut h = Health::default();
         let t0 = Instant::now();
-        let fail = Ended::Failed { after: None };
+        let fail = Ended::Failed {
+            after: None,
+            progressed: false,
+        };
         let first = h.record(fail, t0, &B, 0.0, "d", &"refused").unwrap();
         assert!(
             first.contains("attempt 1") && first.contains("refused"),
@@ -142,11 +155,47 @@ mod tests {
         let mut h = Health::default();
         let t0 = Instant::now();
         let after = Some(Duration::from_secs(120));
-        h.record(Ended::Failed { after }, t0, &B, 0.0, "d", &"429");
+        h.record(
+            Ended::Failed {
+                after,
+                progressed: false,
+            },
+            t0,
+            &B,
+            0.0,
+            "d",
+            &"429",
+        );
         assert!(!h.ready(t0 + Duration::from_secs(119)));
         assert!(h.ready(t0 + Duration::from_secs(120)));
         h.record(Ended::Refused, t0, &B, 0.0, "d", &"400");
         assert!(h.ready(t0));
         assert_eq!(h.failures, 1);
+    }
+
+    /// A receiver failing 1 % of requests: each failed job still delivered
+    /// the events before it, so the backoff stays at its shortest instead
+    /// of doubling to 30 s (0.2.0: 71 of 300 events/s after an outage).
+    #[test]
+    fn a_job_that_made_progress_does_not_lengthen_the_backoff() {
+        let mut h = Health::default();
+        let t0 = Instant::now();
+        let stalled = Ended::Failed {
+            after: None,
+            progressed: false,
+        };
+        for _ in 0..5 {
+            h.record(stalled, t0, &B, 0.0, "d", &"down");
+        }
+        assert!(!h.ready(t0 + Duration::from_millis(700)));
+        let progressed = Ended::Failed {
+            after: None,
+            progressed: true,
+        };
+        for _ in 0..5 {
+            h.record(progressed, t0, &B, 0.0, "d", &"500");
+            assert_eq!(h.failures, 1);
+            assert!(h.ready(t0 + B.min));
+        }
     }
 }

@@ -330,15 +330,22 @@ impl Worker {
             Ok(d) => d,
             Err(e) => return Err(stop_or_raise("recording deliveries", e)),
         };
-        for ((key, _, out), dead) in done.into_iter().zip(dead) {
+        for ((key, job, out), dead) in done.into_iter().zip(dead) {
             let jitter = backoff::jitter(&mut self.rng);
             let dest = self.dests.get_mut(&key).expect("dispatched before");
             dest.busy = false;
+            let progressed = out.sent.iter().zip(&job.rows).any(|(s, r)| *s > r.sent);
             let ended = match &out.error {
                 None => Ended::Delivered,
                 Some(JobError::Reject { .. }) => Ended::Refused,
-                Some(JobError::Retry { after, .. }) => Ended::Failed { after: *after },
-                Some(JobError::NotAllowed(_)) => Ended::Failed { after: None },
+                Some(JobError::Retry { after, .. }) => Ended::Failed {
+                    after: *after,
+                    progressed,
+                },
+                Some(JobError::NotAllowed(_)) => Ended::Failed {
+                    after: None,
+                    progressed: false,
+                },
             };
             let error: &dyn std::fmt::Display = match &out.error {
                 Some(e) => e,
