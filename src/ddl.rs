@@ -274,7 +274,8 @@ fn commands(dropping: bool, tag: &str) -> Vec<(Vec<u8>, Option<String>)> {
         "SELECT NULL::pg_catalog.bytea, pg_catalog.textsend(object_type), \
                 pg_catalog.textsend(schema_name), pg_catalog.textsend(object_identity), false \
            FROM pg_catalog.pg_event_trigger_dropped_objects() \
-          WHERE (original OR normal) AND NOT is_temporary"
+          WHERE (original OR normal) AND NOT is_temporary \
+            AND address_names[1] IS DISTINCT FROM 'pg_temp'"
     } else {
         "SELECT pg_catalog.textsend(command_tag), pg_catalog.textsend(object_type), \
                 pg_catalog.textsend(schema_name), pg_catalog.textsend(object_identity), \
