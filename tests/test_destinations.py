@@ -61,6 +61,9 @@ def test_alter_redirects_later_and_queued_events(db, table, dest):
         )
         db.execute(f"INSERT INTO {table} VALUES (1)")
         assert len(old.wait_for(1)) == 1
+        # Counted delivered (else it is sent again, rightly, to the new URL).
+        assert wait_until(lambda: db.one(
+            "SELECT delivered FROM emit.stats WHERE destination = %s", (dest,)) == 1, 10)
         # The old receiver goes away with an event queued for it.
         old.kill()
         db.execute(f"INSERT INTO {table} VALUES (2)")
