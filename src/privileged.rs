@@ -136,6 +136,11 @@ const WORKER_SETTINGS: &[(&CStr, &CStr)] = &[
     (c"role", c"none"),
     (c"statement_timeout", c"0"),
     (c"lock_timeout", c"0"),
+    // Shorter than any backend's (1 s by default, and only superusers may
+    // change it): in a deadlock with a user's transaction, the process
+    // whose timeout runs out first aborts, and that should be the worker,
+    // which just starts again, not DROP EXTENSION or a writer.
+    (c"deadlock_timeout", c"100ms"),
     (c"idle_in_transaction_session_timeout", c"0"),
     (c"transaction_timeout", c"0"),
     (c"default_transaction_read_only", c"off"),

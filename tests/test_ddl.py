@@ -9,6 +9,7 @@ import psycopg
 import pytest
 
 from conftest import Session
+from pgcluster import wait_until
 from receivers import HttpReceiver, Receiver, free_port
 
 
@@ -318,3 +319,46 @@ def test_drop_extension_with_a_route(cluster, rx):
         with cluster.connect() as c:
             c.execute("DROP DATABASE emit_ddl_drop WITH (FORCE)")
     assert len(rx.messages) == 1
+
+
+def test_the_worker_gives_way_in_a_deadlock(cluster, rx):
+    """DROP EXTENSION takes the extension's tables one at a time; a worker
+    starting meanwhile may hold one and want another. The worker is the one
+    that gives way (its deadlock_timeout is shorter), quietly: no ERROR in
+    the log, and the user's transaction goes through."""
+    cluster.create_db("emit_ddl_deadlock")
+    try:
+        with cluster.connect("emit_ddl_deadlock") as c, \
+                cluster.connect("emit_ddl_deadlock") as u:
+            c.execute("CREATE EXTENSION pg_emit")
+            c.execute("CREATE TABLE t (id int)")
+            c.execute("CREATE TRIGGER e AFTER INSERT ON t FOR EACH ROW EXECUTE FUNCTION "
+                      f"row_to_socket('127.0.0.1', {rx.port}, 'delivery=async', 'framing=ndjson')")
+            c.execute("INSERT INTO t VALUES (1)")
+            rx.wait_for(1)
+            pid = c.execute("SELECT pid FROM emit.worker").fetchone()[0]
+            with open(cluster.log) as f:
+                f.seek(0, 2)
+                c.execute("SELECT pg_catalog.pg_terminate_backend(%s)", (pid,))
+                assert wait_until(lambda: c.execute(
+                    "SELECT count(*) FROM pg_catalog.pg_stat_activity WHERE pid = %s", (pid,)
+                ).fetchone()[0] == 0)
+                u.execute("BEGIN")
+                u.execute("LOCK TABLE emit.destinations IN ACCESS EXCLUSIVE MODE")
+                c.execute("INSERT INTO t VALUES (2)")
+                # The next worker, starting, has read emit.worker and waits
+                # for emit.destinations.
+                assert wait_until(lambda: c.execute(
+                    "SELECT count(*) FROM pg_catalog.pg_locks l"
+                    "  JOIN pg_catalog.pg_stat_activity a USING (pid)"
+                    " WHERE a.backend_type = 'pg_emit worker' AND NOT l.granted"
+                    "   AND l.relation = 'emit.destinations'::regclass").fetchone()[0] == 1)
+                u.execute("LOCK TABLE emit.worker IN ACCESS EXCLUSIVE MODE")
+                u.execute("COMMIT")
+                assert [json.loads(m)["new"]["id"] for m in rx.wait_for(2)] == [1, 2]
+                log = f.read()
+        assert "gave way to a concurrent transaction" in log, log
+        assert "ERROR" not in log, log
+    finally:
+        with cluster.connect() as c:
+            c.execute("DROP DATABASE emit_ddl_deadlock WITH (FORCE)")

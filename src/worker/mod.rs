@@ -159,8 +159,7 @@ pub extern "C-unwind" fn pg_emit_worker_main(arg: pg_sys::Datum) {
     // DROP EXTENSION may have won the race since the check above: then
     // this is a stop, not a fault.
     if let Err(e) = registered {
-        stop_or_raise("starting", e);
-        dropped();
+        stopped(stop_or_raise("starting", e));
     }
     if !wait_for_current_schema() {
         return;
@@ -174,15 +173,17 @@ pub extern "C-unwind" fn pg_emit_worker_main(arg: pg_sys::Datum) {
     });
     let origin = match registered {
         Ok(origin) => origin,
-        Err(e) => {
-            stop_or_raise("starting", e);
-            dropped();
-        }
+        Err(e) => stopped(stop_or_raise("starting", e)),
     };
     pgrx::log!("pg_emit worker started");
     let (origin, nsp) = origin;
     let stop = Worker::new(origin, nsp).run();
     STOPPING.store(true, Ordering::Relaxed);
+    stopped(stop)
+}
+
+/// Leaves the worker for `stop`, logging why.
+fn stopped(stop: Stop) -> ! {
     match stop {
         Stop::ExtensionDropped => dropped(),
         Stop::DatabaseWanted => {
@@ -199,6 +200,14 @@ pub extern "C-unwind" fn pg_emit_worker_main(arg: pg_sys::Datum) {
         Stop::Reinstalled => {
             pgrx::log!("pg_emit worker: extension reinstalled, restarting");
             // Exit 1: restarted a second later, for the new install.
+            exit(1)
+        }
+        Stop::Yielded => {
+            pgrx::log!(
+                "pg_emit worker: gave way to a concurrent transaction (deadlock), restarting"
+            );
+            // Exit 1: restarted a second later; what it had claimed and
+            // not recorded is claimed again.
             exit(1)
         }
     }
@@ -290,6 +299,8 @@ enum Stop {
     ExtensionDropped,
     Reinstalled,
     DatabaseWanted,
+    /// Lost a deadlock (see `txn::Failed`).
+    Yielded,
 }
 
 /// Where the worker runs, as the key of its streams: system identifier,

@@ -9,8 +9,8 @@ use pgrx::prelude::*;
 /// unwind-safe closures; an ERROR here ends the worker anyway (it restarts).
 ///
 /// An ERROR inside `f` (pgrx turns it into an unwinding panic) aborts the
-/// transaction and comes back as `Err` with its message, so the caller can
-/// tell a dropped extension from a real fault.
+/// transaction and comes back as `Err`, so the caller can tell a dropped
+/// extension or a lost deadlock from a real fault.
 ///
 /// `what` shows in `pg_stat_activity.query` while it runs; afterwards the
 /// worker reports itself idle, so a DBA sees it never sits in a
@@ -18,7 +18,7 @@ use pgrx::prelude::*;
 pub(super) fn transaction<R, E: std::fmt::Display>(
     what: &std::ffi::CStr,
     f: impl FnOnce() -> Result<R, E>,
-) -> Result<R, String> {
+) -> Result<R, Failed> {
     // SAFETY: reporting activity and the standard bgworker transaction
     // bracket.
     unsafe {
@@ -45,7 +45,10 @@ pub(super) fn transaction<R, E: std::fmt::Display>(
         Ok(Err(e)) => {
             // SAFETY: abort releases locks, snapshots and SPI state.
             unsafe { pg_sys::AbortCurrentTransaction() };
-            Err(e.to_string())
+            Err(Failed {
+                message: e.to_string(),
+                deadlock: false,
+            })
         }
         Err(panic) => {
             // SAFETY: as above; pgrx already flushed PostgreSQL's error
@@ -55,11 +58,16 @@ pub(super) fn transaction<R, E: std::fmt::Display>(
                 Ok(e) => match *e {
                     pgrx::pg_sys::panic::CaughtError::PostgresError(r)
                     | pgrx::pg_sys::panic::CaughtError::ErrorReport(r)
-                    | pgrx::pg_sys::panic::CaughtError::RustPanic { ereport: r, .. } => {
-                        r.message().to_string()
-                    }
+                    | pgrx::pg_sys::panic::CaughtError::RustPanic { ereport: r, .. } => Failed {
+                        message: r.message().to_string(),
+                        deadlock: r.sql_error_code()
+                            == pgrx::PgSqlErrorCode::ERRCODE_T_R_DEADLOCK_DETECTED,
+                    },
                 },
-                Err(_) => "unexpected panic".to_string(),
+                Err(_) => Failed {
+                    message: "unexpected panic".to_string(),
+                    deadlock: false,
+                },
             })
         }
     };
@@ -68,10 +76,29 @@ pub(super) fn transaction<R, E: std::fmt::Display>(
     r
 }
 
+/// Why a worker transaction failed.
+pub(super) struct Failed {
+    message: String,
+    /// The worker lost a deadlock. Its `deadlock_timeout` is shorter than
+    /// any backend's (see `crate::privileged`), so in a deadlock with a
+    /// user's transaction (DROP EXTENSION taking the extension's tables one
+    /// by one, say) the worker is the one that gives way.
+    deadlock: bool,
+}
+
+impl std::fmt::Display for Failed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
 /// After a failed transaction: a missing extension means DROP EXTENSION
-/// won the race with this worker, which then just stops; anything else is
-/// a real fault, raised (the worker restarts in a second).
-pub(super) fn stop_or_raise(what: &str, err: String) -> Stop {
+/// won the race with this worker, which then just stops; a lost deadlock
+/// means a concurrent transaction (often that DROP EXTENSION, not yet
+/// committed) is given the way, and the worker starts again a second
+/// later; anything else is a real fault, raised (the worker restarts in a
+/// second).
+pub(super) fn stop_or_raise(what: &str, err: Failed) -> Stop {
     let installed = transaction(c"pg_emit: checking the extension", || {
         Spi::get_one::<bool>(
             "SELECT EXISTS (SELECT FROM pg_catalog.pg_extension WHERE extname = 'pg_emit')",
@@ -79,6 +106,7 @@ pub(super) fn stop_or_raise(what: &str, err: String) -> Stop {
     });
     match installed {
         Ok(Some(false)) => Stop::ExtensionDropped,
+        _ if err.deadlock => Stop::Yielded,
         _ => pgrx::error!("pg_emit worker: {what} failed: {err}"),
     }
 }
