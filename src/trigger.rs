@@ -503,11 +503,11 @@ fn fire(td: &pg_sys::TriggerData, func: Func) -> pg_sys::Datum {
             (true, _) => (None, Some(tuple_json(td.tg_trigtuple, desc, c))),
         }
     };
-    // The ordering key of async events and of Kafka records (their
-    // partition): the trigger's key columns, else the row's replica
-    // identity (its primary key unless the table says otherwise), before
-    // an UPDATE.
-    let keyed = mode == Delivery::Async || matches!(target.endpoint(), Target::Kafka(_));
+    // The ordering key of async events and of sinks that route by it
+    // (Kafka's partitions): the trigger's key columns, else the row's
+    // replica identity (its primary key unless the table says otherwise),
+    // before an UPDATE.
+    let keyed = mode == Delivery::Async || target.keyed();
     let key = match op {
         Op::Insert | Op::Update | Op::Delete if row_level && keyed => {
             let cols = key_columns(&firing, &plan);

@@ -7,8 +7,8 @@
 use crate::job::{Flow, DEFAULT_CONCURRENCY};
 use crate::options::{self, Format, Framing, OptionError};
 use crate::schedule::Order;
-use crate::transport::http;
-use crate::transport::{kafka, nats, redis};
+use crate::sink::{AnyBroker, Settings};
+use crate::transport::{host_port, http};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 
@@ -24,12 +24,10 @@ pub enum Destination {
         url: String,
         headers: Vec<(String, String)>,
     },
-    /// A Redis stream (`redis://host:port/stream`).
-    Redis(Box<redis::Stream>),
-    /// A NATS subject captured by a JetStream stream (`nats://host:port/subject`).
-    Nats(Box<nats::Subject>),
-    /// A Kafka topic (`kafka://host:port/topic`, one bootstrap broker).
-    Kafka(Box<kafka::Topic>),
+    /// A broker's stream, subject or topic (`redis://host:port/stream`,
+    /// `nats://host:port/subject`, `kafka://host:port/topic`: see
+    /// [`crate::sink`]).
+    Broker(AnyBroker),
     /// A live channel (`channel:name`): kept in the database for
     /// `pg_emit.channel_retention` and pushed to WebSocket and SSE
     /// subscribers by the listener (see [`crate::live`]).
@@ -53,9 +51,7 @@ impl Destination {
         match self {
             Destination::Tcp { host, port, .. } => host_port(host, *port),
             Destination::Http { url, .. } => url.clone(),
-            Destination::Redis(s) => redis_url(s),
-            Destination::Nats(s) => nats_url(s),
-            Destination::Kafka(t) => kafka_url(t),
+            Destination::Broker(b) => b.url(),
             Destination::Channel(name) => format!("channel:{name}"),
             Destination::Stored { name, .. } => name.clone(),
         }
@@ -67,6 +63,12 @@ impl Destination {
             Destination::Stored { endpoint, .. } => endpoint,
             d => d,
         }
+    }
+
+    /// Whether its sends use events' ordering keys (see
+    /// [`crate::sink::Broker::KEYED`]).
+    pub fn keyed(&self) -> bool {
+        matches!(self.endpoint(), Destination::Broker(b) if b.keyed())
     }
 
     /// Whether messages can share a write (kept-open ndjson connections).
@@ -97,9 +99,7 @@ impl Destination {
             Destination::Http { url, headers } => {
                 format!("{url} (headers {:08x})", fnv1a(headers) as u32)
             }
-            Destination::Redis(s) => redis_url(s),
-            Destination::Nats(s) => nats_url(s),
-            Destination::Kafka(t) => kafka_url(t),
+            Destination::Broker(b) => b.url(),
             Destination::Channel(name) => format!("channel:{name}"),
             Destination::Stored { name, .. } => name.clone(),
         }
@@ -134,27 +134,16 @@ impl Destination {
                 )
             }
             // Only URLs without credentials get here (those are stored).
-            Destination::Redis(s) => (
-                s.host.clone(),
-                i32::from(s.port),
-                "redis".into(),
-                Some(redis_url(s)),
-                None,
-            ),
-            Destination::Nats(s) => (
-                s.host.clone(),
-                i32::from(s.port),
-                "nats".into(),
-                Some(nats_url(s)),
-                None,
-            ),
-            Destination::Kafka(t) => (
-                t.host.clone(),
-                i32::from(t.port),
-                "kafka".into(),
-                Some(kafka_url(t)),
-                None,
-            ),
+            Destination::Broker(b) => {
+                let (host, port) = b.address();
+                (
+                    host.to_string(),
+                    i32::from(port),
+                    b.scheme().into(),
+                    Some(b.url()),
+                    None,
+                )
+            }
             Destination::Channel(name) => (
                 String::new(),
                 0,
@@ -164,35 +153,6 @@ impl Destination {
             ),
             Destination::Stored { .. } => (String::new(), 0, "stored".into(), None, None),
         }
-    }
-}
-
-/// A stream's URL, without its credentials.
-fn redis_url(s: &redis::Stream) -> String {
-    let mut key = Vec::new();
-    crate::cloudevents::percent_encode_path(&mut key, &s.key);
-    let key = String::from_utf8(key).expect("percent-encoding leaves ASCII");
-    match s.maxlen {
-        Some(n) => format!("redis://{}/{key}?maxlen={n}", host_port(&s.host, s.port)),
-        None => format!("redis://{}/{key}", host_port(&s.host, s.port)),
-    }
-}
-
-/// A subject's URL, without its credentials.
-fn nats_url(s: &nats::Subject) -> String {
-    format!("nats://{}/{}", host_port(&s.host, s.port), s.subject)
-}
-
-fn kafka_url(t: &kafka::Topic) -> String {
-    format!("kafka://{}/{}", host_port(&t.host, t.port), t.topic)
-}
-
-/// `host:port`, with brackets around IPv6 addresses.
-pub fn host_port(host: &str, port: u16) -> String {
-    if host.contains(':') {
-        format!("[{host}]:{port}")
-    } else {
-        format!("{host}:{port}")
     }
 }
 
@@ -237,7 +197,7 @@ pub fn parse_url(input: &str, headers: Vec<(String, String)>) -> Result<Destinat
                 headers,
             })
         }
-        Some(scheme @ ("tcp" | "redis" | "nats" | "kafka")) => {
+        Some(scheme) if scheme == "tcp" || AnyBroker::SCHEMES.contains(&scheme) => {
             if !headers.is_empty() {
                 return Err(OptionError::Destination(format!(
                     "{input:?}: headers apply to http:// and https:// destinations only"
@@ -245,9 +205,7 @@ pub fn parse_url(input: &str, headers: Vec<(String, String)>) -> Result<Destinat
             }
             match scheme {
                 "tcp" => parse_tcp(input),
-                "nats" => parse_nats(input),
-                "kafka" => parse_kafka(input),
-                _ => parse_redis(input),
+                _ => parse_broker(scheme, input),
             }
         }
         _ => Err(OptionError::Destination(format!(
@@ -318,19 +276,15 @@ fn parse_tcp(input: &str) -> Result<Destination, OptionError> {
     })
 }
 
-/// A broker URL parsed, with its host checked; `credentials` names the
-/// options that take what a URL must not hold.
-fn broker_url(input: &str, credentials: &str) -> Result<(url::Url, String), OptionError> {
+/// A broker's URL: its host checked, and no credentials, which belong in
+/// a stored destination's options, never in a URL that a trigger would
+/// show.
+fn parse_broker(scheme: &str, input: &str) -> Result<Destination, OptionError> {
     let bad = |why: &str| OptionError::Destination(format!("{input:?}: {why}"));
     if input.chars().any(|c| c.is_control() || c.is_whitespace()) {
         return Err(bad("a URL cannot contain whitespace or control characters"));
     }
     let u = url::Url::parse(input).map_err(|e| bad(&e.to_string()))?;
-    if !u.username().is_empty() || u.password().is_some() {
-        return Err(bad(&format!(
-            "credentials go in a stored destination's options ({credentials}), not in the URL"
-        )));
-    }
     let host = u.host_str().unwrap_or_default();
     let host = host
         .strip_prefix('[')
@@ -338,102 +292,21 @@ fn broker_url(input: &str, credentials: &str) -> Result<(url::Url, String), Opti
         .unwrap_or(host)
         .to_string();
     options::check_host(&host)?;
-    Ok((u, host))
-}
-
-/// `redis://host:port/stream[?maxlen=N]`. Credentials belong in a stored
-/// destination's options, never in a URL that a trigger would show.
-fn parse_redis(input: &str) -> Result<Destination, OptionError> {
-    let bad = |why: &str| OptionError::Destination(format!("{input:?}: {why}"));
-    let (u, host) = broker_url(input, "username, password")?;
-    let port = u.port().unwrap_or(6379);
-    let key = percent_decode(u.path().strip_prefix('/').unwrap_or_default())
-        .ok_or_else(|| bad("the stream name is not valid percent-encoded UTF-8"))?;
-    if key.is_empty() || u.fragment().is_some() {
-        return Err(bad(
-            "a redis:// URL is redis://host[:port]/stream[?maxlen=N]",
-        ));
+    let b = AnyBroker::parse(scheme, &u, host, input).expect("a broker's scheme")?;
+    if !u.username().is_empty() || u.password().is_some() {
+        let takes: Vec<_> = ["username", "password", "token"]
+            .into_iter()
+            .filter(|o| b.takes(o))
+            .collect();
+        return Err(bad(&match takes.is_empty() {
+            true => format!("{scheme}:// destinations take no credentials"),
+            false => format!(
+                "credentials go in a stored destination's options ({}), not in the URL",
+                takes.join(", ")
+            ),
+        }));
     }
-    let mut maxlen = None;
-    for (k, v) in u.query_pairs() {
-        match (k.as_ref(), v.parse::<u64>()) {
-            ("maxlen", Ok(n)) if n > 0 => maxlen = Some(n),
-            _ => {
-                return Err(bad(&format!(
-                    "unknown parameter {k}={v} (known: maxlen=N, a positive integer)"
-                )))
-            }
-        }
-    }
-    Ok(Destination::Redis(Box::new(redis::Stream {
-        host,
-        port,
-        key,
-        maxlen,
-        auth: None,
-    })))
-}
-
-/// `nats://host[:port]/subject`; credentials belong in a stored
-/// destination's options.
-fn parse_nats(input: &str) -> Result<Destination, OptionError> {
-    let bad = |why: &str| OptionError::Destination(format!("{input:?}: {why}"));
-    let (u, host) = broker_url(input, "username and password, or token")?;
-    let subject = u.path().strip_prefix('/').unwrap_or_default();
-    if !nats::check_subject(subject) || u.query().is_some() || u.fragment().is_some() {
-        return Err(bad(
-            "a nats:// URL is nats://host[:port]/subject, the subject dot-separated tokens \
-             without wildcards",
-        ));
-    }
-    Ok(Destination::Nats(Box::new(nats::Subject {
-        host,
-        port: u.port().unwrap_or(4222),
-        subject: subject.to_string(),
-        auth: None,
-    })))
-}
-
-/// `kafka://host[:port]/topic`: one bootstrap broker; the partitions'
-/// leaders are found through it.
-fn parse_kafka(input: &str) -> Result<Destination, OptionError> {
-    let bad = |why: &str| OptionError::Destination(format!("{input:?}: {why}"));
-    if url::Url::parse(input).is_ok_and(|u| !u.username().is_empty() || u.password().is_some()) {
-        return Err(bad(
-            "kafka:// destinations take no credentials: pg_emit speaks Kafka without SASL",
-        ));
-    }
-    let (u, host) = broker_url(input, "")?;
-    let topic = u.path().strip_prefix('/').unwrap_or_default();
-    if !kafka::check_topic(topic) || u.query().is_some() || u.fragment().is_some() {
-        return Err(bad(
-            "a kafka:// URL is kafka://host[:port]/topic, the topic 1 to 249 of a-z A-Z 0-9 . _ -",
-        ));
-    }
-    Ok(Destination::Kafka(Box::new(kafka::Topic {
-        host,
-        port: u.port().unwrap_or(9092),
-        topic: topic.to_string(),
-    })))
-}
-
-/// `%XX` sequences as the bytes they stand for (a URL path segment; `+`
-/// is itself), or `None` when that is not UTF-8 or a `%` is malformed.
-fn percent_decode(s: &str) -> Option<String> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' {
-            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
+    Ok(Destination::Broker(b))
 }
 
 /// A stored destination's name: an identifier-like word, so that it can
@@ -628,59 +501,41 @@ pub fn parse_stored(url: &str, options: &str) -> Result<Stored, OptionError> {
             "a channel is not stored: name it as channel:{name} wherever a destination goes"
         )));
     }
-    let refuse = |name: &str, applies: &str| {
-        Err(OptionError::Destination(format!(
-            "options: {name} applies to {applies} destinations only"
-        )))
-    };
-    if opts.maxlen.is_some() && !matches!(endpoint, Destination::Redis(_)) {
-        return refuse("maxlen", "redis://");
+    if opts.username.is_some() && opts.password.is_none() {
+        return Err(OptionError::Destination(
+            "options: username needs a password".into(),
+        ));
     }
-    if opts.token.is_some() && !matches!(endpoint, Destination::Nats(_)) {
-        return refuse("token", "nats://");
+    // The options only some brokers take (see crate::sink::Broker::OPTIONS).
+    let given = [
+        ("username", opts.username.is_some()),
+        ("password", opts.password.is_some()),
+        ("token", opts.token.is_some()),
+        ("maxlen", opts.maxlen.is_some()),
+    ];
+    for (name, _) in given.iter().filter(|(_, set)| *set) {
+        let taken = match &endpoint {
+            Destination::Broker(b) => b.takes(name),
+            _ => false,
+        };
+        if !taken {
+            let schemes: Vec<_> = AnyBroker::taking(name)
+                .into_iter()
+                .map(|s| format!("{s}://"))
+                .collect();
+            return Err(OptionError::Destination(format!(
+                "options: {name} applies to {} destinations only",
+                schemes.join(" and ")
+            )));
+        }
     }
-    let password = match (opts.username.clone(), opts.password.clone()) {
-        (Some(_), None) => {
-            return Err(OptionError::Destination(
-                "options: username needs a password".into(),
-            ))
-        }
-        (user, Some(password)) => Some((user, password)),
-        (None, None) => None,
-    };
-    match &mut endpoint {
-        Destination::Redis(stream) => {
-            if let Some(n) = opts.maxlen {
-                if n == 0 {
-                    return Err(OptionError::Destination(
-                        "options: maxlen must be a positive number of entries".into(),
-                    ));
-                }
-                stream.maxlen = Some(n);
-            }
-            stream.auth = password.map(|(username, password)| redis::Auth { username, password });
-        }
-        Destination::Nats(subject) => {
-            subject.auth = match (password, opts.token.clone()) {
-                (Some((Some(user), password)), None) => {
-                    Some(nats::Auth::UserPassword { user, password })
-                }
-                (Some((None, _)), None) => {
-                    return Err(OptionError::Destination(
-                        "options: a NATS password needs its username".into(),
-                    ))
-                }
-                (None, Some(token)) => Some(nats::Auth::Token(token)),
-                (Some(_), Some(_)) => {
-                    return Err(OptionError::Destination(
-                        "options: give a token or a username and password, not both".into(),
-                    ))
-                }
-                (None, None) => None,
-            };
-        }
-        _ if password.is_some() => return refuse("username and password", "redis:// and nats://"),
-        _ => {}
+    if let Destination::Broker(b) = &mut endpoint {
+        b.configure(&Settings {
+            username: opts.username.as_deref(),
+            password: opts.password.as_deref(),
+            token: opts.token.as_deref(),
+            maxlen: opts.maxlen,
+        })?;
     }
     let format = match (opts.format, opts.cloudevents) {
         (None, None) => None,
@@ -748,7 +603,7 @@ mod tests {
     #[test]
     fn redis_urls() {
         let d = parse_url("redis://127.0.0.1:6380/orders%20v2?maxlen=1000", Vec::new()).unwrap();
-        let Destination::Redis(s) = &d else {
+        let Destination::Broker(AnyBroker::Redis(s)) = &d else {
             panic!("{d:?}")
         };
         assert_eq!(
@@ -759,7 +614,9 @@ mod tests {
         // The key round-trips through the outbox's url column.
         assert_eq!(parse_url(&d.key(), Vec::new()).unwrap(), d);
         let plus = parse_url("redis://h/a+b", Vec::new()).unwrap();
-        assert!(matches!(plus, Destination::Redis(ref s) if s.key == "a+b" && s.port == 6379));
+        assert!(
+            matches!(plus, Destination::Broker(AnyBroker::Redis(ref s)) if s.key == "a+b" && s.port == 6379)
+        );
         for bad in [
             "redis://u:p@h/s",
             "redis://h/",
@@ -778,7 +635,7 @@ mod tests {
     #[test]
     fn kafka_urls() {
         let d = parse_url("kafka://127.0.0.1:19092/orders.v2", Vec::new()).unwrap();
-        let Destination::Kafka(t) = &d else {
+        let Destination::Broker(AnyBroker::Kafka(t)) = &d else {
             panic!("{d:?}")
         };
         assert_eq!(
@@ -788,7 +645,7 @@ mod tests {
         assert_eq!(parse_url(&d.key(), Vec::new()).unwrap(), d);
         assert!(matches!(
             parse_url("kafka://h/t", Vec::new()).unwrap(),
-            Destination::Kafka(ref t) if t.port == 9092
+            Destination::Broker(AnyBroker::Kafka(ref t)) if t.port == 9092
         ));
         for bad in [
             "kafka://h/",
@@ -801,7 +658,7 @@ mod tests {
         let e = parse_url("kafka://u:p@h/t", Vec::new())
             .unwrap_err()
             .to_string();
-        assert!(e.contains("without SASL"), "{e}");
+        assert!(e.contains("take no credentials"), "{e}");
         let e = parse_stored("kafka://h/t", r#"{"username":"u","password":"p"}"#)
             .unwrap_err()
             .to_string();
@@ -815,7 +672,7 @@ mod tests {
             r#"{"password":"pw","username":"app","maxlen":50,"format":"debezium"}"#,
         )
         .unwrap();
-        let Destination::Redis(r) = &s.endpoint else {
+        let Destination::Broker(AnyBroker::Redis(r)) = &s.endpoint else {
             panic!()
         };
         assert_eq!(r.maxlen, Some(50));

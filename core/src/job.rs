@@ -7,10 +7,10 @@ use crate::event::{event_id, with_id, Kind};
 use crate::options::{Format, Framing};
 use crate::schedule::{Order, Scheduler};
 use crate::security::Allowlist;
+use crate::sink::{self, Item};
 use crate::transport::http::{self, ClientConfig, HttpError, Request, Signing};
 use crate::transport::tcp::{self, SendError};
-use crate::transport::{kafka, nats, redis};
-use crate::transport::{BrokerError, Interrupt, Timeouts};
+use crate::transport::{Interrupt, Timeouts};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -234,9 +234,7 @@ pub struct Outcome {
 #[derive(Default)]
 pub struct Conn {
     tcp: Option<tcp::Kept>,
-    redis: Option<redis::Conn>,
-    nats: Option<nats::Conn>,
-    kafka: Option<kafka::Conn>,
+    broker: sink::Connection,
     http: Option<http::Client>,
     /// With `max_rate`: the earliest time the next request may start,
     /// kept from one job to the next.
@@ -367,67 +365,22 @@ pub fn send_job(conn: &mut Conn, job: &Job, intr: &dyn Interrupt) -> Outcome {
                         Ok(())
                     })
                 }),
-            Dest::Endpoint(Destination::Redis(stream), _) => {
-                let (ids, ends) = broker_batch(&mut buf, row, lines, &job.stream);
-                let entries: Vec<redis::Entry<'_>> = (0..ids.len())
-                    .map(|n| redis::Entry {
-                        id: &ids[n],
-                        event: &buf[ends[n].clone()],
-                    })
-                    .collect();
-                let (added, r) = redis::xadd(
-                    &mut conn.redis,
-                    stream,
-                    &entries,
-                    &job.timeouts,
-                    &job.allow,
-                    intr,
-                );
-                sent[i] += added as u32;
-                r.map_err(broker_error)
-            }
-            Dest::Endpoint(Destination::Nats(subject), _) => {
-                let (ids, ends) = broker_batch(&mut buf, row, lines, &job.stream);
-                let messages: Vec<nats::Message<'_>> = (0..ids.len())
-                    .map(|n| nats::Message {
-                        id: &ids[n],
-                        payload: &buf[ends[n].clone()],
-                    })
-                    .collect();
-                let (acked, r) = nats::publish(
-                    &mut conn.nats,
-                    subject,
-                    &messages,
-                    &job.timeouts,
-                    &job.allow,
-                    intr,
-                );
-                sent[i] += acked as u32;
-                r.map_err(broker_error)
-            }
-            Dest::Endpoint(Destination::Kafka(topic), _) => {
+            Dest::Endpoint(Destination::Broker(b), _) => {
                 let first = row.sent as usize;
                 let (ids, ends) = broker_batch(&mut buf, row, lines, &job.stream);
                 let content_type = crate::cloudevents::content_type(row.kind.format, false);
-                let records: Vec<kafka::Record<'_>> = (0..ids.len())
-                    .map(|n| kafka::Record {
+                let items: Vec<Item<'_>> = (0..ids.len())
+                    .map(|n| Item {
                         id: &ids[n],
                         key: row
                             .keys
                             .as_ref()
                             .and_then(|ks| ks.get(first + n).copied().flatten()),
-                        value: &buf[ends[n].clone()],
+                        body: &buf[ends[n].clone()],
                         content_type,
                     })
                     .collect();
-                let (acked, r) = kafka::produce(
-                    &mut conn.kafka,
-                    topic,
-                    &records,
-                    &job.timeouts,
-                    &job.allow,
-                    intr,
-                );
+                let (acked, r) = b.send(&mut conn.broker, &items, &job.timeouts, &job.allow, intr);
                 sent[i] += acked as u32;
                 r.map_err(broker_error)
             }
@@ -456,10 +409,10 @@ pub fn send_job(conn: &mut Conn, job: &Job, intr: &dyn Interrupt) -> Outcome {
 
 /// A broker's error as a job error: a network failure as every
 /// destination's, anything the broker said retried with its words.
-fn broker_error(e: impl BrokerError) -> Halt {
-    Stopped(match e.network() {
-        Ok(s) => JobError::from(s),
-        Err(message) => JobError::Retry {
+fn broker_error(e: sink::Stopped) -> Halt {
+    Stopped(match e {
+        sink::Stopped::Network(s) => JobError::from(s),
+        sink::Stopped::Broker(message) => JobError::Retry {
             message,
             after: None,
         },

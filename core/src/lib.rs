@@ -1,8 +1,8 @@
 //! pg_emit's core: everything about events and getting them to receivers
 //! that does not need a PostgreSQL backend. Destinations
 //! ([`destination`]) and trigger options ([`options`]), the event envelope and formats ([`event`], [`cloudevents`]), the allowlist
-//! ([`security`]), the transports (TCP, HTTP, Redis, NATS, Kafka:
-//! [`transport`]), live channels ([`live`]), delivery of
+//! ([`security`]), the transports (TCP and HTTP: [`transport`]), the
+//! brokers spoken over them (Redis, NATS, Kafka: [`sink`]), live channels ([`live`]), delivery of
 //! claimed outbox rows ([`job`]), retry policy ([`backoff`], [`cooldown`]),
 //! the per-transaction event buffer ([`pending`]) and `emit.metrics()`'s
 //! exposition ([`metrics`]).
@@ -24,4 +24,5 @@ pub mod options;
 pub mod pending;
 pub mod schedule;
 pub mod security;
+pub mod sink;
 pub mod transport;

@@ -45,9 +45,10 @@ pub(crate) fn not_allowed(target: &Target) -> Option<String> {
         Target::Tcp { host, port, .. } => settings::allowlist().may_allow(host, *port, None),
         Target::Http { url, .. } => crate::transport::http::parse_url(url)
             .is_ok_and(|u| settings::allowlist().may_allow(&u.host, u.port, Some(url))),
-        Target::Redis(s) => settings::allowlist().may_allow(&s.host, s.port, None),
-        Target::Nats(s) => settings::allowlist().may_allow(&s.host, s.port, None),
-        Target::Kafka(t) => settings::allowlist().may_allow(&t.host, t.port, None),
+        Target::Broker(b) => {
+            let (host, port) = b.address();
+            settings::allowlist().may_allow(host, port, None)
+        }
         // Stored in this database; the listener serves it.
         Target::Channel(_) => true,
         Target::Stored { .. } => unreachable!("endpoint() is never a stored destination"),

@@ -11,16 +11,15 @@ use crate::error::EmitError;
 use crate::interrupts;
 use crate::made::{fresh_id, fresh_message_id};
 use crate::options::Framing;
-use crate::security::Allowlist;
 use crate::settings::{self, OnError};
 use crate::transport::http::{self, HttpError, Request, Response, Signing};
 use crate::transport::tcp::{self, SendError};
-use crate::transport::{kafka, nats, redis};
-use crate::transport::{BrokerError, Interrupt, Timeouts};
+use crate::transport::Interrupt;
 use pg_emit_core::cloudevents;
 use pg_emit_core::destination::SignWith;
 use pg_emit_core::event::Kind;
 use pg_emit_core::options::Format;
+use pg_emit_core::sink::{self, Item};
 use std::cell::RefCell;
 use std::time::Instant;
 
@@ -29,13 +28,10 @@ struct State {
     cooldowns: Cooldowns,
     /// Kept-open ndjson connections per destination.
     conns: Vec<(String, u16, Option<tcp::Kept>)>,
-    /// Kept-open Redis connections, by destination key (credentials
-    /// differ per stored destination, so not by host and port).
-    redis: Vec<(String, Option<redis::Conn>)>,
-    /// Kept-open NATS connections, likewise.
-    nats: Vec<(String, Option<nats::Conn>)>,
-    /// Kept Kafka producer sessions, likewise.
-    kafka: Vec<(String, Option<kafka::Conn>)>,
+    /// Kept-open broker connections, by destination key (credentials
+    /// differ per stored destination, so not by host and port), in order
+    /// of last use.
+    brokers: Vec<(String, sink::Connection)>,
 }
 
 thread_local! {
@@ -61,7 +57,7 @@ pub fn dest_name(host: &str, port: u16) -> String {
     if host.starts_with('[') {
         format!("{host}:{port}")
     } else {
-        pg_emit_core::destination::host_port(host, port)
+        crate::transport::host_port(host, port)
     }
 }
 
@@ -212,61 +208,29 @@ pub fn try_send(
         }
         // Brokers: one event on this backend's kept connection for the
         // destination, acknowledged by the broker.
-        Target::Redis(stream) => {
+        Target::Broker(b) => {
             let id = event_id(kind, msg);
-            let entry = [redis::Entry {
-                id: &id,
-                event: msg,
-            }];
-            guarded(
-                &stream.host,
-                stream.port,
-                || {
-                    on_kept(
-                        |st| &mut st.redis,
-                        &target.key(),
-                        |slot, t, a| redis::xadd(slot, stream, &entry, t, a, intr),
-                    )
-                },
-                receiver_failed,
-            )
-        }
-        Target::Nats(subject) => {
-            let id = event_id(kind, msg);
-            let m = [nats::Message {
-                id: &id,
-                payload: msg,
-            }];
-            guarded(
-                &subject.host,
-                subject.port,
-                || {
-                    on_kept(
-                        |st| &mut st.nats,
-                        &target.key(),
-                        |slot, t, a| nats::publish(slot, subject, &m, t, a, intr),
-                    )
-                },
-                receiver_failed,
-            )
-        }
-        Target::Kafka(topic) => {
-            let id = event_id(kind, msg);
-            let record = [kafka::Record {
+            let item = [Item {
                 id: &id,
                 key,
-                value: msg,
+                body: msg,
                 content_type: cloudevents::content_type(kind.format, false),
             }];
+            let (host, port) = b.address();
             guarded(
-                &topic.host,
-                topic.port,
+                host,
+                port,
                 || {
-                    on_kept(
-                        |st| &mut st.kafka,
-                        &target.key(),
-                        |slot, t, a| kafka::produce(slot, topic, &record, t, a, intr),
-                    )
+                    let timeouts = settings::timeouts();
+                    let allow = settings::allowlist();
+                    STATE.with_borrow_mut(|st| {
+                        let conn = kept(&mut st.brokers, &target.key());
+                        let (_, r) = b.send(conn, &item, &timeouts, &allow, intr);
+                        r.map_err(|e| match e {
+                            sink::Stopped::Network(s) => Failure::Send(s),
+                            sink::Stopped::Broker(why) => Failure::Refused(why),
+                        })
+                    })
                 },
                 receiver_failed,
             )
@@ -276,28 +240,6 @@ pub fn try_send(
     }
 }
 
-/// Kept-open broker connections by destination key, in order of last use.
-type Kept<C> = Vec<(String, Option<C>)>;
-
-/// Sends on the kept broker connection (one of `conns(state)`) of the
-/// destination `key`; `send` gets the connection slot, the timeouts and
-/// the allowlist.
-fn on_kept<C, E: BrokerError>(
-    conns: fn(&mut State) -> &mut Kept<C>,
-    key: &str,
-    send: impl FnOnce(&mut Option<C>, &Timeouts, &Allowlist) -> (usize, Result<(), E>),
-) -> Result<(), Failure> {
-    let timeouts = settings::timeouts();
-    let allow = settings::allowlist();
-    STATE.with_borrow_mut(|st| {
-        let (_, r) = send(kept(conns(st), key), &timeouts, &allow);
-        r.map_err(|e| match e.network() {
-            Ok(s) => Failure::Send(s),
-            Err(why) => Failure::Refused(why),
-        })
-    })
-}
-
 /// Broker connections a backend keeps open at most; past that the one
 /// used longest ago is closed (a session sending to many streams must
 /// not hold a socket per stream for its whole life).
@@ -305,10 +247,10 @@ const KEPT_BROKER_CONNECTIONS: usize = 8;
 
 /// The kept connection of the destination `key` (empty the first time),
 /// moved to the end of `conns`, which is ordered by last use.
-fn kept<'a, C>(conns: &'a mut Vec<(String, Option<C>)>, key: &str) -> &'a mut Option<C> {
+fn kept<'a>(conns: &'a mut Vec<(String, sink::Connection)>, key: &str) -> &'a mut sink::Connection {
     let entry = match conns.iter().position(|(k, _)| k == key) {
         Some(i) => conns.remove(i),
-        None => (key.to_string(), None),
+        None => (key.to_string(), sink::Connection::default()),
     };
     if conns.len() >= KEPT_BROKER_CONNECTIONS {
         conns.remove(0);

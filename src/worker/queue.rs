@@ -16,6 +16,7 @@ use pg_emit_core::job::{
     Dest as JobDest, Flow, HttpSetup, Job, JobError, Outcome, ResponseLog, Row,
 };
 use pg_emit_core::metrics::Latencies;
+use pg_emit_core::sink::AnyBroker;
 
 /// Most payload bytes claimed for one destination at a time (and at most
 /// 1,000 rows, the LIMIT of [`QUEUE_SQL`]).
@@ -80,7 +81,8 @@ pub(super) fn claim(
                     };
                     (plain(endpoint), Flow::HTTP)
                 }
-                Some("redis" | "nats" | "kafka") => {
+                // A broker's outbox rows keep its scheme and URL.
+                Some(scheme) if AnyBroker::SCHEMES.contains(&scheme) => {
                     let url: String = r.get_by_name("url")?.unwrap_or_default();
                     match destination::parse_url(&url, Vec::new()) {
                         Ok(endpoint) => (plain(endpoint), Flow::SERIAL),

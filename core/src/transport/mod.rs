@@ -1,18 +1,21 @@
-//! Getting bytes to a receiver. Free of pgrx: the backend supplies an
-//! [`Interrupt`] that knows how to honour cancel requests, tests supply none.
+//! Getting bytes to a receiver: sockets (connect through the allowlist,
+//! bounded writes and reads) and HTTP requests. The brokers' protocols are
+//! spoken over these in [`crate::sink`]. Free of pgrx: the backend supplies
+//! an [`Interrupt`] that knows how to honour cancel requests, tests supply
+//! none.
 
 pub mod http;
-pub mod kafka;
-pub mod nats;
-pub mod redis;
 pub mod tcp;
 
 use std::time::{Duration, Instant};
 
-/// What stopped a broker client: the network, as for every destination,
-/// or the broker itself, in its words.
-pub trait BrokerError: std::fmt::Display {
-    fn network(self) -> Result<tcp::SendError, String>;
+/// `host:port`, with brackets around IPv6 addresses.
+pub fn host_port(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
 }
 
 /// Lets a wait give way to `pg_cancel_backend`, `statement_timeout` and

@@ -2,19 +2,18 @@
 //!
 //! The protocol pg_emit needs is three commands of RESP2 (`AUTH`, `XADD`,
 //! and reading their replies), so it is spoken here over pg_emit's own TCP
-//! transport rather than through a client crate: the connection then goes
-//! through the same allowlist check of the resolved address, the same
-//! connect and write timeouts and the same cancellation as every other
-//! destination, which a client library's own connect would bypass.
+//! transport rather than through a client crate, whose own connect would
+//! bypass the allowlist (see [`super`]).
 //!
 //! An event counts as delivered when its `XADD` reply (the entry's id) has
 //! come back. Redis cannot drop a repeated entry, so an event whose reply
 //! was lost (a crash, a broken connection) is added again when it is
 //! retried: consumers de-duplicate by the entry's `id` field.
 
-use super::tcp::{self, SendError};
-use super::{Interrupt, Timeouts};
+use super::{Broker, Item, Settings};
 use crate::security::Allowlist;
+use crate::transport::tcp::{self, SendError};
+use crate::transport::{host_port, Interrupt, Timeouts};
 use socket2::Socket;
 use std::time::Instant;
 
@@ -47,12 +46,98 @@ impl std::fmt::Debug for Auth {
     }
 }
 
-/// One stream entry: fields `id` (the event's id, a consumer's
-/// de-duplication key) and `event` (its JSON).
-#[derive(Debug, Clone, Copy)]
-pub struct Entry<'a> {
-    pub id: &'a str,
-    pub event: &'a [u8],
+impl Broker for Stream {
+    const SCHEME: &'static str = "redis";
+    const PORT: u16 = 6379;
+    const FORM: &'static str = "a redis:// URL is redis://host[:port]/stream[?maxlen=N]";
+    const OPTIONS: &'static [&'static str] = &["username", "password", "maxlen"];
+    type Conn = Conn;
+    type Error = RedisError;
+
+    fn from_url(u: &url::Url, host: String) -> Result<Option<Self>, String> {
+        let key = percent_decode(u.path().strip_prefix('/').unwrap_or_default())
+            .ok_or("the stream name is not valid percent-encoded UTF-8")?;
+        if key.is_empty() || u.fragment().is_some() {
+            return Ok(None);
+        }
+        let mut maxlen = None;
+        for (k, v) in u.query_pairs() {
+            match (k.as_ref(), v.parse::<u64>()) {
+                ("maxlen", Ok(n)) if n > 0 => maxlen = Some(n),
+                _ => {
+                    return Err(format!(
+                        "unknown parameter {k}={v} (known: maxlen=N, a positive integer)"
+                    ))
+                }
+            }
+        }
+        Ok(Some(Stream {
+            host,
+            port: u.port().unwrap_or(Self::PORT),
+            key,
+            maxlen,
+            auth: None,
+        }))
+    }
+
+    fn url(&self) -> String {
+        let mut key = Vec::new();
+        crate::cloudevents::percent_encode_path(&mut key, &self.key);
+        let key = String::from_utf8(key).expect("percent-encoding leaves ASCII");
+        let at = host_port(&self.host, self.port);
+        match self.maxlen {
+            Some(n) => format!("redis://{at}/{key}?maxlen={n}"),
+            None => format!("redis://{at}/{key}"),
+        }
+    }
+
+    fn address(&self) -> (&str, u16) {
+        (&self.host, self.port)
+    }
+
+    fn configure(&mut self, s: &Settings<'_>) -> Result<(), String> {
+        if let Some(n) = s.maxlen {
+            if n == 0 {
+                return Err("maxlen must be a positive number of entries".into());
+            }
+            self.maxlen = Some(n);
+        }
+        self.auth = s.password.map(|password| Auth {
+            username: s.username.map(str::to_string),
+            password: password.to_string(),
+        });
+        Ok(())
+    }
+
+    fn send(
+        &self,
+        conn: &mut Option<Conn>,
+        items: &[Item<'_>],
+        timeouts: &Timeouts,
+        allow: &Allowlist,
+        intr: &dyn Interrupt,
+    ) -> (usize, Result<(), RedisError>) {
+        xadd(conn, self, items, timeouts, allow, intr)
+    }
+}
+
+/// `%XX` sequences as the bytes they stand for (a URL path segment; `+`
+/// is itself), or `None` when that is not UTF-8 or a `%` is malformed.
+fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -152,15 +237,12 @@ pub struct Conn {
     opened_for: Stream,
 }
 
-/// Adds `entries` to the stream, in order, on the connection kept in
-/// `slot` (opened, and authenticated, when there is none or it was opened
-/// for another server or other credentials: an altered stored destination). Returns how
-/// many were added (a prefix of `entries`) and what stopped the rest. After
-/// any failure the connection is dropped, so the next call starts clean.
-pub fn xadd(
+/// Adds `entries` to the stream as entries with fields `id` and `event`
+/// (see [`Broker::send`]; a connection is authenticated as it opens).
+fn xadd(
     slot: &mut Option<Conn>,
     stream: &Stream,
-    entries: &[Entry<'_>],
+    entries: &[Item<'_>],
     timeouts: &Timeouts,
     allow: &Allowlist,
     intr: &dyn Interrupt,
@@ -181,7 +263,7 @@ pub fn xadd(
             if let Some(n) = &maxlen {
                 args.extend([&b"MAXLEN"[..], b"~", n.as_bytes()]);
             }
-            args.extend([&b"*"[..], b"id", e.id.as_bytes(), b"event", e.event]);
+            args.extend([&b"*"[..], b"id", e.id.as_bytes(), b"event", e.body]);
             command(&mut out, &args);
         }
         if let Err(e) = tcp::write_all(sock, &out, timeouts, &mut 0, intr) {
@@ -379,9 +461,11 @@ mod tests {
             stall: false,
         };
         let entries = vec![
-            Entry {
+            Item {
                 id: "1",
-                event: b"{}"
+                key: None,
+                body: b"{}",
+                content_type: "application/json",
             };
             10
         ];

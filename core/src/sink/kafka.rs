@@ -25,9 +25,10 @@
 //! new session, which Kafka cannot tell from new records. Consumers dedupe
 //! by the record's `id` header, the event's stable id.
 
-use super::tcp::{self, SendError};
-use super::{Interrupt, Timeouts};
+use super::{Broker, Item, Settings};
 use crate::security::Allowlist;
+use crate::transport::tcp::{self, SendError};
+use crate::transport::{host_port, Interrupt, Timeouts};
 use socket2::Socket;
 use std::collections::HashMap;
 use std::time::Instant;
@@ -40,14 +41,57 @@ pub struct Topic {
     pub topic: String,
 }
 
-/// One record: the event's id (the `id` header), ordering key, value and
-/// its content type (the `content-type` header).
-#[derive(Debug, Clone, Copy)]
-pub struct Record<'a> {
-    pub id: &'a str,
-    pub key: Option<i64>,
-    pub value: &'a [u8],
-    pub content_type: &'a str,
+/// A record: headers `id` and `content-type`, the ordering key as key.
+type Record<'a> = Item<'a>;
+
+impl Broker for Topic {
+    const SCHEME: &'static str = "kafka";
+    const PORT: u16 = 9092;
+    const FORM: &'static str =
+        "a kafka:// URL is kafka://host[:port]/topic, the topic 1 to 249 of a-z A-Z 0-9 . _ -";
+    const OPTIONS: &'static [&'static str] = &[];
+    const KEYED: bool = true;
+    type Conn = Conn;
+    type Error = KafkaError;
+
+    fn from_url(u: &url::Url, host: String) -> Result<Option<Self>, String> {
+        let topic = u.path().strip_prefix('/').unwrap_or_default();
+        if !check_topic(topic) || u.query().is_some() || u.fragment().is_some() {
+            return Ok(None);
+        }
+        Ok(Some(Topic {
+            host,
+            port: u.port().unwrap_or(Self::PORT),
+            topic: topic.to_string(),
+        }))
+    }
+
+    fn url(&self) -> String {
+        format!(
+            "kafka://{}/{}",
+            host_port(&self.host, self.port),
+            self.topic
+        )
+    }
+
+    fn address(&self) -> (&str, u16) {
+        (&self.host, self.port)
+    }
+
+    fn configure(&mut self, _: &Settings<'_>) -> Result<(), String> {
+        Ok(())
+    }
+
+    fn send(
+        &self,
+        conn: &mut Option<Conn>,
+        items: &[Item<'_>],
+        timeouts: &Timeouts,
+        allow: &Allowlist,
+        intr: &dyn Interrupt,
+    ) -> (usize, Result<(), KafkaError>) {
+        produce(conn, self, items, timeouts, allow, intr)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -115,11 +159,9 @@ pub struct Conn {
     buf: Vec<u8>,
 }
 
-/// Produces `records` in order, on the session kept in `slot` (started
-/// when there is none, or it was started for another topic). Returns how
-/// many were acknowledged (a prefix of `records`) and what stopped the
-/// rest. After any failure the session is dropped.
-pub fn produce(
+/// Produces `records` in order, in one producer session (see
+/// [`Broker::send`]).
+fn produce(
     slot: &mut Option<Conn>,
     target: &Topic,
     records: &[Record<'_>],
@@ -640,7 +682,7 @@ fn chunk_end(records: &[Record<'_>], start: usize) -> usize {
 
 /// About what a record takes in a batch: value, key, headers, framing.
 fn encoded_size(r: &Record<'_>) -> usize {
-    r.value.len() + r.id.len() + r.content_type.len() + 16 + 40
+    r.body.len() + r.id.len() + r.content_type.len() + 16 + 40
 }
 
 /// A record's key: the ordering key as 16 hex digits.
@@ -683,7 +725,7 @@ fn record_batch(
             Some(k) => put_varbytes(&mut rec, key_bytes(k).as_bytes()),
             None => put_varint(&mut rec, -1),
         }
-        put_varbytes(&mut rec, r.value);
+        put_varbytes(&mut rec, r.body);
         put_varint(&mut rec, 2);
         put_varbytes(&mut rec, b"id");
         put_varbytes(&mut rec, r.id.as_bytes());
@@ -968,13 +1010,13 @@ mod tests {
             Record {
                 id: "evt_s_1",
                 key: Some(5),
-                value: b"{\"a\":1}",
+                body: b"{\"a\":1}",
                 content_type: "application/json",
             },
             Record {
                 id: "evt_s_2",
                 key: None,
-                value: b"{}",
+                body: b"{}",
                 content_type: "application/json",
             },
         ];
@@ -1007,7 +1049,7 @@ mod tests {
         let rec = |v: &'static [u8]| Record {
             id: "evt_s_1",
             key: None,
-            value: v,
+            body: v,
             content_type: "application/json",
         };
         let small: &'static [u8] = small.leak();
@@ -1096,7 +1138,7 @@ mod tests {
             .map(|_| Record {
                 id: "evt_s_1",
                 key: None,
-                value: b"{}",
+                body: b"{}",
                 content_type: "application/json",
             })
             .collect();

@@ -3,19 +3,19 @@
 //!
 //! Like Redis, the part of the NATS client protocol pg_emit needs is
 //! small and text-based (`CONNECT`, `SUB`, `HPUB`, `PING`/`PONG`, reading
-//! `MSG`/`HMSG` replies), so it is spoken over pg_emit's own TCP transport:
-//! the allowlist check of the resolved address, the timeouts and the
-//! cancellation apply as for every destination, and no async runtime has
-//! to live inside the worker (the NATS project's Rust client needs tokio).
+//! `MSG`/`HMSG` replies), so it is spoken over pg_emit's own TCP transport
+//! (see [`super`]), and no async runtime has to live inside the worker (the
+//! NATS project's Rust client needs tokio).
 //!
 //! An event counts as delivered when JetStream's PubAck came back for it.
 //! Each publish carries `Nats-Msg-Id`, the event's id: a retry after a
 //! lost acknowledgement (a crash, a broken connection) is dropped by the
 //! stream's duplicate window, so every event is in the stream once.
 
-use super::tcp::{self, SendError};
-use super::{Interrupt, Timeouts};
+use super::{Broker, Item, Settings};
 use crate::security::Allowlist;
+use crate::transport::tcp::{self, SendError};
+use crate::transport::{host_port, Interrupt, Timeouts};
 use socket2::Socket;
 use std::collections::HashMap;
 use std::time::Instant;
@@ -45,11 +45,66 @@ impl std::fmt::Debug for Auth {
     }
 }
 
-/// One message: `Nats-Msg-Id` and payload.
-#[derive(Debug, Clone, Copy)]
-pub struct Message<'a> {
-    pub id: &'a str,
-    pub payload: &'a [u8],
+impl Broker for Subject {
+    const SCHEME: &'static str = "nats";
+    const PORT: u16 = 4222;
+    const FORM: &'static str = "a nats:// URL is nats://host[:port]/subject, the subject \
+         dot-separated tokens without wildcards";
+    const OPTIONS: &'static [&'static str] = &["username", "password", "token"];
+    type Conn = Conn;
+    type Error = NatsError;
+
+    fn from_url(u: &url::Url, host: String) -> Result<Option<Self>, String> {
+        let subject = u.path().strip_prefix('/').unwrap_or_default();
+        if !check_subject(subject) || u.query().is_some() || u.fragment().is_some() {
+            return Ok(None);
+        }
+        Ok(Some(Subject {
+            host,
+            port: u.port().unwrap_or(Self::PORT),
+            subject: subject.to_string(),
+            auth: None,
+        }))
+    }
+
+    fn url(&self) -> String {
+        format!(
+            "nats://{}/{}",
+            host_port(&self.host, self.port),
+            self.subject
+        )
+    }
+
+    fn address(&self) -> (&str, u16) {
+        (&self.host, self.port)
+    }
+
+    fn configure(&mut self, s: &Settings<'_>) -> Result<(), String> {
+        self.auth = match (s.username, s.password, s.token) {
+            (Some(user), Some(password), None) => Some(Auth::UserPassword {
+                user: user.to_string(),
+                password: password.to_string(),
+            }),
+            (None, Some(_), None) => return Err("a NATS password needs its username".into()),
+            (None, None, Some(token)) => Some(Auth::Token(token.to_string())),
+            (_, _, Some(_)) => {
+                return Err("give a token or a username and password, not both".into())
+            }
+            _ => None,
+        };
+        Ok(())
+    }
+
+    fn send(
+        &self,
+        conn: &mut Option<Conn>,
+        items: &[Item<'_>],
+        timeouts: &Timeouts,
+        allow: &Allowlist,
+        intr: &dyn Interrupt,
+    ) -> (usize, Result<(), NatsError>) {
+        publish(conn, self, items, timeouts, allow, intr)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -102,15 +157,12 @@ pub struct Conn {
 /// dozen bytes.
 const MAX_REPLY: usize = 64 * 1024;
 
-/// Publishes `messages` in order, on the connection kept in `slot` (opened
-/// when there is none, or it was opened for another server or other
-/// credentials: an altered stored destination), and waits for their acknowledgements. Returns how
-/// many were acknowledged (a prefix of `messages`) and what stopped the
-/// rest. After any failure the connection is dropped.
-pub fn publish(
+/// Publishes `messages` with header `Nats-Msg-Id` and waits for their
+/// acknowledgements (see [`Broker::send`]).
+fn publish(
     slot: &mut Option<Conn>,
     target: &Subject,
-    messages: &[Message<'_>],
+    messages: &[Item<'_>],
     timeouts: &Timeouts,
     allow: &Allowlist,
     intr: &dyn Interrupt,
@@ -134,12 +186,12 @@ pub fn publish(
                     conn.inbox,
                     base + k as u64,
                     headers.len(),
-                    headers.len() + m.payload.len()
+                    headers.len() + m.body.len()
                 )
                 .as_bytes(),
             );
             out.extend_from_slice(headers.as_bytes());
-            out.extend_from_slice(m.payload);
+            out.extend_from_slice(m.body);
             out.extend_from_slice(b"\r\n");
         }
         if let Err(e) = tcp::write_all(&conn.sock, &out, timeouts, &mut 0, intr) {
@@ -472,9 +524,11 @@ mod tests {
         let (_, r) = publish(
             &mut None,
             &subject,
-            &[Message {
+            &[Item {
                 id: "1",
-                payload: b"{}",
+                key: None,
+                body: b"{}",
+                content_type: "application/json",
             }],
             &timeouts,
             &crate::security::Allowlist::default(),
