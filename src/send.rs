@@ -8,7 +8,7 @@ use crate::made::Made;
 use crate::options::{self, Delivery, Format, Framing, OptionError};
 use crate::settings;
 use crate::stored;
-use crate::transport::http::{self, UrlError};
+use pg_emit_core::http_target::{self, UrlError};
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 use pgrx::{FromDatum, PgLogLevel, PgSqlErrorCode};
@@ -268,9 +268,9 @@ fn send_http(
     headers: Option<&str>,
 ) -> i32 {
     let url_err = |e: UrlError| -> ! { bad("send_http", OptionError::Url(e)) };
-    let parsed = http::parse_url(url).unwrap_or_else(|e| url_err(e));
-    http::check_method(method).unwrap_or_else(|e| url_err(e));
-    http::check_content_type(content_type).unwrap_or_else(|e| url_err(e));
+    let parsed = http_target::parse_url(url).unwrap_or_else(|e| url_err(e));
+    http_target::check_method(method).unwrap_or_else(|e| url_err(e));
+    http_target::check_content_type(content_type).unwrap_or_else(|e| url_err(e));
     let headers = header_pairs(headers).unwrap_or_else(|e| url_err(e));
     check_size("send_http", body.len());
     match sync::http_request(
@@ -311,7 +311,7 @@ fn header_pairs(headers: Option<&str>) -> Result<Vec<(String, String)>, UrlError
     obj.iter()
         .map(|(k, v)| {
             let v = v.as_str().ok_or_else(shape)?;
-            http::check_header(k, v)?;
+            http_target::check_header(k, v)?;
             Ok((k.clone(), v.to_string()))
         })
         .collect()

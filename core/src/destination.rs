@@ -4,9 +4,9 @@
 //! (a name the DBA manages with `emit.create_destination`, whose options
 //! are [`StoredOptions`]).
 
-use crate::job::{Flow, DEFAULT_CONCURRENCY};
+use crate::http_target;
 use crate::options::{self, Format, Framing, OptionError};
-use crate::schedule::Order;
+use crate::schedule::{Flow, Order, DEFAULT_CONCURRENCY};
 use crate::sink::{AnyBroker, Settings};
 use crate::transport::{host_port, http};
 use serde::Deserialize;
@@ -123,7 +123,7 @@ impl Destination {
                 None,
             ),
             Destination::Http { url, headers } => {
-                let u = http::parse_url(url).ok();
+                let u = http_target::parse_url(url).ok();
                 let lines: String = headers.iter().map(|(k, v)| format!("{k}: {v}\n")).collect();
                 (
                     u.as_ref().map(|u| u.host.clone()).unwrap_or_default(),
@@ -191,7 +191,7 @@ pub fn parse_url(input: &str, headers: Vec<(String, String)>) -> Result<Destinat
     let scheme = input.split_once("://").map(|(s, _)| s.to_ascii_lowercase());
     match scheme.as_deref() {
         Some("http" | "https") => {
-            let u = http::parse_url(input)?;
+            let u = http_target::parse_url(input)?;
             Ok(Destination::Http {
                 url: u.url,
                 headers,
@@ -466,7 +466,7 @@ pub fn parse_stored(url: &str, options: &str) -> Result<Stored, OptionError> {
         .headers
         .iter()
         .map(|(k, v)| {
-            http::check_header(k, v)
+            http_target::check_header(k, v)
                 .map(|()| (k.clone(), v.clone()))
                 .map_err(|_| {
                     OptionError::Destination(format!("options: header {k:?} cannot be set"))

@@ -5,7 +5,7 @@
 use crate::destination::Destination;
 use crate::event::{event_id, with_id, Kind};
 use crate::options::{Format, Framing};
-use crate::schedule::{Order, Scheduler};
+use crate::schedule::{Flow, Order, Scheduler};
 use crate::security::Allowlist;
 use crate::sink::{self, Item};
 use crate::transport::http::{self, ClientConfig, HttpError, Request, Signing};
@@ -56,42 +56,6 @@ pub struct HttpSetup {
     /// sign instead of the key when set.
     pub standard: Option<Vec<Vec<u8>>>,
 }
-
-/// How a destination's events flow: what a stored destination's options
-/// say, or the defaults.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Flow {
-    /// HTTP requests in flight at once (1: one after the other).
-    pub concurrency: usize,
-    /// What may overtake what when several are in flight.
-    pub order: Order,
-    /// HTTP: events per request (a JSON array when more than one).
-    pub batch: usize,
-    /// HTTP: most events per second, if limited.
-    pub max_rate: Option<f64>,
-}
-
-impl Flow {
-    /// TCP: one stream, in commit order.
-    pub const SERIAL: Flow = Flow {
-        concurrency: 1,
-        order: Order::Destination,
-        batch: 1,
-        max_rate: None,
-    };
-    /// HTTP without options.
-    pub const HTTP: Flow = Flow {
-        concurrency: DEFAULT_CONCURRENCY,
-        order: Order::Key,
-        batch: 1,
-        max_rate: None,
-    };
-}
-
-/// HTTP requests in flight per destination unless its options say: enough
-/// that a receiver taking 20 ms per request gets 1,600 a second, few enough
-/// to be polite to one that is small.
-pub const DEFAULT_CONCURRENCY: usize = 32;
 
 #[derive(Debug, Clone)]
 pub struct Job {

@@ -17,6 +17,7 @@ pub mod cooldown;
 pub mod destination;
 pub mod event;
 pub mod health;
+pub mod http_target;
 pub mod job;
 pub mod live;
 pub mod metrics;

@@ -196,7 +196,7 @@ impl Kind {
 /// `url` as given to `row_to_http`, after validation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HttpTarget {
-    pub url: crate::transport::http::Url,
+    pub url: crate::http_target::Url,
     pub options: Options,
 }
 
@@ -241,11 +241,11 @@ pub enum OptionError {
     #[error("missing destination: expected arguments (destination [, 'key=value' ...]), a URL or a stored destination's name")]
     MissingDestination,
     #[error("{0}")]
-    Url(#[from] crate::transport::http::UrlError),
+    Url(#[from] crate::http_target::UrlError),
     #[error("argument {pos}: {source}")]
     Header {
         pos: usize,
-        source: crate::transport::http::UrlError,
+        source: crate::http_target::UrlError,
     },
     #[error("argument {pos}: {key}={value:?} is not valid (expected {expected})")]
     BadValue {
@@ -322,7 +322,7 @@ pub fn parse_socket_args<S: AsRef<str>>(args: &[S]) -> Result<SocketTarget, Opti
 /// Parses `row_to_http` trigger arguments.
 pub fn parse_http_args<S: AsRef<str>>(args: &[S]) -> Result<HttpTarget, OptionError> {
     let url = args.first().ok_or(OptionError::MissingUrl)?.as_ref();
-    let url = crate::transport::http::parse_url(url)?;
+    let url = crate::http_target::parse_url(url)?;
     let options = parse_options(&args[1..], 2, Kind::Http)?;
     Ok(HttpTarget { url, options })
 }
@@ -356,7 +356,7 @@ pub fn parse_options<S: AsRef<str>>(
         let slot = match key.to_ascii_lowercase().as_str() {
             // Repeatable: one header per argument.
             "header" if kind == Kind::Http => {
-                let h = crate::transport::http::parse_header(value)
+                let h = crate::http_target::parse_header(value)
                     .map_err(|source| OptionError::Header { pos, source })?;
                 opts.headers.push(h);
                 continue;

@@ -198,7 +198,7 @@ fn parse_entry(e: &str) -> Result<Rule, String> {
         if rest.is_empty() || rest.starts_with('/') {
             return Err(format!("{e:?}: URL prefix without a host"));
         }
-        let u = crate::transport::http::parse_url(e).map_err(|err| format!("{e:?}: {err}"))?;
+        let u = crate::http_target::parse_url(e).map_err(|err| format!("{e:?}: {err}"))?;
         let u = url::Url::parse(&u.url).map_err(|err| format!("{e:?}: {err}"))?;
         if u.query().is_some() || u.fragment().is_some() {
             return Err(format!(
@@ -313,7 +313,7 @@ impl Allowlist {
             .map(|a| a.ip().to_string())
             .collect::<Vec<_>>()
             .join(", ");
-        let what = url.map_or_else(|| format!("{host}:{port}"), crate::transport::http::quote);
+        let what = url.map_or_else(|| format!("{host}:{port}"), crate::http_target::quote);
         Err(Refused(if by_name {
             format!(
                 "{what} resolves to {list}: link-local and cloud metadata addresses are refused \
@@ -330,10 +330,10 @@ impl Allowlist {
     }
 
     /// `url` is checked as pg_emit requests it: parsed by
-    /// [`crate::transport::http::parse_url`], which refuses dot segments
+    /// [`crate::http_target::parse_url`], which refuses dot segments
     /// and encoded slashes, so path segments compare exactly.
     fn url_allowed(&self, url: &str) -> bool {
-        let Some(u) = crate::transport::http::parse_url(url)
+        let Some(u) = crate::http_target::parse_url(url)
             .ok()
             .and_then(|u| url::Url::parse(&u.url).ok())
             .and_then(|u| UrlPrefix::parse(&u))

@@ -43,7 +43,7 @@ pub(crate) fn refuse_unless_allowed(context: &dyn Fn() -> String, target: &Targe
 pub(crate) fn not_allowed(target: &Target) -> Option<String> {
     let allowed = match target.endpoint() {
         Target::Tcp { host, port, .. } => settings::allowlist().may_allow(host, *port, None),
-        Target::Http { url, .. } => crate::transport::http::parse_url(url)
+        Target::Http { url, .. } => pg_emit_core::http_target::parse_url(url)
             .is_ok_and(|u| settings::allowlist().may_allow(&u.host, u.port, Some(url))),
         Target::Broker(b) => {
             let (host, port) = b.address();

@@ -112,7 +112,7 @@ impl Failure {
     /// Why the message was not sent, naming `dest` (a stored
     /// destination's name, never its address: see [`Failure::cause`]).
     pub fn reason(&self, dest: &str) -> String {
-        let dest = &crate::transport::http::quote(dest);
+        let dest = &pg_emit_core::http_target::quote(dest);
         match self {
             Failure::CoolingDown { .. } => format!("not sending to {dest}: {}", self.cause()),
             Failure::Status(r) => r.describe(dest),

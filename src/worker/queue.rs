@@ -12,10 +12,9 @@ use crate::security::Allowlist;
 use crate::transport;
 use crate::transport::http::ClientConfig;
 use pg_emit_core::destination::{self, Destination, SignWith};
-use pg_emit_core::job::{
-    Dest as JobDest, Flow, HttpSetup, Job, JobError, Outcome, ResponseLog, Row,
-};
+use pg_emit_core::job::{Dest as JobDest, HttpSetup, Job, JobError, Outcome, ResponseLog, Row};
 use pg_emit_core::metrics::Latencies;
+use pg_emit_core::schedule::Flow;
 use pg_emit_core::sink::AnyBroker;
 
 /// Most payload bytes claimed for one destination at a time (and at most
@@ -76,7 +75,7 @@ pub(super) fn claim(
                         url: r.get_by_name::<String, _>("url")?.unwrap_or_default(),
                         headers: headers
                             .lines()
-                            .filter_map(|l| crate::transport::http::parse_header(l).ok())
+                            .filter_map(|l| pg_emit_core::http_target::parse_header(l).ok())
                             .collect(),
                     };
                     (plain(endpoint), Flow::HTTP)
