@@ -82,7 +82,7 @@ unsafe extern "C-unwind" fn process_utility(
         prepared_committed();
     }
     if creates {
-        crate::delivery::outbox::start_worker_at_commit();
+        crate::worker::wake::start_at_commit();
     }
     statement_end();
 }
@@ -150,7 +150,7 @@ extern "C-unwind" fn dropping_pg_emit() {
 
 #[pg_guard]
 extern "C-unwind" fn prepared_committed() {
-    crate::delivery::outbox::after_commit_prepared();
+    crate::worker::wake::after_commit_prepared();
 }
 
 /// Flushes at the end of a statement, never while a transaction is being

@@ -16,6 +16,7 @@ pub(crate) mod sync;
 
 use crate::error::EmitError;
 use crate::settings;
+use crate::worker;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use std::ffi::c_void;
@@ -102,22 +103,31 @@ unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut c
         // before the commit like any statement's.
         XACT_EVENT_PRE_COMMIT => {
             sync::flush_all();
-            outbox::pre_commit(false);
+            if outbox::pre_commit(false) {
+                worker::wake::before_commit();
+            }
         }
         XACT_EVENT_PRE_PREPARE => {
             sync::flush_all();
             commit::refuse_prepare();
-            outbox::pre_commit(true);
+            if outbox::pre_commit(true) {
+                worker::wake::before_commit();
+            }
         }
-        XACT_EVENT_COMMIT => outbox::on_commit(),
+        XACT_EVENT_COMMIT => {
+            outbox::on_commit();
+            worker::wake::on_commit();
+        }
         XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT => {
             sync::discard_all();
             commit::forget();
             outbox::forget();
+            worker::wake::forget();
         }
         XACT_EVENT_PREPARE => {
             commit::forget();
             outbox::forget();
+            worker::wake::forget();
         }
         _ => {}
     }

@@ -16,14 +16,11 @@ use super::Target;
 use crate::error::EmitError;
 use crate::privileged::{as_emit_owner, schema, Schema};
 use crate::settings;
-use crate::worker;
 use pg_emit_core::event::Kind;
 use pg_emit_core::options::Format;
-use pgrx::bgworkers::DynamicBackgroundWorker;
 use pgrx::datum::DatumWithOid;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
-use pgrx::PgMemoryContexts;
 use std::cell::{Cell, RefCell};
 use std::time::{Duration, Instant};
 
@@ -55,20 +52,6 @@ thread_local! {
     static EARLY_RANGES: RefCell<Vec<(u64, u64)>> = const { RefCell::new(Vec::new()) };
     /// This transaction wrote outbox rows: wake the worker at commit.
     static WROTE: Cell<bool> = const { Cell::new(false) };
-    /// This transaction created the extension: start its worker once the
-    /// commit is visible (see [`start_worker_at_commit`]).
-    static CREATED: Cell<bool> = const { Cell::new(false) };
-    /// The worker's latch, found at PRE_COMMIT, set at COMMIT.
-    static LATCH: Cell<*mut pg_sys::Latch> = const { Cell::new(std::ptr::null_mut()) };
-    /// The worker this backend started last (its handle lives in
-    /// TopMemoryContext): while it is starting or running, a commit that
-    /// finds no registered worker does not start another.
-    static STARTED: RefCell<Option<DynamicBackgroundWorker>> = const { RefCell::new(None) };
-    /// This transaction started that worker: wake it at commit.
-    static STARTED_NOW: Cell<bool> = const { Cell::new(false) };
-    /// The worker's pid as last read from emit.worker; checked against the
-    /// process table at every commit instead of read again.
-    static WORKER_PID: Cell<i32> = const { Cell::new(0) };
     /// emit.outbox's size and when it was measured (see [`outbox_size`]).
     static SIZE: Cell<Option<(Instant, i64)>> = const { Cell::new(None) };
 }
@@ -369,21 +352,6 @@ fn outbox_size(limit: i64) -> i64 {
     size
 }
 
-/// Rows of prepared transactions that COMMIT PREPARED has made visible
-/// carry no commit-order number yet: each such transaction gets the next
-/// one now, in the order of its first row. So does each row written
-/// without one by other means (a 0.1.0 library still loaded in a backend
-/// after ALTER EXTENSION UPDATE, an INSERT by hand). The worker runs this
-/// before every claim, and is woken for it after COMMIT PREPARED
-/// ([`after_commit_prepared`]).
-pub const SEQUENCE_PREPARED_SQL: &str = "
-UPDATE emit.outbox o SET tx_seq = t.seq
-  FROM (SELECT u.g, pg_catalog.nextval('emit.tx_seq'::pg_catalog.regclass) AS seq
-          FROM (SELECT coalesce(p.tx, -p.id) AS g, pg_catalog.min(p.id) AS first
-                  FROM emit.outbox p WHERE p.tx_seq IS NULL
-                 GROUP BY 1 ORDER BY 2) u) t
- WHERE o.tx_seq IS NULL AND coalesce(o.tx, -o.id) = t.g";
-
 /// Before `DROP EXTENSION pg_emit` (from the utility hook): the outbox and
 /// the dead letters go with the extension, so say how many events that
 /// discards.
@@ -420,70 +388,20 @@ pub fn warn_before_drop() {
     }
 }
 
-/// After `COMMIT PREPARED` (from the utility hook): the prepared
-/// transaction's rows are visible now; wake the worker when this command
-/// commits, so that it gives them their place in the commit order at once.
-/// Only a read: nothing here may fail a COMMIT PREPARED that has happened.
-pub fn after_commit_prepared() {
-    if crate::privileged::emit_owner().is_none() {
-        return;
-    }
-    if let Some(latch) = worker_latch(worker_pid()) {
-        LATCH.set(latch);
-    }
-}
-
-/// The worker's pid: the one read last, while that process is still a
-/// pg_emit worker of this database (checked in the process table, which
-/// costs no SQL), else read again from emit.worker.
-fn worker_pid() -> Option<i32> {
-    let cached = WORKER_PID.get();
-    if cached != 0 && is_worker(cached) {
-        return Some(cached);
-    }
-    let pid = as_emit_owner(|| Spi::get_one::<i32>("SELECT w.pid FROM emit.worker w"))
-        .ok()
-        .flatten();
-    WORKER_PID.set(pid.unwrap_or(0));
-    pid
-}
-
-/// Whether `pid` is a pg_emit worker connected to this database.
-fn is_worker(pid: i32) -> bool {
-    // SAFETY: GetBackgroundWorkerTypeByPid takes BackgroundWorkerLock and
-    // copies the type into a static buffer; BackendPidGetProc as in
-    // worker_latch.
-    unsafe {
-        let kind = pg_sys::GetBackgroundWorkerTypeByPid(pid);
-        !kind.is_null()
-            && std::ffi::CStr::from_ptr(kind) == crate::worker::TYPE
-            && worker_latch(Some(pid)).is_some()
-    }
-}
-
-/// The latch of the worker with `pid` if that is a process of this
-/// database (the pid in emit.worker may be stale).
-fn worker_latch(pid: Option<i32>) -> Option<*mut pg_sys::Latch> {
-    // SAFETY: BackendPidGetProc takes ProcArrayLock and returns a PGPROC in
-    // shared memory (never freed) or NULL.
-    pid.map(|pid| unsafe { pg_sys::BackendPidGetProc(pid) })
-        .filter(|p| !p.is_null() && unsafe { (**p).databaseId == pg_sys::MyDatabaseId })
-        .map(|p| unsafe { &raw mut (*p).procLatch })
-}
-
 /// `XACT_EVENT_PRE_COMMIT` (and `PRE_PREPARE`): write what is still
-/// buffered, give the transaction its place in the commit order, and find
-/// the worker to wake, starting one if none runs. Errors here still abort
-/// the transaction cleanly.
+/// buffered and give the transaction its place in the commit order. True
+/// when it wrote outbox rows, for the worker to be woken
+/// ([`crate::worker::wake`]). Errors here still abort the transaction
+/// cleanly.
 ///
 /// A prepared transaction commits later, in whatever session runs COMMIT
 /// PREPARED: its rows keep no commit-order number, and the worker gives
 /// them one when they become visible.
-pub fn pre_commit(prepare: bool) {
+pub fn pre_commit(prepare: bool) -> bool {
     let queued = !QUEUED.with_borrow(|p| p.is_empty());
     let early = !EARLY.with_borrow(|e| e.is_empty());
     if !queued && !early && !WROTE.get() {
-        return;
+        return false;
     }
     // DROP EXTENSION pg_emit later in this transaction: the outbox is gone
     // with it, and so are these events, which must not fail the commit.
@@ -496,7 +414,7 @@ pub fn pre_commit(prepare: bool) {
                  dropped in it"
             );
         }
-        return;
+        return false;
     }
     // One switch to the owner for the rows and their number.
     as_emit_owner(|| {
@@ -526,102 +444,12 @@ pub fn pre_commit(prepare: bool) {
             .unwrap_or_else(|e| pgrx::error!("pg_emit: could not write to emit.outbox: {e}"));
         }
     });
-    if !WROTE.get() {
-        return;
-    }
-    match worker_latch(worker_pid()) {
-        Some(l) => LATCH.set(l),
-        None => start_worker(),
-    }
+    WROTE.get()
 }
 
-/// After `CREATE EXTENSION pg_emit` (seen by the utility hook: with
-/// preloading, or once the session has loaded the library): the database's
-/// worker starts when the transaction commits, as the launcher starts one
-/// at server start, so that `pg_emit.listen` serves and channel retention
-/// runs before the first async event. Not before the commit: a worker that
-/// does not see the extension exits for good. A rollback forgets it.
-pub fn start_worker_at_commit() {
-    CREATED.set(true);
-}
-
-/// At `XACT_EVENT_COMMIT`, where nothing may raise: registering a worker
-/// reports a full table of workers by its result, and anything else is
-/// caught and reported as a WARNING.
-fn start_worker_after_commit() {
-    // SAFETY: reading the backend's database oid.
-    let db = unsafe { pg_sys::MyDatabaseId };
-    let started = PgTryBuilder::new(|| {
-        // SAFETY: as in start_worker.
-        unsafe { PgMemoryContexts::TopMemoryContext.switch_to(|_| worker::start(db)) }.is_ok()
-    })
-    .catch_others(|_| false)
-    .execute();
-    if !started {
-        pgrx::warning!(
-            "pg_emit: could not start the delivery worker after CREATE EXTENSION (are \
-             max_worker_processes slots free?); it starts with the first async event"
-        );
-    }
-}
-
-fn start_worker() {
-    use pgrx::bgworkers::BackgroundWorkerStatus::NotYetStarted;
-    match STARTED.with_borrow(|h| h.as_ref().map(|h| h.pid())) {
-        // The worker this backend started is still starting: it will scan.
-        Some(Err(NotYetStarted)) => return,
-        // It runs but is not the one emit.worker names (it may serve an
-        // installation dropped since): wake it, it knows what to do.
-        Some(Ok(pid)) => {
-            if let Some(latch) = worker_latch(Some(pid)) {
-                LATCH.set(latch);
-            }
-            return;
-        }
-        _ => {}
-    }
-    // SAFETY: reading the backend's database oid.
-    let db = unsafe { pg_sys::MyDatabaseId };
-    // SAFETY: the handle is allocated in TopMemoryContext so it outlives
-    // this transaction (a few bytes per start); nothing else is allocated
-    // there.
-    let started = unsafe { PgMemoryContexts::TopMemoryContext.switch_to(|_| worker::start(db)) };
-    match started {
-        Ok(handle) => {
-            STARTED.set(Some(handle));
-            STARTED_NOW.set(true);
-        }
-        Err(_) => pgrx::warning!(
-            "pg_emit: could not start the delivery worker (are max_worker_processes slots free?); \
-             events stay queued in emit.outbox"
-        ),
-    }
-}
-
-/// `XACT_EVENT_COMMIT`: the rows are visible now; wake the worker. Only
-/// non-failing calls here: SetLatch, a lookup of a started worker's pid,
-/// and after CREATE EXTENSION a worker's registration, errors caught.
+/// `XACT_EVENT_COMMIT`: the rows are visible (the worker is woken by
+/// [`crate::worker::wake::on_commit`]).
 pub fn on_commit() {
-    if CREATED.replace(false) {
-        start_worker_after_commit();
-    }
-    if STARTED_NOW.replace(false) {
-        // Not started yet means it will start after this commit and see
-        // the rows on its first scan; started means it may have scanned
-        // already, so wake it.
-        if let Some(Ok(pid)) = STARTED.with_borrow(|h| h.as_ref().map(|h| h.pid())) {
-            // SAFETY: as in pre_commit.
-            let p = unsafe { pg_sys::BackendPidGetProc(pid) };
-            if !p.is_null() {
-                LATCH.set(unsafe { &raw mut (*p).procLatch });
-            }
-        }
-    }
-    let latch = LATCH.replace(std::ptr::null_mut());
-    if !latch.is_null() {
-        // SAFETY: a latch in shared memory; SetLatch never fails.
-        unsafe { pg_sys::SetLatch(latch) };
-    }
     WROTE.set(false);
     EARLY.with_borrow_mut(|e| e.clear());
     EARLY_RANGES.with_borrow_mut(|r| r.clear());
@@ -629,11 +457,8 @@ pub fn on_commit() {
 
 /// Abort (or PREPARE, whose rows the worker will see if it commits).
 pub fn forget() {
-    CREATED.set(false);
     QUEUED.with_borrow_mut(|p| p.clear());
     EARLY.with_borrow_mut(|e| e.clear());
     EARLY_RANGES.with_borrow_mut(|r| r.clear());
     WROTE.set(false);
-    LATCH.set(std::ptr::null_mut());
-    STARTED_NOW.set(false);
 }

@@ -235,7 +235,7 @@ impl Worker {
                 if nsp != installed {
                     return Ok(Err(Stop::Reinstalled));
                 }
-                plans::update(c, crate::delivery::outbox::SEQUENCE_PREPARED_SQL, &[])?;
+                plans::update(c, SEQUENCE_PREPARED_SQL, &[])?;
                 let keys: Vec<String> = c
                     .select(DESTINATIONS_SQL, None, &[])?
                     .filter_map(|r| r.get::<String>(1).ok().flatten())
@@ -377,3 +377,18 @@ fn now_nanos() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64)
 }
+
+/// Rows of prepared transactions that COMMIT PREPARED has made visible
+/// carry no commit-order number yet: each such transaction gets the next
+/// one now, in the order of its first row. So does each row written
+/// without one by other means (a 0.1.0 library still loaded in a backend
+/// after ALTER EXTENSION UPDATE, an INSERT by hand). The worker runs this
+/// before every claim, and is woken for it after COMMIT PREPARED
+/// ([`super::wake::after_commit_prepared`]).
+pub const SEQUENCE_PREPARED_SQL: &str = "
+UPDATE emit.outbox o SET tx_seq = t.seq
+  FROM (SELECT u.g, pg_catalog.nextval('emit.tx_seq'::pg_catalog.regclass) AS seq
+          FROM (SELECT coalesce(p.tx, -p.id) AS g, pg_catalog.min(p.id) AS first
+                  FROM emit.outbox p WHERE p.tx_seq IS NULL
+                 GROUP BY 1 ORDER BY 2) u) t
+ WHERE o.tx_seq IS NULL AND coalesce(o.tx, -o.id) = t.g";

@@ -21,6 +21,7 @@ pub(crate) mod launcher;
 mod live;
 mod queue;
 mod txn;
+pub(crate) mod wake;
 
 use crate::transport::{Cancelled, Interrupt};
 use dispatch::Worker;
