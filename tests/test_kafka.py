@@ -1,16 +1,12 @@
-"""Kafka destinations (`kafka://host:port/topic`) against a real
-Kafka-protocol broker (tansu), read back with confluent-kafka: every
-committed event is in the topic, keyed by its row so that one row's events
-share a partition in commit order (the partition Java's and librdkafka's
-murmur2 partitioner picks for the key), each with an `id` header that
-stays the same when a crash makes pg_emit produce it again; rollbacks send
-nothing; a missing topic is an error that says so; a broker that is down
-gets its events when it is back."""
+"""What only Kafka destinations do (`kafka://host:port/topic`), against a
+real Kafka-protocol broker (tansu) read back with confluent-kafka: records
+keyed by row so that one row's events share a partition in commit order
+(the partition Java's and librdkafka's murmur2 partitioner picks for the
+key), keyless events in partition 0, a missing topic is an error that says
+so, and Kafka's own refusals. What every broker does is in
+test_brokers.py."""
 
 import json
-import os
-import signal
-import time
 
 import psycopg
 import pytest
@@ -79,7 +75,7 @@ def test_async_events_are_keyed_by_row_in_commit_order(db, table, server):
 
 
 @pytest.mark.parametrize("mode", ["sync", "commit"])
-def test_sync_and_commit(db, table, server, mode):
+def test_sync_and_commit_keep_a_row_in_one_partition(db, table, server, mode):
     attach(db, table, f"kafka://127.0.0.1:{server.port}/orders", f"delivery={mode}",
            "format=cloudevents", v="int")
     db.execute(f"INSERT INTO {table} VALUES (1, 0)")
@@ -120,64 +116,6 @@ def test_a_missing_topic_waits_and_says_why(db, table, server):
     db.execute("RESET pg_emit.on_error")
     server.create_topic("invoices", partitions=1)
     assert [r["value"]["new"]["id"] for r in server.records("invoices", 1, partitions=1)] == [1]
-
-
-def test_broker_down_then_back(db, table, server):
-    attach(db, table, f"kafka://127.0.0.1:{server.port}/orders", "delivery=async", v="int")
-    server.stop()
-    db.execute(f"INSERT INTO {table} SELECT g, 0 FROM generate_series(1, 100) g")
-    assert wait_until(lambda: db.one(
-        "SELECT last_error FROM emit.outbox WHERE port = %s", (server.port,)) is not None, 10)
-    server.start()
-    server.create_topic("orders")
-    recs = server.records("orders", 100)
-    assert sorted(r["value"]["new"]["id"] for r in recs) == list(range(1, 101))
-
-
-def test_crash_mid_delivery_loses_nothing(cluster, server):
-    """Kafka cannot tell a new producer session's records from new ones:
-    what was produced but not acknowledged before the crash is in the topic
-    twice, with the same id header, which consumers dedupe by."""
-    table = "kafka_crash"
-    dest = f"kafka://127.0.0.1:{server.port}/orders"
-    with cluster.connect("emit_test") as c:
-        c.execute(f"DROP TABLE IF EXISTS {table}")
-        c.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, v int)")
-        c.execute(f"CREATE TRIGGER out AFTER INSERT ON {table} FOR EACH ROW EXECUTE FUNCTION "
-                  f"row_to_destination('{dest}', 'delivery=async')")
-        c.execute(f"INSERT INTO {table} VALUES (1, 0)")  # the worker connects
-        assert len(server.records("orders", 1, timeout=10)) == 1
-        # The broker freezes: the worker's produce requests go out and wait
-        # for answers when PostgreSQL goes down.
-        os.kill(server.proc.pid, signal.SIGSTOP)
-        try:
-            for start in range(1, 5001, 1000):
-                c.execute(f"INSERT INTO {table} SELECT g, 0 FROM generate_series({start + 1}, {start + 1000}) g")
-            assert wait_until(lambda: c.execute(
-                "SELECT count(*) FROM emit.outbox WHERE first_event_id IS NOT NULL AND port = %s",
-                (server.port,)).fetchone()[0], 5)
-            time.sleep(0.5)
-            assert cluster.stop("immediate").returncode == 0
-        finally:
-            os.kill(server.proc.pid, signal.SIGCONT)
-    cluster.start()
-    with cluster.connect("emit_test") as c:
-        assert c.execute("SELECT sum(events - sent) FROM emit.outbox WHERE port = %s",
-                         (server.port,)).fetchone()[0] == 5000
-        c.execute(f"INSERT INTO {table} VALUES (5002, 0)")  # starts the worker
-    assert wait_until(lambda: cluster.connect("emit_test").execute(
-        "SELECT count(*) FROM emit.outbox WHERE port = %s", (server.port,)).fetchone()[0] == 0, 30)
-    recs = server.records("orders", 5002)
-    ids = [r["value"]["new"]["id"] for r in recs]
-    assert sorted(set(ids)) == list(range(1, 5003))
-    by_id = {}
-    for r in recs:
-        by_id.setdefault(r["headers"]["id"], set()).add(r["value"]["new"]["id"])
-    # Every copy of an event carries that event's id, and only it.
-    assert len(by_id) == 5002 and all(len(v) == 1 for v in by_id.values())
-    print(f"\nkafka crash: {len(ids) - 5002} records produced before the crash and again after")
-    with cluster.connect("emit_test") as c:
-        c.execute(f"DROP TABLE {table}")
 
 
 @pytest.mark.parametrize("call, text", [
