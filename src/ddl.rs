@@ -13,7 +13,7 @@
 //! `CREATE FUNCTION` body or a `CREATE SERVER … OPTIONS (password …)` may
 //! hold secrets that receivers must not get.
 
-use crate::delivery::{commit, outbox, sync, Target};
+use crate::delivery::{commit, outbox, sync, Destination};
 use crate::error::EmitError;
 use crate::interrupts;
 use crate::made::Made;
@@ -216,7 +216,7 @@ pub unsafe extern "C-unwind" fn ddl_event(fcinfo: pg_sys::FunctionCallInfo) -> p
 /// that a delivery problem (a failed sync send, a full commit buffer) is a
 /// WARNING whatever `pg_emit.on_error` says: the DDL is someone else's, and
 /// must not fail for it.
-fn hand_over(route: &str, target: &Target, format: Format, mode: Delivery, mut buf: Vec<u8>) {
+fn hand_over(route: &str, target: &Destination, format: Format, mode: Delivery, mut buf: Vec<u8>) {
     let context = || format!("{FUNC}: DDL trigger {route:?}");
     let kind = Kind::event(format);
     if target.coalesces() && mode != Delivery::Async {

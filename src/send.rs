@@ -1,6 +1,6 @@
 //! `send_socket`, `send_http` and `send_message`: the ad-hoc senders.
 
-use crate::delivery::{commit, outbox, sync, Target};
+use crate::delivery::{commit, outbox, sync, Destination};
 use crate::error::EmitError;
 use crate::event::{self, Kind};
 use crate::interrupts;
@@ -38,7 +38,7 @@ fn send_socket(msg: &str, host: &str, port: i32) -> i32 {
     options::check_host(host).unwrap_or_else(|e| bad("send_socket", e));
     let port = options::check_port(port).unwrap_or_else(|e| bad("send_socket", e));
     check_size("send_socket", msg.len());
-    let target = Target::Tcp {
+    let target = Destination::Tcp {
         host: host.to_string(),
         port,
         framing: Framing::Close,
@@ -137,7 +137,7 @@ fn send_message(
 /// queued (commit, async), false when a sync send failed (with a WARNING).
 fn hand_over(
     func: &'static str,
-    target: &Target,
+    target: &Destination,
     kind: Kind,
     mode: Delivery,
     mut buf: Vec<u8>,

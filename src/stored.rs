@@ -1,6 +1,6 @@
 //! Stored destinations: `emit.create_destination`, `emit.alter_destination`,
 //! `emit.drop_destination`, and the lookup that triggers and `send_message`
-//! use to turn a name into a [`Target`].
+//! use to turn a name into a [`Destination`].
 //!
 //! The URL and options (headers with credentials) live in
 //! `emit.stored_destinations`, readable only by superusers and `emit_admin`,
@@ -9,7 +9,7 @@
 //! hears at the changing transaction's commit, so a changed URL applies to
 //! the next event everywhere.
 
-use crate::delivery::Target;
+use crate::delivery::Destination;
 use crate::error::EmitError;
 use crate::privileged::as_emit_owner;
 use crate::security::Allowlist;
@@ -23,8 +23,8 @@ use std::rc::Rc;
 
 /// A stored destination as events use it.
 pub struct Resolved {
-    /// [`Target::Stored`]: its name and endpoint.
-    pub target: Target,
+    /// [`Destination::Stored`]: its name and endpoint.
+    pub target: Destination,
     pub format: Option<Format>,
     /// The allowlist this destination was last found allowed under: a
     /// trigger checks it once per allowlist, not once per row.
@@ -32,7 +32,7 @@ pub struct Resolved {
 }
 
 impl Resolved {
-    pub fn new(target: Target, format: Option<Format>) -> Self {
+    pub fn new(target: Destination, format: Option<Format>) -> Self {
         Resolved {
             target,
             format,
@@ -100,7 +100,7 @@ pub fn lookup(func: &'static str, name: &str) -> Rc<Resolved> {
     } = destination::parse_stored(&url, &options)
         .unwrap_or_else(|source| EmitError::Argument { func, source }.raise());
     let r = Rc::new(Resolved::new(
-        Target::Stored {
+        Destination::Stored {
             name: name.to_string(),
             endpoint: Box::new(endpoint),
             signing,

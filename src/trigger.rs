@@ -5,7 +5,7 @@
 //! direct call (`SELECT row_to_socket()`) is a clean 39P01 instead of a
 //! panic, and the row goes back to PostgreSQL without being re-wrapped.
 
-use crate::delivery::{commit, outbox, sync, Target};
+use crate::delivery::{commit, outbox, sync, Destination};
 use crate::encoding;
 use crate::error::EmitError;
 use crate::event::{self, Event, Kind, Op};
@@ -84,7 +84,7 @@ impl Plan {
     /// [`Format::combine`]); a combination that cannot work is an ERROR
     /// naming the trigger.
     fn format(&self, dest: &Resolved, firing: &Firing<'_>) -> Format {
-        let http = matches!(dest.target.endpoint(), Target::Http { .. });
+        let http = matches!(dest.target.endpoint(), Destination::Http { .. });
         Format::combine(self.opts.format, self.opts.cloudevents, dest.format, http).unwrap_or_else(
             |source| {
                 EmitError::TriggerArgument {
@@ -174,7 +174,7 @@ impl Func {
         match self {
             Func::Socket => {
                 let t = options::parse_socket_args(args)?;
-                let target = Target::Tcp {
+                let target = Destination::Tcp {
                     host: t.host,
                     port: t.port,
                     framing: t.options.framing,
@@ -183,7 +183,7 @@ impl Func {
             }
             Func::Http => {
                 let t = options::parse_http_args(args)?;
-                let target = Target::Http {
+                let target = Destination::Http {
                     url: t.url.url,
                     headers: t.options.headers.clone(),
                 };
@@ -667,14 +667,14 @@ unsafe fn datum_bytes<'a>(
 }
 
 /// Async events are stored one per line, and ndjson sends one per line.
-fn one_line(target: &Target, mode: Delivery) -> bool {
+fn one_line(target: &Destination, mode: Delivery) -> bool {
     target.coalesces() || mode == Delivery::Async
 }
 
 /// Hands one finished message of `format` in `buf` to its delivery mode.
 fn send(
     firing: &Firing<'_>,
-    target: &Target,
+    target: &Destination,
     format: Format,
     mode: Delivery,
     buf: &mut Vec<u8>,
@@ -709,7 +709,7 @@ fn fire_statement(
     firing: &Firing<'_>,
     plan: &Plan,
     carried: Option<&Carried>,
-    target: &Target,
+    target: &Destination,
     format: Format,
     mode: Delivery,
 ) {
@@ -904,7 +904,7 @@ fn delivery_mode(firing: &Firing<'_>, dest: &Resolved, opts: &Options) -> Delive
     // A channel without delivery= is async whatever the default: only an
     // explicit delivery=sync is refused.
     let mode = match (opts.delivery, dest.target.endpoint()) {
-        (None, Target::Channel(_)) => Delivery::Async,
+        (None, Destination::Channel(_)) => Delivery::Async,
         (mode, _) => mode.unwrap_or_else(settings::default_delivery),
     };
     let mode = crate::delivery::for_target(&|| firing.describe(), &dest.target, mode);

@@ -40,8 +40,8 @@ impl Row {
 /// (the worker has already read a stored one: never
 /// [`Destination::Stored`]), with what its HTTP requests need.
 #[derive(Debug, Clone)]
-pub enum Dest {
-    Endpoint(Destination, HttpSetup),
+pub enum Resolved {
+    Ready(Destination, HttpSetup),
     /// A stored destination that cannot be used now (dropped, say): every
     /// job fails with this message and is retried.
     Unavailable(String),
@@ -59,7 +59,7 @@ pub struct HttpSetup {
 
 #[derive(Debug, Clone)]
 pub struct Job {
-    pub dest: Dest,
+    pub dest: Resolved,
     pub rows: Vec<Row>,
     /// How many go at once, in what order.
     pub flow: Flow,
@@ -211,7 +211,7 @@ pub fn send_job(conn: &mut Conn, job: &Job, intr: &dyn Interrupt) -> Outcome {
     let started = Instant::now();
     let mut sent: Vec<u32> = job.rows.iter().map(|r| r.sent).collect();
     let mut buf = Vec::new();
-    if let Dest::Unavailable(why) = &job.dest {
+    if let Resolved::Unavailable(why) = &job.dest {
         return Outcome {
             sent,
             error: Some(JobError::Retry {
@@ -220,7 +220,7 @@ pub fn send_job(conn: &mut Conn, job: &Job, intr: &dyn Interrupt) -> Outcome {
             }),
         };
     }
-    if let Dest::Endpoint(
+    if let Resolved::Ready(
         Destination::Http { url, headers },
         HttpSetup {
             client: Ok((cfg, key)),
@@ -247,7 +247,7 @@ pub fn send_job(conn: &mut Conn, job: &Job, intr: &dyn Interrupt) -> Outcome {
     for (i, row) in job.rows.iter().enumerate() {
         let lines = row.payload.split('\n').enumerate().skip(row.sent as usize);
         let result = match &job.dest {
-            Dest::Endpoint(
+            Resolved::Ready(
                 Destination::Tcp {
                     framing: Framing::Ndjson,
                     host,
@@ -279,7 +279,7 @@ pub fn send_job(conn: &mut Conn, job: &Job, intr: &dyn Interrupt) -> Outcome {
                 sent[i] += lines_acked as u32;
                 r.map_err(|e| Stopped(JobError::from(e)))
             }
-            Dest::Endpoint(
+            Resolved::Ready(
                 Destination::Tcp {
                     framing: Framing::Close,
                     host,
@@ -298,7 +298,7 @@ pub fn send_job(conn: &mut Conn, job: &Job, intr: &dyn Interrupt) -> Outcome {
                 sent[i] += 1;
                 Ok(())
             }),
-            Dest::Endpoint(
+            Resolved::Ready(
                 Destination::Http { url, headers },
                 HttpSetup {
                     client: setup,
@@ -329,7 +329,7 @@ pub fn send_job(conn: &mut Conn, job: &Job, intr: &dyn Interrupt) -> Outcome {
                         Ok(())
                     })
                 }),
-            Dest::Endpoint(Destination::Broker(b), _) => {
+            Resolved::Ready(Destination::Broker(b), _) => {
                 let first = row.sent as usize;
                 let (ids, ends) = broker_batch(&mut buf, row, lines, &job.stream);
                 let content_type = crate::cloudevents::content_type(row.kind.format, false);
@@ -348,14 +348,14 @@ pub fn send_job(conn: &mut Conn, job: &Job, intr: &dyn Interrupt) -> Outcome {
                 sent[i] += acked as u32;
                 r.map_err(broker_error)
             }
-            Dest::Endpoint(Destination::Stored { name, .. }, _) => Err(Stopped(JobError::Retry {
+            Resolved::Ready(Destination::Stored { name, .. }, _) => Err(Stopped(JobError::Retry {
                 message: format!("stored destination {name:?} was not read before delivery"),
                 after: None,
             })),
-            Dest::Endpoint(Destination::Channel(_), _) => {
+            Resolved::Ready(Destination::Channel(_), _) => {
                 unreachable!("the worker publishes channel events itself, it never sends them")
             }
-            Dest::Unavailable(_) => unreachable!("returned above"),
+            Resolved::Unavailable(_) => unreachable!("returned above"),
         };
         match result {
             Ok(()) => {}
@@ -769,7 +769,7 @@ mod tests {
 
     fn job(port: u16, framing: Framing, rows: Vec<Row>) -> Job {
         Job {
-            dest: Dest::Endpoint(
+            dest: Resolved::Ready(
                 Destination::Tcp {
                     host: "127.0.0.1".into(),
                     port,
@@ -794,8 +794,8 @@ mod tests {
     }
 
     /// An HTTP destination on loopback, unsigned, 2 s timeouts.
-    fn http_dest(port: u16) -> Dest {
-        Dest::Endpoint(
+    fn http_dest(port: u16) -> Resolved {
+        Resolved::Ready(
             Destination::Http {
                 url: format!("http://127.0.0.1:{port}/"),
                 headers: Vec::new(),

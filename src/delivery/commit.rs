@@ -8,7 +8,7 @@
 
 use super::pending::Pending;
 use super::sync;
-use super::Target;
+use super::Destination;
 use crate::error::EmitError;
 use crate::interrupts;
 use crate::settings;
@@ -17,14 +17,14 @@ use std::cell::RefCell;
 
 thread_local! {
     /// Events by destination and format.
-    static HELD: RefCell<Pending<(Target, Kind)>> = RefCell::default();
+    static HELD: RefCell<Pending<(Destination, Kind)>> = RefCell::default();
 }
 
 /// Holds one event of `format` (newline-terminated for ndjson), with its
 /// ordering key (for Kafka's partitions), until commit.
 pub fn hold(
     context: &dyn Fn() -> String,
-    target: &Target,
+    target: &Destination,
     kind: Kind,
     msg: &[u8],
     key: Option<i64>,
@@ -37,7 +37,7 @@ pub fn hold(
 /// [`hold`], or why the event could not be held (the buffer is full).
 pub fn try_hold(
     context: &dyn Fn() -> String,
-    target: &Target,
+    target: &Destination,
     kind: Kind,
     msg: &[u8],
     key: Option<i64>,
@@ -92,7 +92,7 @@ pub fn send_after_commit() {
         return;
     }
     // Per destination: (total, failed, first failure).
-    let mut tally: Vec<(&Target, usize, usize, Option<String>)> = Vec::new();
+    let mut tally: Vec<(&Destination, usize, usize, Option<String>)> = Vec::new();
     let mut cancelled = false;
     let intr = interrupts::AfterCommit::for_current_statement();
     // Consecutive ndjson events for one destination go out in one write of

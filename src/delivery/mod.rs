@@ -22,14 +22,14 @@ use pgrx::prelude::*;
 use std::ffi::c_void;
 
 /// A destination as a trigger or function names it (see the core crate).
-pub(crate) use pg_emit_core::destination::Destination as Target;
+pub(crate) use pg_emit_core::destination::Destination;
 
 /// Refuses, naming `context`, a destination the allowlist cannot allow.
 /// Destinations that send later (commit, async) are checked when the
 /// event is made, without DNS, so that a refused one fails the statement
 /// rather than being discovered after commit; the check at connect time
 /// stays the authoritative one.
-pub(crate) fn refuse_unless_allowed(context: &dyn Fn() -> String, target: &Target) {
+pub(crate) fn refuse_unless_allowed(context: &dyn Fn() -> String, target: &Destination) {
     if let Some(why) = not_allowed(target) {
         EmitError::NotAllowed {
             context: context(),
@@ -41,18 +41,18 @@ pub(crate) fn refuse_unless_allowed(context: &dyn Fn() -> String, target: &Targe
 
 /// Why the allowlist cannot allow `target` (see [`refuse_unless_allowed`]),
 /// if it cannot.
-pub(crate) fn not_allowed(target: &Target) -> Option<String> {
+pub(crate) fn not_allowed(target: &Destination) -> Option<String> {
     let allowed = match target.endpoint() {
-        Target::Tcp { host, port, .. } => settings::allowlist().may_allow(host, *port, None),
-        Target::Http { url, .. } => pg_emit_core::http_target::parse_url(url)
+        Destination::Tcp { host, port, .. } => settings::allowlist().may_allow(host, *port, None),
+        Destination::Http { url, .. } => pg_emit_core::http_target::parse_url(url)
             .is_ok_and(|u| settings::allowlist().may_allow(&u.host, u.port, Some(url))),
-        Target::Broker(b) => {
+        Destination::Broker(b) => {
             let (host, port) = b.address();
             settings::allowlist().may_allow(host, port, None)
         }
         // Stored in this database; the listener serves it.
-        Target::Channel(_) => true,
-        Target::Stored { .. } => unreachable!("endpoint() is never a stored destination"),
+        Destination::Channel(_) => true,
+        Destination::Stored { .. } => unreachable!("endpoint() is never a stored destination"),
     };
     (!allowed).then(|| {
         format!(
@@ -68,11 +68,11 @@ pub(crate) fn not_allowed(target: &Target) -> Option<String> {
 /// Other destinations keep `mode`.
 pub(crate) fn for_target(
     context: &dyn Fn() -> String,
-    target: &Target,
+    target: &Destination,
     mode: crate::options::Delivery,
 ) -> crate::options::Delivery {
     use crate::options::Delivery;
-    if !matches!(target.endpoint(), Target::Channel(_)) {
+    if !matches!(target.endpoint(), Destination::Channel(_)) {
         return mode;
     }
     if mode == Delivery::Sync {

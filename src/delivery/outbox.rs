@@ -12,7 +12,7 @@
 //! order however their rows were written.
 
 use super::pending::Pending;
-use super::Target;
+use super::Destination;
 use crate::error::EmitError;
 use crate::privileged::{as_emit_owner, schema, Schema};
 use crate::settings;
@@ -30,7 +30,7 @@ pub const FLUSH_BYTES: usize = 8 << 20;
 
 /// One outbox row to write.
 struct Chunk {
-    target: Target,
+    target: Destination,
     kind: Kind,
     events: i32,
     /// Ordinals of its first and last event (see [`Pending`]).
@@ -43,7 +43,7 @@ struct Chunk {
 
 thread_local! {
     /// Events by destination and kind (one outbox row holds one of each).
-    static QUEUED: RefCell<Pending<(Target, Kind)>> = RefCell::default();
+    static QUEUED: RefCell<Pending<(Destination, Kind)>> = RefCell::default();
     /// Outbox rows this transaction wrote before committing; they get its
     /// commit-order number at PRE_COMMIT.
     static EARLY: RefCell<Vec<i64>> = const { RefCell::new(Vec::new()) };
@@ -74,7 +74,7 @@ enum Seq {
 /// pass [`FLUSH_BYTES`]: rows written inside a subtransaction are rolled
 /// back with it, so memory stays bounded however much a transaction queues,
 /// at any nesting (see also [`pre_commit_sub`]).
-pub fn queue(target: &Target, kind: Kind, event: &[u8], key: Option<i64>) {
+pub fn queue(target: &Destination, kind: Kind, event: &[u8], key: Option<i64>) {
     let full = QUEUED.with_borrow_mut(|p| {
         p.push_to(
             |(t, k)| *k == kind && t == target,
@@ -127,10 +127,10 @@ pub fn note_written() {
 /// events written out while its enclosing level's were still buffered),
 /// nor those of the destination's events in another format (two triggers
 /// choosing their own): its events would overtake them.
-fn chunks(p: &Pending<(Target, Kind)>, early: &[(u64, u64)]) -> Vec<Chunk> {
+fn chunks(p: &Pending<(Destination, Kind)>, early: &[(u64, u64)]) -> Vec<Chunk> {
     let mut out: Vec<Chunk> = Vec::new();
     // Index in `out` of each destination's (and format's) open row.
-    let mut open: Vec<(&(Target, Kind), usize)> = Vec::new();
+    let mut open: Vec<(&(Destination, Kind), usize)> = Vec::new();
     for (route, event, ordinal, key) in p.current_level() {
         open.retain(|(r, _)| r.1 == route.1 || r.0 != route.0);
         let slot = open.iter().position(|(r, _)| *r == route);

@@ -5,7 +5,7 @@
 //! talks to a handful of destinations, and a scan of three entries costs
 //! less than hashing a key.
 
-use super::Target;
+use super::Destination;
 use crate::cooldown::Cooldowns;
 use crate::error::EmitError;
 use crate::interrupts;
@@ -160,25 +160,25 @@ impl Failure {
 /// through this backend's connections and cooldowns, without reporting. A
 /// response outside 2xx counts as a failure.
 pub fn try_send(
-    target: &Target,
+    target: &Destination,
     kind: Kind,
     msg: &[u8],
     key: Option<i64>,
     intr: &dyn Interrupt,
 ) -> Result<(), Failure> {
     match target.endpoint() {
-        Target::Tcp {
+        Destination::Tcp {
             host,
             port,
             framing,
         } => try_send_tcp(host, *port, msg, *framing, intr),
-        Target::Http { url, headers } => {
+        Destination::Http { url, headers } => {
             // A message is signed only by its stored destination's own
             // secret (see pg_emit_core::event::Kind).
             let signing = match (target, kind.message) {
-                (Target::Stored { signing, .. }, false) => signing,
+                (Destination::Stored { signing, .. }, false) => signing,
                 (
-                    Target::Stored {
+                    Destination::Stored {
                         signing: s @ SignWith::Standard(_),
                         ..
                     },
@@ -208,7 +208,7 @@ pub fn try_send(
         }
         // Brokers: one event on this backend's kept connection for the
         // destination, acknowledged by the broker.
-        Target::Broker(b) => {
+        Destination::Broker(b) => {
             let id = event_id(kind, msg);
             let item = [Item {
                 id: &id,
@@ -235,8 +235,8 @@ pub fn try_send(
                 receiver_failed,
             )
         }
-        Target::Stored { .. } => unreachable!("endpoint() is never a stored destination"),
-        Target::Channel(_) => unreachable!("channels are queued (delivery::for_target)"),
+        Destination::Stored { .. } => unreachable!("endpoint() is never a stored destination"),
+        Destination::Channel(_) => unreachable!("channels are queued (delivery::for_target)"),
     }
 }
 
@@ -442,12 +442,12 @@ fn http_client() -> Result<http::Client, String> {
 /// the cost of sync delivery (see the README's Performance section).
 pub fn deliver(
     context: &dyn Fn() -> String,
-    target: &Target,
+    target: &Destination,
     format: Format,
     msg: &[u8],
     key: Option<i64>,
 ) {
-    if let Target::Tcp {
+    if let Destination::Tcp {
         host,
         port,
         framing: Framing::Ndjson,

@@ -12,7 +12,7 @@ use crate::security::Allowlist;
 use crate::transport;
 use crate::transport::http::ClientConfig;
 use pg_emit_core::destination::{self, Destination, SignWith};
-use pg_emit_core::job::{Dest as JobDest, HttpSetup, Job, JobError, Outcome, ResponseLog, Row};
+use pg_emit_core::job::{HttpSetup, Job, JobError, Outcome, Resolved, ResponseLog, Row};
 use pg_emit_core::metrics::Latencies;
 use pg_emit_core::schedule::Flow;
 use pg_emit_core::sink::AnyBroker;
@@ -48,7 +48,7 @@ pub(super) fn claim(
 ) -> Result<Option<Job>, pgrx::spi::Error> {
     let mut claimed = Vec::new();
     let mut fresh = Vec::new();
-    let mut target: Option<(JobDest, Flow)> = None;
+    let mut target: Option<(Resolved, Flow)> = None;
     let mut bytes = 0;
     let mut last_tx_seq = None;
     for r in plans::select(c, QUEUE_SQL, None, &[key.into()])? {
@@ -65,7 +65,7 @@ pub(super) fn claim(
                     client: http.clone(),
                     standard: None,
                 };
-                JobDest::Endpoint(endpoint, setup)
+                Resolved::Ready(endpoint, setup)
             };
             target = Some(match r.get_by_name::<String, _>("framing")?.as_deref() {
                 Some("stored") => stored_dest(c, key, http)?,
@@ -85,7 +85,7 @@ pub(super) fn claim(
                     let url: String = r.get_by_name("url")?.unwrap_or_default();
                     match destination::parse_url(&url, Vec::new()) {
                         Ok(endpoint) => (plain(endpoint), Flow::SERIAL),
-                        Err(e) => (JobDest::Unavailable(e.to_string()), Flow::SERIAL),
+                        Err(e) => (Resolved::Unavailable(e.to_string()), Flow::SERIAL),
                     }
                 }
                 framing => {
@@ -175,7 +175,7 @@ fn stored_dest(
     c: &mut pgrx::spi::SpiClient<'_>,
     name: &str,
     http: &Result<(ClientConfig, Option<Vec<u8>>), String>,
-) -> Result<(JobDest, Flow), pgrx::spi::Error> {
+) -> Result<(Resolved, Flow), pgrx::spi::Error> {
     let mut found = plans::select(c, STORED_SQL, None, &[name.into()])?;
     let row = match found.next() {
         Some(r) => (
@@ -184,7 +184,7 @@ fn stored_dest(
         ),
         None => (None, None),
     };
-    let unavailable = |why: String| (JobDest::Unavailable(why), Flow::SERIAL);
+    let unavailable = |why: String| (Resolved::Unavailable(why), Flow::SERIAL);
     let (Some(url), Some(options)) = row else {
         return Ok(unavailable(format!(
             "stored destination {name:?} does not exist (dropped?); \
@@ -205,7 +205,7 @@ fn stored_dest(
         _ => Flow::SERIAL,
     };
     Ok((
-        JobDest::Endpoint(stored.endpoint, HttpSetup { client, standard }),
+        Resolved::Ready(stored.endpoint, HttpSetup { client, standard }),
         flow,
     ))
 }

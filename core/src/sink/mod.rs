@@ -154,7 +154,7 @@ fn parse_as<B: Broker>(u: &url::Url, host: String, input: &str) -> Result<B, Opt
     }
 }
 
-/// The list of brokers: one line each, `Variant(module::Target)`.
+/// The list of brokers: one line each, `Variant(module::Type)`.
 macro_rules! brokers {
     ($($variant:ident($ty:ty)),* $(,)?) => {
         /// One of the brokers, delegating to its [`Broker`] implementation.
