@@ -53,7 +53,11 @@ CREATE TABLE emit.outbox (
     keys            bigint[],
     -- How its events were made (format=): where the worker puts their ids
     -- and how it sends them.
-    format          text    NOT NULL DEFAULT 'json'
+    format          text    NOT NULL DEFAULT 'json',
+    -- (Added in 0.3.) Events past `sent` already delivered (0-based, in
+    -- ascending order): sent while an earlier event of another key was
+    -- failing, never sent again. NULL: none.
+    acked           integer[]
 );
 CREATE INDEX outbox_queue ON emit.outbox (destination, tx_seq, part);
 CREATE INDEX outbox_unsequenced ON emit.outbox (tx) WHERE tx_seq IS NULL;
@@ -160,8 +164,10 @@ SELECT d.destination,
   FROM (SELECT destination FROM emit.outbox
         UNION SELECT destination FROM emit.destinations) d
   LEFT JOIN (SELECT destination,
-                    sum(events - sent) FILTER (WHERE first_event_id IS NULL)     AS queued,
-                    sum(events - sent) FILTER (WHERE first_event_id IS NOT NULL) AS in_flight,
+                    sum(events - sent - coalesce(cardinality(acked), 0))
+                        FILTER (WHERE first_event_id IS NULL)     AS queued,
+                    sum(events - sent - coalesce(cardinality(acked), 0))
+                        FILTER (WHERE first_event_id IS NOT NULL) AS in_flight,
                     min(enqueued_at) AS oldest_enqueued_at
                FROM emit.outbox GROUP BY destination) q USING (destination)
   LEFT JOIN emit.destinations s USING (destination);

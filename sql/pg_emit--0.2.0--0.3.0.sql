@@ -21,6 +21,9 @@ COMMENT ON ROLE emit_admin IS 'pg_emit: emit_sender, plus emit.stats, emit.dead_
 -- listener's state, as the worker writes them.
 ALTER TABLE emit.destinations ADD COLUMN latency_p50_ms double precision,
                               ADD COLUMN latency_p99_ms double precision;
+-- Each event's outcome is its own: events delivered past a failing one of
+-- another key are recorded, never sent again.
+ALTER TABLE emit.outbox ADD COLUMN acked integer[];
 ALTER TABLE emit.worker ADD COLUMN live_connections integer,
                         ADD COLUMN live_subscribers integer,
                         ADD COLUMN live_dropped bigint;
@@ -40,8 +43,10 @@ SELECT d.destination,
   FROM (SELECT destination FROM emit.outbox
         UNION SELECT destination FROM emit.destinations) d
   LEFT JOIN (SELECT destination,
-                    sum(events - sent) FILTER (WHERE first_event_id IS NULL)     AS queued,
-                    sum(events - sent) FILTER (WHERE first_event_id IS NOT NULL) AS in_flight,
+                    sum(events - sent - coalesce(cardinality(acked), 0))
+                        FILTER (WHERE first_event_id IS NULL)     AS queued,
+                    sum(events - sent - coalesce(cardinality(acked), 0))
+                        FILTER (WHERE first_event_id IS NOT NULL) AS in_flight,
                     min(enqueued_at) AS oldest_enqueued_at
                FROM emit.outbox GROUP BY destination) q USING (destination)
   LEFT JOIN emit.destinations s USING (destination);

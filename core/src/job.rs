@@ -15,7 +15,8 @@ use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 /// A claimed outbox row: `payload` holds one event per line; event `k`
-/// (0-based) has id `first_event_id + k`; the first `sent` are delivered.
+/// (0-based) has id `first_event_id + k`; the first `sent` are delivered,
+/// and so are those in `acked`.
 #[derive(Debug, Clone)]
 pub struct Row {
     pub id: i64,
@@ -28,6 +29,10 @@ pub struct Row {
     /// Each event's ordering key (`None`: a barrier, see
     /// [`crate::schedule`]); `None` for the whole row: all barriers.
     pub keys: Option<Vec<Option<i64>>>,
+    /// Events past `sent` already delivered (ascending): they were sent
+    /// while an earlier event of another key was failing, and are never
+    /// sent again by parallel HTTP, which alone leaves such gaps.
+    pub acked: Vec<u32>,
 }
 
 impl Row {
@@ -185,12 +190,53 @@ impl std::fmt::Display for JobError {
     }
 }
 
-/// How far a job got: the new `sent` count of each row, and the error that
-/// stopped it, if any.
+/// How far a job got: the new `sent` and `acked` of each row (see
+/// [`Row`]), and the error that stopped it, if any.
 #[derive(Debug)]
 pub struct Outcome {
     pub sent: Vec<u32>,
+    pub acked: Vec<Vec<u32>>,
     pub error: Option<JobError>,
+}
+
+impl Outcome {
+    /// From each row's new in-order count and the events it delivered past
+    /// that: what was delivered before is kept, and each count moves past
+    /// the delivered events that now follow it.
+    fn settle(
+        rows: &[Row],
+        sent: Vec<u32>,
+        delivered: Vec<Vec<u32>>,
+        error: Option<JobError>,
+    ) -> Self {
+        let mut acked = Vec::with_capacity(rows.len());
+        let mut sent = sent;
+        for (r, row) in rows.iter().enumerate() {
+            let mut a: Vec<u32> = row
+                .acked
+                .iter()
+                .chain(delivered.get(r).into_iter().flatten())
+                .copied()
+                .collect();
+            a.sort_unstable();
+            a.dedup();
+            let mut n = sent[r];
+            let mut rest = Vec::new();
+            for k in a {
+                if k < n {
+                    continue;
+                }
+                if k == n {
+                    n += 1;
+                } else {
+                    rest.push(k);
+                }
+            }
+            sent[r] = n;
+            acked.push(rest);
+        }
+        Outcome { sent, acked, error }
+    }
 }
 
 /// What a sender thread keeps between jobs: the kept-open ndjson
@@ -212,13 +258,11 @@ pub fn send_job(conn: &mut Conn, job: &Job, intr: &dyn Interrupt) -> Outcome {
     let mut sent: Vec<u32> = job.rows.iter().map(|r| r.sent).collect();
     let mut buf = Vec::new();
     if let Resolved::Unavailable(why) = &job.dest {
-        return Outcome {
-            sent,
-            error: Some(JobError::Retry {
-                message: why.clone(),
-                after: None,
-            }),
-        };
+        let error = Some(JobError::Retry {
+            message: why.clone(),
+            after: None,
+        });
+        return Outcome::settle(&job.rows, sent, Vec::new(), error);
     }
     if let Resolved::Ready(
         Destination::Http { url, headers },
@@ -237,10 +281,7 @@ pub fn send_job(conn: &mut Conn, job: &Job, intr: &dyn Interrupt) -> Outcome {
                     let signer = Signer { key, standard };
                     send_parallel(&c, url, headers, &signer, job, &mut conn.next_slot, intr)
                 }
-                Err(e) => Outcome {
-                    sent,
-                    error: Some(e),
-                },
+                Err(e) => Outcome::settle(&job.rows, sent, Vec::new(), Some(e)),
             };
         }
     }
@@ -360,15 +401,10 @@ pub fn send_job(conn: &mut Conn, job: &Job, intr: &dyn Interrupt) -> Outcome {
         match result {
             Ok(()) => {}
             Err(Pause) => break,
-            Err(Stopped(e)) => {
-                return Outcome {
-                    sent,
-                    error: Some(e),
-                }
-            }
+            Err(Stopped(e)) => return Outcome::settle(&job.rows, sent, Vec::new(), Some(e)),
         }
     }
-    Outcome { sent, error: None }
+    Outcome::settle(&job.rows, sent, Vec::new(), None)
 }
 
 /// A broker's error as a job error: a network failure as every
@@ -405,9 +441,10 @@ fn broker_batch<'a>(
 
 /// HTTP requests of `job.flow.batch` events each (one request per event when
 /// 1, else a JSON array), up to `job.flow.concurrency` in flight, in per-key
-/// order (see [`crate::schedule`]). What counts as sent is the prefix
-/// delivered in order: an event that succeeded after the first failure is
-/// sent again on retry, with the same id.
+/// order (see [`crate::schedule`]). Each event's outcome is its own: a
+/// failed one holds back only the events of its key (everything, for an
+/// event without a key), the others go on, and what was delivered is
+/// recorded and never sent again (see [`Row::acked`]).
 fn send_parallel(
     client: &http::Client,
     url: &str,
@@ -425,7 +462,11 @@ fn send_parallel(
     let mut events: Vec<(usize, i64, &str)> = Vec::new();
     let mut keys: Vec<Option<i64>> = Vec::new();
     for (r, row) in job.rows.iter().enumerate() {
+        let mut acked = row.acked.iter().peekable();
         for (k, line) in row.payload.split('\n').enumerate().skip(row.sent as usize) {
+            if acked.next_if_eq(&&(k as u32)).is_some() {
+                continue;
+            }
             events.push((r, row.first_event_id + k as i64, line));
             keys.push(match job.flow.order {
                 Order::None => Some(events.len() as i64),
@@ -548,7 +589,7 @@ fn send_parallel(
                 break;
             }
             if sliced(started) {
-                st.0.wind_down();
+                st.0.stop();
                 drop(st);
                 wake.notify_all();
                 break;
@@ -564,10 +605,13 @@ fn send_parallel(
     }
     let (sched, failure) = state.into_inner().unwrap_or_else(|p| p.into_inner());
     let prefix = sched.done_prefix();
-    let mut sent: Vec<u32> = job.rows.iter().map(|r| r.sent).collect();
-    for u in &units[..prefix] {
-        for &(r, _, _) in &events[u.clone()] {
-            sent[r] += 1;
+    let sent: Vec<u32> = job.rows.iter().map(|r| r.sent).collect();
+    let mut delivered: Vec<Vec<u32>> = vec![Vec::new(); job.rows.len()];
+    for (i, u) in units.iter().enumerate() {
+        if sched.is_done(i) {
+            for &(r, id, _) in &events[u.clone()] {
+                delivered[r].push((id - job.rows[r].first_event_id) as u32);
+            }
         }
     }
     let error = failure.map(|(i, e)| match e {
@@ -580,7 +624,7 @@ fn send_parallel(
         },
         e => e,
     });
-    Outcome { sent, error }
+    Outcome::settle(&job.rows, sent, delivered, error)
 }
 
 /// Why a job ended before its last event.
@@ -823,6 +867,7 @@ mod tests {
             payload: payload.into(),
             kind: Kind::default(),
             keys: None,
+            acked: Vec::new(),
         }
     }
 
@@ -1092,6 +1137,15 @@ mod tests {
     /// An HTTP/1.1 receiver that takes `delay` per request on every
     /// connection, recording request bodies as they arrive.
     fn slow_http(delay: Duration) -> (u16, std::sync::Arc<Mutex<Vec<String>>>) {
+        http_server(delay, |_| false)
+    }
+
+    /// A receiver that answers 500 to bodies `fails` picks, 200 to others,
+    /// after `delay`; it keeps every body it got.
+    fn http_server(
+        delay: Duration,
+        fails: fn(&str) -> bool,
+    ) -> (u16, std::sync::Arc<Mutex<Vec<String>>>) {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = l.local_addr().unwrap().port();
         let got = std::sync::Arc::new(Mutex::new(Vec::new()));
@@ -1120,9 +1174,12 @@ mod tests {
                         }
                         let mut body = vec![0; len];
                         r.read_exact(&mut body).unwrap();
-                        seen.lock().unwrap().push(String::from_utf8(body).unwrap());
+                        let body = String::from_utf8(body).unwrap();
+                        let status = if fails(&body) { "500 Oops" } else { "200 OK" };
+                        seen.lock().unwrap().push(body);
                         std::thread::sleep(delay);
-                        let _ = (&s).write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
+                        let reply = format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\n\r\n");
+                        let _ = (&s).write_all(reply.as_bytes());
                     }
                 });
             }
@@ -1176,6 +1233,53 @@ mod tests {
         let barrier = ids.iter().position(|&id| id == 33).unwrap();
         assert!(ids[..barrier].iter().all(|&id| id < 33));
         assert!(ids[barrier + 1..].iter().all(|&id| id > 33));
+    }
+
+    #[test]
+    fn a_failed_event_holds_back_its_key_only_and_successes_are_never_resent() {
+        static FAIL: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+        let (port, got) = http_server(Duration::ZERO, |b| {
+            b.contains("\"fail\"") && FAIL.load(std::sync::atomic::Ordering::SeqCst)
+        });
+        // Keys 1 (fails), 2, 1 (must wait for the failed one), 3.
+        let mut r = row(1, 1, 0, "{\"fail\":1}\n{\"b\":2}\n{\"c\":3}\n{\"d\":4}");
+        r.keys = Some(vec![Some(1), Some(2), Some(1), Some(3)]);
+        let mut j = job(port, Framing::Close, vec![r]);
+        j.flow = Flow {
+            concurrency: 4,
+            ..Flow::HTTP
+        };
+        j.dest = http_dest(port);
+        let out = send_job(&mut Conn::default(), &j, &Uninterruptible);
+        assert!(
+            matches!(out.error, Some(JobError::Retry { .. })),
+            "{:?}",
+            out.error
+        );
+        assert_eq!(
+            (out.sent.clone(), out.acked.clone()),
+            (vec![0], vec![vec![1, 3]])
+        );
+        let ids = |got: &Mutex<Vec<String>>| -> Vec<i64> {
+            let mut v: Vec<i64> = got
+                .lock()
+                .unwrap()
+                .drain(..)
+                .map(|b| b[6..b.find(',').unwrap()].parse().unwrap())
+                .collect();
+            v.sort();
+            v
+        };
+        // Event 3 (key 1) was not sent behind the failed event 1.
+        assert_eq!(ids(&got), vec![1, 2, 4]);
+        // The retry sends only what was not delivered, in key order.
+        FAIL.store(false, std::sync::atomic::Ordering::SeqCst);
+        j.rows[0].sent = out.sent[0];
+        j.rows[0].acked = out.acked[0].clone();
+        let out = send_job(&mut Conn::default(), &j, &Uninterruptible);
+        assert!(out.error.is_none(), "{:?}", out.error);
+        assert_eq!((out.sent, out.acked), (vec![4], vec![vec![]]));
+        assert_eq!(ids(&got), vec![1, 3]);
     }
 
     #[test]

@@ -91,6 +91,9 @@ enum State {
     Waiting,
     InFlight,
     Done,
+    /// Failed in this job: its keys are held back (a failed barrier holds
+    /// everything after it) until the next job retries it.
+    Failed,
 }
 
 /// One thing sent at once: an event, or a batch of events in one request.
@@ -116,11 +119,9 @@ pub struct Scheduler {
     in_flight: usize,
     /// A barrier is in flight.
     barrier: bool,
-    /// No more units are handed out (a failure: the job ends at the
-    /// first undelivered event).
+    /// No more units are handed out (shutdown, or the time slice is used
+    /// up).
     stopped: bool,
-    /// Units from here on are not handed out (see [`Scheduler::wind_down`]).
-    limit: usize,
 }
 
 impl Scheduler {
@@ -147,17 +148,29 @@ impl Scheduler {
             in_flight: 0,
             barrier: false,
             stopped: false,
-            limit: n,
         }
     }
 
     /// The next unit that may be sent now, marked in flight; `None` when
     /// none may (wait for a completion) or none is left.
     pub fn take(&mut self) -> Option<usize> {
+        let i = self.next()?;
+        let unit = &self.units[i];
+        self.state[i] = State::InFlight;
+        self.in_flight += 1;
+        self.barrier = unit.barrier;
+        for &k in &unit.keys {
+            *self.busy.entry(k).or_default() += 1;
+        }
+        Some(i)
+    }
+
+    /// The unit [`Scheduler::take`] would hand out.
+    fn next(&self) -> Option<usize> {
         if self.stopped || self.barrier {
             return None;
         }
-        let end = self.limit.min(self.done_below + WINDOW);
+        let end = self.units.len().min(self.done_below + WINDOW);
         // Keys of earlier units that are not done: later units with one of
         // these keys must wait.
         let mut blocked: Vec<i64> = Vec::new();
@@ -165,17 +178,11 @@ impl Scheduler {
             let unit = &self.units[i];
             match self.state[i] {
                 State::Done => {}
-                State::InFlight if unit.barrier => return None,
-                State::InFlight => blocked.extend(&unit.keys),
+                State::InFlight | State::Failed if unit.barrier => return None,
+                State::InFlight | State::Failed => blocked.extend(&unit.keys),
+                // A barrier goes only when everything before it is done.
                 State::Waiting if unit.barrier => {
-                    // A barrier goes only when everything before it is done.
-                    if self.in_flight == 0 && i == self.done_below {
-                        self.state[i] = State::InFlight;
-                        self.in_flight += 1;
-                        self.barrier = true;
-                        return Some(i);
-                    }
-                    return None;
+                    return (self.in_flight == 0 && i == self.done_below).then_some(i);
                 }
                 State::Waiting => {
                     let free = unit
@@ -183,11 +190,6 @@ impl Scheduler {
                         .iter()
                         .all(|k| !blocked.contains(k) && !self.busy.contains_key(k));
                     if free {
-                        self.state[i] = State::InFlight;
-                        self.in_flight += 1;
-                        for &k in &unit.keys {
-                            *self.busy.entry(k).or_default() += 1;
-                        }
                         return Some(i);
                     }
                     blocked.extend(&unit.keys);
@@ -197,7 +199,9 @@ impl Scheduler {
         None
     }
 
-    /// Unit `i` finished; `ok` false stops handing out units.
+    /// Unit `i` finished. A failed unit holds its keys back for the rest
+    /// of the job (everything, for a barrier); other keys go on, so one
+    /// event's failure costs only the events that must follow it.
     pub fn finish(&mut self, i: usize, ok: bool) {
         debug_assert_eq!(self.state[i], State::InFlight);
         self.in_flight -= 1;
@@ -218,8 +222,7 @@ impl Scheduler {
                 self.done_below += 1;
             }
         } else {
-            self.state[i] = State::Waiting;
-            self.stopped = true;
+            self.state[i] = State::Failed;
         }
     }
 
@@ -228,26 +231,20 @@ impl Scheduler {
         self.stopped = true;
     }
 
-    /// Ends the job at a clean cut (time slice used up): units after the
-    /// last one started are not handed out, those before it still are, so
-    /// that what is done is a prefix and nothing that was delivered has
-    /// to be sent again.
-    pub fn wind_down(&mut self) {
-        self.limit = (0..self.limit)
-            .rev()
-            .find(|&i| self.state[i] != State::Waiting)
-            .map_or(0, |i| i + 1)
-            .max(self.done_below);
-    }
-
     /// Whether nothing is in flight and nothing more will be handed out.
     pub fn finished(&self) -> bool {
-        self.in_flight == 0 && (self.stopped || self.done_below >= self.limit)
+        self.in_flight == 0 && self.next().is_none()
     }
 
-    /// Units delivered in order from the start: what counts as sent.
+    /// Units delivered in order from the start.
     pub fn done_prefix(&self) -> usize {
         self.done_below
+    }
+
+    /// Whether unit `i` was delivered (also after an earlier one failed:
+    /// it is recorded as delivered and never sent again).
+    pub fn is_done(&self, i: usize) -> bool {
+        self.state[i] == State::Done
     }
 }
 
@@ -341,31 +338,46 @@ mod tests {
     }
 
     #[test]
-    fn winding_down_fills_the_holes_and_stops_at_a_clean_cut() {
-        // Key 1 twice, then three other keys.
-        let mut s = Scheduler::new(vec![Some(1), Some(1), Some(2), Some(3), Some(4)]);
-        assert_eq!(drain(&mut s, 2), vec![0, 2]);
-        s.finish(2, true);
-        s.wind_down();
-        // 1 is still owed (it comes before 2, which is done); 3 and 4 not.
-        assert_eq!(drain(&mut s, 10), Vec::<usize>::new());
-        s.finish(0, true);
-        assert_eq!(drain(&mut s, 10), vec![1]);
+    fn a_stop_lets_what_is_in_flight_finish() {
+        let mut s = Scheduler::new(vec![Some(1), Some(2), Some(3)]);
+        assert_eq!(drain(&mut s, 2), vec![0, 1]);
+        s.stop();
+        assert_eq!(s.take(), None);
+        assert!(!s.finished());
         s.finish(1, true);
+        s.finish(0, true);
         assert!(s.finished());
-        assert_eq!(s.done_prefix(), 3);
+        assert_eq!(s.done_prefix(), 2);
     }
 
     #[test]
-    fn a_failure_stops_new_sends_and_keeps_the_in_order_prefix() {
-        let mut s = Scheduler::new(vec![Some(1), Some(2), Some(3), Some(4)]);
-        assert_eq!(drain(&mut s, 2), vec![0, 1]);
-        s.finish(1, true);
+    fn a_failure_holds_back_its_key_and_nothing_else() {
+        // Keys 1, 2, 1, 3, 2.
+        let mut s = Scheduler::new(vec![Some(1), Some(2), Some(1), Some(3), Some(2)]);
+        assert_eq!(drain(&mut s, 3), vec![0, 1, 3]);
         s.finish(0, false);
+        s.finish(1, true);
+        s.finish(3, true);
+        // Key 1's second event waits for its first, which failed; key 2's
+        // next event goes.
+        assert_eq!(drain(&mut s, 10), vec![4]);
+        s.finish(4, true);
+        assert!(s.finished());
+        assert_eq!(s.done_prefix(), 0);
+        let done: Vec<bool> = (0..5).map(|i| s.is_done(i)).collect();
+        assert_eq!(done, [false, true, false, true, true]);
+    }
+
+    #[test]
+    fn a_failed_barrier_holds_back_everything_after_it() {
+        let mut s = Scheduler::new(vec![Some(1), None, Some(2)]);
+        assert_eq!(drain(&mut s, 10), vec![0]);
+        s.finish(0, true);
+        assert_eq!(drain(&mut s, 10), vec![1]);
+        s.finish(1, false);
         assert_eq!(s.take(), None);
         assert!(s.finished());
-        // Event 1 succeeded but follows the failure: it is sent again.
-        assert_eq!(s.done_prefix(), 0);
+        assert!(!s.is_done(2));
     }
 
     #[test]

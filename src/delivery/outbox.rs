@@ -369,7 +369,9 @@ pub fn warn_before_drop() {
     }
     let counts = as_emit_owner(|| {
         Spi::get_three::<i64, i64, i64>(
-            "SELECT (SELECT coalesce(pg_catalog.sum(o.events - o.sent), 0)::pg_catalog.int8
+            "SELECT (SELECT coalesce(pg_catalog.sum(o.events - o.sent
+                                                    - coalesce(pg_catalog.cardinality(o.acked), 0)),
+                                     0)::pg_catalog.int8
                        FROM emit.outbox o),
                     (SELECT pg_catalog.count(DISTINCT o.destination) FROM emit.outbox o),
                     (SELECT coalesce(pg_catalog.sum(d.events), 0)::pg_catalog.int8

@@ -334,7 +334,9 @@ impl Worker {
             let jitter = backoff::jitter(&mut self.rng);
             let dest = self.dests.get_mut(&key).expect("dispatched before");
             dest.busy = false;
-            let progressed = out.sent.iter().zip(&job.rows).any(|(s, r)| *s > r.sent);
+            let progressed = (out.sent.iter().zip(&out.acked))
+                .zip(&job.rows)
+                .any(|((s, a), r)| *s > r.sent || a.len() > r.acked.len());
             let ended = match &out.error {
                 None => Ended::Delivered,
                 Some(JobError::Reject { .. }) => Ended::Refused,

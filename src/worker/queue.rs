@@ -111,6 +111,12 @@ pub(super) fn claim(
             payload: String::new(),
             kind: Kind::default(),
             keys: None,
+            acked: r
+                .get_by_name::<Vec<i32>, _>("acked")?
+                .unwrap_or_default()
+                .into_iter()
+                .map(|k| k as u32)
+                .collect(),
         };
         if first_event_id.is_some() {
             claimed.push(row);
@@ -296,7 +302,7 @@ SELECT id, pg_catalog.convert_to(payload, 'UTF8') AS payload, keys, format
 /// its pointer ([`read_payloads`] then reads what the job takes).
 const QUEUE_SQL: &str = "
 SELECT id, host, port, framing, first_event_id, pg_catalog.octet_length(payload) AS size, sent,
-       url, headers, tx_seq
+       url, headers, tx_seq, acked
   FROM emit.outbox
  WHERE destination = $1 AND tx_seq IS NOT NULL
  ORDER BY tx_seq, part
@@ -369,10 +375,13 @@ pub(super) fn record(
     ws: &WorkerSettings,
 ) -> Result<i64, pgrx::spi::Error> {
     let mut sent_now = out.sent.clone();
+    let mut acked = out.acked.clone();
     let mut dead: i64 = 0;
     // A refused event becomes a dead letter of its own, with the status
     // and the response excerpt; the rest of its row carries on.
-    // (A refused batch: each of its events.)
+    // (A refused batch: each of its events, which are the first
+    // undelivered ones: `sent` moves past each, and past what was
+    // delivered after it.)
     if let Some(JobError::Reject {
         status,
         message,
@@ -399,22 +408,31 @@ pub(super) fn record(
                 ],
             )?;
             sent_now[r] += 1;
+            while acked[r].first() == Some(&sent_now[r]) {
+                acked[r].remove(0);
+                sent_now[r] += 1;
+            }
             dead += 1;
         }
     }
     let mut delivered_rows = Vec::new();
-    let mut partial: (Vec<i64>, Vec<i32>) = (Vec::new(), Vec::new());
+    let mut partial: (Vec<i64>, Vec<i32>, Vec<String>) = Default::default();
     let mut unfinished = Vec::new();
     let mut delivered: i64 = -dead;
-    for (row, &sent) in job.rows.iter().zip(&sent_now) {
-        delivered += i64::from(sent - row.sent);
+    for ((row, &sent), acked) in job.rows.iter().zip(&sent_now).zip(&acked) {
+        let done = |s: u32, a: &[u32]| i64::from(s) + a.len() as i64;
+        delivered += done(sent, acked) - done(row.sent, &row.acked);
         if sent == row.events() {
             delivered_rows.push(row.id);
         } else {
             unfinished.push(row.id);
-            if sent != row.sent {
+            if sent != row.sent || *acked != row.acked {
                 partial.0.push(row.id);
                 partial.1.push(sent as i32);
+                // An int4[] literal: the list of a row's acked events
+                // travels as text, one array of them per row.
+                let list: Vec<String> = acked.iter().map(u32::to_string).collect();
+                partial.2.push(format!("{{{}}}", list.join(",")));
             }
         }
     }
@@ -463,10 +481,13 @@ pub(super) fn record(
     if !partial.0.is_empty() {
         plans::update(
             c,
-            "UPDATE emit.outbox o SET sent = v.s
+            "UPDATE emit.outbox o
+                SET sent = v.s, acked = NULLIF(v.a::pg_catalog.int4[], '{}')
                FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.int8[]),
-                          pg_catalog.unnest($2::pg_catalog.int4[])) v(id, s) WHERE o.id = v.id",
-            &[partial.0.into(), partial.1.into()],
+                               pg_catalog.unnest($2::pg_catalog.int4[]),
+                               pg_catalog.unnest($3::pg_catalog.text[])) v(id, s, a)
+              WHERE o.id = v.id",
+            &[partial.0.into(), partial.1.into(), partial.2.into()],
         )?;
     }
     let error = out
@@ -542,7 +563,7 @@ SELECT id, destination, host, port, framing, url, headers, 1,
 
 /// Moves unfinished rows past `max_attempts` (when positive) or older than
 /// `max_age` seconds (when positive) to `emit.dead_letter`, keeping only
-/// their undelivered events. Returns how many events moved.
+/// their undelivered events (neither in the first `sent` nor `acked`). Returns how many events moved.
 const DEAD_LETTER_SQL: &str = "
 WITH dead AS (
     DELETE FROM emit.outbox
@@ -554,9 +575,15 @@ WITH dead AS (
     INSERT INTO emit.dead_letter
         (outbox_id, destination, host, port, framing, url, headers, events, payload, attempts,
          last_error, enqueued_at, format)
-    SELECT id, destination, host, port, framing, url, headers, events - sent,
-           CASE WHEN sent = 0 THEN payload
-                ELSE pg_catalog.array_to_string((pg_catalog.string_to_array(payload, E'\\n'))[sent + 1:], E'\\n') END,
+    SELECT id, destination, host, port, framing, url, headers,
+           events - sent - coalesce(pg_catalog.cardinality(acked), 0),
+           CASE WHEN sent = 0 AND acked IS NULL THEN payload
+                WHEN acked IS NULL
+                THEN pg_catalog.array_to_string((pg_catalog.string_to_array(payload, E'\\n'))[sent + 1:], E'\\n')
+                ELSE (SELECT pg_catalog.string_agg(l.line, E'\\n' ORDER BY l.n)
+                        FROM pg_catalog.unnest(pg_catalog.string_to_array(payload, E'\\n'))
+                             WITH ORDINALITY l(line, n)
+                       WHERE l.n > sent AND (l.n - 1)::pg_catalog.int4 <> ALL (acked)) END,
            attempts, last_error, enqueued_at, format
       FROM dead
     RETURNING events

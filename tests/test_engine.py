@@ -1,0 +1,166 @@
+"""The async engine against a receiver that fails some requests, as real
+ones do (500s, 429 with Retry-After): an event's outcome is its own. A
+failed event is retried alone, its key held back so that per-key order
+holds; events that succeeded are never sent again; the backlog drains."""
+
+import http.server
+import json
+import threading
+import time
+
+import pytest
+
+from conftest import attach
+from pgcluster import wait_until
+
+pytestmark = pytest.mark.usefixtures("fast_retries")
+
+
+class FlakyReceiver:
+    """An HTTP receiver that fails each event `fails(row, v)` picks (500,
+    or 429 with Retry-After: 1 when `limited(row, v)`), on its first
+    attempt only when `once`, and accepts everything else. Keeps
+    (webhook-id, row, v, status) of every request, in arrival order."""
+
+    def __init__(self, fails, limited=lambda row, v: False, once=True):
+        self.log = []
+        self.lock = threading.Lock()
+        self.failed_once = set()
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                e = json.loads(body)
+                row, v = e["new"]["id"], e["new"]["v"]
+                eid = self.headers["webhook-id"]
+                with outer.lock:
+                    first = eid not in outer.failed_once
+                    if (first or not once) and fails(row, v):
+                        outer.failed_once.add(eid)
+                        status = 429 if limited(row, v) else 500
+                    else:
+                        status = 200
+                    outer.log.append((eid, row, v, status))
+                self.send_response(status)
+                if status == 429:
+                    self.send_header("Retry-After", "1")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def delivered(self):
+        with self.lock:
+            return [(eid, row, v) for eid, row, v, status in self.log if status == 200]
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def flaky():
+    made = []
+
+    def make(*a, **kw):
+        r = FlakyReceiver(*a, **kw)
+        made.append(r)
+        return r
+    yield make
+    for r in made:
+        r.close()
+
+
+def test_a_failed_event_costs_only_itself_and_its_key(db, table, dest, flaky):
+    # 3 % of events fail once with 500, 1 % with 429 and Retry-After.
+    rx = flaky(lambda row, v: (row * 31 + v * 7) % 100 < 4,
+               limited=lambda row, v: (row * 31 + v * 7) % 100 == 0)
+    db.execute("SELECT emit.create_destination(%s, %s, %s)",
+               (dest, f"http://127.0.0.1:{rx.port}/", json.dumps({"concurrency": 16})))
+    attach(db, table, dest, "delivery=async", v="int")
+    # 400 rows, then 100 of them (hot keys) updated 5 times.
+    db.execute(f"INSERT INTO {table} SELECT g, 0 FROM generate_series(1, 400) g")
+    for v in range(1, 6):
+        db.execute(f"UPDATE {table} SET v = {v} WHERE id <= 100")
+    total = 400 + 5 * 100
+    assert wait_until(lambda: len(rx.delivered()) >= total, 60), len(rx.delivered())
+    assert wait_until(lambda: db.one(
+        "SELECT count(*) FROM emit.outbox WHERE destination = %s", (dest,)) == 0, 10)
+    got = rx.delivered()
+    # Every event delivered once: a success is never sent again.
+    assert len(got) == total
+    assert len({eid for eid, _, _ in got}) == total
+    # Per key, the delivered values are in commit order.
+    by_row = {}
+    for _, row, v in got:
+        by_row.setdefault(row, []).append(v)
+    assert all(vs == sorted(vs) for vs in by_row.values())
+    assert [len(by_row[r]) for r in (1, 100, 101, 400)] == [6, 6, 1, 1]
+    # And no event of a key was sent while an earlier one of that key had
+    # failed and not yet been delivered.
+    pending = {}
+    for eid, row, v, status in rx.log:
+        assert pending.get(row) in (None, eid), (row, v, pending.get(row))
+        pending[row] = eid if status != 200 else None
+    failed = sum(1 for *_, status in rx.log if status != 200)
+    assert failed > 10, failed
+    assert db.one("SELECT dead_lettered FROM emit.stats WHERE destination = %s", (dest,)) == 0
+
+
+def test_progress_past_a_failing_event_is_kept_across_a_worker_restart(db, table, dest, flaky):
+    """The events delivered past a failing one are recorded in the outbox:
+    a restarted worker sends only what was not delivered."""
+    stuck = threading.Event()
+    rx = flaky(lambda row, v: row == 1 and not stuck.is_set(), once=False)
+    db.execute("SELECT emit.create_destination(%s, %s, %s)",
+               (dest, f"http://127.0.0.1:{rx.port}/", json.dumps({"concurrency": 8})))
+    attach(db, table, dest, "delivery=async", v="int")
+    db.execute(f"INSERT INTO {table} SELECT g, 0 FROM generate_series(1, 50) g")
+    assert wait_until(lambda: len(rx.delivered()) == 49, 20), len(rx.delivered())
+    assert wait_until(lambda: db.one(
+        "SELECT cardinality(acked) FROM emit.outbox WHERE destination = %s", (dest,)) == 49, 10)
+    assert db.one("SELECT queued + in_flight FROM emit.stats WHERE destination = %s", (dest,)) == 1
+    db.execute("SELECT pg_terminate_backend(pid) FROM emit.worker")
+    time.sleep(1.5)
+    stuck.set()
+    assert wait_until(lambda: db.one(
+        "SELECT count(*) FROM emit.outbox WHERE destination = %s", (dest,)) == 0, 20)
+    got = rx.delivered()
+    assert sorted(row for _, row, _ in got) == list(range(1, 51))
+    assert len({eid for eid, _, _ in got}) == 50
+
+
+
+def test_a_dead_letter_holds_only_what_was_not_delivered(cluster, db, table, dest, flaky):
+    rx = flaky(lambda row, v: row in (7, 30), once=False)
+    with cluster.connect() as c:
+        c.execute("LOAD 'pg_emit'")
+        c.execute("ALTER SYSTEM SET pg_emit.max_attempts = 3")
+        c.execute("SELECT pg_reload_conf()")
+    try:
+        db.execute("SELECT emit.create_destination(%s, %s, %s)",
+                   (dest, f"http://127.0.0.1:{rx.port}/", json.dumps({"concurrency": 8})))
+        attach(db, table, dest, "delivery=async", v="int")
+        db.execute(f"INSERT INTO {table} SELECT g, 0 FROM generate_series(1, 40) g")
+        assert wait_until(lambda: db.one(
+            "SELECT count(*) FROM emit.dead_letter WHERE destination = %s", (dest,)) == 1, 20)
+        events, payload = db.conn.execute(
+            "SELECT events, payload FROM emit.dead_letter WHERE destination = %s", (dest,)).fetchone()
+        assert events == 2
+        assert [json.loads(line)["new"]["id"] for line in payload.split("\n")] == [7, 30]
+        assert sorted(row for _, row, _ in rx.delivered()) == [r for r in range(1, 41) if r not in (7, 30)]
+        assert db.one("SELECT dead_lettered FROM emit.stats WHERE destination = %s", (dest,)) == 2
+    finally:
+        with cluster.connect() as c:
+            c.execute("LOAD 'pg_emit'")
+            c.execute("ALTER SYSTEM RESET pg_emit.max_attempts")
+            c.execute("SELECT pg_reload_conf()")
