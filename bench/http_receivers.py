@@ -27,15 +27,24 @@ from pgcluster import Cluster  # noqa: E402
 class DelayedHttpReceiver:
     """HTTP/1.1 keep-alive server on 127.0.0.1, single-threaded (epoll):
     every request is answered `delay` seconds after it arrived, however
-    many are waiting, like a handler that awaits a 20 ms database call."""
+    many are waiting, like a handler that awaits a 20 ms database call.
+    `status(n)` answers the n-th request (from 1): 204, or a failure (500,
+    or 429 with Retry-After: 1), whose events count as not received."""
 
     RESPONSE = b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n"
+    FAILURES = {
+        500: b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n",
+        429: b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 1\r\nContent-Length: 0\r\n\r\n",
+    }
 
-    def __init__(self, delay):
+    def __init__(self, delay, status=lambda n: 204, port=0):
         self.delay = delay
+        self.status = status
+        self.failed = 0
+        self.first_at = None
         self.lsock = socket.socket()
         self.lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.lsock.bind(("127.0.0.1", 0))
+        self.lsock.bind(("127.0.0.1", port))
         self.lsock.listen(1024)
         self.lsock.setblocking(False)
         self.port = self.lsock.getsockname()[1]
@@ -92,19 +101,27 @@ class DelayedHttpReceiver:
                     body, buf = rest[:length], rest[length:]
                     doc = json.loads(body)
                     events = doc if isinstance(doc, list) else [doc]
-                    self.arrivals.extend((e["new"]["id"], e["new"]["v"]) for e in events)
                     self.seq += 1
-                    heapq.heappush(self.due, (time.monotonic() + self.delay, self.seq, c, len(events)))
+                    if self.first_at is None:
+                        self.first_at = time.monotonic()
+                    status = self.status(self.seq)
+                    if status == 204:
+                        self.arrivals.extend((e["new"]["id"], e["new"]["v"]) for e in events)
+                    heapq.heappush(self.due, (time.monotonic() + self.delay, self.seq, c, len(events),
+                                              status))
                     self.max_in_flight = max(self.max_in_flight, len(self.due))
                 self.bufs[c] = buf
             now = time.monotonic()
             while self.due and self.due[0][0] <= now:
-                _, _, c, events = heapq.heappop(self.due)
+                _, _, c, events, status = heapq.heappop(self.due)
                 try:
-                    c.sendall(self.RESPONSE)
+                    c.sendall(self.FAILURES.get(status, self.RESPONSE))
                 except OSError:
                     pass
-                self.count += events
+                if status == 204:
+                    self.count += events
+                else:
+                    self.failed += 1
                 self.requests += 1
 
     def wait_for(self, n, timeout):

@@ -7,8 +7,9 @@
 use crate::backoff::Backoff;
 use std::time::{Duration, Instant};
 
-/// Least time between two logged failures of one destination: the first
-/// failure, then one line a minute, so a thousand dead receivers do not
+/// Least time between two lines about one destination: the first failure,
+/// then one line a minute, so a thousand dead receivers, or one that fails
+/// a request in a hundred (a failure and a recovery every second), do not
 /// flood the server log.
 pub const LOG_EVERY: Duration = Duration::from_secs(60);
 
@@ -56,13 +57,19 @@ impl Health {
     ) -> Option<String> {
         match ended {
             Ended::Delivered => {
-                let resumed = (self.failures > 0).then(|| {
+                // Said only when the failures were: a streak that was never
+                // logged (inside the minute) ends as quietly.
+                let resumed = (self.failures > 0 && self.logged_failures > 0).then(|| {
                     format!(
                         "pg_emit: delivery to {key} resumed after {} failed attempt(s)",
                         self.failures
                     )
                 });
-                *self = Health::default();
+                // The minute between lines spans streaks.
+                *self = Health {
+                    last_logged: self.last_logged,
+                    ..Health::default()
+                };
                 resumed
             }
             Ended::Refused => {
@@ -83,10 +90,9 @@ impl Health {
                     .delay(self.failures, jitter)
                     .max(after.unwrap_or_default());
                 self.retry_at = Some(now + delay);
-                let due = self.failures == 1
-                    || self
-                        .last_logged
-                        .is_none_or(|t| now.duration_since(t) >= LOG_EVERY);
+                let due = self
+                    .last_logged
+                    .is_none_or(|t| now.duration_since(t) >= LOG_EVERY);
                 if !due {
                     return None;
                 }
@@ -197,5 +203,26 @@ mod tests {
             assert_eq!(h.failures, 1);
             assert!(h.ready(t0 + B.min));
         }
+    }
+
+    /// A failure and a recovery every second (1 % of requests failing)
+    /// make one line a minute, not two a second.
+    #[test]
+    fn a_flapping_destination_logs_once_a_minute() {
+        let mut h = Health::default();
+        let t0 = Instant::now();
+        let failed = Ended::Failed {
+            after: None,
+            progressed: true,
+        };
+        let mut lines = 0;
+        for s in 0..120 {
+            let t = t0 + Duration::from_secs(s);
+            lines += h.record(failed, t, &B, 0.0, "d", &"500").is_some() as u32;
+            let t = t + Duration::from_millis(500);
+            lines += h.record(Ended::Delivered, t, &B, 0.0, "d", &"").is_some() as u32;
+        }
+        // Failures at 0 s and 60 s, each followed by its "resumed".
+        assert_eq!(lines, 4);
     }
 }
