@@ -24,6 +24,10 @@ ALTER TABLE emit.destinations ADD COLUMN latency_p50_ms double precision,
 -- Each event's outcome is its own: events delivered past a failing one of
 -- another key are recorded, never sent again.
 ALTER TABLE emit.outbox ADD COLUMN acked integer[];
+-- Numbered rows are claimed first, in id order, wherever they are in the
+-- commit order.
+CREATE INDEX outbox_numbered ON emit.outbox (destination, first_event_id)
+    WHERE first_event_id IS NOT NULL;
 ALTER TABLE emit.worker ADD COLUMN live_connections integer,
                         ADD COLUMN live_subscribers integer,
                         ADD COLUMN live_dropped bigint;

@@ -164,3 +164,30 @@ def test_a_dead_letter_holds_only_what_was_not_delivered(cluster, db, table, des
             c.execute("LOAD 'pg_emit'")
             c.execute("ALTER SYSTEM RESET pg_emit.max_attempts")
             c.execute("SELECT pg_reload_conf()")
+
+
+def test_numbered_events_go_first_whatever_became_visible_since(db, table):
+    """Rows the worker numbered, and could not deliver, are claimed first
+    in id order, also when more than a claim's worth of rows (8 MB) sits
+    before them in commit order (a transaction that became visible late):
+    a receiver never sees ids go backwards."""
+    from receivers import Receiver, free_port
+    port = free_port()
+    db.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, v text)")
+    db.execute(f"CREATE TRIGGER out AFTER INSERT ON {table} FOR EACH ROW EXECUTE FUNCTION "
+               f"row_to_socket('127.0.0.1', {port}, 'delivery=async', 'framing=ndjson')")
+    db.execute(f"INSERT INTO {table} VALUES (1, 'first')")
+    assert wait_until(lambda: db.one(
+        "SELECT first_event_id FROM emit.outbox WHERE port = %s", (port,)) == 1, 10)
+    # Ten 1 MB rows, then made to look committed before row 1 was.
+    db.execute(f"INSERT INTO {table} SELECT g, repeat('x', 1 << 20) FROM generate_series(2, 11) g")
+    db.execute("UPDATE emit.outbox SET tx_seq = 0 WHERE port = %s AND first_event_id IS NULL", (port,))
+    rx = Receiver("ndjson", port=port)
+    try:
+        got = [json.loads(m) for m in rx.wait_for(11, timeout=30)]
+    finally:
+        rx.close()
+    ids = [e["id"] for e in got]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids), ids
+    assert got[0]["new"]["id"] == 1
+    assert sorted({e["new"]["id"] for e in got}) == list(range(1, 12))

@@ -51,7 +51,15 @@ pub(super) fn claim(
     let mut target: Option<(Resolved, Flow)> = None;
     let mut bytes = 0;
     let mut last_tx_seq = None;
-    for r in plans::select(c, QUEUE_SQL, None, &[key.into()])? {
+    // Rows already numbered first, in id order, wherever they are in the
+    // commit order: a transaction that became visible after later ones
+    // were numbered (a cancelled synchronous-replication wait) sits before
+    // them in the queue, and would hide numbered rows behind it.
+    let mut rows = plans::select(c, NUMBERED_SQL, None, &[key.into()])?;
+    if rows.is_empty() {
+        rows = plans::select(c, QUEUE_SQL, None, &[key.into()])?;
+    }
+    for r in rows {
         let size = r.get_by_name::<i32, _>("size")?.unwrap_or(0).max(0) as usize;
         if bytes > 0 && bytes + size > CLAIM_BYTES {
             break;
@@ -306,6 +314,15 @@ SELECT id, host, port, framing, first_event_id, pg_catalog.octet_length(payload)
   FROM emit.outbox
  WHERE destination = $1 AND tx_seq IS NOT NULL
  ORDER BY tx_seq, part
+ LIMIT 1000";
+/// The destination's numbered rows, in id order (see [`claim`]); the
+/// partial index `outbox_numbered` holds only them.
+const NUMBERED_SQL: &str = "
+SELECT id, host, port, framing, first_event_id, pg_catalog.octet_length(payload) AS size, sent,
+       url, headers, tx_seq, acked
+  FROM emit.outbox
+ WHERE destination = $1 AND first_event_id IS NOT NULL
+ ORDER BY first_event_id
  LIMIT 1000";
 /// The rest of a transaction's rows for a destination, without payloads.
 const REST_OF_TX_SQL: &str = "
