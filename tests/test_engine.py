@@ -5,13 +5,16 @@ holds; events that succeeded are never sent again; the backlog drains."""
 
 import http.server
 import json
+import os
+import socket
 import threading
 import time
 
 import pytest
 
 from conftest import attach
-from pgcluster import wait_until
+from pgcluster import Cluster, wait_until
+from receivers import HttpReceiver
 
 pytestmark = pytest.mark.usefixtures("fast_retries")
 
@@ -191,3 +194,69 @@ def test_numbered_events_go_first_whatever_became_visible_since(db, table):
     assert ids == sorted(ids) and len(set(ids)) == len(ids), ids
     assert got[0]["new"]["id"] == 1
     assert sorted({e["new"]["id"] for e in got}) == list(range(1, 12))
+
+
+@pytest.fixture
+def few_files():
+    """A cluster whose processes may open 1,024 files, soft and hard: the
+    worker cannot raise its limit, only keep to it."""
+    c = Cluster("pg_emit-files", port=54338, conf={"shared_preload_libraries": "'pg_emit'"})
+    c.init().start(wrap=["prlimit", "--nofile=1024:1024", "--"])
+    c.create_db("emit_files")
+    with c.connect("emit_files") as conn:
+        conn.execute("CREATE EXTENSION pg_emit")
+    yield c
+    c.destroy()
+
+
+def test_hanging_receivers_cost_only_themselves(few_files):
+    """Forty receivers that accept and never answer, each with a backlog
+    and 32 requests allowed in flight, and one healthy receiver: the worker
+    keeps to a share of its open files (0.2.0 ran out of descriptors at
+    1,024 and the healthy destination got nothing), and the healthy one
+    gets its events."""
+    hanging = []
+    for _ in range(40):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        s.listen(4096)  # connections wait in the backlog, never accepted
+        hanging.append(s)
+    healthy = HttpReceiver()
+    try:
+        with few_files.connect("emit_files") as c:
+            assert wait_until(lambda: c.execute("SELECT pid FROM emit.worker").fetchone()[0], 10)
+            pid = c.execute("SELECT pid FROM emit.worker").fetchone()[0]
+            most = [0]
+            sampling = threading.Event()
+
+            def sample():
+                while not sampling.is_set():
+                    most[0] = max(most[0], len(os.listdir(f"/proc/{pid}/fd")))
+                    time.sleep(0.02)
+            sampler = threading.Thread(target=sample, daemon=True)
+            sampler.start()
+            for n, s in enumerate(hanging):
+                c.execute("SELECT emit.create_destination(%s, %s)",
+                          (f"hang{n}", f"http://127.0.0.1:{s.getsockname()[1]}/"))
+                # Keyed: 64 independent events, 32 of them in flight at once.
+                c.execute(f"SELECT send_message('hang{n}', '{{\"n\": ' || g || '}}', 'async', g::text) "
+                          "FROM generate_series(1, 64) g")
+            assert wait_until(lambda: c.execute(
+                "SELECT count(*) FROM emit.outbox WHERE first_event_id IS NOT NULL").fetchone()[0] > 20, 10)
+            c.execute("SELECT emit.create_destination('fine', %s)", (f"http://127.0.0.1:{healthy.port}/",))
+            c.execute("SELECT send_message('fine', '{\"n\": ' || g || '}') FROM generate_series(1, 600) g")
+            t = time.monotonic()
+            assert wait_until(lambda: len(healthy.requests) == 600, 20), len(healthy.requests)
+            took = time.monotonic() - t
+            sampling.set()
+            sampler.join()
+            most = most[0]
+            # 384 connections (a share of 1,024) and the files PostgreSQL keeps.
+            assert 60 < most < 500, most
+            log = few_files.tail_log(200)
+            assert "Too many open files" not in log and "out of file descriptors" not in log, log
+            print(f"\nworker: at most {most} open files; healthy: 600 events in {took:.1f} s")
+    finally:
+        healthy.close()
+        for s in hanging:
+            s.close()

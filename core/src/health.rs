@@ -33,11 +33,22 @@ pub struct Health {
     pub failures: u32,
     /// Not to be tried before this.
     pub retry_at: Option<Instant>,
+    /// The last job delivered nothing and failed: the destination is down
+    /// or hanging, and is probed with one request at a time (see
+    /// [`Health::probing`]).
+    stalled: bool,
     last_logged: Option<Instant>,
     logged_failures: u32,
 }
 
 impl Health {
+    /// Whether the next job should be a probe: one request at a time, so
+    /// that a receiver that is down or hangs holds one connection, not a
+    /// destination's whole concurrency.
+    pub fn probing(&self) -> bool {
+        self.stalled
+    }
+
     /// Whether the destination may be tried at `now`.
     pub fn ready(&self, now: Instant) -> bool {
         self.retry_at.is_none_or(|t| t <= now)
@@ -89,6 +100,7 @@ impl Health {
                     self.failures = 0;
                     self.logged_failures = 0;
                 }
+                self.stalled = !progressed;
                 self.failures += 1;
                 let delay = match progressed {
                     true => Duration::ZERO,
@@ -217,6 +229,11 @@ mod tests {
         h.record(limited, t0, &B, 0.0, "d", &"429");
         assert!(!h.ready(t0 + Duration::from_millis(999)));
         assert!(h.ready(t0 + Duration::from_secs(1)));
+        assert!(!h.probing());
+        h.record(stalled, t0, &B, 0.0, "d", &"down");
+        assert!(h.probing());
+        h.record(Ended::Delivered, t0, &B, 0.0, "d", &"");
+        assert!(!h.probing());
     }
 
     /// A failure and a recovery every second (1 % of requests failing)

@@ -39,6 +39,18 @@ impl Row {
     pub fn events(&self) -> u32 {
         self.payload.split('\n').count() as u32
     }
+
+    /// Its events still to send, with their index: past `sent` and not
+    /// in `acked`.
+    fn unsent(&self) -> Vec<(usize, &str)> {
+        let mut acked = self.acked.iter().peekable();
+        self.payload
+            .split('\n')
+            .enumerate()
+            .skip(self.sent as usize)
+            .filter(|&(k, _)| acked.next_if_eq(&&(k as u32)).is_none())
+            .collect()
+    }
 }
 
 /// Where a job goes: the same [`Destination`] sync and commit send to
@@ -255,7 +267,18 @@ pub struct Conn {
 /// after [`JOB_SLICE`] where events go one connection or request at a time.
 pub fn send_job(conn: &mut Conn, job: &Job, intr: &dyn Interrupt) -> Outcome {
     let started = Instant::now();
-    let mut sent: Vec<u32> = job.rows.iter().map(|r| r.sent).collect();
+    let sent: Vec<u32> = job.rows.iter().map(|r| r.sent).collect();
+    // Each row's events still to send (past `sent`, not acked), and how
+    // many of them, in order, this job delivered.
+    let pending: Vec<Vec<(usize, &str)>> = job.rows.iter().map(Row::unsent).collect();
+    let mut done = vec![0usize; job.rows.len()];
+    let delivered = |done: &[usize]| -> Vec<Vec<u32>> {
+        pending
+            .iter()
+            .zip(done)
+            .map(|(p, &n)| p[..n].iter().map(|&(k, _)| k as u32).collect())
+            .collect()
+    };
     let mut buf = Vec::new();
     if let Resolved::Unavailable(why) = &job.dest {
         let error = Some(JobError::Retry {
@@ -286,7 +309,7 @@ pub fn send_job(conn: &mut Conn, job: &Job, intr: &dyn Interrupt) -> Outcome {
         }
     }
     for (i, row) in job.rows.iter().enumerate() {
-        let lines = row.payload.split('\n').enumerate().skip(row.sent as usize);
+        let lines = pending[i].iter().copied();
         let result = match &job.dest {
             Resolved::Ready(
                 Destination::Tcp {
@@ -317,7 +340,7 @@ pub fn send_job(conn: &mut Conn, job: &Job, intr: &dyn Interrupt) -> Outcome {
                 // sent, also when the write then stalled: a retry resumes
                 // after them instead of starting the row over.
                 let lines_acked = buf[..acked].iter().filter(|&&b| b == b'\n').count();
-                sent[i] += lines_acked as u32;
+                done[i] += lines_acked;
                 r.map_err(|e| Stopped(JobError::from(e)))
             }
             Resolved::Ready(
@@ -336,7 +359,7 @@ pub fn send_job(conn: &mut Conn, job: &Job, intr: &dyn Interrupt) -> Outcome {
                 with_id(&mut buf, row.kind, &job.stream, id, line);
                 tcp::send_once(host, *port, &buf, &job.timeouts, &job.allow, intr)
                     .map_err(|e| Stopped(JobError::from(e)))?;
-                sent[i] += 1;
+                done[i] += 1;
                 Ok(())
             }),
             Resolved::Ready(
@@ -366,12 +389,11 @@ pub fn send_job(conn: &mut Conn, job: &Job, intr: &dyn Interrupt) -> Outcome {
                         let body = Body::one(row.kind.format, &buf);
                         post(&c, url, headers, signing, body, &job.log, (id, id))
                             .map_err(Stopped)?;
-                        sent[i] += 1;
+                        done[i] += 1;
                         Ok(())
                     })
                 }),
             Resolved::Ready(Destination::Broker(b), _) => {
-                let first = row.sent as usize;
                 let (ids, ends) = broker_batch(&mut buf, row, lines, &job.stream);
                 let content_type = crate::cloudevents::content_type(row.kind.format, false);
                 let items: Vec<Item<'_>> = (0..ids.len())
@@ -380,13 +402,13 @@ pub fn send_job(conn: &mut Conn, job: &Job, intr: &dyn Interrupt) -> Outcome {
                         key: row
                             .keys
                             .as_ref()
-                            .and_then(|ks| ks.get(first + n).copied().flatten()),
+                            .and_then(|ks| ks.get(pending[i][n].0).copied().flatten()),
                         body: &buf[ends[n].clone()],
                         content_type,
                     })
                     .collect();
                 let (acked, r) = b.send(&mut conn.broker, &items, &job.timeouts, &job.allow, intr);
-                sent[i] += acked as u32;
+                done[i] += acked;
                 r.map_err(broker_error)
             }
             Resolved::Ready(Destination::Stored { name, .. }, _) => Err(Stopped(JobError::Retry {
@@ -401,10 +423,10 @@ pub fn send_job(conn: &mut Conn, job: &Job, intr: &dyn Interrupt) -> Outcome {
         match result {
             Ok(()) => {}
             Err(Pause) => break,
-            Err(Stopped(e)) => return Outcome::settle(&job.rows, sent, Vec::new(), Some(e)),
+            Err(Stopped(e)) => return Outcome::settle(&job.rows, sent, delivered(&done), Some(e)),
         }
     }
-    Outcome::settle(&job.rows, sent, Vec::new(), None)
+    Outcome::settle(&job.rows, sent, delivered(&done), None)
 }
 
 /// A broker's error as a job error: a network failure as every

@@ -12,6 +12,7 @@
 //! `cargo test -p pg_emit_core`, on a machine without PostgreSQL.
 
 pub mod backoff;
+pub mod budget;
 pub mod cloudevents;
 pub mod cooldown;
 pub mod destination;

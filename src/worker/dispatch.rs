@@ -44,6 +44,8 @@ type Claimed = (Vec<(String, Job)>, live::Stored);
 struct Dest {
     jobs: mpsc::Sender<Job>,
     busy: bool,
+    /// Connections its running job may use (see [`Worker::budget`]).
+    granted: usize,
     health: Health,
     last_job: Instant,
 }
@@ -65,6 +67,9 @@ pub(super) struct Worker {
     live: Live,
     /// When `emit.http_responses` was last purged.
     responses_purged: Instant,
+    /// Connections to receivers it may hold at once (see
+    /// [`pg_emit_core::budget`]).
+    budget: usize,
 }
 
 /// How often responses past their retention are deleted.
@@ -101,6 +106,7 @@ impl Worker {
             emit_nsp,
             live: Live::new(),
             responses_purged: Instant::now(),
+            budget: pg_emit_core::budget::connections(raise_open_files()),
         }
     }
 
@@ -221,7 +227,16 @@ impl Worker {
         // with its message (retried like a network error), not the worker.
         let http =
             settings::http_client_config().and_then(|c| settings::signing_secret().map(|s| (c, s)));
-        let ready = |d: Option<&Dest>| d.is_none_or(|d| !d.busy && d.health.ready(now));
+        // Past the budget (one connection each, at least), no more
+        // destinations start until one finishes.
+        let mut room = self
+            .budget
+            .saturating_sub(self.dests.values().filter(|d| d.busy).count());
+        let mut ready = move |d: Option<&Dest>| {
+            let ok = room > 0 && d.is_none_or(|d| !d.busy && d.health.ready(now));
+            room -= usize::from(ok);
+            ok
+        };
         let (dests, origin, installed) = (&self.dests, self.origin.as_str(), self.emit_nsp);
         let jobs = transaction(c"pg_emit: claiming events", || {
             Spi::connect_mut(|c| -> Result<Result<Claimed, Stop>, pgrx::spi::Error> {
@@ -270,8 +285,29 @@ impl Worker {
             Ok(Err(stop)) => return Err(stop),
             Err(e) => return Err(stop_or_raise("claiming events", e)),
         };
-        for (key, job) in jobs {
+        // Connections are granted from what running jobs leave of the
+        // budget, no destination more than an equal share of it: a
+        // destination that is down or hangs is probed with one request.
+        let busy = self.dests.values().filter(|d| d.busy).count() + jobs.len();
+        let share = pg_emit_core::budget::share(self.budget, busy);
+        let in_use: usize = self
+            .dests
+            .values()
+            .filter(|d| d.busy)
+            .map(|d| d.granted)
+            .sum();
+        let mut left = self.budget.saturating_sub(in_use);
+        let mut waiting = jobs.len();
+        for (key, mut job) in jobs {
             let dest = self.dest(&key);
+            let grant = match dest.health.probing() {
+                true => 1,
+                false => job.flow.concurrency.min(share).min(left / waiting).max(1),
+            };
+            job.flow.concurrency = grant;
+            dest.granted = grant;
+            left = left.saturating_sub(grant);
+            waiting -= 1;
             dest.busy = true;
             dest.last_job = Instant::now();
             if dest.jobs.send(job).is_err() {
@@ -305,6 +341,7 @@ impl Worker {
                 Dest {
                     jobs: tx,
                     busy: false,
+                    granted: 0,
                     health: Health::default(),
                     last_job: Instant::now(),
                 },
@@ -394,3 +431,31 @@ UPDATE emit.outbox o SET tx_seq = t.seq
                   FROM emit.outbox p WHERE p.tx_seq IS NULL
                  GROUP BY 1 ORDER BY 2) u) t
  WHERE o.tx_seq IS NULL AND coalesce(o.tx, -o.id) = t.g";
+
+/// Raises the soft limit of open files to the hard one (PostgreSQL starts
+/// its processes with the soft limit, often 1,024, which connections to
+/// many receivers would exhaust) and returns the limit in effect.
+/// PostgreSQL counts the descriptors its own files may use at startup and
+/// keeps to that count, so a higher limit only adds room for sockets.
+fn raise_open_files() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit read and write the struct passed.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return 1024;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                lim = raised;
+            }
+        }
+    }
+    lim.rlim_cur
+}
