@@ -133,7 +133,11 @@ CREATE TABLE emit.destinations (
     -- (0.3) Commit to delivery of the last five minutes' events, as the
     -- worker last wrote them (emit.metrics()).
     latency_p50_ms    double precision,
-    latency_p99_ms    double precision
+    latency_p99_ms    double precision,
+    -- (0.3) Set by the worker while emit.outbox is over
+    -- pg_emit.max_outbox_size: this destination queues more than an equal
+    -- share of it, and new events for it are refused; others' are not.
+    over_share        boolean
 );
 
 -- Single-row state: which process is the worker (committing backends read

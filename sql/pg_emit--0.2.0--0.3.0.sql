@@ -20,7 +20,9 @@ COMMENT ON ROLE emit_admin IS 'pg_emit: emit_sender, plus emit.stats, emit.dead_
 -- emit.metrics(): each destination's recent delivery latency, and the live
 -- listener's state, as the worker writes them.
 ALTER TABLE emit.destinations ADD COLUMN latency_p50_ms double precision,
-                              ADD COLUMN latency_p99_ms double precision;
+                              ADD COLUMN latency_p99_ms double precision,
+                              -- Over its share of pg_emit.max_outbox_size.
+                              ADD COLUMN over_share boolean;
 -- Each event's outcome is its own: events delivered past a failing one of
 -- another key are recorded, never sent again.
 ALTER TABLE emit.outbox ADD COLUMN acked integer[];

@@ -94,9 +94,12 @@ pub enum EmitError {
     /// A feature the installed (older) schema cannot hold.
     #[error("{0} needs pg_emit's current schema: run ALTER EXTENSION pg_emit UPDATE")]
     NeedsUpdate(String),
-    /// `emit.outbox` is over `pg_emit.max_outbox_size`.
-    #[error("emit.outbox holds {size} bytes, over pg_emit.max_outbox_size ({limit} bytes): {events} event(s) not queued")]
+    /// `emit.outbox` is over `pg_emit.max_outbox_size`, and `dest` (or
+    /// every destination, when `None`) over its share of it.
+    #[error("emit.outbox holds {size} bytes, over pg_emit.max_outbox_size ({limit} bytes){}: {events} event(s) not queued",
+        .dest.as_ref().map_or(String::from(", twice over"), |d| format!(", and {d} queues more than its share")))]
     OutboxFull {
+        dest: Option<String>,
         size: i64,
         limit: i64,
         events: usize,

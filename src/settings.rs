@@ -174,8 +174,8 @@ pub fn init() {
     );
     GucRegistry::define_int_guc(
         c"pg_emit.max_outbox_size",
-        c"Size of emit.outbox past which delivery=async refuses new events. 0 disables.",
-        c"What happens then follows pg_emit.on_error: an ERROR, or a WARNING and the events are not queued.",
+        c"Size of emit.outbox past which delivery=async refuses the new events of destinations over their share of it. 0 disables.",
+        c"Past twice the size, every destination's. What happens then follows pg_emit.on_error: an ERROR, or a WARNING and the events are not queued.",
         &MAX_OUTBOX_SIZE,
         0,
         i32::MAX,

@@ -86,6 +86,58 @@ def test_outbox_limit_refuses_then_releases_once_delivered(own_db, quick_autovac
         nd.close()
 
 
+def test_a_dead_destination_costs_only_itself_at_the_limit(cluster, own_db):
+    """0.2.0 refused every destination's events once the outbox was full:
+    one dead receiver cost a healthy one the events of 119,600 committed
+    rows. Now the worker marks the destinations over an equal share of the
+    limit, and only their events are refused."""
+    db = own_db
+    dead = free_port()
+    alive = Receiver("ndjson")
+    with cluster.connect() as c:
+        c.execute("LOAD 'pg_emit'")
+        c.execute("ALTER SYSTEM SET pg_emit.max_outbox_size = '256kB'")
+        c.execute("SELECT pg_reload_conf()")
+    try:
+        for name, port in (("to_dead", dead), ("to_alive", alive.port), ("to_both", None)):
+            db.execute(f"CREATE TABLE {name} (id int, v text)")
+        for name, port in (("to_dead", dead), ("to_alive", alive.port),
+                           ("to_both", dead), ("to_both", alive.port)):
+            db.execute(
+                f"CREATE TRIGGER out_{port} AFTER INSERT ON {name} FOR EACH ROW EXECUTE FUNCTION "
+                f"row_to_socket('127.0.0.1', {port}, 'delivery=async', 'framing=ndjson')")
+        db.execute("SET pg_emit.on_error = warning")
+        # The dead receiver's backlog passes the limit, and the worker
+        # marks it over its share.
+        dead_key = f"tcp://127.0.0.1:{dead}?framing=ndjson"
+
+        def marked():
+            # Random text: lz4 would make repeat('x', 200) almost nothing.
+            db.execute("INSERT INTO to_dead SELECT g, md5(random()::text) || md5(random()::text) "
+                       "|| md5(random()::text) || md5(random()::text) FROM generate_series(1, 100) g")
+            return db.one("SELECT count(*) FROM emit.destinations WHERE destination = %s "
+                          "AND over_share", (dead_key,))
+        assert wait_until(marked, 30, every=0.2)
+        db.notices.clear()
+        # Over the limit, the healthy destination's events are queued and
+        # delivered; the dead one's are refused, and the WARNING names it.
+        assert db.one("SELECT pg_table_size('emit.outbox')") > 256 * 1024
+        db.execute("INSERT INTO to_alive SELECT g, 'a' FROM generate_series(1, 100) g")
+        assert db.warnings() == []
+        db.execute("INSERT INTO to_both SELECT g, 'b' FROM generate_series(1, 10) g")
+        (w,) = db.warnings()
+        assert dead_key in w and "10 event(s) not queued" in w, w
+        got = [json.loads(m) for m in alive.wait_for(110, timeout=10)]
+        assert sorted(e["new"]["v"] for e in got).count("a") == 100
+        assert sum(1 for e in got if e["new"]["v"] == "b") == 10
+    finally:
+        alive.close()
+        with cluster.connect() as c:
+            c.execute("LOAD 'pg_emit'")
+            c.execute("ALTER SYSTEM RESET pg_emit.max_outbox_size")
+            c.execute("SELECT pg_reload_conf()")
+
+
 def test_worker_reports_its_deletes_so_autovacuum_runs(cluster, db, table):
     """0.1.0's worker never reported statistics: the outbox's dead rows were
     invisible to autovacuum until the worker exited."""

@@ -188,20 +188,37 @@ fn write_level(seq: Seq) -> Option<Seq> {
         return Some(seq);
     }
     let limit = settings::max_outbox_bytes();
+    let mut rows = rows;
     if limit > 0 {
         let size = outbox_size(limit);
         if size > limit {
-            let events = rows.iter().map(|r| r.events as usize).sum();
-            let e = EmitError::OutboxFull {
-                size,
-                limit,
-                events,
+            // Refused: every destination past twice the limit (the worker,
+            // which marks shares, may not be running), else only those
+            // the worker found over their share, so that a receiver that
+            // is down costs only itself its events.
+            let over: Vec<Option<String>> = match size > limit.saturating_mul(2) {
+                true => vec![None],
+                false => over_share(&rows).into_iter().map(Some).collect(),
             };
-            if settings::ON_ERROR.get() == settings::OnError::Error {
-                e.raise();
+            for dest in over {
+                let (refused, kept): (Vec<Chunk>, Vec<Chunk>) = rows
+                    .into_iter()
+                    .partition(|c| dest.as_ref().is_none_or(|d| *d == c.target.key()));
+                rows = kept;
+                let e = EmitError::OutboxFull {
+                    dest,
+                    size,
+                    limit,
+                    events: refused.iter().map(|r| r.events as usize).sum(),
+                };
+                if settings::ON_ERROR.get() == settings::OnError::Error {
+                    e.raise();
+                }
+                e.warn();
             }
-            e.warn();
-            return None;
+            if rows.is_empty() {
+                return None;
+            }
         }
     }
     // SAFETY: the transaction is writing, so it has (or now gets) an xid.
@@ -328,6 +345,23 @@ fn legacy_insert_sql(utf8_db: bool) -> &'static str {
         "INSERT INTO emit.outbox (destination, host, port, framing, url, headers, events, payload) \
          VALUES ($1, $2, $3, $4, $5, $6, $7, pg_catalog.convert_from($8, 'UTF8')) RETURNING id"
     }
+}
+
+/// Which of the destinations of `rows` the worker found over their share
+/// of `pg_emit.max_outbox_size` (emit.destinations.over_share).
+fn over_share(rows: &[Chunk]) -> Vec<String> {
+    let keys: Vec<String> = rows.iter().map(|c| c.target.key()).collect();
+    Spi::connect(|c| {
+        c.select(
+            "SELECT d.destination FROM emit.destinations d
+              WHERE d.over_share AND d.destination OPERATOR(pg_catalog.=) ANY ($1)",
+            None,
+            &[keys.into()],
+        )?
+        .map(|r| r.get::<String>(1).map(Option::unwrap_or_default))
+        .collect::<Result<Vec<_>, _>>()
+    })
+    .unwrap_or_default()
 }
 
 /// emit.outbox's size in bytes, heap and TOAST (where events live; not the

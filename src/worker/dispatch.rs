@@ -67,6 +67,8 @@ pub(super) struct Worker {
     live: Live,
     /// When `emit.http_responses` was last purged.
     responses_purged: Instant,
+    /// When destinations' shares of the outbox were last marked.
+    shares_marked: Instant,
     /// Connections to receivers it may hold at once (see
     /// [`pg_emit_core::budget`]).
     budget: usize,
@@ -74,6 +76,9 @@ pub(super) struct Worker {
 
 /// How often responses past their retention are deleted.
 const RESPONSES_PURGE: Duration = Duration::from_secs(10);
+/// How often the outbox is measured against `pg_emit.max_outbox_size`
+/// (see [`super::queue::mark_shares`]).
+const SHARES_MARKED: Duration = Duration::from_secs(2);
 
 pub(super) struct WorkerSettings {
     backoff: Backoff,
@@ -106,6 +111,7 @@ impl Worker {
             emit_nsp,
             live: Live::new(),
             responses_purged: Instant::now(),
+            shares_marked: Instant::now(),
             budget: pg_emit_core::budget::connections(raise_open_files()),
         }
     }
@@ -157,6 +163,16 @@ impl Worker {
             }
             self.live.serve();
             self.live.housekeeping();
+            if self.shares_marked.elapsed() >= SHARES_MARKED {
+                self.shares_marked = Instant::now();
+                let limit = settings::max_outbox_bytes();
+                let marked = transaction(c"pg_emit: measuring the outbox", || {
+                    Spi::connect_mut(|c| super::queue::mark_shares(c, limit))
+                });
+                if let Err(e) = marked {
+                    pgrx::warning!("pg_emit worker: could not measure emit.outbox: {e}");
+                }
+            }
             if self.responses_purged.elapsed() >= RESPONSES_PURGE {
                 self.responses_purged = Instant::now();
                 let purged = transaction(c"pg_emit: deleting old HTTP responses", || {

@@ -246,6 +246,53 @@ pub(super) fn purge_responses(c: &mut pgrx::spi::SpiClient<'_>) -> Result<(), pg
     .map(|_| ())
 }
 
+/// Past `pg_emit.max_outbox_size` (`limit` bytes, when positive), marks
+/// each destination queueing more than an equal share of it (among the
+/// destinations with queued events) in `emit.destinations.over_share`:
+/// writers refuse only those destinations' new events (see
+/// `crate::delivery::outbox`). Under the limit, clears the marks.
+pub(super) fn mark_shares(
+    c: &mut pgrx::spi::SpiClient<'_>,
+    limit: i64,
+) -> Result<(), pgrx::spi::Error> {
+    let size = plans::select(
+        c,
+        "SELECT pg_catalog.pg_table_size('emit.outbox'::pg_catalog.regclass)",
+        None,
+        &[],
+    )?
+    .first()
+    .get_one::<i64>()?
+    .unwrap_or(0);
+    if limit <= 0 || size <= limit {
+        plans::update(
+            c,
+            "UPDATE emit.destinations SET over_share = NULL WHERE over_share",
+            &[],
+        )?;
+        return Ok(());
+    }
+    plans::update(c, SHARES_SQL, &[limit.into()])?;
+    Ok(())
+}
+
+/// Each destination's queued bytes (as stored: compressed, or TOAST
+/// pointers' sizes) against an equal share of the limit ($1); then the
+/// marks of destinations with nothing queued any more are cleared.
+const SHARES_SQL: &str = "
+WITH q AS (
+    SELECT o.destination, pg_catalog.sum(pg_catalog.pg_column_size(o.payload)) AS bytes
+      FROM emit.outbox o GROUP BY o.destination
+), s AS (
+    SELECT q.destination, q.bytes > $1::pg_catalog.numeric / (SELECT pg_catalog.count(*) FROM q) AS over
+      FROM q
+), marked AS (
+    UPDATE emit.destinations d SET over_share = s.over
+      FROM s WHERE s.destination = d.destination AND d.over_share IS DISTINCT FROM s.over
+)
+UPDATE emit.destinations d SET over_share = NULL
+ WHERE d.over_share AND NOT EXISTS (SELECT FROM q WHERE q.destination = d.destination)";
+
 thread_local! {
     /// Each destination's recent delivery latencies (`emit.metrics()`).
     static LATENCIES: std::cell::RefCell<std::collections::HashMap<String, Latencies>> =
