@@ -336,6 +336,9 @@ def test_the_worker_gives_way_in_a_deadlock(cluster, rx):
                       f"row_to_socket('127.0.0.1', {rx.port}, 'delivery=async', 'framing=ndjson')")
             c.execute("INSERT INTO t VALUES (1)")
             rx.wait_for(1)
+            # Recorded as delivered before the worker goes (else it is
+            # rightly sent again).
+            assert wait_until(lambda: c.execute("SELECT count(*) FROM emit.outbox").fetchone()[0] == 0)
             pid = c.execute("SELECT pid FROM emit.worker").fetchone()[0]
             with open(cluster.log) as f:
                 f.seek(0, 2)
