@@ -93,6 +93,7 @@ bench: setup install-release
 	.venv/bin/python bench/small_tx.py
 	.venv/bin/python bench/http_receivers.py
 	.venv/bin/python bench/error_rates.py
+	.venv/bin/python bench/many_destinations.py
 	.venv/bin/python bench/formats.py
 	.venv/bin/python bench/redis_streams.py
 	.venv/bin/python bench/nats_jetstream.py
