@@ -57,7 +57,11 @@ CREATE TABLE emit.outbox (
     -- (Added in 0.3.) Events past `sent` already delivered (0-based, in
     -- ascending order): sent while an earlier event of another key was
     -- failing, never sent again. NULL: none.
-    acked           integer[]
+    acked           integer[],
+    -- (0.3) The stream its ids were given in (NULL: the destination's
+    -- current one). A restored copy or a promoted standby numbers new
+    -- events in a new stream, and sends these again as they were.
+    stream          uuid
 );
 CREATE INDEX outbox_queue ON emit.outbox (destination, tx_seq, part);
 CREATE INDEX outbox_unsequenced ON emit.outbox (tx) WHERE tx_seq IS NULL;

@@ -26,6 +26,9 @@ ALTER TABLE emit.destinations ADD COLUMN latency_p50_ms double precision,
 -- Each event's outcome is its own: events delivered past a failing one of
 -- another key are recorded, never sent again.
 ALTER TABLE emit.outbox ADD COLUMN acked integer[];
+-- Numbered events keep the stream they were numbered in, also when a copy
+-- of the database starts a new one.
+ALTER TABLE emit.outbox ADD COLUMN stream uuid;
 -- Numbered rows are claimed first, in id order, wherever they are in the
 -- commit order.
 CREATE INDEX outbox_numbered ON emit.outbox (destination, first_event_id)

@@ -264,7 +264,11 @@ def test_requeue_on_a_standby_is_a_clean_error(cluster):
 
 
 def test_pg_dump_keeps_the_backlog_and_a_restore_starts_new_streams(cluster):
-    """0.1.0's outbox and dead letters were not in pg_dump's output."""
+    """0.1.0's outbox and dead letters were not in pg_dump's output. The
+    restored copy sends the events the original had numbered under the
+    same (stream, id), so a receiver drops them as repeats (0.2.0 numbered
+    them again in a new stream: 1,000 events twice after a restore beside
+    the original), and numbers what it queues itself in a new stream."""
     port, dead_port = free_port(), free_port()
     cluster.create_db("emit_dumped")
     dump = f"{cluster.root}/emit.dump"
@@ -275,6 +279,9 @@ def test_pg_dump_keeps_the_backlog_and_a_restore_starts_new_streams(cluster):
             c.execute("CREATE TRIGGER out AFTER INSERT ON t FOR EACH ROW EXECUTE FUNCTION "
                       f"row_to_socket('127.0.0.1', {port}, 'delivery=async', 'framing=ndjson')")
             c.execute("INSERT INTO t SELECT generate_series(1, 5)")
+            # The worker has numbered them (its attempt failed: no receiver).
+            assert wait_until(lambda: c.execute(
+                "SELECT count(*) FROM emit.outbox WHERE first_event_id IS NULL").fetchone()[0] == 0, 10)
             c.execute("INSERT INTO emit.dead_letter (outbox_id, destination, host, port, framing, events, "
                       "payload, attempts, enqueued_at) VALUES (0, %s, '127.0.0.1', %s, 'ndjson', 1, "
                       "'{\"dead\":1}', 9, now())", (f"tcp://127.0.0.1:{dead_port}?framing=ndjson", dead_port))
@@ -289,11 +296,17 @@ def test_pg_dump_keeps_the_backlog_and_a_restore_starts_new_streams(cluster):
             assert c.execute("SELECT emit.requeue_dead_letters()").fetchone()[0] == 1
         nd, dead = Receiver("ndjson", port=port), Receiver("ndjson", port=dead_port)
         try:
-            # Both databases deliver their copy of the backlog, each under a
-            # stream of its own.
+            # Both databases deliver their copy of the backlog, under the
+            # same (stream, id): five events, each twice.
             got = [json.loads(m) for m in nd.wait_for(10, timeout=20)]
             assert sorted(e["new"]["id"] for e in got) == [1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
-            assert len({e["stream"] for e in got}) == 2
+            assert len({(e["stream"], e["id"]) for e in got}) == 5
+            # What the copy queues from now on is its own: a new stream.
+            with cluster.connect("emit_restored") as c:
+                c.execute("INSERT INTO t VALUES (6)")
+            (after,) = [json.loads(m) for m in nd.wait_for(11, timeout=20)][10:]
+            assert after["new"]["id"] == 6 and after["stream"] != got[0]["stream"]
+            assert after["id"] == 1
             assert [json.loads(m) for m in dead.wait_for(1, timeout=20)][0]["dead"] == 1
         finally:
             nd.close()

@@ -341,13 +341,18 @@ unsafe fn insertion_timeline() -> pg_sys::TimeLineID {
 /// In a copy or a restore of a database (see [`origin`]), the
 /// destinations' streams and ids came along and may already have been
 /// used from the original: every such destination starts a new stream at
-/// id 1, and its claimed rows are numbered again.
+/// id 1 for what it numbers from now on. Events numbered before keep their
+/// `(stream, id)` (their rows say which stream, see `emit.outbox.stream`),
+/// so that a receiver recognises what the original may have sent already.
 const NEW_STREAMS_SQL: &str = "
 WITH moved AS (
-    UPDATE emit.destinations t
-       SET stream = pg_catalog.gen_random_uuid(), next_event_id = 1, origin = $1
+    SELECT t.destination, t.stream FROM emit.destinations t
      WHERE t.origin IS DISTINCT FROM $1 AND t.destination NOT LIKE 'channel:%'
-    RETURNING t.destination
+), kept AS (
+    UPDATE emit.outbox o SET stream = m.stream
+      FROM moved m
+     WHERE o.destination = m.destination AND o.first_event_id IS NOT NULL AND o.stream IS NULL
 )
-UPDATE emit.outbox o SET first_event_id = NULL
-  FROM moved WHERE o.destination = moved.destination AND o.first_event_id IS NOT NULL";
+UPDATE emit.destinations t
+   SET stream = pg_catalog.gen_random_uuid(), next_event_id = 1, origin = $1
+  FROM moved m WHERE t.destination = m.destination";

@@ -51,6 +51,9 @@ pub(super) fn claim(
     let mut target: Option<(Resolved, Flow)> = None;
     let mut bytes = 0;
     let mut last_tx_seq = None;
+    // The stream of the numbered rows taken (`Some(None)`: the
+    // destination's current one): a job's rows share one.
+    let mut numbered_in: Option<Option<String>> = None;
     // Rows already numbered first, in id order, wherever they are in the
     // commit order: a transaction that became visible after later ones
     // were numbered (a cancelled synchronous-replication wait) sits before
@@ -63,6 +66,17 @@ pub(super) fn claim(
         let size = r.get_by_name::<i32, _>("size")?.unwrap_or(0).max(0) as usize;
         if bytes > 0 && bytes + size > CLAIM_BYTES {
             break;
+        }
+        if r.get_by_name::<i64, _>("first_event_id")?.is_some() {
+            let stream = match r.get_by_name::<bool, _>("earlier_stream")? {
+                Some(true) => r.get_by_name::<String, _>("stream")?,
+                _ => None,
+            };
+            match &numbered_in {
+                None => numbered_in = Some(stream),
+                Some(s) if *s != stream => break,
+                Some(_) => {}
+            }
         }
         bytes += size;
         if target.is_none() {
@@ -169,7 +183,10 @@ pub(super) fn claim(
         }
         _ => Vec::new(),
     };
-    let stream = number_events(c, key, origin, &mut rows, &rest, assign)?;
+    let stream = match numbered_in {
+        Some(Some(earlier)) => earlier,
+        _ => number_events(c, key, origin, &mut rows, &rest, assign)?,
+    };
     Ok(Some(Job {
         log: ResponseLog::new(crate::settings::response_log()),
         dest,
@@ -363,13 +380,16 @@ SELECT id, host, port, framing, first_event_id, pg_catalog.octet_length(payload)
  ORDER BY tx_seq, part
  LIMIT 1000";
 /// The destination's numbered rows, in id order (see [`claim`]); the
-/// partial index `outbox_numbered` holds only them.
+/// partial index `outbox_numbered` holds only them. Rows numbered in an
+/// earlier stream (before a restore or a promotion) come first.
 const NUMBERED_SQL: &str = "
-SELECT id, host, port, framing, first_event_id, pg_catalog.octet_length(payload) AS size, sent,
-       url, headers, tx_seq, acked
-  FROM emit.outbox
- WHERE destination = $1 AND first_event_id IS NOT NULL
- ORDER BY first_event_id
+SELECT o.id, o.host, o.port, o.framing, o.first_event_id,
+       pg_catalog.octet_length(o.payload) AS size, o.sent, o.url, o.headers, o.tx_seq, o.acked,
+       (o.stream IS NOT NULL AND o.stream IS DISTINCT FROM d.stream) AS earlier_stream,
+       o.stream::pg_catalog.text AS stream
+  FROM emit.outbox o LEFT JOIN emit.destinations d ON d.destination = o.destination
+ WHERE o.destination = $1 AND o.first_event_id IS NOT NULL
+ ORDER BY (o.stream IS NOT NULL AND o.stream IS DISTINCT FROM d.stream) DESC, o.first_event_id
  LIMIT 1000";
 /// The rest of a transaction's rows for a destination, without payloads.
 const REST_OF_TX_SQL: &str = "
@@ -418,14 +438,15 @@ fn number_events(
         firsts.push(next);
         next += i64::from(events);
     }
+    let stream = stream.unwrap_or_default();
     plans::update(
         c,
-        "UPDATE emit.outbox o SET first_event_id = v.f
+        "UPDATE emit.outbox o SET first_event_id = v.f, stream = $3::pg_catalog.uuid
            FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.int8[]),
                           pg_catalog.unnest($2::pg_catalog.int8[])) v(id, f) WHERE o.id = v.id",
-        &[ids.into(), firsts.into()],
+        &[ids.into(), firsts.into(), stream.as_str().into()],
     )?;
-    Ok(stream.unwrap_or_default())
+    Ok(stream)
 }
 
 /// Applies one job's outcome: delete delivered rows, keep progress, count
