@@ -65,10 +65,6 @@ CREATE TABLE emit.outbox (
 );
 CREATE INDEX outbox_queue ON emit.outbox (destination, tx_seq, part);
 CREATE INDEX outbox_unsequenced ON emit.outbox (tx) WHERE tx_seq IS NULL;
--- Rows the worker has numbered and not yet delivered (few): claimed first,
--- in id order.
-CREATE INDEX outbox_numbered ON emit.outbox (destination, first_event_id)
-    WHERE first_event_id IS NOT NULL;
 -- Payloads are JSON text of up to 8 MB: lz4 compresses them several-fold at
 -- a fraction of pglz's CPU cost (pglz was a fifth of the async enqueue time
 -- in profiles). Builds without lz4 keep the default.

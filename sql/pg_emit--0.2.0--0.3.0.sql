@@ -29,10 +29,6 @@ ALTER TABLE emit.outbox ADD COLUMN acked integer[];
 -- Numbered events keep the stream they were numbered in, also when a copy
 -- of the database starts a new one.
 ALTER TABLE emit.outbox ADD COLUMN stream uuid;
--- Numbered rows are claimed first, in id order, wherever they are in the
--- commit order.
-CREATE INDEX outbox_numbered ON emit.outbox (destination, first_event_id)
-    WHERE first_event_id IS NOT NULL;
 ALTER TABLE emit.worker ADD COLUMN live_connections integer,
                         ADD COLUMN live_subscribers integer,
                         ADD COLUMN live_dropped bigint;

@@ -46,120 +46,72 @@ pub(super) fn claim(
     allow: &Allowlist,
     http: &Result<(ClientConfig, Option<Vec<u8>>), String>,
 ) -> Result<Option<Job>, pgrx::spi::Error> {
-    let mut claimed = Vec::new();
-    let mut fresh = Vec::new();
-    let mut target: Option<(Resolved, Flow)> = None;
-    let mut bytes = 0;
-    let mut last_tx_seq = None;
-    // The stream of the numbered rows taken (`Some(None)`: the
-    // destination's current one): a job's rows share one.
-    let mut numbered_in: Option<Option<String>> = None;
-    // Rows already numbered first, in id order, wherever they are in the
-    // commit order: a transaction that became visible after later ones
-    // were numbered (a cancelled synchronous-replication wait) sits before
-    // them in the queue, and would hide numbered rows behind it.
-    let mut rows = plans::select(c, NUMBERED_SQL, None, &[key.into()])?;
-    if rows.is_empty() {
-        rows = plans::select(c, QUEUE_SQL, None, &[key.into()])?;
-    }
-    for r in rows {
-        let size = r.get_by_name::<i32, _>("size")?.unwrap_or(0).max(0) as usize;
-        if bytes > 0 && bytes + size > CLAIM_BYTES {
-            break;
-        }
-        if r.get_by_name::<i64, _>("first_event_id")?.is_some() {
-            let stream = match r.get_by_name::<bool, _>("earlier_stream")? {
+    let mut queued = Vec::new();
+    for r in plans::select(c, QUEUE_SQL, None, &[key.into()])? {
+        let first_event_id = r.get_by_name::<i64, _>("first_event_id")?;
+        queued.push(Queued {
+            size: r.get_by_name::<i32, _>("size")?.unwrap_or(0).max(0) as usize,
+            tx_seq: r.get_by_name::<i64, _>("tx_seq")?,
+            numbered: first_event_id.is_some(),
+            earlier_stream: match r.get_by_name::<bool, _>("earlier_stream")? {
                 Some(true) => r.get_by_name::<String, _>("stream")?,
                 _ => None,
-            };
-            match &numbered_in {
-                None => numbered_in = Some(stream),
-                Some(s) if *s != stream => break,
-                Some(_) => {}
-            }
-        }
-        bytes += size;
-        if target.is_none() {
-            let host = r.get_by_name::<String, _>("host")?.unwrap_or_default();
-            let port = r.get_by_name::<i32, _>("port")?.unwrap_or(0) as u16;
-            let plain = |endpoint| {
-                let setup = HttpSetup {
-                    client: http.clone(),
-                    standard: None,
-                };
-                Resolved::Ready(endpoint, setup)
-            };
-            target = Some(match r.get_by_name::<String, _>("framing")?.as_deref() {
-                Some("stored") => stored_dest(c, key, http)?,
-                Some("http") => {
-                    let headers: String = r.get_by_name("headers")?.unwrap_or_default();
-                    let endpoint = Destination::Http {
-                        url: r.get_by_name::<String, _>("url")?.unwrap_or_default(),
-                        headers: headers
-                            .lines()
-                            .filter_map(|l| pg_emit_core::http_target::parse_header(l).ok())
-                            .collect(),
-                    };
-                    (plain(endpoint), Flow::HTTP)
-                }
-                // A broker's outbox rows keep its scheme and URL.
-                Some(scheme) if AnyBroker::SCHEMES.contains(&scheme) => {
-                    let url: String = r.get_by_name("url")?.unwrap_or_default();
-                    match destination::parse_url(&url, Vec::new()) {
-                        Ok(endpoint) => (plain(endpoint), Flow::SERIAL),
-                        Err(e) => (Resolved::Unavailable(e.to_string()), Flow::SERIAL),
-                    }
-                }
-                framing => {
-                    let framing = match framing {
-                        Some("ndjson") => Framing::Ndjson,
-                        _ => Framing::Close,
-                    };
-                    let endpoint = Destination::Tcp {
-                        host,
-                        port,
-                        framing,
-                    };
-                    (plain(endpoint), Flow::SERIAL)
-                }
-            });
-        }
-        let first_event_id = r.get_by_name::<i64, _>("first_event_id")?;
-        let row = Row {
-            id: r.get_by_name("id")?.unwrap_or(0),
-            first_event_id: first_event_id.unwrap_or(0),
-            sent: r.get_by_name::<i32, _>("sent")?.unwrap_or(0) as u32,
-            // Read below, for the rows this job takes only.
-            payload: String::new(),
-            kind: Kind::default(),
-            keys: None,
-            acked: r
-                .get_by_name::<Vec<i32>, _>("acked")?
-                .unwrap_or_default()
-                .into_iter()
-                .map(|k| k as u32)
-                .collect(),
-        };
-        if first_event_id.is_some() {
-            claimed.push(row);
-        } else if claimed.is_empty() {
-            last_tx_seq = r.get_by_name::<i64, _>("tx_seq")?;
-            fresh.push(row);
-        }
+            },
+            host: r.get_by_name::<String, _>("host")?.unwrap_or_default(),
+            port: r.get_by_name::<i32, _>("port")?.unwrap_or(0) as u16,
+            framing: r.get_by_name::<String, _>("framing")?,
+            url: r.get_by_name::<String, _>("url")?,
+            headers: r.get_by_name::<String, _>("headers")?,
+            row: Row {
+                id: r.get_by_name("id")?.unwrap_or(0),
+                first_event_id: first_event_id.unwrap_or(0),
+                sent: r.get_by_name::<i32, _>("sent")?.unwrap_or(0) as u32,
+                // Read below, for the rows this job takes only.
+                payload: String::new(),
+                kind: Kind::default(),
+                keys: None,
+                acked: r
+                    .get_by_name::<Vec<i32>, _>("acked")?
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|k| k as u32)
+                    .collect(),
+            },
+        });
     }
-    let Some((dest, flow)) = target else {
+    // Rows already numbered go first, in id order (those of an earlier
+    // stream, from before a restore or a promotion, before them), wherever
+    // they are in the commit order: a transaction that became visible
+    // after later ones were numbered (a cancelled synchronous-replication
+    // wait) sits before them in the queue. Otherwise the next rows in
+    // commit order get the destination's next ids.
+    let assign = !queued.iter().any(|q| q.numbered);
+    let mut take = if assign {
+        queued
+    } else {
+        let mut numbered: Vec<Queued> = queued.into_iter().filter(|q| q.numbered).collect();
+        numbered.sort_by_key(|q| (q.earlier_stream.is_none(), q.row.first_event_id));
+        let stream = numbered[0].earlier_stream.clone();
+        numbered.retain(|q| q.earlier_stream == stream);
+        numbered
+    };
+    let mut bytes = 0;
+    let n = take
+        .iter()
+        .take_while(|q| {
+            let fits = bytes == 0 || bytes + q.size <= CLAIM_BYTES;
+            bytes += q.size;
+            fits
+        })
+        .count();
+    take.truncate(n);
+    let Some(head) = take.first() else {
         return Ok(None);
     };
-    let assign = claimed.is_empty();
-    let mut rows = if assign {
-        fresh
-    } else {
-        // Numbered rows come first in commit order, as they were numbered
-        // in it, except for a transaction that drew its number before
-        // one already numbered but became visible after it: ids decide.
-        claimed.sort_by_key(|r| r.first_event_id);
-        claimed
-    };
+    let (dest, flow) = resolve(c, key, http, head)?;
+    let earlier_stream = head.earlier_stream.clone();
+    let last_tx_seq = take.last().and_then(|q| q.tx_seq);
+    let mut rows: Vec<Row> = take.into_iter().map(|q| q.row).collect();
     read_payloads(c, &mut rows)?;
     // A transaction is numbered whole, also its rows that did not fit in
     // this job: they are the next job's (numbered rows go first), so no
@@ -183,9 +135,9 @@ pub(super) fn claim(
         }
         _ => Vec::new(),
     };
-    let stream = match numbered_in {
-        Some(Some(earlier)) => earlier,
-        _ => number_events(c, key, origin, &mut rows, &rest, assign)?,
+    let stream = match earlier_stream {
+        Some(earlier) => earlier,
+        None => number_events(c, key, origin, &mut rows, &rest, assign)?,
     };
     Ok(Some(Job {
         log: ResponseLog::new(crate::settings::response_log()),
@@ -196,6 +148,74 @@ pub(super) fn claim(
         timeouts,
         allow: allow.clone(),
     }))
+}
+
+/// A row of [`QUEUE_SQL`], before the claim decides to take it.
+struct Queued {
+    row: Row,
+    size: usize,
+    tx_seq: Option<i64>,
+    numbered: bool,
+    /// The stream it was numbered in, when not the destination's current
+    /// one.
+    earlier_stream: Option<String>,
+    host: String,
+    port: u16,
+    framing: Option<String>,
+    url: Option<String>,
+    headers: Option<String>,
+}
+
+/// Where the job of the destination `key` goes, from its first row (or
+/// the stored destination it names), and how its events flow.
+fn resolve(
+    c: &mut pgrx::spi::SpiClient<'_>,
+    key: &str,
+    http: &Result<(ClientConfig, Option<Vec<u8>>), String>,
+    q: &Queued,
+) -> Result<(Resolved, Flow), pgrx::spi::Error> {
+    let plain = |endpoint| {
+        let setup = HttpSetup {
+            client: http.clone(),
+            standard: None,
+        };
+        Resolved::Ready(endpoint, setup)
+    };
+    Ok(match q.framing.as_deref() {
+        Some("stored") => stored_dest(c, key, http)?,
+        Some("http") => {
+            let endpoint = Destination::Http {
+                url: q.url.clone().unwrap_or_default(),
+                headers: q
+                    .headers
+                    .as_deref()
+                    .unwrap_or_default()
+                    .lines()
+                    .filter_map(|l| pg_emit_core::http_target::parse_header(l).ok())
+                    .collect(),
+            };
+            (plain(endpoint), Flow::HTTP)
+        }
+        // A broker's outbox rows keep its scheme and URL.
+        Some(scheme) if AnyBroker::SCHEMES.contains(&scheme) => {
+            match destination::parse_url(q.url.as_deref().unwrap_or_default(), Vec::new()) {
+                Ok(endpoint) => (plain(endpoint), Flow::SERIAL),
+                Err(e) => (Resolved::Unavailable(e.to_string()), Flow::SERIAL),
+            }
+        }
+        framing => {
+            let framing = match framing {
+                Some("ndjson") => Framing::Ndjson,
+                _ => Framing::Close,
+            };
+            let endpoint = Destination::Tcp {
+                host: q.host.clone(),
+                port: q.port,
+                framing,
+            };
+            (plain(endpoint), Flow::SERIAL)
+        }
+    })
 }
 
 /// A stored destination as it is now: queued events follow a changed URL
@@ -368,28 +388,24 @@ SELECT id, pg_catalog.convert_to(payload, 'UTF8') AS payload, keys, format
 /// The head of a destination's queue, in commit order. LIMIT is in the SQL
 /// so that the kept plan is an ordered index scan that stops early (and
 /// marks the deleted rows it passes as dead for the next scan), not a scan
-/// of every index entry of the destination, dead ones included. Rows
-/// already numbered are at the head: numbering takes rows from the head.
-/// Sizes, not payloads: `octet_length` reads a TOASTed value's size from
-/// its pointer ([`read_payloads`] then reads what the job takes).
+/// of every index entry of the destination, dead ones included. Sizes,
+/// not payloads: `octet_length` reads a TOASTed value's size from its
+/// pointer ([`read_payloads`] then reads what the job takes).
+///
+/// Rows already numbered are among the first thousand: numbering takes
+/// rows from the head, and a transaction that became visible late puts
+/// one row per destination and 8 MB before them. Each says whether it was
+/// numbered in an earlier stream than the destination's.
 const QUEUE_SQL: &str = "
-SELECT id, host, port, framing, first_event_id, pg_catalog.octet_length(payload) AS size, sent,
-       url, headers, tx_seq, acked
-  FROM emit.outbox
- WHERE destination = $1 AND tx_seq IS NOT NULL
- ORDER BY tx_seq, part
- LIMIT 1000";
-/// The destination's numbered rows, in id order (see [`claim`]); the
-/// partial index `outbox_numbered` holds only them. Rows numbered in an
-/// earlier stream (before a restore or a promotion) come first.
-const NUMBERED_SQL: &str = "
 SELECT o.id, o.host, o.port, o.framing, o.first_event_id,
        pg_catalog.octet_length(o.payload) AS size, o.sent, o.url, o.headers, o.tx_seq, o.acked,
-       (o.stream IS NOT NULL AND o.stream IS DISTINCT FROM d.stream) AS earlier_stream,
+       (o.stream IS NOT NULL
+        AND o.stream IS DISTINCT FROM (SELECT d.stream FROM emit.destinations d
+                                        WHERE d.destination = $1)) AS earlier_stream,
        o.stream::pg_catalog.text AS stream
-  FROM emit.outbox o LEFT JOIN emit.destinations d ON d.destination = o.destination
- WHERE o.destination = $1 AND o.first_event_id IS NOT NULL
- ORDER BY (o.stream IS NOT NULL AND o.stream IS DISTINCT FROM d.stream) DESC, o.first_event_id
+  FROM emit.outbox o
+ WHERE o.destination = $1 AND o.tx_seq IS NOT NULL
+ ORDER BY o.tx_seq, o.part
  LIMIT 1000";
 /// The rest of a transaction's rows for a destination, without payloads.
 const REST_OF_TX_SQL: &str = "
