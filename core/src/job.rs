@@ -500,10 +500,12 @@ fn send_parallel(
         }
     }
     let kind = |e: &(usize, i64, &str)| job.rows[e.0].kind;
-    // Strict commit order: one lane, requests of consecutive events.
+    // As many lanes as full requests can keep busy, up to the requests in
+    // flight allowed (three events at batch 3 are one request, not three);
+    // strict commit order: one lane, requests of consecutive events.
     let lanes = match job.flow.order {
         Order::Destination => 1,
-        _ => job.flow.concurrency,
+        _ => (events.len() / job.flow.batch.max(1)).clamp(1, job.flow.concurrency.max(1)),
     };
     let units = units(&events, &keys, job.flow.batch, lanes, kind);
     let scheduler = Scheduler::batched(
