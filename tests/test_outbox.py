@@ -315,3 +315,53 @@ def test_pg_dump_keeps_the_backlog_and_a_restore_starts_new_streams(cluster):
         with cluster.connect() as c:
             c.execute("DROP DATABASE IF EXISTS emit_dumped WITH (FORCE)")
             c.execute("DROP DATABASE IF EXISTS emit_restored WITH (FORCE)")
+
+
+def test_a_promoted_standby_sends_what_was_numbered_under_the_same_ids():
+    """0.2.0 numbered a promoted standby's backlog again in a new stream:
+    192 events reached the receiver twice after a failover, under ids it
+    could not tell from new ones. Now what the primary had numbered keeps
+    its (stream, id) on the standby, and only what the standby queues
+    itself after the promotion is numbered in a new stream."""
+    port = free_port()
+    conf = {"shared_preload_libraries": "'pg_emit'"}
+    primary = Cluster("pg_emit-primary", port=54341, conf=conf).init().start()
+    standby = Cluster("pg_emit-standby", port=54342, conf=conf)
+    try:
+        with primary.connect() as c:
+            c.execute("CREATE EXTENSION pg_emit")
+            c.execute("CREATE TABLE t (id int PRIMARY KEY)")
+            c.execute("CREATE TRIGGER out AFTER INSERT ON t FOR EACH ROW EXECUTE FUNCTION "
+                      f"row_to_socket('127.0.0.1', {port}, 'delivery=async', 'framing=ndjson')")
+            c.execute("INSERT INTO t SELECT generate_series(1, 5)")
+            # The worker numbers them (its attempt fails: no receiver yet).
+            assert wait_until(lambda: c.execute(
+                "SELECT count(*) FROM emit.outbox WHERE first_event_id IS NULL").fetchone()[0] == 0, 10)
+            numbered = c.execute("SELECT stream::text FROM emit.destinations").fetchone()[0]
+        primary.run(f"{BIN}/pg_basebackup", "-h", primary.sock, "-p", str(primary.port), "-U", "postgres",
+                    "-D", standby.data, "-X", "stream")
+        standby.set_conf(primary_conninfo=f"'host={primary.sock} port={primary.port} user=postgres'")
+        primary.run("touch", f"{standby.data}/standby.signal")
+        standby.start()
+        assert wait_until(lambda: standby.connect().execute(
+            "SELECT count(*) FROM emit.outbox WHERE first_event_id IS NOT NULL").fetchone()[0] == 1, 20)
+        # The primary fails; the standby takes over.
+        assert primary.stop("immediate").returncode == 0
+        standby.run(f"{BIN}/pg_ctl", "-D", standby.data, "-w", "promote")
+        nd = Receiver("ndjson", port=port)
+        try:
+            with standby.connect() as c:
+                c.execute("INSERT INTO t VALUES (6)")
+            got = [json.loads(m) for m in nd.wait_for(6, timeout=30)]
+        finally:
+            nd.close()
+        before = [e for e in got if e["new"]["id"] <= 5]
+        after = [e for e in got if e["new"]["id"] == 6]
+        assert sorted(e["new"]["id"] for e in before) == [1, 2, 3, 4, 5]
+        assert {e["stream"] for e in before} == {numbered}
+        assert sorted(e["id"] for e in before) == [1, 2, 3, 4, 5]
+        (six,) = after
+        assert six["stream"] != numbered and six["id"] == 1
+    finally:
+        standby.destroy()
+        primary.destroy()
