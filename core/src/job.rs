@@ -385,7 +385,7 @@ pub fn send_job(conn: &mut Conn, job: &Job, intr: &dyn Interrupt) -> Outcome {
                         buf.clear();
                         let id = row.first_event_id + k as i64;
                         with_id(&mut buf, row.kind, &job.stream, id, line);
-                        let signing = signer.sign(row.kind, &job.stream, id, id);
+                        let signing = signer.sign(row.kind, &job.stream, &[id]);
                         let body = Body::one(row.kind.format, &buf);
                         post(&c, url, headers, signing, body, &job.log, (id, id))
                             .map_err(Stopped)?;
@@ -492,7 +492,10 @@ fn send_parallel(
             events.push((r, row.first_event_id + k as i64, line));
             keys.push(match job.flow.order {
                 Order::None => Some(events.len() as i64),
-                _ => row
+                // Strict order: every event a barrier, so requests are
+                // consecutive and a failure holds back everything after it.
+                Order::Destination => None,
+                Order::Key => row
                     .keys
                     .as_ref()
                     .and_then(|ks| ks.get(k).copied().flatten()),
@@ -514,7 +517,7 @@ fn send_parallel(
             .map(|u| u.iter().map(|&e| keys[e]).collect())
             .collect(),
     );
-    let state = Mutex::new((scheduler, None::<(usize, JobError)>));
+    let state = Mutex::new((scheduler, Failures::default()));
     let wake = Condvar::new();
     let concurrency = match job.flow.order {
         Order::Destination => 1,
@@ -574,7 +577,8 @@ fn send_parallel(
                         buf.push(b']');
                     }
                     let (first, last) = (unit[0].1, unit[unit.len() - 1].1);
-                    let signing = signer.sign(kind(&unit[0]), &job.stream, first, last);
+                    let ids: Vec<i64> = unit.iter().map(|e| e.1).collect();
+                    let signing = signer.sign(kind(&unit[0]), &job.stream, &ids);
                     let body = if batched {
                         Body::Batch(kind(&unit[0]).format, &buf)
                     } else {
@@ -601,9 +605,7 @@ fn send_parallel(
                     let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
                     st.0.finish(i, r.is_ok());
                     if let Err(e) = r {
-                        if st.1.as_ref().is_none_or(|(f, _)| i < *f) {
-                            st.1 = Some((i, e));
-                        }
+                        st.1.add(i, e);
                     }
                     drop(st);
                     wake.notify_all();
@@ -638,8 +640,7 @@ fn send_parallel(
     if job.flow.max_rate.is_some() {
         *next_slot = Some(slot.into_inner().unwrap_or_else(|p| p.into_inner()));
     }
-    let (sched, failure) = state.into_inner().unwrap_or_else(|p| p.into_inner());
-    let prefix = sched.done_prefix();
+    let (sched, failures) = state.into_inner().unwrap_or_else(|p| p.into_inner());
     let sent: Vec<u32> = job.rows.iter().map(|r| r.sent).collect();
     let mut delivered: Vec<Vec<u32>> = vec![Vec::new(); job.rows.len()];
     for (i, u) in units.iter().enumerate() {
@@ -649,17 +650,73 @@ fn send_parallel(
             }
         }
     }
-    let error = failure.map(|(i, e)| match e {
-        // A refusal is dead-lettered as the first undelivered events; if
-        // earlier ones were held back by the stop, it is retried after
-        // them instead.
-        JobError::Reject { message, .. } if i != prefix => JobError::Retry {
-            message,
-            after: None,
-        },
-        e => e,
-    });
+    // A refusal is dead-lettered as the first undelivered events of the
+    // job: only when its request's events are exactly those (everything
+    // before them delivered, no gap among them); otherwise, or when a
+    // request failed in a way worth retrying (whose backoff and
+    // Retry-After then apply), it is retried, and dead-lettered once it
+    // comes first.
+    let first_undelivered = units
+        .iter()
+        .enumerate()
+        .filter(|&(i, _)| !sched.is_done(i))
+        .flat_map(|(_, u)| u.iter().copied())
+        .min();
+    let error = match failures {
+        Failures {
+            retry: Some((_, e)),
+            ..
+        } => Some(e),
+        Failures {
+            refusal: Some((i, e)),
+            ..
+        } => {
+            let u = &units[i];
+            let leads = Some(u[0]) == first_undelivered && u.windows(2).all(|w| w[1] == w[0] + 1);
+            Some(match e {
+                JobError::Reject { message, .. } if !leads => JobError::Retry {
+                    message,
+                    after: None,
+                },
+                e => e,
+            })
+        }
+        _ => None,
+    };
     Outcome::settle(&job.rows, sent, delivered, error)
+}
+
+/// What went wrong in a parallel job: the first refusal (request index
+/// and error), and the retryable failure that asks for the longest wait.
+#[derive(Default)]
+struct Failures {
+    refusal: Option<(usize, JobError)>,
+    retry: Option<(usize, JobError)>,
+}
+
+impl Failures {
+    fn add(&mut self, i: usize, e: JobError) {
+        let after = |e: &JobError| match e {
+            JobError::Retry { after, .. } => *after,
+            _ => None,
+        };
+        match e {
+            JobError::Reject { .. } => {
+                if self.refusal.as_ref().is_none_or(|(f, _)| i < *f) {
+                    self.refusal = Some((i, e));
+                }
+            }
+            e => {
+                if self
+                    .retry
+                    .as_ref()
+                    .is_none_or(|(_, r)| after(&e) > after(r))
+                {
+                    self.retry = Some((i, e));
+                }
+            }
+        }
+    }
 }
 
 /// Why a job ended before its last event.
@@ -710,8 +767,9 @@ impl Signer<'_> {
     /// one. A message is signed only by the destination's own secret,
     /// never by the server's key (a sender cannot read either, and the key
     /// vouches that pg_emit wrote the body).
-    fn sign(&self, kind: Kind, stream: &str, first: i64, last: i64) -> (String, Signing) {
-        let id = event_id(kind, stream, first, last);
+    /// The request's id (see [`batch_id`]) and how it is signed.
+    fn sign(&self, kind: Kind, stream: &str, ids: &[i64]) -> (String, Signing) {
+        let id = batch_id(kind, stream, ids);
         let signing = match (self.standard, self.key) {
             (Some(secrets), _) => Signing::Standard {
                 id: id.clone(),
@@ -722,6 +780,27 @@ impl Signer<'_> {
         };
         (id, signing)
     }
+}
+
+/// The id of a request carrying events `ids` (in order): the event's id,
+/// or `…_<first>-<last>` for a batch of consecutive ids. A batch of one
+/// lane skips ids (see [`units`]), and the lanes may differ in a later
+/// job: its id then also names exactly its events (`…~<hash>` of them),
+/// so that a receiver that drops a repeated id never drops a request
+/// holding an event it has not seen.
+fn batch_id(kind: Kind, stream: &str, ids: &[i64]) -> String {
+    let (first, last) = (ids[0], ids[ids.len() - 1]);
+    let id = event_id(kind, stream, first, last);
+    if ids.windows(2).all(|w| w[1] == w[0] + 1) {
+        return id;
+    }
+    // FNV-1a over the ids: stable across releases.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in ids.iter().flat_map(|i| i.to_le_bytes()) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{id}~{:016x}", h)
 }
 
 /// What one request carries.
@@ -1001,9 +1080,9 @@ mod tests {
             key: &key,
             standard: &none,
         };
-        let (id, signing) = s.sign(Kind::event(Format::Json), "s", 1, 1);
+        let (id, signing) = s.sign(Kind::event(Format::Json), "s", &[1]);
         assert!(id == "evt_s_1" && matches!(signing, Signing::Emit(_)));
-        let (id, signing) = s.sign(Kind::message(Format::Json), "s", 1, 1);
+        let (id, signing) = s.sign(Kind::message(Format::Json), "s", &[1]);
         assert!(id == "message_s_1" && matches!(signing, Signing::None));
         // The destination's own secret signs both, under ids that differ.
         let standard = Some(vec![b"secret".to_vec()]);
@@ -1011,7 +1090,7 @@ mod tests {
             key: &key,
             standard: &standard,
         };
-        let (id, signing) = s.sign(Kind::message(Format::Json), "s", 1, 2);
+        let (id, signing) = s.sign(Kind::message(Format::Json), "s", &[1, 2]);
         assert!(id == "message_s_1-2" && matches!(signing, Signing::Standard { .. }));
     }
 
@@ -1238,14 +1317,14 @@ mod tests {
     /// An HTTP/1.1 receiver that takes `delay` per request on every
     /// connection, recording request bodies as they arrive.
     fn slow_http(delay: Duration) -> (u16, std::sync::Arc<Mutex<Vec<String>>>) {
-        http_server(delay, |_| false)
+        http_server(delay, |_| "200 OK")
     }
 
-    /// A receiver that answers 500 to bodies `fails` picks, 200 to others,
-    /// after `delay`; it keeps every body it got.
+    /// A receiver that answers each body with the status `status` gives
+    /// it, after `delay`; it keeps every body it got.
     fn http_server(
         delay: Duration,
-        fails: fn(&str) -> bool,
+        status: fn(&str) -> &'static str,
     ) -> (u16, std::sync::Arc<Mutex<Vec<String>>>) {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = l.local_addr().unwrap().port();
@@ -1276,7 +1355,7 @@ mod tests {
                         let mut body = vec![0; len];
                         r.read_exact(&mut body).unwrap();
                         let body = String::from_utf8(body).unwrap();
-                        let status = if fails(&body) { "500 Oops" } else { "200 OK" };
+                        let status = status(&body);
                         seen.lock().unwrap().push(body);
                         std::thread::sleep(delay);
                         let reply = format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\n\r\n");
@@ -1340,7 +1419,10 @@ mod tests {
     fn a_failed_event_holds_back_its_key_only_and_successes_are_never_resent() {
         static FAIL: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
         let (port, got) = http_server(Duration::ZERO, |b| {
-            b.contains("\"fail\"") && FAIL.load(std::sync::atomic::Ordering::SeqCst)
+            match b.contains("\"fail\"") && FAIL.load(std::sync::atomic::Ordering::SeqCst) {
+                true => "500 Oops",
+                false => "200 OK",
+            }
         });
         // Keys 1 (fails), 2, 1 (must wait for the failed one), 3.
         let mut r = row(1, 1, 0, "{\"fail\":1}\n{\"b\":2}\n{\"c\":3}\n{\"d\":4}");
@@ -1381,6 +1463,67 @@ mod tests {
         assert!(out.error.is_none(), "{:?}", out.error);
         assert_eq!((out.sent, out.acked), (vec![4], vec![vec![]]));
         assert_eq!(ids(&got), vec![1, 3]);
+    }
+
+    /// Strict order with batches: a failed request holds back everything
+    /// after it, whatever the rows' keys.
+    #[test]
+    fn strict_order_stops_at_a_failed_batch() {
+        let (port, got) = http_server(Duration::ZERO, |b| match b.contains("\"a\":1") {
+            true => "500 Oops",
+            false => "200 OK",
+        });
+        let mut r = row(1, 1, 0, "{\"a\":1}\n{\"a\":2}\n{\"b\":3}\n{\"b\":4}");
+        r.keys = Some(vec![Some(1), Some(1), Some(2), Some(2)]);
+        let mut j = job(port, Framing::Close, vec![r]);
+        j.flow = Flow {
+            batch: 2,
+            order: Order::Destination,
+            ..Flow::HTTP
+        };
+        j.dest = http_dest(port);
+        let out = send_job(&mut Conn::default(), &j, &Uninterruptible);
+        assert!(out.error.is_some());
+        assert_eq!((out.sent, out.acked), (vec![0], vec![vec![]]));
+        assert_eq!(got.lock().unwrap().len(), 1);
+    }
+
+    /// A refused batch of one lane skips events of another: its refusal
+    /// is not dead-lettered as the job's first events (those are others),
+    /// and its id names exactly its events.
+    #[test]
+    fn a_refused_lane_batch_is_retried_and_its_id_names_its_events() {
+        let (port, got) = http_server(Duration::ZERO, |b| match b.contains("\"k\":1") {
+            true => "400 No",
+            false => "500 Oops",
+        });
+        let mut r = row(1, 1, 0, "{\"k\":1}\n{\"k\":2}\n{\"k\":1}\n{\"k\":2}");
+        r.keys = Some(vec![Some(2), Some(3), Some(2), Some(3)]);
+        let mut j = job(port, Framing::Close, vec![r]);
+        j.flow = Flow {
+            batch: 2,
+            concurrency: 4,
+            ..Flow::HTTP
+        };
+        j.dest = http_dest(port);
+        let out = send_job(&mut Conn::default(), &j, &Uninterruptible);
+        // Two lanes: [1, 3] refused, [2, 4] failing: retried, nothing
+        // dead-lettered as events 1 and 2.
+        assert!(
+            matches!(out.error, Some(JobError::Retry { .. })),
+            "{:?}",
+            out.error
+        );
+        assert_eq!(got.lock().unwrap().len(), 2);
+        let id = batch_id(Kind::event(Format::Json), "s", &[1, 3]);
+        assert!(
+            id.starts_with("evt_s_1-3~")
+                && id != batch_id(Kind::event(Format::Json), "s", &[1, 2, 3])
+        );
+        assert_eq!(
+            batch_id(Kind::event(Format::Json), "s", &[1, 2, 3]),
+            "evt_s_1-3"
+        );
     }
 
     #[test]

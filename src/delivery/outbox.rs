@@ -196,9 +196,12 @@ fn write_level(seq: Seq) -> Option<Seq> {
             // which marks shares, may not be running), else only those
             // the worker found over their share, so that a receiver that
             // is down costs only itself its events.
-            let over: Vec<Option<String>> = match size > limit.saturating_mul(2) {
-                true => vec![None],
-                false => over_share(&rows).into_iter().map(Some).collect(),
+            // (0.2's objects, before ALTER EXTENSION UPDATE, have no
+            // shares: the worker waits for the update meanwhile.)
+            let fair = size <= limit.saturating_mul(2) && schema() == Schema::Current;
+            let over: Vec<Option<String>> = match fair {
+                false => vec![None],
+                true => over_share(&rows).into_iter().map(Some).collect(),
             };
             for dest in over {
                 let (refused, kept): (Vec<Chunk>, Vec<Chunk>) = rows
@@ -401,16 +404,19 @@ pub fn warn_before_drop() {
     if !may_drop {
         return;
     }
+    // Events past `sent` already delivered are in `acked` (0.3 on).
+    let acked = match schema() {
+        Schema::Current => "coalesce(pg_catalog.cardinality(o.acked), 0)",
+        _ => "0",
+    };
     let counts = as_emit_owner(|| {
-        Spi::get_three::<i64, i64, i64>(
-            "SELECT (SELECT coalesce(pg_catalog.sum(o.events - o.sent
-                                                    - coalesce(pg_catalog.cardinality(o.acked), 0)),
-                                     0)::pg_catalog.int8
+        Spi::get_three::<i64, i64, i64>(&format!(
+            "SELECT (SELECT coalesce(pg_catalog.sum(o.events - o.sent - {acked}), 0)::pg_catalog.int8
                        FROM emit.outbox o),
                     (SELECT pg_catalog.count(DISTINCT o.destination) FROM emit.outbox o),
                     (SELECT coalesce(pg_catalog.sum(d.events), 0)::pg_catalog.int8
                        FROM emit.dead_letter d)",
-        )
+        ))
     });
     if let Ok((Some(queued), Some(dests), Some(dead))) = counts {
         if queued + dead > 0 {
