@@ -176,3 +176,12 @@ def secret_file():
 
     yield write
     shutil.rmtree(d, ignore_errors=True)
+
+
+def docs_text():
+    """The README and every page of docs/, one after the other: tests run
+    the snippets they show."""
+    import glob
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    paths = [os.path.join(root, "README.md")] + sorted(glob.glob(os.path.join(root, "docs", "*.md")))
+    return "\n".join(open(p).read() for p in paths)

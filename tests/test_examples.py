@@ -1,4 +1,5 @@
-"""The receiver example in the README really receives what pg_emit sends."""
+"""The receivers the README and docs/ show really receive what pg_emit
+sends."""
 
 import json
 import os
@@ -7,6 +8,7 @@ import sys
 
 import pytest
 
+from conftest import docs_text
 from receivers import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -57,9 +59,8 @@ def read_lines(proc, n, timeout=20):
 
 
 def readme_block(marker):
-    """The README's ```python block that contains `marker`."""
-    with open(os.path.join(ROOT, "README.md")) as f:
-        blocks = f.read().split("```python\n")[1:]
+    """The ```python block of the README or docs/ that contains `marker`."""
+    blocks = docs_text().split("```python\n")[1:]
     return next(b.split("```", 1)[0] for b in blocks if marker in b)
 
 

@@ -10,6 +10,7 @@ import time
 import psycopg
 import pytest
 
+from conftest import docs_text
 from pgcluster import Cluster, wait_until
 from receivers import HttpReceiver, free_port
 
@@ -275,8 +276,8 @@ def test_worker_holds_no_transaction_while_waiting_on_http(db, table):
 
 
 def readme_verify():
-    """The receiver-side check exactly as the README documents it."""
-    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    """The receiver-side check exactly as docs/formats.md documents it."""
+    readme = docs_text()
     code = re.search(r"```python\n(import hashlib, hmac, time\n.*?)```", readme, re.S).group(1)
     scope = {}
     exec(code, scope)
