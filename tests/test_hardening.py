@@ -337,6 +337,10 @@ def test_no_lock_a_role_can_take_stops_the_worker(hard):
         c.execute("GRANT INSERT ON locked TO locker")
         c.execute("INSERT INTO locked VALUES (1)")
         assert len(nd.wait_for(1, timeout=10)) == 1
+        # Recorded as delivered before the worker goes (else it is rightly
+        # sent again).
+        assert wait_until(lambda: c.execute(
+            "SELECT count(*) FROM emit.outbox WHERE port = %s", (nd.port,)).fetchone()[0] == 0, 10)
         dboid = c.execute("SELECT oid FROM pg_catalog.pg_database WHERE datname = %s", (DB,)).fetchone()[0]
         pid = c.execute("SELECT pid FROM emit.worker").fetchone()[0]
         locker = login(hard, "locker")
