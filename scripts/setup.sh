@@ -30,11 +30,12 @@ say() { printf '\033[1m==> %s\033[0m\n' "$*"; }
 #    nats-server (with JetStream) for the broker tests, which start their own
 #    on loopback (Debian's packages also start a service where systemd runs,
 #    which the tests do not use), dpkg-dev for the .deb packages, chromium,
-#    headless, which the live-channel tests open examples/live.html in, and
-#    the shared libraries the pinned PostgreSQL builds link against.
+#    headless, which the live-channel tests open examples/live.html in,
+#    nodejs, which runs the docs' JavaScript receivers, and the shared
+#    libraries the pinned PostgreSQL builds link against.
 pkgs=(postgresql-15 postgresql-server-dev-15 libclang-dev clang pkg-config)
 if [ "$mode" = test ]; then
-  pkgs+=(sudo postgresql-plpython3-15 openssl redis-server nats-server dpkg-dev chromium
+  pkgs+=(sudo postgresql-plpython3-15 openssl redis-server nats-server dpkg-dev chromium nodejs
          libxml2 libxslt1.1 libicu72 libgssapi-krb5-2 libzstd1 liblz4-1 libreadline8 libssl3 libpython3.11)
 fi
 missing=()

@@ -185,3 +185,10 @@ def docs_text():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     paths = [os.path.join(root, "README.md")] + sorted(glob.glob(os.path.join(root, "docs", "*.md")))
     return "\n".join(open(p).read() for p in paths)
+
+
+def docs_block(lang, marker):
+    """The ```lang block of the README or docs/ that contains `marker`
+    (`tests/test_docs.py` checks that every block is run by some test)."""
+    blocks = docs_text().split(f"```{lang}\n")[1:]
+    return next(b.split("```", 1)[0] for b in blocks if marker in b)

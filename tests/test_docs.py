@@ -4,9 +4,12 @@ block through psql as one script, stopping at the first error.
 
 The example host names (hooks.example.com, ...) resolve to 127.0.0.1 in
 the server's own mount namespace, and pg_emit.allowed_destinations admits
-only 127.0.0.1: a snippet that sends goes nowhere but this machine. Code in
-other languages is run by test_examples.py and test_http.py."""
+only 127.0.0.1: a snippet that sends goes nowhere but this machine. Python,
+JavaScript and TypeScript blocks are run by the tests that name them with
+`docs_block` (test_examples, test_http, test_standards, test_live), and
+test_every_code_block_is_run_by_a_test checks that none is left out."""
 
+import ast
 import glob
 import os
 import re
@@ -86,3 +89,25 @@ def test_every_sql_block_runs(docs_cluster, page):
             c.execute(ALLOW)
             c.execute("SELECT pg_reload_conf()")
             c.execute(f'DROP DATABASE "{db}" WITH (FORCE)')
+
+
+RUNNABLE = ("python", "js", "ts")
+
+
+def test_every_code_block_is_run_by_a_test():
+    """A block of code in one of RUNNABLE is run by the test that names it
+    with `docs_block(lang, marker)`: a new snippet without such a test, or
+    one edited so that its test no longer finds it, fails here."""
+    called = set()
+    for path in glob.glob(os.path.join(ROOT, "tests", "*.py")):
+        for lang, marker in re.findall(r"""docs_block\(\s*"(\w+)",\s*('[^']*'|"[^"]*")""", open(path).read()):
+            called.add((lang, ast.literal_eval(marker)))
+    unrun = []
+    for page in PAGES:
+        for lang, block in re.findall(r"```(\w+)\n(.*?)```", open(page).read(), re.S):
+            if lang in RUNNABLE and not any(lang == k and m in block for k, m in called):
+                unrun.append(f"{os.path.relpath(page, ROOT)}: ```{lang} {block.splitlines()[0]}")
+    assert unrun == []
+    # Every other language is data or a shell line, not a program.
+    langs = {lang for page in PAGES for lang in re.findall(r"^```(\w+)$", open(page).read(), re.M)}
+    assert langs - set(RUNNABLE) <= {"sql", "json", "sh", "nginx"}, langs

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import docs_text
+from conftest import docs_block
 from receivers import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,16 +58,10 @@ def read_lines(proc, n, timeout=20):
     return out
 
 
-def readme_block(marker):
-    """The ```python block of the README or docs/ that contains `marker`."""
-    blocks = docs_text().split("```python\n")[1:]
-    return next(b.split("```", 1)[0] for b in blocks if marker in b)
-
-
 @pytest.mark.usefixtures("fast_retries")
 def test_readme_cloudevents_consumer_reads_both_modes(db, table, tmp_path):
     port = free_port()
-    code = readme_block("from cloudevents.core").replace("8080", str(port))
+    code = docs_block("python", "from cloudevents.core").replace("8080", str(port))
     script = tmp_path / "consumer.py"
     script.write_text(code)
     proc = subprocess.Popen([sys.executable, "-u", str(script)], stdout=subprocess.PIPE, text=True)
@@ -93,7 +87,7 @@ def test_readme_kafka_consumer_drops_redeliveries(db, table, tmp_path):
     server = KafkaServer()
     try:
         server.create_topic("orders")
-        code = readme_block("from confluent_kafka").replace("127.0.0.1:9092", server.bootstrap)
+        code = docs_block("python", "from confluent_kafka").replace("127.0.0.1:9092", server.bootstrap)
         script = tmp_path / "consumer.py"
         script.write_text(code)
         proc = subprocess.Popen([sys.executable, "-u", str(script)], stdout=subprocess.PIPE, text=True)
@@ -140,7 +134,7 @@ def test_readme_webhook_receiver_keeps_every_event_and_drops_repeats(db, table, 
     import urllib.request
 
     port = free_port()
-    code = readme_block("class Seen:").replace("8080", str(port))
+    code = docs_block("python", "class Seen:").replace("8080", str(port))
     script = tmp_path / "webhook.py"
     script.write_text(code)
     proc = subprocess.Popen([sys.executable, "-u", str(script)], stdout=subprocess.PIPE, text=True)
@@ -162,6 +156,164 @@ def test_readme_webhook_receiver_keeps_every_event_and_drops_repeats(db, table, 
         urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/orders", data=body))
         db.execute(f"INSERT INTO {table} VALUES (302)")
         assert "'id': 302" in read_lines(proc, 1)[0]
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def printed_events(lines):
+    """The events a consumer printed as Python prints a dict, after
+    whatever comes before them on the line."""
+    import ast
+
+    return [ast.literal_eval(line[line.index("{"):]) for line in lines]
+
+
+def test_docs_redis_consumer_prints_each_event_once(db, table, tmp_path):
+    from receivers import RedisServer
+
+    server = RedisServer()
+    try:
+        code = docs_block("python", "import json, redis").replace(
+            "redis.Redis()", f"redis.Redis(port={server.port})")
+        script = tmp_path / "consumer.py"
+        script.write_text(code)
+        proc = subprocess.Popen([sys.executable, "-u", str(script)], stdout=subprocess.PIPE, text=True)
+        try:
+            db.execute(f"CREATE TABLE {table} (id int PRIMARY KEY)")
+            db.execute(f"CREATE TRIGGER out AFTER INSERT ON {table} FOR EACH ROW EXECUTE FUNCTION "
+                       f"row_to_destination('redis://127.0.0.1:{server.port}/orders', 'delivery=async')")
+            db.execute(f"INSERT INTO {table} VALUES (1), (2)")
+            assert [e["new"]["id"] for e in printed_events(read_lines(proc, 2))] == [1, 2]
+            # A redelivered entry (same event id) is dropped: the next
+            # line printed is the next row's.
+            (_, fields), = server.client.xrange("orders", count=1)
+            server.client.xadd("orders", fields)
+            db.execute(f"INSERT INTO {table} VALUES (3)")
+            assert [e["new"]["id"] for e in printed_events(read_lines(proc, 1))] == [3]
+        finally:
+            proc.kill()
+            proc.wait()
+    finally:
+        server.close()
+
+
+def test_docs_nats_consumer_reads_and_acks(db, table, tmp_path):
+    from receivers import NatsServer
+
+    server = NatsServer()
+    try:
+        server.add_stream("ORDERS", ["orders.>"])
+        code = docs_block("python", "import asyncio, json, nats").replace(
+            "127.0.0.1:4222", f"127.0.0.1:{server.port}")
+        script = tmp_path / "consumer.py"
+        script.write_text(code)
+        proc = subprocess.Popen([sys.executable, "-u", str(script)], stdout=subprocess.PIPE, text=True)
+        try:
+            db.execute(f"CREATE TABLE {table} (id int PRIMARY KEY)")
+            db.execute(f"CREATE TRIGGER out AFTER INSERT ON {table} FOR EACH ROW EXECUTE FUNCTION "
+                       f"row_to_destination('nats://127.0.0.1:{server.port}/orders.new', 'delivery=async')")
+            db.execute(f"INSERT INTO {table} VALUES (1), (2)")
+            lines = read_lines(proc, 2)
+            assert [line.split(" ", 1)[0] for line in lines] == [
+                f"evt_{e['stream']}_{e['id']}" for e in printed_events(lines)]
+            assert [e["new"]["id"] for e in printed_events(lines)] == [1, 2]
+        finally:
+            proc.kill()
+            proc.wait()
+        # It acknowledged what it printed: its durable consumer has nothing pending.
+        import asyncio
+
+        import nats
+
+        async def pending():
+            nc = await nats.connect(f"nats://127.0.0.1:{server.port}")
+            try:
+                info = await nc.jetstream().consumer_info("ORDERS", "reader")
+                return info.num_pending, info.num_ack_pending
+            finally:
+                await nc.close()
+        assert asyncio.run(pending()) == (0, 0)
+    finally:
+        server.close()
+
+
+def node(tmp_path, code):
+    """`code` run by Node.js (Debian's `nodejs`), its output read line by line."""
+    script = tmp_path / "receiver.js"
+    script.write_text(code)
+    return subprocess.Popen(["node", str(script)], stdout=subprocess.PIPE, text=True)
+
+
+def wait_listening(port, timeout=10):
+    """Until a socket listens on 127.0.0.1:`port` (from /proc, without
+    connecting to it)."""
+    import time
+
+    want = f"0100007F:{port:04X}"
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        with open("/proc/net/tcp") as f:
+            if any(line.split()[1] == want and line.split()[3] == "0A" for line in f.readlines()[1:]):
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"nothing listens on 127.0.0.1:{port}")
+
+
+def test_docs_node_receiver_prints_events(db, table, tmp_path):
+    port = free_port()
+    proc = node(tmp_path, docs_block("js", 'require("net")').replace("26200", str(port)))
+    try:
+        db.execute(f"CREATE TABLE {table} (id int, note text)")
+        db.execute(f"CREATE TRIGGER out AFTER INSERT ON {table} FOR EACH ROW "
+                   f"EXECUTE FUNCTION row_to_socket('127.0.0.1', {port})")
+        # A probe connection would be an empty message, which the
+        # snippet does not expect: wait for its listening socket instead.
+        wait_listening(port)
+        db.execute(f"INSERT INTO {table} VALUES (1, 'one')")
+        db.execute(f"INSERT INTO {table} VALUES (2, 'two')")
+        assert db.warnings() == []
+        # Node prints the parsed object (util.inspect), one per connection.
+        out = "".join(read_lines(proc, 2 * 9, timeout=5))
+        assert "op: 'INSERT'" in out and "new: { id: 2, note: 'two' }" in out, out
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+# Deno.serve, as the Supabase Edge Functions runtime has it, over Node's
+# own HTTP server and fetch classes: the handler is run as written.
+DENO_SERVE = """
+globalThis.Deno = { serve(handler) {
+  require("http").createServer(async (req, res) => {
+    const chunks = [];
+    for await (const c of req) chunks.push(c);
+    const r = await handler(new Request("http://127.0.0.1" + req.url, {
+      method: req.method, headers: { "content-type": req.headers["content-type"] },
+      body: Buffer.concat(chunks) }));
+    res.writeHead(r.status).end();
+  }).listen(PORT, "127.0.0.1", () => console.log("listening"));
+} };
+"""
+
+
+def test_docs_supabase_edge_function_reads_format_supabase(db, table, dest, tmp_path):
+    port = free_port()
+    proc = node(tmp_path, DENO_SERVE.replace("PORT", str(port)) + docs_block("ts", "Deno.serve"))
+    try:
+        assert read_lines(proc, 1) == ["listening\n"]
+        db.execute("SELECT emit.create_destination(%s, %s, %s)",
+                   (dest, f"http://127.0.0.1:{port}/functions/v1/orders",
+                    json.dumps({"format": "supabase", "headers": {"Authorization": "Bearer anon"}})))
+        db.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, status text, note text)")
+        db.execute(f"CREATE TRIGGER out AFTER INSERT OR UPDATE ON {table} FOR EACH ROW "
+                   f"EXECUTE FUNCTION row_to_destination('{dest}')")
+        db.execute(f"INSERT INTO {table} VALUES (1, 'new', '')")
+        db.execute(f"UPDATE {table} SET note = 'only the note'")
+        db.execute(f"UPDATE {table} SET status = 'paid'")
+        assert db.warnings() == []
+        # Only the status change is printed.
+        assert read_lines(proc, 2, timeout=3) == [f"{table} 1: new -> paid\n"]
     finally:
         proc.kill()
         proc.wait()

@@ -2,7 +2,6 @@
 
 import json
 import os
-import re
 import ssl
 import subprocess
 import time
@@ -10,7 +9,7 @@ import time
 import psycopg
 import pytest
 
-from conftest import docs_text
+from conftest import docs_block
 from pgcluster import Cluster, wait_until
 from receivers import HttpReceiver, free_port
 
@@ -277,8 +276,7 @@ def test_worker_holds_no_transaction_while_waiting_on_http(db, table):
 
 def readme_verify():
     """The receiver-side check exactly as docs/formats.md documents it."""
-    readme = docs_text()
-    code = re.search(r"```python\n(import hashlib, hmac, time\n.*?)```", readme, re.S).group(1)
+    code = docs_block("python", "import hashlib, hmac, time")
     scope = {}
     exec(code, scope)
     return scope["verify"]

@@ -543,6 +543,34 @@ def test_the_page_shows_rows_as_they_change_in_chromium(db, live, pages, table, 
         assert not [c for c in page.console() if "error" in c.lower() and "401" not in c]
 
 
+def test_the_documented_eventsource_snippet_in_chromium(db, live, tmp_path):
+    """docs/live.md's two lines, run as written in a page that gives them
+    `token` and `show`."""
+    import functools
+    import http.server
+
+    from conftest import docs_block
+
+    tok = token(db, "orders")
+    snippet = docs_block("js", "new EventSource").replace("http://127.0.0.1:8090", live)
+    (tmp_path / "index.html").write_text(
+        "<!doctype html><script>const token = " + json.dumps(tok) + ";\n"
+        "const shown = []; function show(event) { shown.push(event); }</script>\n"
+        "<script>" + snippet + "</script>")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with Chromium() as browser:
+            page = browser.open(f"http://127.0.0.1:{server.server_address[1]}/index.html")
+            page.wait_for("es.readyState === EventSource.OPEN")
+            db.execute("SELECT send_message('channel:orders', '{\"notice\": \"prices change at noon\"}')")
+            assert page.wait_for("shown.length && shown") == [{"notice": "prices change at noon"}]
+    finally:
+        server.shutdown()
+
+
 def test_events_past_the_retention_are_deleted(db, cluster, live):
     tok = token(db, "brief")
     send(db, "brief", 5)

@@ -8,6 +8,7 @@ import os
 import pytest
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
+from conftest import docs_block
 from pgcluster import wait_until
 from receivers import HttpReceiver
 
@@ -65,6 +66,29 @@ def test_two_secrets_sign_twice_for_rotation(db, dest):
         assert len(req[2]["webhook-signature"].split(" ")) == 2
         with pytest.raises(WebhookVerificationError):
             verify(new_secret(), req)
+    finally:
+        rx.close()
+
+
+def test_the_documented_check_verifies_a_real_request(db, dest):
+    """docs/formats.md's fragment, run as written with `request` being
+    what the receiver got."""
+    import types
+
+    secret = new_secret()
+    rx = HttpReceiver()
+    try:
+        db.execute("SELECT emit.create_destination(%s, %s, %s)",
+                   (dest, rx.url, json.dumps({"secret": secret})))
+        assert db.one("SELECT send_message(%s, '{\"n\":1}', 'sync')", (dest,)) is True
+        req = rx.wait_for(1)[0]
+        code = docs_block("python", "from standardwebhooks").replace("whsec_...", secret)
+        scope = {"request": types.SimpleNamespace(body=req[3], headers=req[2])}
+        exec(code, scope)
+        assert scope["event"] == {"n": 1}
+        scope["request"] = types.SimpleNamespace(body=req[3].replace(b"1", b"2"), headers=req[2])
+        with pytest.raises(WebhookVerificationError):
+            exec(code, scope)
     finally:
         rx.close()
 
