@@ -17,6 +17,7 @@ mod ddl;
 mod delivery;
 mod encoding;
 mod error;
+mod failures;
 mod hooks;
 mod interrupts;
 mod made;
@@ -56,6 +57,7 @@ pub extern "C-unwind" fn _PG_init() {
     stored::init();
     // SAFETY: reading a flag PostgreSQL sets while preloading libraries.
     if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
+        failures::init();
         worker::launcher::register();
     }
 }

@@ -39,7 +39,12 @@ mod emit {
                 None => None,
             };
             let database = w.get::<String>(1)?.unwrap_or_default();
-            Ok::<_, pgrx::spi::Error>(render(&database, &dests, live.as_ref()))
+            Ok::<_, pgrx::spi::Error>(render(
+                &database,
+                &dests,
+                live.as_ref(),
+                crate::failures::current().as_ref(),
+            ))
         })
         .unwrap_or_else(|e| error!("emit.metrics: {e}"))
     }

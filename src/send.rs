@@ -52,7 +52,7 @@ fn send_socket(msg: &str, host: &str, port: i32) -> i32 {
     ) {
         Ok(()) => 1,
         Err(f) => {
-            sync::report(f, &|| "send_socket".to_string(), &target.name());
+            sync::report(f, 1, &|| "send_socket".to_string(), &target.name());
             0
         }
     }
@@ -159,7 +159,7 @@ fn hand_over(
             match sync::try_send(target, kind, &buf, key, &interrupts::Statement) {
                 Ok(()) => true,
                 Err(f) => {
-                    sync::report(f, &context, &target.name());
+                    sync::report(f, 1, &context, &target.name());
                     false
                 }
             }
@@ -287,7 +287,7 @@ fn send_http(
     ) {
         Ok(resp) => i32::from(resp.status),
         Err(f) => {
-            sync::report(f, &|| "send_http".to_string(), &parsed.url);
+            sync::report(f, 1, &|| "send_http".to_string(), &parsed.url);
             0
         }
     }

@@ -9,7 +9,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import Session
-from pgcluster import wait_until
+from pgcluster import Cluster, wait_until
 from receivers import HttpReceiver, free_port
 
 pytestmark = pytest.mark.usefixtures("fast_retries")
@@ -144,3 +144,47 @@ def test_the_response_log(db, cluster, table):
         db.execute(f"DROP TABLE IF EXISTS {table}")
         db.execute("DELETE FROM emit.outbox")
         db.execute("DROP ROLE IF EXISTS log_reader")
+
+
+def test_sync_and_commit_failures_are_counted_when_preloaded(db, cluster):
+    """They were only WARNINGs of the session that sent. Counted in shared
+    memory, which only a preloaded pg_emit has: without it the counters
+    are left out, not shown as zero."""
+    m = scrape(db)
+    assert not [k for k in m if "failed_events" in k[0]]
+    c = Cluster("pg_emit-counted", port=54348, conf={"shared_preload_libraries": "'pg_emit'"})
+    c.init().start()
+    try:
+        for name in ("shop", "other"):
+            c.create_db(name)
+            with c.connect(name) as conn:
+                conn.execute("CREATE EXTENSION pg_emit")
+        shop, other = Session(c, "shop"), Session(c, "other")
+        try:
+            def counts(s):
+                m = scrape(s)
+                return (m[("pg_emit_sync_failed_events_total", None, None)],
+                        m[("pg_emit_commit_failed_events_total", None, None)])
+            assert counts(shop) == (0, 0)
+            down = free_port()
+            shop.execute("CREATE TABLE t (id int PRIMARY KEY)")
+            shop.execute(f"CREATE TRIGGER s AFTER INSERT ON t FOR EACH ROW "
+                         f"EXECUTE FUNCTION row_to_socket('127.0.0.1', {down})")
+            shop.execute(f"CREATE TRIGGER c AFTER INSERT ON t FOR EACH ROW "
+                         f"EXECUTE FUNCTION row_to_socket('127.0.0.1', {down}, 'delivery=commit')")
+            shop.execute("INSERT INTO t SELECT generate_series(1, 5)")
+            assert shop.warnings()
+            shop.one(f"SELECT send_socket('x', '127.0.0.1', {down})")
+            # A failed sync send under on_error=error is counted too.
+            shop.execute("SET pg_emit.on_error = error")
+            with pytest.raises(psycopg.Error):
+                shop.execute("INSERT INTO t VALUES (6)")
+            shop.execute("RESET pg_emit.on_error")
+            assert counts(shop) == (7, 5)
+            # Per database: another's count is its own.
+            assert counts(other) == (0, 0)
+        finally:
+            shop.close()
+            other.close()
+    finally:
+        c.destroy()

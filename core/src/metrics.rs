@@ -32,6 +32,15 @@ pub struct Live {
     pub dropped: i64,
 }
 
+/// Events that sync and commit delivery failed to deliver in this
+/// database since the server started: counted in shared memory, so only
+/// when pg_emit is preloaded.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Immediate {
+    pub sync_failed: u64,
+    pub commit_failed: u64,
+}
+
 /// A metric of every destination: name, type, help, its value.
 type Family = (
     &'static str,
@@ -40,9 +49,14 @@ type Family = (
     fn(&Destination) -> Option<f64>,
 );
 
-/// The exposition of `dests` and `live` (when this database listens),
-/// each sample labelled with `database`.
-pub fn render(database: &str, dests: &[Destination], live: Option<&Live>) -> String {
+/// The exposition of `dests`, `live` (when this database listens) and
+/// `immediate` (when counted), each sample labelled with `database`.
+pub fn render(
+    database: &str,
+    dests: &[Destination],
+    live: Option<&Live>,
+    immediate: Option<&Immediate>,
+) -> String {
     let mut out = String::new();
     let db = escape(database);
     let per_dest: [Family; 6] = [
@@ -142,6 +156,25 @@ pub fn render(database: &str, dests: &[Destination], live: Option<&Live>) -> Str
             );
         }
     }
+    if let Some(i) = immediate {
+        for (name, help, v) in [
+            (
+                "pg_emit_sync_failed_events_total",
+                "Events of delivery=sync and send_* that were not delivered (a WARNING or an ERROR said why).",
+                i.sync_failed,
+            ),
+            (
+                "pg_emit_commit_failed_events_total",
+                "Events of delivery=commit that were not delivered after their COMMIT (a WARNING said why).",
+                i.commit_failed,
+            ),
+        ] {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name}{{database=\"{db}\"}} {v}"
+            );
+        }
+    }
     out
 }
 
@@ -234,6 +267,10 @@ mod tests {
                 subscribers: 1,
                 dropped: 0,
             }),
+            Some(&Immediate {
+                sync_failed: 4,
+                commit_failed: 0,
+            }),
         );
         let label = r#"database="shop",destination="http://h/a\"b\\c""#;
         for line in [
@@ -243,10 +280,13 @@ mod tests {
             format!("pg_emit_delivery_latency_seconds{{{label},quantile=\"0.99\"}} 0.25"),
             "# TYPE pg_emit_delivered_events_total counter".to_string(),
             "pg_emit_live_subscribers{database=\"shop\"} 1".to_string(),
+            "pg_emit_sync_failed_events_total{database=\"shop\"} 4".to_string(),
+            "pg_emit_commit_failed_events_total{database=\"shop\"} 0".to_string(),
         ] {
             assert!(text.lines().any(|l| l == line), "{line}\n{text}");
         }
-        assert!(!render("shop", &[], None).contains("pg_emit_live"));
+        let bare = render("shop", &[], None, None);
+        assert!(!bare.contains("pg_emit_live") && !bare.contains("failed_events"));
     }
 
     #[test]

@@ -144,6 +144,7 @@ pub fn send_after_commit() {
     }
     for (target, total, failed, first) in tally {
         if failed > 0 {
+            crate::failures::count(crate::failures::Mode::Commit, failed as u64);
             EmitError::CommitDeliveryIncomplete {
                 dest: target.name(),
                 failed,

@@ -8,6 +8,7 @@
 use super::Destination;
 use crate::cooldown::Cooldowns;
 use crate::error::EmitError;
+use crate::failures;
 use crate::interrupts;
 use crate::made::{fresh_id, fresh_message_id};
 use crate::options::Framing;
@@ -483,7 +484,7 @@ pub fn deliver(
         key,
         &interrupts::Statement,
     ) {
-        report(f, context, &target.name());
+        report(f, 1, context, &target.name());
     }
 }
 
@@ -576,7 +577,7 @@ fn flush_one(i: usize) {
     if let Err(f) = sent {
         let dest = dest_name(&o.host, o.port);
         let what = format!("{} ({} event(s))", o.context, o.events);
-        report(f, &|| what.clone(), &dest);
+        report(f, o.events as u64, &|| what.clone(), &dest);
     }
 }
 
@@ -603,8 +604,10 @@ pub fn discard_all() {
     MARKS.with_borrow_mut(|m| m.clear());
 }
 
-/// Reports a failure inside a statement (see [`deliver`]).
-pub fn report(f: Failure, context: &dyn Fn() -> String, dest: &str) {
+/// Reports a failure to send `events` inside a statement (see
+/// [`deliver`]), and counts them for `emit.metrics()`.
+pub fn report(f: Failure, events: u64, context: &dyn Fn() -> String, dest: &str) {
+    failures::count(failures::Mode::Sync, events);
     let policy = f.not_allowed().is_some();
     let raise = policy || settings::ON_ERROR.get() == OnError::Error;
     if !raise {
