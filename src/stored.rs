@@ -136,11 +136,57 @@ fn invalidate() {
 /// Refuses a bad name, URL or options, and an endpoint the allowlist
 /// cannot allow: a stored destination re-pointed at a refused address
 /// would otherwise be found out at every use, by whoever fires it.
-fn check(func: &'static str, name: &str, url: &str, options: &str) {
+///
+/// TLS files (`ca_file`, `cert_file`, `key_file`) are read by the server's
+/// operating-system user, so naming them is reading server files: only
+/// superusers and members of `pg_read_server_files` may set or change
+/// them (`was` holds the options before an alter, whose files anyone who
+/// may alter can keep). They are read now, so a missing or unreadable
+/// file is an ERROR here rather than a failure at every delivery.
+fn check(func: &'static str, name: &str, url: &str, options: &str, was: Option<&str>) {
     let stored = destination::check_name(name)
         .and_then(|()| destination::parse_stored(url, options))
         .unwrap_or_else(|source| EmitError::Argument { func, source }.raise());
     crate::delivery::refuse_unless_allowed(&|| func.to_string(), &stored.endpoint);
+    let tls = match &stored.endpoint {
+        Destination::Broker(b) => b.tls_options(),
+        _ => None,
+    };
+    let Some(tls) = tls else { return };
+    let files = |o: &pg_emit_core::transport::tls::Options| {
+        (o.ca_file.clone(), o.cert_file.clone(), o.key_file.clone())
+    };
+    let before = was
+        .and_then(|w| destination::parse_stored(url, w).ok())
+        .and_then(|s| match &s.endpoint {
+            Destination::Broker(b) => b.tls_options().map(files),
+            _ => None,
+        });
+    let names_files = tls.ca_file.is_some() || tls.cert_file.is_some();
+    // SAFETY: plain catalog lookups about the current user.
+    let may_read = unsafe {
+        pg_sys::superuser()
+            || pg_sys::has_privs_of_role(
+                pg_sys::GetUserId(),
+                pg_sys::Oid::from(pg_sys::ROLE_PG_READ_SERVER_FILES),
+            )
+    };
+    if names_files && before != Some(files(tls)) && !may_read {
+        EmitError::NotAllowed {
+            context: func.to_string(),
+            why: "ca_file, cert_file and key_file name files the server reads: only superusers \
+                  and members of pg_read_server_files may set them"
+                .into(),
+        }
+        .raise();
+    }
+    if let Err(why) = tls.config() {
+        EmitError::Argument {
+            func,
+            source: pg_emit_core::options::OptionError::Destination(format!("options: {why}")),
+        }
+        .raise();
+    }
 }
 
 fn stored(name: &str) -> Option<(String, String)> {
@@ -166,7 +212,7 @@ mod emit {
     #[pg_extern(volatile, parallel_unsafe)]
     fn create_destination(name: &str, url: &str, options: default!(JsonB, "'{}'")) {
         let options = options.0.to_string();
-        check("emit.create_destination", name, url, &options);
+        check("emit.create_destination", name, url, &options, None);
         if stored(name).is_some() {
             EmitError::DestinationExists(name.to_string()).raise();
         }
@@ -208,8 +254,8 @@ mod emit {
             .raise()
         };
         let url = url.map_or(old_url, str::to_string);
-        let options = options.map_or(old_options, |o| o.0.to_string());
-        check(func, name, &url, &options);
+        let options = options.map_or(old_options.clone(), |o| o.0.to_string());
+        check(func, name, &url, &options, Some(&old_options));
         as_emit_owner(|| {
             Spi::run_with_args(
                 "UPDATE emit.stored_destinations \

@@ -138,8 +138,9 @@ def wait_running(cluster, pid, text, timeout=10.0):
 
 @pytest.fixture(scope="session")
 def pki():
-    """A throwaway CA and a server certificate for 127.0.0.1/localhost
-    (HTTPS and TLS-only broker tests)."""
+    """A throwaway CA, a server certificate for 127.0.0.1/localhost, client
+    certificates (client.pem; expired.pem, expired) and another CA
+    (other_ca.pem), for HTTPS and brokers over TLS."""
     d = tempfile.mkdtemp(prefix="pg_emit-pki-")
     os.chmod(d, 0o755)
 
@@ -154,6 +155,26 @@ def pki():
         f.write("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
     run("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
         "-out", "server.pem", "-days", "2", "-extfile", "san.ext")
+    # Client certificates: one valid, one that expired in 2020 (`openssl
+    # ca` is what sets past dates in OpenSSL 3.0), and a CA no one trusts.
+    with open(os.path.join(d, "ca.cnf"), "w") as f:
+        f.write("[ca]\ndefault_ca = own\n[own]\ndatabase = index.txt\nnew_certs_dir = .\n"
+                "serial = ca.srl\ndefault_md = sha256\npolicy = any\nx509_extensions = client\n"
+                "[any]\ncommonName = supplied\n"
+                "[client]\nbasicConstraints = CA:FALSE\nextendedKeyUsage = clientAuth\n")
+    open(os.path.join(d, "index.txt"), "w").close()
+    for name in ("client", "expired"):
+        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+            "-subj", f"/CN=pg_emit {name}")
+    with open(os.path.join(d, "client.ext"), "w") as f:
+        f.write("basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n")
+    run("x509", "-req", "-in", "client.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-out",
+        "client.pem", "-days", "2", "-extfile", "client.ext")
+    run("ca", "-batch", "-config", "ca.cnf", "-cert", "ca.pem", "-keyfile", "ca.key", "-notext",
+        "-in", "expired.csr", "-out", "expired.pem", "-startdate", "20200101000000Z",
+        "-enddate", "20200102000000Z")
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "other_ca.key", "-out",
+        "other_ca.pem", "-days", "2", "-subj", "/CN=someone else's CA")
     for f in os.listdir(d):
         os.chmod(os.path.join(d, f), 0o644)
     return d

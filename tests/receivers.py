@@ -3,6 +3,7 @@
 Every receiver binds 127.0.0.1 on a free port, never another address.
 """
 
+import os
 import socket
 import subprocess
 import threading
@@ -295,18 +296,31 @@ class RedisServer:
     persistence; `stop()` and `start()` keep its port, as a server that goes
     away and comes back."""
 
-    def __init__(self, password=None):
+    def __init__(self, password=None, tls=None, client_certs=False):
         import redis
 
         self.port = free_port()
         self.password = password
+        # tls: the `pki` fixture's directory; TLS only, on self.port.
+        self.tls, self.client_certs = tls, client_certs
         self.proc = None
         self.start()
-        self.client = redis.Redis(host="127.0.0.1", port=self.port, password=password)
+        kw = {}
+        if tls:
+            kw = {"ssl": True, "ssl_ca_certs": os.path.join(tls, "ca.pem"),
+                  "ssl_certfile": os.path.join(tls, "client.pem"),
+                  "ssl_keyfile": os.path.join(tls, "client.key")}
+        self.client = redis.Redis(host="127.0.0.1", port=self.port, password=password, **kw)
 
     def start(self):
         args = ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
                 "--appendonly", "no", "--protected-mode", "no"]
+        if self.tls:
+            pem = lambda name: os.path.join(self.tls, name)  # noqa: E731
+            args[3:5] = ["--port", "0", "--tls-port", str(self.port),
+                         "--tls-cert-file", pem("server.pem"), "--tls-key-file", pem("server.key"),
+                         "--tls-ca-cert-file", pem("ca.pem"),
+                         "--tls-auth-clients", "yes" if self.client_certs else "no"]
         if self.password:
             args += ["--requirepass", self.password]
         self.proc = serve(args, self.port)

@@ -197,7 +197,7 @@ pub fn parse_url(input: &str, headers: Vec<(String, String)>) -> Result<Destinat
                 headers,
             })
         }
-        Some(scheme) if scheme == "tcp" || AnyBroker::SCHEMES.contains(&scheme) => {
+        Some(scheme) if scheme == "tcp" || AnyBroker::is_scheme(scheme) => {
             if !headers.is_empty() {
                 return Err(OptionError::Destination(format!(
                     "{input:?}: headers apply to http:// and https:// destinations only"
@@ -377,6 +377,17 @@ pub struct StoredOptions {
     /// NATS: an authentication token.
     #[serde(default)]
     pub token: Option<String>,
+    /// TLS (brokers): CA certificates trusted instead of the system's, a
+    /// client certificate and key, the name the server's certificate
+    /// carries (see [`crate::transport::tls::Options`]).
+    #[serde(default)]
+    pub ca_file: Option<String>,
+    #[serde(default)]
+    pub cert_file: Option<String>,
+    #[serde(default)]
+    pub key_file: Option<String>,
+    #[serde(default)]
+    pub server_name: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -512,6 +523,10 @@ pub fn parse_stored(url: &str, options: &str) -> Result<Stored, OptionError> {
         ("password", opts.password.is_some()),
         ("token", opts.token.is_some()),
         ("maxlen", opts.maxlen.is_some()),
+        ("ca_file", opts.ca_file.is_some()),
+        ("cert_file", opts.cert_file.is_some()),
+        ("key_file", opts.key_file.is_some()),
+        ("server_name", opts.server_name.is_some()),
     ];
     for (name, _) in given.iter().filter(|(_, set)| *set) {
         let taken = match &endpoint {
@@ -535,6 +550,12 @@ pub fn parse_stored(url: &str, options: &str) -> Result<Stored, OptionError> {
             password: opts.password.as_deref(),
             token: opts.token.as_deref(),
             maxlen: opts.maxlen,
+            tls: crate::transport::tls::Options {
+                ca_file: opts.ca_file.clone(),
+                cert_file: opts.cert_file.clone(),
+                key_file: opts.key_file.clone(),
+                server_name: opts.server_name.clone(),
+            },
         })?;
     }
     let format = match (opts.format, opts.cloudevents) {
@@ -663,6 +684,49 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("redis:// and nats://"), "{e}");
+    }
+
+    #[test]
+    fn rediss_is_redis_over_tls() {
+        let d = parse_url("rediss://h:6380/orders", Vec::new()).unwrap();
+        assert_eq!(d.key(), "rediss://h:6380/orders");
+        assert_eq!(d.outbox_columns().2, "rediss");
+        let s = parse_stored(
+            "rediss://h/orders",
+            r#"{"ca_file":"/etc/ca.pem","cert_file":"/c.pem","key_file":"/k.pem","server_name":"redis.internal"}"#,
+        )
+        .unwrap();
+        let Destination::Broker(AnyBroker::Redis(r)) = s.endpoint else {
+            panic!("{s:?}")
+        };
+        let t = r.tls.unwrap();
+        assert_eq!(t.ca_file.as_deref(), Some("/etc/ca.pem"));
+        assert_eq!(t.server_name.as_deref(), Some("redis.internal"));
+        for (url, options, why) in [
+            (
+                "redis://h/s",
+                r#"{"ca_file":"/ca.pem"}"#,
+                "use a rediss:// URL",
+            ),
+            (
+                "rediss://h/s",
+                r#"{"cert_file":"/c.pem"}"#,
+                "cert_file and key_file go together",
+            ),
+            (
+                "rediss://h/s",
+                r#"{"server_name":"a b"}"#,
+                "not a host name",
+            ),
+            (
+                "tcp://h:1",
+                r#"{"ca_file":"/ca.pem"}"#,
+                "ca_file applies to",
+            ),
+        ] {
+            let e = parse_stored(url, options).unwrap_err().to_string();
+            assert!(e.contains(why), "{url} {options}: {e}");
+        }
     }
 
     #[test]

@@ -197,7 +197,7 @@ fn resolve(
             (plain(endpoint), Flow::HTTP)
         }
         // A broker's outbox rows keep its scheme and URL.
-        Some(scheme) if AnyBroker::SCHEMES.contains(&scheme) => {
+        Some(scheme) if AnyBroker::is_scheme(scheme) => {
             match destination::parse_url(q.url.as_deref().unwrap_or_default(), Vec::new()) {
                 Ok(endpoint) => (plain(endpoint), Flow::SERIAL),
                 Err(e) => (Resolved::Unavailable(e.to_string()), Flow::SERIAL),

@@ -18,6 +18,7 @@ pub mod redis;
 use crate::options::OptionError;
 use crate::security::Allowlist;
 use crate::transport::tcp::SendError;
+use crate::transport::tls;
 use crate::transport::{Interrupt, Timeouts};
 use std::any::Any;
 
@@ -43,7 +44,12 @@ pub struct Settings<'a> {
     pub password: Option<&'a str>,
     pub token: Option<&'a str>,
     pub maxlen: Option<u64>,
+    /// `ca_file`, `cert_file`, `key_file`, `server_name`.
+    pub tls: tls::Options,
 }
+
+/// The stored options of a broker that speaks TLS.
+pub const TLS_OPTIONS: [&str; 4] = ["ca_file", "cert_file", "key_file", "server_name"];
 
 /// What stopped a broker client: the network, as for every destination,
 /// or the broker itself, in its words.
@@ -64,6 +70,8 @@ pub enum Stopped {
 pub trait Broker: Sized {
     /// Its URL scheme (`redis`, ...).
     const SCHEME: &'static str;
+    /// The scheme of its URLs over TLS (`rediss`), if TLS has one.
+    const TLS_SCHEME: Option<&'static str> = None;
     /// The port when a URL names none.
     const PORT: u16;
     /// The form of its URL, for errors.
@@ -82,6 +90,16 @@ pub trait Broker: Sized {
     /// `None` when the rest of it does not have the form [`Self::FORM`]
     /// (an `Err` explains something more specific).
     fn from_url(u: &url::Url, host: String) -> Result<Option<Self>, String>;
+
+    /// Whether its URL asks for TLS ([`Self::TLS_SCHEME`]).
+    fn tls(&self) -> bool {
+        false
+    }
+
+    /// Its TLS options, when it has any.
+    fn tls_options(&self) -> Option<&tls::Options> {
+        None
+    }
 
     /// Its URL without credentials: shown in `emit.stats` and kept in the
     /// outbox, from which [`AnyBroker::parse`] reads it back.
@@ -164,8 +182,15 @@ macro_rules! brokers {
         }
 
         impl AnyBroker {
-            /// The URL schemes of brokers.
-            pub const SCHEMES: &'static [&'static str] = &[$(<$ty as Broker>::SCHEME),*];
+            /// Whether `scheme` is a broker's (with or without TLS).
+            pub fn is_scheme(scheme: &str) -> bool {
+                $(if scheme == <$ty as Broker>::SCHEME
+                    || Some(scheme) == <$ty as Broker>::TLS_SCHEME
+                {
+                    return true;
+                })*
+                false
+            }
 
             /// The broker of `scheme`, from a URL whose host is checked
             /// and that carries no credentials.
@@ -175,18 +200,12 @@ macro_rules! brokers {
                 host: String,
                 input: &str,
             ) -> Option<Result<AnyBroker, OptionError>> {
-                $(if scheme == <$ty as Broker>::SCHEME {
+                $(if scheme == <$ty as Broker>::SCHEME
+                    || Some(scheme) == <$ty as Broker>::TLS_SCHEME
+                {
                     return Some(
                         parse_as::<$ty>(u, host, input).map(|b| AnyBroker::$variant(Box::new(b))),
                     );
-                })*
-                None
-            }
-
-            /// The port of `scheme`'s URLs when they name none.
-            pub fn default_port(scheme: &str) -> Option<u16> {
-                $(if scheme == <$ty as Broker>::SCHEME {
-                    return Some(<$ty as Broker>::PORT);
                 })*
                 None
             }
@@ -200,9 +219,13 @@ macro_rules! brokers {
                 v
             }
 
+            /// Its URL's scheme: the TLS one when it asks for TLS.
             pub fn scheme(&self) -> &'static str {
                 match self {
-                    $(AnyBroker::$variant(_) => <$ty as Broker>::SCHEME),*
+                    $(AnyBroker::$variant(b) => match (b.tls(), <$ty as Broker>::TLS_SCHEME) {
+                        (true, Some(s)) => s,
+                        _ => <$ty as Broker>::SCHEME,
+                    }),*
                 }
             }
 
@@ -217,6 +240,13 @@ macro_rules! brokers {
             pub fn keyed(&self) -> bool {
                 match self {
                     $(AnyBroker::$variant(_) => <$ty as Broker>::KEYED),*
+                }
+            }
+
+            /// See [`Broker::tls_options`].
+            pub fn tls_options(&self) -> Option<&tls::Options> {
+                match self {
+                    $(AnyBroker::$variant(b) => b.tls_options()),*
                 }
             }
 

@@ -10,11 +10,11 @@
 //! was lost (a crash, a broken connection) is added again when it is
 //! retried: consumers de-duplicate by the entry's `id` field.
 
-use super::{Broker, Item, Settings};
+use super::{Broker, Item, Settings, TLS_OPTIONS};
 use crate::security::Allowlist;
-use crate::transport::tcp::{self, SendError};
+use crate::transport::tcp::SendError;
+use crate::transport::tls::{self, Link};
 use crate::transport::{host_port, Interrupt, Timeouts};
-use socket2::Socket;
 use std::time::Instant;
 
 /// A stream on a Redis server.
@@ -27,6 +27,8 @@ pub struct Stream {
     /// `XADD … MAXLEN ~ n`: keep about the newest `n` entries.
     pub maxlen: Option<u64>,
     pub auth: Option<Auth>,
+    /// `rediss://`: TLS, with these options.
+    pub tls: Option<tls::Options>,
 }
 
 /// `AUTH [username] password`, from a stored destination's options.
@@ -48,9 +50,19 @@ impl std::fmt::Debug for Auth {
 
 impl Broker for Stream {
     const SCHEME: &'static str = "redis";
+    const TLS_SCHEME: Option<&'static str> = Some("rediss");
     const PORT: u16 = 6379;
-    const FORM: &'static str = "a redis:// URL is redis://host[:port]/stream[?maxlen=N]";
-    const OPTIONS: &'static [&'static str] = &["username", "password", "maxlen"];
+    const FORM: &'static str =
+        "a redis:// URL is redis://host[:port]/stream[?maxlen=N] (rediss:// for TLS)";
+    const OPTIONS: &'static [&'static str] = &[
+        "username",
+        "password",
+        "maxlen",
+        TLS_OPTIONS[0],
+        TLS_OPTIONS[1],
+        TLS_OPTIONS[2],
+        TLS_OPTIONS[3],
+    ];
     type Conn = Conn;
     type Error = RedisError;
 
@@ -77,7 +89,16 @@ impl Broker for Stream {
             key,
             maxlen,
             auth: None,
+            tls: (u.scheme() == "rediss").then(tls::Options::default),
         }))
+    }
+
+    fn tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    fn tls_options(&self) -> Option<&tls::Options> {
+        self.tls.as_ref()
     }
 
     fn url(&self) -> String {
@@ -85,9 +106,13 @@ impl Broker for Stream {
         crate::cloudevents::percent_encode_path(&mut key, &self.key);
         let key = String::from_utf8(key).expect("percent-encoding leaves ASCII");
         let at = host_port(&self.host, self.port);
+        let scheme = match self.tls {
+            Some(_) => "rediss",
+            None => "redis",
+        };
         match self.maxlen {
-            Some(n) => format!("redis://{at}/{key}?maxlen={n}"),
-            None => format!("redis://{at}/{key}"),
+            Some(n) => format!("{scheme}://{at}/{key}?maxlen={n}"),
+            None => format!("{scheme}://{at}/{key}"),
         }
     }
 
@@ -106,6 +131,18 @@ impl Broker for Stream {
             username: s.username.map(str::to_string),
             password: password.to_string(),
         });
+        match &mut self.tls {
+            Some(t) => {
+                s.tls.check()?;
+                *t = s.tls.clone();
+            }
+            None if !s.tls.is_empty() => {
+                return Err("ca_file, cert_file, key_file and server_name are for TLS: \
+                            use a rediss:// URL"
+                    .into())
+            }
+            None => {}
+        }
         Ok(())
     }
 
@@ -233,7 +270,7 @@ const PIPELINE: usize = 512;
 
 /// A connection and the stream (with credentials) it was opened for.
 pub struct Conn {
-    sock: Socket,
+    link: Link,
     opened_for: Stream,
 }
 
@@ -247,11 +284,11 @@ fn xadd(
     allow: &Allowlist,
     intr: &dyn Interrupt,
 ) -> (usize, Result<(), RedisError>) {
-    let conn = match connection(slot.take(), stream, timeouts, allow, intr) {
+    let mut conn = match connection(slot.take(), stream, timeouts, allow, intr) {
         Ok(c) => c,
         Err(e) => return (0, Err(e)),
     };
-    let sock = &conn.sock;
+    let link = &mut conn.link;
     let maxlen = stream.maxlen.map(|n| n.to_string());
     let mut done = 0;
     let mut out = Vec::new();
@@ -266,10 +303,10 @@ fn xadd(
             args.extend([&b"*"[..], b"id", e.id.as_bytes(), b"event", e.body]);
             command(&mut out, &args);
         }
-        if let Err(e) = tcp::write_all(sock, &out, timeouts, &mut 0, intr) {
+        if let Err(e) = link.write_all(&out, timeouts, intr) {
             return (done, Err(e.into()));
         }
-        match read_replies(sock, &mut replies, chunk.len(), timeouts, intr) {
+        match read_replies(link, &mut replies, chunk.len(), timeouts, intr) {
             Ok(got) => {
                 for r in got {
                     match r {
@@ -302,18 +339,23 @@ fn connection(
     allow: &Allowlist,
     intr: &dyn Interrupt,
 ) -> Result<Conn, RedisError> {
-    if let Some(c) = kept {
+    if let Some(mut c) = kept {
         let peer_allowed = c
-            .sock
+            .link
             .peer_addr()
-            .ok()
-            .and_then(|a| a.as_socket())
             .is_some_and(|a| allow.filter(&stream.host, stream.port, None, &[a]).is_ok());
-        if c.opened_for == *stream && peer_allowed && !tcp::peer_closed(&c.sock) {
+        if c.opened_for == *stream && peer_allowed && !c.link.peer_closed() {
             return Ok(c);
         }
     }
-    let sock = tcp::open(&stream.host, stream.port, timeouts, allow, intr)?;
+    let mut link = Link::open(
+        &stream.host,
+        stream.port,
+        stream.tls.as_ref(),
+        timeouts,
+        allow,
+        intr,
+    )?;
     if let Some(auth) = &stream.auth {
         let mut out = Vec::new();
         match &auth.username {
@@ -323,9 +365,9 @@ fn connection(
             ),
             None => command(&mut out, &[b"AUTH", auth.password.as_bytes()]),
         }
-        tcp::write_all(&sock, &out, timeouts, &mut 0, intr)?;
+        link.write_all(&out, timeouts, intr)?;
         let mut replies = Vec::new();
-        match read_replies(&sock, &mut replies, 1, timeouts, intr) {
+        match read_replies(&mut link, &mut replies, 1, timeouts, intr) {
             Ok(mut r) => match r.pop() {
                 Some(Reply::Simple(_)) => {}
                 Some(Reply::Error(msg)) => {
@@ -337,7 +379,7 @@ fn connection(
         }
     }
     Ok(Conn {
-        sock,
+        link,
         opened_for: stream.clone(),
     })
 }
@@ -345,7 +387,7 @@ fn connection(
 /// Reads `n` replies. On failure, also says how many whole replies came
 /// before it (the caller counts those that were successes).
 fn read_replies(
-    sock: &Socket,
+    link: &mut Link,
     buf: &mut Vec<u8>,
     n: usize,
     timeouts: &Timeouts,
@@ -367,7 +409,7 @@ fn read_replies(
         }
         // One deadline for all of them: a server that trickles its replies
         // a byte at a time holds the sender no longer than a silent one.
-        if let Err(e) = tcp::read_some(sock, buf, deadline, intr) {
+        if let Err(e) = link.read_some(buf, deadline, intr) {
             return Err((successes(&got), e.into()));
         }
     }
@@ -454,6 +496,7 @@ mod tests {
             key: "s".into(),
             maxlen: None,
             auth: None,
+            tls: None,
         };
         let timeouts = crate::transport::Timeouts {
             connect: std::time::Duration::from_millis(500),

@@ -6,6 +6,7 @@
 
 pub mod http;
 pub mod tcp;
+pub mod tls;
 
 use std::time::{Duration, Instant};
 

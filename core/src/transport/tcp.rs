@@ -44,6 +44,9 @@ pub enum SendError {
     Io(#[from] io::Error),
     #[error("cancelled")]
     Cancelled,
+    /// The TLS handshake or session failed (see [`super::tls::reason`]).
+    #[error("{0}")]
+    Tls(String),
     #[error("{0}")]
     NotAllowed(String),
 }
@@ -54,13 +57,13 @@ impl From<Cancelled> for SendError {
     }
 }
 
-enum Wait {
+pub(super) enum Wait {
     TimedOut,
     Cancelled,
 }
 
 /// Waits until `fd` is ready for `events` (or has an error to report).
-fn wait(
+pub(super) fn wait(
     fd: i32,
     events: i16,
     on: WaitOn,

@@ -1,0 +1,170 @@
+"""Brokers over TLS, against real servers on 127.0.0.1 that speak only
+TLS (redis-server --tls-port), read back with the official clients over
+TLS. Certificates are verified: an unknown CA, a name the certificate
+does not carry and a refused client certificate are delivery failures
+that say so, and never where the destination points."""
+
+import json
+import os
+
+import psycopg
+import pytest
+
+from conftest import DB, Session, attach
+from pgcluster import wait_until
+from receivers import RedisServer
+
+pytestmark = pytest.mark.usefixtures("fast_retries", "no_cooldown")
+
+
+@pytest.fixture
+def no_cooldown(db):
+    """Each sync send below tries the network: no skipping a destination
+    that just failed."""
+    db.execute("SET pg_emit.failure_cooldown = 0")
+    yield
+    db.execute("RESET pg_emit.failure_cooldown")
+
+
+def pem(pki, name):
+    return os.path.join(pki, name)
+
+
+@pytest.fixture
+def redis_tls(pki):
+    server = RedisServer(tls=pki)
+    yield server
+    server.close()
+
+
+def test_rediss_delivers_async_and_sync_with_the_destinations_ca(db, table, dest, pki, redis_tls):
+    db.execute("SELECT emit.create_destination(%s, %s, %s)",
+               (dest, f"rediss://127.0.0.1:{redis_tls.port}/orders",
+                json.dumps({"ca_file": pem(pki, "ca.pem")})))
+    attach(db, table, dest, "delivery=async")
+    db.execute(f"INSERT INTO {table} SELECT g, 'a' FROM generate_series(1, 50) g")
+    got = redis_tls.wait_for("orders", 50)
+    assert [e["new"]["id"] for _, _, e in got] == list(range(1, 51))
+    assert db.one("SELECT send_message(%s, '{\"n\": 1}', 'sync')", (dest,)) is True
+    assert redis_tls.wait_for("orders", 51)[-1][2] == {"n": 1}
+    # The destination's row says rediss: the outbox and emit.stats keep it.
+    assert db.one("SELECT url FROM emit.stored_destinations WHERE name = %s", (dest,)).startswith("rediss://")
+
+
+def failure(db, dest):
+    """The WARNING of one sync send to `dest`."""
+    db.notices.clear()
+    assert db.one("SELECT send_message(%s, '{}', 'sync')", (dest,)) is False
+    w = db.warnings()
+    assert len(w) == 1, w
+    return w[0]
+
+
+def test_an_unknown_ca_is_refused_and_says_so(db, dest, pki, redis_tls):
+    # Not in the system's store, and not the other CA either.
+    for options in ({}, {"ca_file": pem(pki, "other_ca.pem")}):
+        db.execute("SELECT emit.create_destination(%s, %s, %s)",
+                   (dest, f"rediss://127.0.0.1:{redis_tls.port}/orders", json.dumps(options)))
+        w = failure(db, dest)
+        assert "not signed by a trusted CA" in w and "127.0.0.1" not in w, w
+        db.execute("SELECT emit.drop_destination(%s)", (dest,))
+    assert redis_tls.client.xlen("orders") == 0
+
+
+def test_the_certificate_must_name_the_server(db, dest, pki, redis_tls):
+    db.execute("SELECT emit.create_destination(%s, %s, %s)",
+               (dest, f"rediss://127.0.0.1:{redis_tls.port}/orders",
+                json.dumps({"ca_file": pem(pki, "ca.pem"), "server_name": "redis.internal"})))
+    w = failure(db, dest)
+    assert "not valid for its name" in w and "redis.internal" not in w, w
+    # The name it does carry.
+    db.execute("SELECT emit.alter_destination(%s, NULL, %s)",
+               (dest, json.dumps({"ca_file": pem(pki, "ca.pem"), "server_name": "localhost"})))
+    assert db.one("SELECT send_message(%s, '{}', 'sync')", (dest,)) is True
+
+
+def test_client_certificates(db, dest, pki):
+    server = RedisServer(tls=pki, client_certs=True)
+    try:
+        url = f"rediss://127.0.0.1:{server.port}/orders"
+        db.execute("SELECT emit.create_destination(%s, %s, %s)",
+                   (dest, url, json.dumps({"ca_file": pem(pki, "ca.pem")})))
+        w = failure(db, dest)
+        assert "the server requires a client certificate (cert_file, key_file)" in w, w
+        db.execute("SELECT emit.alter_destination(%s, NULL, %s)",
+                   (dest, json.dumps({"ca_file": pem(pki, "ca.pem"), "cert_file": pem(pki, "expired.pem"),
+                                      "key_file": pem(pki, "expired.key")})))
+        w = failure(db, dest)
+        assert "the server refused our client certificate (CertificateExpired)" in w, w
+        db.execute("SELECT emit.alter_destination(%s, NULL, %s)",
+                   (dest, json.dumps({"ca_file": pem(pki, "ca.pem"), "cert_file": pem(pki, "client.pem"),
+                                      "key_file": pem(pki, "client.key")})))
+        assert db.one("SELECT send_message(%s, '{\"ok\": true}', 'sync')", (dest,)) is True
+        assert [e for _, _, e in server.entries("orders")] == [{"ok": True}]
+    finally:
+        server.close()
+
+
+def test_a_plain_url_to_a_tls_port_fails_cleanly(db, dest, redis_tls):
+    db.execute("SELECT emit.create_destination(%s, %s)",
+               (dest, f"redis://127.0.0.1:{redis_tls.port}/orders"))
+    w = failure(db, dest)
+    assert "127.0.0.1" not in w, w
+
+
+def test_tls_files_are_for_roles_that_may_read_server_files(db, cluster, dest, pki, redis_tls):
+    url = f"rediss://127.0.0.1:{redis_tls.port}/orders"
+    db.execute("DROP ROLE IF EXISTS tls_admin")
+    db.execute("CREATE ROLE tls_admin LOGIN")
+    db.execute("GRANT emit_admin TO tls_admin")
+    s = Session(cluster, DB, user="tls_admin")
+    try:
+        # emit_admin may store TLS destinations that read no files.
+        s.execute("SELECT emit.create_destination(%s, %s)", (dest, url))
+        # Naming a file the server reads is reading server files.
+        for options in ({"ca_file": "/etc/shadow"}, {"ca_file": pem(pki, "ca.pem")}):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege) as e:
+                s.execute("SELECT emit.alter_destination(%s, NULL, %s)", (dest, json.dumps(options)))
+            assert "pg_read_server_files" in str(e.value)
+        db.execute("SELECT emit.alter_destination(%s, NULL, %s)",
+                   (dest, json.dumps({"ca_file": pem(pki, "ca.pem")})))
+        # Files someone allowed stay when emit_admin changes something else.
+        s.execute("SELECT emit.alter_destination(%s, %s)", (dest, url.replace("orders", "orders2")))
+        db.execute("GRANT pg_read_server_files TO tls_admin")
+        s.execute("SELECT emit.alter_destination(%s, NULL, %s)",
+                  (dest, json.dumps({"ca_file": pem(pki, "other_ca.pem")})))
+    finally:
+        s.close()
+        db.execute("DROP OWNED BY tls_admin")
+        db.execute("DROP ROLE tls_admin")
+
+
+@pytest.mark.parametrize("options, text", [
+    ({"ca_file": "/nonexistent/ca.pem"}, "ca_file: entity not found"),
+    ({"ca_file": "/etc/hostname"}, "ca_file holds no PEM certificate"),
+    ({"cert_file": "/x.pem"}, "cert_file and key_file go together"),
+    ({"server_name": "not a name"}, "server_name"),
+])
+def test_bad_tls_options_are_refused_when_stored(db, dest, options, text):
+    with pytest.raises(psycopg.errors.InvalidParameterValue) as e:
+        db.execute("SELECT emit.create_destination(%s, 'rediss://127.0.0.1/orders', %s)",
+                   (dest, json.dumps(options)))
+    assert text in str(e.value)
+    with pytest.raises(psycopg.errors.InvalidParameterValue) as e:
+        db.execute("SELECT emit.create_destination(%s, 'redis://127.0.0.1/orders', %s)",
+                   (dest, json.dumps({"ca_file": "/etc/ssl/certs/ca-certificates.crt"})))
+    assert "rediss://" in str(e.value)
+
+
+def test_the_stats_and_outbox_hold_no_tls_secrets(db, table, dest, pki, redis_tls):
+    """The key file's path is an option like a password: in
+    emit.stored_destinations only."""
+    db.execute("SELECT emit.create_destination(%s, %s, %s)",
+               (dest, f"rediss://127.0.0.1:{redis_tls.port}/orders",
+                json.dumps({"ca_file": pem(pki, "other_ca.pem")})))
+    attach(db, table, dest, "delivery=async")
+    db.execute(f"INSERT INTO {table} VALUES (1, 'a')")
+    assert wait_until(lambda: "trusted CA" in (db.one(
+        "SELECT last_error FROM emit.outbox WHERE destination = %s", (dest,)) or ""), 10)
+    row = db.one("SELECT row_to_json(o)::text FROM emit.outbox o WHERE destination = %s", (dest,))
+    assert "other_ca" not in row and "pki" not in row
