@@ -152,7 +152,9 @@ fn check(func: &'static str, name: &str, url: &str, options: &str, was: Option<&
         Destination::Broker(b) => b.tls_options(),
         _ => None,
     };
-    let Some(tls) = tls else { return };
+    let Some(tls) = tls.filter(|t| !t.is_empty()) else {
+        return;
+    };
     let files = |o: &pg_emit_core::transport::tls::Options| {
         (o.ca_file.clone(), o.cert_file.clone(), o.key_file.clone())
     };

@@ -353,13 +353,15 @@ class NatsServer:
     its store in a temporary directory that survives `stop()`/`start()`.
     Read back with nats-py, the NATS project's Python client."""
 
-    def __init__(self, user=None, password=None, token=None, tls=None):
+    def __init__(self, user=None, password=None, token=None, tls=None, client_certs=False):
         import tempfile
 
         self.port = free_port()
         self.store = tempfile.mkdtemp(prefix="pg_emit-nats-")
         self.auth = {"user": user, "password": password, "token": token}
-        self.tls = tls  # (certificate file, key file): TLS required
+        # tls: the `pki` fixture's directory; TLS required (and client
+        # certificates signed by its CA, with client_certs).
+        self.tls, self.client_certs = tls, client_certs
         self.proc = None
         self.start()
 
@@ -370,8 +372,21 @@ class NatsServer:
         if self.auth["token"]:
             args += ["--auth", self.auth["token"]]
         if self.tls:
-            args += ["--tls", "--tlscert", self.tls[0], "--tlskey", self.tls[1]]
+            args += ["--tls", "--tlscert", os.path.join(self.tls, "server.pem"),
+                     "--tlskey", os.path.join(self.tls, "server.key")]
+            if self.client_certs:
+                args += ["--tlsverify", "--tlscacert", os.path.join(self.tls, "ca.pem")]
         self.proc = serve(args, self.port)
+
+    def tls_context(self):
+        """What the official client needs to connect (None without TLS)."""
+        import ssl
+
+        if not self.tls:
+            return None
+        ctx = ssl.create_default_context(cafile=os.path.join(self.tls, "ca.pem"))
+        ctx.load_cert_chain(os.path.join(self.tls, "client.pem"), os.path.join(self.tls, "client.key"))
+        return ctx
 
     def stop(self):
         self.proc.kill()
@@ -388,6 +403,8 @@ class NatsServer:
                 kw = {"user": self.auth["user"], "password": self.auth["password"]}
             if self.auth["token"]:
                 kw = {"token": self.auth["token"]}
+            if self.tls:
+                kw["tls"] = self.tls_context()
             nc = await nats.connect(f"nats://127.0.0.1:{self.port}", **kw)
             try:
                 return await work(nc.jetstream())
@@ -515,3 +532,56 @@ class KafkaServer:
             return n
         finally:
             c.close()
+
+
+class TlsFirst:
+    """A TLS terminator that speaks TLS before anything else, in front of
+    a plain server on `upstream` (as a NATS server with `handshake_first`
+    does): Python's ssl module, one thread per connection pair."""
+
+    def __init__(self, pki, upstream):
+        import ssl
+
+        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.ctx.load_cert_chain(os.path.join(pki, "server.pem"), os.path.join(pki, "server.key"))
+        self.upstream = upstream
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.handshakes = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(c,), daemon=True).start()
+
+    def _serve(self, c):
+        try:
+            t = self.ctx.wrap_socket(c, server_side=True)
+        except OSError:
+            c.close()
+            return
+        self.handshakes += 1
+        u = socket.create_connection(("127.0.0.1", self.upstream))
+
+        def pump(src, dst):
+            try:
+                while data := src.recv(65536):
+                    dst.sendall(data)
+            except OSError:
+                pass
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+        threading.Thread(target=pump, args=(u, t), daemon=True).start()
+        pump(t, u)
+
+    def close(self):
+        self.sock.close()

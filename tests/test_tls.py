@@ -12,7 +12,7 @@ import pytest
 
 from conftest import DB, Session, attach
 from pgcluster import wait_until
-from receivers import RedisServer
+from receivers import NatsServer, RedisServer, TlsFirst
 
 pytestmark = pytest.mark.usefixtures("fast_retries", "no_cooldown")
 
@@ -168,3 +168,78 @@ def test_the_stats_and_outbox_hold_no_tls_secrets(db, table, dest, pki, redis_tl
         "SELECT last_error FROM emit.outbox WHERE destination = %s", (dest,)) or ""), 10)
     row = db.one("SELECT row_to_json(o)::text FROM emit.outbox o WHERE destination = %s", (dest,))
     assert "other_ca" not in row and "pki" not in row
+
+
+# --- NATS ----------------------------------------------------------------------------
+
+
+def nats_dest(db, dest, url, **options):
+    db.execute("SELECT emit.create_destination(%s, %s, %s)", (dest, url, json.dumps(options)))
+
+
+@pytest.mark.parametrize("scheme", ["nats", "tls"])
+def test_nats_over_tls_with_credentials(db, table, dest, pki, scheme):
+    """A server that requires TLS: nats:// follows it, tls:// asks for it;
+    credentials go inside the TLS session."""
+    server = NatsServer(user="emit", password="pw", tls=pki)
+    try:
+        server.add_stream("ORDERS", ["orders.>"])
+        nats_dest(db, dest, f"{scheme}://127.0.0.1:{server.port}/orders.tls",
+                  username="emit", password="pw", ca_file=pem(pki, "ca.pem"))
+        attach(db, table, dest, "delivery=async")
+        db.execute(f"INSERT INTO {table} SELECT g, 'a' FROM generate_series(1, 20) g")
+        got = server.wait_for("ORDERS", 20)
+        assert [e["new"]["id"] for _, e in got] == list(range(1, 21))
+        assert db.one("SELECT send_message(%s, '{\"n\": 1}', 'sync')", (dest,)) is True
+    finally:
+        server.close()
+
+
+def test_tls_url_to_a_server_without_tls_sends_nothing(db, dest):
+    server = NatsServer(user="emit", password="pw")
+    try:
+        nats_dest(db, dest, f"tls://127.0.0.1:{server.port}/orders.x", username="emit", password="pw")
+        w = failure(db, dest)
+        assert "does not offer TLS" in w, w
+    finally:
+        server.close()
+
+
+def test_nats_client_certificates(db, dest, pki):
+    server = NatsServer(tls=pki, client_certs=True)
+    try:
+        server.add_stream("ORDERS", ["orders.>"])
+        url = f"tls://127.0.0.1:{server.port}/orders.cert"
+        nats_dest(db, dest, url, ca_file=pem(pki, "ca.pem"))
+        w = failure(db, dest)
+        assert "client certificate" in w or "closed the connection" in w, w
+        db.execute("SELECT emit.drop_destination(%s)", (dest,))
+        nats_dest(db, dest, url, ca_file=pem(pki, "ca.pem"), cert_file=pem(pki, "expired.pem"),
+                  key_file=pem(pki, "expired.key"))
+        w = failure(db, dest)
+        assert "client certificate" in w or "closed the connection" in w, w
+        db.execute("SELECT emit.drop_destination(%s)", (dest,))
+        nats_dest(db, dest, url, ca_file=pem(pki, "ca.pem"), cert_file=pem(pki, "client.pem"),
+                  key_file=pem(pki, "client.key"))
+        assert db.one("SELECT send_message(%s, '{\"ok\": true}', 'sync')", (dest,)) is True
+        assert [e for _, e in server.messages("ORDERS")] == [{"ok": True}]
+    finally:
+        server.close()
+
+
+def test_nats_tls_first(db, table, dest, pki):
+    """A server that expects the handshake before anything (nats-server's
+    `handshake_first`, newer than Debian's 2.9: a TLS terminator in front of
+    a plain one here) gets it when no INFO comes."""
+    server = NatsServer()
+    proxy = TlsFirst(pki, server.port)
+    try:
+        server.add_stream("ORDERS", ["orders.>"])
+        nats_dest(db, dest, f"tls://127.0.0.1:{proxy.port}/orders.first", ca_file=pem(pki, "ca.pem"))
+        attach(db, table, dest, "delivery=async")
+        db.execute(f"INSERT INTO {table} SELECT g, 'a' FROM generate_series(1, 10) g")
+        assert [e["new"]["id"] for _, e in server.wait_for("ORDERS", 10)] == list(range(1, 11))
+        assert proxy.handshakes >= 1
+    finally:
+        proxy.close()
+        server.close()

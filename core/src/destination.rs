@@ -730,6 +730,19 @@ mod tests {
     }
 
     #[test]
+    fn tls_is_nats_over_tls() {
+        let d = parse_url("tls://h/orders.new", Vec::new()).unwrap();
+        assert_eq!(d.key(), "tls://h:4222/orders.new");
+        assert_eq!(d.outbox_columns().2, "tls");
+        let s = parse_stored("nats://h/a", r#"{"ca_file":"/ca.pem"}"#).unwrap();
+        let Destination::Broker(AnyBroker::Nats(n)) = s.endpoint else {
+            panic!("{s:?}")
+        };
+        assert!(!n.tls_url);
+        assert_eq!(n.tls.ca_file.as_deref(), Some("/ca.pem"));
+    }
+
+    #[test]
     fn redis_stored_options() {
         let s = parse_stored(
             "redis://127.0.0.1/s",

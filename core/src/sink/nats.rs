@@ -12,13 +12,13 @@
 //! lost acknowledgement (a crash, a broken connection) is dropped by the
 //! stream's duplicate window, so every event is in the stream once.
 
-use super::{Broker, Item, Settings};
+use super::{Broker, Item, Settings, TLS_OPTIONS};
 use crate::security::Allowlist;
-use crate::transport::tcp::{self, SendError};
+use crate::transport::tcp::SendError;
+use crate::transport::tls::{self, Link};
 use crate::transport::{host_port, Interrupt, Timeouts};
-use socket2::Socket;
 use std::collections::HashMap;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// A subject on a NATS server.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,6 +27,10 @@ pub struct Subject {
     pub port: u16,
     pub subject: String,
     pub auth: Option<Auth>,
+    /// `tls://`: TLS whatever the server's `INFO` says (without it, TLS
+    /// when the server requires it).
+    pub tls_url: bool,
+    pub tls: tls::Options,
 }
 
 /// Credentials from a stored destination's options.
@@ -47,10 +51,19 @@ impl std::fmt::Debug for Auth {
 
 impl Broker for Subject {
     const SCHEME: &'static str = "nats";
+    const TLS_SCHEME: Option<&'static str> = Some("tls");
     const PORT: u16 = 4222;
-    const FORM: &'static str = "a nats:// URL is nats://host[:port]/subject, the subject \
-         dot-separated tokens without wildcards";
-    const OPTIONS: &'static [&'static str] = &["username", "password", "token"];
+    const FORM: &'static str = "a nats:// URL is nats://host[:port]/subject (tls:// for TLS), \
+         the subject dot-separated tokens without wildcards";
+    const OPTIONS: &'static [&'static str] = &[
+        "username",
+        "password",
+        "token",
+        TLS_OPTIONS[0],
+        TLS_OPTIONS[1],
+        TLS_OPTIONS[2],
+        TLS_OPTIONS[3],
+    ];
     type Conn = Conn;
     type Error = NatsError;
 
@@ -64,12 +77,23 @@ impl Broker for Subject {
             port: u.port().unwrap_or(Self::PORT),
             subject: subject.to_string(),
             auth: None,
+            tls_url: u.scheme() == "tls",
+            tls: tls::Options::default(),
         }))
+    }
+
+    fn tls(&self) -> bool {
+        self.tls_url
+    }
+
+    fn tls_options(&self) -> Option<&tls::Options> {
+        Some(&self.tls)
     }
 
     fn url(&self) -> String {
         format!(
-            "nats://{}/{}",
+            "{}://{}/{}",
+            if self.tls_url { "tls" } else { "nats" },
             host_port(&self.host, self.port),
             self.subject
         )
@@ -92,6 +116,8 @@ impl Broker for Subject {
             }
             _ => None,
         };
+        s.tls.check()?;
+        self.tls = s.tls.clone();
         Ok(())
     }
 
@@ -143,7 +169,7 @@ const IN_FLIGHT: usize = 256;
 /// A connection with its reply inbox, and the subject (with credentials)
 /// it was opened for.
 pub struct Conn {
-    sock: Socket,
+    link: Link,
     inbox: String,
     buf: Vec<u8>,
     /// The reply subject of the next publish is `<inbox>.<next>`: numbers
@@ -152,6 +178,10 @@ pub struct Conn {
     next: u64,
     opened_for: Subject,
 }
+
+/// How long a connection that wants TLS waits for the server's INFO
+/// before it starts the handshake itself (a server that expects TLS first).
+const TLS_FIRST_AFTER: Duration = Duration::from_millis(250);
 
 /// Longest message accepted from the server: acknowledgements are a few
 /// dozen bytes.
@@ -194,7 +224,7 @@ fn publish(
             out.extend_from_slice(m.body);
             out.extend_from_slice(b"\r\n");
         }
-        if let Err(e) = tcp::write_all(&conn.sock, &out, timeouts, &mut 0, intr) {
+        if let Err(e) = conn.link.write_all(&out, timeouts, intr) {
             return (done, Err(e.into()));
         }
         // Acks may come in any order; what counts is the acknowledged
@@ -244,35 +274,60 @@ fn connection(
 ) -> Result<Conn, NatsError> {
     if let Some(mut c) = kept {
         let peer_allowed = c
-            .sock
+            .link
             .peer_addr()
-            .ok()
-            .and_then(|a| a.as_socket())
             .is_some_and(|a| allow.filter(&target.host, target.port, None, &[a]).is_ok());
-        if c.opened_for == *target && peer_allowed && still_open(&mut c) {
+        // What the server sent since (a `PING`, say) stays in the buffer,
+        // answered before the next acks.
+        if c.opened_for == *target && peer_allowed && c.link.read_ready(&mut c.buf) {
             return Ok(c);
         }
     }
-    let sock = tcp::open(&target.host, target.port, timeouts, allow, intr)?;
+    let link = Link::open(&target.host, target.port, None, timeouts, allow, intr)?;
     let mut conn = Conn {
-        sock,
+        link,
         inbox: format!("_INBOX.pg_emit.{}", inbox_token()),
         buf: Vec::new(),
         next: 0,
         opened_for: target.clone(),
     };
     let deadline = Instant::now() + timeouts.connect;
-    let info = read_line(&mut conn, deadline, intr)?;
+    let wants_tls = target.tls_url || !target.tls.is_empty();
+    // A server configured for TLS first (`handshake_first`) says nothing
+    // until the handshake: one that wants TLS and hears no INFO soon gets
+    // the handshake first.
+    let first = match wants_tls {
+        true => deadline.min(Instant::now() + TLS_FIRST_AFTER),
+        false => deadline,
+    };
+    let info = match read_line(&mut conn, first, intr) {
+        Err(NatsError::Send(SendError::ReadTimeout { .. })) if wants_tls => {
+            conn.link = conn
+                .link
+                .start_tls(&target.host, &target.tls, timeouts, intr)?;
+            read_line(&mut conn, deadline, intr)?
+        }
+        r => r?,
+    };
     let Some(info) = info.strip_prefix("INFO ") else {
         return Err(NatsError::Protocol(format!("expected INFO, got {info:?}")));
     };
-    // Credentials never go out in the clear to a server that wants TLS.
     let info: serde_json::Value = serde_json::from_str(info)
         .map_err(|e| NatsError::Protocol(format!("INFO is not JSON: {e}")))?;
-    if info["tls_required"] == serde_json::Value::Bool(true) {
-        return Err(NatsError::Server(
-            "the server requires TLS, which pg_emit's NATS destinations do not speak yet".into(),
-        ));
+    let offered = |k: &str| info[k] == serde_json::Value::Bool(true);
+    // Credentials never go out in the clear to a server that wants TLS:
+    // TLS is started as the server asks (verified against the system's
+    // CAs or `ca_file`), and a tls:// URL never settles for less.
+    if !conn.link.is_tls() {
+        if offered("tls_required") || (wants_tls && offered("tls_available")) {
+            conn.link = conn
+                .link
+                .start_tls(&target.host, &target.tls, timeouts, intr)?;
+        } else if wants_tls {
+            return Err(NatsError::Server(
+                "the server does not offer TLS (a tls:// URL or TLS options ask for it)".into(),
+            ));
+        }
     }
     let mut connect = serde_json::json!({
         "verbose": false, "pedantic": false, "headers": true, "no_responders": true,
@@ -287,7 +342,7 @@ fn connection(
         None => {}
     }
     let hello = format!("CONNECT {connect}\r\nPING\r\nSUB {}.* 1\r\n", conn.inbox);
-    tcp::write_all(&conn.sock, hello.as_bytes(), timeouts, &mut 0, intr)?;
+    conn.link.write_all(hello.as_bytes(), timeouts, intr)?;
     loop {
         let line = read_line(&mut conn, deadline, intr)?;
         match line.as_str() {
@@ -296,25 +351,6 @@ fn connection(
             l if l.starts_with("-ERR") => return Err(NatsError::Server(server_error(l))),
             l if l.starts_with("INFO ") => {}
             l => return Err(NatsError::Protocol(format!("expected PONG, got {l:?}"))),
-        }
-    }
-}
-
-/// Whether a kept connection is still open. What the server sent since
-/// (a `PING`, say) stays in the buffer, answered before the next acks.
-fn still_open(conn: &mut Conn) -> bool {
-    let mut scratch = [std::mem::MaybeUninit::<u8>::uninit(); 4096];
-    loop {
-        match conn.sock.recv_with_flags(&mut scratch, libc::MSG_DONTWAIT) {
-            Ok(0) => return false,
-            Ok(n) => {
-                // SAFETY: recv initialised the first n bytes.
-                conn.buf
-                    .extend(scratch[..n].iter().map(|b| unsafe { b.assume_init() }));
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return true,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(_) => return false,
         }
     }
 }
@@ -360,7 +396,7 @@ fn read_line(
                 "a line of over {MAX_REPLY} bytes"
             )));
         }
-        tcp::read_some(&conn.sock, &mut conn.buf, deadline, intr)?;
+        conn.link.read_some(&mut conn.buf, deadline, intr)?;
     }
 }
 
@@ -395,7 +431,7 @@ fn next_reply(
             )
         }
         Some("PING") => {
-            tcp::write_all(&conn.sock, b"PONG\r\n", timeouts, &mut 0, intr)?;
+            conn.link.write_all(b"PONG\r\n", timeouts, intr)?;
             return Ok(None);
         }
         Some("PONG" | "+OK" | "INFO") => return Ok(None),
@@ -411,7 +447,7 @@ fn next_reply(
         )));
     }
     while conn.buf.len() < total + 2 {
-        tcp::read_some(&conn.sock, &mut conn.buf, deadline, intr)?;
+        conn.link.read_some(&mut conn.buf, deadline, intr)?;
     }
     let body: Vec<u8> = conn.buf.drain(..total + 2).take(total).collect();
     let (headers, payload) = body.split_at(hdr_len.min(total));
@@ -514,6 +550,8 @@ mod tests {
             port,
             subject: "s".into(),
             auth: None,
+            tls_url: false,
+            tls: tls::Options::default(),
         };
         let timeouts = Timeouts {
             connect: std::time::Duration::from_secs(5),

@@ -296,27 +296,47 @@ impl Link {
     /// Whether the broker closed a kept connection (see
     /// [`tcp::peer_closed`]); anything it sent meanwhile is discarded.
     pub fn peer_closed(&mut self) -> bool {
+        match self {
+            Link::Plain(sock) => tcp::peer_closed(sock),
+            Link::Tls(_) => !self.read_ready(&mut Vec::new()),
+        }
+    }
+
+    /// Appends to `buf` what has arrived, without waiting; `false` when
+    /// the broker has closed the connection.
+    pub fn read_ready(&mut self, buf: &mut Vec<u8>) -> bool {
+        let mut scratch = [0u8; 4096];
         let t = match self {
-            Link::Plain(sock) => return tcp::peer_closed(sock),
+            Link::Plain(sock) => loop {
+                match (&*sock).read(&mut scratch) {
+                    Ok(0) => return false,
+                    Ok(n) => buf.extend_from_slice(&scratch[..n]),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(_) => return false,
+                }
+            },
             Link::Tls(t) => t,
         };
         loop {
             match t.1.read_tls(&mut Io(&t.0)) {
-                Ok(0) => return true,
+                Ok(0) => return false,
                 Ok(_) => {
                     if process(t).is_err() {
-                        return true;
+                        return false;
                     }
-                    let mut scratch = [0u8; 4096];
-                    while let Ok(n) = t.1.reader().read(&mut scratch) {
-                        if n == 0 {
-                            return true;
+                    loop {
+                        match t.1.reader().read(&mut scratch) {
+                            Ok(0) => return false,
+                            Ok(n) => buf.extend_from_slice(&scratch[..n]),
+                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                            Err(_) => return false,
                         }
                     }
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => return true,
+                Err(_) => return false,
             }
         }
     }
