@@ -460,19 +460,29 @@ class KafkaServer:
     an empty broker on the same port, as a broker that was replaced. Read
     back with confluent-kafka, Confluent's Python client (librdkafka)."""
 
-    def __init__(self):
+    def __init__(self, gate=None):
         self.port = free_port()
+        # gate: a KafkaGate in front, which the broker advertises as itself,
+        # so that every connection of a client goes through it.
+        self.gate = gate
         self.proc = None
+        if gate:
+            gate.upstream = self.port
         self.start()
 
     @property
     def bootstrap(self):
-        return f"127.0.0.1:{self.port}"
+        return f"127.0.0.1:{self.gate.port if self.gate else self.port}"
+
+    def client_config(self):
+        """What confluent-kafka needs to reach the broker (through the gate)."""
+        return {"bootstrap.servers": self.bootstrap, **(self.gate.client_config() if self.gate else {})}
 
     def start(self):
         url = f"tcp://127.0.0.1:{self.port}"
-        self.proc = serve(["tansu", "broker", "--listener-url", url, "--advertised-listener-url", url,
-                           "--storage-engine", "memory://tansu/"], self.port)
+        advertised = f"tcp://{self.bootstrap}"
+        self.proc = serve(["tansu", "broker", "--listener-url", url, "--advertised-listener-url",
+                           advertised, "--storage-engine", "memory://tansu/"], self.port)
 
     def stop(self):
         self.proc.kill()
@@ -493,7 +503,7 @@ class KafkaServer:
 
         from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
-        c = Consumer({"bootstrap.servers": self.bootstrap, "group.id": f"pg_emit-test-{time.monotonic_ns()}",
+        c = Consumer({**self.client_config(), "group.id": f"pg_emit-test-{time.monotonic_ns()}",
                       "enable.auto.commit": False, "enable.partition.eof": False})
         try:
             c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(partitions)])
@@ -519,7 +529,7 @@ class KafkaServer:
         behind what a consumer reads, so they are not used)."""
         from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
-        c = Consumer({"bootstrap.servers": self.bootstrap, "group.id": "pg_emit-count",
+        c = Consumer({**self.client_config(), "group.id": "pg_emit-count",
                       "enable.auto.commit": False})
         try:
             c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(partitions)])
@@ -582,6 +592,160 @@ class TlsFirst:
                     pass
         threading.Thread(target=pump, args=(u, t), daemon=True).start()
         pump(t, u)
+
+    def close(self):
+        self.sock.close()
+
+
+class KafkaGate:
+    """TLS and SASL in front of a Kafka broker that has neither (tansu
+    0.6: its TLS options are not wired to its listener, and its SASL cannot
+    be given users with in-memory storage). The server side of SASL PLAIN
+    and SCRAM (RFC 5802) is written here with hashlib and hmac, and checked
+    by librdkafka (confluent-kafka) authenticating through it. Requests
+    other than SaslHandshake and SaslAuthenticate go to the broker once
+    authenticated (ApiVersions also before), one at a time."""
+
+    SASL_HANDSHAKE, SASL_AUTHENTICATE, API_VERSIONS = 17, 36, 18
+
+    def __init__(self, users=None, mechanisms=("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"), tls=None):
+        import ssl
+
+        self.users, self.mechanisms, self.tls = users, mechanisms, tls
+        self.ctx = None
+        if tls:
+            self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            self.ctx.load_cert_chain(os.path.join(tls, "server.pem"), os.path.join(tls, "server.key"))
+        self.upstream = None
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self.authenticated = []  # (mechanism, user) of each success
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def client_config(self):
+        cfg = {"security.protocol": ("sasl_" if self.users else "") + ("ssl" if self.tls else "plaintext")}
+        if self.tls:
+            cfg["ssl.ca.location"] = os.path.join(self.tls, "ca.pem")
+        if self.users:
+            user, password = next(iter(self.users.items()))
+            cfg.update({"sasl.mechanism": self.mechanisms[-1], "sasl.username": user,
+                        "sasl.password": password})
+        return cfg
+
+    def _accept(self):
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(c,), daemon=True).start()
+
+    @staticmethod
+    def _frame(sock):
+        head = b""
+        while len(head) < 4:
+            chunk = sock.recv(4 - len(head))
+            if not chunk:
+                return None
+            head += chunk
+        n = int.from_bytes(head, "big")
+        body = b""
+        while len(body) < n:
+            chunk = sock.recv(n - len(body))
+            if not chunk:
+                return None
+            body += chunk
+        return body
+
+    def _serve(self, c):
+        import struct
+
+        try:
+            if self.ctx:
+                c = self.ctx.wrap_socket(c, server_side=True)
+            u = socket.create_connection(("127.0.0.1", self.upstream))
+        except OSError:
+            c.close()
+            return
+        authed, scram, mechanism = self.users is None, None, None
+        try:
+            while (req := self._frame(c)) is not None:
+                api, version, corr = struct.unpack(">hhi", req[:8])
+                n = struct.unpack(">h", req[8:10])[0]
+                body = req[10 + max(n, 0):]
+                if api == self.SASL_HANDSHAKE:
+                    m = body[2:2 + struct.unpack(">h", body[:2])[0]].decode()
+                    ok = m in self.mechanisms and self.users is not None
+                    mechanism = m if ok else None
+                    out = struct.pack(">ih", corr, 0 if ok else 33) + struct.pack(">i", len(self.mechanisms))
+                    for name in self.mechanisms:
+                        out += struct.pack(">h", len(name)) + name.encode()
+                elif api == self.SASL_AUTHENTICATE and mechanism:
+                    data = body[4:4 + struct.unpack(">i", body[:4])[0]]
+                    reply, scram, error = self._sasl(mechanism, data, scram)
+                    if error is None and reply is not None and (mechanism == "PLAIN" or reply.startswith(b"v=")):
+                        authed = True
+                    out = struct.pack(">ih", corr, 58 if error else 0)
+                    out += (struct.pack(">h", len(error)) + error.encode()) if error else struct.pack(">h", -1)
+                    out += struct.pack(">i", len(reply or b"")) + (reply or b"")
+                    if version >= 1:
+                        out += struct.pack(">q", 0)
+                elif authed or api == self.API_VERSIONS:
+                    u.sendall(struct.pack(">i", len(req)) + req)
+                    answer = self._frame(u)
+                    if answer is None:
+                        return
+                    out = answer
+                else:
+                    return  # unauthenticated: the connection ends, as Kafka's does
+                c.sendall(struct.pack(">i", len(out)) + out)
+                if api == self.SASL_AUTHENTICATE and not authed and scram is None:
+                    return
+        except OSError:
+            pass
+        finally:
+            c.close()
+            u.close()
+
+    def _sasl(self, mechanism, data, scram):
+        """(reply, state, error) of one SASL step."""
+        import base64
+        import hashlib
+        import hmac
+
+        if mechanism == "PLAIN":
+            _, user, password = data.split(b"\0")
+            if self.users.get(user.decode()) == password.decode():
+                self.authenticated.append((mechanism, user.decode()))
+                return b"", None, None
+            return None, None, "Authentication failed: Invalid username or password"
+        h = hashlib.sha256 if mechanism == "SCRAM-SHA-256" else hashlib.sha512
+        if scram is None:
+            first_bare = data.decode()[3:]
+            fields = dict(f.split("=", 1) for f in first_bare.split(","))
+            password = self.users.get(fields["n"])
+            if password is None:
+                return None, None, "Authentication failed: unknown user"
+            salt, nonce = os.urandom(16), fields["r"] + base64.b64encode(os.urandom(12)).decode()
+            server_first = f"r={nonce},s={base64.b64encode(salt).decode()},i=4096"
+            salted = hashlib.pbkdf2_hmac(h().name, password.encode(), salt, 4096)
+            return server_first.encode(), (fields["n"], first_bare, server_first, salted, nonce), None
+        user, first_bare, server_first, salted, nonce = scram
+        final = data.decode()
+        without_proof, proof = final.rsplit(",p=", 1)
+        if dict(f.split("=", 1) for f in without_proof.split(","))["r"] != nonce:
+            return None, None, "Authentication failed: nonce"
+        auth = f"{first_bare},{server_first},{without_proof}".encode()
+        stored = h(hmac.new(salted, b"Client Key", h).digest()).digest()
+        signature = hmac.new(stored, auth, h).digest()
+        client_key = bytes(a ^ b for a, b in zip(base64.b64decode(proof), signature))
+        if h(client_key).digest() != stored:
+            return None, None, "Authentication failed during authentication due to invalid credentials"
+        server_key = hmac.new(salted, b"Server Key", h).digest()
+        self.authenticated.append((mechanism, user))
+        return b"v=" + base64.b64encode(hmac.new(server_key, auth, h).digest()), None, None
 
     def close(self):
         self.sock.close()

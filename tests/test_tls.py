@@ -12,7 +12,7 @@ import pytest
 
 from conftest import DB, Session, attach
 from pgcluster import wait_until
-from receivers import NatsServer, RedisServer, TlsFirst
+from receivers import KafkaGate, KafkaServer, NatsServer, RedisServer, TlsFirst
 
 pytestmark = pytest.mark.usefixtures("fast_retries", "no_cooldown")
 
@@ -243,3 +243,92 @@ def test_nats_tls_first(db, table, dest, pki):
     finally:
         proxy.close()
         server.close()
+
+
+# --- Kafka ---------------------------------------------------------------------------
+
+
+def kafka(gate):
+    server = KafkaServer(gate=gate)
+    server.create_topic("orders")
+    return server
+
+
+@pytest.mark.parametrize("protocol, mechanism", [
+    ("sasl_ssl", "PLAIN"), ("sasl_ssl", "SCRAM-SHA-256"), ("sasl_ssl", "SCRAM-SHA-512"),
+    ("ssl", None), ("sasl_plaintext", "SCRAM-SHA-256"),
+])
+def test_kafka_security_protocols(db, table, dest, pki, protocol, mechanism):
+    sasl, tls = protocol.startswith("sasl"), protocol.endswith("ssl")
+    gate = KafkaGate(users={"emit": "s3cret"} if sasl else None,
+                     mechanisms=(mechanism,) if mechanism else (), tls=pki if tls else None)
+    server = kafka(gate)
+    try:
+        options = {"security_protocol": protocol}
+        if sasl:
+            options.update(sasl_mechanism=mechanism, username="emit", password="s3cret")
+        if tls:
+            options["ca_file"] = pem(pki, "ca.pem")
+        db.execute("SELECT emit.create_destination(%s, %s, %s)",
+                   (dest, f"kafka://{server.bootstrap}/orders", json.dumps(options)))
+        attach(db, table, dest, "delivery=async")
+        db.execute(f"INSERT INTO {table} SELECT g, 'a' FROM generate_series(1, 30) g")
+        got = server.records("orders", 30)
+        assert sorted(r["value"]["new"]["id"] for r in got) == list(range(1, 31))
+        assert db.one("SELECT send_message(%s, '{\"n\": 1}', 'sync')", (dest,)) is True
+        if sasl:
+            # pg_emit's connections, and the reader's, each authenticated.
+            assert (mechanism, "emit") in gate.authenticated
+    finally:
+        server.close()
+        gate.close()
+
+
+@pytest.mark.parametrize("mechanism", ["PLAIN", "SCRAM-SHA-512"])
+def test_kafka_wrong_password_is_refused_and_not_shown(db, dest, pki, mechanism):
+    gate = KafkaGate(users={"emit": "s3cret"}, mechanisms=(mechanism,), tls=pki)
+    server = kafka(gate)
+    try:
+        db.execute("SELECT emit.create_destination(%s, %s, %s)",
+                   (dest, f"kafka://{server.bootstrap}/orders",
+                    json.dumps({"security_protocol": "sasl_ssl", "sasl_mechanism": mechanism,
+                                "username": "emit", "password": "hunter2", "ca_file": pem(pki, "ca.pem")})))
+        w = failure(db, dest)
+        assert f"SASL {mechanism}: the broker refused: Authentication failed" in w, w
+        assert "hunter2" not in w and "127.0.0.1" not in w
+        assert gate.authenticated == []
+    finally:
+        server.close()
+        gate.close()
+
+
+def test_kafka_no_downgrade_to_a_weaker_mechanism(db, dest, pki):
+    """A broker that offers only PLAIN, to a destination configured for
+    SCRAM: refused, and the password never sent."""
+    gate = KafkaGate(users={"emit": "s3cret"}, mechanisms=("PLAIN",), tls=pki)
+    server = kafka(gate)
+    try:
+        db.execute("SELECT emit.create_destination(%s, %s, %s)",
+                   (dest, f"kafka://{server.bootstrap}/orders",
+                    json.dumps({"security_protocol": "sasl_ssl", "sasl_mechanism": "SCRAM-SHA-256",
+                                "username": "emit", "password": "s3cret", "ca_file": pem(pki, "ca.pem")})))
+        w = failure(db, dest)
+        assert "SASL SCRAM-SHA-256: the broker does not offer it (it offers PLAIN)" in w, w
+        assert gate.authenticated == []
+    finally:
+        server.close()
+        gate.close()
+
+
+def test_kafka_ssl_verifies_the_broker(db, dest, pki):
+    gate = KafkaGate(tls=pki)
+    server = kafka(gate)
+    try:
+        db.execute("SELECT emit.create_destination(%s, %s, %s)",
+                   (dest, f"kafka://{server.bootstrap}/orders",
+                    json.dumps({"security_protocol": "ssl", "ca_file": pem(pki, "other_ca.pem")})))
+        w = failure(db, dest)
+        assert "not signed by a trusted CA" in w, w
+    finally:
+        server.close()
+        gate.close()

@@ -388,6 +388,13 @@ pub struct StoredOptions {
     pub key_file: Option<String>,
     #[serde(default)]
     pub server_name: Option<String>,
+    /// Kafka: `plaintext` (the default), `ssl`, `sasl_plaintext`,
+    /// `sasl_ssl`; and `PLAIN` (the default), `SCRAM-SHA-256` or
+    /// `SCRAM-SHA-512` with `username` and `password`.
+    #[serde(default)]
+    pub security_protocol: Option<String>,
+    #[serde(default)]
+    pub sasl_mechanism: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -527,6 +534,8 @@ pub fn parse_stored(url: &str, options: &str) -> Result<Stored, OptionError> {
         ("cert_file", opts.cert_file.is_some()),
         ("key_file", opts.key_file.is_some()),
         ("server_name", opts.server_name.is_some()),
+        ("security_protocol", opts.security_protocol.is_some()),
+        ("sasl_mechanism", opts.sasl_mechanism.is_some()),
     ];
     for (name, _) in given.iter().filter(|(_, set)| *set) {
         let taken = match &endpoint {
@@ -540,7 +549,7 @@ pub fn parse_stored(url: &str, options: &str) -> Result<Stored, OptionError> {
                 .collect();
             return Err(OptionError::Destination(format!(
                 "options: {name} applies to {} destinations only",
-                schemes.join(" and ")
+                schemes.join(", ")
             )));
         }
     }
@@ -550,6 +559,8 @@ pub fn parse_stored(url: &str, options: &str) -> Result<Stored, OptionError> {
             password: opts.password.as_deref(),
             token: opts.token.as_deref(),
             maxlen: opts.maxlen,
+            security_protocol: opts.security_protocol.as_deref(),
+            sasl_mechanism: opts.sasl_mechanism.as_deref(),
             tls: crate::transport::tls::Options {
                 ca_file: opts.ca_file.clone(),
                 cert_file: opts.cert_file.clone(),
@@ -679,11 +690,45 @@ mod tests {
         let e = parse_url("kafka://u:p@h/t", Vec::new())
             .unwrap_err()
             .to_string();
-        assert!(e.contains("take no credentials"), "{e}");
-        let e = parse_stored("kafka://h/t", r#"{"username":"u","password":"p"}"#)
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("redis:// and nats://"), "{e}");
+        assert!(e.contains("options (username, password)"), "{e}");
+        for (options, why) in [
+            (r#"{"username":"u","password":"p"}"#, "are for SASL"),
+            (
+                r#"{"security_protocol":"sasl_ssl"}"#,
+                "needs a username and password",
+            ),
+            (
+                r#"{"security_protocol":"ssl","sasl_mechanism":"PLAIN"}"#,
+                "are for SASL",
+            ),
+            (
+                r#"{"security_protocol":"sasl_plaintext","username":"u","password":"p","sasl_mechanism":"GSSAPI"}"#,
+                "is not PLAIN",
+            ),
+            (
+                r#"{"security_protocol":"sasl_plaintext","ca_file":"/ca.pem","username":"u","password":"p"}"#,
+                "are for TLS",
+            ),
+            (r#"{"security_protocol":"tls"}"#, "is not plaintext, ssl"),
+        ] {
+            let e = parse_stored("kafka://h/t", options)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(why), "{options}: {e}");
+        }
+        let s = parse_stored(
+            "kafka://h/t",
+            r#"{"security_protocol":"SASL_SSL","sasl_mechanism":"SCRAM-SHA-512","username":"u","password":"p","ca_file":"/ca.pem"}"#,
+        )
+        .unwrap();
+        let Destination::Broker(AnyBroker::Kafka(k)) = s.endpoint else {
+            panic!("{s:?}")
+        };
+        assert_eq!(
+            k.sasl.unwrap().mechanism,
+            crate::sasl::Mechanism::ScramSha512
+        );
+        assert_eq!(k.tls.unwrap().ca_file.as_deref(), Some("/ca.pem"));
     }
 
     #[test]
@@ -764,7 +809,7 @@ mod tests {
             (
                 "tcp://h:1",
                 r#"{"password":"p"}"#,
-                "redis:// and nats:// destinations only",
+                "redis://, nats://, kafka:// destinations only",
             ),
             ("tcp://h:1", r#"{"maxlen":3}"#, "redis:// destinations only"),
             ("nats://h/a", r#"{"password":"p"}"#, "needs its username"),

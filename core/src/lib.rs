@@ -24,6 +24,7 @@ pub mod live;
 pub mod metrics;
 pub mod options;
 pub mod pending;
+pub mod sasl;
 pub mod schedule;
 pub mod security;
 pub mod sink;

@@ -25,11 +25,12 @@
 //! new session, which Kafka cannot tell from new records. Consumers dedupe
 //! by the record's `id` header, the event's stable id.
 
-use super::{Broker, Item, Settings};
+use super::{Broker, Item, Settings, TLS_OPTIONS};
+use crate::sasl::{self, Credentials, Exchange, Mechanism};
 use crate::security::Allowlist;
-use crate::transport::tcp::{self, SendError};
+use crate::transport::tcp::SendError;
+use crate::transport::tls::{self, Link};
 use crate::transport::{host_port, Interrupt, Timeouts};
-use socket2::Socket;
 use std::collections::HashMap;
 use std::time::Instant;
 
@@ -39,6 +40,10 @@ pub struct Topic {
     pub host: String,
     pub port: u16,
     pub topic: String,
+    /// `security_protocol`: TLS (`ssl`, `sasl_ssl`) and SASL
+    /// (`sasl_plaintext`, `sasl_ssl`), for every broker of the cluster.
+    pub tls: Option<tls::Options>,
+    pub sasl: Option<Credentials>,
 }
 
 /// A record: headers `id` and `content-type`, the ordering key as key.
@@ -49,7 +54,16 @@ impl Broker for Topic {
     const PORT: u16 = 9092;
     const FORM: &'static str =
         "a kafka:// URL is kafka://host[:port]/topic, the topic 1 to 249 of a-z A-Z 0-9 . _ -";
-    const OPTIONS: &'static [&'static str] = &[];
+    const OPTIONS: &'static [&'static str] = &[
+        "security_protocol",
+        "sasl_mechanism",
+        "username",
+        "password",
+        TLS_OPTIONS[0],
+        TLS_OPTIONS[1],
+        TLS_OPTIONS[2],
+        TLS_OPTIONS[3],
+    ];
     const KEYED: bool = true;
     type Conn = Conn;
     type Error = KafkaError;
@@ -63,7 +77,13 @@ impl Broker for Topic {
             host,
             port: u.port().unwrap_or(Self::PORT),
             topic: topic.to_string(),
+            tls: None,
+            sasl: None,
         }))
+    }
+
+    fn tls_options(&self) -> Option<&tls::Options> {
+        self.tls.as_ref()
     }
 
     fn url(&self) -> String {
@@ -78,7 +98,57 @@ impl Broker for Topic {
         (&self.host, self.port)
     }
 
-    fn configure(&mut self, _: &Settings<'_>) -> Result<(), String> {
+    fn configure(&mut self, s: &Settings<'_>) -> Result<(), String> {
+        let protocol = s.security_protocol.unwrap_or("plaintext");
+        let (tls, sasl) = match protocol.to_ascii_lowercase().as_str() {
+            "plaintext" => (false, false),
+            "ssl" => (true, false),
+            "sasl_plaintext" => (false, true),
+            "sasl_ssl" => (true, true),
+            other => {
+                return Err(format!(
+                    "security_protocol {other:?} is not plaintext, ssl, sasl_plaintext or sasl_ssl"
+                ))
+            }
+        };
+        self.tls = match tls {
+            true => {
+                s.tls.check()?;
+                Some(s.tls.clone())
+            }
+            false if !s.tls.is_empty() => {
+                return Err(format!(
+                    "ca_file, cert_file, key_file and server_name are for TLS, which \
+                     security_protocol {protocol} does not use (ssl, sasl_ssl)"
+                ))
+            }
+            false => None,
+        };
+        self.sasl = match (sasl, s.username, s.password) {
+            (true, Some(user), Some(password)) => {
+                let name = s.sasl_mechanism.unwrap_or("PLAIN");
+                let mechanism = Mechanism::parse(name).ok_or_else(|| {
+                    format!("sasl_mechanism {name:?} is not PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512")
+                })?;
+                Some(Credentials {
+                    mechanism,
+                    username: user.to_string(),
+                    password: password.to_string(),
+                })
+            }
+            (true, _, _) => {
+                return Err(format!(
+                    "security_protocol {protocol} needs a username and password"
+                ))
+            }
+            (false, None, None) if s.sasl_mechanism.is_none() => None,
+            (false, ..) => {
+                return Err(format!(
+                    "username, password and sasl_mechanism are for SASL, which \
+                     security_protocol {protocol} does not use (sasl_plaintext, sasl_ssl)"
+                ))
+            }
+        };
         Ok(())
     }
 
@@ -107,6 +177,13 @@ pub enum KafkaError {
     Broker { what: String, code: i16 },
     #[error("kafka broker sent something unexpected: {0}")]
     Protocol(String),
+    /// SASL failed: the broker refused the credentials or the mechanism,
+    /// or (SCRAM) could not prove it knows the password.
+    #[error("SASL {mechanism}: {why}")]
+    Sasl {
+        mechanism: &'static str,
+        why: String,
+    },
 }
 
 /// Whether `s` is a name Kafka accepts for a topic.
@@ -148,7 +225,7 @@ pub struct Conn {
     opened_for: Topic,
     /// Open connections by broker node id, with the address they were
     /// opened for (to recheck the allowlist before reuse).
-    socks: HashMap<i32, (Socket, String, u16)>,
+    socks: HashMap<i32, (Link, String, u16)>,
     brokers: HashMap<i32, (String, u16)>,
     /// The leader's node id of each partition.
     leaders: Vec<i32>,
@@ -218,21 +295,19 @@ fn session(
     allow: &Allowlist,
     intr: &dyn Interrupt,
 ) -> Result<(Conn, bool), KafkaError> {
-    if let Some(c) = kept {
+    if let Some(mut c) = kept {
         let usable = c.opened_for == *target
-            && c.socks.values().all(|(sock, host, port)| {
-                let allowed = sock
+            && c.socks.values_mut().all(|(link, host, port)| {
+                let allowed = link
                     .peer_addr()
-                    .ok()
-                    .and_then(|a| a.as_socket())
                     .is_some_and(|a| allow.filter(host, *port, None, &[a]).is_ok());
-                allowed && !tcp::peer_closed(sock)
+                allowed && !link.peer_closed()
             });
         if usable {
             return Ok((c, true));
         }
     }
-    let sock = tcp::open(&target.host, target.port, timeouts, allow, intr)?;
+    let mut sock = open(target, &target.host, target.port, timeouts, allow, intr)?;
     let mut conn = Conn {
         opened_for: target.clone(),
         socks: HashMap::new(),
@@ -251,7 +326,7 @@ fn session(
     put_str(&mut body, &target.topic);
     body.push(0); // allow_auto_topic_creation: a typo must not create a topic
     let r = conn.call(
-        &sock,
+        &mut sock,
         METADATA,
         METADATA_VERSION,
         &body,
@@ -268,7 +343,7 @@ fn session(
     put_i16(&mut body, -1); // producer_epoch
     body.push(0); // no tagged fields
     let r = conn.call(
-        &sock,
+        &mut sock,
         INIT_PRODUCER_ID,
         INIT_PRODUCER_ID_VERSION,
         &body,
@@ -300,6 +375,94 @@ fn session(
         conn.socks.insert(node, (sock, h, p));
     }
     Ok((conn, false))
+}
+
+/// A connection to one broker of `target`'s cluster: through the
+/// allowlist, with TLS and SASL as its `security_protocol` says.
+fn open(
+    target: &Topic,
+    host: &str,
+    port: u16,
+    timeouts: &Timeouts,
+    allow: &Allowlist,
+    intr: &dyn Interrupt,
+) -> Result<Link, KafkaError> {
+    let mut link = Link::open(host, port, target.tls.as_ref(), timeouts, allow, intr)?;
+    if let Some(c) = &target.sasl {
+        authenticate(&mut link, c, timeouts, intr)?;
+    }
+    Ok(link)
+}
+
+const SASL_HANDSHAKE: i16 = 17;
+const SASL_AUTHENTICATE: i16 = 36;
+
+/// SaslHandshake v1 for `c`'s mechanism, then its exchange in
+/// SaslAuthenticate v1 requests, within the connect timeout. A broker that
+/// does not offer the mechanism is refused, not offered another.
+fn authenticate(
+    link: &mut Link,
+    c: &Credentials,
+    timeouts: &Timeouts,
+    intr: &dyn Interrupt,
+) -> Result<(), KafkaError> {
+    let mechanism = c.mechanism.name();
+    let fail = |why: String| KafkaError::Sasl { mechanism, why };
+    let deadline = Instant::now() + timeouts.connect.max(timeouts.write);
+    let mut buf = Vec::new();
+    let mut correlation = 0;
+    let mut call = |link: &mut Link, api: i16, body: &[u8]| -> Result<Vec<u8>, KafkaError> {
+        correlation += 1;
+        link.write_all(&frame(api, 1, correlation, body), timeouts, intr)?;
+        read_answer(link, &mut buf, correlation, deadline, intr)
+    };
+    let mut body = Vec::new();
+    put_str(&mut body, mechanism);
+    let r = call(link, SASL_HANDSHAKE, &body)?;
+    let mut rd = Reader::new(&r);
+    let code = rd.i16()?;
+    let mut offered = Vec::new();
+    for _ in 0..rd.len()? {
+        offered.push(rd.string()?);
+    }
+    if code != 0 {
+        return Err(fail(format!(
+            "the broker does not offer it (it offers {})",
+            if offered.is_empty() {
+                "none".into()
+            } else {
+                offered.join(", ")
+            }
+        )));
+    }
+    let (first, mut exchange) = c.start(&sasl::nonce());
+    let mut step = |link: &mut Link, msg: &[u8]| -> Result<Vec<u8>, KafkaError> {
+        let mut body = Vec::new();
+        put_i32(&mut body, msg.len() as i32);
+        body.extend_from_slice(msg);
+        let r = call(link, SASL_AUTHENTICATE, &body)?;
+        let mut rd = Reader::new(&r);
+        let code = rd.i16()?;
+        let message = rd.nullable_string()?;
+        let n = rd.i32()?;
+        let bytes = rd.take(usize::try_from(n).unwrap_or(0))?.to_vec();
+        if code != 0 {
+            // The broker's own words (never the credentials, which it
+            // does not repeat), or its error code's name.
+            return Err(fail(match message {
+                Some(m) if !m.is_empty() => format!("the broker refused: {m}"),
+                _ => format!("the broker refused ({})", error_name(code)),
+            }));
+        }
+        Ok(bytes)
+    };
+    let reply = step(link, &first)?;
+    if let Exchange::Scram(s) = &mut exchange {
+        let last = s.answer(&reply).map_err(fail)?;
+        let reply = step(link, &last)?;
+        s.finish(&reply).map_err(fail)?;
+    }
+    Ok(())
 }
 
 impl Conn {
@@ -530,13 +693,13 @@ impl Conn {
                     "partition leader {node} is not among the brokers"
                 )));
             };
-            let sock = tcp::open(&host, port, timeouts, allow, intr)?;
-            self.socks.insert(node, (sock, host, port));
+            let link = open(&self.opened_for, &host, port, timeouts, allow, intr)?;
+            self.socks.insert(node, (link, host, port));
         }
         self.correlation = self.correlation.wrapping_add(1);
         let frame = frame(api, version, self.correlation, body);
-        let (sock, _, _) = &self.socks[&node];
-        tcp::write_all(sock, &frame, timeouts, &mut 0, intr)?;
+        let (link, _, _) = self.socks.get_mut(&node).expect("just connected");
+        link.write_all(&frame, timeouts, intr)?;
         Ok(self.correlation)
     }
 
@@ -548,8 +711,8 @@ impl Conn {
         deadline: Instant,
         intr: &dyn Interrupt,
     ) -> Result<Vec<u8>, KafkaError> {
-        let (sock, _, _) = &self.socks[&node];
-        read_answer(sock, &mut self.buf, correlation, deadline, intr)
+        let (link, _, _) = self.socks.get_mut(&node).expect("sent to");
+        read_answer(link, &mut self.buf, correlation, deadline, intr)
     }
 
     /// One request on `sock` (before the session's connections are
@@ -557,7 +720,7 @@ impl Conn {
     #[allow(clippy::too_many_arguments)]
     fn call(
         &mut self,
-        sock: &Socket,
+        link: &mut Link,
         api: i16,
         version: i16,
         body: &[u8],
@@ -566,14 +729,8 @@ impl Conn {
         intr: &dyn Interrupt,
     ) -> Result<Vec<u8>, KafkaError> {
         self.correlation = self.correlation.wrapping_add(1);
-        tcp::write_all(
-            sock,
-            &frame(api, version, self.correlation, body),
-            timeouts,
-            &mut 0,
-            intr,
-        )?;
-        read_answer(sock, &mut self.buf, self.correlation, deadline, intr)
+        link.write_all(&frame(api, version, self.correlation, body), timeouts, intr)?;
+        read_answer(link, &mut self.buf, self.correlation, deadline, intr)
     }
 }
 
@@ -597,14 +754,14 @@ fn frame(api: i16, version: i16, correlation: i32, body: &[u8]) -> Vec<u8> {
 
 /// The body of the next answer on `sock`, which must carry `correlation`.
 fn read_answer(
-    sock: &Socket,
+    link: &mut Link,
     buf: &mut Vec<u8>,
     correlation: i32,
     deadline: Instant,
     intr: &dyn Interrupt,
 ) -> Result<Vec<u8>, KafkaError> {
     while buf.len() < 4 {
-        tcp::read_some(sock, buf, deadline, intr)?;
+        link.read_some(buf, deadline, intr)?;
     }
     let size = i32::from_be_bytes(buf[..4].try_into().expect("4 bytes"));
     let size = usize::try_from(size)
@@ -612,7 +769,7 @@ fn read_answer(
         .filter(|&s| (4..=MAX_RESPONSE).contains(&s))
         .ok_or_else(|| KafkaError::Protocol(format!("an answer of {size} bytes")))?;
     while buf.len() < 4 + size {
-        tcp::read_some(sock, buf, deadline, intr)?;
+        link.read_some(buf, deadline, intr)?;
     }
     let body: Vec<u8> = buf.drain(..4 + size).skip(4).collect();
     // One request at a time per connection: anything more is unasked, and
@@ -762,8 +919,11 @@ fn error_name(code: i16) -> &'static str {
         20 => "NOT_ENOUGH_REPLICAS_AFTER_APPEND",
         29 => "TOPIC_AUTHORIZATION_FAILED",
         31 => "CLUSTER_AUTHORIZATION_FAILED",
+        33 => "UNSUPPORTED_SASL_MECHANISM",
+        34 => "ILLEGAL_SASL_STATE",
         35 => "UNSUPPORTED_VERSION",
         45 => "OUT_OF_ORDER_SEQUENCE_NUMBER",
+        58 => "SASL_AUTHENTICATION_FAILED",
         47 => "INVALID_PRODUCER_EPOCH",
         59 => "UNKNOWN_PRODUCER_ID",
         87 => "INVALID_RECORD",
@@ -1133,6 +1293,8 @@ mod tests {
             host: "127.0.0.1".into(),
             port,
             topic: "t".into(),
+            tls: None,
+            sasl: None,
         };
         let recs: Vec<Record<'_>> = (0..n)
             .map(|_| Record {

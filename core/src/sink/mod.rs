@@ -44,6 +44,9 @@ pub struct Settings<'a> {
     pub password: Option<&'a str>,
     pub token: Option<&'a str>,
     pub maxlen: Option<u64>,
+    /// Kafka: `plaintext`, `ssl`, `sasl_plaintext`, `sasl_ssl`.
+    pub security_protocol: Option<&'a str>,
+    pub sasl_mechanism: Option<&'a str>,
     /// `ca_file`, `cert_file`, `key_file`, `server_name`.
     pub tls: tls::Options,
 }
