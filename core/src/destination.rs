@@ -395,6 +395,9 @@ pub struct StoredOptions {
     pub security_protocol: Option<String>,
     #[serde(default)]
     pub sasl_mechanism: Option<String>,
+    /// Kafka: `none` (the default), `gzip`, `snappy`, `lz4`, `zstd`.
+    #[serde(default)]
+    pub compression: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -536,6 +539,7 @@ pub fn parse_stored(url: &str, options: &str) -> Result<Stored, OptionError> {
         ("server_name", opts.server_name.is_some()),
         ("security_protocol", opts.security_protocol.is_some()),
         ("sasl_mechanism", opts.sasl_mechanism.is_some()),
+        ("compression", opts.compression.is_some()),
     ];
     for (name, _) in given.iter().filter(|(_, set)| *set) {
         let taken = match &endpoint {
@@ -561,6 +565,7 @@ pub fn parse_stored(url: &str, options: &str) -> Result<Stored, OptionError> {
             maxlen: opts.maxlen,
             security_protocol: opts.security_protocol.as_deref(),
             sasl_mechanism: opts.sasl_mechanism.as_deref(),
+            compression: opts.compression.as_deref(),
             tls: crate::transport::tls::Options {
                 ca_file: opts.ca_file.clone(),
                 cert_file: opts.cert_file.clone(),

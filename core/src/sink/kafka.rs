@@ -44,6 +44,66 @@ pub struct Topic {
     /// (`sasl_plaintext`, `sasl_ssl`), for every broker of the cluster.
     pub tls: Option<tls::Options>,
     pub sasl: Option<Credentials>,
+    /// `compression`: how record batches are compressed.
+    pub compression: Compression,
+}
+
+/// The record batch codecs Kafka defines (the batch's attributes' low
+/// bits).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Compression {
+    #[default]
+    None,
+    Gzip,
+    Snappy,
+    Lz4,
+    Zstd,
+}
+
+impl Compression {
+    fn parse(s: &str) -> Option<Compression> {
+        Some(match s.to_ascii_lowercase().as_str() {
+            "none" => Compression::None,
+            "gzip" => Compression::Gzip,
+            "snappy" => Compression::Snappy,
+            "lz4" => Compression::Lz4,
+            "zstd" => Compression::Zstd,
+            _ => return None,
+        })
+    }
+
+    fn attribute(self) -> i16 {
+        self as i16
+    }
+
+    /// `records` compressed: gzip, raw snappy (what librdkafka writes and
+    /// every client reads), the LZ4 frame format with independent blocks
+    /// (the Java client's reader refuses dependent ones), a zstd frame.
+    fn compress(self, records: &[u8]) -> std::io::Result<Vec<u8>> {
+        use std::io::Write as _;
+        match self {
+            Compression::None => Ok(records.to_vec()),
+            Compression::Gzip => {
+                let mut e =
+                    flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+                e.write_all(records)?;
+                e.finish()
+            }
+            Compression::Snappy => snap::raw::Encoder::new()
+                .compress_vec(records)
+                .map_err(std::io::Error::other),
+            Compression::Lz4 => {
+                let mut e = lz4::EncoderBuilder::new()
+                    .block_mode(lz4::BlockMode::Independent)
+                    .checksum(lz4::ContentChecksum::NoChecksum)
+                    .build(Vec::new())?;
+                e.write_all(records)?;
+                let (out, r) = e.finish();
+                r.map(|()| out)
+            }
+            Compression::Zstd => zstd::bulk::compress(records, 3),
+        }
+    }
 }
 
 /// A record: headers `id` and `content-type`, the ordering key as key.
@@ -57,6 +117,7 @@ impl Broker for Topic {
     const OPTIONS: &'static [&'static str] = &[
         "security_protocol",
         "sasl_mechanism",
+        "compression",
         "username",
         "password",
         TLS_OPTIONS[0],
@@ -79,6 +140,7 @@ impl Broker for Topic {
             topic: topic.to_string(),
             tls: None,
             sasl: None,
+            compression: Compression::None,
         }))
     }
 
@@ -99,6 +161,11 @@ impl Broker for Topic {
     }
 
     fn configure(&mut self, s: &Settings<'_>) -> Result<(), String> {
+        if let Some(c) = s.compression {
+            self.compression = Compression::parse(c).ok_or_else(|| {
+                format!("compression {c:?} is not none, gzip, snappy, lz4 or zstd")
+            })?;
+        }
         let protocol = s.security_protocol.unwrap_or("plaintext");
         let (tls, sasl) = match protocol.to_ascii_lowercase().as_str() {
             "plaintext" => (false, false),
@@ -587,11 +654,15 @@ impl Conn {
                 record_batch(
                     &mut body,
                     &by_partition[p],
-                    self.producer_id,
-                    self.epoch,
-                    self.sequences[p],
+                    Producer {
+                        id: self.producer_id,
+                        epoch: self.epoch,
+                        sequence: self.sequences[p],
+                    },
+                    self.opened_for.compression,
                     now_ms,
-                );
+                )
+                .map_err(|e| (0, KafkaError::Send(SendError::Io(e))))?;
                 let size = (body.len() - size_at - 4) as i32;
                 body[size_at..size_at + 4].copy_from_slice(&size.to_be_bytes());
             }
@@ -849,14 +920,20 @@ fn key_bytes(key: i64) -> String {
 
 /// Appends a v2 record batch (uncompressed, create time) of `records`
 /// numbered from `sequence`.
+/// The idempotent producer's numbering of a batch.
+struct Producer {
+    id: i64,
+    epoch: i16,
+    sequence: i32,
+}
+
 fn record_batch(
     out: &mut Vec<u8>,
     records: &[&Record<'_>],
-    producer_id: i64,
-    epoch: i16,
-    sequence: i32,
+    producer: Producer,
+    compression: Compression,
     now_ms: i64,
-) {
+) -> std::io::Result<()> {
     let start = out.len();
     put_i64(out, 0); // base_offset
     put_i32(out, 0); // batch_length, set below
@@ -864,14 +941,15 @@ fn record_batch(
     out.push(2); // magic
     let crc_at = out.len();
     put_i32(out, 0); // crc, set below
-    put_i16(out, 0); // attributes
+    put_i16(out, compression.attribute()); // attributes
     put_i32(out, records.len() as i32 - 1); // last_offset_delta
     put_i64(out, now_ms);
     put_i64(out, now_ms);
-    put_i64(out, producer_id);
-    put_i16(out, epoch);
-    put_i32(out, sequence);
+    put_i64(out, producer.id);
+    put_i16(out, producer.epoch);
+    put_i32(out, producer.sequence);
     put_i32(out, records.len() as i32);
+    let mut all = Vec::new();
     let mut rec = Vec::new();
     for (delta, r) in records.iter().enumerate() {
         rec.clear();
@@ -888,13 +966,18 @@ fn record_batch(
         put_varbytes(&mut rec, r.id.as_bytes());
         put_varbytes(&mut rec, b"content-type");
         put_varbytes(&mut rec, r.content_type.as_bytes());
-        put_varint(out, rec.len() as i64);
-        out.extend_from_slice(&rec);
+        put_varint(&mut all, rec.len() as i64);
+        all.extend_from_slice(&rec);
+    }
+    match compression {
+        Compression::None => out.extend_from_slice(&all),
+        c => out.extend_from_slice(&c.compress(&all)?),
     }
     let length = (out.len() - start - 12) as i32;
     out[start + 8..start + 12].copy_from_slice(&length.to_be_bytes());
     let crc = crc32c(&out[crc_at + 4..]);
     out[crc_at..crc_at + 4].copy_from_slice(&crc.to_be_bytes());
+    Ok(())
 }
 
 const UNKNOWN_TOPIC_OR_PARTITION: i16 = 3;
@@ -1182,7 +1265,19 @@ mod tests {
         ];
         let refs: Vec<&Record<'_>> = recs.iter().collect();
         let mut out = Vec::new();
-        record_batch(&mut out, &refs, 42, 3, 7, 1_700_000_000_000);
+        let producer = Producer {
+            id: 42,
+            epoch: 3,
+            sequence: 7,
+        };
+        record_batch(
+            &mut out,
+            &refs,
+            producer,
+            Compression::None,
+            1_700_000_000_000,
+        )
+        .unwrap();
         let mut rd = Reader::new(&out);
         assert_eq!(rd.i64().unwrap(), 0);
         assert_eq!(rd.i32().unwrap() as usize, out.len() - 12);
@@ -1200,6 +1295,80 @@ mod tests {
         assert_eq!(rd.i32().unwrap(), 2);
         assert!(out.windows(16).any(|w| w == b"0000000000000005"));
         assert!(out.windows(7).any(|w| w == b"evt_s_2"));
+    }
+
+    #[test]
+    fn compressed_batches_hold_the_same_records() {
+        use std::io::Read as _;
+        let body = vec![b'x'; 10_000];
+        let recs: Vec<Record<'_>> = (0..20)
+            .map(|_| Record {
+                id: "evt_s_1",
+                key: Some(1),
+                body: &body,
+                content_type: "application/json",
+            })
+            .collect();
+        let refs: Vec<&Record<'_>> = recs.iter().collect();
+        let batch = |c| {
+            let mut out = Vec::new();
+            let p = Producer {
+                id: 1,
+                epoch: 0,
+                sequence: 0,
+            };
+            record_batch(&mut out, &refs, p, c, 0).unwrap();
+            out
+        };
+        let plain = batch(Compression::None);
+        let records = &plain[61..];
+        for c in [
+            Compression::Gzip,
+            Compression::Snappy,
+            Compression::Lz4,
+            Compression::Zstd,
+        ] {
+            let out = batch(c);
+            assert_eq!(i16::from_be_bytes([out[21], out[22]]), c as i16);
+            assert!(out.len() < plain.len() / 10, "{c:?}: {}", out.len());
+            assert_eq!(
+                crc32c(&out[21..]),
+                u32::from_be_bytes(out[17..21].try_into().unwrap())
+            );
+            let z = &out[61..];
+            let back = match c {
+                Compression::Gzip => {
+                    let mut v = Vec::new();
+                    flate2::read::GzDecoder::new(z).read_to_end(&mut v).unwrap();
+                    v
+                }
+                Compression::Snappy => snap::raw::Decoder::new().decompress_vec(z).unwrap(),
+                Compression::Lz4 => {
+                    let mut v = Vec::new();
+                    lz4::Decoder::new(z).unwrap().read_to_end(&mut v).unwrap();
+                    v
+                }
+                _ => zstd::bulk::decompress(z, 1 << 20).unwrap(),
+            };
+            assert_eq!(back, records, "{c:?}");
+        }
+    }
+
+    #[test]
+    fn compression_fits_a_sender_threads_stack() {
+        for c in [
+            Compression::Gzip,
+            Compression::Snappy,
+            Compression::Lz4,
+            Compression::Zstd,
+        ] {
+            std::thread::Builder::new()
+                .stack_size(crate::transport::SENDER_STACK)
+                .spawn(move || c.compress(&vec![b'x'; CHUNK_BYTES]).unwrap())
+                .unwrap()
+                .join()
+                .unwrap();
+        }
     }
 
     #[test]
@@ -1295,6 +1464,7 @@ mod tests {
             topic: "t".into(),
             tls: None,
             sasl: None,
+            compression: Compression::None,
         };
         let recs: Vec<Record<'_>> = (0..n)
             .map(|_| Record {

@@ -104,6 +104,12 @@ impl Timeouts {
     }
 }
 
+/// The stack of a sender thread: enough for rustls and the Kafka codecs
+/// (a test compresses a whole chunk on one; gzip overflowed 256 kB in a
+/// debug build), twice what that needs. Only the pages a thread touches
+/// take memory, so hundreds of threads still cost little.
+pub const SENDER_STACK: usize = 1024 * 1024;
+
 /// Spawns a detached thread with every signal blocked. PostgreSQL's signal
 /// handlers must run on the backend's own thread; a helper thread that
 /// could receive SIGINT or SIGALRM would swallow a cancel request.
@@ -117,7 +123,7 @@ pub fn spawn_without_signals(name: &str, f: impl FnOnce() + Send + 'static) -> s
         libc::pthread_sigmask(libc::SIG_SETMASK, all.as_ptr(), old.as_mut_ptr());
         let spawned = std::thread::Builder::new()
             .name(name.into())
-            .stack_size(256 * 1024)
+            .stack_size(SENDER_STACK)
             .spawn(f);
         libc::pthread_sigmask(libc::SIG_SETMASK, old.as_ptr(), std::ptr::null_mut());
         spawned.map(drop)
