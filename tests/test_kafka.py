@@ -93,15 +93,26 @@ def test_sync_and_commit_keep_a_row_in_one_partition(db, table, server, mode):
     assert db.warnings() == []
 
 
-def test_events_without_a_key_go_to_partition_zero(db, table, server):
+def test_events_without_a_key_are_spread_over_partitions(db, table, server):
+    """As Kafka's sticky partitioner does: each round's keyless records to
+    one partition, the next round's to the next (0.2.0 put all on 0)."""
+    url = f"kafka://127.0.0.1:{server.port}/orders"
     db.execute(f"CREATE TABLE {table} (v int)")  # no primary key
     db.execute(f"CREATE TRIGGER out AFTER INSERT ON {table} FOR EACH ROW EXECUTE FUNCTION "
-               f"row_to_destination('kafka://127.0.0.1:{server.port}/orders', 'delivery=async')")
-    db.execute(f"INSERT INTO {table} SELECT g FROM generate_series(1, 50) g")
-    db.execute(f"SELECT send_message('kafka://127.0.0.1:{server.port}/orders', '{{\"m\":1}}')")
-    recs = server.records("orders", 51)
-    assert {(r["partition"], r["key"]) for r in recs} == {(0, None)}
-    assert [r["value"].get("new", {}).get("v") for r in recs] == list(range(1, 51)) + [None]
+               f"row_to_destination('{url}', 'delivery=async')")
+    for n in range(6):
+        db.execute(f"INSERT INTO {table} SELECT g FROM generate_series({n * 10 + 1}, {n * 10 + 10}) g")
+        # Delivered before the next, so that each is a round of its own.
+        assert wait_until(lambda: db.one("SELECT delivered FROM emit.stats WHERE destination = %s",
+                                         (url,)) == (n + 1) * 10)
+    recs = server.records("orders", 60)
+    assert {r["key"] for r in recs} == {None}
+    by_partition = {}
+    for r in sorted(recs, key=lambda r: (r["partition"], r["offset"])):
+        by_partition.setdefault(r["partition"], []).append(r["value"]["new"]["v"])
+    assert sorted(by_partition) == [0, 1, 2]
+    for vs in by_partition.values():
+        assert vs == sorted(vs) and len(vs) == 20
 
 
 def test_a_missing_topic_waits_and_says_why(db, table, server):
@@ -154,3 +165,14 @@ def test_compressed_batches_read_back(db, table, dest, server, codec):
     assert sorted(r["value"]["new"]["id"] for r in got) == list(range(1, 201))
     assert all(r["value"]["new"]["v"] == "x" * 1000 for r in got)
     assert db.one("SELECT send_message(%s, '{\"n\": 1}', 'sync')", (dest,)) is True
+
+
+def test_the_next_bootstrap_broker_is_tried(db, table, server):
+    """kafka://down,up/topic: the first does not answer, the second does."""
+    from receivers import free_port
+
+    url = f"kafka://127.0.0.1:{free_port()},127.0.0.1:{server.port}/orders"
+    attach(db, table, url, "delivery=async")
+    db.execute(f"INSERT INTO {table} SELECT g, 'a' FROM generate_series(1, 20) g")
+    assert sorted(r["value"]["new"]["id"] for r in server.records("orders", 20)) == list(range(1, 21))
+    assert db.one("SELECT destination FROM emit.stats WHERE destination LIKE 'kafka://%%,%%'") == url

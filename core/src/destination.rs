@@ -284,15 +284,35 @@ fn parse_broker(scheme: &str, input: &str) -> Result<Destination, OptionError> {
     if input.chars().any(|c| c.is_control() || c.is_whitespace()) {
         return Err(bad("a URL cannot contain whitespace or control characters"));
     }
-    let u = url::Url::parse(input).map_err(|e| bad(&e.to_string()))?;
-    let host = u.host_str().unwrap_or_default();
-    let host = host
-        .strip_prefix('[')
-        .and_then(|h| h.strip_suffix(']'))
-        .unwrap_or(host)
-        .to_string();
+    // `scheme://h1:p1,h2:p2/...`: the URL of the first server, and the
+    // rest (each checked as a host is).
+    let (head, rest) = input.split_once("://").unwrap_or((input, ""));
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(authority_end);
+    let mut servers = authority.split(',');
+    let first = format!("{head}://{}{path}", servers.next().unwrap_or_default());
+    let u = url::Url::parse(&first).map_err(|e| bad(&e.to_string()))?;
+    let unbracket = |h: &str| {
+        h.strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(h)
+            .to_string()
+    };
+    let host = unbracket(u.host_str().unwrap_or_default());
     options::check_host(&host)?;
-    let b = AnyBroker::parse(scheme, &u, host, input).expect("a broker's scheme")?;
+    let mut b = AnyBroker::parse(scheme, &u, host, input).expect("a broker's scheme")?;
+    let more = servers
+        .map(|s| {
+            let u = url::Url::parse(&format!("{head}://{s}/"))
+                .map_err(|e| bad(&format!("{s:?}: {e}")))?;
+            let host = unbracket(u.host_str().unwrap_or_default());
+            options::check_host(&host)?;
+            Ok((host, u.port()))
+        })
+        .collect::<Result<Vec<_>, OptionError>>()?;
+    if !more.is_empty() {
+        b.also(more).map_err(|why| bad(&why))?;
+    }
     if !u.username().is_empty() || u.password().is_some() {
         let takes: Vec<_> = ["username", "password", "token"]
             .into_iter()
@@ -776,6 +796,25 @@ mod tests {
         ] {
             let e = parse_stored(url, options).unwrap_err().to_string();
             assert!(e.contains(why), "{url} {options}: {e}");
+        }
+    }
+
+    #[test]
+    fn kafka_takes_several_bootstrap_brokers() {
+        let d = parse_url("kafka://h1:9093,h2,[::1]:9094/orders", Vec::new()).unwrap();
+        assert_eq!(d.key(), "kafka://h1:9093,h2:9092,[::1]:9094/orders");
+        let Destination::Broker(AnyBroker::Kafka(k)) = &d else {
+            panic!("{d:?}")
+        };
+        assert_eq!(k.more, [("h2".into(), 9092), ("::1".into(), 9094)]);
+        assert_eq!(parse_url(&d.key(), Vec::new()).unwrap(), d);
+        for (bad, why) in [
+            ("redis://h1,h2/s", "name one server"),
+            ("kafka://h1,/t", "must not be empty"),
+            ("kafka://h1,h 2/t", "whitespace"),
+        ] {
+            let e = parse_url(bad, Vec::new()).unwrap_err().to_string();
+            assert!(e.contains(why), "{bad}: {e}");
         }
     }
 

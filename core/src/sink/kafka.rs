@@ -16,7 +16,9 @@
 //! digits); its partition is `murmur2(key) mod partitions`, the Java
 //! client's default, so events of one row stay in one partition, in
 //! commit order. Events without a key (statement-level events, tables
-//! without a primary key) go to partition 0, in order among themselves.
+//! without a primary key) are spread as the Java client's sticky
+//! partitioner does: a chunk's keyless records to one partition, the next
+//! chunk's to the next.
 //!
 //! **Idempotence.** Each connection registers as an idempotent producer
 //! and numbers its batches per partition, so within a connection no batch
@@ -39,6 +41,9 @@ use std::time::Instant;
 pub struct Topic {
     pub host: String,
     pub port: u16,
+    /// Further bootstrap brokers, tried in order when the first does not
+    /// answer.
+    pub more: Vec<(String, u16)>,
     pub topic: String,
     /// `security_protocol`: TLS (`ssl`, `sasl_ssl`) and SASL
     /// (`sasl_plaintext`, `sasl_ssl`), for every broker of the cluster.
@@ -137,6 +142,7 @@ impl Broker for Topic {
         Ok(Some(Topic {
             host,
             port: u.port().unwrap_or(Self::PORT),
+            more: Vec::new(),
             topic: topic.to_string(),
             tls: None,
             sasl: None,
@@ -148,12 +154,18 @@ impl Broker for Topic {
         self.tls.as_ref()
     }
 
+    fn also(&mut self, servers: Vec<(String, Option<u16>)>) -> Result<(), String> {
+        self.more = servers
+            .into_iter()
+            .map(|(h, p)| (h, p.unwrap_or(Self::PORT)))
+            .collect();
+        Ok(())
+    }
+
     fn url(&self) -> String {
-        format!(
-            "kafka://{}/{}",
-            host_port(&self.host, self.port),
-            self.topic
-        )
+        let mut servers = vec![host_port(&self.host, self.port)];
+        servers.extend(self.more.iter().map(|(h, p)| host_port(h, *p)));
+        format!("kafka://{}/{}", servers.join(","), self.topic)
     }
 
     fn address(&self) -> (&str, u16) {
@@ -299,9 +311,18 @@ pub struct Conn {
     producer_id: i64,
     epoch: i16,
     sequences: Vec<i32>,
+    /// The partition of the next chunk's records without a key (modulo
+    /// the partition count).
+    sticky: usize,
     correlation: i32,
     buf: Vec<u8>,
+    /// When its metadata was read: a session older than
+    /// [`METADATA_MAX_AGE`] is replaced, so partitions added since are used.
+    opened_at: Instant,
 }
+
+/// Kafka's default `metadata.max.age.ms`.
+const METADATA_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// Produces `records` in order, in one producer session (see
 /// [`Broker::send`]).
@@ -364,6 +385,7 @@ fn session(
 ) -> Result<(Conn, bool), KafkaError> {
     if let Some(mut c) = kept {
         let usable = c.opened_for == *target
+            && c.opened_at.elapsed() < METADATA_MAX_AGE
             && c.socks.values_mut().all(|(link, host, port)| {
                 let allowed = link
                     .peer_addr()
@@ -374,17 +396,18 @@ fn session(
             return Ok((c, true));
         }
     }
-    let mut sock = open(target, &target.host, target.port, timeouts, allow, intr)?;
     let mut conn = Conn {
         opened_for: target.clone(),
         socks: HashMap::new(),
         brokers: HashMap::new(),
         leaders: Vec::new(),
         producer_id: -1,
+        sticky: 0,
         epoch: -1,
         sequences: Vec::new(),
         correlation: 0,
         buf: Vec::new(),
+        opened_at: Instant::now(),
     };
     let deadline = Instant::now() + timeouts.write;
 
@@ -392,16 +415,42 @@ fn session(
     put_i32(&mut body, 1);
     put_str(&mut body, &target.topic);
     body.push(0); // allow_auto_topic_creation: a typo must not create a topic
-    let r = conn.call(
-        &mut sock,
-        METADATA,
-        METADATA_VERSION,
-        &body,
-        deadline,
-        timeouts,
-        intr,
-    )?;
-    conn.read_metadata(&r, &target.topic)?;
+                  // The bootstrap brokers in turn, until one answers; a missing topic
+                  // is the cluster's answer, not the broker's failure.
+    let servers = std::iter::once((target.host.as_str(), target.port))
+        .chain(target.more.iter().map(|(h, p)| (h.as_str(), *p)));
+    let mut reached = None;
+    let mut last = None;
+    for (host, port) in servers {
+        conn.brokers.clear();
+        let answer = open(target, host, port, timeouts, allow, intr).and_then(|mut sock| {
+            let r = conn.call(
+                &mut sock,
+                METADATA,
+                METADATA_VERSION,
+                &body,
+                deadline,
+                timeouts,
+                intr,
+            )?;
+            conn.read_metadata(&r, &target.topic)?;
+            Ok(sock)
+        });
+        match answer {
+            Ok(sock) => {
+                reached = Some((sock, host, port));
+                break;
+            }
+            Err(e @ (KafkaError::NoTopic(_) | KafkaError::Sasl { .. })) => return Err(e),
+            Err(KafkaError::Send(SendError::Cancelled)) => {
+                return Err(KafkaError::Send(SendError::Cancelled))
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+    let Some((mut sock, host, port)) = reached else {
+        return Err(last.expect("one bootstrap broker at least"));
+    };
 
     let mut body = Vec::new();
     body.push(0); // transactional_id: null (compact), idempotent only
@@ -436,7 +485,7 @@ fn session(
     if let Some((&node, (h, p))) = conn
         .brokers
         .iter()
-        .find(|(_, (h, p))| h.eq_ignore_ascii_case(&target.host) && *p == target.port)
+        .find(|(_, (h, p))| h.eq_ignore_ascii_case(host) && *p == port)
     {
         let (h, p) = (h.clone(), *p);
         conn.socks.insert(node, (sock, h, p));
@@ -611,7 +660,17 @@ impl Conn {
         intr: &dyn Interrupt,
     ) -> Result<(), (usize, KafkaError)> {
         let n = self.leaders.len();
-        let partition_of: Vec<usize> = chunk.iter().map(|r| partition(r.key, n)).collect();
+        // Records without a key stick to one partition per chunk, the next
+        // chunk's the next partition (Kafka's sticky partitioner): spread
+        // over the topic, each chunk's in order.
+        let sticky = self.sticky % n;
+        if chunk.iter().any(|r| r.key.is_none()) {
+            self.sticky = self.sticky.wrapping_add(1);
+        }
+        let partition_of: Vec<usize> = chunk
+            .iter()
+            .map(|r| partition(r.key, n).unwrap_or(sticky))
+            .collect();
         let mut by_partition: Vec<Vec<&Record<'_>>> = vec![Vec::new(); n];
         for (r, &p) in chunk.iter().zip(&partition_of) {
             by_partition[p].push(r);
@@ -884,11 +943,8 @@ fn produce_results(r: &[u8], topic: &str) -> Result<Vec<(i32, i16)>, KafkaError>
 
 /// The partition of a record with `key` among `n`: the Java client's
 /// default partitioner; keyless records go to partition 0.
-fn partition(key: Option<i64>, n: usize) -> usize {
-    match key {
-        Some(k) => (murmur2(key_bytes(k).as_bytes()) & 0x7fff_ffff) as usize % n,
-        None => 0,
-    }
+fn partition(key: Option<i64>, n: usize) -> Option<usize> {
+    key.map(|k| (murmur2(key_bytes(k).as_bytes()) & 0x7fff_ffff) as usize % n)
 }
 
 /// Where the chunk starting at `start` ends: at most [`CHUNK_RECORDS`]
@@ -1237,11 +1293,11 @@ mod tests {
     }
 
     #[test]
-    fn keyless_records_go_to_partition_zero() {
-        assert_eq!(partition(None, 7), 0);
+    fn keys_pick_partitions() {
+        assert_eq!(partition(None, 7), None);
         for k in [0, 1, -1, i64::MAX, i64::MIN] {
-            assert!(partition(Some(k), 7) < 7);
-            assert_eq!(partition(Some(k), 1), 0);
+            assert!(partition(Some(k), 7).unwrap() < 7);
+            assert_eq!(partition(Some(k), 1), Some(0));
         }
         assert_eq!(key_bytes(-1), "ffffffffffffffff");
         assert_eq!(key_bytes(10), "000000000000000a");
@@ -1461,6 +1517,7 @@ mod tests {
         let target = Topic {
             host: "127.0.0.1".into(),
             port,
+            more: Vec::new(),
             topic: "t".into(),
             tls: None,
             sasl: None,

@@ -106,6 +106,13 @@ pub trait Broker: Sized {
         None
     }
 
+    /// Takes the further servers of a URL that names several
+    /// (`kafka://h1:9092,h2:9092/topic`), with their ports if given;
+    /// brokers reached at one address refuse them.
+    fn also(&mut self, _servers: Vec<(String, Option<u16>)>) -> Result<(), String> {
+        Err("name one server".into())
+    }
+
     /// Its URL without credentials: shown in `emit.stats` and kept in the
     /// outbox, from which [`AnyBroker::parse`] reads it back.
     fn url(&self) -> String;
@@ -252,6 +259,13 @@ macro_rules! brokers {
             pub fn tls_options(&self) -> Option<&tls::Options> {
                 match self {
                     $(AnyBroker::$variant(b) => b.tls_options()),*
+                }
+            }
+
+            /// See [`Broker::also`].
+            pub fn also(&mut self, servers: Vec<(String, Option<u16>)>) -> Result<(), String> {
+                match self {
+                    $(AnyBroker::$variant(b) => b.also(servers)),*
                 }
             }
 
