@@ -319,6 +319,9 @@ pub struct Conn {
     /// When its metadata was read: a session older than
     /// [`METADATA_MAX_AGE`] is replaced, so partitions added since are used.
     opened_at: Instant,
+    /// Until when the brokers asked to be left alone (Produce's
+    /// `throttle_time_ms`).
+    throttled_until: Instant,
 }
 
 /// Kafka's default `metadata.max.age.ms`.
@@ -342,6 +345,10 @@ fn produce(
     while done < records.len() {
         let end = chunk_end(records, done);
         let chunk = &records[done..end];
+        if let Err(e) = conn.hold_off(intr) {
+            *slot = Some(conn);
+            return (done, Err(e));
+        }
         match conn.send_chunk(chunk, timeouts, allow, intr) {
             Ok(()) => done = end,
             // A kept session's leaders may have moved since (Kafka
@@ -408,6 +415,7 @@ fn session(
         correlation: 0,
         buf: Vec::new(),
         opened_at: Instant::now(),
+        throttled_until: Instant::now(),
     };
     let deadline = Instant::now() + timeouts.write;
 
@@ -424,6 +432,8 @@ fn session(
     for (host, port) in servers {
         conn.brokers.clear();
         let answer = open(target, host, port, timeouts, allow, intr).and_then(|mut sock| {
+            let r = conn.call(&mut sock, API_VERSIONS, 0, &[], deadline, timeouts, intr)?;
+            check_versions(&r)?;
             let r = conn.call(
                 &mut sock,
                 METADATA,
@@ -510,6 +520,39 @@ fn open(
     Ok(link)
 }
 
+const API_VERSIONS: i16 = 18;
+
+/// Checks that the broker speaks the versions pg_emit sends (ApiVersions
+/// v0), so that an old broker is a clear error rather than a cut
+/// connection.
+fn check_versions(r: &[u8]) -> Result<(), KafkaError> {
+    let mut rd = Reader::new(r);
+    let code = rd.i16()?;
+    if code != 0 {
+        return Err(KafkaError::Broker {
+            what: "ApiVersions".into(),
+            code,
+        });
+    }
+    let mut spoken = HashMap::new();
+    for _ in 0..rd.len()? {
+        let (api, min, max) = (rd.i16()?, rd.i16()?, rd.i16()?);
+        spoken.insert(api, min..=max);
+    }
+    for (api, name, version) in [
+        (PRODUCE, "Produce", PRODUCE_VERSION),
+        (METADATA, "Metadata", METADATA_VERSION),
+        (INIT_PRODUCER_ID, "InitProducerId", INIT_PRODUCER_ID_VERSION),
+    ] {
+        if !spoken.get(&api).is_some_and(|v| v.contains(&version)) {
+            return Err(KafkaError::Protocol(format!(
+                "the broker does not speak {name} v{version} (Kafka 2.5 or later does)"
+            )));
+        }
+    }
+    Ok(())
+}
+
 const SASL_HANDSHAKE: i16 = 17;
 const SASL_AUTHENTICATE: i16 = 36;
 
@@ -582,6 +625,18 @@ fn authenticate(
 }
 
 impl Conn {
+    /// Waits out a throttle the brokers asked for, giving way to a cancel.
+    fn hold_off(&self, intr: &dyn Interrupt) -> Result<(), KafkaError> {
+        loop {
+            intr.check().map_err(|_| SendError::Cancelled)?;
+            let now = Instant::now();
+            if now >= self.throttled_until {
+                return Ok(());
+            }
+            std::thread::sleep((self.throttled_until - now).min(crate::transport::SLICE));
+        }
+    }
+
     fn read_metadata(&mut self, r: &[u8], topic: &str) -> Result<(), KafkaError> {
         let mut rd = Reader::new(r);
         rd.i32()?; // throttle_time_ms
@@ -743,7 +798,12 @@ impl Conn {
             let r = self
                 .answer(*leader, correlation, deadline, intr)
                 .map_err(|e| (0, e))?;
-            let results = produce_results(&r, &self.opened_for.topic).map_err(|e| (0, e))?;
+            let (results, throttle) =
+                produce_results(&r, &self.opened_for.topic).map_err(|e| (0, e))?;
+            // A broker over its quota says how long to hold off: the next
+            // chunk waits that long (at most the write timeout).
+            let until = Instant::now() + throttle.min(timeouts.write);
+            self.throttled_until = self.throttled_until.max(until);
             // Each partition sent to this leader is answered exactly once,
             // by it; one the answer leaves out was not delivered.
             let mut answered = vec![false; parts.len()];
@@ -918,8 +978,12 @@ fn read_answer(
     Ok(body[4..].to_vec())
 }
 
-/// Each partition's error code in a Produce v7 answer for `topic`.
-fn produce_results(r: &[u8], topic: &str) -> Result<Vec<(i32, i16)>, KafkaError> {
+/// Each partition's error code in a Produce v7 answer for `topic`, and how
+/// long the broker asks the producer to wait (its quota's throttle).
+fn produce_results(
+    r: &[u8],
+    topic: &str,
+) -> Result<(Vec<(i32, i16)>, std::time::Duration), KafkaError> {
     let mut rd = Reader::new(r);
     let mut out = Vec::new();
     for _ in 0..rd.len()? {
@@ -938,11 +1002,13 @@ fn produce_results(r: &[u8], topic: &str) -> Result<Vec<(i32, i16)>, KafkaError>
             out.push((index, code));
         }
     }
-    Ok(out)
+    let throttle = rd.i32()?.clamp(0, i32::MAX) as u64;
+    Ok((out, std::time::Duration::from_millis(throttle)))
 }
 
 /// The partition of a record with `key` among `n`: the Java client's
-/// default partitioner; keyless records go to partition 0.
+/// default partitioner; `None` for a keyless record (see the sticky
+/// partition in `send_chunk`).
 fn partition(key: Option<i64>, n: usize) -> Option<usize> {
     key.map(|k| (murmur2(key_bytes(k).as_bytes()) & 0x7fff_ffff) as usize % n)
 }
@@ -1473,6 +1539,15 @@ mod tests {
                 let api = i16::from_be_bytes([req[0], req[1]]);
                 let mut out = req[4..8].to_vec(); // correlation id
                 match api {
+                    API_VERSIONS => {
+                        put_i16(&mut out, 0);
+                        put_i32(&mut out, 3);
+                        for (api, max) in [(PRODUCE, 9), (METADATA, 12), (INIT_PRODUCER_ID, 4)] {
+                            put_i16(&mut out, api);
+                            put_i16(&mut out, 0);
+                            put_i16(&mut out, max);
+                        }
+                    }
                     METADATA => {
                         put_i32(&mut out, 0);
                         put_i32(&mut out, 1);
@@ -1575,6 +1650,48 @@ mod tests {
             a
         });
         assert!(matches!(produce_to(ok, 3), (3, Ok(()))));
+    }
+
+    #[test]
+    fn old_brokers_are_named_as_such() {
+        let answer = |produce_max: i16| {
+            let mut r = Vec::new();
+            put_i16(&mut r, 0);
+            put_i32(&mut r, 3);
+            for (api, max) in [(PRODUCE, produce_max), (METADATA, 9), (INIT_PRODUCER_ID, 4)] {
+                put_i16(&mut r, api);
+                put_i16(&mut r, 0);
+                put_i16(&mut r, max);
+            }
+            r
+        };
+        assert!(check_versions(&answer(9)).is_ok());
+        let e = check_versions(&answer(5)).unwrap_err().to_string();
+        assert!(e.contains("does not speak Produce v7"), "{e}");
+    }
+
+    #[test]
+    fn a_throttled_producer_holds_off() {
+        let throttled = fake_broker(|| {
+            let mut a = Vec::new();
+            put_i32(&mut a, 1);
+            put_str(&mut a, "t");
+            put_i32(&mut a, 1);
+            put_i32(&mut a, 0);
+            put_i16(&mut a, 0);
+            put_i64(&mut a, 0);
+            put_i64(&mut a, -1);
+            put_i64(&mut a, 0);
+            put_i32(&mut a, 400); // throttle_time_ms
+            a
+        });
+        let started = Instant::now();
+        // Two chunks: the second waits out the first's throttle.
+        assert!(matches!(
+            produce_to(throttled, CHUNK_RECORDS + 1),
+            (n, Ok(())) if n == CHUNK_RECORDS + 1
+        ));
+        assert!(started.elapsed() >= std::time::Duration::from_millis(400));
     }
 
     #[test]
