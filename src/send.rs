@@ -277,12 +277,12 @@ fn send_http(
         &parsed.url,
         method,
         content_type,
-        &headers,
-        body.as_bytes(),
+        (&headers, body.as_bytes()),
         // Bodies any emit_sender chooses are never signed, nor given an
         // event id.
         None,
         &pg_emit_core::destination::SignWith::Nothing,
+        &Default::default(),
         &interrupts::Statement,
     ) {
         Ok(resp) => i32::from(resp.status),

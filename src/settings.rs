@@ -475,6 +475,7 @@ pub fn http_client_config() -> Result<ClientConfig, String> {
         request_timeout: ms(&HTTP_TIMEOUT),
         trust: trust()?,
         allow: (*allowlist()).clone(),
+        tls: Default::default(),
     })
 }
 

@@ -96,6 +96,7 @@ pub fn lookup(func: &'static str, name: &str) -> Rc<Resolved> {
         endpoint,
         format,
         signing,
+        tls,
         ..
     } = destination::parse_stored(&url, &options)
         .unwrap_or_else(|source| EmitError::Argument { func, source }.raise());
@@ -104,6 +105,7 @@ pub fn lookup(func: &'static str, name: &str) -> Rc<Resolved> {
             name: name.to_string(),
             endpoint: Box::new(endpoint),
             signing,
+            tls,
         },
         format,
     ));
@@ -150,7 +152,7 @@ fn check(func: &'static str, name: &str, url: &str, options: &str, was: Option<&
     crate::delivery::refuse_unless_allowed(&|| func.to_string(), &stored.endpoint);
     let tls = match &stored.endpoint {
         Destination::Broker(b) => b.tls_options(),
-        _ => None,
+        _ => Some(&stored.tls),
     };
     let Some(tls) = tls.filter(|t| !t.is_empty()) else {
         return;
@@ -162,7 +164,7 @@ fn check(func: &'static str, name: &str, url: &str, options: &str, was: Option<&
         .and_then(|w| destination::parse_stored(url, w).ok())
         .and_then(|s| match &s.endpoint {
             Destination::Broker(b) => b.tls_options().map(files),
-            _ => None,
+            _ => Some(files(&s.tls)),
         });
     let names_files = tls.ca_file.is_some() || tls.cert_file.is_some();
     // SAFETY: plain catalog lookups about the current user.

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import DB, Session, attach
 from pgcluster import wait_until
-from receivers import KafkaGate, KafkaServer, NatsServer, RedisServer, TlsFirst
+from receivers import HttpReceiver, KafkaGate, KafkaServer, NatsServer, RedisServer, TlsFirst
 
 pytestmark = pytest.mark.usefixtures("fast_retries", "no_cooldown")
 
@@ -332,3 +332,53 @@ def test_kafka_ssl_verifies_the_broker(db, dest, pki):
     finally:
         server.close()
         gate.close()
+
+
+# --- HTTPS ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def https_mtls(pki):
+    """An HTTPS receiver that requires a client certificate from its CA."""
+    import ssl
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(pem(pki, "server.pem"), pem(pki, "server.key"))
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.load_verify_locations(pem(pki, "ca.pem"))
+    srv = HttpReceiver(tls=ctx)
+    yield srv
+    srv.close()
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_https_client_certificates_and_own_ca(db, table, dest, pki, https_mtls, mode):
+    """A stored https:// destination's own ca_file (not pg_emit.ca_file)
+    and client certificate, in a backend and in the worker."""
+    db.execute("SELECT emit.create_destination(%s, %s, %s)",
+               (dest, https_mtls.url, json.dumps({"ca_file": pem(pki, "ca.pem"),
+                                                  "cert_file": pem(pki, "client.pem"),
+                                                  "key_file": pem(pki, "client.key")})))
+    attach(db, table, dest, f"delivery={mode}")
+    db.execute(f"INSERT INTO {table} SELECT g, 'a' FROM generate_series(1, 5) g")
+    got = https_mtls.wait_for(5)
+    assert sorted(json.loads(r[3])["new"]["id"] for r in got) == [1, 2, 3, 4, 5]
+    assert db.warnings() == []
+
+
+def test_https_without_the_client_certificate_is_refused(db, dest, pki, https_mtls):
+    db.execute("SELECT emit.create_destination(%s, %s, %s)",
+               (dest, https_mtls.url, json.dumps({"ca_file": pem(pki, "ca.pem")})))
+    assert "certificate" in failure(db, dest).lower()
+    db.execute("SELECT emit.alter_destination(%s, NULL, %s)",
+               (dest, json.dumps({"ca_file": pem(pki, "ca.pem"), "cert_file": pem(pki, "expired.pem"),
+                                  "key_file": pem(pki, "expired.key")})))
+    failure(db, dest)
+    assert https_mtls.requests == []
+
+
+def test_https_options_need_https(db, dest):
+    with pytest.raises(psycopg.errors.InvalidParameterValue) as e:
+        db.execute("SELECT emit.create_destination(%s, 'http://127.0.0.1:1/x', %s)",
+                   (dest, json.dumps({"ca_file": "/etc/hostname"})))
+    assert "https://" in str(e.value)

@@ -42,6 +42,8 @@ pub enum Destination {
         /// How its HTTP requests are signed (sync and commit; the worker
         /// reads the destination itself).
         signing: SignWith,
+        /// HTTPS: its `ca_file` and client certificate.
+        tls: crate::transport::tls::Options,
     },
 }
 
@@ -497,7 +499,13 @@ pub struct Stored {
     /// How its events flow (HTTP; TCP is always [`Flow::SERIAL`]).
     pub flow: Flow,
     pub signing: SignWith,
+    /// HTTPS: `ca_file`, `cert_file` and `key_file` (brokers keep theirs).
+    pub tls: crate::transport::tls::Options,
 }
+
+/// The TLS options an `https://` destination takes (the server's name is
+/// the URL's host there).
+const HTTPS_OPTIONS: [&str; 3] = ["ca_file", "cert_file", "key_file"];
 
 /// Checks a stored destination's `url` and `options` (JSON text).
 pub fn parse_stored(url: &str, options: &str) -> Result<Stored, OptionError> {
@@ -561,16 +569,20 @@ pub fn parse_stored(url: &str, options: &str) -> Result<Stored, OptionError> {
         ("sasl_mechanism", opts.sasl_mechanism.is_some()),
         ("compression", opts.compression.is_some()),
     ];
+    let https = matches!(&endpoint, Destination::Http { url, .. } if url.starts_with("https://"));
     for (name, _) in given.iter().filter(|(_, set)| *set) {
         let taken = match &endpoint {
             Destination::Broker(b) => b.takes(name),
-            _ => false,
+            _ => https && HTTPS_OPTIONS.contains(name),
         };
         if !taken {
-            let schemes: Vec<_> = AnyBroker::taking(name)
+            let mut schemes: Vec<_> = AnyBroker::taking(name)
                 .into_iter()
                 .map(|s| format!("{s}://"))
                 .collect();
+            if HTTPS_OPTIONS.contains(name) {
+                schemes.push("https://".into());
+            }
             return Err(OptionError::Destination(format!(
                 "options: {name} applies to {} destinations only",
                 schemes.join(", ")
@@ -640,10 +652,19 @@ pub fn parse_stored(url: &str, options: &str) -> Result<Stored, OptionError> {
             )))
         }
     };
+    let tls = crate::transport::tls::Options {
+        ca_file: opts.ca_file.filter(|_| https),
+        cert_file: opts.cert_file.filter(|_| https),
+        key_file: opts.key_file.filter(|_| https),
+        server_name: None,
+    };
+    tls.check()
+        .map_err(|e| OptionError::Destination(format!("options: {e}")))?;
     Ok(Stored {
         signing,
         endpoint,
         format,
+        tls,
         flow: Flow {
             concurrency,
             order: opts.order.map_or(Order::Key, Order::from),

@@ -55,8 +55,10 @@ impl Row {
 
 /// Where a job goes: the same [`Destination`] sync and commit send to
 /// (the worker has already read a stored one: never
-/// [`Destination::Stored`]), with what its HTTP requests need.
+/// [`Destination::Stored`]), with what its HTTP requests need. One per
+/// job, never in a collection: its size does not matter.
 #[derive(Debug, Clone)]
+#[allow(clippy::large_enum_variant)]
 pub enum Resolved {
     Ready(Destination, HttpSetup),
     /// A stored destination that cannot be used now (dropped, say): every
@@ -996,6 +998,7 @@ mod tests {
                         request_timeout: Duration::from_secs(2),
                         trust: crate::transport::http::Trust::System,
                         allow: Allowlist::default(),
+                        tls: Default::default(),
                     },
                     None,
                 )),

@@ -15,6 +15,7 @@ use crate::options::Framing;
 use crate::settings::{self, OnError};
 use crate::transport::http::{self, HttpError, Request, Response, Signing};
 use crate::transport::tcp::{self, SendError};
+use crate::transport::tls;
 use crate::transport::Interrupt;
 use pg_emit_core::cloudevents;
 use pg_emit_core::destination::SignWith;
@@ -37,7 +38,7 @@ struct State {
 
 thread_local! {
     static STATE: RefCell<State> = RefCell::default();
-    static HTTP: RefCell<Option<http::Client>> = const { RefCell::new(None) };
+    static HTTP: RefCell<Vec<http::Client>> = const { RefCell::new(Vec::new()) };
     static OUTGOING: RefCell<Vec<Outgoing>> = const { RefCell::new(Vec::new()) };
     static SKIPPED: RefCell<Vec<Skipped>> = const { RefCell::new(Vec::new()) };
     static MARKS: RefCell<Vec<Mark>> = const { RefCell::new(Vec::new()) };
@@ -188,17 +189,22 @@ pub fn try_send(
                 (_, true) => &SignWith::Nothing,
                 (_, false) => &SignWith::FileKey,
             };
+            let tls = match target {
+                Destination::Stored { tls, .. } => tls,
+                _ => &NO_TLS_OPTIONS,
+            };
             let id = Some(event_id(kind, msg));
             let r = match kind.format {
                 Format::CloudEventsBinary => {
                     let b = cloudevents::to_binary(headers, msg)
                         .map_err(|detail| Failure::Http(HttpError::Failed { detail }))?;
                     let ct = &b.content_type;
-                    http_request(url, "POST", ct, &b.headers, &b.body, id, signing, intr)?
+                    let sent = (&b.headers[..], &b.body[..]);
+                    http_request(url, "POST", ct, sent, id, signing, tls, intr)?
                 }
                 f => {
                     let ct = cloudevents::content_type(f, false);
-                    http_request(url, "POST", ct, headers, msg, id, signing, intr)?
+                    http_request(url, "POST", ct, (headers, msg), id, signing, tls, intr)?
                 }
             };
             if r.success() {
@@ -369,15 +375,16 @@ fn try_send_tcp(
 /// signature tells a receiver that pg_emit produced the body; a body chosen
 /// by a caller of `send_http` (which could forge an event id) must not
 /// carry one.
+/// `tls`: a stored destination's own CA and client certificate.
 #[allow(clippy::too_many_arguments)]
 pub fn http_request(
     url: &str,
     method: &str,
     content_type: &str,
-    headers: &[(String, String)],
-    body: &[u8],
+    (headers, body): (&[(String, String)], &[u8]),
     id: Option<String>,
     sign: &SignWith,
+    tls: &tls::Options,
     intr: &dyn Interrupt,
 ) -> Result<Response, Failure> {
     guarded(
@@ -385,7 +392,7 @@ pub fn http_request(
         0,
         || {
             let setup = |detail: String| Failure::Http(HttpError::Failed { detail });
-            let client = http_client().map_err(setup)?;
+            let client = http_client(tls).map_err(setup)?;
             let signing = match sign {
                 SignWith::FileKey => match settings::signing_secret().map_err(setup)? {
                     Some(key) => Signing::Emit(key),
@@ -417,19 +424,33 @@ pub fn http_request(
     )
 }
 
-/// This backend's HTTP client, rebuilt when a setting it depends on
-/// changes (keep-alive connections live in it).
-fn http_client() -> Result<http::Client, String> {
-    let config = settings::http_client_config()?;
-    HTTP.with_borrow_mut(|slot| match slot {
-        Some(c) if c.config == config => Ok(c.clone()),
-        _ => {
-            let c = http::Client::new(config)?;
-            *slot = Some(c.clone());
-            Ok(c)
-        }
+/// This backend's HTTP client for destinations with TLS options `tls`,
+/// rebuilt when a setting it depends on changes (keep-alive connections
+/// live in it). A few are kept, the most recently used first.
+fn http_client(tls: &tls::Options) -> Result<http::Client, String> {
+    let mut config = settings::http_client_config()?;
+    config.tls = tls.clone();
+    HTTP.with_borrow_mut(|kept| {
+        let c = match kept.iter().position(|c| c.config == config) {
+            Some(i) => kept.remove(i),
+            None => http::Client::new(config)?,
+        };
+        kept.insert(0, c.clone());
+        kept.truncate(HTTP_CLIENTS);
+        Ok(c)
     })
 }
+
+/// HTTP clients a backend keeps: one per set of TLS options in use.
+const HTTP_CLIENTS: usize = 4;
+
+/// The TLS options of a destination that has none.
+static NO_TLS_OPTIONS: tls::Options = tls::Options {
+    ca_file: None,
+    cert_file: None,
+    key_file: None,
+    server_name: None,
+};
 
 /// Sends `msg` inside a statement. A failure is a WARNING, or an ERROR
 /// under `pg_emit.on_error = error`. A destination the allowlist refuses

@@ -246,10 +246,15 @@ fn stored_dest(
         Ok(s) => s,
         Err(e) => return Ok(unavailable(format!("stored destination {name:?}: {e}"))),
     };
+    // Its own CA and client certificate, if it has them.
+    let http = http.clone().map(|(mut c, key)| {
+        c.tls = stored.tls.clone();
+        (c, key)
+    });
     let (client, standard) = match stored.signing {
-        SignWith::FileKey => (http.clone(), None),
-        SignWith::Nothing => (http.clone().map(|(c, _)| (c, None)), None),
-        SignWith::Standard(secrets) => (http.clone().map(|(c, _)| (c, None)), Some(secrets)),
+        SignWith::FileKey => (http, None),
+        SignWith::Nothing => (http.map(|(c, _)| (c, None)), None),
+        SignWith::Standard(secrets) => (http.map(|(c, _)| (c, None)), Some(secrets)),
     };
     let flow = match stored.endpoint {
         Destination::Http { .. } => stored.flow,

@@ -119,6 +119,9 @@ pub struct ClientConfig {
     pub request_timeout: Duration,
     pub trust: Trust,
     pub allow: Allowlist,
+    /// A stored destination's own `ca_file` (instead of `trust`) and
+    /// client certificate (`cert_file`, `key_file`).
+    pub tls: super::tls::Options,
 }
 
 /// Most requests a destination may have in flight at once.
@@ -179,7 +182,32 @@ impl Resolver for GuardedResolver {
 
 impl Client {
     pub fn new(config: ClientConfig) -> Result<Client, String> {
-        let roots = match &config.trust {
+        let read = |option: &str, path: &str| {
+            std::fs::read(path).map_err(|e| format!("{option}: {}", e.kind()))
+        };
+        let trust = match &config.tls.ca_file {
+            Some(path) => Trust::Pem(read("ca_file", path)?),
+            None => config.trust.clone(),
+        };
+        let client_cert = match (&config.tls.cert_file, &config.tls.key_file) {
+            (Some(cert), Some(key)) => {
+                let chain: Vec<Certificate<'static>> =
+                    ureq::tls::parse_pem(&read("cert_file", cert)?)
+                        .filter_map(|item| match item {
+                            Ok(ureq::tls::PemItem::Certificate(c)) => Some(c),
+                            _ => None,
+                        })
+                        .collect();
+                if chain.is_empty() {
+                    return Err("cert_file holds no PEM certificate".into());
+                }
+                let key = ureq::tls::PrivateKey::from_pem(&read("key_file", key)?)
+                    .map_err(|_| "key_file holds no PEM private key".to_string())?;
+                Some(ureq::tls::ClientCert::new_with_certs(&chain, key))
+            }
+            _ => None,
+        };
+        let roots = match &trust {
             Trust::System => RootCerts::PlatformVerifier,
             Trust::Pem(pem) => {
                 let certs: Vec<Certificate<'static>> = ureq::tls::parse_pem(pem)
@@ -189,9 +217,9 @@ impl Client {
                         Err(e) => Some(Err(e)),
                     })
                     .collect::<Result<_, _>>()
-                    .map_err(|e| format!("pg_emit.ca_file: {e}"))?;
+                    .map_err(|_| "the CA file is not valid PEM".to_string())?;
                 if certs.is_empty() {
-                    return Err("pg_emit.ca_file holds no PEM certificate".into());
+                    return Err("the CA file holds no PEM certificate".into());
                 }
                 RootCerts::Specific(Arc::new(certs))
             }
@@ -215,7 +243,12 @@ impl Client {
             // as a failed attempt. Give them up first.
             .max_idle_age(Duration::from_secs(4))
             .user_agent(concat!("pg_emit/", env!("CARGO_PKG_VERSION")))
-            .tls_config(TlsConfig::builder().root_certs(roots).build())
+            .tls_config(
+                TlsConfig::builder()
+                    .root_certs(roots)
+                    .client_cert(client_cert)
+                    .build(),
+            )
             .build();
         let agent = ureq::Agent::with_parts(
             agent_config,
@@ -499,6 +532,7 @@ mod tests {
             request_timeout: Duration::from_millis(500),
             trust: Trust::System,
             allow: Allowlist::parse(allow).unwrap(),
+            tls: Default::default(),
         })
         .unwrap()
     }
