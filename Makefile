@@ -98,4 +98,5 @@ bench: setup install-release
 	.venv/bin/python bench/redis_streams.py
 	.venv/bin/python bench/nats_jetstream.py
 	.venv/bin/python bench/kafka.py
+	.venv/bin/python bench/brokers_tls.py
 	.venv/bin/python bench/live.py
