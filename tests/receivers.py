@@ -353,12 +353,15 @@ class NatsServer:
     its store in a temporary directory that survives `stop()`/`start()`.
     Read back with nats-py, the NATS project's Python client."""
 
-    def __init__(self, user=None, password=None, token=None, tls=None, client_certs=False):
+    def __init__(self, user=None, password=None, token=None, tls=None, client_certs=False,
+                 nkey=None):
         import tempfile
 
         self.port = free_port()
         self.store = tempfile.mkdtemp(prefix="pg_emit-nats-")
         self.auth = {"user": user, "password": password, "token": token}
+        # nkey: an NKey user's public key the server admits (beside `user`).
+        self.nkey = nkey
         # tls: the `pki` fixture's directory; TLS required (and client
         # certificates signed by its CA, with client_certs).
         self.tls, self.client_certs = tls, client_certs
@@ -367,7 +370,13 @@ class NatsServer:
 
     def start(self):
         args = ["nats-server", "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", self.store]
-        if self.auth["user"]:
+        if self.nkey:
+            conf = os.path.join(self.store, "auth.conf")
+            with open(conf, "w") as f:
+                f.write(f'authorization {{ users = [ {{ nkey: "{self.nkey}" }}, '
+                        f'{{ user: "{self.auth["user"]}", password: "{self.auth["password"]}" }} ] }}\n')
+            args += ["-c", conf]
+        elif self.auth["user"]:
             args += ["--user", self.auth["user"], "--pass", self.auth["password"]]
         if self.auth["token"]:
             args += ["--auth", self.auth["token"]]

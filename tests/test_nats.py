@@ -86,3 +86,37 @@ def test_bad_nats_destinations(db, call, text):
     with pytest.raises(psycopg.errors.InvalidParameterValue) as e:
         db.execute(f"SELECT {call}")
     assert text in str(e.value)
+
+
+# The NATS documentation's NKeys example pair (checked with the NATS
+# project's Python `nkeys`).
+NKEY_SEED = "SUACSSL3UAHUDXKFSNVUZRF5UHPMWZ6BFDTJ7M6USDXIEDNPPQYYYCU3VY"
+NKEY_PUBLIC = "UDXU4RCSJNZOIQHZNWXHXORDPRTGNJAHAHFRGZNEEJCPQTT2M7NLCNF4"
+
+
+def test_nkey_users_sign_the_servers_nonce(db, table, dest):
+    server = NatsServer(user="reader", password="pw", nkey=NKEY_PUBLIC)
+    try:
+        server.add_stream("ORDERS", ["orders.>"])
+        url = f"nats://127.0.0.1:{server.port}/orders.nkey"
+        # Another user's seed: refused by the server.
+        other = "SUAMK2FG4MI6UE3ACF3FK3OIQBCEIEZV7NSWFFEW63UXMRLFM2XLAXK4GY"
+        db.execute("SELECT emit.create_destination(%s, %s, %s)", (dest, url, json.dumps({"nkey_seed": other})))
+        attach(db, table, dest, "delivery=async")
+        db.execute(f"INSERT INTO {table} VALUES (1, 'a')")
+        assert wait_until(lambda: "uthorization" in (db.one(
+            "SELECT last_error FROM emit.outbox WHERE destination = %s", (dest,)) or ""), 10)
+        last_error = db.one("SELECT last_error FROM emit.outbox WHERE destination = %s", (dest,))
+        assert other not in last_error
+        db.execute("SELECT emit.alter_destination(%s, NULL, %s)", (dest, json.dumps({"nkey_seed": NKEY_SEED})))
+        assert [e["new"]["id"] for _, e in server.wait_for("ORDERS", 1)] == [1]
+    finally:
+        server.close()
+
+
+def test_bad_nkey_seeds_are_refused_when_stored(db, dest):
+    for seed, why in [(NKEY_PUBLIC, "is a public key"), ("SUAC", "not an NKey seed")]:
+        with pytest.raises(psycopg.errors.InvalidParameterValue) as e:
+            db.execute("SELECT emit.create_destination(%s, 'nats://127.0.0.1/a', %s)",
+                       (dest, json.dumps({"nkey_seed": seed})))
+        assert why in str(e.value) and seed not in str(e.value)

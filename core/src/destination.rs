@@ -399,6 +399,9 @@ pub struct StoredOptions {
     /// NATS: an authentication token.
     #[serde(default)]
     pub token: Option<String>,
+    /// NATS: an NKey user's seed (`SU…`).
+    #[serde(default)]
+    pub nkey_seed: Option<String>,
     /// TLS (brokers): CA certificates trusted instead of the system's, a
     /// client certificate and key, the name the server's certificate
     /// carries (see [`crate::transport::tls::Options`]).
@@ -560,6 +563,7 @@ pub fn parse_stored(url: &str, options: &str) -> Result<Stored, OptionError> {
         ("username", opts.username.is_some()),
         ("password", opts.password.is_some()),
         ("token", opts.token.is_some()),
+        ("nkey_seed", opts.nkey_seed.is_some()),
         ("maxlen", opts.maxlen.is_some()),
         ("ca_file", opts.ca_file.is_some()),
         ("cert_file", opts.cert_file.is_some()),
@@ -594,6 +598,7 @@ pub fn parse_stored(url: &str, options: &str) -> Result<Stored, OptionError> {
             username: opts.username.as_deref(),
             password: opts.password.as_deref(),
             token: opts.token.as_deref(),
+            nkey_seed: opts.nkey_seed.as_deref(),
             maxlen: opts.maxlen,
             security_protocol: opts.security_protocol.as_deref(),
             sasl_mechanism: opts.sasl_mechanism.as_deref(),
@@ -881,7 +886,7 @@ mod tests {
             (
                 "nats://h/a",
                 r#"{"token":"t","username":"u","password":"p"}"#,
-                "not both",
+                "give one of",
             ),
             ("redis://h/s", r#"{"headers":{"A":"b"}}"#, "headers apply"),
             (

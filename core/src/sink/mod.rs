@@ -13,6 +13,7 @@
 
 pub mod kafka;
 pub mod nats;
+mod nkey;
 pub mod redis;
 
 use crate::options::OptionError;
@@ -43,6 +44,8 @@ pub struct Settings<'a> {
     pub username: Option<&'a str>,
     pub password: Option<&'a str>,
     pub token: Option<&'a str>,
+    /// NATS: an NKey user's seed.
+    pub nkey_seed: Option<&'a str>,
     pub maxlen: Option<u64>,
     /// Kafka: `plaintext`, `ssl`, `sasl_plaintext`, `sasl_ssl`.
     pub security_protocol: Option<&'a str>,

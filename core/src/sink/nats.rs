@@ -36,8 +36,13 @@ pub struct Subject {
 /// Credentials from a stored destination's options.
 #[derive(Clone, PartialEq, Eq)]
 pub enum Auth {
-    UserPassword { user: String, password: String },
+    UserPassword {
+        user: String,
+        password: String,
+    },
     Token(String),
+    /// An NKey user's seed (`SU…`): the server's nonce is signed with it.
+    NKey(String),
 }
 
 impl std::fmt::Debug for Auth {
@@ -45,6 +50,7 @@ impl std::fmt::Debug for Auth {
         match self {
             Auth::UserPassword { user, .. } => write!(f, "UserPassword({user:?}, <hidden>)"),
             Auth::Token(_) => f.write_str("Token(<hidden>)"),
+            Auth::NKey(_) => f.write_str("NKey(<hidden>)"),
         }
     }
 }
@@ -59,6 +65,7 @@ impl Broker for Subject {
         "username",
         "password",
         "token",
+        "nkey_seed",
         TLS_OPTIONS[0],
         TLS_OPTIONS[1],
         TLS_OPTIONS[2],
@@ -104,17 +111,19 @@ impl Broker for Subject {
     }
 
     fn configure(&mut self, s: &Settings<'_>) -> Result<(), String> {
-        self.auth = match (s.username, s.password, s.token) {
-            (Some(user), Some(password), None) => Some(Auth::UserPassword {
+        self.auth = match (s.username, s.password, s.token, s.nkey_seed) {
+            (Some(user), Some(password), None, None) => Some(Auth::UserPassword {
                 user: user.to_string(),
                 password: password.to_string(),
             }),
-            (None, Some(_), None) => return Err("a NATS password needs its username".into()),
-            (None, None, Some(token)) => Some(Auth::Token(token.to_string())),
-            (_, _, Some(_)) => {
-                return Err("give a token or a username and password, not both".into())
+            (None, Some(_), None, None) => return Err("a NATS password needs its username".into()),
+            (None, None, Some(token), None) => Some(Auth::Token(token.to_string())),
+            (None, None, None, Some(seed)) => {
+                super::nkey::UserKey::from_seed(seed)?;
+                Some(Auth::NKey(seed.to_string()))
             }
-            _ => None,
+            (None, None, None, None) => None,
+            _ => return Err("give one of a username and password, a token or an nkey_seed".into()),
         };
         s.tls.check()?;
         self.tls = s.tls.clone();
@@ -339,6 +348,16 @@ fn connection(
             connect["pass"] = password.as_str().into();
         }
         Some(Auth::Token(t)) => connect["auth_token"] = t.as_str().into(),
+        Some(Auth::NKey(seed)) => {
+            let Some(nonce) = info["nonce"].as_str() else {
+                return Err(NatsError::Server(
+                    "the server sent no nonce to sign (is it configured for NKeys?)".into(),
+                ));
+            };
+            let key = super::nkey::UserKey::from_seed(seed).map_err(NatsError::Server)?;
+            connect["nkey"] = key.public().into();
+            connect["sig"] = key.sign(nonce).into();
+        }
         None => {}
     }
     let hello = format!("CONNECT {connect}\r\nPING\r\nSUB {}.* 1\r\n", conn.inbox);
