@@ -142,10 +142,12 @@ fn invalidate() {
 /// TLS files (`ca_file`, `cert_file`, `key_file`) are read by the server's
 /// operating-system user, so naming them is reading server files: only
 /// superusers and members of `pg_read_server_files` may set or change
-/// them (`was` holds the options before an alter, whose files anyone who
-/// may alter can keep). They are read now, so a missing or unreadable
-/// file is an ERROR here rather than a failure at every delivery.
-fn check(func: &'static str, name: &str, url: &str, options: &str, was: Option<&str>) {
+/// them, or point them at another server (`was` holds the URL and options
+/// before an alter: a role that may alter can change anything else and
+/// keep the files, but not send the client certificate somewhere new).
+/// They are read now, so a missing or unreadable file is an ERROR here
+/// rather than a failure at every delivery.
+fn check(func: &'static str, name: &str, url: &str, options: &str, was: Option<(&str, &str)>) {
     let stored = destination::check_name(name)
         .and_then(|()| destination::parse_stored(url, options))
         .unwrap_or_else(|source| EmitError::Argument { func, source }.raise());
@@ -157,14 +159,21 @@ fn check(func: &'static str, name: &str, url: &str, options: &str, was: Option<&
     let Some(tls) = tls.filter(|t| !t.is_empty()) else {
         return;
     };
-    let files = |o: &pg_emit_core::transport::tls::Options| {
-        (o.ca_file.clone(), o.cert_file.clone(), o.key_file.clone())
+    // The server a URL names: its scheme and authority, not its path.
+    let server = |u: &str| {
+        let (scheme, rest) = u.split_once("://").unwrap_or((u, ""));
+        let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+        (
+            scheme.to_ascii_lowercase(),
+            rest[..end].to_ascii_lowercase(),
+        )
     };
     let before = was
-        .and_then(|w| destination::parse_stored(url, w).ok())
+        .filter(|(old_url, _)| server(old_url) == server(url))
+        .and_then(|(_, w)| destination::parse_stored(url, w).ok())
         .and_then(|s| match &s.endpoint {
-            Destination::Broker(b) => b.tls_options().map(files),
-            _ => Some(files(&s.tls)),
+            Destination::Broker(b) => b.tls_options().cloned(),
+            _ => Some(s.tls.clone()),
         });
     let names_files = tls.ca_file.is_some() || tls.cert_file.is_some();
     // SAFETY: plain catalog lookups about the current user.
@@ -175,7 +184,7 @@ fn check(func: &'static str, name: &str, url: &str, options: &str, was: Option<&
                 pg_sys::Oid::from(pg_sys::ROLE_PG_READ_SERVER_FILES),
             )
     };
-    if names_files && before != Some(files(tls)) && !may_read {
+    if names_files && before.as_ref() != Some(tls) && !may_read {
         EmitError::NotAllowed {
             context: func.to_string(),
             why: "ca_file, cert_file and key_file name files the server reads: only superusers \
@@ -257,9 +266,9 @@ mod emit {
             }
             .raise()
         };
-        let url = url.map_or(old_url, str::to_string);
+        let url = url.map_or(old_url.clone(), str::to_string);
         let options = options.map_or(old_options.clone(), |o| o.0.to_string());
-        check(func, name, &url, &options, Some(&old_options));
+        check(func, name, &url, &options, Some((&old_url, &old_options)));
         as_emit_owner(|| {
             Spi::run_with_args(
                 "UPDATE emit.stored_destinations \

@@ -130,6 +130,10 @@ def test_tls_files_are_for_roles_that_may_read_server_files(db, cluster, dest, p
                    (dest, json.dumps({"ca_file": pem(pki, "ca.pem")})))
         # Files someone allowed stay when emit_admin changes something else.
         s.execute("SELECT emit.alter_destination(%s, %s)", (dest, url.replace("orders", "orders2")))
+        # But they do not go to another server with them.
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            s.execute("SELECT emit.alter_destination(%s, %s)",
+                      (dest, url.replace(str(redis_tls.port), str(redis_tls.port + 1))))
         db.execute("GRANT pg_read_server_files TO tls_admin")
         s.execute("SELECT emit.alter_destination(%s, NULL, %s)",
                   (dest, json.dumps({"ca_file": pem(pki, "other_ca.pem")})))
@@ -230,12 +234,13 @@ def test_nats_client_certificates(db, dest, pki):
 def test_nats_tls_first(db, table, dest, pki):
     """A server that expects the handshake before anything (nats-server's
     `handshake_first`, newer than Debian's 2.9: a TLS terminator in front of
-    a plain one here) gets it when no INFO comes."""
+    a plain one here) gets it with `tls_first`."""
     server = NatsServer()
     proxy = TlsFirst(pki, server.port)
     try:
         server.add_stream("ORDERS", ["orders.>"])
-        nats_dest(db, dest, f"tls://127.0.0.1:{proxy.port}/orders.first", ca_file=pem(pki, "ca.pem"))
+        nats_dest(db, dest, f"tls://127.0.0.1:{proxy.port}/orders.first", ca_file=pem(pki, "ca.pem"),
+                  tls_first=True)
         attach(db, table, dest, "delivery=async")
         db.execute(f"INSERT INTO {table} SELECT g, 'a' FROM generate_series(1, 10) g")
         assert [e["new"]["id"] for _, e in server.wait_for("ORDERS", 10)] == list(range(1, 11))
@@ -294,7 +299,7 @@ def test_kafka_wrong_password_is_refused_and_not_shown(db, dest, pki, mechanism)
                     json.dumps({"security_protocol": "sasl_ssl", "sasl_mechanism": mechanism,
                                 "username": "emit", "password": "hunter2", "ca_file": pem(pki, "ca.pem")})))
         w = failure(db, dest)
-        assert f"SASL {mechanism}: the broker refused: Authentication failed" in w, w
+        assert f'SASL {mechanism}: the broker refused: "Authentication failed' in w, w
         assert "hunter2" not in w and "127.0.0.1" not in w
         assert gate.authenticated == []
     finally:
@@ -313,7 +318,7 @@ def test_kafka_no_downgrade_to_a_weaker_mechanism(db, dest, pki):
                     json.dumps({"security_protocol": "sasl_ssl", "sasl_mechanism": "SCRAM-SHA-256",
                                 "username": "emit", "password": "s3cret", "ca_file": pem(pki, "ca.pem")})))
         w = failure(db, dest)
-        assert "SASL SCRAM-SHA-256: the broker does not offer it (it offers PLAIN)" in w, w
+        assert 'SASL SCRAM-SHA-256: the broker does not offer it (it offers "PLAIN")' in w, w
         assert gate.authenticated == []
     finally:
         server.close()
@@ -382,3 +387,75 @@ def test_https_options_need_https(db, dest):
         db.execute("SELECT emit.create_destination(%s, 'http://127.0.0.1:1/x', %s)",
                    (dest, json.dumps({"ca_file": "/etc/hostname"})))
     assert "https://" in str(e.value)
+
+
+class Scripted:
+    """A listener that answers each connection with `first` (bytes), after
+    `delay` seconds, then relays to `upstream` if given."""
+
+    def __init__(self, first=b"", delay=0.0, upstream=None):
+        import socket
+        import threading
+
+        self.first, self.delay, self.upstream = first, delay, upstream
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        import socket
+        import threading
+        import time
+
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            time.sleep(self.delay)
+            if self.first:
+                c.sendall(self.first)
+            if self.upstream is None:
+                continue
+            u = socket.create_connection(("127.0.0.1", self.upstream))
+
+            def pump(a, b):
+                try:
+                    while data := a.recv(65536):
+                        b.sendall(data)
+                except OSError:
+                    pass
+            threading.Thread(target=pump, args=(u, c), daemon=True).start()
+            threading.Thread(target=pump, args=(c, u), daemon=True).start()
+
+    def close(self):
+        self.sock.close()
+
+
+def test_nats_cleartext_after_info_is_not_taken_for_tls(db, dest, pki):
+    """STARTTLS injection: a PONG sent in the clear after an INFO that
+    asks for TLS must not pass for the server's answer over TLS."""
+    fake = Scripted(b'INFO {"tls_required":true}\r\nPONG\r\n')
+    try:
+        nats_dest(db, dest, f"nats://127.0.0.1:{fake.port}/orders.x", username="u", password="pw",
+                  ca_file=pem(pki, "ca.pem"))
+        assert "sent more than INFO before TLS" in failure(db, dest)
+    finally:
+        fake.close()
+
+
+def test_nats_tls_with_a_slow_info(db, dest, pki):
+    """A TLS server whose INFO takes 400 ms (a loaded server, a far one)
+    still gets the upgrade after INFO, not a handshake it did not expect."""
+    server = NatsServer(tls=pki)
+    slow = Scripted(delay=0.4, upstream=server.port)
+    try:
+        server.add_stream("ORDERS", ["orders.>"])
+        nats_dest(db, dest, f"tls://127.0.0.1:{slow.port}/orders.slow", ca_file=pem(pki, "ca.pem"),
+                  server_name="localhost")
+        assert db.one("SELECT send_message(%s, '{\"n\": 1}', 'sync')", (dest,)) is True, db.warnings()
+    finally:
+        slow.close()
+        server.close()

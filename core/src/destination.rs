@@ -402,6 +402,9 @@ pub struct StoredOptions {
     /// NATS: an NKey user's seed (`SU…`).
     #[serde(default)]
     pub nkey_seed: Option<String>,
+    /// NATS: the TLS handshake first (a server with `handshake_first`).
+    #[serde(default)]
+    pub tls_first: Option<bool>,
     /// TLS (brokers): CA certificates trusted instead of the system's, a
     /// client certificate and key, the name the server's certificate
     /// carries (see [`crate::transport::tls::Options`]).
@@ -564,6 +567,7 @@ pub fn parse_stored(url: &str, options: &str) -> Result<Stored, OptionError> {
         ("password", opts.password.is_some()),
         ("token", opts.token.is_some()),
         ("nkey_seed", opts.nkey_seed.is_some()),
+        ("tls_first", opts.tls_first.is_some()),
         ("maxlen", opts.maxlen.is_some()),
         ("ca_file", opts.ca_file.is_some()),
         ("cert_file", opts.cert_file.is_some()),
@@ -599,6 +603,7 @@ pub fn parse_stored(url: &str, options: &str) -> Result<Stored, OptionError> {
             password: opts.password.as_deref(),
             token: opts.token.as_deref(),
             nkey_seed: opts.nkey_seed.as_deref(),
+            tls_first: opts.tls_first.unwrap_or(false),
             maxlen: opts.maxlen,
             security_protocol: opts.security_protocol.as_deref(),
             sasl_mechanism: opts.sasl_mechanism.as_deref(),

@@ -7,7 +7,10 @@
 //! the server's proof in return, so a broker that does not know the
 //! password cannot pass for one that does. A hostile broker chooses the
 //! iteration count, which sets how long the client hashes: counts outside
-//! 4,096 (Kafka's minimum) to 1,000,000 are refused before any hashing.
+//! Kafka's own bounds (4,096 to 16,384) are refused before any hashing.
+//! What a broker says back is cut short and escaped before it goes into a
+//! message. The password is used as given (no SASLprep, as Kafka's Java
+//! client does).
 
 use base64::Engine as _;
 use hmac::{Hmac, Mac};
@@ -63,8 +66,17 @@ impl std::fmt::Debug for Credentials {
     }
 }
 
-/// The fewest and most PBKDF2 iterations a server may ask for.
-const ITERATIONS: std::ops::RangeInclusive<u32> = 4096..=1_000_000;
+/// The fewest and most PBKDF2 iterations a server may ask for: Kafka's
+/// `ScramMechanism` bounds.
+const ITERATIONS: std::ops::RangeInclusive<u32> = 4096..=16_384;
+
+/// A broker's words, as a message may carry them: at most 200 characters,
+/// escaped (no newlines or control characters in a log line).
+pub fn quoted(s: &str) -> String {
+    let cut: String = s.chars().take(200).collect();
+    let more = if cut.len() < s.len() { "…" } else { "" };
+    format!("{:?}{more}", cut)
+}
 
 /// One authentication in progress.
 pub enum Exchange {
@@ -121,7 +133,14 @@ impl Scram {
         let server_first = std::str::from_utf8(server_first)
             .map_err(|_| "the server's SCRAM message is not UTF-8".to_string())?;
         if let Some(e) = server_first.strip_prefix("e=") {
-            return Err(format!("the server refused: {e}"));
+            return Err(format!("the server refused: {}", quoted(e)));
+        }
+        // A mandatory extension this client does not know: RFC 5802 says
+        // to fail.
+        if server_first.starts_with("m=") || server_first.contains(",m=") {
+            return Err(
+                "the server demands a SCRAM extension (m=) this client does not speak".into(),
+            );
         }
         let field = |k: &str| {
             server_first
@@ -164,13 +183,19 @@ impl Scram {
     pub fn finish(&self, server_final: &[u8]) -> Result<(), String> {
         let m = std::str::from_utf8(server_final).unwrap_or_default();
         if let Some(e) = m.strip_prefix("e=") {
-            return Err(format!("the server refused: {e}"));
+            return Err(format!("the server refused: {}", quoted(e)));
         }
+        // `v=…`, and extensions after it are allowed (RFC 5802, 7).
         let v = m
-            .strip_prefix("v=")
+            .split(',')
+            .next()
+            .and_then(|f| f.strip_prefix("v="))
             .and_then(|v| base64::engine::general_purpose::STANDARD.decode(v).ok());
+        let same = |a: &[u8], b: &[u8]| {
+            a.len() == b.len() && a.iter().zip(b).fold(0u8, |d, (x, y)| d | (x ^ y)) == 0
+        };
         match (&self.expected, v) {
-            (Some(want), Some(got)) if *want == got => Ok(()),
+            (Some(want), Some(got)) if same(want, &got) => Ok(()),
             _ => Err("the server's SCRAM signature is wrong: it does not know the password".into()),
         }
     }
@@ -232,13 +257,14 @@ fn sasl_name(user: &str) -> String {
     user.replace('=', "=3D").replace(',', "=2C")
 }
 
-/// A fresh client nonce: 18 random bytes from the kernel, base64.
-pub fn nonce() -> String {
+/// A fresh client nonce: 18 random bytes from the system, base64.
+pub fn nonce() -> Result<String, String> {
+    use ring::rand::SecureRandom as _;
     let mut b = [0u8; 18];
-    // SAFETY: getrandom writes at most b.len() bytes into b.
-    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
-    assert_eq!(n, b.len() as isize, "getrandom");
-    base64::engine::general_purpose::STANDARD.encode(b)
+    ring::rand::SystemRandom::new()
+        .fill(&mut b)
+        .map_err(|_| "no randomness for a SCRAM nonce".to_string())?;
+    Ok(base64::engine::general_purpose::STANDARD.encode(b))
 }
 
 #[cfg(test)]
@@ -282,10 +308,12 @@ mod tests {
         };
         for (msg, why) in [
             ("r=abcdef,s=QUJD,i=100000000", "iterations"),
+            ("r=abcdef,s=QUJD,i=16385", "iterations"),
+            ("m=x,r=abcdef,s=QUJD,i=4096", "extension"),
             ("r=abcdef,s=QUJD,i=1", "iterations"),
             ("r=xyz,s=QUJD,i=4096", "does not extend"),
             ("r=abc,s=QUJD,i=4096", "does not extend"),
-            ("e=unknown-user", "refused: unknown-user"),
+            ("e=unknown-user", "refused: \"unknown-user\""),
             ("r=abcdef,i=4096", "no s="),
         ] {
             let e = start().answer(msg.as_bytes()).unwrap_err();
@@ -306,6 +334,8 @@ mod tests {
         );
         assert_eq!(Mechanism::parse("GSSAPI"), None);
         assert!(!format!("{:?}", user(Mechanism::Plain)).contains("pencil"));
-        assert_ne!(nonce(), nonce());
+        assert_ne!(nonce().unwrap(), nonce().unwrap());
+        assert_eq!(quoted("a\nb"), "\"a\\nb\"");
+        assert_eq!(quoted(&"x".repeat(300)).chars().count(), 203);
     }
 }

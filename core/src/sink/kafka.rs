@@ -205,6 +205,9 @@ impl Broker for Topic {
         };
         self.sasl = match (sasl, s.username, s.password) {
             (true, Some(user), Some(password)) => {
+                if user.contains('\0') || password.contains('\0') {
+                    return Err("a SASL username or password cannot contain NUL".into());
+                }
                 let name = s.sasl_mechanism.unwrap_or("PLAIN");
                 let mechanism = Mechanism::parse(name).ok_or_else(|| {
                     format!("sasl_mechanism {name:?} is not PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512")
@@ -590,11 +593,11 @@ fn authenticate(
             if offered.is_empty() {
                 "none".into()
             } else {
-                offered.join(", ")
+                sasl::quoted(&offered.join(", "))
             }
         )));
     }
-    let (first, mut exchange) = c.start(&sasl::nonce());
+    let (first, mut exchange) = c.start(&sasl::nonce().map_err(fail)?);
     let mut step = |link: &mut Link, msg: &[u8]| -> Result<Vec<u8>, KafkaError> {
         let mut body = Vec::new();
         put_i32(&mut body, msg.len() as i32);
@@ -609,7 +612,7 @@ fn authenticate(
             // The broker's own words (never the credentials, which it
             // does not repeat), or its error code's name.
             return Err(fail(match message {
-                Some(m) if !m.is_empty() => format!("the broker refused: {m}"),
+                Some(m) if !m.is_empty() => format!("the broker refused: {}", sasl::quoted(&m)),
                 _ => format!("the broker refused ({})", error_name(code)),
             }));
         }

@@ -50,6 +50,8 @@ pub struct Settings<'a> {
     /// Kafka: `plaintext`, `ssl`, `sasl_plaintext`, `sasl_ssl`.
     pub security_protocol: Option<&'a str>,
     pub sasl_mechanism: Option<&'a str>,
+    /// NATS: TLS before anything else.
+    pub tls_first: bool,
     /// Kafka: `none`, `gzip`, `snappy`, `lz4`, `zstd`.
     pub compression: Option<&'a str>,
     /// `ca_file`, `cert_file`, `key_file`, `server_name`.

@@ -18,7 +18,7 @@ use crate::transport::tcp::SendError;
 use crate::transport::tls::{self, Link};
 use crate::transport::{host_port, Interrupt, Timeouts};
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// A subject on a NATS server.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,6 +30,9 @@ pub struct Subject {
     /// `tls://`: TLS whatever the server's `INFO` says (without it, TLS
     /// when the server requires it).
     pub tls_url: bool,
+    /// `tls_first`: the handshake before anything else (a server with
+    /// `handshake_first`).
+    pub tls_first: bool,
     pub tls: tls::Options,
 }
 
@@ -66,6 +69,7 @@ impl Broker for Subject {
         "password",
         "token",
         "nkey_seed",
+        "tls_first",
         TLS_OPTIONS[0],
         TLS_OPTIONS[1],
         TLS_OPTIONS[2],
@@ -85,6 +89,7 @@ impl Broker for Subject {
             subject: subject.to_string(),
             auth: None,
             tls_url: u.scheme() == "tls",
+            tls_first: false,
             tls: tls::Options::default(),
         }))
     }
@@ -127,6 +132,7 @@ impl Broker for Subject {
         };
         s.tls.check()?;
         self.tls = s.tls.clone();
+        self.tls_first = s.tls_first;
         Ok(())
     }
 
@@ -187,10 +193,6 @@ pub struct Conn {
     next: u64,
     opened_for: Subject,
 }
-
-/// How long a connection that wants TLS waits for the server's INFO
-/// before it starts the handshake itself (a server that expects TLS first).
-const TLS_FIRST_AFTER: Duration = Duration::from_millis(250);
 
 /// Longest message accepted from the server: acknowledgements are a few
 /// dozen bytes.
@@ -292,7 +294,13 @@ fn connection(
             return Ok(c);
         }
     }
-    let link = Link::open(&target.host, target.port, None, timeouts, allow, intr)?;
+    let deadline = Instant::now() + timeouts.connect;
+    // A server configured for TLS first (`handshake_first`) says nothing
+    // until the handshake: `tls_first` starts it at once, as the official
+    // clients' TLSHandshakeFirst does (a guess from a silent server would
+    // break TLS servers whose INFO is merely slow).
+    let first_tls = target.tls_first.then_some(&target.tls);
+    let link = Link::open(&target.host, target.port, first_tls, timeouts, allow, intr)?;
     let mut conn = Conn {
         link,
         inbox: format!("_INBOX.pg_emit.{}", inbox_token()),
@@ -300,38 +308,31 @@ fn connection(
         next: 0,
         opened_for: target.clone(),
     };
-    let deadline = Instant::now() + timeouts.connect;
-    let wants_tls = target.tls_url || !target.tls.is_empty();
-    // A server configured for TLS first (`handshake_first`) says nothing
-    // until the handshake: one that wants TLS and hears no INFO soon gets
-    // the handshake first.
-    let first = match wants_tls {
-        true => deadline.min(Instant::now() + TLS_FIRST_AFTER),
-        false => deadline,
-    };
-    let info = match read_line(&mut conn, first, intr) {
-        Err(NatsError::Send(SendError::ReadTimeout { .. })) if wants_tls => {
-            conn.link = conn
-                .link
-                .start_tls(&target.host, &target.tls, timeouts, intr)?;
-            read_line(&mut conn, deadline, intr)?
-        }
-        r => r?,
-    };
+    let wants_tls = target.tls_url || target.tls_first || !target.tls.is_empty();
+    let info = read_line(&mut conn, deadline, intr)?;
     let Some(info) = info.strip_prefix("INFO ") else {
         return Err(NatsError::Protocol(format!("expected INFO, got {info:?}")));
     };
     let info: serde_json::Value = serde_json::from_str(info)
         .map_err(|e| NatsError::Protocol(format!("INFO is not JSON: {e}")))?;
     let offered = |k: &str| info[k] == serde_json::Value::Bool(true);
-    // Credentials never go out in the clear to a server that wants TLS:
-    // TLS is started as the server asks (verified against the system's
-    // CAs or `ca_file`), and a tls:// URL never settles for less.
+    // TLS is started when the server asks for it (verified against the
+    // system's CAs or `ca_file`), and a tls:// URL or TLS option never
+    // settles for less. A plain nats:// URL trusts the INFO it is sent in
+    // the clear, as NATS clients do: someone on the path could remove
+    // `tls_required` from it, which a tls:// URL prevents.
     if !conn.link.is_tls() {
         if offered("tls_required") || (wants_tls && offered("tls_available")) {
+            // Anything after INFO came in the clear: it must not pass for
+            // what the server says over TLS (STARTTLS command injection).
+            if !conn.buf.is_empty() {
+                return Err(NatsError::Protocol(
+                    "the server sent more than INFO before TLS".into(),
+                ));
+            }
             conn.link = conn
                 .link
-                .start_tls(&target.host, &target.tls, timeouts, intr)?;
+                .start_tls(&target.host, &target.tls, deadline, intr)?;
         } else if wants_tls {
             return Err(NatsError::Server(
                 "the server does not offer TLS (a tls:// URL or TLS options ask for it)".into(),
@@ -570,6 +571,7 @@ mod tests {
             subject: "s".into(),
             auth: None,
             tls_url: false,
+            tls_first: false,
             tls: tls::Options::default(),
         };
         let timeouts = Timeouts {

@@ -182,9 +182,7 @@ impl Resolver for GuardedResolver {
 
 impl Client {
     pub fn new(config: ClientConfig) -> Result<Client, String> {
-        let read = |option: &str, path: &str| {
-            std::fs::read(path).map_err(|e| format!("{option}: {}", e.kind()))
-        };
+        let read = super::tls::read_file;
         let trust = match &config.tls.ca_file {
             Some(path) => Trust::Pem(read("ca_file", path)?),
             None => config.trust.clone(),

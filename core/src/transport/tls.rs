@@ -49,6 +49,15 @@ impl Options {
         if self.cert_file.is_some() != self.key_file.is_some() {
             return Err("cert_file and key_file go together".into());
         }
+        for (option, path) in [
+            ("ca_file", &self.ca_file),
+            ("cert_file", &self.cert_file),
+            ("key_file", &self.key_file),
+        ] {
+            if path.as_ref().is_some_and(|p| !p.starts_with('/')) {
+                return Err(format!("{option} must be an absolute path"));
+            }
+        }
         if let Some(n) = &self.server_name {
             ServerName::try_from(n.as_str())
                 .map_err(|_| format!("server_name {n:?} is not a host name or IP address"))?;
@@ -65,7 +74,8 @@ impl Options {
         let builder = match &self.ca_file {
             Some(path) => {
                 let mut roots = RootCertStore::empty();
-                for c in CertificateDer::pem_file_iter(path).map_err(|e| pem("ca_file", e))? {
+                let pem_bytes = read_file("ca_file", path)?;
+                for c in CertificateDer::pem_slice_iter(&pem_bytes) {
                     roots
                         .add(c.map_err(|e| pem("ca_file", e))?)
                         .map_err(|e| format!("ca_file: {e}"))?;
@@ -84,14 +94,14 @@ impl Options {
         };
         let config = match (&self.cert_file, &self.key_file) {
             (Some(cert), Some(key)) => {
-                let chain = CertificateDer::pem_file_iter(cert)
-                    .map_err(|e| pem("cert_file", e))?
+                let chain = CertificateDer::pem_slice_iter(&read_file("cert_file", cert)?)
                     .collect::<Result<Vec<_>, _>>()
                     .map_err(|e| pem("cert_file", e))?;
                 if chain.is_empty() {
                     return Err("cert_file holds no PEM certificate".into());
                 }
-                let key = PrivateKeyDer::from_pem_file(key).map_err(|e| pem("key_file", e))?;
+                let key = PrivateKeyDer::from_pem_slice(&read_file("key_file", key)?)
+                    .map_err(|e| pem("key_file", e))?;
                 builder
                     .with_client_auth_cert(chain, key)
                     .map_err(|e| format!("cert_file and key_file: {e}"))?
@@ -109,6 +119,24 @@ impl Options {
     }
 }
 
+/// Largest certificate or key file read: a bundle of every public CA is
+/// a few hundred kilobytes.
+const MAX_FILE: u64 = 1 << 20;
+
+/// A TLS file's bytes: a regular file of at most [`MAX_FILE`] (not a
+/// FIFO or a device that would hang or never end), its problems said
+/// without its path.
+pub fn read_file(option: &str, path: &str) -> Result<Vec<u8>, String> {
+    let meta = std::fs::metadata(path).map_err(|e| format!("{option}: {}", e.kind()))?;
+    if !meta.is_file() {
+        return Err(format!("{option} is not a regular file"));
+    }
+    if meta.len() > MAX_FILE {
+        return Err(format!("{option} is over {} kB", MAX_FILE / 1024));
+    }
+    std::fs::read(path).map_err(|e| format!("{option}: {}", e.kind()))
+}
+
 /// A PEM file's problem, without its path or contents.
 fn pem(option: &str, e: rustls::pki_types::pem::Error) -> String {
     use rustls::pki_types::pem::Error as E;
@@ -122,7 +150,19 @@ fn pem(option: &str, e: rustls::pki_types::pem::Error) -> String {
 /// A connection to a broker, plain or TLS.
 pub enum Link {
     Plain(Socket),
-    Tls(Box<(Socket, ClientConnection)>),
+    Tls(Box<Session>),
+}
+
+/// A TLS session over its socket. Dropped, it says goodbye (close_notify)
+/// if the socket takes it at once, so servers do not log a truncated
+/// stream for every connection pg_emit recycles.
+pub struct Session(Socket, ClientConnection);
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.1.send_close_notify();
+        let _ = self.1.write_tls(&mut Io(&self.0));
+    }
 }
 
 /// The socket as rustls reads and writes it: non-blocking, and without
@@ -163,19 +203,22 @@ impl Link {
         allow: &crate::security::Allowlist,
         intr: &dyn Interrupt,
     ) -> Result<Link, SendError> {
+        // One deadline for the lookup, the TCP handshake and TLS's.
+        let deadline = timeouts.connect_deadline();
         let sock = tcp::open(host, port, timeouts, allow, intr)?;
         match tls {
             None => Ok(Link::Plain(sock)),
-            Some(o) => Link::Plain(sock).start_tls(host, o, timeouts, intr),
+            Some(o) => Link::Plain(sock).start_tls(host, o, deadline, intr),
         }
     }
 
-    /// TLS on a plain link (NATS upgrades after the server's `INFO`).
+    /// TLS on a plain link (NATS upgrades after the server's `INFO`), the
+    /// handshake done by `deadline`.
     pub fn start_tls(
         self,
         host: &str,
         o: &Options,
-        timeouts: &Timeouts,
+        deadline: Instant,
         intr: &dyn Interrupt,
     ) -> Result<Link, SendError> {
         let sock = match self {
@@ -185,8 +228,8 @@ impl Link {
         let config = o.config().map_err(SendError::Tls)?;
         let name = o.name_for(host).map_err(SendError::Tls)?;
         let conn = ClientConnection::new(config, name).map_err(|e| SendError::Tls(reason(&e)))?;
-        let mut link = Box::new((sock, conn));
-        handshake(&mut link, timeouts, intr)?;
+        let mut link = Box::new(Session(sock, conn));
+        handshake(&mut link, deadline, intr)?;
         Ok(Link::Tls(link))
     }
 
@@ -230,7 +273,7 @@ impl Link {
                 return Ok(());
             }
             match t.1.writer().write(&buf[sent..]) {
-                Ok(0) => return Err(SendError::Closed),
+                Ok(0) => return Err(io::Error::from(io::ErrorKind::WriteZero).into()),
                 Ok(n) => sent += n,
                 Err(e) => return Err(e.into()),
             }
@@ -251,6 +294,14 @@ impl Link {
         let started = Instant::now();
         let mut scratch = [0u8; 16 * 1024];
         loop {
+            // Not only when the socket would block: a peer that keeps it
+            // readable with records carrying no data is held to both too.
+            intr.check()?;
+            if Instant::now() >= deadline {
+                return Err(SendError::ReadTimeout {
+                    ms: started.elapsed().as_millis(),
+                });
+            }
             match t.1.reader().read(&mut scratch) {
                 Ok(0) => return Err(SendError::Closed),
                 Ok(n) => {
@@ -344,7 +395,7 @@ impl Link {
 
 /// Hands what was read to rustls; a TLS error ends the connection (its
 /// alert is sent on the way out, if the socket takes it).
-fn process(t: &mut (Socket, ClientConnection)) -> Result<(), SendError> {
+fn process(t: &mut Session) -> Result<(), SendError> {
     match t.1.process_new_packets() {
         Ok(_) => Ok(()),
         Err(e) => {
@@ -363,7 +414,7 @@ enum Stop {
 /// Writes out what rustls has to send by `deadline`, which moves on by
 /// `restart` after each write that made progress (the worker's stall rule).
 fn flush(
-    t: &mut (Socket, ClientConnection),
+    t: &mut Session,
     deadline: &mut Instant,
     restart: Option<std::time::Duration>,
     intr: &dyn Interrupt,
@@ -397,13 +448,8 @@ fn flush(
 }
 
 /// The handshake, within the connect timeout.
-fn handshake(
-    t: &mut (Socket, ClientConnection),
-    timeouts: &Timeouts,
-    intr: &dyn Interrupt,
-) -> Result<(), SendError> {
+fn handshake(t: &mut Session, deadline: Instant, intr: &dyn Interrupt) -> Result<(), SendError> {
     let started = Instant::now();
-    let deadline = timeouts.connect_deadline();
     let timed_out = || {
         SendError::Tls(format!(
             "handshake timed out after {} ms (pg_emit.connect_timeout)",
