@@ -32,6 +32,13 @@ pub enum EmitError {
          (commit means the same for a channel)"
     )]
     ChannelSync { context: String, channel: String },
+    /// A destination that routes by table, given to something other than a
+    /// row trigger (which has no table to fill it in with).
+    #[error(
+        "{context}: {dest} names its stream, subject or topic by {{schema}} and {{table}}: \
+         only triggers, which know their table, can send to it"
+    )]
+    Routed { context: String, dest: String },
     /// A trigger function called as a plain function.
     #[error("{0}: must be called as a trigger")]
     NotTrigger(&'static str),
@@ -112,7 +119,8 @@ impl EmitError {
         match self {
             EmitError::Argument { .. }
             | EmitError::TriggerArgument { .. }
-            | EmitError::ChannelSync { .. } => ERRCODE_INVALID_PARAMETER_VALUE,
+            | EmitError::ChannelSync { .. }
+            | EmitError::Routed { .. } => ERRCODE_INVALID_PARAMETER_VALUE,
             EmitError::TriggerEvent { .. } | EmitError::NotTrigger(_) => {
                 ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED
             }

@@ -47,6 +47,55 @@ thread_local! {
     /// Schema name per relation, so a row costs no catalog lookup.
     static SCHEMAS: RefCell<Vec<(pg_sys::Oid, pg_sys::Oid, Rc<str>)>> =
         const { RefCell::new(Vec::new()) };
+    /// Destinations that route by table, filled in per table: the template
+    /// (kept alive, so its address is never another's), the schema and
+    /// table, and the filled-in destination.
+    static ROUTED: RefCell<Vec<Routed>> = const { RefCell::new(Vec::new()) };
+}
+
+type Routed = (Rc<Resolved>, Rc<str>, String, Rc<Resolved>);
+
+/// Filled-in destinations a backend keeps.
+const ROUTED_KEPT: usize = 256;
+
+/// `dest` for this firing's table when it routes by table (see
+/// [`pg_emit_core::route`]), else `dest`. A name the broker cannot take
+/// (a Kafka topic with a space) is an ERROR naming the trigger.
+fn routed(dest: Rc<Resolved>, firing: &Firing<'_>) -> Rc<Resolved> {
+    if !matches!(dest.target.endpoint(), Destination::Routed { .. }) {
+        return dest;
+    }
+    ROUTED.with_borrow_mut(|kept| {
+        let found = kept.iter().find(|(t, s, tb, _)| {
+            Rc::ptr_eq(t, &dest) && **s == *firing.schema && *tb == *firing.table
+        });
+        if let Some((.., r)) = found {
+            return r.clone();
+        }
+        let target = dest
+            .target
+            .routed(&firing.schema, &firing.table)
+            .unwrap_or_else(|source| {
+                EmitError::TriggerArgument {
+                    trigger: firing.describe(),
+                    func: firing.func.name(),
+                    source,
+                }
+                .raise()
+            })
+            .expect("a destination that routes by table");
+        let r = Rc::new(Resolved::new(target, dest.format));
+        if kept.len() >= ROUTED_KEPT {
+            kept.clear();
+        }
+        kept.push((
+            dest.clone(),
+            firing.schema.clone(),
+            firing.table.to_string(),
+            r.clone(),
+        ));
+        r
+    })
 }
 
 /// A trigger's arguments, parsed. Keyed by trigger oid and checked against
@@ -458,7 +507,7 @@ fn fire(td: &pg_sys::TriggerData, func: Func) -> pg_sys::Datum {
         },
     };
     let plan = plan_for(tg, &firing);
-    let dest = plan.destination();
+    let dest = routed(plan.destination(), &firing);
     let (target, opts) = (&dest.target, &plan.opts);
     let format = plan.format(&dest, &firing);
     let mode = delivery_mode(&firing, &dest, opts);

@@ -6,6 +6,7 @@
 
 use crate::http_target;
 use crate::options::{self, Format, Framing, OptionError};
+use crate::route;
 use crate::schedule::{Flow, Order, DEFAULT_CONCURRENCY};
 use crate::sink::{AnyBroker, Settings};
 use crate::transport::{host_port, http};
@@ -28,6 +29,15 @@ pub enum Destination {
     /// `nats://host:port/subject`, `kafka://host:port/topic`: see
     /// [`crate::sink`]).
     Broker(AnyBroker),
+    /// A broker URL that routes by table (`kafka://h/cdc.{schema}.{table}`,
+    /// see [`crate::route`]): each row trigger fills it in, so events are
+    /// only ever sent to (and queued for) the filled-in destination.
+    /// `options` are a stored destination's, to configure each filled-in
+    /// broker with.
+    Routed {
+        template: String,
+        options: Option<String>,
+    },
     /// A live channel (`channel:name`): kept in the database for
     /// `pg_emit.channel_retention` and pushed to WebSocket and SSE
     /// subscribers by the listener (see [`crate::live`]).
@@ -54,8 +64,37 @@ impl Destination {
             Destination::Tcp { host, port, .. } => host_port(host, *port),
             Destination::Http { url, .. } => url.clone(),
             Destination::Broker(b) => b.url(),
+            Destination::Routed { template, .. } => template.clone(),
             Destination::Channel(name) => format!("channel:{name}"),
             Destination::Stored { name, .. } => name.clone(),
+        }
+    }
+
+    /// The destination of a row of `schema`.`table` when this one routes
+    /// by table (`None` when it does not): the filled-in URL, or for a
+    /// stored destination its name with the table (see [`crate::route`]).
+    pub fn routed(&self, schema: &str, table: &str) -> Result<Option<Destination>, OptionError> {
+        let fill = |template: &str, options: &Option<String>| match options {
+            None => parse_url(&route::fill(template, schema, table), Vec::new())
+                .map(|d| (d, SignWith::default(), Default::default())),
+            Some(o) => parse_stored(&route::fill(template, schema, table), o)
+                .map(|s| (s.endpoint, s.signing, s.tls)),
+        };
+        match self {
+            Destination::Routed { template, options } => fill(template, options).map(|d| Some(d.0)),
+            Destination::Stored { name, endpoint, .. } => match endpoint.as_ref() {
+                Destination::Routed { template, options } => {
+                    let (endpoint, signing, tls) = fill(template, options)?;
+                    Ok(Some(Destination::Stored {
+                        name: route::key(name, schema, table),
+                        endpoint: Box::new(endpoint),
+                        signing,
+                        tls,
+                    }))
+                }
+                _ => Ok(None),
+            },
+            _ => Ok(None),
         }
     }
 
@@ -102,6 +141,7 @@ impl Destination {
                 format!("{url} (headers {:08x})", fnv1a(headers) as u32)
             }
             Destination::Broker(b) => b.url(),
+            Destination::Routed { template, .. } => template.clone(),
             Destination::Channel(name) => format!("channel:{name}"),
             Destination::Stored { name, .. } => name.clone(),
         }
@@ -154,6 +194,15 @@ impl Destination {
                 None,
             ),
             Destination::Stored { .. } => (String::new(), 0, "stored".into(), None, None),
+            // Never queued: triggers fill it in first (a sender that
+            // cannot is refused before anything is written).
+            Destination::Routed { template, .. } => (
+                String::new(),
+                0,
+                "routed".into(),
+                Some(template.clone()),
+                None,
+            ),
         }
     }
 }
@@ -191,6 +240,9 @@ pub fn parse_url(input: &str, headers: Vec<(String, String)>) -> Result<Destinat
         return Ok(Destination::Channel(name.to_string()));
     }
     let scheme = input.split_once("://").map(|(s, _)| s.to_ascii_lowercase());
+    if route::is_template(input) {
+        return parse_template(input, scheme.as_deref(), &headers);
+    }
     match scheme.as_deref() {
         Some("http" | "https") => {
             let u = http_target::parse_url(input)?;
@@ -215,6 +267,35 @@ pub fn parse_url(input: &str, headers: Vec<(String, String)>) -> Result<Destinat
              redis://host:port/stream, nats://host:port/subject, kafka://host:port/topic, \
              channel:name) nor the name of a stored destination"
         ))),
+    }
+}
+
+/// A URL that routes by table: a broker's, with `{schema}` and `{table}`
+/// only where its stream, subject or topic is, and well-formed when filled
+/// in.
+fn parse_template(
+    input: &str,
+    scheme: Option<&str>,
+    headers: &[(String, String)],
+) -> Result<Destination, OptionError> {
+    let bad = |why: &str| OptionError::Destination(format!("{input:?}: {why}"));
+    if !scheme.is_some_and(AnyBroker::is_scheme) || !headers.is_empty() {
+        return Err(bad(
+            "{schema} and {table} route a broker's stream, subject or topic \
+             (redis://, nats://, kafka://)",
+        ));
+    }
+    let rest = input.split_once("://").map_or("", |(_, r)| r);
+    let authority = &rest[..rest.find('/').unwrap_or(rest.len())];
+    if route::is_template(authority) {
+        return Err(bad("{schema} and {table} go in the path, not the server"));
+    }
+    match parse_url(&route::fill(input, "schema", "table"), Vec::new())? {
+        Destination::Broker(_) => Ok(Destination::Routed {
+            template: input.to_string(),
+            options: None,
+        }),
+        _ => Err(bad("not a broker URL")),
     }
 }
 
@@ -515,6 +596,19 @@ const HTTPS_OPTIONS: [&str; 3] = ["ca_file", "cert_file", "key_file"];
 
 /// Checks a stored destination's `url` and `options` (JSON text).
 pub fn parse_stored(url: &str, options: &str) -> Result<Stored, OptionError> {
+    if route::is_template(url) {
+        // The URL's form, then the options on a filled-in one: each
+        // table's is configured the same way when a trigger fills it in.
+        parse_url(url, Vec::new())?;
+        let sample = parse_stored(&route::fill(url, "schema", "table"), options)?;
+        return Ok(Stored {
+            endpoint: Destination::Routed {
+                template: url.to_string(),
+                options: Some(options.to_string()),
+            },
+            ..sample
+        });
+    }
     let opts: StoredOptions = serde_json::from_str(options)
         .map_err(|e| OptionError::Destination(format!("options: {e}")))?;
     let headers = opts
@@ -847,6 +941,41 @@ mod tests {
             let e = parse_url(bad, Vec::new()).unwrap_err().to_string();
             assert!(e.contains(why), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn templates_route_by_table() {
+        let d = parse_url("kafka://h:9092/cdc.{schema}.{table}", Vec::new()).unwrap();
+        assert!(matches!(d, Destination::Routed { .. }));
+        let r = d.routed("public", "orders").unwrap().unwrap();
+        assert_eq!(r.key(), "kafka://h:9092/cdc.public.orders");
+        assert!(parse_url("kafka://h/cdc.x", Vec::new())
+            .unwrap()
+            .routed("public", "orders")
+            .unwrap()
+            .is_none());
+        // A stored one: its name with the table, its options on each.
+        let s = parse_stored(
+            "redis://h/{schema}.{table}",
+            r#"{"password":"pw","maxlen":5}"#,
+        )
+        .unwrap();
+        let stored = Destination::Stored {
+            name: "cdc".into(),
+            endpoint: Box::new(s.endpoint),
+            signing: s.signing,
+            tls: s.tls,
+        };
+        let r = stored.routed("a.b", "t").unwrap().unwrap();
+        assert_eq!(r.key(), "cdc@a%2Eb.t");
+        let Destination::Broker(AnyBroker::Redis(st)) = r.endpoint() else {
+            panic!("{r:?}")
+        };
+        assert_eq!((st.key.as_str(), st.maxlen), ("a.b.t", Some(5)));
+        assert!(st.auth.is_some());
+        // Names a broker cannot take.
+        let k = parse_url("kafka://h/cdc.{table}", Vec::new()).unwrap();
+        assert!(k.routed("public", "order items").is_err());
     }
 
     #[test]

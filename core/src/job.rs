@@ -417,6 +417,12 @@ pub fn send_job(conn: &mut Conn, job: &Job, intr: &dyn Interrupt) -> Outcome {
                 message: format!("stored destination {name:?} was not read before delivery"),
                 after: None,
             })),
+            Resolved::Ready(Destination::Routed { template, .. }, _) => {
+                Err(Stopped(JobError::Retry {
+                    message: format!("{template:?} routes by table and was not filled in"),
+                    after: None,
+                }))
+            }
             Resolved::Ready(Destination::Channel(_), _) => {
                 unreachable!("the worker publishes channel events itself, it never sends them")
             }

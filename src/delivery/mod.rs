@@ -50,6 +50,17 @@ pub(crate) fn not_allowed(target: &Destination) -> Option<String> {
             let (host, port) = b.address();
             settings::allowlist().may_allow(host, port, None)
         }
+        // Its server is fixed; only the path is filled in.
+        Destination::Routed { template, .. } => {
+            let sample = pg_emit_core::route::fill(template, "schema", "table");
+            match pg_emit_core::destination::parse_url(&sample, Vec::new()) {
+                Ok(Destination::Broker(b)) => {
+                    let (host, port) = b.address();
+                    settings::allowlist().may_allow(host, port, None)
+                }
+                _ => false,
+            }
+        }
         // Stored in this database; the listener serves it.
         Destination::Channel(_) => true,
         Destination::Stored { .. } => unreachable!("endpoint() is never a stored destination"),
@@ -72,6 +83,13 @@ pub(crate) fn for_target(
     mode: crate::options::Delivery,
 ) -> crate::options::Delivery {
     use crate::options::Delivery;
+    if let Destination::Routed { .. } = target.endpoint() {
+        EmitError::Routed {
+            context: context(),
+            dest: target.name(),
+        }
+        .raise();
+    }
     if !matches!(target.endpoint(), Destination::Channel(_)) {
         return mode;
     }

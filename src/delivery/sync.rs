@@ -244,6 +244,9 @@ pub fn try_send(
         }
         Destination::Stored { .. } => unreachable!("endpoint() is never a stored destination"),
         Destination::Channel(_) => unreachable!("channels are queued (delivery::for_target)"),
+        Destination::Routed { .. } => {
+            unreachable!("filled in by row triggers, refused to others (delivery::for_target)")
+        }
     }
 }
 

@@ -227,6 +227,9 @@ fn stored_dest(
     name: &str,
     http: &Result<(ClientConfig, Option<Vec<u8>>), String>,
 ) -> Result<(Resolved, Flow), pgrx::spi::Error> {
+    // `name@schema.table`: a stored destination that routes by table,
+    // filled in again from its stored URL (see pg_emit_core::route).
+    let (name, route) = pg_emit_core::route::split(name);
     let mut found = plans::select(c, STORED_SQL, None, &[name.into()])?;
     let row = match found.next() {
         Some(r) => (
@@ -241,6 +244,12 @@ fn stored_dest(
             "stored destination {name:?} does not exist (dropped?); \
              create it again and its events are delivered"
         )));
+    };
+    let url = match &route {
+        Some((schema, table)) if pg_emit_core::route::is_template(&url) => {
+            pg_emit_core::route::fill(&url, schema, table)
+        }
+        _ => url,
     };
     let stored = match destination::parse_stored(&url, &options) {
         Ok(s) => s,
