@@ -553,7 +553,7 @@ class KafkaServer:
             c.close()
 
 
-class TlsFirst:
+class TlsFirst(Listener):
     """A TLS terminator that speaks TLS before anything else, in front of
     a plain server on `upstream` (as a NATS server with `handshake_first`
     does): Python's ssl module, one thread per connection pair."""
@@ -564,49 +564,38 @@ class TlsFirst:
         self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.ctx.load_cert_chain(os.path.join(pki, "server.pem"), os.path.join(pki, "server.key"))
         self.upstream = upstream
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.port = self.sock.getsockname()[1]
         self.handshakes = 0
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__()
 
-    def _accept(self):
-        while True:
-            try:
-                c, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(c,), daemon=True).start()
-
-    def _serve(self, c):
+    def serve(self, c, seq):
         try:
             t = self.ctx.wrap_socket(c, server_side=True)
         except OSError:
             c.close()
             return
         self.handshakes += 1
-        u = socket.create_connection(("127.0.0.1", self.upstream))
+        relay(t, socket.create_connection(("127.0.0.1", self.upstream)))
 
-        def pump(src, dst):
+
+def relay(a, b):
+    """Copies bytes both ways between sockets `a` and `b` until either
+    side ends (on this thread and one more)."""
+    def pump(src, dst):
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
             try:
-                while data := src.recv(65536):
-                    dst.sendall(data)
+                s.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-        threading.Thread(target=pump, args=(u, t), daemon=True).start()
-        pump(t, u)
-
-    def close(self):
-        self.sock.close()
+    threading.Thread(target=pump, args=(b, a), daemon=True).start()
+    pump(a, b)
 
 
-class KafkaGate:
+class KafkaGate(Listener):
     """TLS and SASL in front of a Kafka broker that has neither (tansu
     0.6: its TLS options are not wired to its listener, and its SASL cannot
     be given users with in-memory storage). The server side of SASL PLAIN
@@ -626,12 +615,8 @@ class KafkaGate:
             self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             self.ctx.load_cert_chain(os.path.join(tls, "server.pem"), os.path.join(tls, "server.key"))
         self.upstream = None
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.port = self.sock.getsockname()[1]
         self.authenticated = []  # (mechanism, user) of each success
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__()
 
     def client_config(self):
         cfg = {"security.protocol": ("sasl_" if self.users else "") + ("ssl" if self.tls else "plaintext")}
@@ -642,14 +627,6 @@ class KafkaGate:
             cfg.update({"sasl.mechanism": self.mechanisms[-1], "sasl.username": user,
                         "sasl.password": password})
         return cfg
-
-    def _accept(self):
-        while True:
-            try:
-                c, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(c,), daemon=True).start()
 
     @staticmethod
     def _frame(sock):
@@ -668,7 +645,7 @@ class KafkaGate:
             body += chunk
         return body
 
-    def _serve(self, c):
+    def serve(self, c, seq):
         import struct
 
         try:
@@ -755,6 +732,3 @@ class KafkaGate:
         server_key = hmac.new(salted, b"Server Key", h).digest()
         self.authenticated.append((mechanism, user))
         return b"v=" + base64.b64encode(hmac.new(server_key, auth, h).digest()), None, None
-
-    def close(self):
-        self.sock.close()

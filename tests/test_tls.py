@@ -12,7 +12,8 @@ import pytest
 
 from conftest import DB, Session, attach
 from pgcluster import wait_until
-from receivers import HttpReceiver, KafkaGate, KafkaServer, NatsServer, RedisServer, TlsFirst
+from receivers import (HttpReceiver, KafkaGate, KafkaServer, Listener, NatsServer, RedisServer,
+                       TlsFirst, relay)
 
 pytestmark = pytest.mark.usefixtures("fast_retries", "no_cooldown")
 
@@ -389,49 +390,23 @@ def test_https_options_need_https(db, dest):
     assert "https://" in str(e.value)
 
 
-class Scripted:
+class Scripted(Listener):
     """A listener that answers each connection with `first` (bytes), after
     `delay` seconds, then relays to `upstream` if given."""
 
     def __init__(self, first=b"", delay=0.0, upstream=None):
-        import socket
-        import threading
-
         self.first, self.delay, self.upstream = first, delay, upstream
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(8)
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__()
 
-    def _accept(self):
+    def serve(self, c, seq):
         import socket
-        import threading
         import time
 
-        while True:
-            try:
-                c, _ = self.sock.accept()
-            except OSError:
-                return
-            time.sleep(self.delay)
-            if self.first:
-                c.sendall(self.first)
-            if self.upstream is None:
-                continue
-            u = socket.create_connection(("127.0.0.1", self.upstream))
-
-            def pump(a, b):
-                try:
-                    while data := a.recv(65536):
-                        b.sendall(data)
-                except OSError:
-                    pass
-            threading.Thread(target=pump, args=(u, c), daemon=True).start()
-            threading.Thread(target=pump, args=(c, u), daemon=True).start()
-
-    def close(self):
-        self.sock.close()
+        time.sleep(self.delay)
+        if self.first:
+            c.sendall(self.first)
+        if self.upstream is not None:
+            relay(c, socket.create_connection(("127.0.0.1", self.upstream)))
 
 
 def test_nats_cleartext_after_info_is_not_taken_for_tls(db, dest, pki):
