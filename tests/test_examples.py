@@ -62,9 +62,7 @@ def read_lines(proc, n, timeout=20):
 def test_readme_cloudevents_consumer_reads_both_modes(db, table, tmp_path):
     port = free_port()
     code = docs_block("python", "from cloudevents.core").replace("8080", str(port))
-    script = tmp_path / "consumer.py"
-    script.write_text(code)
-    proc = subprocess.Popen([sys.executable, "-u", str(script)], stdout=subprocess.PIPE, text=True)
+    proc = python(tmp_path, code)
     try:
         db.execute(f"CREATE TABLE {table} (id int PRIMARY KEY)")
         for n, mode in enumerate(["structured", "binary"]):
@@ -88,9 +86,7 @@ def test_readme_kafka_consumer_drops_redeliveries(db, table, tmp_path):
     try:
         server.create_topic("orders")
         code = docs_block("python", "from confluent_kafka").replace("127.0.0.1:9092", server.bootstrap)
-        script = tmp_path / "consumer.py"
-        script.write_text(code)
-        proc = subprocess.Popen([sys.executable, "-u", str(script)], stdout=subprocess.PIPE, text=True)
+        proc = python(tmp_path, code)
         try:
             db.execute(f"CREATE TABLE {table} (id int PRIMARY KEY)")
             db.execute(f"CREATE TRIGGER out AFTER INSERT ON {table} FOR EACH ROW EXECUTE FUNCTION "
@@ -135,9 +131,7 @@ def test_readme_webhook_receiver_keeps_every_event_and_drops_repeats(db, table, 
 
     port = free_port()
     code = docs_block("python", "class Seen:").replace("8080", str(port))
-    script = tmp_path / "webhook.py"
-    script.write_text(code)
-    proc = subprocess.Popen([sys.executable, "-u", str(script)], stdout=subprocess.PIPE, text=True)
+    proc = python(tmp_path, code)
     try:
         db.execute(f"CREATE TABLE {table} (id int PRIMARY KEY)")
         db.execute(f"CREATE TRIGGER out AFTER INSERT ON {table} FOR EACH ROW EXECUTE FUNCTION "
@@ -176,9 +170,7 @@ def test_docs_redis_consumer_prints_each_event_once(db, table, tmp_path):
     try:
         code = docs_block("python", "import json, redis").replace(
             "redis.Redis()", f"redis.Redis(port={server.port})")
-        script = tmp_path / "consumer.py"
-        script.write_text(code)
-        proc = subprocess.Popen([sys.executable, "-u", str(script)], stdout=subprocess.PIPE, text=True)
+        proc = python(tmp_path, code)
         try:
             db.execute(f"CREATE TABLE {table} (id int PRIMARY KEY)")
             db.execute(f"CREATE TRIGGER out AFTER INSERT ON {table} FOR EACH ROW EXECUTE FUNCTION "
@@ -206,9 +198,7 @@ def test_docs_nats_consumer_reads_and_acks(db, table, tmp_path):
         server.add_stream("ORDERS", ["orders.>"])
         code = docs_block("python", "import asyncio, json, nats").replace(
             "127.0.0.1:4222", f"127.0.0.1:{server.port}")
-        script = tmp_path / "consumer.py"
-        script.write_text(code)
-        proc = subprocess.Popen([sys.executable, "-u", str(script)], stdout=subprocess.PIPE, text=True)
+        proc = python(tmp_path, code)
         try:
             db.execute(f"CREATE TABLE {table} (id int PRIMARY KEY)")
             db.execute(f"CREATE TRIGGER out AFTER INSERT ON {table} FOR EACH ROW EXECUTE FUNCTION "
@@ -236,6 +226,13 @@ def test_docs_nats_consumer_reads_and_acks(db, table, tmp_path):
         assert asyncio.run(pending()) == (0, 0)
     finally:
         server.close()
+
+
+def python(tmp_path, code):
+    """`code` run by this Python, its output read line by line."""
+    script = tmp_path / "snippet.py"
+    script.write_text(code)
+    return subprocess.Popen([sys.executable, "-u", str(script)], stdout=subprocess.PIPE, text=True)
 
 
 def node(tmp_path, code):
