@@ -186,6 +186,16 @@ pub unsafe extern "C-unwind" fn ddl_event(fcinfo: pg_sys::FunctionCallInfo) -> p
             );
             continue;
         }
+        // A stored destination altered to route by table has no table to
+        // fill in for DDL: a WARNING, never someone else's failed DDL.
+        if let Destination::Routed { .. } = resolved.target.endpoint() {
+            pgrx::warning!(
+                "{FUNC}: DDL trigger {name:?}: {dest} names its stream, subject or topic by \
+                 {{schema}} and {{table}}, which DDL events do not have; {} DDL event(s) not sent",
+                events.len()
+            );
+            continue;
+        }
         let mode = crate::delivery::for_target(
             &|| format!("{FUNC}: DDL trigger {name:?}"),
             &resolved.target,

@@ -152,11 +152,23 @@ fn check(func: &'static str, name: &str, url: &str, options: &str, was: Option<(
         .and_then(|()| destination::parse_stored(url, options))
         .unwrap_or_else(|source| EmitError::Argument { func, source }.raise());
     crate::delivery::refuse_unless_allowed(&|| func.to_string(), &stored.endpoint);
-    let tls = match &stored.endpoint {
-        Destination::Broker(b) => b.tls_options(),
-        _ => Some(&stored.tls),
+    // The TLS options of what is actually reached: a URL that routes by
+    // table is checked filled in (every table's gets the same options).
+    let tls_of = |s: &Stored, u: &str, o: &str| -> Option<pg_emit_core::transport::tls::Options> {
+        match &s.endpoint {
+            Destination::Broker(b) => b.tls_options().cloned(),
+            Destination::Routed { .. } => {
+                let filled = pg_emit_core::route::fill(u, "schema", "table");
+                match destination::parse_stored(&filled, o).ok()?.endpoint {
+                    Destination::Broker(b) => b.tls_options().cloned(),
+                    _ => None,
+                }
+            }
+            _ => Some(s.tls.clone()),
+        }
     };
-    let Some(tls) = tls.filter(|t| !t.is_empty()) else {
+    let tls = tls_of(&stored, url, options);
+    let Some(tls) = tls.as_ref().filter(|t| !t.is_empty()) else {
         return;
     };
     // The server a URL names: its scheme and authority, not its path.
@@ -170,11 +182,8 @@ fn check(func: &'static str, name: &str, url: &str, options: &str, was: Option<(
     };
     let before = was
         .filter(|(old_url, _)| server(old_url) == server(url))
-        .and_then(|(_, w)| destination::parse_stored(url, w).ok())
-        .and_then(|s| match &s.endpoint {
-            Destination::Broker(b) => b.tls_options().cloned(),
-            _ => Some(s.tls.clone()),
-        });
+        .and_then(|(_, w)| destination::parse_stored(url, w).ok().map(|s| (s, w)))
+        .and_then(|(s, w)| tls_of(&s, url, w));
     let names_files = tls.ca_file.is_some() || tls.cert_file.is_some();
     // SAFETY: plain catalog lookups about the current user.
     let may_read = unsafe {

@@ -119,3 +119,54 @@ def test_templates_only_in_broker_paths(db, dest, url, why):
     with pytest.raises(psycopg.errors.InvalidParameterValue) as e:
         db.execute("SELECT emit.create_destination(%s, %s)", (dest, url))
     assert why in str(e.value)
+
+
+def test_tls_files_of_a_routed_destination_need_the_right_to_read_them(db, cluster, dest, pki):
+    """A URL that routes by table hides its broker behind a template: the
+    file rule applies to what it fills in all the same."""
+    from conftest import DB, Session
+
+    db.execute("DROP ROLE IF EXISTS route_admin")
+    db.execute("CREATE ROLE route_admin LOGIN")
+    db.execute("GRANT emit_admin TO route_admin")
+    s = Session(cluster, DB, user="route_admin")
+    try:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            s.execute("SELECT emit.create_destination(%s, 'rediss://127.0.0.1:9/{table}', %s)",
+                      (dest, json.dumps({"ca_file": "/etc/hostname"})))
+        # A superuser's files, kept, do not go to another server.
+        db.execute("SELECT emit.create_destination(%s, 'rediss://127.0.0.1:9/s', %s)",
+                   (dest, json.dumps({"ca_file": f"{pki}/ca.pem"})))
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            s.execute("SELECT emit.alter_destination(%s, 'rediss://127.0.0.1:10/{table}')", (dest,))
+    finally:
+        s.close()
+        db.execute("DROP OWNED BY route_admin")
+        db.execute("DROP ROLE route_admin")
+
+
+def test_ddl_routes_to_a_destination_altered_to_route_by_table_warn(db, dest):
+    """Someone else's DDL never fails for it: a WARNING."""
+    db.execute("SELECT emit.create_destination(%s, 'kafka://127.0.0.1:9/ddl')", (dest,))
+    db.execute("SELECT emit.create_ddl_trigger('route_ddl', %s)", (dest,))
+    try:
+        db.execute("SELECT emit.alter_destination(%s, 'kafka://127.0.0.1:9/ddl.{table}')", (dest,))
+        db.notices.clear()
+        db.execute("CREATE TABLE route_ddl_probe (id int)")
+        assert any("which DDL events do not have" in w for w in db.warnings()), db.warnings()
+    finally:
+        db.execute("DROP TABLE IF EXISTS route_ddl_probe")
+        db.execute("SELECT emit.drop_ddl_trigger('route_ddl')")
+
+
+def test_dot_names_cannot_leave_the_path(db):
+    db.execute('DROP TABLE IF EXISTS ".."')
+    db.execute('CREATE TABLE ".." (id int PRIMARY KEY)')
+    try:
+        db.execute('CREATE TRIGGER out AFTER INSERT ON ".." FOR EACH ROW EXECUTE FUNCTION '
+                   "row_to_destination('redis://127.0.0.1:9/cdc/{table}', 'delivery=async')")
+        with pytest.raises(psycopg.errors.InvalidParameterValue) as e:
+            db.execute('INSERT INTO ".." VALUES (1)')
+        assert "named . or .." in str(e.value)
+    finally:
+        db.execute('DROP TABLE ".."')

@@ -74,6 +74,13 @@ impl Destination {
     /// by table (`None` when it does not): the filled-in URL, or for a
     /// stored destination its name with the table (see [`crate::route`]).
     pub fn routed(&self, schema: &str, table: &str) -> Result<Option<Destination>, OptionError> {
+        // `.` and `..` would be path segments the URL resolves away.
+        if [schema, table].iter().any(|n| matches!(*n, "." | "..")) {
+            return Err(OptionError::Destination(format!(
+                "{:?}: a schema or table named . or .. cannot name a stream, subject or topic",
+                self.name()
+            )));
+        }
         let fill = |template: &str, options: &Option<String>| match options {
             None => parse_url(&route::fill(template, schema, table), Vec::new())
                 .map(|d| (d, SignWith::default(), Default::default())),
@@ -383,13 +390,24 @@ fn parse_broker(scheme: &str, input: &str) -> Result<Destination, OptionError> {
     };
     let host = unbracket(u.host_str().unwrap_or_default());
     options::check_host(&host)?;
+    if let Some(p) = u.port() {
+        options::check_port(i32::from(p))?;
+    }
     let mut b = AnyBroker::parse(scheme, &u, host, input).expect("a broker's scheme")?;
     let more = servers
         .map(|s| {
             let u = url::Url::parse(&format!("{head}://{s}/"))
                 .map_err(|e| bad(&format!("{s:?}: {e}")))?;
+            if !u.username().is_empty() || u.password().is_some() {
+                return Err(bad(
+                    "credentials go in a stored destination's options, not in the URL",
+                ));
+            }
             let host = unbracket(u.host_str().unwrap_or_default());
             options::check_host(&host)?;
+            if let Some(p) = u.port() {
+                options::check_port(i32::from(p))?;
+            }
             Ok((host, u.port()))
         })
         .collect::<Result<Vec<_>, OptionError>>()?;
@@ -937,6 +955,9 @@ mod tests {
             ("redis://h1,h2/s", "name one server"),
             ("kafka://h1,/t", "must not be empty"),
             ("kafka://h1,h 2/t", "whitespace"),
+            ("kafka://h1,u:p@h2/t", "credentials go in"),
+            ("kafka://h1,h2:0/t", "port"),
+            ("kafka://h1:0/t", "port"),
         ] {
             let e = parse_url(bad, Vec::new()).unwrap_err().to_string();
             assert!(e.contains(why), "{bad}: {e}");

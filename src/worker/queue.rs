@@ -199,6 +199,15 @@ fn resolve(
         // A broker's outbox rows keep its scheme and URL.
         Some(scheme) if AnyBroker::is_scheme(scheme) => {
             match destination::parse_url(q.url.as_deref().unwrap_or_default(), Vec::new()) {
+                // Queued before {schema} and {table} meant anything.
+                Ok(Destination::Routed { .. }) => (
+                    Resolved::Unavailable(
+                        "its URL names {schema} or {table}, which now route by table; \
+                         events queued without a table cannot be sent"
+                            .into(),
+                    ),
+                    Flow::SERIAL,
+                ),
                 Ok(endpoint) => (plain(endpoint), Flow::SERIAL),
                 Err(e) => (Resolved::Unavailable(e.to_string()), Flow::SERIAL),
             }
@@ -265,6 +274,12 @@ fn stored_dest(
         SignWith::Nothing => (http.map(|(c, _)| (c, None)), None),
         SignWith::Standard(secrets) => (http.map(|(c, _)| (c, None)), Some(secrets)),
     };
+    if let Destination::Routed { .. } = stored.endpoint {
+        return Ok(unavailable(format!(
+            "stored destination {name:?} now routes by table; events queued before that \
+             have no table to fill in (alter it back, or discard them)"
+        )));
+    }
     let flow = match stored.endpoint {
         Destination::Http { .. } => stored.flow,
         _ => Flow::SERIAL,

@@ -421,7 +421,11 @@ fn session(
         brokers: HashMap::new(),
         leaders: Vec::new(),
         producer_id: -1,
-        sticky: 0,
+        // Where keyless records start: anywhere, as the Java client picks
+        // at random, so short sessions do not all favour partition 0.
+        sticky: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos() as usize),
         epoch: -1,
         sequences: Vec::new(),
         correlation: 0,
