@@ -122,7 +122,9 @@ def test_statement_timeout_cancels_a_request(cluster, db):
         t = time.monotonic()
         with pytest.raises(psycopg.errors.QueryCanceled):
             db.execute("SELECT send_http(%s, '{}')", (srv.url,))
-        assert time.monotonic() - t < 1.0
+        # Cancelled, not waited out (pg_emit.http_timeout is 60 s); the
+        # bound leaves room for a loaded machine (1.003 s was seen at 1).
+        assert time.monotonic() - t < 5.0
     finally:
         srv.close()
 
