@@ -247,7 +247,7 @@ def test_slow_http_receiver_gets_requests_in_parallel_in_per_row_order(db, table
         got = rx.wait_for(600, timeout=30)
         elapsed = __import__("time").monotonic() - t
         assert len(got) == 600
-        assert elapsed < 3, elapsed
+        assert elapsed < 8, elapsed  # one at a time would take 12 s
         per_row = {}
         for r in got:
             e = body(r)
@@ -303,7 +303,7 @@ def test_key_columns_choose_what_stays_in_order(db, table):
     """key=account on a table without a primary key: each account's
     events in order, accounts in parallel (without key= every event of
     such a table would wait for the one before)."""
-    rx = HttpReceiver(delay=0.02)
+    rx = HttpReceiver(delay=0.06)
     try:
         db.execute(f"CREATE TABLE {table} (account int, seq int)")
         db.execute(f"CREATE TRIGGER out AFTER INSERT ON {table} FOR EACH ROW "
@@ -319,7 +319,7 @@ def test_key_columns_choose_what_stays_in_order(db, table):
             e = body(r)["new"]
             per_account.setdefault(e["account"], []).append(e["seq"])
         assert all(seq == [1, 2, 3, 4, 5] for seq in per_account.values()), per_account
-        assert elapsed < 1.5, elapsed  # one at a time would take 2 s
+        assert elapsed < 3.5, elapsed  # one at a time would take 6 s
         db.execute(f"CREATE TRIGGER bad AFTER INSERT ON {table} FOR EACH ROW "
                    f"EXECUTE FUNCTION row_to_http('{rx.url}', 'delivery=async', 'key=acount')")
         with pytest.raises(psycopg.Error) as e:

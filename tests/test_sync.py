@@ -327,7 +327,7 @@ def test_connect_timeout_then_fail_fast(db, table):
         assert "timed out after 3" in w[0] and "pg_emit.connect_timeout" in w[0]
         assert "49 event(s) not sent: not sending to" in w[1] and "pg_emit.failure_cooldown" in w[1]
         # One timeout, then 49 immediate skips (50 timeouts would be 15 s).
-        assert elapsed < 2.0, elapsed
+        assert elapsed < 7.5, elapsed
     finally:
         stalled.close()
 
@@ -352,7 +352,7 @@ def test_write_timeout_on_a_receiver_that_does_not_read(db):
         db.execute("SET pg_emit.write_timeout = '300ms'")
         t = time.monotonic()
         r = db.one("SELECT send_socket(repeat('x', 64 * 1024 * 1024), '127.0.0.1', %s)", (sink.port,))
-        assert r == 0 and time.monotonic() - t < 2.0
+        assert r == 0 and time.monotonic() - t < 10.0  # without the timeout: for ever
         assert "write timed out" in db.warnings()[0] and "pg_emit.write_timeout" in db.warnings()[0]
     finally:
         sink.close()
@@ -366,7 +366,8 @@ def test_statement_timeout_cancels_a_hanging_connect(db):
         t = time.monotonic()
         with pytest.raises(psycopg.errors.QueryCanceled):
             db.execute("SELECT send_socket('x', '127.0.0.1', %s)", (stalled.port,))
-        assert time.monotonic() - t < 1.0
+        # Cancelled, not waited out (60 s); a loaded machine took 2 s.
+        assert time.monotonic() - t < 15.0
     finally:
         stalled.close()
 
@@ -392,7 +393,7 @@ def test_pg_cancel_backend_cancels_a_hanging_write(cluster, db):
             other.execute("SELECT pg_cancel_backend(%s)", (pid,))
         th.join(5)
         assert not th.is_alive()
-        assert time.monotonic() - t < 1.0
+        assert time.monotonic() - t < 15.0  # not the 60 s write timeout
         assert isinstance(errors[0], psycopg.errors.QueryCanceled)
     finally:
         sink.close()
@@ -434,7 +435,7 @@ def test_shutdown_interrupts_a_hanging_connect(cluster):
         t = time.monotonic()
         r = cluster.stop("fast")
         assert r.returncode == 0, r.stderr
-        assert time.monotonic() - t < 3.0
+        assert time.monotonic() - t < 20.0  # not the 60 s connect timeout
         th.join(5)
     finally:
         stalled.close()
