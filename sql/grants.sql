@@ -68,3 +68,10 @@ GRANT EXECUTE ON FUNCTION emit.create_token(text[], interval) TO emit_admin;
 GRANT EXECUTE ON FUNCTION emit.revoke_token(text) TO emit_admin;
 GRANT SELECT ON emit.channel_tokens TO emit_admin;
 GRANT SELECT ON emit.channel_events TO emit_admin;
+-- Capture from the WAL: emit_admin creates and drops captures (their
+-- slots are made by the extension's owner) and sees how far they are.
+REVOKE EXECUTE ON FUNCTION emit.create_capture(text, text, text, jsonb) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION emit.drop_capture(text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION emit.create_capture(text, text, text, jsonb) TO emit_admin;
+GRANT EXECUTE ON FUNCTION emit.drop_capture(text) TO emit_admin;
+GRANT SELECT ON emit.captures TO emit_admin;

@@ -83,3 +83,59 @@ COMMENT ON TABLE emit.http_responses IS
     'pg_emit: async HTTP responses (pg_emit.response_log), kept for pg_emit.response_log_retention';
 REVOKE ALL ON emit.http_responses FROM PUBLIC;
 GRANT SELECT ON emit.http_responses TO emit_admin;
+
+-- (0.3) Capture from the WAL (see sql/capture.sql).
+-- (0.3) Capture from the WAL (emit.create_capture): each capture decodes
+-- its publication's changes from a logical replication slot of its own,
+-- named pg_emit_<database oid>_<name>, and the worker queues them in
+-- emit.outbox like async trigger events. queued_lsn is how far the queued
+-- events go: the worker writes it in the transaction that queues them, and
+-- moves the slot there only afterwards, so a crash in between decodes
+-- those transactions again and skips them (see src/worker/capture.rs).
+-- Not dumped: a replication slot is not, so a restore creates its captures
+-- again.
+CREATE TABLE emit.capture_definitions (
+    name        text PRIMARY KEY,
+    dest        text NOT NULL,
+    publication text NOT NULL,
+    slot        text NOT NULL UNIQUE,
+    options     jsonb NOT NULL DEFAULT '{}',
+    queued_lsn  pg_lsn NOT NULL,
+    created_at  timestamptz NOT NULL DEFAULT pg_catalog.now()
+);
+COMMENT ON TABLE emit.capture_definitions IS
+    'pg_emit: captures from the WAL (emit.create_capture) and how far each has queued';
+REVOKE ALL ON emit.capture_definitions FROM PUBLIC;
+
+CREATE VIEW emit.captures AS
+SELECT c.name, c.dest, c.publication, c.slot, c.options,
+       s.confirmed_flush_lsn AS confirmed_lsn,
+       c.queued_lsn,
+       -- WAL written since what is queued (not yet decoded), and WAL the
+       -- slot keeps the server from recycling.
+       CASE WHEN NOT pg_catalog.pg_is_in_recovery() THEN
+         pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_lsn(), c.queued_lsn)::bigint
+       END AS lag_bytes,
+       CASE WHEN NOT pg_catalog.pg_is_in_recovery() THEN
+         pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_lsn(), s.restart_lsn)::bigint
+       END AS retained_wal_bytes,
+       s.slot_name IS NOT NULL AS slot_exists,
+       c.created_at
+  FROM emit.capture_definitions c
+  LEFT JOIN pg_catalog.pg_replication_slots s ON s.slot_name OPERATOR(pg_catalog.=) c.slot;
+COMMENT ON VIEW emit.captures IS
+    'pg_emit: captures from the WAL, their slots and how far behind they are';
+REVOKE ALL ON emit.captures FROM PUBLIC;
+CREATE FUNCTION emit.create_capture(
+    "name" TEXT, "dest" TEXT, "publication" TEXT, "options" jsonb DEFAULT '{}'
+) RETURNS void
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c AS 'MODULE_PATHNAME', 'create_capture_wrapper';
+CREATE FUNCTION emit.drop_capture("name" TEXT) RETURNS void
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c AS 'MODULE_PATHNAME', 'drop_capture_wrapper';
+REVOKE EXECUTE ON FUNCTION emit.create_capture(text, text, text, jsonb) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION emit.drop_capture(text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION emit.create_capture(text, text, text, jsonb) TO emit_admin;
+GRANT EXECUTE ON FUNCTION emit.drop_capture(text) TO emit_admin;
+GRANT SELECT ON emit.captures TO emit_admin;

@@ -69,7 +69,8 @@ unsafe extern "C-unwind" fn process_utility(
 ) {
     let commit_prepared = is_commit_prepared(pstmt);
     let creates = creates_pg_emit(pstmt);
-    if drops_pg_emit(pstmt) {
+    let drops = drops_pg_emit(pstmt);
+    if drops {
         dropping_pg_emit();
     }
     match PREV_PROCESS_UTILITY {
@@ -83,6 +84,9 @@ unsafe extern "C-unwind" fn process_utility(
     }
     if creates {
         crate::worker::wake::start_at_commit();
+    }
+    if drops {
+        dropped_pg_emit();
     }
     statement_end();
 }
@@ -146,6 +150,12 @@ unsafe fn string_node_value(node: *mut pg_sys::Node) -> *const std::ffi::c_char 
 #[pg_guard]
 extern "C-unwind" fn dropping_pg_emit() {
     crate::delivery::outbox::warn_before_drop();
+}
+
+/// Its capture slots go with it (see [`crate::capture::drop_all_slots`]).
+#[pg_guard]
+extern "C-unwind" fn dropped_pg_emit() {
+    crate::capture::drop_all_slots();
 }
 
 #[pg_guard]

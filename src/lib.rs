@@ -13,6 +13,7 @@ use pgrx::prelude::*;
 use pg_emit_core::{backoff, cooldown, event, options, security, transport};
 
 mod admin;
+mod capture;
 mod ddl;
 mod delivery;
 mod encoding;
@@ -44,6 +45,11 @@ pgrx::extension_sql_file!("../sql/ddl.sql", name = "ddl", requires = ["outbox"])
 pgrx::extension_sql_file!(
     "../sql/channels.sql",
     name = "channels",
+    requires = ["outbox"]
+);
+pgrx::extension_sql_file!(
+    "../sql/capture.sql",
+    name = "capture",
     requires = ["outbox"]
 );
 pgrx::extension_sql_file!("../sql/grants.sql", name = "grants", finalize);

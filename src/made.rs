@@ -60,6 +60,22 @@ impl Made {
         }
     }
 
+    /// The facts of a change capture decoded: its transaction, where its
+    /// commit is in the WAL and when it committed (microseconds since
+    /// 2000-01-01, PostgreSQL's epoch).
+    pub fn captured(format: Format, txid: u64, lsn: u64, commit_time: i64) -> Made {
+        if !format.needs_context() {
+            return Made::default();
+        }
+        Made {
+            database: database(),
+            txid,
+            lsn,
+            micros: commit_time + PG_EPOCH_MICROS,
+            id: None,
+        }
+    }
+
     /// As [`Made::now`], for a `send_message` message: a CloudEvent that
     /// wraps it gets a message's id (see [`fresh_message_id`]).
     pub fn message(format: Format, mode: Delivery) -> Made {

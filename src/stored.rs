@@ -76,12 +76,19 @@ pub fn lookup(func: &'static str, name: &str) -> Rc<Resolved> {
         return r;
     }
     table();
+    // A read-only SPI: pgrx's read-write one gives the transaction an xid,
+    // and emit.create_capture must look up before anything has one.
     let row = as_emit_owner(|| {
-        Spi::get_two_with_args::<String, String>(
-            "SELECT d.url, d.options::pg_catalog.text FROM emit.stored_destinations d \
-              WHERE d.name = $1",
-            &[name.into()],
-        )
+        Spi::connect(|c| {
+            c.select(
+                "SELECT d.url, d.options::pg_catalog.text FROM emit.stored_destinations d \
+                  WHERE d.name = $1",
+                None,
+                &[name.into()],
+            )?
+            .first()
+            .get_two::<String, String>()
+        })
     });
     let (url, options) = match row {
         Ok((Some(url), Some(options))) => (url, options),

@@ -369,10 +369,31 @@ unsafe fn tuple_json<'a>(
                     (v, isnull)
                 })
                 .unzip();
-            let t = pg_sys::heap_form_tuple(sub, values.as_mut_ptr(), nulls.as_mut_ptr());
-            pg_sys::heap_copy_tuple_as_datum(t, sub)
+            return values_json(sub, &mut values, &mut nulls);
         }
     };
+    datum_json(datum)
+}
+
+/// `row_to_json` of a row made of `values` (NULL where `nulls` says),
+/// described by the blessed `desc`. Capture makes its rows this way from
+/// the values it decodes, so its events read as a trigger's would.
+///
+/// # Safety
+/// `values` and `nulls` must hold one entry per attribute of `desc`, of
+/// its types.
+pub(crate) unsafe fn values_json<'a>(
+    desc: pg_sys::TupleDesc,
+    values: &mut [pg_sys::Datum],
+    nulls: &mut [bool],
+) -> &'a [u8] {
+    let t = pg_sys::heap_form_tuple(desc, values.as_mut_ptr(), nulls.as_mut_ptr());
+    datum_json(pg_sys::heap_copy_tuple_as_datum(t, desc))
+}
+
+/// # Safety
+/// `datum` must be a composite value of a blessed row type.
+unsafe fn datum_json<'a>(datum: pg_sys::Datum) -> &'a [u8] {
     let json = pg_sys::DirectFunctionCall1Coll(Some(row_to_json), pg_sys::InvalidOid, datum);
     pgrx::varlena::varlena_to_byte_slice(json.cast_mut_ptr::<pg_sys::varlena>())
 }
@@ -694,7 +715,7 @@ fn key_columns(firing: &Firing<'_>, plan: &Plan) -> Option<Rc<[i32]>> {
 /// # Safety
 /// `datum` must be a non-NULL value of the type `att` describes; borrowed
 /// bytes live as long as the current memory context.
-unsafe fn datum_bytes<'a>(
+pub(crate) unsafe fn datum_bytes<'a>(
     datum: pg_sys::Datum,
     att: &pg_sys::FormData_pg_attribute,
 ) -> Cow<'a, [u8]> {

@@ -24,6 +24,7 @@ pub mod live;
 pub mod metrics;
 pub mod options;
 pub mod pending;
+pub mod pgoutput;
 pub mod route;
 pub mod sasl;
 pub mod schedule;

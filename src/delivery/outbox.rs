@@ -52,6 +52,10 @@ thread_local! {
     static EARLY_RANGES: RefCell<Vec<(u64, u64)>> = const { RefCell::new(Vec::new()) };
     /// This transaction wrote outbox rows: wake the worker at commit.
     static WROTE: Cell<bool> = const { Cell::new(false) };
+    /// The worker is queueing captured changes, which `pg_emit.max_outbox_size`
+    /// must not refuse: they are committed already (capture checks the
+    /// limit before it decodes, and stops decoding while it is reached).
+    static CAPTURING: Cell<bool> = const { Cell::new(false) };
     /// emit.outbox's size and when it was measured (see [`outbox_size`]).
     static SIZE: Cell<Option<(Instant, i64)>> = const { Cell::new(None) };
 }
@@ -112,6 +116,12 @@ pub fn commit_sub(sub: u32) {
 
 pub fn abort_sub(sub: u32) {
     QUEUED.with_borrow_mut(|p| p.abort_sub(sub));
+}
+
+/// Sets whether this process's transactions queue captured changes (see
+/// [`CAPTURING`]); only the worker does.
+pub fn set_capturing(on: bool) {
+    CAPTURING.set(on);
 }
 
 /// Marks the transaction as having written outbox rows by other means
@@ -187,7 +197,10 @@ fn write_level(seq: Seq) -> Option<Seq> {
     if rows.is_empty() {
         return Some(seq);
     }
-    let limit = settings::max_outbox_bytes();
+    let limit = match CAPTURING.get() {
+        true => 0,
+        false => settings::max_outbox_bytes(),
+    };
     let mut rows = rows;
     if limit > 0 {
         let size = outbox_size(limit);

@@ -3,6 +3,7 @@
 //! jobs, and retry failing destinations with backoff (see
 //! [`pg_emit_core::health`]), each on its own.
 
+use super::capture::Captures;
 use super::live::{self, Live};
 use super::queue::{claim, record, DESTINATIONS_SQL};
 use super::txn::{stop_or_raise, transaction};
@@ -65,6 +66,7 @@ pub(super) struct Worker {
     /// Schema `emit` of the installation this worker serves.
     emit_nsp: pg_sys::Oid,
     live: Live,
+    captures: Captures,
     /// When `emit.http_responses` was last purged.
     responses_purged: Instant,
     /// When destinations' shares of the outbox were last marked.
@@ -110,6 +112,7 @@ impl Worker {
             origin,
             emit_nsp,
             live: Live::new(),
+            captures: Captures::new(),
             responses_purged: Instant::now(),
             shares_marked: Instant::now(),
             budget: pg_emit_core::budget::connections(raise_open_files()),
@@ -140,7 +143,8 @@ impl Worker {
             let timeout = self
                 .next_timeout()
                 .min(DATABASE_CHECK)
-                .min(self.live.next_timeout());
+                .min(self.live.next_timeout())
+                .min(self.captures.next_timeout());
             // SAFETY: waiting on our own latch, as every bgworker does.
             let rc = unsafe {
                 pg_sys::WaitLatch(
@@ -180,6 +184,12 @@ impl Worker {
                 });
                 if let Err(e) = purged {
                     pgrx::warning!("pg_emit worker: could not delete old HTTP responses: {e}");
+                }
+            }
+            if self.captures.due() {
+                match self.captures.run() {
+                    Ok(queued) => scan |= queued,
+                    Err(e) => return stop_or_raise("capturing changes", e),
                 }
             }
             let done: Vec<_> = self.done_rx.try_iter().collect();

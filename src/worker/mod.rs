@@ -16,6 +16,7 @@
 //! at server start, so a backlog left by a crash is delivered without
 //! waiting for a new write.
 
+mod capture;
 mod dispatch;
 pub(crate) mod launcher;
 mod live;

@@ -83,7 +83,7 @@ pub(super) struct Failed {
     /// any backend's (see `crate::privileged`), so in a deadlock with a
     /// user's transaction (DROP EXTENSION taking the extension's tables one
     /// by one, say) the worker is the one that gives way.
-    deadlock: bool,
+    pub(super) deadlock: bool,
 }
 
 impl std::fmt::Display for Failed {

@@ -1,0 +1,304 @@
+//! Capture from the WAL, the SQL side: `emit.create_capture(name, dest,
+//! publication, options)` makes a logical replication slot (PostgreSQL's
+//! built-in `pgoutput` plugin, so there is nothing else to install) and
+//! records the capture in `emit.capture_definitions`; `emit.drop_capture`
+//! removes both; `DROP EXTENSION` drops the slots of its database (see
+//! [`drop_all_slots`]). The worker decodes and queues (`worker::capture`).
+//!
+//! Slots are not transactional: one is made before its row is written
+//! (PostgreSQL refuses to make one in a transaction that has written), and
+//! dropped after its row is deleted. A slot left without a capture by a
+//! rolled-back `create_capture` is dropped by the worker (see
+//! `worker::capture`); a capture whose slot is gone says so in a WARNING.
+
+use crate::error::EmitError;
+use crate::privileged::as_emit_owner;
+use crate::stored;
+use pg_emit_core::options::{Format, OptionError};
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use pgrx::PgSqlErrorCode;
+
+/// Slot names start with this, then the database oid: a cluster's slots
+/// are shared by its databases, and each database's pg_emit drops only
+/// its own.
+pub const SLOT_PREFIX: &str = "pg_emit_";
+
+/// The slot of capture `name` in this database.
+pub fn slot_name(name: &str) -> String {
+    // SAFETY: the backend's database oid.
+    let db = unsafe { pg_sys::MyDatabaseId }.to_u32();
+    format!("{SLOT_PREFIX}{db}_{name}")
+}
+
+/// The prefix of this database's capture slots (for LIKE, `_` escaped).
+pub fn slot_pattern() -> String {
+    // SAFETY: as above.
+    let db = unsafe { pg_sys::MyDatabaseId }.to_u32();
+    format!("pg\\_emit\\_{db}\\_%")
+}
+
+fn fail(code: PgSqlErrorCode, message: String) -> ! {
+    pgrx::pg_sys::panic::ErrorReport::new(code, message, "pg_emit").report(pgrx::PgLogLevel::ERROR);
+    unreachable!("ERROR returned")
+}
+
+/// A capture's options: `{"format": "json" | "td" | "supabase" |
+/// "debezium" | "cloudevents"}`; without it, the destination's own format
+/// (or json). Unknown keys are refused.
+pub fn format_of(func: &'static str, options: &serde_json::Value) -> Option<Format> {
+    let bad = |why: String| -> ! {
+        EmitError::Argument {
+            func,
+            source: OptionError::Destination(format!("options: {why}")),
+        }
+        .raise()
+    };
+    let Some(map) = options.as_object() else {
+        bad("must be a JSON object".into())
+    };
+    if let Some(k) = map.keys().find(|k| *k != "format") {
+        bad(format!("unknown option {k:?} (known: format)"))
+    }
+    match map.get("format") {
+        None => None,
+        Some(serde_json::Value::String(s)) => Some(Format::from_name(s).unwrap_or_else(|| {
+            bad(format!(
+                "format {s:?} is not json, td, supabase, debezium or cloudevents"
+            ))
+        })),
+        Some(other) => bad(format!("format {other} is not a string")),
+    }
+}
+
+/// Capture names become part of a slot's name, which PostgreSQL limits
+/// to lower-case letters, digits and `_` (63 bytes with the prefix).
+fn check_name(func: &'static str, name: &str) {
+    let ok = !name.is_empty()
+        && name.len() <= 40
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+    if !ok {
+        EmitError::Argument {
+            func,
+            source: OptionError::Destination(format!(
+                "capture name {name:?} must be 1 to 40 lower-case letters, digits or _ \
+                 (it names a replication slot)"
+            )),
+        }
+        .raise()
+    }
+}
+
+#[pgrx::pg_schema]
+mod emit {
+    use super::*;
+    use pgrx::JsonB;
+
+    /// Sends every change committed to a table of `publication` to `dest`
+    /// (a URL or a stored destination), decoded from the WAL by the worker
+    /// and delivered like async trigger events.
+    #[pg_extern(volatile, parallel_unsafe)]
+    fn create_capture(name: &str, dest: &str, publication: &str, options: default!(JsonB, "'{}'")) {
+        const F: &str = "emit.create_capture";
+        // SAFETY: reads the transaction's state.
+        let wrote = unsafe { pg_sys::GetTopTransactionIdIfAny() } != pg_sys::InvalidTransactionId;
+        check_name(F, name);
+        let format = format_of(F, &options.0);
+        // SAFETY: reading a setting PostgreSQL keeps in a global.
+        let logical = unsafe { pg_sys::wal_level } >= pg_sys::WalLevel::WAL_LEVEL_LOGICAL as i32;
+        if !logical {
+            fail(
+                PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                format!(
+                    "{F}: capture needs wal_level = logical (set it in postgresql.conf \
+                     or with ALTER SYSTEM, then restart the server)"
+                ),
+            );
+        }
+        let resolved = stored::resolve(F, dest);
+        crate::delivery::refuse_unless_allowed(&|| F.to_string(), &resolved.target);
+        if matches!(
+            resolved.target.endpoint(),
+            pg_emit_core::destination::Destination::Channel(_)
+        ) {
+            EmitError::Argument {
+                func: F,
+                source: OptionError::Destination(format!(
+                    "{} is a live channel; capture sends to receivers, brokers and webhooks",
+                    resolved.target.name()
+                )),
+            }
+            .raise();
+        }
+        let http = matches!(
+            resolved.target.endpoint(),
+            pg_emit_core::destination::Destination::Http { .. }
+        );
+        Format::combine(format, None, resolved.format, http)
+            .unwrap_or_else(|source| EmitError::Argument { func: F, source }.raise());
+        let (publication_exists, capture_exists) = as_emit_owner(|| {
+            Spi::connect(|c| {
+                c.select(
+                    "SELECT EXISTS (SELECT FROM pg_catalog.pg_publication p WHERE p.pubname = $1), \
+                            EXISTS (SELECT FROM emit.capture_definitions c WHERE c.name = $2)",
+                    None,
+                    &[publication.into(), name.into()],
+                )?
+                .first()
+                .get_two::<bool, bool>()
+            })
+        })
+        .unwrap_or_else(|e| pgrx::error!("{F}: {e}"));
+        if publication_exists != Some(true) {
+            fail(
+                PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
+                format!("{F}: publication {publication:?} does not exist (CREATE PUBLICATION … FOR TABLE …)"),
+            );
+        }
+        if capture_exists == Some(true) {
+            fail(
+                PgSqlErrorCode::ERRCODE_DUPLICATE_OBJECT,
+                format!("{F}: capture {name:?} already exists"),
+            );
+        }
+        if wrote {
+            fail(
+                PgSqlErrorCode::ERRCODE_ACTIVE_SQL_TRANSACTION,
+                format!(
+                    "{F}: must run before the transaction writes anything: it creates a \
+                     replication slot, which PostgreSQL refuses in a transaction that has written"
+                ),
+            );
+        }
+        let slot = slot_name(name);
+        let options = match format {
+            Some(f) => serde_json::json!({"format": f.name()}),
+            None => serde_json::json!({}),
+        }
+        .to_string();
+        // pgrx's read-write SPI gives the transaction an xid at once: the
+        // slot is made through a read-only one, before anything is written.
+        as_emit_owner(|| {
+            let lsn = Spi::connect(|c| {
+                c.select(
+                    "SELECT s.lsn::pg_catalog.text \
+                       FROM pg_catalog.pg_create_logical_replication_slot($1, 'pgoutput') s",
+                    None,
+                    &[slot.as_str().into()],
+                )?
+                .first()
+                .get_one::<String>()
+            })?;
+            Spi::connect_mut(|c| {
+                c.update(
+                    "INSERT INTO emit.capture_definitions \
+                            (name, dest, publication, slot, options, queued_lsn) \
+                     VALUES ($1, $2, $3, $4, $5::pg_catalog.jsonb, $6::pg_catalog.pg_lsn)",
+                    None,
+                    &[
+                        name.into(),
+                        dest.into(),
+                        publication.into(),
+                        slot.as_str().into(),
+                        options.as_str().into(),
+                        lsn.into(),
+                    ],
+                )
+                .map(|_| ())
+            })
+        })
+        .unwrap_or_else(|e| pgrx::error!("{F}: {e}"));
+        // Wakes the worker at commit (starting it if none runs).
+        crate::delivery::outbox::note_written();
+    }
+
+    /// Stops capture `name` and drops its replication slot.
+    #[pg_extern(volatile, parallel_unsafe)]
+    fn drop_capture(name: &str) {
+        const F: &str = "emit.drop_capture";
+        let slot = as_emit_owner(|| {
+            Spi::get_one_with_args::<String>(
+                "DELETE FROM emit.capture_definitions WHERE name = $1 RETURNING slot",
+                &[name.into()],
+            )
+        });
+        let slot = match slot {
+            Ok(Some(slot)) => slot,
+            _ => fail(
+                PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
+                format!("{F}: capture {name:?} does not exist"),
+            ),
+        };
+        as_emit_owner(|| drop_slot(F, &slot));
+    }
+}
+
+/// Drops `slot` if it exists, as the current user, waiting for the
+/// worker to let go of it (it holds a slot only while decoding, for a
+/// moment).
+fn drop_slot(func: &str, slot: &str) {
+    for _ in 0..100 {
+        let active = Spi::get_one_with_args::<bool>(
+            "SELECT s.active FROM pg_catalog.pg_replication_slots s WHERE s.slot_name = $1",
+            &[slot.into()],
+        )
+        .unwrap_or_else(|e| pgrx::error!("{func}: {e}"));
+        match active {
+            None => return,
+            Some(false) => {
+                Spi::run_with_args(
+                    "SELECT pg_catalog.pg_drop_replication_slot($1)",
+                    &[slot.into()],
+                )
+                .unwrap_or_else(|e| pgrx::error!("{func}: {e}"));
+                return;
+            }
+            Some(true) => {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                // SAFETY: lets a cancel or terminate in.
+                unsafe { pg_sys::ProcessInterrupts() };
+            }
+        }
+    }
+    pgrx::error!("{func}: replication slot {slot:?} stayed in use for 5 s; try again");
+}
+
+/// After `DROP EXTENSION pg_emit` (by its owner or a superuser, who may
+/// drop slots): drops this database's capture slots, which would otherwise
+/// keep WAL for ever. Slots in use at that moment (the worker leaving) are
+/// waited for a little, then left with a WARNING: the DROP has happened and
+/// must not fail now.
+pub fn drop_all_slots() {
+    let sql = "SELECT s.slot_name::pg_catalog.text AS slot_name, s.active \
+                 FROM pg_catalog.pg_replication_slots s \
+                WHERE s.database = pg_catalog.current_database() AND s.slot_name LIKE $1";
+    let drop_sql = format!(
+        "SELECT pg_catalog.pg_drop_replication_slot(q.slot_name) FROM ({sql}) q WHERE NOT q.active"
+    );
+    let pattern = slot_pattern();
+    let mut left = Vec::new();
+    for _ in 0..50 {
+        let round = Spi::run_with_args(&drop_sql, &[pattern.as_str().into()]).and_then(|()| {
+            Spi::connect(|c| {
+                c.select(sql, None, &[pattern.as_str().into()])?
+                    .map(|r| r.get::<String>(1))
+                    .collect::<Result<Vec<_>, _>>()
+            })
+        });
+        match round {
+            Ok(l) if l.is_empty() => return,
+            Ok(l) => left = l.into_iter().flatten().collect(),
+            Err(e) => {
+                pgrx::warning!("DROP EXTENSION pg_emit: could not drop its replication slots: {e}");
+                return;
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    pgrx::warning!(
+        "DROP EXTENSION pg_emit: replication slot(s) {left:?} stayed in use; \
+         drop them with pg_drop_replication_slot so they keep no WAL"
+    );
+}

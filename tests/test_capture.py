@@ -1,0 +1,282 @@
+"""Capture from the WAL: emit.create_capture decodes a publication's
+changes with a logical replication slot, and the worker queues and
+delivers them like async trigger events."""
+
+import json
+import os
+import signal
+import time
+
+import psycopg
+import pytest
+
+from conftest import DB, Session
+from pgcluster import Cluster, wait_until
+from receivers import Receiver, free_port
+
+
+@pytest.fixture(scope="module")
+def wal():
+    c = Cluster("pg_emit-capture", port=54349, conf={
+        "shared_preload_libraries": "'pg_emit'",
+        "wal_level": "logical",
+        "max_replication_slots": "20",
+        "max_wal_senders": "4",
+    })
+    c.init().start()
+    c.create_db(DB)
+    with c.connect(DB) as conn:
+        conn.execute("CREATE EXTENSION pg_emit")
+    yield c
+    c.destroy()
+
+
+@pytest.fixture
+def s(wal):
+    s = Session(wal)
+    yield s
+    for (name,) in s.execute("SELECT name FROM emit.capture_definitions").fetchall():
+        s.execute("SELECT emit.drop_capture(%s)", (name,))
+    s.close()
+
+
+def url(rx):
+    return f"tcp://127.0.0.1:{rx.port}?framing=ndjson"
+
+
+def events(msgs):
+    return [json.loads(m) for m in msgs]
+
+
+def slot_of(s, name):
+    return s.one("SELECT slot FROM emit.capture_definitions WHERE name = %s", (name,))
+
+
+def test_changes_arrive_in_commit_order_as_a_trigger_would_send_them(s):
+    rx = Receiver("ndjson")
+    try:
+        s.execute("CREATE TABLE c_orders (id int PRIMARY KEY, note text, amount numeric, "
+                  "tags text[], doc jsonb, at timestamptz)")
+        s.execute("CREATE PUBLICATION c_pub FOR TABLE c_orders")
+        s.execute("SELECT emit.create_capture('orders', %s, 'c_pub')", (url(rx),))
+        s.execute("BEGIN")
+        s.execute("INSERT INTO c_orders VALUES (1, 'a', 1.50, '{x,y}', '{\"k\": [1, 2]}', "
+                  "'2026-01-02 03:04:05.678+00'), (2, 'b', NULL, NULL, NULL, NULL)")
+        s.execute("COMMIT")
+        # Rolled back: never sent.
+        s.execute("BEGIN")
+        s.execute("INSERT INTO c_orders VALUES (99, 'rolled back')")
+        s.execute("ROLLBACK")
+        s.execute("UPDATE c_orders SET note = 'a2' WHERE id = 1")
+        s.execute("DELETE FROM c_orders WHERE id = 2")
+        s.execute("TRUNCATE c_orders")
+        got = events(rx.wait_for(5, timeout=20))
+        assert [e["op"] for e in got] == ["INSERT", "INSERT", "UPDATE", "DELETE", "TRUNCATE"]
+        first = got[0]
+        assert set(first) == {"id", "stream", "op", "schema", "table", "new", "old"}
+        assert (first["schema"], first["table"]) == ("public", "c_orders")
+        # Every type reads as row_to_json writes it, as in a trigger's event.
+        s.execute("INSERT INTO c_orders VALUES (1, 'a', 1.50, '{x,y}', '{\"k\": [1, 2]}', "
+                  "'2026-01-02 03:04:05.678+00')")
+        expected = s.one("SELECT row_to_json(o)::text FROM c_orders o WHERE id = 1")
+        assert first["new"] == json.loads(expected)
+        assert got[1]["new"] == {"id": 2, "note": "b", "amount": None, "tags": None,
+                                 "doc": None, "at": None}
+        # old: what the replica identity puts in the WAL. By default (the
+        # primary key) an UPDATE that keeps the key has none, a DELETE the key.
+        assert got[2]["old"] is None and got[2]["new"]["note"] == "a2"
+        assert got[3]["old"] == {"id": 2} and got[3]["new"] is None
+        assert got[4]["new"] is None and got[4]["old"] is None
+        ids = [e["id"] for e in got]
+        assert ids == sorted(ids) and len(set(ids)) == 5
+        assert all(99 not in (e["new"] or {}).values() for e in got)
+        assert len(events(rx.wait_for(6, timeout=20))) == 6
+        # A key that changes is in old; REPLICA IDENTITY FULL: the whole row.
+        s.execute("UPDATE c_orders SET id = 3 WHERE id = 1")
+        s.execute("ALTER TABLE c_orders REPLICA IDENTITY FULL")
+        s.execute("UPDATE c_orders SET note = 'full' WHERE id = 3")
+        later = events(rx.wait_for(8, timeout=20))[6:]
+        assert later[0]["old"] == {"id": 1} and later[0]["new"]["id"] == 3
+        assert later[1]["old"] == dict(json.loads(expected), id=3)
+        assert later[1]["new"]["note"] == "full"
+    finally:
+        rx.close()
+        s.execute("DROP PUBLICATION IF EXISTS c_pub")
+        s.execute("DROP TABLE IF EXISTS c_orders")
+
+
+def test_debezium_source_says_the_real_transaction_and_position(s):
+    rx = Receiver("ndjson")
+    try:
+        s.execute("CREATE TABLE c_dbz (id int PRIMARY KEY, v text)")
+        s.execute("CREATE PUBLICATION c_dbz_pub FOR TABLE c_dbz")
+        s.execute("SELECT emit.create_capture('dbz', %s, 'c_dbz_pub', '{\"format\": \"debezium\"}')",
+                  (url(rx),))
+        s.execute("BEGIN")
+        s.execute("INSERT INTO c_dbz VALUES (1, 'x')")
+        xid = s.one("SELECT txid_current()")
+        before = s.one("SELECT pg_current_wal_insert_lsn() - '0/0'::pg_lsn")
+        s.execute("COMMIT")
+        (e,) = events(rx.wait_for(1, timeout=20))
+        assert e["op"] == "c"
+        assert e["after"] == {"id": 1, "v": "x"}
+        src = e["source"]
+        assert src["txId"] == xid
+        assert src["lsn"] <= before and src["lsn"] > 0
+        assert (src["schema"], src["table"]) == ("public", "c_dbz")
+    finally:
+        rx.close()
+        s.execute("DROP PUBLICATION IF EXISTS c_dbz_pub")
+        s.execute("DROP TABLE IF EXISTS c_dbz")
+
+
+def test_a_receiver_that_is_down_costs_queue_rows_not_wal(s, wal):
+    port = free_port()
+    s.execute("CREATE TABLE c_down (id int PRIMARY KEY, v text)")
+    s.execute("CREATE PUBLICATION c_down_pub FOR TABLE c_down")
+    try:
+        s.execute("SELECT emit.create_capture('down', %s, 'c_down_pub')",
+                  (f"tcp://127.0.0.1:{port}?framing=ndjson",))
+        start = s.one("SELECT pg_current_wal_lsn()")
+        for i in range(20):
+            s.execute(f"INSERT INTO c_down SELECT g, repeat('x', 200) "
+                      f"FROM generate_series({i * 5000 + 1}, {i * 5000 + 5000}) g")
+        # Other WAL, not published, also must not be held.
+        s.execute("CREATE TABLE c_other AS SELECT g FROM generate_series(1, 300000) g")
+        s.execute("DROP TABLE c_other")
+        written = s.one("SELECT pg_current_wal_lsn() - %s::pg_lsn", (start,))
+        assert written > 40 << 20
+        # The slot's restart point follows the decoding at the server's
+        # next snapshot of running transactions (every 15 s under load).
+        assert wait_until(lambda: s.one(
+            "SELECT retained_wal_bytes < %s AND lag_bytes < 1024 * 1024 "
+            "FROM emit.captures WHERE name = 'down'", (written // 8,)), timeout=60), \
+            s.execute("SELECT confirmed_lsn, queued_lsn, lag_bytes, retained_wal_bytes, pg_current_wal_lsn() FROM emit.captures").fetchall()
+        queued = s.one("SELECT coalesce(sum(events), 0) FROM emit.outbox WHERE port = %s", (port,))
+        assert queued == 100_000
+        rx = Receiver("ndjson", port=port)
+        try:
+            got = rx.wait_for(100_000, timeout=120)
+            ids = {e["new"]["id"] for e in events(got)}
+            assert ids == set(range(1, 100_001))
+        finally:
+            rx.close()
+    finally:
+        s.execute("DROP PUBLICATION IF EXISTS c_down_pub")
+        s.execute("DROP TABLE IF EXISTS c_down")
+
+
+def test_nothing_is_lost_when_the_server_stops_abruptly(wal):
+    rx = Receiver("ndjson")
+    s = Session(wal)
+    s.execute("CREATE TABLE c_crash (id int PRIMARY KEY)")
+    s.execute("CREATE PUBLICATION c_crash_pub FOR TABLE c_crash")
+    s.execute("SELECT emit.create_capture('crash', %s, 'c_crash_pub')", (url(rx),))
+    try:
+        for i in range(1, 301):
+            s.execute("INSERT INTO c_crash VALUES (%s)", (i,))
+        s.close()
+        assert wal.stop("immediate").returncode == 0
+        wal.start()
+        s2 = Session(wal)
+        try:
+            for i in range(301, 401):
+                s2.execute("INSERT INTO c_crash VALUES (%s)", (i,))
+            assert wait_until(lambda: {e["new"]["id"] for e in events(rx.messages)} >= set(range(1, 401)),
+                              timeout=60)
+            # Kill the worker itself (the postmaster restarts everything).
+            pid = s2.one("SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_emit worker' "
+                         "AND datname = current_database()")
+            for i in range(401, 501):
+                s2.execute("INSERT INTO c_crash VALUES (%s)", (i,))
+            os.kill(pid, signal.SIGKILL)
+        finally:
+            s2.close()
+        time.sleep(1)
+        assert wait_until(lambda: wal.connect(DB).execute("SELECT 1").fetchone() == (1,), timeout=30)
+        with wal.connect(DB) as c:
+            for i in range(501, 551):
+                c.execute("INSERT INTO c_crash VALUES (%s)", (i,))
+        assert wait_until(lambda: {e["new"]["id"] for e in events(rx.messages)} >= set(range(1, 551)),
+                          timeout=60)
+    finally:
+        rx.close()
+        with wal.connect(DB) as c:
+            c.execute("SELECT emit.drop_capture('crash')")
+            c.execute("DROP PUBLICATION c_crash_pub")
+            c.execute("DROP TABLE c_crash")
+
+
+def test_drop_capture_and_drop_extension_drop_their_slots(wal):
+    wal.create_db("capture_drop")
+    try:
+        with wal.connect("capture_drop") as c:
+            c.execute("CREATE EXTENSION pg_emit")
+            c.execute("CREATE TABLE t (id int PRIMARY KEY)")
+            c.execute("CREATE PUBLICATION p FOR TABLE t")
+            c.execute("SELECT emit.create_capture('one', 'tcp://127.0.0.1:9?framing=ndjson', 'p')")
+            c.execute("SELECT emit.create_capture('two', 'tcp://127.0.0.1:9?framing=ndjson', 'p')")
+            slots = lambda: sorted(r[0] for r in c.execute(
+                "SELECT slot_name FROM pg_replication_slots WHERE database = current_database()"))
+            db_oid = c.execute("SELECT oid FROM pg_database WHERE datname = current_database()").fetchone()[0]
+            assert slots() == [f"pg_emit_{db_oid}_one", f"pg_emit_{db_oid}_two"]
+            c.execute("SELECT emit.drop_capture('one')")
+            assert slots() == [f"pg_emit_{db_oid}_two"]
+            c.execute("DROP EXTENSION pg_emit")
+            assert slots() == []
+    finally:
+        with wal.connect() as c:
+            wait_until(lambda: c.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = 'capture_drop'").fetchone()[0] == 0)
+            c.execute("DROP DATABASE capture_drop WITH (FORCE)")
+
+
+def test_refusals(s, wal):
+    s.execute("CREATE TABLE c_ref (id int PRIMARY KEY)")
+    s.execute("CREATE PUBLICATION c_ref_pub FOR TABLE c_ref")
+    try:
+        with pytest.raises(psycopg.errors.UndefinedObject, match="publication \"nope\" does not exist"):
+            s.execute("SELECT emit.create_capture('x', 'tcp://127.0.0.1:9', 'nope')")
+        with pytest.raises(psycopg.errors.InvalidParameterValue, match="capture name"):
+            s.execute("SELECT emit.create_capture('Bad-Name', 'tcp://127.0.0.1:9', 'c_ref_pub')")
+        with pytest.raises(psycopg.errors.InvalidParameterValue, match="unknown option \"snapshott\""):
+            s.execute("SELECT emit.create_capture('x', 'tcp://127.0.0.1:9', 'c_ref_pub', '{\"snapshott\": true}')")
+        with pytest.raises(psycopg.errors.InvalidParameterValue, match="format \"xml\""):
+            s.execute("SELECT emit.create_capture('x', 'tcp://127.0.0.1:9', 'c_ref_pub', '{\"format\": \"xml\"}')")
+        with pytest.raises(psycopg.errors.UndefinedObject, match="no_such_dest"):
+            s.execute("SELECT emit.create_capture('x', 'no_such_dest', 'c_ref_pub')")
+        with pytest.raises(psycopg.errors.InvalidParameterValue, match="live channel"):
+            s.execute("SELECT emit.create_capture('x', 'channel:orders', 'c_ref_pub')")
+        s.execute("BEGIN")
+        s.execute("INSERT INTO c_ref VALUES (1)")
+        with pytest.raises(psycopg.errors.ActiveSqlTransaction, match="before the transaction writes"):
+            s.execute("SELECT emit.create_capture('x', 'tcp://127.0.0.1:9', 'c_ref_pub')")
+        s.execute("ROLLBACK")
+        s.execute("SELECT emit.create_capture('x', 'tcp://127.0.0.1:9', 'c_ref_pub')")
+        with pytest.raises(psycopg.errors.DuplicateObject, match="capture \"x\" already exists"):
+            s.execute("SELECT emit.create_capture('x', 'tcp://127.0.0.1:9', 'c_ref_pub')")
+        with pytest.raises(psycopg.errors.UndefinedObject, match="capture \"y\" does not exist"):
+            s.execute("SELECT emit.drop_capture('y')")
+        # Ordinary roles may not capture, nor read what captures exist;
+        # emit_admin may.
+        s.execute("DROP ROLE IF EXISTS c_plain")
+        s.execute("CREATE ROLE c_plain LOGIN")
+        s.execute("DROP ROLE IF EXISTS c_admin")
+        s.execute("CREATE ROLE c_admin LOGIN IN ROLE emit_admin")
+        with wal.connect(DB, user="c_plain") as c:
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                c.execute("SELECT emit.create_capture('z', 'tcp://127.0.0.1:9', 'c_ref_pub')")
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                c.execute("SELECT * FROM emit.captures")
+        with wal.connect(DB, user="c_admin") as c:
+            c.execute("SELECT emit.create_capture('z', 'tcp://127.0.0.1:9', 'c_ref_pub')")
+            assert c.execute("SELECT count(*) FROM emit.captures WHERE slot_exists").fetchone()[0] == 2
+            c.execute("SELECT emit.drop_capture('z')")
+    finally:
+        s.execute("DROP PUBLICATION IF EXISTS c_ref_pub")
+        s.execute("DROP TABLE IF EXISTS c_ref")
+
+
+def test_wal_level_logical_is_required(db):
+    with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState, match="wal_level = logical"):
+        db.execute("SELECT emit.create_capture('x', 'tcp://127.0.0.1:9', 'p')")
