@@ -101,6 +101,8 @@ CREATE TABLE emit.capture_definitions (
     slot        text NOT NULL UNIQUE,
     options     jsonb NOT NULL DEFAULT '{}',
     queued_lsn  pg_lsn NOT NULL,
+    -- The role that created it: only tables it may SELECT are captured.
+    created_by  oid NOT NULL,
     created_at  timestamptz NOT NULL DEFAULT pg_catalog.now()
 );
 COMMENT ON TABLE emit.capture_definitions IS
@@ -109,6 +111,7 @@ REVOKE ALL ON emit.capture_definitions FROM PUBLIC;
 
 CREATE VIEW emit.captures AS
 SELECT c.name, c.dest, c.publication, c.slot, c.options,
+       c.created_by::pg_catalog.regrole AS created_by,
        s.confirmed_flush_lsn AS confirmed_lsn,
        c.queued_lsn,
        -- WAL written since what is queued (not yet decoded), and WAL the

@@ -98,7 +98,10 @@ mod emit {
 
     /// Sends every change committed to a table of `publication` to `dest`
     /// (a URL or a stored destination), decoded from the WAL by the worker
-    /// and delivered like async trigger events.
+    /// and delivered like async trigger events. Only tables the caller may
+    /// SELECT are captured (checked by the worker as each table comes up,
+    /// so a table added to the publication later is checked too): a
+    /// publication someone else made is not a way to read their tables.
     #[pg_extern(volatile, parallel_unsafe)]
     fn create_capture(name: &str, dest: &str, publication: &str, options: default!(JsonB, "'{}'")) {
         const F: &str = "emit.create_capture";
@@ -172,6 +175,8 @@ mod emit {
                 ),
             );
         }
+        // SAFETY: the session's current user.
+        let caller = unsafe { pg_sys::GetUserId() };
         let slot = slot_name(name);
         let options = match format {
             Some(f) => serde_json::json!({"format": f.name()}),
@@ -194,8 +199,8 @@ mod emit {
             Spi::connect_mut(|c| {
                 c.update(
                     "INSERT INTO emit.capture_definitions \
-                            (name, dest, publication, slot, options, queued_lsn) \
-                     VALUES ($1, $2, $3, $4, $5::pg_catalog.jsonb, $6::pg_catalog.pg_lsn)",
+                            (name, dest, publication, slot, options, queued_lsn, created_by) \
+                     VALUES ($1, $2, $3, $4, $5::pg_catalog.jsonb, $6::pg_catalog.pg_lsn, $7)",
                     None,
                     &[
                         name.into(),
@@ -204,6 +209,7 @@ mod emit {
                         slot.as_str().into(),
                         options.as_str().into(),
                         lsn.into(),
+                        caller.into(),
                     ],
                 )
                 .map(|_| ())

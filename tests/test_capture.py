@@ -277,6 +277,33 @@ def test_refusals(s, wal):
         s.execute("DROP TABLE IF EXISTS c_ref")
 
 
+def test_only_tables_the_creator_may_read_are_captured(s, wal):
+    """emit_admin may capture a publication someone else made, but gets
+    only the tables it may SELECT from, however the publication grows."""
+    rx = Receiver("ndjson")
+    s.execute("CREATE TABLE c_open (id int PRIMARY KEY, v text)")
+    s.execute("CREATE TABLE c_secret (id int PRIMARY KEY, v text)")
+    s.execute("CREATE PUBLICATION c_mixed FOR TABLE c_open")
+    s.execute("DROP ROLE IF EXISTS c_admin2")
+    s.execute("CREATE ROLE c_admin2 LOGIN IN ROLE emit_admin")
+    s.execute("GRANT SELECT ON c_open TO c_admin2")
+    try:
+        with wal.connect(DB, user="c_admin2") as c:
+            c.execute("SELECT emit.create_capture('mixed', %s, 'c_mixed')", (url(rx),))
+        s.execute("ALTER PUBLICATION c_mixed ADD TABLE c_secret")
+        s.execute("INSERT INTO c_secret VALUES (1, 'password')")
+        s.execute("INSERT INTO c_open VALUES (1, 'public')")
+        got = events(rx.wait_for(1, timeout=20))
+        assert [(e["table"], e["new"]["v"]) for e in got] == [("c_open", "public")]
+        time.sleep(1)
+        assert len(rx.messages) == 1
+        assert s.one("SELECT created_by::text FROM emit.captures WHERE name = 'mixed'") == "c_admin2"
+    finally:
+        rx.close()
+        s.execute("DROP PUBLICATION IF EXISTS c_mixed")
+        s.execute("DROP TABLE IF EXISTS c_open, c_secret")
+
+
 def test_wal_level_logical_is_required(db):
     with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState, match="wal_level = logical"):
         db.execute("SELECT emit.create_capture('x', 'tcp://127.0.0.1:9', 'p')")

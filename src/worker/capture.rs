@@ -66,6 +66,8 @@ struct Definition {
     publication: String,
     slot: String,
     format: Option<Format>,
+    /// The role that created it (see [`readable`]).
+    created_by: pg_sys::Oid,
 }
 
 pub(super) struct Captures {
@@ -216,7 +218,7 @@ impl Captures {
 fn definitions() -> Result<Vec<Definition>, pgrx::spi::Error> {
     Spi::connect(|c| {
         c.select(
-            "SELECT c.name, c.dest, c.publication, c.slot, c.options->>'format' \
+            "SELECT c.name, c.dest, c.publication, c.slot, c.options->>'format', c.created_by \
                FROM emit.capture_definitions c ORDER BY c.name",
             None,
             &[],
@@ -228,6 +230,7 @@ fn definitions() -> Result<Vec<Definition>, pgrx::spi::Error> {
                 publication: r.get::<String>(3)?.unwrap_or_default(),
                 slot: r.get::<String>(4)?.unwrap_or_default(),
                 format: r.get::<String>(5)?.as_deref().and_then(Format::from_name),
+                created_by: r.get::<pg_sys::Oid>(6)?.unwrap_or(pg_sys::InvalidOid),
             })
         })
         .collect()
@@ -421,6 +424,9 @@ fn capture(def: &Definition, seen: u64, stale: bool) -> Result<Pass, pgrx::spi::
                     // pg_emit's own tables (a publication FOR ALL TABLES
                     // has them) would capture the capture's own queue.
                     Message::Relation(rel) if rel.schema == "emit" => {}
+                    Message::Relation(rel) if !readable(def, &rel) => {
+                        tables.remove(&rel.relid);
+                    }
                     Message::Relation(rel) => {
                         let t = table(def, &dest, rel);
                         tables.insert(t.rel.relid, t);
@@ -468,6 +474,25 @@ fn capture(def: &Definition, seen: u64, stale: bool) -> Result<Pass, pgrx::spi::
             recorded,
         })
     })
+}
+
+/// Whether the capture's creator may SELECT `rel` now; a WARNING when not
+/// (its changes are then left out, as if it were not published).
+fn readable(def: &Definition, rel: &Relation) -> bool {
+    // SAFETY: a catalog check inside the transaction.
+    let ok = unsafe {
+        pg_sys::pg_class_aclcheck(rel.relid.into(), def.created_by, pg_sys::ACL_SELECT as _)
+    } == pg_sys::AclResult::ACLCHECK_OK;
+    if !ok {
+        pgrx::warning!(
+            "pg_emit worker: capture {:?} leaves out the changes of {}.{}: the role that \
+             created it may not SELECT from it",
+            def.name,
+            rel.schema,
+            rel.table
+        );
+    }
+    ok
 }
 
 /// `name` quoted for pgoutput's `publication_names`, a list of identifiers.
@@ -561,8 +586,9 @@ fn queue_change(
         }
         _ => return 0,
     };
+    // Left out (pg_emit's own, or not readable by the capture's creator).
     let Some(t) = tables.get_mut(&relid) else {
-        pgrx::error!("a change of relation {relid} came before its description");
+        return 0;
     };
     // An old row of the replica identity only has its key columns.
     let key_only = matches!(op, Op::Update | Op::Delete)
