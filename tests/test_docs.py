@@ -40,7 +40,8 @@ def docs_cluster():
     hosts.write("127.0.0.1 localhost " + " ".join(HOSTS) + "\n")
     hosts.close()
     os.chmod(hosts.name, 0o644)
-    c = Cluster("pg_emit-docs", port=54344, conf={"shared_preload_libraries": "'pg_emit'"})
+    c = Cluster("pg_emit-docs", port=54344, conf={"shared_preload_libraries": "'pg_emit'",
+                                                   "wal_level": "logical"})
     c.init().start(wrap=["unshare", "-m", "sh", "-c",
                          f'mount --bind {hosts.name} /etc/hosts && exec "$@"', "sh"])
     with c.connect() as conn:
