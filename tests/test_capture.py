@@ -277,6 +277,58 @@ def test_refusals(s, wal):
         s.execute("DROP TABLE IF EXISTS c_ref")
 
 
+def test_publication_and_table_changes_follow_the_wal(s):
+    rx = Receiver("ndjson")
+    s.execute("CREATE TABLE c_a (id int PRIMARY KEY, n int, gone text)")
+    s.execute("CREATE TABLE c_b (id int PRIMARY KEY)")
+    s.execute("CREATE PUBLICATION c_ab FOR TABLE c_a")
+    try:
+        s.execute("SELECT emit.create_capture('ab', %s, 'c_ab')", (url(rx),))
+        s.execute("INSERT INTO c_b VALUES (1)")  # not published yet
+        s.execute("INSERT INTO c_a VALUES (1, 1, 'x')")
+        s.execute("ALTER PUBLICATION c_ab ADD TABLE c_b")
+        s.execute("INSERT INTO c_b VALUES (2)")
+        s.execute("ALTER TABLE c_a ADD COLUMN extra text DEFAULT 'e', DROP COLUMN gone")
+        s.execute("INSERT INTO c_a VALUES (2, 2)")
+        s.execute("ALTER TABLE c_a ALTER COLUMN n TYPE text USING n::text || '!'")
+        s.execute("INSERT INTO c_a VALUES (3, 'three')")
+        s.execute("ALTER PUBLICATION c_ab DROP TABLE c_b")
+        s.execute("INSERT INTO c_b VALUES (3)")
+        s.execute("TRUNCATE c_a")
+        got = events(rx.wait_for(5, timeout=20))
+        assert [(e["table"], e["op"], e["new"]) for e in got] == [
+            ("c_a", "INSERT", {"id": 1, "n": 1, "gone": "x"}),
+            ("c_b", "INSERT", {"id": 2}),
+            ("c_a", "INSERT", {"id": 2, "n": 2, "extra": "e"}),
+            ("c_a", "INSERT", {"id": 3, "n": "three", "extra": "e"}),
+            ("c_a", "TRUNCATE", None),
+        ]
+        time.sleep(1)
+        assert len(rx.messages) == 5
+    finally:
+        rx.close()
+        s.execute("DROP PUBLICATION IF EXISTS c_ab")
+        s.execute("DROP TABLE IF EXISTS c_a, c_b")
+
+
+def test_a_large_value_an_update_left_alone_is_left_out(s):
+    rx = Receiver("ndjson")
+    s.execute("CREATE TABLE c_toast (id int PRIMARY KEY, n int, big text)")
+    s.execute("ALTER TABLE c_toast ALTER COLUMN big SET STORAGE EXTERNAL")
+    s.execute("CREATE PUBLICATION c_toast_pub FOR TABLE c_toast")
+    try:
+        s.execute("SELECT emit.create_capture('toast', %s, 'c_toast_pub')", (url(rx),))
+        s.execute("INSERT INTO c_toast VALUES (1, 1, repeat('b', 100000))")
+        s.execute("UPDATE c_toast SET n = 2")
+        first, second = events(rx.wait_for(2, timeout=20))
+        assert len(first["new"]["big"]) == 100000
+        assert second["new"] == {"id": 1, "n": 2}
+    finally:
+        rx.close()
+        s.execute("DROP PUBLICATION IF EXISTS c_toast_pub")
+        s.execute("DROP TABLE IF EXISTS c_toast")
+
+
 def test_only_tables_the_creator_may_read_are_captured(s, wal):
     """emit_admin may capture a publication someone else made, but gets
     only the tables it may SELECT from, however the publication grows."""
