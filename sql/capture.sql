@@ -42,3 +42,11 @@ SELECT c.name, c.dest, c.publication, c.slot, c.options,
 COMMENT ON VIEW emit.captures IS
     'pg_emit: captures from the WAL, their slots and how far behind they are';
 REVOKE ALL ON emit.captures FROM PUBLIC;
+
+-- emit.backfill's tbl is a regclass, which pgrx cannot declare (see
+-- src/backfill.rs).
+CREATE FUNCTION emit.backfill(tbl regclass, dest text, options jsonb DEFAULT '{}')
+RETURNS bigint STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c AS 'MODULE_PATHNAME', 'backfill_wrapper';
+COMMENT ON FUNCTION emit.backfill(regclass, text, jsonb) IS
+    'pg_emit: queues a READ event per row of tbl, in primary-key order, for async delivery to dest';

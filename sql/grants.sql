@@ -75,3 +75,5 @@ REVOKE EXECUTE ON FUNCTION emit.drop_capture(text) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION emit.create_capture(text, text, text, jsonb) TO emit_admin;
 GRANT EXECUTE ON FUNCTION emit.drop_capture(text) TO emit_admin;
 GRANT SELECT ON emit.captures TO emit_admin;
+REVOKE EXECUTE ON FUNCTION emit.backfill(regclass, text, jsonb) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION emit.backfill(regclass, text, jsonb) TO emit_admin;

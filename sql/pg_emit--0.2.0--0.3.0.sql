@@ -137,6 +137,13 @@ LANGUAGE c AS 'MODULE_PATHNAME', 'create_capture_wrapper';
 CREATE FUNCTION emit.drop_capture("name" TEXT) RETURNS void
 STRICT VOLATILE PARALLEL UNSAFE
 LANGUAGE c AS 'MODULE_PATHNAME', 'drop_capture_wrapper';
+CREATE FUNCTION emit.backfill(tbl regclass, dest text, options jsonb DEFAULT '{}')
+RETURNS bigint STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c AS 'MODULE_PATHNAME', 'backfill_wrapper';
+COMMENT ON FUNCTION emit.backfill(regclass, text, jsonb) IS
+    'pg_emit: queues a READ event per row of tbl, in primary-key order, for async delivery to dest';
+REVOKE EXECUTE ON FUNCTION emit.backfill(regclass, text, jsonb) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION emit.backfill(regclass, text, jsonb) TO emit_admin;
 REVOKE EXECUTE ON FUNCTION emit.create_capture(text, text, text, jsonb) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION emit.drop_capture(text) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION emit.create_capture(text, text, text, jsonb) TO emit_admin;

@@ -44,9 +44,14 @@ fn fail(code: PgSqlErrorCode, message: String) -> ! {
 }
 
 /// A capture's options: `{"format": "json" | "td" | "supabase" |
-/// "debezium" | "cloudevents"}`; without it, the destination's own format
-/// (or json). Unknown keys are refused.
-pub fn format_of(func: &'static str, options: &serde_json::Value) -> Option<Format> {
+/// "debezium" | "cloudevents", "snapshot": true | false}`; without
+/// `format`, the destination's own (or json). Backfill takes `format`
+/// only (`snapshot: false`). Unknown keys are refused.
+pub fn options_of(
+    func: &'static str,
+    options: &serde_json::Value,
+    snapshot: bool,
+) -> (Option<Format>, bool) {
     let bad = |why: String| -> ! {
         EmitError::Argument {
             func,
@@ -57,10 +62,18 @@ pub fn format_of(func: &'static str, options: &serde_json::Value) -> Option<Form
     let Some(map) = options.as_object() else {
         bad("must be a JSON object".into())
     };
-    if let Some(k) = map.keys().find(|k| *k != "format") {
-        bad(format!("unknown option {k:?} (known: format)"))
+    let known: &[&str] = if snapshot {
+        &["format", "snapshot"]
+    } else {
+        &["format"]
+    };
+    if let Some(k) = map.keys().find(|k| !known.contains(&k.as_str())) {
+        bad(format!(
+            "unknown option {k:?} (known: {})",
+            known.join(", ")
+        ))
     }
-    match map.get("format") {
+    let format = match map.get("format") {
         None => None,
         Some(serde_json::Value::String(s)) => Some(Format::from_name(s).unwrap_or_else(|| {
             bad(format!(
@@ -68,7 +81,13 @@ pub fn format_of(func: &'static str, options: &serde_json::Value) -> Option<Form
             ))
         })),
         Some(other) => bad(format!("format {other} is not a string")),
-    }
+    };
+    let snapshot = match map.get("snapshot") {
+        None => false,
+        Some(serde_json::Value::Bool(b)) => *b,
+        Some(other) => bad(format!("snapshot {other} is not true or false")),
+    };
+    (format, snapshot)
 }
 
 /// Capture names become part of a slot's name, which PostgreSQL limits
@@ -108,7 +127,7 @@ mod emit {
         // SAFETY: reads the transaction's state.
         let wrote = unsafe { pg_sys::GetTopTransactionIdIfAny() } != pg_sys::InvalidTransactionId;
         check_name(F, name);
-        let format = format_of(F, &options.0);
+        let (format, snapshot) = options_of(F, &options.0, true);
         // SAFETY: reading a setting PostgreSQL keeps in a global.
         let logical = unsafe { pg_sys::wal_level } >= pg_sys::WalLevel::WAL_LEVEL_LOGICAL as i32;
         if !logical {
@@ -216,6 +235,13 @@ mod emit {
             })
         })
         .unwrap_or_else(|e| pgrx::error!("{F}: {e}"));
+        if snapshot {
+            // After the slot's start: a change committed between the two
+            // is both in a READ event and captured after it, never lost.
+            for relid in published_tables(publication) {
+                crate::backfill::backfill(F, relid, dest, format);
+            }
+        }
         // Wakes the worker at commit (starting it if none runs).
         crate::delivery::outbox::note_written();
     }
@@ -239,6 +265,27 @@ mod emit {
         };
         as_emit_owner(|| drop_slot(F, &slot));
     }
+}
+
+/// The tables of `publication` the caller may read (the others are not
+/// captured either, see `worker::capture`).
+fn published_tables(publication: &str) -> Vec<pg_sys::Oid> {
+    Spi::connect(|c| {
+        c.select(
+            "SELECT c.oid FROM pg_catalog.pg_publication_tables p \
+               JOIN pg_catalog.pg_namespace n ON n.nspname = p.schemaname \
+               JOIN pg_catalog.pg_class c ON c.relnamespace = n.oid AND c.relname = p.tablename \
+              WHERE p.pubname = $1 \
+                AND pg_catalog.has_table_privilege(c.oid, 'SELECT') \
+                AND n.nspname <> 'emit' \
+              ORDER BY n.nspname, c.relname",
+            None,
+            &[publication.into()],
+        )?
+        .map(|r| r.get::<pg_sys::Oid>(1).map(Option::unwrap_or_default))
+        .collect::<Result<Vec<_>, _>>()
+    })
+    .unwrap_or_else(|e| pgrx::error!("emit.create_capture: {e}"))
 }
 
 /// Drops `slot` if it exists, as the current user, waiting for the

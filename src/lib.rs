@@ -13,6 +13,7 @@ use pgrx::prelude::*;
 use pg_emit_core::{backoff, cooldown, event, options, security, transport};
 
 mod admin;
+mod backfill;
 mod capture;
 mod ddl;
 mod delivery;

@@ -719,9 +719,18 @@ pub(crate) unsafe fn datum_bytes<'a>(
     datum: pg_sys::Datum,
     att: &pg_sys::FormData_pg_attribute,
 ) -> Cow<'a, [u8]> {
-    match att.attlen {
-        _ if att.attbyval => {
-            let n = usize::try_from(att.attlen).unwrap_or(8).min(8);
+    value_bytes(datum, att.attbyval, att.attlen)
+}
+
+/// [`datum_bytes`] of a value of a type passed by value (`byval`) or of
+/// length `len` (-1: varlena, -2: C string).
+///
+/// # Safety
+/// As [`datum_bytes`].
+pub(crate) unsafe fn value_bytes<'a>(datum: pg_sys::Datum, byval: bool, len: i16) -> Cow<'a, [u8]> {
+    match len {
+        _ if byval => {
+            let n = usize::try_from(len).unwrap_or(8).min(8);
             Cow::Owned(datum.value().to_le_bytes()[..n].to_vec())
         }
         -1 => {

@@ -356,6 +356,102 @@ def test_only_tables_the_creator_may_read_are_captured(s, wal):
         s.execute("DROP TABLE IF EXISTS c_open, c_secret")
 
 
+def test_backfill_sends_existing_rows_in_key_order_before_later_changes(s, wal):
+    rx = Receiver("ndjson")
+    s.execute("CREATE TABLE c_fill (a int, b text, v int, PRIMARY KEY (b, a))")
+    s.execute("INSERT INTO c_fill SELECT g % 7, 'k' || (g % 3), g FROM generate_series(1, 21) g")
+    s.execute("INSERT INTO c_fill SELECT g, 'z', g FROM generate_series(100, 2599) g")
+    s.execute("CREATE TRIGGER out AFTER UPDATE ON c_fill FOR EACH ROW EXECUTE FUNCTION "
+              f"row_to_destination('{url(rx)}', 'delivery=async')")
+    try:
+        s.execute("BEGIN")
+        assert s.one("SELECT emit.backfill('c_fill', %s)", (url(rx),)) == 2521
+        # Writers wait until the backfill commits: their changes follow.
+        done = []
+        import threading
+
+        def update():
+            with wal.connect(DB) as c:
+                c.execute("UPDATE c_fill SET v = -1 WHERE a = 0 AND b = 'k0'")
+            done.append(True)
+        th = threading.Thread(target=update)
+        th.start()
+        time.sleep(0.5)
+        assert done == []
+        s.execute("COMMIT")
+        th.join(10)
+        got = events(rx.wait_for(2522, timeout=60))
+        reads = [e for e in got if e["op"] == "READ"]
+        assert len(reads) == 2521 and got[-1]["op"] == "UPDATE"
+        assert [(e["new"]["b"], e["new"]["a"]) for e in reads] == sorted(
+            (e["new"]["b"], e["new"]["a"]) for e in reads)
+        assert reads[0]["new"] == {"a": 0, "b": "k0", "v": 21} and reads[0]["old"] is None
+        assert got[-1]["new"]["v"] == -1
+        assert set(reads[0]) == {"id", "stream", "op", "schema", "table", "new", "old"}
+        # The formats' own words for a snapshot read.
+        s.execute("TRUNCATE c_fill")
+        s.execute("INSERT INTO c_fill VALUES (1, 'x', 1)")
+        s.execute("SELECT emit.backfill('c_fill', %s, '{\"format\": \"debezium\"}')", (url(rx),))
+        s.execute("SELECT emit.backfill('c_fill', %s, '{\"format\": \"cloudevents\"}')", (url(rx),))
+        dbz, ce = events(rx.wait_for(2524, timeout=20))[-2:]
+        assert dbz["op"] == "r" and dbz["after"] == {"a": 1, "b": "x", "v": 1}
+        assert dbz["source"]["snapshot"] == "true"
+        assert ce["type"] == "pg_emit.row.read" and ce["data"]["new"]["v"] == 1
+    finally:
+        rx.close()
+        s.execute("DROP TABLE IF EXISTS c_fill")
+
+
+def test_backfill_refusals(s, wal):
+    s.execute("CREATE TABLE c_nokey (v int)")
+    s.execute("CREATE TABLE c_keyed (id int PRIMARY KEY)")
+    s.execute("CREATE VIEW c_view AS SELECT 1 AS id")
+    try:
+        with pytest.raises(psycopg.errors.InvalidParameterValue, match="has no primary key"):
+            s.execute("SELECT emit.backfill('c_nokey', 'tcp://127.0.0.1:9')")
+        with pytest.raises(psycopg.errors.InvalidParameterValue, match="is not a table"):
+            s.execute("SELECT emit.backfill('c_view', 'tcp://127.0.0.1:9')")
+        with pytest.raises(psycopg.errors.UndefinedTable):
+            s.execute("SELECT emit.backfill('c_missing', 'tcp://127.0.0.1:9')")
+        with pytest.raises(psycopg.errors.InvalidParameterValue, match="unknown option \"snapshot\""):
+            s.execute("SELECT emit.backfill('c_keyed', 'tcp://127.0.0.1:9', '{\"snapshot\": true}')")
+        s.execute("DROP ROLE IF EXISTS c_admin3")
+        s.execute("CREATE ROLE c_admin3 LOGIN IN ROLE emit_admin")
+        s.execute("DROP ROLE IF EXISTS c_plain3")
+        s.execute("CREATE ROLE c_plain3 LOGIN")
+        s.execute("GRANT SELECT ON c_keyed TO c_plain3")
+        with wal.connect(DB, user="c_admin3") as c:
+            # An emit_admin reads only what it may read.
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                c.execute("SELECT emit.backfill('c_keyed', 'tcp://127.0.0.1:9')")
+        with wal.connect(DB, user="c_plain3") as c:
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                c.execute("SELECT emit.backfill('c_keyed', 'tcp://127.0.0.1:9')")
+    finally:
+        s.execute("DROP VIEW IF EXISTS c_view")
+        s.execute("DROP TABLE IF EXISTS c_nokey, c_keyed")
+
+
+def test_capture_with_snapshot_starts_with_the_rows_there_are(s):
+    rx = Receiver("ndjson")
+    s.execute("CREATE TABLE c_snap (id int PRIMARY KEY, v text)")
+    s.execute("INSERT INTO c_snap SELECT g, 'old' FROM generate_series(1, 50) g")
+    s.execute("CREATE PUBLICATION c_snap_pub FOR TABLE c_snap")
+    try:
+        s.execute("SELECT emit.create_capture('snap', %s, 'c_snap_pub', '{\"snapshot\": true}')",
+                  (url(rx),))
+        s.execute("UPDATE c_snap SET v = 'new' WHERE id = 7")
+        s.execute("INSERT INTO c_snap VALUES (51, 'new')")
+        got = events(rx.wait_for(52, timeout=30))
+        assert [e["op"] for e in got] == ["READ"] * 50 + ["UPDATE", "INSERT"]
+        assert [e["new"]["id"] for e in got[:50]] == list(range(1, 51))
+        assert got[50]["new"] == {"id": 7, "v": "new"}
+    finally:
+        rx.close()
+        s.execute("DROP PUBLICATION IF EXISTS c_snap_pub")
+        s.execute("DROP TABLE IF EXISTS c_snap")
+
+
 def test_wal_level_logical_is_required(db):
     with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState, match="wal_level = logical"):
         db.execute("SELECT emit.create_capture('x', 'tcp://127.0.0.1:9', 'p')")

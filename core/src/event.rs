@@ -15,6 +15,8 @@ pub enum Op {
     Update,
     Delete,
     Truncate,
+    /// A row as it was when `emit.backfill` read it.
+    Read,
 }
 
 impl Op {
@@ -24,6 +26,7 @@ impl Op {
             Op::Update => "UPDATE",
             Op::Delete => "DELETE",
             Op::Truncate => "TRUNCATE",
+            Op::Read => "READ",
         }
     }
 }
@@ -168,6 +171,7 @@ pub fn write_event(
                 Op::Update => "pg_emit.row.update",
                 Op::Delete => "pg_emit.row.delete",
                 Op::Truncate => "pg_emit.truncate",
+                Op::Read => "pg_emit.row.read",
             };
             push_cloudevent_head(buf, &ev.ctx, kind, Some((ev.schema, ev.table)));
             write_event(buf, Format::Json, ev, new, old, one_line);
@@ -192,6 +196,8 @@ pub fn begin_batch(buf: &mut Vec<u8>, format: Format, ev: &Event<'_>) {
                 Op::Update => "pg_emit.statement.update",
                 Op::Delete => "pg_emit.statement.delete",
                 Op::Truncate => "pg_emit.truncate",
+                // Backfill makes row events only.
+                Op::Read => "pg_emit.row.read",
             };
             push_cloudevent_head(buf, &ev.ctx, kind, Some((ev.schema, ev.table)));
             push_header(buf, Format::Json, ev);
@@ -346,7 +352,11 @@ fn push_debezium_tail(buf: &mut Vec<u8>, ev: &Event<'_>) {
     let _ = write!(buf, "{}", ctx.micros);
     buf.extend_from_slice(b",\"ts_ns\":");
     let _ = write!(buf, "{}", i128::from(ctx.micros) * 1000);
-    buf.extend_from_slice(b",\"snapshot\":\"false\",\"db\":");
+    // A backfilled row is Debezium's snapshot read.
+    buf.extend_from_slice(match ev.op {
+        Op::Read => b",\"snapshot\":\"true\",\"db\":",
+        _ => b",\"snapshot\":\"false\",\"db\":",
+    });
     push_string(buf, ctx.database);
     buf.extend_from_slice(b",\"schema\":");
     push_string(buf, ev.schema);
@@ -362,6 +372,7 @@ fn push_debezium_tail(buf: &mut Vec<u8>, ev: &Event<'_>) {
         Op::Update => b'u',
         Op::Delete => b'd',
         Op::Truncate => b't',
+        Op::Read => b'r',
     });
     buf.extend_from_slice(b"\",\"ts_ms\":");
     let _ = write!(buf, "{}", ms);
@@ -787,7 +798,7 @@ mod tests {
         assert_eq!(src["ts_us"], 1_795_262_400_123_456_i64);
         assert_eq!(up["ts_ns"], 1_795_262_400_123_456_000_i64);
         assert_eq!(src["snapshot"], "false");
-        for (op, code) in [(Op::Insert, "c"), (Op::Delete, "d")] {
+        for (op, code) in [(Op::Insert, "c"), (Op::Delete, "d"), (Op::Read, "r")] {
             assert_eq!(
                 parse(&render(Format::Debezium, op, Some("{}"), Some("{}"), false))["op"],
                 code

@@ -56,6 +56,9 @@ thread_local! {
     /// must not refuse: they are committed already (capture checks the
     /// limit before it decodes, and stops decoding while it is reached).
     static CAPTURING: Cell<bool> = const { Cell::new(false) };
+    /// This transaction queued a backfill: the outbox limit refuses with
+    /// an ERROR, whatever `pg_emit.on_error` says.
+    static STRICT: Cell<bool> = const { Cell::new(false) };
     /// emit.outbox's size and when it was measured (see [`outbox_size`]).
     static SIZE: Cell<Option<(Instant, i64)>> = const { Cell::new(None) };
 }
@@ -116,6 +119,12 @@ pub fn commit_sub(sub: u32) {
 
 pub fn abort_sub(sub: u32) {
     QUEUED.with_borrow_mut(|p| p.abort_sub(sub));
+}
+
+/// For the rest of the transaction, `pg_emit.max_outbox_size` refuses
+/// with an ERROR (see [`STRICT`]).
+pub fn refusal_is_error() {
+    STRICT.set(true);
 }
 
 /// Sets whether this process's transactions queue captured changes (see
@@ -227,7 +236,7 @@ fn write_level(seq: Seq) -> Option<Seq> {
                     limit,
                     events: refused.iter().map(|r| r.events as usize).sum(),
                 };
-                if settings::ON_ERROR.get() == settings::OnError::Error {
+                if STRICT.get() || settings::ON_ERROR.get() == settings::OnError::Error {
                     e.raise();
                 }
                 e.warn();
@@ -506,12 +515,14 @@ pub fn pre_commit(prepare: bool) -> bool {
 /// [`crate::worker::wake::on_commit`]).
 pub fn on_commit() {
     WROTE.set(false);
+    STRICT.set(false);
     EARLY.with_borrow_mut(|e| e.clear());
     EARLY_RANGES.with_borrow_mut(|r| r.clear());
 }
 
 /// Abort (or PREPARE, whose rows the worker will see if it commits).
 pub fn forget() {
+    STRICT.set(false);
     QUEUED.with_borrow_mut(|p| p.clear());
     EARLY.with_borrow_mut(|e| e.clear());
     EARLY_RANGES.with_borrow_mut(|r| r.clear());

@@ -1,0 +1,246 @@
+//! `emit.backfill(tbl, dest, options)`: the rows a table has now, as `READ`
+//! events (`"op":"r"` in Debezium, `pg_emit.row.read` in CloudEvents), in
+//! primary-key order, queued for async delivery to `dest` in the caller's
+//! transaction; and capture's `snapshot` option, which backfills every
+//! table of the publication when the capture starts.
+//!
+//! The rows are read as the caller (its privileges and row security
+//! apply) through a cursor, and written to the outbox as they come, so
+//! memory stays bounded however large the table. The table is locked
+//! against writes (`SHARE`) until the caller's transaction ends: every
+//! change of a row is then either in the row as read, or committed after
+//! the backfill and so queued, by a trigger or a capture, after its events.
+//! A backfill that fails leaves nothing queued: run it again.
+
+use crate::delivery::outbox;
+use crate::delivery::Destination;
+use crate::encoding;
+use crate::error::EmitError;
+use crate::event::{self, Event, Kind, Op};
+use crate::made::Made;
+use crate::stored::{self, Resolved};
+use pg_emit_core::options::{Delivery, Format, OptionError};
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use pgrx::PgMemoryContexts;
+use pgrx::PgSqlErrorCode;
+use std::ffi::CString;
+use std::rc::Rc;
+
+/// Rows fetched at a time.
+const FETCH: i64 = 1000;
+
+fn fail(code: PgSqlErrorCode, message: String) -> ! {
+    pgrx::pg_sys::panic::ErrorReport::new(code, message, "pg_emit").report(pgrx::PgLogLevel::ERROR);
+    unreachable!("ERROR returned")
+}
+
+/// A primary-key column: its name, and how to hash its value as a
+/// trigger's ordering key does.
+struct KeyColumn {
+    name: String,
+    /// Its place in the primary key (the order rows are read in).
+    place: i32,
+    input: (pg_sys::Oid, pg_sys::Oid),
+    typmod: i32,
+    byval: bool,
+    len: i16,
+}
+
+fn quote(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// Queues a READ event per row of `relid` for `dest`; returns how many.
+/// `func` names the caller in errors.
+pub fn backfill(func: &'static str, relid: pg_sys::Oid, dest: &str, format: Option<Format>) -> i64 {
+    let resolved = stored::resolve(func, dest);
+    crate::delivery::refuse_unless_allowed(&|| func.to_string(), &resolved.target);
+    let (schema, table, kind) = Spi::connect(|c| {
+        c.select(
+            "SELECT n.nspname::pg_catalog.text, c.relname::pg_catalog.text, c.relkind::pg_catalog.text \
+               FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+              WHERE c.oid = $1",
+            None,
+            &[relid.into()],
+        )?
+        .first()
+        .get_three::<String, String, String>()
+    })
+    .unwrap_or_else(|e| pgrx::error!("{func}: {e}"));
+    let (Some(schema), Some(table)) = (schema, table) else {
+        fail(
+            PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE,
+            format!("{func}: relation {} does not exist", relid.to_u32()),
+        )
+    };
+    if !matches!(kind.as_deref(), Some("r" | "p")) {
+        EmitError::Argument {
+            func,
+            source: OptionError::Destination(format!("tbl: {schema}.{table} is not a table")),
+        }
+        .raise()
+    }
+    let target = match resolved.target.routed(&schema, &table) {
+        Ok(Some(t)) => Rc::new(Resolved::new(t, resolved.format)),
+        Ok(None) => resolved.clone(),
+        Err(source) => EmitError::Argument { func, source }.raise(),
+    };
+    let mode = crate::delivery::for_target(&|| func.to_string(), &target.target, Delivery::Async);
+    debug_assert_eq!(mode, Delivery::Async);
+    let http = matches!(target.target.endpoint(), Destination::Http { .. });
+    let format = Format::combine(format, None, target.format, http)
+        .unwrap_or_else(|source| EmitError::Argument { func, source }.raise());
+    let keys = key_columns(relid);
+    if keys.is_empty() {
+        EmitError::Argument {
+            func,
+            source: OptionError::Destination(format!(
+                "tbl: {schema}.{table} has no primary key, which backfill reads in the order of"
+            )),
+        }
+        .raise()
+    }
+    // SAFETY: a lock on a table the caller names, held to the end of its
+    // transaction; PostgreSQL checks nothing here, the SELECT below
+    // checks the caller may read it.
+    unsafe { pg_sys::LockRelationOid(relid, pg_sys::ShareLock as pg_sys::LOCKMODE) };
+    let columns: Vec<String> = keys
+        .iter()
+        .map(|k| format!("t.{}", quote(&k.name)))
+        .collect();
+    let mut order: Vec<&KeyColumn> = keys.iter().collect();
+    order.sort_by_key(|k| k.place);
+    let order: Vec<String> = order
+        .iter()
+        .map(|k| format!("t.{}", quote(&k.name)))
+        .collect();
+    let sql = format!(
+        "SELECT pg_catalog.row_to_json(t)::pg_catalog.text, {} FROM {}.{} t ORDER BY {}",
+        columns
+            .iter()
+            .map(|c| format!("{c}::pg_catalog.text"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        quote(&schema),
+        quote(&table),
+        order.join(", ")
+    );
+    let made = Made::now(format, Delivery::Async);
+    let ev = Event {
+        op: Op::Read,
+        schema: &schema,
+        table: &table,
+        when: "AFTER",
+        level: "ROW",
+        trigger_name: "backfill",
+        relid: relid.to_u32(),
+        args: &[],
+        ctx: made.ctx(),
+    };
+    // The outbox limit refuses these with an ERROR, never a WARNING: a
+    // backfill that says it queued N events did.
+    outbox::refusal_is_error();
+    let what = || format!("a row of {schema}.{table}");
+    let mut count = 0i64;
+    let mut buf = Vec::new();
+    let mut batch = PgMemoryContexts::new("pg_emit backfill rows");
+    Spi::connect(|c| {
+        let mut cursor = c.open_cursor(sql.as_str(), &[]);
+        loop {
+            let rows = cursor.fetch(FETCH)?;
+            if rows.is_empty() {
+                break;
+            }
+            for r in rows {
+                let json = r.get::<&str>(1)?.unwrap_or("null").as_bytes();
+                let values: Vec<Option<String>> = (0..keys.len())
+                    .map(|i| r.get::<String>(i + 2))
+                    .collect::<Result<_, _>>()?;
+                // SAFETY: the key's values are made and hashed in the
+                // batch's context, reset after the batch.
+                let key = unsafe { batch.switch_to(|_| key_of(relid, &keys, &values)) };
+                buf.clear();
+                let row = encoding::to_utf8(json, &what);
+                event::write_event(&mut buf, format, &ev, Some(&row), None, true);
+                outbox::queue(&target.target, Kind::event(format), &buf, Some(key));
+                count += 1;
+            }
+            // SAFETY: nothing made in it outlives the batch.
+            unsafe { batch.reset() };
+        }
+        Ok::<_, pgrx::spi::Error>(())
+    })
+    .unwrap_or_else(|e| pgrx::error!("{func}: {e}"));
+    count
+}
+
+/// The table's primary-key columns, in the order of their numbers (as a
+/// trigger's key takes the replica identity's).
+fn key_columns(relid: pg_sys::Oid) -> Vec<KeyColumn> {
+    Spi::connect(|c| {
+        c.select(
+            "SELECT a.attname::pg_catalog.text, a.atttypid, a.atttypmod, t.typbyval, t.typlen, \
+                    pg_catalog.array_position(i.indkey::pg_catalog.int2[], a.attnum) \
+               FROM pg_catalog.pg_index i \
+               JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid \
+                AND a.attnum OPERATOR(pg_catalog.=) ANY (i.indkey::pg_catalog.int2[]) \
+               JOIN pg_catalog.pg_type t ON t.oid = a.atttypid \
+              WHERE i.indrelid = $1 AND i.indisprimary ORDER BY a.attnum",
+            None,
+            &[relid.into()],
+        )?
+        .map(|r| {
+            let typ = r.get::<pg_sys::Oid>(2)?.unwrap_or(pg_sys::InvalidOid);
+            let (mut func, mut ioparam) = (pg_sys::InvalidOid, pg_sys::InvalidOid);
+            // SAFETY: a catalog lookup of the column's type.
+            unsafe { pg_sys::getTypeInputInfo(typ, &mut func, &mut ioparam) };
+            Ok(KeyColumn {
+                name: r.get::<String>(1)?.unwrap_or_default(),
+                input: (func, ioparam),
+                typmod: r.get::<i32>(3)?.unwrap_or(-1),
+                byval: r.get::<bool>(4)?.unwrap_or(false),
+                len: r.get::<i16>(5)?.unwrap_or(-1),
+                place: r.get::<i32>(6)?.unwrap_or(0),
+            })
+        })
+        .collect::<Result<Vec<_>, pgrx::spi::Error>>()
+    })
+    .unwrap_or_else(|e| pgrx::error!("emit.backfill: {e}"))
+}
+
+/// The ordering key a trigger would give the row: its key values hashed
+/// with the table's oid.
+fn key_of(relid: pg_sys::Oid, keys: &[KeyColumn], values: &[Option<String>]) -> i64 {
+    let mut parts: Vec<Option<Vec<u8>>> = vec![Some(relid.to_u32().to_le_bytes().to_vec())];
+    for (k, v) in keys.iter().zip(values) {
+        parts.push(v.as_ref().map(|text| {
+            let s = CString::new(text.as_str()).unwrap_or_default();
+            // SAFETY: the type's own input function and the value's bytes.
+            unsafe {
+                let datum = pg_sys::OidInputFunctionCall(
+                    k.input.0,
+                    s.as_ptr().cast_mut(),
+                    k.input.1,
+                    k.typmod,
+                );
+                crate::trigger::value_bytes(datum, k.byval, k.len).into_owned()
+            }
+        }));
+    }
+    pg_emit_core::schedule::key_hash(parts.iter().map(|p| p.as_deref()))
+}
+
+#[pgrx::pg_schema]
+mod emit {
+    use super::*;
+    use pgrx::JsonB;
+
+    /// Declared in `sql/capture.sql`, where `tbl` is a `regclass`.
+    #[pg_extern(sql = false, volatile, parallel_unsafe)]
+    fn backfill(tbl: pg_sys::Oid, dest: &str, options: JsonB) -> i64 {
+        const F: &str = "emit.backfill";
+        let (format, _) = crate::capture::options_of(F, &options.0, false);
+        super::backfill(F, tbl, dest, format)
+    }
+}
