@@ -124,6 +124,12 @@ mod emit {
     #[pg_extern(volatile, parallel_unsafe)]
     fn create_capture(name: &str, dest: &str, publication: &str, options: default!(JsonB, "'{}'")) {
         const F: &str = "emit.create_capture";
+        // Slots are not transactional: a capture made or dropped in a
+        // transaction that then rolled back would lose its slot or keep
+        // one. As CREATE SUBSCRIPTION does, each runs in a transaction of
+        // its own.
+        // SAFETY: raises an ERROR inside a transaction block.
+        unsafe { pg_sys::PreventInTransactionBlock(true, c"emit.create_capture()".as_ptr()) };
         // SAFETY: reads the transaction's state.
         let wrote = unsafe { pg_sys::GetTopTransactionIdIfAny() } != pg_sys::InvalidTransactionId;
         check_name(F, name);
@@ -250,6 +256,8 @@ mod emit {
     #[pg_extern(volatile, parallel_unsafe)]
     fn drop_capture(name: &str) {
         const F: &str = "emit.drop_capture";
+        // SAFETY: as in create_capture.
+        unsafe { pg_sys::PreventInTransactionBlock(true, c"emit.drop_capture()".as_ptr()) };
         let slot = as_emit_owner(|| {
             Spi::get_one_with_args::<String>(
                 "DELETE FROM emit.capture_definitions WHERE name = $1 RETURNING slot",
@@ -324,6 +332,23 @@ fn drop_slot(func: &str, slot: &str) {
 /// waited for a little, then left with a WARNING: the DROP has happened and
 /// must not fail now.
 pub fn drop_all_slots() {
+    // SAFETY: reads the transaction's state.
+    if unsafe { pg_sys::IsTransactionBlock() } {
+        // A rollback would bring the extension back without its slots.
+        pgrx::warning!(
+            "DROP EXTENSION pg_emit in a transaction block keeps its capture slots \
+             (pg_emit_{}_…); once it has committed, drop them with pg_drop_replication_slot \
+             so they keep no WAL",
+            // SAFETY: the backend's database oid.
+            unsafe {
+                {
+                    pg_sys::MyDatabaseId
+                }
+            }
+            .to_u32()
+        );
+        return;
+    }
     let sql = "SELECT s.slot_name::pg_catalog.text AS slot_name, s.active \
                  FROM pg_catalog.pg_replication_slots s \
                 WHERE s.database = pg_catalog.current_database() AND s.slot_name LIKE $1";

@@ -178,6 +178,12 @@ const WORKER_SETTINGS: &[(&CStr, &CStr)] = &[
     (c"plan_cache_mode", c"auto"),
     (c"jit", c"off"),
     (c"max_parallel_workers_per_gather", c"0"),
+    // Capture reads values as their types' text output and turns them back
+    // into values with the input functions: both ends must agree, and
+    // floats must come out exact.
+    (c"extra_float_digits", c"1"),
+    (c"DateStyle", c"ISO, MDY"),
+    (c"IntervalStyle", c"postgres"),
 ];
 
 /// Pins the worker's `search_path` and [`WORKER_SETTINGS`] after it has
@@ -199,6 +205,14 @@ pub fn pin_worker_settings() {
                 pg_sys::GucSource::PGC_S_OVERRIDE,
             );
         }
+        // Decoded text comes in the client encoding: the database's own,
+        // whatever `ALTER DATABASE … SET client_encoding` says.
+        pg_sys::SetConfigOption(
+            c"client_encoding".as_ptr(),
+            pg_sys::GetDatabaseEncodingName(),
+            pg_sys::GucContext::PGC_SUSET,
+            pg_sys::GucSource::PGC_S_OVERRIDE,
+        );
     }
 }
 

@@ -250,9 +250,9 @@ def test_refusals(s, wal):
             s.execute("SELECT emit.create_capture('x', 'no_such_dest', 'c_ref_pub')")
         with pytest.raises(psycopg.errors.InvalidParameterValue, match="live channel"):
             s.execute("SELECT emit.create_capture('x', 'channel:orders', 'c_ref_pub')")
+        # Slots are not transactional: each in a transaction of its own.
         s.execute("BEGIN")
-        s.execute("INSERT INTO c_ref VALUES (1)")
-        with pytest.raises(psycopg.errors.ActiveSqlTransaction, match="before the transaction writes"):
+        with pytest.raises(psycopg.errors.ActiveSqlTransaction, match="transaction block"):
             s.execute("SELECT emit.create_capture('x', 'tcp://127.0.0.1:9', 'c_ref_pub')")
         s.execute("ROLLBACK")
         s.execute("SELECT emit.create_capture('x', 'tcp://127.0.0.1:9', 'c_ref_pub')")
@@ -260,6 +260,10 @@ def test_refusals(s, wal):
             s.execute("SELECT emit.create_capture('x', 'tcp://127.0.0.1:9', 'c_ref_pub')")
         with pytest.raises(psycopg.errors.UndefinedObject, match="capture \"y\" does not exist"):
             s.execute("SELECT emit.drop_capture('y')")
+        s.execute("BEGIN")
+        with pytest.raises(psycopg.errors.ActiveSqlTransaction, match="transaction block"):
+            s.execute("SELECT emit.drop_capture('x')")
+        s.execute("ROLLBACK")
         # Ordinary roles may not capture, nor read what captures exist;
         # emit_admin may.
         s.execute("DROP ROLE IF EXISTS c_plain")
@@ -338,25 +342,35 @@ def test_only_tables_the_creator_may_read_are_captured(s, wal):
     rx = Receiver("ndjson")
     s.execute("CREATE TABLE c_open (id int PRIMARY KEY, v text)")
     s.execute("CREATE TABLE c_secret (id int PRIMARY KEY, v text)")
-    s.execute("CREATE PUBLICATION c_mixed FOR TABLE c_open")
+    s.execute("CREATE TABLE c_rls (id int PRIMARY KEY, v text)")
+    s.execute("ALTER TABLE c_rls ENABLE ROW LEVEL SECURITY")
+    s.execute("CREATE TABLE c_parts (id int PRIMARY KEY, v text) PARTITION BY RANGE (id)")
+    s.execute("CREATE TABLE c_part1 PARTITION OF c_parts FOR VALUES FROM (0) TO (100)")
+    s.execute("CREATE PUBLICATION c_mixed FOR TABLE c_open, c_rls, c_parts")
     s.execute("DROP ROLE IF EXISTS c_admin2")
     s.execute("CREATE ROLE c_admin2 LOGIN IN ROLE emit_admin")
-    s.execute("GRANT SELECT ON c_open TO c_admin2")
+    s.execute("GRANT SELECT ON c_open, c_rls, c_parts TO c_admin2")
     try:
         with wal.connect(DB, user="c_admin2") as c:
             c.execute("SELECT emit.create_capture('mixed', %s, 'c_mixed')", (url(rx),))
         s.execute("ALTER PUBLICATION c_mixed ADD TABLE c_secret")
         s.execute("INSERT INTO c_secret VALUES (1, 'password')")
+        # Row security would show c_admin2 no row of c_rls: none is captured.
+        s.execute("INSERT INTO c_rls VALUES (1, 'policy-hidden')")
+        # A partition's changes come under its own name; SELECT on the
+        # partitioned table is enough.
+        s.execute("INSERT INTO c_parts VALUES (5, 'partitioned')")
         s.execute("INSERT INTO c_open VALUES (1, 'public')")
-        got = events(rx.wait_for(1, timeout=20))
-        assert [(e["table"], e["new"]["v"]) for e in got] == [("c_open", "public")]
+        got = events(rx.wait_for(2, timeout=20))
+        assert [(e["table"], e["new"]["v"]) for e in got] == [
+            ("c_part1", "partitioned"), ("c_open", "public")]
         time.sleep(1)
-        assert len(rx.messages) == 1
+        assert len(rx.messages) == 2
         assert s.one("SELECT created_by::text FROM emit.captures WHERE name = 'mixed'") == "c_admin2"
     finally:
         rx.close()
         s.execute("DROP PUBLICATION IF EXISTS c_mixed")
-        s.execute("DROP TABLE IF EXISTS c_open, c_secret")
+        s.execute("DROP TABLE IF EXISTS c_open, c_secret, c_rls, c_parts")
 
 
 def test_backfill_sends_existing_rows_in_key_order_before_later_changes(s, wal):
@@ -453,6 +467,59 @@ def test_capture_with_snapshot_starts_with_the_rows_there_are(s):
         rx.close()
         s.execute("DROP PUBLICATION IF EXISTS c_snap_pub")
         s.execute("DROP TABLE IF EXISTS c_snap")
+
+
+def test_values_are_made_as_the_table_owner_and_a_bad_one_does_not_stop_capture(s, wal):
+    """A domain's CHECK runs when the worker makes a value: as the table's
+    owner, never as the worker's superuser; and a value its type no longer
+    takes is sent as text, while the capture goes on."""
+    rx = Receiver("ndjson")
+    s.execute("DROP ROLE IF EXISTS c_owner")
+    s.execute("CREATE ROLE c_owner")
+    s.execute("GRANT CREATE ON SCHEMA public TO c_owner")
+    s.execute("SET ROLE c_owner")
+    s.execute("CREATE TABLE c_seen (who text, pid int)")
+    s.execute("CREATE TABLE c_flag (strict bool)")
+    s.execute("INSERT INTO c_flag VALUES (false)")
+    s.execute("""CREATE FUNCTION c_check(v int) RETURNS bool LANGUAGE plpgsql AS $$
+                 BEGIN
+                   INSERT INTO public.c_seen VALUES (current_user, pg_catalog.pg_backend_pid());
+                   RETURN v < 10 OR NOT (SELECT strict FROM public.c_flag);
+                 END $$""")
+    s.execute("CREATE DOMAIN c_small AS int CHECK (public.c_check(VALUE))")
+    s.execute("CREATE TABLE c_dom (id int PRIMARY KEY, v c_small)")
+    s.execute("RESET ROLE")
+    s.execute("CREATE PUBLICATION c_dom_pub FOR TABLE c_dom")
+    try:
+        s.execute("SELECT emit.create_capture('dom', %s, 'c_dom_pub')", (url(rx),))
+        s.execute("INSERT INTO c_dom VALUES (1, 5)")
+        (first,) = events(rx.wait_for(1, timeout=20))
+        assert first["new"] == {"id": 1, "v": 5}
+        assert {w for (w,) in s.execute(
+            "SELECT who FROM c_seen WHERE pid IN (SELECT pid FROM pg_stat_activity "
+            "WHERE backend_type = 'pg_emit worker')")} == {"c_owner"}
+        # Valid when written, refused by the time the worker reads it.
+        s.execute("BEGIN")
+        s.execute("INSERT INTO c_dom VALUES (2, 50)")
+        s.execute("UPDATE c_flag SET strict = true")
+        s.execute("COMMIT")
+        got = events(rx.wait_for(2, timeout=30))
+        assert got[1]["op"] == "INSERT" and got[1]["new"] == {"id": "2", "v": "50"}
+        s.execute("UPDATE c_flag SET strict = false")
+        s.execute("INSERT INTO c_dom VALUES (3, 7)")
+        got = events(rx.wait_for(3, timeout=30))
+        assert got[2]["new"] == {"id": 3, "v": 7}
+        assert {w for (w,) in s.execute(
+            "SELECT who FROM c_seen WHERE pid IN (SELECT pid FROM pg_stat_activity "
+            "WHERE backend_type = 'pg_emit worker')")} == {"c_owner"}
+        assert "sent as text" in open(wal.log).read()
+    finally:
+        rx.close()
+        s.execute("DROP PUBLICATION IF EXISTS c_dom_pub")
+        s.execute("DROP TABLE IF EXISTS c_dom, c_seen, c_flag")
+        s.execute("DROP DOMAIN IF EXISTS c_small")
+        s.execute("DROP FUNCTION IF EXISTS c_check(int)")
+        s.execute("REVOKE CREATE ON SCHEMA public FROM c_owner")
 
 
 def test_wal_level_logical_is_required(db):

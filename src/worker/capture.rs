@@ -34,7 +34,8 @@ use pg_emit_core::pgoutput::{self, Message, Relation, Value};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use pgrx::PgMemoryContexts;
-use std::collections::HashMap;
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, HashSet};
 use std::ffi::CString;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -58,6 +59,25 @@ const RECORD_GAP: u64 = 256 << 10;
 const RECORD_EVERY: Duration = Duration::from_secs(10);
 /// How often slots left without a capture are looked for.
 const ORPHAN_CHECK: Duration = Duration::from_secs(60);
+
+thread_local! {
+    /// This pass makes each change in a subtransaction, so that one that
+    /// fails (a value its type no longer takes, a type dropped since) is
+    /// sent as text instead of failing the pass for ever. Taken after a
+    /// pass failed; the next pass that succeeds ends it.
+    static CAREFUL: Cell<bool> = const { Cell::new(false) };
+    /// WARNINGs of the pass, logged after its transaction (which holds
+    /// back everything under FATAL, see [`quiet`]); each once.
+    static NOTES: RefCell<Vec<String>> = const { RefCell::new(Vec::new()) };
+}
+
+fn note(message: String) {
+    NOTES.with_borrow_mut(|n| {
+        if !n.contains(&message) {
+            n.push(message);
+        }
+    });
+}
 
 /// A capture as `emit.capture_definitions` has it.
 struct Definition {
@@ -85,6 +105,9 @@ pub(super) struct Captures {
     /// The WAL flushed when each capture last looked, and when it last
     /// recorded how far it queued.
     seen: HashMap<String, (u64, Instant)>,
+    /// Captures whose last pass failed: the next is careful (see
+    /// [`CAREFUL`]).
+    careful: HashSet<String>,
 }
 
 impl Captures {
@@ -96,6 +119,7 @@ impl Captures {
             orphans_checked: Instant::now(),
             paused: false,
             seen: HashMap::new(),
+            careful: HashSet::new(),
         }
     }
 
@@ -166,9 +190,15 @@ impl Captures {
                 .copied()
                 .unwrap_or((0, Instant::now()));
             let stale = recorded_at.elapsed() >= RECORD_EVERY;
+            let careful = self.careful.contains(&def.name);
             outbox::set_capturing(true);
+            CAREFUL.set(careful);
             let r = transaction(c"pg_emit: capturing changes", || capture(&def, seen, stale));
+            CAREFUL.set(false);
             outbox::set_capturing(false);
+            for n in NOTES.take() {
+                pgrx::warning!("pg_emit worker: {n}");
+            }
             match r {
                 Ok(Pass {
                     events,
@@ -186,12 +216,18 @@ impl Captures {
                         recorded_at
                     };
                     self.seen.insert(def.name.clone(), (seen, at));
+                    self.careful.remove(&def.name);
                     let moved = transaction(c"pg_emit: moving a capture slot", || advance(&def));
                     if let Err(e) = moved {
                         self.fail(&def, &e.to_string());
                     }
                 }
                 Err(e) if e.deadlock => return Err(e),
+                // Once more at once, change by change.
+                Err(_) if !careful => {
+                    self.careful.insert(def.name.clone());
+                    more = true;
+                }
                 Err(e) => self.fail(&def, &e.to_string()),
             }
         }
@@ -238,14 +274,20 @@ fn definitions() -> Result<Vec<Definition>, pgrx::spi::Error> {
 }
 
 /// Drops this database's capture slots that have no capture now and had
-/// none at the last check (`seen`); returns those without one now.
+/// none at the last check (`seen`); returns those without one now. While
+/// a transaction older than the last check runs (a `create_capture`
+/// still backfilling, say), none is taken for an orphan.
 fn drop_orphans(seen: &[String]) -> Result<Vec<String>, pgrx::spi::Error> {
     let now: Vec<String> = Spi::connect(|c| {
         c.select(
             "SELECT s.slot_name::pg_catalog.text FROM pg_catalog.pg_replication_slots s \
               WHERE s.database = pg_catalog.current_database() AND s.slot_name LIKE $1 \
                 AND NOT s.active \
-                AND NOT EXISTS (SELECT FROM emit.capture_definitions c WHERE c.slot = s.slot_name)",
+                AND NOT EXISTS (SELECT FROM emit.capture_definitions c WHERE c.slot = s.slot_name) \
+                AND NOT EXISTS (SELECT FROM pg_catalog.pg_stat_activity a \
+                                 WHERE a.datname = pg_catalog.current_database() \
+                                   AND a.xact_start < pg_catalog.now() - interval '60 s' \
+                                   AND a.pid <> pg_catalog.pg_backend_pid())",
             None,
             &[slot_pattern().as_str().into()],
         )?
@@ -315,6 +357,16 @@ struct Table {
     rel: Relation,
     schema: Rc<str>,
     table: Rc<str>,
+    /// As whom its values are made (see [`convert`]).
+    owner: pg_sys::Oid,
+    /// `None`: its types could not be looked up (values go as text).
+    typed: Option<Typed>,
+    target: Rc<Resolved>,
+    format: Format,
+}
+
+/// How values of a relation are made.
+struct Typed {
     /// The relation's row type with every column (blessed), and each
     /// column's input function.
     desc: pg_sys::TupleDesc,
@@ -322,8 +374,6 @@ struct Table {
     /// Row types of column subsets (an old row's key, a new row without
     /// unchanged TOASTed values), by which columns they hold.
     subsets: HashMap<Vec<bool>, pg_sys::TupleDesc>,
-    target: Rc<Resolved>,
-    format: Format,
 }
 
 /// The current transaction of the stream.
@@ -400,6 +450,11 @@ fn capture(def: &Definition, seen: u64, stale: bool) -> Result<Pass, pgrx::spi::
             if fetched.is_empty() {
                 break;
             }
+            // pgrx leaves fetched rows to SPI_finish: freed after the batch
+            // instead, so a transaction of millions of rows is never held.
+            // SAFETY: the table this fetch made; nested SPI (an outbox
+            // flush) restores the global when it finishes.
+            let tuptable = unsafe { pg_sys::SPI_tuptable };
             for r in fetched {
                 rows += 1;
                 let Some(data) = r.get::<&[u8]>(2)? else {
@@ -424,12 +479,13 @@ fn capture(def: &Definition, seen: u64, stale: bool) -> Result<Pass, pgrx::spi::
                     // pg_emit's own tables (a publication FOR ALL TABLES
                     // has them) would capture the capture's own queue.
                     Message::Relation(rel) if rel.schema == "emit" => {}
-                    Message::Relation(rel) if !readable(def, &rel) => {
-                        tables.remove(&rel.relid);
-                    }
                     Message::Relation(rel) => {
-                        let t = table(def, &dest, rel);
-                        tables.insert(t.rel.relid, t);
+                        let relid = rel.relid;
+                        let t = readable(def, &rel).and_then(|owner| table(def, &dest, rel, owner));
+                        match t {
+                            Some(t) => tables.insert(relid, t),
+                            None => tables.remove(&relid),
+                        };
                     }
                     Message::Other(_) => {}
                     change if !txn.skip => {
@@ -445,7 +501,10 @@ fn capture(def: &Definition, seen: u64, stale: bool) -> Result<Pass, pgrx::spi::
             }
             // SAFETY: nothing allocated in it is used after the batch (the
             // events were copied into the outbox buffer).
-            unsafe { batch.reset() };
+            unsafe {
+                batch.reset();
+                pg_sys::SPI_freetuptable(tuptable);
+            }
         }
         drop(cursor);
         let full = rows >= CHANGES_PER_PASS;
@@ -460,7 +519,8 @@ fn capture(def: &Definition, seen: u64, stale: bool) -> Result<Pass, pgrx::spi::
         // without events, only once it is worth a slot's move, or after a
         // while (the slot's restart point moves only past the snapshots of
         // running transactions the server logs now and then).
-        let recorded = upto > queued && (events > 0 || upto - queued >= RECORD_GAP || stale);
+        let recorded =
+            upto > queued && (events > 0 || full || upto - queued >= RECORD_GAP || stale);
         if recorded {
             Spi::run_with_args(
                 "UPDATE emit.capture_definitions SET queued_lsn = $2::pg_catalog.pg_lsn WHERE name = $1",
@@ -476,23 +536,60 @@ fn capture(def: &Definition, seen: u64, stale: bool) -> Result<Pass, pgrx::spi::
     })
 }
 
-/// Whether the capture's creator may SELECT `rel` now; a WARNING when not
-/// (its changes are then left out, as if it were not published).
-fn readable(def: &Definition, rel: &Relation) -> bool {
-    // SAFETY: a catalog check inside the transaction.
-    let ok = unsafe {
-        pg_sys::pg_class_aclcheck(rel.relid.into(), def.created_by, pg_sys::ACL_SELECT as _)
-    } == pg_sys::AclResult::ACLCHECK_OK;
-    if !ok {
-        pgrx::warning!(
-            "pg_emit worker: capture {:?} leaves out the changes of {}.{}: the role that \
-             created it may not SELECT from it",
+/// Whether the capture's creator may read `rel` now, and if so the
+/// table's owner (as whom its values are made, see [`as_owner`]). It may
+/// when it may SELECT the table or a partitioned table it is a partition
+/// of (changes arrive under the partition's name), and no row security
+/// applies to it there. Tables it may not read are left out, with a
+/// WARNING; so is a table dropped since (its name and owner are gone).
+fn readable(def: &Definition, rel: &Relation) -> Option<pg_sys::Oid> {
+    let row = Spi::connect(|c| {
+        c.select(
+            "SELECT c.relowner, \
+                    pg_catalog.bool_or(pg_catalog.has_table_privilege($2, a.relid, 'SELECT')), \
+                    pg_catalog.array_agg(a.relid) \
+               FROM pg_catalog.pg_class c, \
+                    LATERAL (SELECT p.relid::pg_catalog.oid \
+                               FROM pg_catalog.pg_partition_ancestors(c.oid) p \
+                              UNION SELECT c.oid) a(relid) \
+              WHERE c.oid = $1 GROUP BY c.relowner",
+            None,
+            &[pg_sys::Oid::from(rel.relid).into(), def.created_by.into()],
+        )?
+        .first()
+        .get_three::<pg_sys::Oid, bool, Vec<pg_sys::Oid>>()
+    });
+    let name = || format!("{}.{}", rel.schema, rel.table);
+    let (owner, may, tables) = match row {
+        Ok((Some(owner), Some(may), Some(tables))) => (owner, may, tables),
+        _ => {
+            note(format!(
+                "capture {:?} leaves out changes of {}: the table is gone",
+                def.name,
+                name()
+            ));
+            return None;
+        }
+    };
+    // SAFETY: catalog checks inside the transaction.
+    let rls = tables.iter().any(|t| unsafe {
+        pg_sys::check_enable_rls(*t, def.created_by, true)
+            == pg_sys::CheckEnableRlsResult::RLS_ENABLED as i32
+    });
+    if !may || rls {
+        let why = if may {
+            "row security applies to the role that created it there"
+        } else {
+            "the role that created it may not SELECT from it"
+        };
+        note(format!(
+            "capture {:?} leaves out the changes of {}: {why}",
             def.name,
-            rel.schema,
-            rel.table
-        );
+            name()
+        ));
+        return None;
     }
-    ok
+    Some(owner)
 }
 
 /// `name` quoted for pgoutput's `publication_names`, a list of identifiers.
@@ -500,12 +597,26 @@ fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
-/// Makes a relation ready: its row type, input functions, and where its
-/// events go (a destination that routes by table, filled in).
-fn table(def: &Definition, dest: &Rc<Resolved>, rel: Relation) -> Table {
+/// Makes a relation ready: where its events go (a destination that routes
+/// by table, filled in), its row type and input functions. `None` when it
+/// cannot be sent anywhere (a table name a broker refuses), with a
+/// WARNING in a careful pass.
+fn table(
+    def: &Definition,
+    dest: &Rc<Resolved>,
+    rel: Relation,
+    owner: pg_sys::Oid,
+) -> Option<Table> {
     let target = match dest.target.routed(&rel.schema, &rel.table) {
         Ok(Some(t)) => Rc::new(Resolved::new(t, dest.format)),
         Ok(None) => dest.clone(),
+        Err(e) if CAREFUL.get() => {
+            note(format!(
+                "capture {:?} leaves out the changes of {}.{}: {e}",
+                def.name, rel.schema, rel.table
+            ));
+            return None;
+        }
         Err(e) => pgrx::error!("table {}.{}: {e}", rel.schema, rel.table),
     };
     let http = matches!(target.target.endpoint(), Destination::Http { .. });
@@ -514,7 +625,7 @@ fn table(def: &Definition, dest: &Rc<Resolved>, rel: Relation) -> Table {
     let all = vec![true; rel.columns.len()];
     // SAFETY: catalog lookups and a descriptor in the transaction's
     // memory, which outlives the pass.
-    let (desc, inputs) = unsafe {
+    let typed = guarded(|| unsafe {
         PgMemoryContexts::TopTransactionContext.switch_to(|_| {
             let inputs = rel
                 .columns
@@ -525,19 +636,32 @@ fn table(def: &Definition, dest: &Rc<Resolved>, rel: Relation) -> Table {
                     (func, ioparam)
                 })
                 .collect();
-            (row_type(&rel, &all), inputs)
+            Typed {
+                desc: row_type(&rel, &all),
+                inputs,
+                subsets: HashMap::new(),
+            }
         })
+    });
+    let typed = match typed {
+        Ok(t) => Some(t),
+        Err(e) => {
+            note(format!(
+                "capture {:?}: the types of {}.{} cannot be looked up ({e}); its values are sent as text",
+                def.name, rel.schema, rel.table
+            ));
+            None
+        }
     };
-    Table {
+    Some(Table {
         schema: rel.schema.as_str().into(),
         table: rel.table.as_str().into(),
         rel,
-        desc,
-        inputs,
-        subsets: HashMap::new(),
+        owner,
+        typed,
         target,
         format,
-    }
+    })
 }
 
 /// A blessed row type of the columns of `rel` that `which` marks.
@@ -598,15 +722,25 @@ fn queue_change(
                 .all(|(v, c)| c.key || *v == Value::Null)
         })
         && t.rel.columns.iter().any(|c| !c.key);
-    let new_row = new.as_ref().map(|v| row(t, v, false));
-    let old_row = old.as_ref().map(|v| row(t, v, key_only));
-    // The ordering key: the replica identity's values, before the change
-    // when the WAL has them, as a trigger's key is.
-    let key_values = old.as_ref().or(new.as_ref());
-    let key = key_values.and_then(|v| key_of(t, v));
-    let what = || format!("a row of {}.{}", t.schema, t.table);
-    let new_json = new_row.map(|b| encoding::to_utf8(b, &what).into_owned());
-    let old_json = old_row.map(|b| encoding::to_utf8(b, &what).into_owned());
+    let made = convert(t, new.as_deref(), old.as_deref(), key_only);
+    let (new_json, old_json, key) = match made {
+        Ok(made) => made,
+        Err(e) => {
+            // Sent all the same, in order: as text, and ordered against
+            // every other event (no key), rather than holding up the
+            // capture for ever.
+            note(format!(
+                "capture {:?}: a change of {}.{} could not be made into values ({e}); \
+                 its values are sent as text",
+                def.name, t.schema, t.table
+            ));
+            (
+                new.as_deref().map(|v| text_row(t, v, false)),
+                old.as_deref().map(|v| text_row(t, v, key_only)),
+                None,
+            )
+        }
+    };
     emit(
         def,
         t,
@@ -619,27 +753,137 @@ fn queue_change(
     1
 }
 
+/// The rows of a change as JSON, and its ordering key: made as the
+/// table's owner in a security-restricted operation, since input
+/// functions (a domain's CHECK) and casts to JSON may run code the owner
+/// wrote, which must not run as the worker. In a careful pass, in a
+/// subtransaction: an error is the change's, not the pass's.
+type Made3 = (Option<Vec<u8>>, Option<Vec<u8>>, Option<i64>);
+
+fn convert(
+    t: &mut Table,
+    new: Option<&[Value<'_>]>,
+    old: Option<&[Value<'_>]>,
+    key_only: bool,
+) -> Result<Made3, String> {
+    let owner = t.owner;
+    let what = format!("a row of {}.{}", t.schema, t.table);
+    let Some(typed) = t.typed.as_mut() else {
+        return Err("its types could not be looked up".into());
+    };
+    let rel = &t.rel;
+    guarded(|| {
+        as_owner(owner, || {
+            let what = || what.clone();
+            let new_json =
+                new.map(|v| encoding::to_utf8(row(rel, typed, v, false), &what).into_owned());
+            let old_json =
+                old.map(|v| encoding::to_utf8(row(rel, typed, v, key_only), &what).into_owned());
+            // The ordering key: the replica identity's values, before the
+            // change when the WAL has them, as a trigger's key is.
+            let key = old.or(new).and_then(|v| key_of(rel, typed, v));
+            (new_json, old_json, key)
+        })
+    })
+}
+
+/// Runs `f` as `owner` in a security-restricted operation. An ERROR in it
+/// aborts the (sub)transaction, which restores the user.
+fn as_owner<R>(owner: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
+    let (mut user, mut sec) = (pg_sys::InvalidOid, 0);
+    // SAFETY: save, switch and restore, as SECURITY DEFINER calls do.
+    unsafe {
+        pg_sys::GetUserIdAndSecContext(&mut user, &mut sec);
+        pg_sys::SetUserIdAndSecContext(
+            owner,
+            sec | (pg_sys::SECURITY_LOCAL_USERID_CHANGE | pg_sys::SECURITY_RESTRICTED_OPERATION)
+                as i32,
+        );
+    }
+    let r = f();
+    // SAFETY: as above.
+    unsafe { pg_sys::SetUserIdAndSecContext(user, sec) };
+    r
+}
+
+/// In a careful pass, runs `f` in a subtransaction and returns its ERROR
+/// as a message; otherwise just runs it.
+fn guarded<R>(f: impl FnOnce() -> R) -> Result<R, String> {
+    if !CAREFUL.get() {
+        return Ok(f());
+    }
+    // SAFETY: the subtransaction bracket PL/pgSQL's exception blocks use,
+    // keeping the caller's memory context and resource owner.
+    unsafe {
+        let ctx = pg_sys::CurrentMemoryContext;
+        let owner = pg_sys::CurrentResourceOwner;
+        pg_sys::BeginInternalSubTransaction(std::ptr::null());
+        pg_sys::MemoryContextSwitchTo(ctx);
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+        match r {
+            Ok(_) => pg_sys::ReleaseCurrentSubTransaction(),
+            Err(_) => pg_sys::RollbackAndReleaseCurrentSubTransaction(),
+        }
+        pg_sys::MemoryContextSwitchTo(ctx);
+        pg_sys::CurrentResourceOwner = owner;
+        r.map_err(
+            |panic| match panic.downcast::<pgrx::pg_sys::panic::CaughtError>() {
+                Ok(e) => match *e {
+                    pgrx::pg_sys::panic::CaughtError::PostgresError(r)
+                    | pgrx::pg_sys::panic::CaughtError::ErrorReport(r)
+                    | pgrx::pg_sys::panic::CaughtError::RustPanic { ereport: r, .. } => {
+                        r.message().to_string()
+                    }
+                },
+                Err(_) => "unexpected panic".to_string(),
+            },
+        )
+    }
+}
+
+/// A row as its values' text: what a change that cannot be made into
+/// values is sent as.
+fn text_row(t: &Table, values: &[Value<'_>], key_only: bool) -> Vec<u8> {
+    let mut map = serde_json::Map::new();
+    for (v, c) in values.iter().zip(&t.rel.columns) {
+        if key_only && !c.key {
+            continue;
+        }
+        let what = || format!("a value of {}.{}", t.schema, t.table);
+        match v {
+            Value::Text(b) => {
+                let text = String::from_utf8_lossy(&encoding::to_utf8(b, &what)).into_owned();
+                map.insert(c.name.clone(), serde_json::Value::String(text));
+            }
+            Value::Null => {
+                map.insert(c.name.clone(), serde_json::Value::Null);
+            }
+            Value::Unchanged => {}
+        }
+    }
+    serde_json::Value::Object(map).to_string().into_bytes()
+}
+
 /// `values` as `row_to_json` JSON: every column the WAL has (`key_only`:
 /// the replica identity's), in the relation's order.
-fn row<'a>(t: &mut Table, values: &[Value<'_>], key_only: bool) -> &'a [u8] {
+fn row<'a>(rel: &Relation, typed: &mut Typed, values: &[Value<'_>], key_only: bool) -> &'a [u8] {
     let which: Vec<bool> = values
         .iter()
-        .zip(&t.rel.columns)
+        .zip(&rel.columns)
         .map(|(v, c)| *v != Value::Unchanged && (!key_only || c.key))
         .collect();
     let desc = if which.iter().all(|w| *w) {
-        t.desc
+        typed.desc
     } else {
-        let rel = &t.rel;
-        *t.subsets.entry(which.clone()).or_insert_with(|| {
+        *typed.subsets.entry(which.clone()).or_insert_with(|| {
             // SAFETY: as in table(): kept for the transaction.
             unsafe { PgMemoryContexts::TopTransactionContext.switch_to(|_| row_type(rel, &which)) }
         })
     };
     let (mut datums, mut nulls): (Vec<pg_sys::Datum>, Vec<bool>) = values
         .iter()
-        .zip(&t.rel.columns)
-        .zip(&t.inputs)
+        .zip(&rel.columns)
+        .zip(&typed.inputs)
         .zip(&which)
         .filter(|(_, w)| **w)
         .map(|(((v, col), (func, ioparam)), _)| match v {
@@ -658,17 +902,21 @@ fn input(text: &[u8], func: pg_sys::Oid, ioparam: pg_sys::Oid, typmod: i32) -> p
     unsafe { pg_sys::OidInputFunctionCall(func, s.as_ptr().cast_mut(), ioparam, typmod) }
 }
 
-/// The ordering key of a row of `t` (see `trigger::row_key`, which this
+/// The ordering key of a row of `rel` (see `trigger::row_key`, which this
 /// matches for the same row): the replica identity's values hashed with
 /// the table's oid; `None` for a table without one.
-fn key_of(t: &Table, values: &[Value<'_>]) -> Option<i64> {
-    if !t.rel.columns.iter().any(|c| c.key) {
+fn key_of(rel: &Relation, typed: &Typed, values: &[Value<'_>]) -> Option<i64> {
+    if !rel.columns.iter().any(|c| c.key) {
         return None;
     }
-    let atts = unsafe { pgrx::PgTupleDesc::from_pg_unchecked(t.desc) };
-    let mut parts: Vec<Option<Vec<u8>>> = vec![Some(t.rel.relid.to_le_bytes().to_vec())];
-    for (i, ((v, col), (func, ioparam))) in
-        values.iter().zip(&t.rel.columns).zip(&t.inputs).enumerate()
+    // SAFETY: the descriptor made for this relation.
+    let atts = unsafe { pgrx::PgTupleDesc::from_pg_unchecked(typed.desc) };
+    let mut parts: Vec<Option<Vec<u8>>> = vec![Some(rel.relid.to_le_bytes().to_vec())];
+    for (i, ((v, col), (func, ioparam))) in values
+        .iter()
+        .zip(&rel.columns)
+        .zip(&typed.inputs)
+        .enumerate()
     {
         if !col.key {
             continue;
