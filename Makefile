@@ -91,6 +91,7 @@ bench: setup install-release
 	.venv/bin/python -c 'import matplotlib' 2>/dev/null || .venv/bin/pip install -q matplotlib
 	.venv/bin/python bench/bench.py
 	.venv/bin/python bench/small_tx.py
+	.venv/bin/python bench/capture.py
 	.venv/bin/python bench/http_receivers.py
 	.venv/bin/python bench/error_rates.py
 	.venv/bin/python bench/many_destinations.py

@@ -139,7 +139,8 @@ def worker_pid(conn):
                         "AND datname = current_database()").fetchone()[0]
 
 
-def rss_mb(pid, field="VmRSS"):
+def rss_mb(pid, field="RssAnon"):
+    """Private memory (RSS also counts the shared buffers it touches)."""
     with open(f"/proc/{pid}/status") as f:
         for line in f:
             if line.startswith(field):
@@ -229,7 +230,7 @@ def main():
     print(f"\ncommit → receipt at 1,000 commits/s ({lat[0]:,} events): "
           f"p50 {lat[1]:.0f} ms, p99 {lat[2]:.0f} ms")
     print(f"one transaction of {ROWS:,} rows: {big[0]:,.0f} events/s from commit to the last "
-          f"event; worker RSS {big[1]:.0f} MB before, {big[2]:.0f} MB at most")
+          f"event; worker private memory (RssAnon) {big[1]:.0f} MB before, {big[2]:.0f} MB at most")
     print(f"receiver down for {DOWN} s of pgbench ({down[0]:,} transactions): "
           f"{down[1] / 2**20:,.0f} MB of WAL written, {down[2] / 2**20:,.1f} MB kept by the slot, "
           f"{down[3]:,} events queued")
