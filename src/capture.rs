@@ -52,27 +52,13 @@ pub fn options_of(
     options: &serde_json::Value,
     snapshot: bool,
 ) -> (Option<Format>, bool) {
-    let bad = |why: String| -> ! {
-        EmitError::Argument {
-            func,
-            source: OptionError::Destination(format!("options: {why}")),
-        }
-        .raise()
-    };
-    let Some(map) = options.as_object() else {
-        bad("must be a JSON object".into())
-    };
+    let bad = |why: String| -> ! { EmitError::bad_option(func, why) };
     let known: &[&str] = if snapshot {
         &["format", "snapshot"]
     } else {
         &["format"]
     };
-    if let Some(k) = map.keys().find(|k| !known.contains(&k.as_str())) {
-        bad(format!(
-            "unknown option {k:?} (known: {})",
-            known.join(", ")
-        ))
-    }
+    let map = EmitError::options(func, options, known);
     let format = match map.get("format") {
         None => None,
         Some(serde_json::Value::String(s)) => Some(Format::from_name(s).unwrap_or_else(|| {

@@ -20,7 +20,7 @@ use crate::made::Made;
 use crate::privileged::as_emit_owner;
 use crate::stored;
 use pg_emit_core::event::{write_ddl, Kind};
-use pg_emit_core::options::{Delivery, Format, OptionError};
+use pg_emit_core::options::{Delivery, Format};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use std::ffi::CStr;
@@ -30,19 +30,8 @@ const FUNC: &str = "emit.ddl_event";
 /// A route's options: `{"delivery": "sync" | "commit" | "async"}`
 /// (default async).
 fn delivery_of(func: &'static str, options: &serde_json::Value) -> Delivery {
-    let bad = |why: String| -> ! {
-        EmitError::Argument {
-            func,
-            source: OptionError::Destination(format!("options: {why}")),
-        }
-        .raise()
-    };
-    let Some(map) = options.as_object() else {
-        bad("must be a JSON object".into())
-    };
-    if let Some(k) = map.keys().find(|k| *k != "delivery") {
-        bad(format!("unknown option {k:?} (known: delivery)"))
-    }
+    let bad = |why: String| -> ! { EmitError::bad_option(func, why) };
+    let map = EmitError::options(func, options, &["delivery"]);
     match map.get("delivery").map(|d| d.as_str()) {
         None | Some(Some("async")) => Delivery::Async,
         Some(Some("sync")) => Delivery::Sync,

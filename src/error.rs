@@ -197,6 +197,34 @@ impl EmitError {
         unreachable!("ERROR returned")
     }
 
+    /// The `options` object of an SQL function, checked: a JSON object
+    /// whose keys are all `known`; anything else is an ERROR naming `func`.
+    pub fn options<'a>(
+        func: &'static str,
+        options: &'a serde_json::Value,
+        known: &[&str],
+    ) -> &'a serde_json::Map<String, serde_json::Value> {
+        let Some(map) = options.as_object() else {
+            EmitError::bad_option(func, "must be a JSON object".into())
+        };
+        if let Some(k) = map.keys().find(|k| !known.contains(&k.as_str())) {
+            EmitError::bad_option(
+                func,
+                format!("unknown option {k:?} (known: {})", known.join(", ")),
+            )
+        }
+        map
+    }
+
+    /// An ERROR naming `func` for a bad value in its `options`.
+    pub fn bad_option(func: &'static str, why: String) -> ! {
+        EmitError::Argument {
+            func,
+            source: OptionError::Destination(format!("options: {why}")),
+        }
+        .raise()
+    }
+
     /// Logs this as a WARNING and carries on.
     pub fn warn(self) {
         self.report().report(PgLogLevel::WARNING);
