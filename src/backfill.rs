@@ -74,12 +74,46 @@ pub fn backfill(func: &'static str, relid: pg_sys::Oid, dest: &str, format: Opti
             format!("{func}: relation {} does not exist", relid.to_u32()),
         )
     };
-    if !matches!(kind.as_deref(), Some("r" | "p")) {
+    let refuse = |why: String| -> ! {
         EmitError::Argument {
             func,
-            source: OptionError::Destination(format!("tbl: {schema}.{table} is not a table")),
+            source: OptionError::Destination(format!("tbl: {schema}.{table} {why}")),
         }
         .raise()
+    };
+    match kind.as_deref() {
+        Some("r") => {}
+        // Its partitions take writes the parent's lock does not hold off,
+        // and their events carry their own names and keys.
+        Some("p") => refuse("is partitioned: backfill each of its partitions".into()),
+        _ => refuse("is not a table".into()),
+    }
+    if relid.to_u32() < pg_sys::FirstNormalObjectId
+        || ["pg_catalog", "information_schema", "emit"].contains(&schema.as_str())
+    {
+        refuse("is a system table".into());
+    }
+    // Checked before the lock, which would otherwise let any caller hold
+    // off the writers of a table it may not even read.
+    // SAFETY: a catalog check of the caller's rights.
+    let may_read =
+        unsafe { pg_sys::pg_class_aclcheck(relid, pg_sys::GetUserId(), pg_sys::ACL_SELECT as _) }
+            == pg_sys::AclResult::ACLCHECK_OK;
+    if !may_read {
+        fail(
+            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            format!("{func}: permission denied for table {schema}.{table}"),
+        );
+    }
+    // SAFETY: reads the transaction's isolation level.
+    if unsafe { pg_sys::XactIsoLevel } >= pg_sys::XACT_REPEATABLE_READ as i32 {
+        fail(
+            PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+            format!(
+                "{func}: needs READ COMMITTED: it reads the table after locking it, so that \
+                 every change is either in a row it reads or follows its events"
+            ),
+        );
     }
     let target = match resolved.target.routed(&schema, &table) {
         Ok(Some(t)) => Rc::new(Resolved::new(t, resolved.format)),
@@ -116,7 +150,7 @@ pub fn backfill(func: &'static str, relid: pg_sys::Oid, dest: &str, format: Opti
         .map(|k| format!("t.{}", quote(&k.name)))
         .collect();
     let sql = format!(
-        "SELECT pg_catalog.row_to_json(t)::pg_catalog.text, {} FROM {}.{} t ORDER BY {}",
+        "SELECT pg_catalog.row_to_json(t.*)::pg_catalog.text, {} FROM {}.{} t ORDER BY {}",
         columns
             .iter()
             .map(|c| format!("{c}::pg_catalog.text"))
@@ -145,6 +179,11 @@ pub fn backfill(func: &'static str, relid: pg_sys::Oid, dest: &str, format: Opti
     let mut count = 0i64;
     let mut buf = Vec::new();
     let mut batch = PgMemoryContexts::new("pg_emit backfill rows");
+    // A snapshot taken now, after the lock: the statement's own predates
+    // it and would miss what a writer committed while the lock waited.
+    // SAFETY: pushed here, popped below on success; an ERROR in between
+    // aborts the transaction, which pops it.
+    unsafe { pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot()) };
     Spi::connect(|c| {
         let mut cursor = c.open_cursor(sql.as_str(), &[]);
         loop {
@@ -172,6 +211,8 @@ pub fn backfill(func: &'static str, relid: pg_sys::Oid, dest: &str, format: Opti
         Ok::<_, pgrx::spi::Error>(())
     })
     .unwrap_or_else(|e| pgrx::error!("{func}: {e}"));
+    // SAFETY: the snapshot pushed above.
+    unsafe { pg_sys::PopActiveSnapshot() };
     count
 }
 

@@ -182,6 +182,9 @@ const WORKER_SETTINGS: &[(&CStr, &CStr)] = &[
     // into values with the input functions: both ends must agree, and
     // floats must come out exact.
     (c"extra_float_digits", c"1"),
+    // Capture moves its slot once the events it queued are committed: the
+    // commit must be on disk by then, or a crash would lose them.
+    (c"synchronous_commit", c"on"),
     (c"DateStyle", c"ISO, MDY"),
     (c"IntervalStyle", c"postgres"),
 ];

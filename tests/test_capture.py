@@ -419,11 +419,50 @@ def test_backfill_sends_existing_rows_in_key_order_before_later_changes(s, wal):
         s.execute("DROP TABLE IF EXISTS c_fill")
 
 
+def test_backfill_waiting_for_a_writer_reads_what_it_committed(s, wal):
+    """The lock may wait for a writer; the rows are read after it, so the
+    READ carries the writer's change and follows its event."""
+    rx = Receiver("ndjson")
+    s.execute("CREATE TABLE c_wait (id int PRIMARY KEY, v int, t int)")
+    s.execute("INSERT INTO c_wait VALUES (1, 1, 0)")
+    s.execute("CREATE TRIGGER out AFTER UPDATE ON c_wait FOR EACH ROW EXECUTE FUNCTION "
+              f"row_to_destination('{url(rx)}', 'delivery=async')")
+    w = wal.connect(DB)
+    try:
+        w.execute("BEGIN")
+        w.execute("UPDATE c_wait SET v = 2 WHERE id = 1")
+        import threading
+        counted = []
+        th = threading.Thread(target=lambda: counted.append(
+            Session(wal).one("SELECT emit.backfill('c_wait', %s)", (url(rx),))))
+        th.start()
+        time.sleep(0.5)
+        assert counted == []  # waiting for the writer's lock
+        w.execute("COMMIT")
+        th.join(10)
+        assert counted == [1]
+        got = events(rx.wait_for(2, timeout=20))
+        assert [(e["op"], e["new"]["v"]) for e in got] == [("UPDATE", 2), ("READ", 2)]
+    finally:
+        w.close()
+        rx.close()
+        s.execute("DROP TABLE IF EXISTS c_wait")
+
+
 def test_backfill_refusals(s, wal):
     s.execute("CREATE TABLE c_nokey (v int)")
     s.execute("CREATE TABLE c_keyed (id int PRIMARY KEY)")
     s.execute("CREATE VIEW c_view AS SELECT 1 AS id")
+    s.execute("CREATE TABLE c_parted (id int PRIMARY KEY) PARTITION BY RANGE (id)")
     try:
+        with pytest.raises(psycopg.errors.InvalidParameterValue, match="backfill each of its partitions"):
+            s.execute("SELECT emit.backfill('c_parted', 'tcp://127.0.0.1:9')")
+        with pytest.raises(psycopg.errors.InvalidParameterValue, match="is a system table"):
+            s.execute("SELECT emit.backfill('pg_class', 'tcp://127.0.0.1:9')")
+        s.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        with pytest.raises(psycopg.errors.FeatureNotSupported, match="READ COMMITTED"):
+            s.execute("SELECT emit.backfill('c_keyed', 'tcp://127.0.0.1:9')")
+        s.execute("ROLLBACK")
         with pytest.raises(psycopg.errors.InvalidParameterValue, match="has no primary key"):
             s.execute("SELECT emit.backfill('c_nokey', 'tcp://127.0.0.1:9')")
         with pytest.raises(psycopg.errors.InvalidParameterValue, match="is not a table"):
@@ -437,16 +476,24 @@ def test_backfill_refusals(s, wal):
         s.execute("DROP ROLE IF EXISTS c_plain3")
         s.execute("CREATE ROLE c_plain3 LOGIN")
         s.execute("GRANT SELECT ON c_keyed TO c_plain3")
-        with wal.connect(DB, user="c_admin3") as c:
-            # An emit_admin reads only what it may read.
-            with pytest.raises(psycopg.errors.InsufficientPrivilege):
-                c.execute("SELECT emit.backfill('c_keyed', 'tcp://127.0.0.1:9')")
+        # An emit_admin reads only what it may read, and cannot queue for a
+        # lock on a table it may not (it would hold off that table's
+        # writers): refused at once, while a writer holds the table.
+        s.execute("BEGIN")
+        s.execute("INSERT INTO c_keyed VALUES (1)")
+        try:
+            with wal.connect(DB, user="c_admin3") as c:
+                c.execute("SET lock_timeout = '5s'")
+                with pytest.raises(psycopg.errors.InsufficientPrivilege, match="permission denied for table"):
+                    c.execute("SELECT emit.backfill('c_keyed', 'tcp://127.0.0.1:9')")
+        finally:
+            s.execute("ROLLBACK")
         with wal.connect(DB, user="c_plain3") as c:
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 c.execute("SELECT emit.backfill('c_keyed', 'tcp://127.0.0.1:9')")
     finally:
         s.execute("DROP VIEW IF EXISTS c_view")
-        s.execute("DROP TABLE IF EXISTS c_nokey, c_keyed")
+        s.execute("DROP TABLE IF EXISTS c_nokey, c_keyed, c_parted")
 
 
 def test_capture_with_snapshot_starts_with_the_rows_there_are(s):

@@ -23,6 +23,9 @@ pub struct Relation {
     pub relid: u32,
     pub schema: String,
     pub table: String,
+    /// `d` (default: the primary key), `n` (nothing), `f` (full: every
+    /// column, so the "key" is the whole old row) or `i` (an index).
+    pub identity: u8,
     pub columns: Vec<Column>,
 }
 
@@ -162,7 +165,7 @@ pub fn parse(buf: &[u8]) -> Result<Message<'_>, Malformed> {
             let relid = r.u32()?;
             let schema = r.string()?;
             let table = r.string()?;
-            let _identity = r.u8()?;
+            let identity = r.u8()?;
             let n = r.i16()?;
             let mut columns = Vec::new();
             for _ in 0..n {
@@ -178,6 +181,7 @@ pub fn parse(buf: &[u8]) -> Result<Message<'_>, Malformed> {
                 relid,
                 schema,
                 table,
+                identity,
                 columns,
             })
         }
@@ -314,6 +318,7 @@ mod tests {
             (rel.schema.as_str(), rel.table.as_str()),
             ("public", "orders")
         );
+        assert_eq!(rel.identity, b'd');
         assert!(rel.columns[0].key && !rel.columns[1].key);
         assert_eq!(rel.columns[1].type_oid, 25);
 

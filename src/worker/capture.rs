@@ -57,6 +57,8 @@ const RECORD_GAP: u64 = 256 << 10;
 /// Longest time without recording how far decoding went while WAL is
 /// written (see [`capture`]).
 const RECORD_EVERY: Duration = Duration::from_secs(10);
+/// WARNINGs remembered as logged, at most.
+const LOGGED_KEPT: usize = 10_000;
 /// How often slots left without a capture are looked for.
 const ORPHAN_CHECK: Duration = Duration::from_secs(60);
 
@@ -108,6 +110,8 @@ pub(super) struct Captures {
     /// Captures whose last pass failed: the next is careful (see
     /// [`CAREFUL`]).
     careful: HashSet<String>,
+    /// WARNINGs logged already (see [`note`]).
+    logged: HashSet<String>,
 }
 
 impl Captures {
@@ -120,6 +124,7 @@ impl Captures {
             paused: false,
             seen: HashMap::new(),
             careful: HashSet::new(),
+            logged: HashSet::new(),
         }
     }
 
@@ -196,8 +201,15 @@ impl Captures {
             let r = transaction(c"pg_emit: capturing changes", || capture(&def, seen, stale));
             CAREFUL.set(false);
             outbox::set_capturing(false);
+            // Relation messages come again with every decoding call: a
+            // table left out says so once, not every 200 ms.
             for n in NOTES.take() {
-                pgrx::warning!("pg_emit worker: {n}");
+                if self.logged.len() >= LOGGED_KEPT {
+                    self.logged.clear();
+                }
+                if self.logged.insert(n.clone()) {
+                    pgrx::warning!("pg_emit worker: {n}");
+                }
             }
             match r {
                 Ok(Pass {
@@ -224,7 +236,11 @@ impl Captures {
                 }
                 Err(e) if e.deadlock => return Err(e),
                 // Once more at once, change by change.
-                Err(_) if !careful => {
+                Err(e) if !careful => {
+                    pgrx::log!(
+                        "pg_emit worker: capture {:?}: {e}; reading its changes again one by one",
+                        def.name
+                    );
                     self.careful.insert(def.name.clone());
                     more = true;
                 }
@@ -791,18 +807,25 @@ fn convert(
 /// aborts the (sub)transaction, which restores the user.
 fn as_owner<R>(owner: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
     let (mut user, mut sec) = (pg_sys::InvalidOid, 0);
-    // SAFETY: save, switch and restore, as SECURITY DEFINER calls do.
-    unsafe {
+    // SAFETY: save, switch and restore, as SECURITY DEFINER calls do; the
+    // GUC nest level undoes any setting the owner's code changes, which
+    // would otherwise stay for the worker's life.
+    let nest = unsafe {
         pg_sys::GetUserIdAndSecContext(&mut user, &mut sec);
+        let nest = pg_sys::NewGUCNestLevel();
         pg_sys::SetUserIdAndSecContext(
             owner,
             sec | (pg_sys::SECURITY_LOCAL_USERID_CHANGE | pg_sys::SECURITY_RESTRICTED_OPERATION)
                 as i32,
         );
-    }
+        nest
+    };
     let r = f();
     // SAFETY: as above.
-    unsafe { pg_sys::SetUserIdAndSecContext(user, sec) };
+    unsafe {
+        pg_sys::AtEOXact_GUC(false, nest);
+        pg_sys::SetUserIdAndSecContext(user, sec);
+    }
     r
 }
 
@@ -826,18 +849,41 @@ fn guarded<R>(f: impl FnOnce() -> R) -> Result<R, String> {
         }
         pg_sys::MemoryContextSwitchTo(ctx);
         pg_sys::CurrentResourceOwner = owner;
-        r.map_err(
-            |panic| match panic.downcast::<pgrx::pg_sys::panic::CaughtError>() {
-                Ok(e) => match *e {
-                    pgrx::pg_sys::panic::CaughtError::PostgresError(r)
-                    | pgrx::pg_sys::panic::CaughtError::ErrorReport(r)
-                    | pgrx::pg_sys::panic::CaughtError::RustPanic { ereport: r, .. } => {
-                        r.message().to_string()
+        r.map_err(|panic| {
+            use pgrx::pg_sys::panic::{CaughtError, ErrorReportWithLevel};
+            use pgrx::PgSqlErrorCode::*;
+            let (code, message) = if let Some(e) = panic.downcast_ref::<CaughtError>() {
+                match e {
+                    CaughtError::PostgresError(r)
+                    | CaughtError::ErrorReport(r)
+                    | CaughtError::RustPanic { ereport: r, .. } => {
+                        (Some(r.sql_error_code()), r.message().to_string())
                     }
-                },
-                Err(_) => "unexpected panic".to_string(),
-            },
-        )
+                }
+            } else if let Some(e) = panic.downcast_ref::<ErrorReportWithLevel>() {
+                (Some(e.sql_error_code()), e.message().to_string())
+            } else {
+                (None, String::new())
+            };
+            // A cancel, shutdown, lack of memory or a lock conflict is the
+            // pass's, not the change's: it fails as a whole and is retried.
+            let passing = matches!(
+                code,
+                Some(
+                    ERRCODE_QUERY_CANCELED
+                        | ERRCODE_ADMIN_SHUTDOWN
+                        | ERRCODE_OUT_OF_MEMORY
+                        | ERRCODE_T_R_DEADLOCK_DETECTED
+                        | ERRCODE_T_R_SERIALIZATION_FAILURE
+                        | ERRCODE_LOCK_NOT_AVAILABLE
+                        | ERRCODE_DISK_FULL
+                )
+            );
+            if code.is_none() || passing {
+                std::panic::resume_unwind(panic);
+            }
+            message
+        })
     }
 }
 
@@ -906,7 +952,9 @@ fn input(text: &[u8], func: pg_sys::Oid, ioparam: pg_sys::Oid, typmod: i32) -> p
 /// matches for the same row): the replica identity's values hashed with
 /// the table's oid; `None` for a table without one.
 fn key_of(rel: &Relation, typed: &Typed, values: &[Value<'_>]) -> Option<i64> {
-    if !rel.columns.iter().any(|c| c.key) {
+    // REPLICA IDENTITY FULL marks every column: each version of a row
+    // would get a key of its own. A trigger has no key there either.
+    if rel.identity == b'f' || !rel.columns.iter().any(|c| c.key) {
         return None;
     }
     // SAFETY: the descriptor made for this relation.
