@@ -75,6 +75,25 @@ pub fn as_emit_owner<R>(f: impl FnOnce() -> R) -> R {
     let owner = emit_owner().unwrap_or_else(|| {
         pgrx::error!("pg_emit: schema emit is missing; is the extension installed here?")
     });
+    as_role(owner, true, || {
+        // SAFETY: pushed and popped around `f`; an ERROR pops it by abort.
+        unsafe { pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot()) };
+        let r = f();
+        // SAFETY: as above.
+        unsafe { pg_sys::PopActiveSnapshot() };
+        r
+    })
+}
+
+/// Runs `f` as `role` in a security-restricted operation with
+/// `search_path` pinned, in a GUC nest level that ends with it: `keep`
+/// lets a plain `SET` inside stay (as for a SECURITY DEFINER function),
+/// otherwise every setting `f` changed is undone (capture runs table
+/// owners' code this way, see `worker::capture`).
+///
+/// If `f` raises, transaction (or subtransaction) abort restores user
+/// and settings.
+pub fn as_role<R>(role: pg_sys::Oid, keep: bool, f: impl FnOnce() -> R) -> R {
     let mut user = pg_sys::InvalidOid;
     let mut sec = 0;
     // SAFETY: save, switch and restore the current user and a GUC nest
@@ -83,19 +102,17 @@ pub fn as_emit_owner<R>(f: impl FnOnce() -> R) -> R {
         pg_sys::GetUserIdAndSecContext(&mut user, &mut sec);
         let nest = pg_sys::NewGUCNestLevel();
         pg_sys::SetUserIdAndSecContext(
-            owner,
+            role,
             sec | (pg_sys::SECURITY_LOCAL_USERID_CHANGE | pg_sys::SECURITY_RESTRICTED_OPERATION)
                 as i32,
         );
         pin_search_path(pg_sys::GucSource::PGC_S_SESSION, true);
-        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
         nest
     };
     let r = f();
     // SAFETY: undoes the above in reverse order.
     unsafe {
-        pg_sys::PopActiveSnapshot();
-        pg_sys::AtEOXact_GUC(true, nest);
+        pg_sys::AtEOXact_GUC(keep, nest);
         pg_sys::SetUserIdAndSecContext(user, sec);
     }
     r

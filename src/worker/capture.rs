@@ -71,6 +71,8 @@ thread_local! {
     /// WARNINGs of the pass, logged after its transaction (which holds
     /// back everything under FATAL, see [`quiet`]); each once.
     static NOTES: RefCell<Vec<String>> = const { RefCell::new(Vec::new()) };
+    /// The event being made (see [`emit`]).
+    static BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
 fn note(message: String) {
@@ -553,7 +555,7 @@ fn capture(def: &Definition, seen: u64, stale: bool) -> Result<Pass, pgrx::spi::
 }
 
 /// Whether the capture's creator may read `rel` now, and if so the
-/// table's owner (as whom its values are made, see [`as_owner`]). It may
+/// table's owner (as whom its values are made, see [`convert`]). It may
 /// when it may SELECT the table or a partitioned table it is a partition
 /// of (changes arrive under the partition's name), and no row security
 /// applies to it there. Tables it may not read are left out, with a
@@ -789,7 +791,7 @@ fn convert(
     };
     let rel = &t.rel;
     guarded(|| {
-        as_owner(owner, || {
+        crate::privileged::as_role(owner, false, || {
             let what = || what.clone();
             let new_json =
                 new.map(|v| encoding::to_utf8(row(rel, typed, v, false), &what).into_owned());
@@ -801,32 +803,6 @@ fn convert(
             (new_json, old_json, key)
         })
     })
-}
-
-/// Runs `f` as `owner` in a security-restricted operation. An ERROR in it
-/// aborts the (sub)transaction, which restores the user.
-fn as_owner<R>(owner: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
-    let (mut user, mut sec) = (pg_sys::InvalidOid, 0);
-    // SAFETY: save, switch and restore, as SECURITY DEFINER calls do; the
-    // GUC nest level undoes any setting the owner's code changes, which
-    // would otherwise stay for the worker's life.
-    let nest = unsafe {
-        pg_sys::GetUserIdAndSecContext(&mut user, &mut sec);
-        let nest = pg_sys::NewGUCNestLevel();
-        pg_sys::SetUserIdAndSecContext(
-            owner,
-            sec | (pg_sys::SECURITY_LOCAL_USERID_CHANGE | pg_sys::SECURITY_RESTRICTED_OPERATION)
-                as i32,
-        );
-        nest
-    };
-    let r = f();
-    // SAFETY: as above.
-    unsafe {
-        pg_sys::AtEOXact_GUC(false, nest);
-        pg_sys::SetUserIdAndSecContext(user, sec);
-    }
-    r
 }
 
 /// In a careful pass, runs `f` in a subtransaction and returns its ERROR
@@ -1010,7 +986,10 @@ fn emit(
         args: &[],
         ctx: made.ctx(),
     };
-    let mut buf = Vec::new();
-    event::write_event(&mut buf, t.format, &ev, new, old, true);
-    outbox::queue(&t.target.target, Kind::event(t.format), &buf, key);
+    // One buffer for every event, not an allocation per change.
+    BUF.with_borrow_mut(|buf| {
+        buf.clear();
+        event::write_event(buf, t.format, &ev, new, old, true);
+        outbox::queue(&t.target.target, Kind::event(t.format), buf, key);
+    });
 }
