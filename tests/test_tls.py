@@ -383,6 +383,40 @@ def test_https_without_the_client_certificate_is_refused(db, dest, pki, https_mt
     assert https_mtls.requests == []
 
 
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_https_server_name(db, table, dest, pki, mode):
+    """server_name is the name the certificate is checked against and the
+    SNI sent, while the request still names the URL's host. The server's
+    certificate names 127.0.0.1 too: a refusal of another name shows the
+    check uses server_name, not the URL."""
+    import ssl
+
+    seen = []
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(pem(pki, "server.pem"), pem(pki, "server.key"))
+    ctx.sni_callback = lambda sock, name, c: seen.append(name)
+    srv = HttpReceiver(tls=ctx)
+    try:
+        db.execute("SELECT emit.create_destination(%s, %s, %s)",
+                   (dest, srv.url, json.dumps({"ca_file": pem(pki, "ca.pem"),
+                                               "server_name": "api.internal"})))
+        w = failure(db, dest)
+        assert "not valid for its name (server_name)" in w and "api.internal" not in w, w
+        assert srv.requests == [] and "api.internal" in seen
+        db.notices.clear()
+        db.execute("SELECT emit.alter_destination(%s, NULL, %s)",
+                   (dest, json.dumps({"ca_file": pem(pki, "ca.pem"), "server_name": "localhost"})))
+        attach(db, table, dest, f"delivery={mode}")
+        db.execute(f"INSERT INTO {table} VALUES (1, 'a')")
+        got = srv.wait_for(1)
+        assert len(got) == 1 and json.loads(got[0][3])["new"]["id"] == 1
+        assert got[0][2]["host"] == f"127.0.0.1:{srv.port}"
+        assert seen[-1] == "localhost"
+        assert db.warnings() == []
+    finally:
+        srv.close()
+
+
 def test_https_options_need_https(db, dest):
     with pytest.raises(psycopg.errors.InvalidParameterValue) as e:
         db.execute("SELECT emit.create_destination(%s, 'http://127.0.0.1:1/x', %s)",

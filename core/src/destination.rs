@@ -501,6 +501,9 @@ pub struct StoredOptions {
     /// NATS: an NKey user's seed (`SU…`).
     #[serde(default)]
     pub nkey_seed: Option<String>,
+    /// NATS: the text of a `.creds` file (a JWT user of an operator).
+    #[serde(default)]
+    pub creds: Option<String>,
     /// NATS: the TLS handshake first (a server with `handshake_first`).
     #[serde(default)]
     pub tls_first: Option<bool>,
@@ -604,13 +607,13 @@ pub struct Stored {
     /// How its events flow (HTTP; TCP is always [`Flow::SERIAL`]).
     pub flow: Flow,
     pub signing: SignWith,
-    /// HTTPS: `ca_file`, `cert_file` and `key_file` (brokers keep theirs).
+    /// HTTPS: `ca_file`, `cert_file`, `key_file` and `server_name`
+    /// (brokers keep theirs).
     pub tls: crate::transport::tls::Options,
 }
 
-/// The TLS options an `https://` destination takes (the server's name is
-/// the URL's host there).
-const HTTPS_OPTIONS: [&str; 3] = ["ca_file", "cert_file", "key_file"];
+/// The TLS options an `https://` destination takes.
+const HTTPS_OPTIONS: [&str; 4] = ["ca_file", "cert_file", "key_file", "server_name"];
 
 /// Checks a stored destination's `url` and `options` (JSON text).
 pub fn parse_stored(url: &str, options: &str) -> Result<Stored, OptionError> {
@@ -679,6 +682,7 @@ pub fn parse_stored(url: &str, options: &str) -> Result<Stored, OptionError> {
         ("password", opts.password.is_some()),
         ("token", opts.token.is_some()),
         ("nkey_seed", opts.nkey_seed.is_some()),
+        ("creds", opts.creds.is_some()),
         ("tls_first", opts.tls_first.is_some()),
         ("maxlen", opts.maxlen.is_some()),
         ("ca_file", opts.ca_file.is_some()),
@@ -715,6 +719,7 @@ pub fn parse_stored(url: &str, options: &str) -> Result<Stored, OptionError> {
             password: opts.password.as_deref(),
             token: opts.token.as_deref(),
             nkey_seed: opts.nkey_seed.as_deref(),
+            creds: opts.creds.as_deref(),
             tls_first: opts.tls_first.unwrap_or(false),
             maxlen: opts.maxlen,
             security_protocol: opts.security_protocol.as_deref(),
@@ -778,7 +783,7 @@ pub fn parse_stored(url: &str, options: &str) -> Result<Stored, OptionError> {
         ca_file: opts.ca_file.filter(|_| https),
         cert_file: opts.cert_file.filter(|_| https),
         key_file: opts.key_file.filter(|_| https),
-        server_name: None,
+        server_name: opts.server_name.filter(|_| https),
     };
     tls.check()
         .map_err(|e| OptionError::Destination(format!("options: {e}")))?;

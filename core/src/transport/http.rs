@@ -18,9 +18,11 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use ureq::config::Config;
 use ureq::http::Uri;
-use ureq::tls::{Certificate, RootCerts, TlsConfig};
 use ureq::unversioned::resolver::{ResolvedSocketAddrs, Resolver};
-use ureq::unversioned::transport::{DefaultConnector, NextTimeout};
+use ureq::unversioned::transport::{
+    Buffers, ConnectionDetails, Connector, Either, LazyBuffers, NextTimeout, TcpConnector,
+    Transport, TransportAdapter,
+};
 
 /// Longest response body excerpt kept for error messages and dead letters.
 pub const EXCERPT_BYTES: usize = 512;
@@ -182,45 +184,16 @@ impl Resolver for GuardedResolver {
 
 impl Client {
     pub fn new(config: ClientConfig) -> Result<Client, String> {
-        let read = super::tls::read_file;
-        let trust = match &config.tls.ca_file {
-            Some(path) => Trust::Pem(read("ca_file", path)?),
-            None => config.trust.clone(),
+        let fallback = match &config.trust {
+            Trust::System => None,
+            Trust::Pem(pem) => Some(pem.as_slice()),
         };
-        let client_cert = match (&config.tls.cert_file, &config.tls.key_file) {
-            (Some(cert), Some(key)) => {
-                let chain: Vec<Certificate<'static>> =
-                    ureq::tls::parse_pem(&read("cert_file", cert)?)
-                        .filter_map(|item| match item {
-                            Ok(ureq::tls::PemItem::Certificate(c)) => Some(c),
-                            _ => None,
-                        })
-                        .collect();
-                if chain.is_empty() {
-                    return Err("cert_file holds no PEM certificate".into());
-                }
-                let key = ureq::tls::PrivateKey::from_pem(&read("key_file", key)?)
-                    .map_err(|_| "key_file holds no PEM private key".to_string())?;
-                Some(ureq::tls::ClientCert::new_with_certs(&chain, key))
-            }
-            _ => None,
-        };
-        let roots = match &trust {
-            Trust::System => RootCerts::PlatformVerifier,
-            Trust::Pem(pem) => {
-                let certs: Vec<Certificate<'static>> = ureq::tls::parse_pem(pem)
-                    .filter_map(|item| match item {
-                        Ok(ureq::tls::PemItem::Certificate(c)) => Some(Ok(c)),
-                        Ok(_) => None,
-                        Err(e) => Some(Err(e)),
-                    })
-                    .collect::<Result<_, _>>()
-                    .map_err(|_| "the CA file is not valid PEM".to_string())?;
-                if certs.is_empty() {
-                    return Err("the CA file holds no PEM certificate".into());
-                }
-                RootCerts::Specific(Arc::new(certs))
-            }
+        let tls = Https {
+            config: config.tls.config_trusting(fallback)?,
+            server_name: match &config.tls.server_name {
+                Some(n) => Some(config.tls.name_for(n)?),
+                None => None,
+            },
         };
         let agent_config = Config::builder()
             .http_status_as_error(false)
@@ -241,22 +214,133 @@ impl Client {
             // as a failed attempt. Give them up first.
             .max_idle_age(Duration::from_secs(4))
             .user_agent(concat!("pg_emit/", env!("CARGO_PKG_VERSION")))
-            .tls_config(
-                TlsConfig::builder()
-                    .root_certs(roots)
-                    .client_cert(client_cert)
-                    .build(),
-            )
             .build();
         let agent = ureq::Agent::with_parts(
             agent_config,
-            DefaultConnector::default(),
+            ().chain(TcpConnector::default()).chain(tls),
             GuardedResolver {
                 allow: config.allow.clone(),
                 connect_timeout: config.connect_timeout,
             },
         );
         Ok(Client { agent, config })
+    }
+}
+
+/// TLS for `https://`, made as the brokers' is ([`super::tls::Options`]):
+/// the same trust, client certificates and `server_name`, and refusals in
+/// the same words. ureq's own TLS checks the certificate against the URL's
+/// host only.
+struct Https {
+    config: Arc<rustls::ClientConfig>,
+    /// The name the certificate must carry, when not the URL's host; the
+    /// request (its `Host` header too) still names the URL's host.
+    server_name: Option<rustls::pki_types::ServerName<'static>>,
+}
+
+impl std::fmt::Debug for Https {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Https")
+            .field("server_name", &self.server_name)
+            .finish()
+    }
+}
+
+/// A TLS failure, in [`super::tls::reason`]'s words.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct TlsFailed(String);
+
+fn tls_failed(e: std::io::Error) -> ureq::Error {
+    match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+        Some(t) => ureq::Error::Other(Box::new(TlsFailed(super::tls::reason(t)))),
+        None => ureq::Error::Io(e),
+    }
+}
+
+impl<In: Transport> Connector<In> for Https {
+    type Out = Either<In, HttpsTransport>;
+
+    fn connect(
+        &self,
+        details: &ConnectionDetails,
+        chained: Option<In>,
+    ) -> Result<Option<Self::Out>, ureq::Error> {
+        let Some(transport) = chained else {
+            return Ok(None);
+        };
+        if !details.needs_tls() || transport.is_tls() {
+            return Ok(Some(Either::A(transport)));
+        }
+        let name = match &self.server_name {
+            Some(n) => n.clone(),
+            None => {
+                let host = details.uri.host().unwrap_or_default();
+                let host = host
+                    .strip_prefix('[')
+                    .and_then(|h| h.strip_suffix(']'))
+                    .unwrap_or(host);
+                rustls::pki_types::ServerName::try_from(host.to_string()).map_err(|_| {
+                    ureq::Error::Other(Box::new(TlsFailed(
+                        "the host is not a name a certificate can carry (server_name)".into(),
+                    )))
+                })?
+            }
+        };
+        let mut conn = rustls::ClientConnection::new(self.config.clone(), name)
+            .map_err(|e| ureq::Error::Other(Box::new(TlsFailed(super::tls::reason(&e)))))?;
+        let mut sock = TransportAdapter::new(transport.boxed(), details.current_time.clone());
+        sock.set_timeout(details.timeout);
+        conn.complete_io(&mut sock).map_err(tls_failed)?;
+        let buffers = LazyBuffers::new(
+            details.config.input_buffer_size(),
+            details.config.output_buffer_size(),
+        );
+        Ok(Some(Either::B(HttpsTransport {
+            buffers,
+            stream: rustls::StreamOwned { conn, sock },
+        })))
+    }
+}
+
+/// A request's TLS connection.
+struct HttpsTransport {
+    buffers: LazyBuffers,
+    stream: rustls::StreamOwned<rustls::ClientConnection, TransportAdapter>,
+}
+
+impl std::fmt::Debug for HttpsTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("HttpsTransport")
+    }
+}
+
+impl Transport for HttpsTransport {
+    fn buffers(&mut self) -> &mut dyn Buffers {
+        &mut self.buffers
+    }
+
+    fn transmit_output(&mut self, amount: usize, timeout: NextTimeout) -> Result<(), ureq::Error> {
+        use std::io::Write;
+        self.stream.get_mut().set_timeout(timeout);
+        let output = &self.buffers.output()[..amount];
+        self.stream.write_all(output).map_err(tls_failed)
+    }
+
+    fn await_input(&mut self, timeout: NextTimeout) -> Result<bool, ureq::Error> {
+        self.stream.get_mut().set_timeout(timeout);
+        let input = self.buffers.input_append_buf();
+        let amount = self.stream.read(input).map_err(tls_failed)?;
+        self.buffers.input_appended(amount);
+        Ok(amount > 0)
+    }
+
+    fn is_open(&mut self) -> bool {
+        self.stream.get_mut().get_mut().is_open()
+    }
+
+    fn is_tls(&self) -> bool {
+        true
     }
 }
 

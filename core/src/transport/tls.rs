@@ -67,21 +67,36 @@ impl Options {
 
     /// A client configuration: the files read and parsed now.
     pub fn config(&self) -> Result<Arc<ClientConfig>, String> {
+        self.config_trusting(None)
+    }
+
+    /// [`Options::config`], trusting `fallback` (PEM CA certificates: for
+    /// HTTPS, `pg_emit.ca_file`'s) when `ca_file` is not set, and the
+    /// system's store when neither is.
+    pub fn config_trusting(&self, fallback: Option<&[u8]>) -> Result<Arc<ClientConfig>, String> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let builder = ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(|e| e.to_string())?;
-        let builder = match &self.ca_file {
-            Some(path) => {
+        let own;
+        let trusted = match (&self.ca_file, fallback) {
+            (Some(path), _) => {
+                own = read_file("ca_file", path)?;
+                Some(("ca_file", own.as_slice()))
+            }
+            (None, Some(pem_bytes)) => Some(("pg_emit.ca_file", pem_bytes)),
+            (None, None) => None,
+        };
+        let builder = match trusted {
+            Some((option, pem_bytes)) => {
                 let mut roots = RootCertStore::empty();
-                let pem_bytes = read_file("ca_file", path)?;
-                for c in CertificateDer::pem_slice_iter(&pem_bytes) {
+                for c in CertificateDer::pem_slice_iter(pem_bytes) {
                     roots
-                        .add(c.map_err(|e| pem("ca_file", e))?)
-                        .map_err(|e| format!("ca_file: {e}"))?;
+                        .add(c.map_err(|e| pem(option, e))?)
+                        .map_err(|e| format!("{option}: {e}"))?;
                 }
                 if roots.is_empty() {
-                    return Err("ca_file holds no PEM certificate".into());
+                    return Err(format!("{option} holds no PEM certificate"));
                 }
                 builder.with_root_certificates(roots)
             }
