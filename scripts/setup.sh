@@ -59,7 +59,8 @@ fi
 # tests read back with, each written by others: standardwebhooks (the
 # official Standard Webhooks library, which verifies pg_emit's signatures),
 # cloudevents (the CloudEvents SDK, 2.x: its cloudevents.core API), redis,
-# nats-py and confluent-kafka (Confluent's, on librdkafka, whose wheel
+# nats-py (with nkeys, for JWT users' .creds files; PyNaCl also makes the
+# test operator's keys) and confluent-kafka (Confluent's, on librdkafka, whose wheel
 # carries the library), websockets and httpx-sse (the WebSocket and
 # Server-Sent Events clients the live-channel tests subscribe with), and
 # prometheus-client (whose parser reads emit.metrics() as Prometheus would).
@@ -78,10 +79,10 @@ if ! .venv/bin/python -c 'import psycopg' 2>/dev/null; then
   say "python venv with psycopg"
   .venv/bin/pip install -q --disable-pip-version-check 'psycopg[binary]'
 fi
-if [ "$mode" = test ] && ! .venv/bin/python -c 'import pytest, pyflakes, standardwebhooks, cloudevents.core, redis, nats, confluent_kafka, websockets, httpx_sse, prometheus_client' 2>/dev/null; then
+if [ "$mode" = test ] && ! .venv/bin/python -c 'import pytest, pyflakes, standardwebhooks, cloudevents.core, redis, nats, nkeys, nacl, confluent_kafka, websockets, httpx_sse, prometheus_client' 2>/dev/null; then
   say "python test clients: pytest, pyflakes, standardwebhooks, cloudevents, redis, nats-py, confluent-kafka, websockets, httpx-sse, prometheus-client"
   .venv/bin/pip install -q --disable-pip-version-check pytest pyflakes standardwebhooks \
-    'cloudevents==2.2.0' redis nats-py 'confluent-kafka==2.16.1' 'websockets==17.4' httpx 'httpx-sse==0.4.3' \
+    'cloudevents==2.2.0' redis nats-py 'nkeys==0.2.1' 'pynacl==1.6.2' 'confluent-kafka==2.16.1' 'websockets==17.4' httpx 'httpx-sse==0.4.3' \
     'prometheus-client==0.26.0'
 fi
 

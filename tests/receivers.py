@@ -354,7 +354,7 @@ class NatsServer:
     Read back with nats-py, the NATS project's Python client."""
 
     def __init__(self, user=None, password=None, token=None, tls=None, client_certs=False,
-                 nkey=None):
+                 nkey=None, operator=False):
         import tempfile
 
         self.port = free_port()
@@ -362,6 +362,10 @@ class NatsServer:
         self.auth = {"user": user, "password": password, "token": token}
         # nkey: an NKey user's public key the server admits (beside `user`).
         self.nkey = nkey
+        # operator: JWT users only (Synadia Cloud's way): `creds(...)` mints
+        # a user's .creds file; the server trusts an operator and knows
+        # one account with JetStream (and the system account).
+        self.operator = NatsOperator() if operator else None
         # tls: the `pki` fixture's directory; TLS required (and client
         # certificates signed by its CA, with client_certs).
         self.tls, self.client_certs = tls, client_certs
@@ -370,7 +374,12 @@ class NatsServer:
 
     def start(self):
         args = ["nats-server", "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", self.store]
-        if self.nkey:
+        if self.operator:
+            conf = os.path.join(self.store, "operator.conf")
+            with open(conf, "w") as f:
+                f.write(self.operator.config())
+            args += ["-c", conf]
+        elif self.nkey:
             conf = os.path.join(self.store, "auth.conf")
             with open(conf, "w") as f:
                 f.write(f'authorization {{ users = [ {{ nkey: "{self.nkey}" }}, '
@@ -414,6 +423,11 @@ class NatsServer:
                 kw = {"token": self.auth["token"]}
             if self.tls:
                 kw["tls"] = self.tls_context()
+            if self.operator:
+                path = os.path.join(self.store, "reader.creds")
+                with open(path, "w") as f:
+                    f.write(self.operator.creds("reader"))
+                kw["user_credentials"] = path
             nc = await nats.connect(f"nats://127.0.0.1:{self.port}", **kw)
             try:
                 return await work(nc.jetstream())
@@ -461,6 +475,85 @@ class NatsServer:
 
         self.stop()
         shutil.rmtree(self.store, ignore_errors=True)
+
+
+class NatsOperator:
+    """An operator, its account and the system account, as `nsc` makes
+    them: NKeys (Ed25519, PyNaCl) and JWTs signed by their issuers, for a
+    nats-server in operator mode with a memory resolver."""
+
+    def __init__(self):
+        self.op, self.op_pub = self.pair("O")
+        self.account, self.account_pub = self.pair("A")
+        self.system, self.system_pub = self.pair("A")
+
+    PREFIX = {"O": 14 << 3, "A": 0, "U": 20 << 3}
+
+    @staticmethod
+    def _b32(b):
+        import base64
+        return base64.b32encode(b).decode().rstrip("=")
+
+    @staticmethod
+    def _crc(b):
+        import binascii
+        return binascii.crc_hqx(b, 0).to_bytes(2, "little")
+
+    @classmethod
+    def pair(cls, kind):
+        """(signing key, public key `O…`/`A…`/`U…`)."""
+        import nacl.signing
+
+        sk = nacl.signing.SigningKey.generate()
+        pub = bytes([cls.PREFIX[kind]]) + bytes(sk.verify_key)
+        return sk, cls._b32(pub + cls._crc(pub))
+
+    @classmethod
+    def seed(cls, sk, kind):
+        """The seed (`SO…`, `SA…`, `SU…`) of a signing key."""
+        p = cls.PREFIX[kind]
+        raw = bytes([(18 << 3) | (p >> 5), (p & 31) << 3]) + bytes(sk)
+        return cls._b32(raw + cls._crc(raw))
+
+    @staticmethod
+    def jwt(signer, iss, sub, name, nats):
+        import base64
+        import hashlib
+        import json
+
+        def b64(b):
+            return base64.urlsafe_b64encode(b).decode().rstrip("=")
+
+        claims = {"iat": int(time.time()), "iss": iss, "name": name, "sub": sub, "nats": nats}
+        claims["jti"] = NatsOperator._b32(hashlib.sha256(json.dumps(claims).encode()).digest())
+        head = b64(json.dumps({"typ": "JWT", "alg": "ed25519-nkey"}).encode())
+        body = b64(json.dumps(claims).encode())
+        return f"{head}.{body}." + b64(signer.sign(f"{head}.{body}".encode()).signature)
+
+    def config(self):
+        unlimited = {k: -1 for k in ("subs", "conn", "leaf", "imports", "exports", "data", "payload",
+                                     "mem_storage", "disk_storage", "streams", "consumer")}
+        op = self.jwt(self.op, self.op_pub, self.op_pub, "op", {"type": "operator", "version": 2})
+        acc = self.jwt(self.op, self.op_pub, self.account_pub, "app",
+                       {"type": "account", "version": 2, "limits": dict(unlimited, wildcards=True)})
+        sys = self.jwt(self.op, self.op_pub, self.system_pub, "SYS", {"type": "account", "version": 2})
+        return (f"operator: {op}\nsystem_account: {self.system_pub}\nresolver: MEMORY\n"
+                f"resolver_preload: {{ {self.account_pub}: {acc}, {self.system_pub}: {sys} }}\n")
+
+    def creds(self, name, account=None):
+        """A new user's .creds file, as `nsc generate creds` writes it;
+        signed by `account` (a signing key), this operator's by default."""
+        sk, pub = self.pair("U")
+        signer, iss = (self.account, self.account_pub) if account is None else account
+        jwt = self.jwt(signer, iss, pub, name, {"type": "user", "version": 2, "pub": {}, "sub": {},
+                                               "subs": -1, "data": -1, "payload": -1})
+        return ("-----BEGIN NATS USER JWT-----\n" + jwt + "\n------END NATS USER JWT------\n\n"
+                "************************* IMPORTANT *************************\n"
+                "NKEY Seed printed below can be used to sign and prove identity.\n"
+                "NKEYs are sensitive and should be treated as secrets.\n\n"
+                "-----BEGIN USER NKEY SEED-----\n" + self.seed(sk, "U") +
+                "\n------END USER NKEY SEED------\n\n"
+                "*************************************************************\n")
 
 
 class KafkaServer:

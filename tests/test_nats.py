@@ -11,7 +11,7 @@ import pytest
 
 from conftest import attach
 from pgcluster import wait_until
-from receivers import NatsServer
+from receivers import NatsOperator, NatsServer
 
 pytestmark = pytest.mark.usefixtures("fast_retries")
 
@@ -112,6 +112,48 @@ def test_nkey_users_sign_the_servers_nonce(db, table, dest):
         assert [e["new"]["id"] for _, e in server.wait_for("ORDERS", 1)] == [1]
     finally:
         server.close()
+
+
+def test_creds_users_of_an_operator(db, table, dest):
+    """A .creds file's user (a JWT user of an operator, as `nsc` and
+    Synadia Cloud give them): its JWT is sent and the server's nonce
+    signed with its seed. A user of an account the server does not trust
+    is refused, and the file's text is never shown."""
+    server = NatsServer(operator=True)
+    try:
+        server.add_stream("ORDERS", ["orders.>"])
+        url = f"nats://127.0.0.1:{server.port}/orders.creds"
+        stranger = server.operator.creds("stranger", account=NatsOperator.pair("A"))
+        db.execute("SELECT emit.create_destination(%s, %s, %s)", (dest, url, json.dumps({"creds": stranger})))
+        attach(db, table, dest, "delivery=async")
+        db.execute(f"INSERT INTO {table} VALUES (1, 'a')")
+        assert wait_until(lambda: "uthorization" in (db.one(
+            "SELECT last_error FROM emit.outbox WHERE destination = %s", (dest,)) or ""), 10)
+        last_error = db.one("SELECT last_error FROM emit.outbox WHERE destination = %s", (dest,))
+        jwt, seed = (line for line in stranger.splitlines() if line.startswith(("eyJ", "SU")))
+        assert jwt not in last_error and seed not in last_error
+        db.execute("SELECT emit.alter_destination(%s, NULL, %s)",
+                   (dest, json.dumps({"creds": server.operator.creds("emit")})))
+        assert [e["new"]["id"] for _, e in server.wait_for("ORDERS", 1)] == [1]
+        assert db.one("SELECT send_message(%s, '{\"n\": 2}', 'sync')", (dest,)) is True
+        assert server.count("ORDERS") == 2
+    finally:
+        server.close()
+
+
+def test_bad_creds_are_refused_when_stored(db, dest):
+    op = NatsOperator()
+    a, b = op.creds("a"), op.creds("b")
+    swapped = a.split("-----BEGIN USER NKEY SEED")[0] + "-----BEGIN USER NKEY SEED" + \
+        b.split("-----BEGIN USER NKEY SEED")[1]
+    seed = swapped.split("-----BEGIN USER NKEY SEED-----\n")[1].split("\n")[0]
+    for options, why in [({"creds": swapped}, "another user"),
+                         ({"creds": seed}, "not a .creds file"),
+                         ({"creds": a, "nkey_seed": NKEY_SEED}, "give one of")]:
+        with pytest.raises(psycopg.errors.InvalidParameterValue) as e:
+            db.execute("SELECT emit.create_destination(%s, 'nats://127.0.0.1/a', %s)",
+                       (dest, json.dumps(options)))
+        assert why in str(e.value) and seed not in str(e.value), str(e.value)
 
 
 def test_bad_nkey_seeds_are_refused_when_stored(db, dest):

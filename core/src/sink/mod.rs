@@ -46,6 +46,8 @@ pub struct Settings<'a> {
     pub token: Option<&'a str>,
     /// NATS: an NKey user's seed.
     pub nkey_seed: Option<&'a str>,
+    /// NATS: a `.creds` file's text (a user JWT and its seed).
+    pub creds: Option<&'a str>,
     pub maxlen: Option<u64>,
     /// Kafka: `plaintext`, `ssl`, `sasl_plaintext`, `sasl_ssl`.
     pub security_protocol: Option<&'a str>,

@@ -46,6 +46,9 @@ pub enum Auth {
     Token(String),
     /// An NKey user's seed (`SU…`): the server's nonce is signed with it.
     NKey(String),
+    /// A `.creds` file's text: its JWT is sent, the nonce signed with its
+    /// seed.
+    Creds(String),
 }
 
 impl std::fmt::Debug for Auth {
@@ -54,6 +57,7 @@ impl std::fmt::Debug for Auth {
             Auth::UserPassword { user, .. } => write!(f, "UserPassword({user:?}, <hidden>)"),
             Auth::Token(_) => f.write_str("Token(<hidden>)"),
             Auth::NKey(_) => f.write_str("NKey(<hidden>)"),
+            Auth::Creds(_) => f.write_str("Creds(<hidden>)"),
         }
     }
 }
@@ -69,6 +73,7 @@ impl Broker for Subject {
         "password",
         "token",
         "nkey_seed",
+        "creds",
         "tls_first",
         TLS_OPTIONS[0],
         TLS_OPTIONS[1],
@@ -116,19 +121,29 @@ impl Broker for Subject {
     }
 
     fn configure(&mut self, s: &Settings<'_>) -> Result<(), String> {
-        self.auth = match (s.username, s.password, s.token, s.nkey_seed) {
-            (Some(user), Some(password), None, None) => Some(Auth::UserPassword {
+        self.auth = match (s.username, s.password, s.token, s.nkey_seed, s.creds) {
+            (Some(user), Some(password), None, None, None) => Some(Auth::UserPassword {
                 user: user.to_string(),
                 password: password.to_string(),
             }),
-            (None, Some(_), None, None) => return Err("a NATS password needs its username".into()),
-            (None, None, Some(token), None) => Some(Auth::Token(token.to_string())),
-            (None, None, None, Some(seed)) => {
+            (None, Some(_), None, None, None) => {
+                return Err("a NATS password needs its username".into())
+            }
+            (None, None, Some(token), None, None) => Some(Auth::Token(token.to_string())),
+            (None, None, None, Some(seed), None) => {
                 super::nkey::UserKey::from_seed(seed)?;
                 Some(Auth::NKey(seed.to_string()))
             }
-            (None, None, None, None) => None,
-            _ => return Err("give one of a username and password, a token or an nkey_seed".into()),
+            (None, None, None, None, Some(creds)) => {
+                super::nkey::Creds::parse(creds)?;
+                Some(Auth::Creds(creds.to_string()))
+            }
+            (None, None, None, None, None) => None,
+            _ => {
+                return Err(
+                    "give one of a username and password, a token, an nkey_seed or creds".into(),
+                )
+            }
         };
         s.tls.check()?;
         self.tls = s.tls.clone();
@@ -358,6 +373,17 @@ fn connection(
             let key = super::nkey::UserKey::from_seed(seed).map_err(NatsError::Server)?;
             connect["nkey"] = key.public().into();
             connect["sig"] = key.sign(nonce).into();
+        }
+        Some(Auth::Creds(text)) => {
+            let Some(nonce) = info["nonce"].as_str() else {
+                return Err(NatsError::Server(
+                    "the server sent no nonce to sign (is it in operator mode, for JWT users?)"
+                        .into(),
+                ));
+            };
+            let creds = super::nkey::Creds::parse(text).map_err(NatsError::Server)?;
+            connect["jwt"] = creds.jwt.into();
+            connect["sig"] = creds.key.sign(nonce).into();
         }
         None => {}
     }

@@ -1,7 +1,8 @@
 //! NATS NKeys: a user's Ed25519 seed (`SU…`), as `nk` and the NATS
 //! tools write it, answering the server's nonce with a signature. The
 //! seed never leaves pg_emit; the server learns the public key (`U…`)
-//! and a signature of its nonce.
+//! and a signature of its nonce. Also `.creds` files (`nsc`, Synadia
+//! Cloud): a user JWT, signed by its account, with the user's seed.
 
 use base64::Engine as _;
 use ring::signature::{Ed25519KeyPair, KeyPair};
@@ -50,6 +51,57 @@ impl UserKey {
     pub fn sign(&self, nonce: &str) -> String {
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(self.0.sign(nonce.as_bytes()))
     }
+}
+
+/// A `.creds` file's text: the user's JWT and key. Its errors say what
+/// is wrong, never the text.
+pub struct Creds {
+    pub jwt: String,
+    pub key: UserKey,
+}
+
+impl Creds {
+    /// Reads `text` as the NATS tools write it: the JWT, then the seed,
+    /// each alone on a line between two dashed `BEGIN`/`END` lines.
+    pub fn parse(text: &str) -> Result<Creds, String> {
+        let lines: Vec<&str> = text.lines().map(str::trim).collect();
+        let dashed = |l: &str| l.starts_with("---") && l.ends_with("---");
+        let blocks: Vec<&str> = lines
+            .windows(3)
+            .filter(|w| dashed(w[0]) && dashed(w[2]) && !w[1].is_empty() && !dashed(w[1]))
+            .map(|w| w[1])
+            .collect();
+        let [jwt, seed, ..] = blocks[..] else {
+            return Err("creds is not a .creds file (a user JWT and its NKey seed, \
+                        each between BEGIN and END lines)"
+                .into());
+        };
+        let key =
+            UserKey::from_seed(seed).map_err(|e| e.replacen("nkey_seed", "creds' seed", 1))?;
+        let subject = jwt_subject(jwt).ok_or("creds' JWT is not a NATS user JWT")?;
+        if subject != key.public() {
+            return Err("creds' JWT is for another user than its seed".into());
+        }
+        Ok(Creds {
+            jwt: jwt.to_string(),
+            key,
+        })
+    }
+}
+
+/// The `sub` claim of a JWT (three base64url parts), unverified: the
+/// server verifies it; this only catches a file whose parts do not match.
+fn jwt_subject(jwt: &str) -> Option<String> {
+    let mut parts = jwt.split('.');
+    let (_, claims, _) = (parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() {
+        return None;
+    }
+    let claims = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(claims.trim_end_matches('='))
+        .ok()?;
+    let claims: serde_json::Value = serde_json::from_slice(&claims).ok()?;
+    claims["sub"].as_str().map(str::to_string)
 }
 
 const ALPHABET: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
@@ -126,6 +178,47 @@ mod tests {
         ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, &raw[1..33])
             .verify(b"nonce", &sig)
             .unwrap();
+    }
+
+    /// A `.creds` file as `nsc generate creds` writes it, for [`PUBLIC`]
+    /// (the JWT's signature is not checked here, the server checks it).
+    fn creds_for(subject: &str) -> String {
+        let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+        let jwt = format!(
+            "{}.{}.c2ln",
+            b64(r#"{"typ":"JWT","alg":"ed25519-nkey"}"#),
+            b64(&format!(
+                r#"{{"sub":"{subject}","nats":{{"type":"user"}}}}"#
+            ))
+        );
+        format!(
+            "-----BEGIN NATS USER JWT-----\n{jwt}\n------END NATS USER JWT------\n\n\
+             ************************* IMPORTANT *************************\n\
+             NKEY Seed printed below can be used to sign and prove identity.\n\n\
+             -----BEGIN USER NKEY SEED-----\n{SEED}\n------END USER NKEY SEED------\n\n\
+             *************************************************************\n"
+        )
+    }
+
+    #[test]
+    fn creds_files() {
+        let c = Creds::parse(&creds_for(PUBLIC)).unwrap();
+        assert_eq!(c.key.public(), PUBLIC);
+        assert_eq!(c.jwt.split('.').count(), 3);
+        // Windows line ends, too.
+        assert!(Creds::parse(&creds_for(PUBLIC).replace('\n', "\r\n")).is_ok());
+        let other = creds_for("UAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA");
+        for (text, why) in [
+            (other.as_str(), "another user"),
+            ("", "not a .creds file"),
+            (SEED, "not a .creds file"),
+        ] {
+            let e = Creds::parse(text).err().unwrap();
+            assert!(e.contains(why) && !e.contains(SEED), "{e}");
+        }
+        let bad_jwt = creds_for(PUBLIC).replace("c2ln", "c2ln.x");
+        let e = Creds::parse(&bad_jwt).err().unwrap();
+        assert!(e.contains("not a NATS user JWT"), "{e}");
     }
 
     #[test]
