@@ -569,6 +569,48 @@ def test_values_are_made_as_the_table_owner_and_a_bad_one_does_not_stop_capture(
         s.execute("REVOKE CREATE ON SCHEMA public FROM c_owner")
 
 
+def test_a_failure_in_decoding_lets_go_of_the_slot_and_decodes_in_a_fresh_process(s, wal):
+    """A dropped publication: said before decoding starts. Made again, the
+    changes written without it fail inside decoding (PostgreSQL decodes
+    them with the catalog of their time): the worker lets go of the slot
+    (drop_capture can drop it) and restarts before decoding again."""
+    rx = Receiver("ndjson")
+    log = open(wal.log)
+    log.seek(0, os.SEEK_END)
+    seen = []
+
+    def logged(text):
+        seen.append(log.read())
+        return text in "".join(seen)
+
+    def slot_active():
+        return s.one("SELECT active FROM pg_replication_slots WHERE slot_name = %s", (slot_of(s, "f"),))
+
+    try:
+        s.execute("CREATE TABLE f_t (id int PRIMARY KEY)")
+        s.execute("CREATE PUBLICATION f_pub FOR TABLE f_t")
+        s.execute("SELECT emit.create_capture('f', %s, 'f_pub')", (url(rx),))
+        s.execute("INSERT INTO f_t VALUES (1)")
+        assert len(rx.wait_for(1, timeout=20)) == 1
+        s.execute("DROP PUBLICATION f_pub")
+        s.execute("INSERT INTO f_t VALUES (2)")
+        assert wait_until(lambda: logged('its publication "f_pub" does not exist (dropped?)'), 15)
+        assert not slot_active()
+        worker = s.one("SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_emit worker'")
+        s.execute("CREATE PUBLICATION f_pub FOR TABLE f_t")
+        s.execute("INSERT INTO f_t VALUES (3)")
+        restarted = "restarting, so that a capture decodes in a fresh process"
+        assert wait_until(lambda: logged(restarted) or len(rx.messages) >= 3, 30), "".join(seen)
+        if logged(restarted):
+            assert "pg_emit worker\" (PID %d) exited with exit code 1" % worker in "".join(seen)
+        started = time.monotonic()
+        s.execute("SELECT emit.drop_capture('f')")
+        assert time.monotonic() - started < 4
+    finally:
+        rx.close()
+        log.close()
+
+
 def test_wal_level_logical_is_required(db):
     with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState, match="wal_level = logical"):
         db.execute("SELECT emit.create_capture('x', 'tcp://127.0.0.1:9', 'p')")

@@ -114,6 +114,10 @@ pub(super) struct Captures {
     careful: HashSet<String>,
     /// WARNINGs logged already (see [`note`]).
     logged: HashSet<String>,
+    /// After an ERROR inside logical decoding in this process (see
+    /// [`Captures::let_go`]): no capture decodes here again, and the
+    /// worker restarts at this time (see [`Captures::wants_fresh_process`]).
+    restart_at: Option<Instant>,
 }
 
 impl Captures {
@@ -127,6 +131,7 @@ impl Captures {
             seen: HashMap::new(),
             careful: HashSet::new(),
             logged: HashSet::new(),
+            restart_at: None,
         }
     }
 
@@ -138,10 +143,44 @@ impl Captures {
         Instant::now() >= self.next
     }
 
+    /// Whether a capture is due to decode again after an ERROR inside
+    /// decoding in this process: the worker then restarts (in a second),
+    /// and a fresh process decodes. pgoutput keeps per-table state across
+    /// the SQL decoding calls of a process, and after an ERROR inside one
+    /// it can be left pointing at freed memory (fixed in recent minor
+    /// releases of 15 and later, never in 14): decoding again could crash the
+    /// worker, and with it every session of the server. The restart waits
+    /// as a failed capture does, so a decoding ERROR that persists costs a
+    /// restart every few seconds, with its WARNING each time.
+    pub(super) fn wants_fresh_process(&self) -> bool {
+        self.restart_at.is_some_and(|at| Instant::now() >= at)
+    }
+
+    /// After a failed transaction that may have been inside decoding (or
+    /// moving a slot): PostgreSQL releases a slot only when its SQL
+    /// function returns, and a backend's error recovery releases it, a
+    /// background worker's does not. Left acquired, the slot would show as
+    /// active and `drop_capture` could not drop it. Returns whether one was.
+    fn let_go(&mut self) -> bool {
+        // SAFETY: outside any transaction (it was aborted), as a backend's
+        // error recovery releases the slot.
+        let held = unsafe { !pg_sys::MyReplicationSlot.is_null() };
+        if held {
+            // SAFETY: as above.
+            unsafe { pg_sys::ReplicationSlotRelease() };
+            self.restart_at = Some(Instant::now() + FAILED_WAIT);
+        }
+        held
+    }
+
     /// One pass over every capture. Returns whether events were queued,
     /// or the failure that should stop the worker (the extension dropped,
     /// a lost deadlock).
     pub(super) fn run(&mut self) -> Result<bool, Failed> {
+        if let Some(at) = self.restart_at {
+            self.next = at;
+            return Ok(false);
+        }
         let defs = transaction(c"pg_emit: reading captures", definitions)?;
         if self.orphans_checked.elapsed() >= ORPHAN_CHECK {
             self.orphans_checked = Instant::now();
@@ -188,6 +227,9 @@ impl Captures {
         let now = Instant::now();
         self.failed.retain(|_, until| *until > now);
         for def in defs {
+            if self.restart_at.is_some() {
+                break;
+            }
             if self.failed.contains_key(&def.name) {
                 continue;
             }
@@ -233,11 +275,14 @@ impl Captures {
                     self.careful.remove(&def.name);
                     let moved = transaction(c"pg_emit: moving a capture slot", || advance(&def));
                     if let Err(e) = moved {
+                        self.let_go();
                         self.fail(&def, &e.to_string());
                     }
                 }
+                Err(e) if self.let_go() => self.fail(&def, &e.to_string()),
                 Err(e) if e.deadlock => return Err(e),
-                // Once more at once, change by change.
+                // Once more at once, change by change (what failed was
+                // making events, not decoding).
                 Err(e) if !careful => {
                     pgrx::log!(
                         "pg_emit worker: capture {:?}: {e}; reading its changes again one by one",
@@ -414,7 +459,8 @@ fn capture(def: &Definition, seen: u64, stale: bool) -> Result<Pass, pgrx::spi::
         let row = c
             .select(
                 "SELECT c.queued_lsn::pg_catalog.text, pg_catalog.pg_current_wal_flush_lsn()::pg_catalog.text, \
-                        EXISTS (SELECT FROM pg_catalog.pg_replication_slots s WHERE s.slot_name = c.slot) \
+                        EXISTS (SELECT FROM pg_catalog.pg_replication_slots s WHERE s.slot_name = c.slot), \
+                        EXISTS (SELECT FROM pg_catalog.pg_publication p WHERE p.pubname = c.publication) \
                    FROM emit.capture_definitions c WHERE c.name = $1",
                 None,
                 &[def.name.as_str().into()],
@@ -432,6 +478,15 @@ fn capture(def: &Definition, seen: u64, stale: bool) -> Result<Pass, pgrx::spi::
         if slot_exists != Some(true) {
             pgrx::error!(
                 "its replication slot is gone (dropped by hand?); drop the capture and create it again"
+            );
+        }
+        // Checked here rather than left to decoding, whose ERROR would
+        // cost the worker a restart (see `Captures::wants_fresh_process`).
+        if row.get::<bool>(4)? != Some(true) {
+            pgrx::error!(
+                "its publication {:?} does not exist (dropped?): changes made without it cannot \
+                 be decoded; drop the capture and create it again",
+                def.publication
             );
         }
         let lsn = |s: Option<String>| s.as_deref().and_then(pgoutput::parse_lsn).unwrap_or(0);

@@ -191,6 +191,9 @@ impl Worker {
                     Ok(queued) => scan |= queued,
                     Err(e) => return stop_or_raise("capturing changes", e),
                 }
+                if self.captures.wants_fresh_process() {
+                    return Stop::FreshDecoder;
+                }
             }
             let done: Vec<_> = self.done_rx.try_iter().collect();
             if !done.is_empty() {

@@ -204,6 +204,14 @@ fn stopped(stop: Stop) -> ! {
             // Exit 1: restarted a second later, for the new install.
             exit(1)
         }
+        Stop::FreshDecoder => {
+            pgrx::log!(
+                "pg_emit worker: restarting, so that a capture decodes in a fresh process \
+                 after logical decoding failed in this one"
+            );
+            // Exit 1: restarted a second later.
+            exit(1)
+        }
         Stop::Yielded => {
             pgrx::log!(
                 "pg_emit worker: gave way to a concurrent transaction (deadlock), restarting"
@@ -303,6 +311,9 @@ enum Stop {
     DatabaseWanted,
     /// Lost a deadlock (see `txn::Failed`).
     Yielded,
+    /// Logical decoding failed in this process (see
+    /// `capture::Captures::wants_fresh_process`).
+    FreshDecoder,
 }
 
 /// Where the worker runs, as the key of its streams: system identifier,

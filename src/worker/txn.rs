@@ -54,26 +54,46 @@ pub(super) fn transaction<R, E: std::fmt::Display>(
             // SAFETY: as above; pgrx already flushed PostgreSQL's error
             // state when it turned the ERROR into this panic.
             unsafe { pg_sys::AbortCurrentTransaction() };
-            Err(match panic.downcast::<pgrx::pg_sys::panic::CaughtError>() {
-                Ok(e) => match *e {
-                    pgrx::pg_sys::panic::CaughtError::PostgresError(r)
-                    | pgrx::pg_sys::panic::CaughtError::ErrorReport(r)
-                    | pgrx::pg_sys::panic::CaughtError::RustPanic { ereport: r, .. } => Failed {
-                        message: r.message().to_string(),
-                        deadlock: r.sql_error_code()
-                            == pgrx::PgSqlErrorCode::ERRCODE_T_R_DEADLOCK_DETECTED,
-                    },
-                },
-                Err(_) => Failed {
-                    message: "unexpected panic".to_string(),
-                    deadlock: false,
-                },
-            })
+            Err(failure(panic))
         }
     };
     // SAFETY: as above.
     unsafe { pg_sys::pgstat_report_activity(pg_sys::BackendState::STATE_IDLE, std::ptr::null()) };
     r
+}
+
+/// What a panic out of a worker transaction says: an ERROR PostgreSQL
+/// raised (which pgrx carries as `CaughtError`), one of pg_emit's own
+/// (`pgrx::error!`, which unwinds as `ErrorReportWithLevel` when no
+/// PostgreSQL frame is crossed), or a Rust panic's text.
+fn failure(panic: Box<dyn std::any::Any + Send>) -> Failed {
+    use pgrx::pg_sys::panic::{CaughtError, ErrorReportWithLevel};
+    let failed = |message: &str, code| Failed {
+        message: message.to_string(),
+        deadlock: code == pgrx::PgSqlErrorCode::ERRCODE_T_R_DEADLOCK_DETECTED,
+    };
+    let panic = match panic.downcast::<CaughtError>() {
+        Ok(e) => {
+            return match *e {
+                CaughtError::PostgresError(r)
+                | CaughtError::ErrorReport(r)
+                | CaughtError::RustPanic { ereport: r, .. } => {
+                    failed(r.message(), r.sql_error_code())
+                }
+            }
+        }
+        Err(other) => other,
+    };
+    let panic = match panic.downcast::<ErrorReportWithLevel>() {
+        Ok(r) => return failed(r.message(), r.sql_error_code()),
+        Err(other) => other,
+    };
+    let text = match (panic.downcast_ref::<String>(), panic.downcast_ref::<&str>()) {
+        (Some(s), _) => s.as_str(),
+        (None, Some(s)) => s,
+        (None, None) => "unexpected panic",
+    };
+    failed(text, pgrx::PgSqlErrorCode::ERRCODE_INTERNAL_ERROR)
 }
 
 /// Why a worker transaction failed.
