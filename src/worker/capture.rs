@@ -189,7 +189,10 @@ impl Captures {
                 drop_orphans(&seen)
             }) {
                 Ok(now) => self.orphans = now,
-                Err(e) => pgrx::warning!("pg_emit worker: capture slots: {e}"),
+                Err(e) => {
+                    self.let_go();
+                    pgrx::warning!("pg_emit worker: capture slots: {e}")
+                }
             }
         }
         if defs.is_empty() {
