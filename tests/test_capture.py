@@ -169,6 +169,48 @@ def test_a_receiver_that_is_down_costs_queue_rows_not_wal(s, wal):
         s.execute("DROP TABLE IF EXISTS c_down")
 
 
+def test_capture_pauses_at_max_outbox_size_and_loses_nothing(s, wal):
+    """Past pg_emit.max_outbox_size, capture stops queueing (the slot keeps
+    the WAL instead) and goes on once delivery has made room and
+    autovacuum has given the space back (at once here: naptime 1 s)."""
+    port = free_port()
+    s.execute("ALTER SYSTEM SET pg_emit.max_outbox_size = '1MB'")
+    s.execute("ALTER SYSTEM SET autovacuum_naptime = 1")
+    s.execute("SELECT pg_reload_conf()")
+    s.execute("CREATE TABLE c_full (id int PRIMARY KEY, v text)")
+    s.execute("CREATE PUBLICATION c_full_pub FOR TABLE c_full")
+    log = open(wal.log)
+    log.seek(0, os.SEEK_END)
+    try:
+        s.execute("SELECT emit.create_capture('full', %s, 'c_full_pub')",
+                  (f"tcp://127.0.0.1:{port}?framing=ndjson",))
+        for i in range(10):
+            s.execute(f"INSERT INTO c_full SELECT g, (SELECT string_agg(md5(g::text || k), '') "
+                      f"FROM generate_series(1, 10) k) "
+                      f"FROM generate_series({i * 5000 + 1}, {i * 5000 + 5000}) g")
+        queued = lambda: s.one("SELECT coalesce(sum(events), 0) FROM emit.outbox WHERE port = %s",
+                               (port,))
+        assert wait_until(lambda: queued() > 0, 20)
+        time.sleep(3)
+        held = queued()
+        assert 0 < held < 50_000
+        assert s.one("SELECT lag_bytes > 1024 * 1024 FROM emit.captures WHERE name = 'full'")
+        assert "capture paused: emit.outbox is past pg_emit.max_outbox_size" in log.read()
+        rx = Receiver("ndjson", port=port)
+        try:
+            got = rx.wait_for(50_000, timeout=120)
+            assert {e["new"]["id"] for e in events(got)} == set(range(1, 50_001))
+        finally:
+            rx.close()
+    finally:
+        log.close()
+        s.execute("ALTER SYSTEM RESET pg_emit.max_outbox_size")
+        s.execute("ALTER SYSTEM RESET autovacuum_naptime")
+        s.execute("SELECT pg_reload_conf()")
+        s.execute("DROP PUBLICATION IF EXISTS c_full_pub")
+        s.execute("DROP TABLE IF EXISTS c_full")
+
+
 def test_nothing_is_lost_when_the_server_stops_abruptly(wal):
     rx = Receiver("ndjson")
     s = Session(wal)
