@@ -269,6 +269,21 @@ def test_drop_capture_and_drop_extension_drop_their_slots(wal):
             assert slots() == [f"pg_emit_{db_oid}_two"]
             c.execute("DROP EXTENSION pg_emit")
             assert slots() == []
+            # In a transaction block the slots stay (a rollback brings the
+            # extension back, and its captures must still have them), and
+            # the WARNING says what to do once it has committed.
+            notices = []
+            c.add_notice_handler(lambda d: notices.append(d.message_primary))
+            c.execute("CREATE EXTENSION pg_emit")
+            c.execute("SELECT emit.create_capture('three', 'tcp://127.0.0.1:9?framing=ndjson', 'p')")
+            for end in ("ROLLBACK", "COMMIT"):
+                c.execute("BEGIN")
+                c.execute("DROP EXTENSION pg_emit")
+                c.execute(end)
+                assert slots() == [f"pg_emit_{db_oid}_three"]
+            assert len(notices) == 2 and "keeps its capture slots" in notices[1], notices
+            assert "pg_drop_replication_slot" in notices[1]
+            c.execute("SELECT pg_drop_replication_slot(%s)", (f"pg_emit_{db_oid}_three",))
     finally:
         with wal.connect() as c:
             wait_until(lambda: c.execute(
