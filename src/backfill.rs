@@ -35,11 +35,12 @@ fn fail(code: PgSqlErrorCode, message: String) -> ! {
     unreachable!("ERROR returned")
 }
 
-/// A primary-key column: its name, and how to hash its value as a
-/// trigger's ordering key does.
+/// A column of the primary key or the replica identity: its name, and
+/// how to hash its value as a trigger's ordering key does.
 struct KeyColumn {
     name: String,
-    /// Its place in the primary key (the order rows are read in).
+    /// Its place in its index (the primary key's: the order rows are
+    /// read in).
     place: i32,
     input: (pg_sys::Oid, pg_sys::Oid),
     typmod: i32,
@@ -125,7 +126,11 @@ pub fn backfill(func: &'static str, relid: pg_sys::Oid, dest: &str, format: Opti
     let http = matches!(target.target.endpoint(), Destination::Http { .. });
     let format = Format::combine(format, None, target.format, http)
         .unwrap_or_else(|source| EmitError::Argument { func, source }.raise());
-    let keys = key_columns(relid);
+    let keys = key_columns(relid, Index::Primary);
+    // The events' ordering key is the replica identity's, as triggers and
+    // capture give it (a row's later changes must share its key, or they
+    // could overtake its READ event): none for FULL or NOTHING.
+    let identity = key_columns(relid, Index::Identity);
     if keys.is_empty() {
         EmitError::Argument {
             func,
@@ -139,7 +144,7 @@ pub fn backfill(func: &'static str, relid: pg_sys::Oid, dest: &str, format: Opti
     // transaction; PostgreSQL checks nothing here, the SELECT below
     // checks the caller may read it.
     unsafe { pg_sys::LockRelationOid(relid, pg_sys::ShareLock as pg_sys::LOCKMODE) };
-    let columns: Vec<String> = keys
+    let columns: Vec<String> = identity
         .iter()
         .map(|k| format!("t.{}", quote(&k.name)))
         .collect();
@@ -150,12 +155,11 @@ pub fn backfill(func: &'static str, relid: pg_sys::Oid, dest: &str, format: Opti
         .map(|k| format!("t.{}", quote(&k.name)))
         .collect();
     let sql = format!(
-        "SELECT pg_catalog.row_to_json(t.*)::pg_catalog.text, {} FROM {}.{} t ORDER BY {}",
+        "SELECT pg_catalog.row_to_json(t.*)::pg_catalog.text{} FROM {}.{} t ORDER BY {}",
         columns
             .iter()
-            .map(|c| format!("{c}::pg_catalog.text"))
-            .collect::<Vec<_>>()
-            .join(", "),
+            .map(|c| format!(", {c}::pg_catalog.text"))
+            .collect::<String>(),
         quote(&schema),
         quote(&table),
         order.join(", ")
@@ -193,16 +197,17 @@ pub fn backfill(func: &'static str, relid: pg_sys::Oid, dest: &str, format: Opti
             }
             for r in rows {
                 let json = r.get::<&str>(1)?.unwrap_or("null").as_bytes();
-                let values: Vec<Option<String>> = (0..keys.len())
+                let values: Vec<Option<String>> = (0..identity.len())
                     .map(|i| r.get::<String>(i + 2))
                     .collect::<Result<_, _>>()?;
                 // SAFETY: the key's values are made and hashed in the
                 // batch's context, reset after the batch.
-                let key = unsafe { batch.switch_to(|_| key_of(relid, &keys, &values)) };
+                let key = (!identity.is_empty())
+                    .then(|| unsafe { batch.switch_to(|_| key_of(relid, &identity, &values)) });
                 buf.clear();
                 let row = encoding::to_utf8(json, &what);
                 event::write_event(&mut buf, format, &ev, Some(&row), None, true);
-                outbox::queue(&target.target, Kind::event(format), &buf, Some(key));
+                outbox::queue(&target.target, Kind::event(format), &buf, key);
                 count += 1;
             }
             // SAFETY: nothing made in it outlives the batch.
@@ -216,18 +221,36 @@ pub fn backfill(func: &'static str, relid: pg_sys::Oid, dest: &str, format: Opti
     count
 }
 
-/// The table's primary-key columns, in the order of their numbers (as a
-/// trigger's key takes the replica identity's).
-fn key_columns(relid: pg_sys::Oid) -> Vec<KeyColumn> {
+/// Which index's columns [`key_columns`] gives.
+enum Index {
+    Primary,
+    /// The replica identity's: the primary key's unless the table names
+    /// another index; none for `FULL` or `NOTHING`.
+    Identity,
+}
+
+/// An index's columns, in the order of their numbers (as a trigger's key
+/// takes the replica identity's).
+fn key_columns(relid: pg_sys::Oid, which: Index) -> Vec<KeyColumn> {
+    let index = match which {
+        Index::Primary => "i.indisprimary",
+        Index::Identity => {
+            "((r.relreplident OPERATOR(pg_catalog.=) 'd' AND i.indisprimary) \
+               OR (r.relreplident OPERATOR(pg_catalog.=) 'i' AND i.indisreplident))"
+        }
+    };
     Spi::connect(|c| {
         c.select(
-            "SELECT a.attname::pg_catalog.text, a.atttypid, a.atttypmod, t.typbyval, t.typlen, \
-                    pg_catalog.array_position(i.indkey::pg_catalog.int2[], a.attnum) \
-               FROM pg_catalog.pg_index i \
-               JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid \
-                AND a.attnum OPERATOR(pg_catalog.=) ANY (i.indkey::pg_catalog.int2[]) \
-               JOIN pg_catalog.pg_type t ON t.oid = a.atttypid \
-              WHERE i.indrelid = $1 AND i.indisprimary ORDER BY a.attnum",
+            &format!(
+                "SELECT a.attname::pg_catalog.text, a.atttypid, a.atttypmod, t.typbyval, t.typlen, \
+                        pg_catalog.array_position(i.indkey::pg_catalog.int2[], a.attnum) \
+                   FROM pg_catalog.pg_index i \
+                   JOIN pg_catalog.pg_class r ON r.oid OPERATOR(pg_catalog.=) i.indrelid \
+                   JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid \
+                    AND a.attnum OPERATOR(pg_catalog.=) ANY (i.indkey::pg_catalog.int2[]) \
+                   JOIN pg_catalog.pg_type t ON t.oid = a.atttypid \
+                  WHERE i.indrelid = $1 AND {index} ORDER BY a.attnum"
+            ),
             None,
             &[relid.into()],
         )?

@@ -476,6 +476,35 @@ def test_backfill_sends_existing_rows_in_key_order_before_later_changes(s, wal):
         s.execute("DROP TABLE IF EXISTS c_fill")
 
 
+def test_backfill_keys_rows_by_their_replica_identity(s):
+    """A READ event's ordering key is the one the row's later changes get
+    (its replica identity's, as triggers and capture give it), so they
+    cannot overtake it: here an index other than the primary key, then
+    FULL (no key)."""
+    port = free_port()
+    dest = f"tcp://127.0.0.1:{port}?framing=ndjson"
+    s.execute("CREATE TABLE c_ri (a int PRIMARY KEY, b int NOT NULL UNIQUE, v text)")
+    s.execute("ALTER TABLE c_ri REPLICA IDENTITY USING INDEX c_ri_b_key")
+    s.execute("INSERT INTO c_ri VALUES (1, 10, 'x'), (2, 20, 'y')")
+    s.execute("CREATE TRIGGER out AFTER UPDATE ON c_ri FOR EACH ROW EXECUTE FUNCTION "
+              f"row_to_destination('{dest}', 'delivery=async')")
+    keys = lambda: [r[0] for r in s.execute(
+        "SELECT keys FROM emit.outbox WHERE port = %s ORDER BY id", (port,)).fetchall()]
+    try:
+        assert s.one("SELECT emit.backfill('c_ri', %s)", (dest,)) == 2
+        s.execute("UPDATE c_ri SET v = 'z' WHERE a = 1")
+        (read1, read2), (update1,) = keys()
+        assert read1 == update1 and read1 != read2
+        s.execute("DELETE FROM emit.outbox WHERE port = %s", (port,))
+        s.execute("ALTER TABLE c_ri REPLICA IDENTITY FULL")
+        s.execute("SELECT emit.backfill('c_ri', %s)", (dest,))
+        s.execute("UPDATE c_ri SET v = 'w' WHERE a = 1")
+        assert keys() == [None, None]
+    finally:
+        s.execute("DELETE FROM emit.outbox WHERE port = %s", (port,))
+        s.execute("DROP TABLE IF EXISTS c_ri")
+
+
 def test_backfill_waiting_for_a_writer_reads_what_it_committed(s, wal):
     """The lock may wait for a writer; the rows are read after it, so the
     READ carries the writer's change and follows its event."""
