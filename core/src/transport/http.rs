@@ -14,11 +14,12 @@ use crate::security::Allowlist;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use std::io::Read;
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use ureq::config::Config;
 use ureq::http::Uri;
 use ureq::unversioned::resolver::{ResolvedSocketAddrs, Resolver};
+use ureq::unversioned::transport::time as ureq_time;
 use ureq::unversioned::transport::{
     Buffers, ConnectionDetails, Connector, Either, LazyBuffers, NextTimeout, TcpConnector,
     Transport, TransportAdapter,
@@ -121,8 +122,8 @@ pub struct ClientConfig {
     pub request_timeout: Duration,
     pub trust: Trust,
     pub allow: Allowlist,
-    /// A stored destination's own `ca_file` (instead of `trust`) and
-    /// client certificate (`cert_file`, `key_file`).
+    /// A stored destination's own `ca_file` (instead of `trust`), client
+    /// certificate (`cert_file`, `key_file`) and `server_name`.
     pub tls: super::tls::Options,
 }
 
@@ -184,16 +185,13 @@ impl Resolver for GuardedResolver {
 
 impl Client {
     pub fn new(config: ClientConfig) -> Result<Client, String> {
-        let fallback = match &config.trust {
-            Trust::System => None,
-            Trust::Pem(pem) => Some(pem.as_slice()),
-        };
         let tls = Https {
-            config: config.tls.config_trusting(fallback)?,
-            server_name: match &config.tls.server_name {
-                Some(n) => Some(config.tls.name_for(n)?),
-                None => None,
+            options: config.tls.clone(),
+            fallback: match &config.trust {
+                Trust::System => None,
+                Trust::Pem(pem) => Some(pem.clone()),
             },
+            config: OnceLock::new(),
         };
         let agent_config = Config::builder()
             .http_status_as_error(false)
@@ -232,16 +230,18 @@ impl Client {
 /// the same words. ureq's own TLS checks the certificate against the URL's
 /// host only.
 struct Https {
-    config: Arc<rustls::ClientConfig>,
-    /// The name the certificate must carry, when not the URL's host; the
-    /// request (its `Host` header too) still names the URL's host.
-    server_name: Option<rustls::pki_types::ServerName<'static>>,
+    options: super::tls::Options,
+    /// `pg_emit.ca_file`'s certificates, trusted when `ca_file` is not set.
+    fallback: Option<Vec<u8>>,
+    /// Made at the first `https://` connection, not before: a client for
+    /// `http://` must not need a trust store (a container may have none).
+    config: OnceLock<Result<Arc<rustls::ClientConfig>, String>>,
 }
 
 impl std::fmt::Debug for Https {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Https")
-            .field("server_name", &self.server_name)
+            .field("server_name", &self.options.server_name)
             .finish()
     }
 }
@@ -251,10 +251,16 @@ impl std::fmt::Debug for Https {
 #[error("{0}")]
 struct TlsFailed(String);
 
-fn tls_failed(e: std::io::Error) -> ureq::Error {
+fn tls_failed(message: String) -> ureq::Error {
+    ureq::Error::Other(Box::new(TlsFailed(message)))
+}
+
+/// An I/O error of the TLS stream: a TLS one in our words; anything else
+/// (a timeout ureq carries inside, a reset) as ureq reads it.
+fn tls_io(e: std::io::Error) -> ureq::Error {
     match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
-        Some(t) => ureq::Error::Other(Box::new(TlsFailed(super::tls::reason(t)))),
-        None => ureq::Error::Io(e),
+        Some(t) => tls_failed(super::tls::reason(t)),
+        None => ureq::Error::from(e),
     }
 }
 
@@ -272,26 +278,36 @@ impl<In: Transport> Connector<In> for Https {
         if !details.needs_tls() || transport.is_tls() {
             return Ok(Some(Either::A(transport)));
         }
-        let name = match &self.server_name {
-            Some(n) => n.clone(),
-            None => {
-                let host = details.uri.host().unwrap_or_default();
-                let host = host
-                    .strip_prefix('[')
-                    .and_then(|h| h.strip_suffix(']'))
-                    .unwrap_or(host);
-                rustls::pki_types::ServerName::try_from(host.to_string()).map_err(|_| {
-                    ureq::Error::Other(Box::new(TlsFailed(
-                        "the host is not a name a certificate can carry (server_name)".into(),
-                    )))
-                })?
-            }
-        };
-        let mut conn = rustls::ClientConnection::new(self.config.clone(), name)
-            .map_err(|e| ureq::Error::Other(Box::new(TlsFailed(super::tls::reason(&e)))))?;
+        let config = self
+            .config
+            .get_or_init(|| self.options.config_trusting(self.fallback.as_deref()))
+            .clone()
+            .map_err(tls_failed)?;
+        let host = details.uri.host().unwrap_or_default();
+        let host = host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host);
+        let name = self.options.name_for(host).map_err(tls_failed)?;
+        let mut conn = rustls::ClientConnection::new(config, name)
+            .map_err(|e| tls_failed(super::tls::reason(&e)))?;
         let mut sock = TransportAdapter::new(transport.boxed(), details.current_time.clone());
-        sock.set_timeout(details.timeout);
-        conn.complete_io(&mut sock).map_err(tls_failed)?;
+        // What is left of the connect budget, which the TCP connect
+        // started using at `details.now` (ureq's own TLS counts from
+        // there too).
+        let mut timeout = details.timeout;
+        if let (
+            ureq_time::Duration::Exact(left),
+            ureq_time::Instant::Exact(now),
+            ureq_time::Instant::Exact(then),
+        ) = (timeout.after, (details.current_time)(), details.now)
+        {
+            timeout.after = ureq_time::Duration::Exact(
+                left.saturating_sub(now.saturating_duration_since(then)),
+            );
+        }
+        sock.set_timeout(timeout);
+        conn.complete_io(&mut sock).map_err(tls_io)?;
         let buffers = LazyBuffers::new(
             details.config.input_buffer_size(),
             details.config.output_buffer_size(),
@@ -324,13 +340,13 @@ impl Transport for HttpsTransport {
         use std::io::Write;
         self.stream.get_mut().set_timeout(timeout);
         let output = &self.buffers.output()[..amount];
-        self.stream.write_all(output).map_err(tls_failed)
+        self.stream.write_all(output).map_err(tls_io)
     }
 
     fn await_input(&mut self, timeout: NextTimeout) -> Result<bool, ureq::Error> {
         self.stream.get_mut().set_timeout(timeout);
         let input = self.buffers.input_append_buf();
-        let amount = self.stream.read(input).map_err(tls_failed)?;
+        let amount = self.stream.read(input).map_err(tls_io)?;
         self.buffers.input_appended(amount);
         Ok(amount > 0)
     }
@@ -765,6 +781,38 @@ mod tests {
         assert!(matches!(e, HttpError::Timeout { .. }), "{e}");
         assert!(t.elapsed() < Duration::from_secs(2));
         drop(l);
+    }
+
+    /// A server that takes the connection and never answers the TLS
+    /// handshake: a timeout, said as one.
+    #[test]
+    fn silent_https_server_times_out() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("https://127.0.0.1:{}/", l.local_addr().unwrap().port());
+        let t = Instant::now();
+        let e = request(&client(""), &post(&url, "{}")).unwrap_err();
+        assert!(matches!(e, HttpError::Timeout { .. }), "{e}");
+        assert!(t.elapsed() < Duration::from_secs(4));
+        drop(l);
+    }
+
+    /// TLS is made at the first https:// connection: an http:// request
+    /// does not need it (nor a trust store), and a TLS file that cannot be
+    /// read fails https:// requests, saying so.
+    #[test]
+    fn tls_is_made_for_https_only() {
+        let mut c = client("").config;
+        c.tls.ca_file = Some("/nonexistent/ca.pem".into());
+        let c = Client::new(c).unwrap();
+        let (url, h) = serve_once("HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
+        assert_eq!(request(&c, &post(&url, "{}")).unwrap().status, 200);
+        h.join().unwrap();
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("https://127.0.0.1:{}/", l.local_addr().unwrap().port());
+        match request(&c, &post(&url, "{}")) {
+            Err(HttpError::Failed { detail }) => assert!(detail.contains("ca_file"), "{detail}"),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

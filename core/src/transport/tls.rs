@@ -90,11 +90,12 @@ impl Options {
         let builder = match trusted {
             Some((option, pem_bytes)) => {
                 let mut roots = RootCertStore::empty();
-                for c in CertificateDer::pem_slice_iter(pem_bytes) {
-                    roots
-                        .add(c.map_err(|e| pem(option, e))?)
-                        .map_err(|e| format!("{option}: {e}"))?;
-                }
+                let certs = CertificateDer::pem_slice_iter(pem_bytes)
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| pem(option, e))?;
+                // As the system's store is read: a certificate of a bundle
+                // that webpki cannot use is skipped, not fatal.
+                roots.add_parsable_certificates(certs);
                 if roots.is_empty() {
                     return Err(format!("{option} holds no PEM certificate"));
                 }
