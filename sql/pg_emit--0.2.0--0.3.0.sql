@@ -103,7 +103,12 @@ CREATE TABLE emit.capture_definitions (
     queued_lsn  pg_lsn NOT NULL,
     -- The role that created it: only tables it may SELECT are captured.
     created_by  oid NOT NULL,
-    created_at  timestamptz NOT NULL DEFAULT pg_catalog.now()
+    created_at  timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    -- Failed passes in a row, the last one's reason, and when the worker
+    -- tries again (kept here, so a restarted worker waits too).
+    failures    integer NOT NULL DEFAULT 0,
+    last_error  text,
+    retry_at    timestamptz
 );
 COMMENT ON TABLE emit.capture_definitions IS
     'pg_emit: captures from the WAL (emit.create_capture) and how far each has queued';
@@ -123,7 +128,9 @@ SELECT c.name, c.dest, c.publication, c.slot, c.options,
          pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_lsn(), s.restart_lsn)::bigint
        END AS retained_wal_bytes,
        s.slot_name IS NOT NULL AS slot_exists,
-       c.created_at
+       c.created_at,
+       c.last_error,
+       c.retry_at
   FROM emit.capture_definitions c
   LEFT JOIN pg_catalog.pg_replication_slots s ON s.slot_name OPERATOR(pg_catalog.=) c.slot;
 COMMENT ON VIEW emit.captures IS

@@ -682,11 +682,18 @@ def test_a_failure_in_decoding_lets_go_of_the_slot_and_decodes_in_a_fresh_proces
         s.execute("INSERT INTO f_t VALUES (2)")
         assert wait_until(lambda: logged('its publication "f_pub" does not exist (dropped?)'), 15)
         assert not slot_active()
+        # Said in emit.captures too, with when it tries again.
+        last_error, waits = s.execute("SELECT last_error, retry_at > now() FROM emit.captures "
+                                      "WHERE name = 'f'").fetchone()
+        assert "does not exist (dropped?)" in last_error and waits
         worker = s.one("SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_emit worker'")
         s.execute("CREATE PUBLICATION f_pub FOR TABLE f_t")
         s.execute("INSERT INTO f_t VALUES (3)")
         restarted = "restarting, so that a capture decodes in a fresh process"
-        assert wait_until(lambda: logged(restarted) or len(rx.messages) >= 3, 30), "".join(seen)
+        # PostgreSQL 18 skips the changes made without the publication (row
+        # 2) and goes on; earlier versions fail inside decoding.
+        assert wait_until(lambda: logged(restarted) or any(
+            json.loads(m)["new"]["id"] == 3 for m in rx.messages), 30), "".join(seen)
         if logged(restarted):
             assert "pg_emit worker\" (PID %d) exited with exit code 1" % worker in "".join(seen)
         started = time.monotonic()

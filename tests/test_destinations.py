@@ -217,6 +217,9 @@ def test_send_message_in_each_mode(db, dest):
         db.execute("BEGIN")
         db.execute("SELECT send_message(%s, '{\"n\":3}', 'commit')", (dest,))
         db.execute("COMMIT")
+        # (Read before the next one, which comes on the worker's own
+        # connection: the receiver reads each connection on its thread.)
+        assert nd.wait_for(2) == [b'{"n":1}', b'{"n":3}']
         # async (the default): durable, and as the caller wrote it.
         db.execute("BEGIN")
         db.execute("SELECT send_message(%s, '{\"n\":4}')", (dest,))

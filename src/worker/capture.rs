@@ -49,8 +49,11 @@ const IDLE_POLL: Duration = Duration::from_secs(2);
 const CHANGES_PER_PASS: i64 = 20_000;
 /// Rows fetched from the cursor at a time; their values are freed after.
 const FETCH: i64 = 500;
-/// A capture that failed waits this long before it tries again.
+/// A capture that failed waits this long before it tries again, doubled
+/// for each failure in a row.
 const FAILED_WAIT: Duration = Duration::from_secs(5);
+/// Longest wait after failures in a row.
+const FAILED_WAIT_MAX: Duration = Duration::from_secs(300);
 /// WAL without published changes that is decoded again and again rather
 /// than recorded as passed (which writes WAL of its own, see [`capture`]).
 const RECORD_GAP: u64 = 256 << 10;
@@ -92,6 +95,10 @@ struct Definition {
     format: Option<Format>,
     /// The role that created it (see [`readable`]).
     created_by: pg_sys::Oid,
+    /// Its failed passes in a row.
+    failures: i32,
+    /// Whether it waits after a failure (its `retry_at` is to come).
+    waiting: bool,
 }
 
 pub(super) struct Captures {
@@ -233,7 +240,7 @@ impl Captures {
             if self.restart_at.is_some() {
                 break;
             }
-            if self.failed.contains_key(&def.name) {
+            if def.waiting || self.failed.contains_key(&def.name) {
                 continue;
             }
             let (seen, recorded_at) = self
@@ -277,13 +284,18 @@ impl Captures {
                     self.seen.insert(def.name.clone(), (seen, at));
                     self.careful.remove(&def.name);
                     let moved = transaction(c"pg_emit: moving a capture slot", || advance(&def));
-                    if let Err(e) = moved {
-                        self.let_go();
-                        self.fail(&def, &e.to_string());
+                    match moved {
+                        Err(e) => {
+                            self.let_go();
+                            self.fail(&def, &e.to_string());
+                        }
+                        Ok(()) if def.failures > 0 => recovered(&def),
+                        Ok(()) => {}
                     }
                 }
-                Err(e) if self.let_go() => self.fail(&def, &e.to_string()),
+                // The process is leaving: that releases the slot too.
                 Err(e) if e.deadlock => return Err(e),
+                Err(e) if self.let_go() => self.fail(&def, &e.to_string()),
                 // Once more at once, change by change (what failed was
                 // making events, not decoding).
                 Err(e) if !careful => {
@@ -304,23 +316,60 @@ impl Captures {
         Ok(queued)
     }
 
+    /// Logs the failure and makes the capture wait: 5 s, doubling with
+    /// each failure in a row up to 5 minutes, recorded in its definition
+    /// (`last_error`, `retry_at`) so that a restarted worker waits too,
+    /// and decodes the other captures first.
     fn fail(&mut self, def: &Definition, why: &str) {
+        let wait = FAILED_WAIT
+            .saturating_mul(1 << def.failures.clamp(0, 6))
+            .min(FAILED_WAIT_MAX);
         pgrx::warning!(
             "pg_emit worker: capture {:?} (slot {:?}, publication {:?}): {why}; trying again in {} s",
             def.name,
             def.slot,
             def.publication,
-            FAILED_WAIT.as_secs()
+            wait.as_secs()
         );
-        self.failed
-            .insert(def.name.clone(), Instant::now() + FAILED_WAIT);
+        self.failed.insert(def.name.clone(), Instant::now() + wait);
+        let recorded = transaction(c"pg_emit: recording a capture's failure", || {
+            Spi::run_with_args(
+                "UPDATE emit.capture_definitions \
+                    SET failures = failures + 1, last_error = $2, \
+                        retry_at = pg_catalog.now() + pg_catalog.make_interval(secs => $3) \
+                  WHERE name = $1",
+                &[
+                    def.name.as_str().into(),
+                    why.into(),
+                    (wait.as_secs() as f64).into(),
+                ],
+            )
+        });
+        if let Err(e) = recorded {
+            pgrx::log!("pg_emit worker: capture {:?}: {e}", def.name);
+        }
+    }
+}
+
+/// A pass of a capture that had failed went through: its failure is over.
+fn recovered(def: &Definition) {
+    let r = transaction(c"pg_emit: recording a capture's recovery", || {
+        Spi::run_with_args(
+            "UPDATE emit.capture_definitions \
+                SET failures = 0, last_error = NULL, retry_at = NULL WHERE name = $1",
+            &[def.name.as_str().into()],
+        )
+    });
+    if let Err(e) = r {
+        pgrx::log!("pg_emit worker: capture {:?}: {e}", def.name);
     }
 }
 
 fn definitions() -> Result<Vec<Definition>, pgrx::spi::Error> {
     Spi::connect(|c| {
         c.select(
-            "SELECT c.name, c.dest, c.publication, c.slot, c.options->>'format', c.created_by \
+            "SELECT c.name, c.dest, c.publication, c.slot, c.options->>'format', c.created_by, \
+                    c.failures, c.retry_at IS NOT NULL AND c.retry_at > pg_catalog.now() \
                FROM emit.capture_definitions c ORDER BY c.name",
             None,
             &[],
@@ -333,6 +382,8 @@ fn definitions() -> Result<Vec<Definition>, pgrx::spi::Error> {
                 slot: r.get::<String>(4)?.unwrap_or_default(),
                 format: r.get::<String>(5)?.as_deref().and_then(Format::from_name),
                 created_by: r.get::<pg_sys::Oid>(6)?.unwrap_or(pg_sys::InvalidOid),
+                failures: r.get::<i32>(7)?.unwrap_or(0),
+                waiting: r.get::<bool>(8)?.unwrap_or(false),
             })
         })
         .collect()
