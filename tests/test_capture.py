@@ -695,7 +695,7 @@ def test_a_failure_in_decoding_lets_go_of_the_slot_and_decodes_in_a_fresh_proces
         assert wait_until(lambda: logged(restarted) or any(
             json.loads(m)["new"]["id"] == 3 for m in rx.messages), 30), "".join(seen)
         if logged(restarted):
-            assert "pg_emit worker\" (PID %d) exited with exit code 1" % worker in "".join(seen)
+            assert wait_until(lambda: logged("pg_emit worker\" (PID %d) exited with exit code 1" % worker), 10)
         started = time.monotonic()
         s.execute("SELECT emit.drop_capture('f')")
         assert time.monotonic() - started < 4

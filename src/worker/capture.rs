@@ -76,6 +76,10 @@ thread_local! {
     static NOTES: RefCell<Vec<String>> = const { RefCell::new(Vec::new()) };
     /// The event being made (see [`emit`]).
     static BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    /// The pass got past its checks of the capture's slot and publication
+    /// (a failure before is the definition's, which reading the changes
+    /// one by one would not mend).
+    static CHECKED: Cell<bool> = const { Cell::new(false) };
 }
 
 fn note(message: String) {
@@ -252,6 +256,7 @@ impl Captures {
             let careful = self.careful.contains(&def.name);
             outbox::set_capturing(true);
             CAREFUL.set(careful);
+            CHECKED.set(false);
             let r = transaction(c"pg_emit: capturing changes", || capture(&def, seen, stale));
             CAREFUL.set(false);
             outbox::set_capturing(false);
@@ -295,7 +300,7 @@ impl Captures {
                 }
                 // The process is leaving: that releases the slot too.
                 Err(e) if e.deadlock => return Err(e),
-                Err(e) if self.let_go() => self.fail(&def, &e.to_string()),
+                Err(e) if self.let_go() || !CHECKED.get() => self.fail(&def, &e.to_string()),
                 // Once more at once, change by change (what failed was
                 // making events, not decoding).
                 Err(e) if !careful => {
@@ -543,6 +548,7 @@ fn capture(def: &Definition, seen: u64, stale: bool) -> Result<Pass, pgrx::spi::
                 def.publication
             );
         }
+        CHECKED.set(true);
         let lsn = |s: Option<String>| s.as_deref().and_then(pgoutput::parse_lsn).unwrap_or(0);
         let (queued, flushed) = (lsn(queued), lsn(flushed));
         // No WAL since the last look: nothing to decode.
@@ -1100,5 +1106,7 @@ fn emit(
         buf.clear();
         event::write_event(buf, t.format, &ev, new, old, true);
         outbox::queue(&t.target.target, Kind::event(t.format), buf, key);
+        // A huge row must not pin its size for the worker's life.
+        buf.shrink_to(1 << 20);
     });
 }

@@ -65,9 +65,10 @@ pub(super) fn transaction<R, E: std::fmt::Display>(
 /// What a panic out of a worker transaction says: an ERROR PostgreSQL
 /// raised (which pgrx carries as `CaughtError`), one of pg_emit's own
 /// (`pgrx::error!`, which unwinds as `ErrorReportWithLevel` when no
-/// PostgreSQL frame is crossed), or a Rust panic's text.
+/// PostgreSQL frame is crossed, or a bare `ErrorReport`), or a Rust
+/// panic's text.
 fn failure(panic: Box<dyn std::any::Any + Send>) -> Failed {
-    use pgrx::pg_sys::panic::{CaughtError, ErrorReportWithLevel};
+    use pgrx::pg_sys::panic::{CaughtError, ErrorReport, ErrorReportWithLevel};
     let failed = |message: &str, code| Failed {
         message: message.to_string(),
         deadlock: code == pgrx::PgSqlErrorCode::ERRCODE_T_R_DEADLOCK_DETECTED,
@@ -86,6 +87,11 @@ fn failure(panic: Box<dyn std::any::Any + Send>) -> Failed {
     };
     let panic = match panic.downcast::<ErrorReportWithLevel>() {
         Ok(r) => return failed(r.message(), r.sql_error_code()),
+        Err(other) => other,
+    };
+    let panic = match panic.downcast::<ErrorReport>() {
+        // (Its code is private to pgrx; a lost deadlock never comes so.)
+        Ok(r) => return failed(r.message(), pgrx::PgSqlErrorCode::ERRCODE_INTERNAL_ERROR),
         Err(other) => other,
     };
     let text = match (panic.downcast_ref::<String>(), panic.downcast_ref::<&str>()) {

@@ -64,7 +64,11 @@ impl Creds {
     /// Reads `text` as the NATS tools write it: the JWT, then the seed,
     /// each alone on a line between two dashed `BEGIN`/`END` lines.
     pub fn parse(text: &str) -> Result<Creds, String> {
-        let lines: Vec<&str> = text.lines().map(str::trim).collect();
+        let lines: Vec<&str> = text
+            .trim_start_matches('\u{feff}')
+            .lines()
+            .map(str::trim)
+            .collect();
         let dashed = |l: &str| l.starts_with("---") && l.ends_with("---");
         let blocks: Vec<&str> = lines
             .windows(3)
@@ -78,7 +82,7 @@ impl Creds {
         };
         let key =
             UserKey::from_seed(seed).map_err(|e| e.replacen("nkey_seed", "creds' seed", 1))?;
-        let subject = jwt_subject(jwt).ok_or("creds' JWT is not a NATS user JWT")?;
+        let subject = user_jwt_subject(jwt).ok_or("creds' JWT is not a NATS user JWT")?;
         if subject != key.public() {
             return Err("creds' JWT is for another user than its seed".into());
         }
@@ -89,9 +93,10 @@ impl Creds {
     }
 }
 
-/// The `sub` claim of a JWT (three base64url parts), unverified: the
-/// server verifies it; this only catches a file whose parts do not match.
-fn jwt_subject(jwt: &str) -> Option<String> {
+/// The `sub` claim of a NATS user JWT (three base64url parts, claims of
+/// `nats.type` `user`), unverified: the server verifies it; this only
+/// catches a file whose parts do not belong together.
+fn user_jwt_subject(jwt: &str) -> Option<String> {
     let mut parts = jwt.split('.');
     let (_, claims, _) = (parts.next()?, parts.next()?, parts.next()?);
     if parts.next().is_some() {
@@ -101,6 +106,9 @@ fn jwt_subject(jwt: &str) -> Option<String> {
         .decode(claims.trim_end_matches('='))
         .ok()?;
     let claims: serde_json::Value = serde_json::from_slice(&claims).ok()?;
+    if claims["nats"]["type"] != "user" {
+        return None;
+    }
     claims["sub"].as_str().map(str::to_string)
 }
 
@@ -205,8 +213,19 @@ mod tests {
         let c = Creds::parse(&creds_for(PUBLIC)).unwrap();
         assert_eq!(c.key.public(), PUBLIC);
         assert_eq!(c.jwt.split('.').count(), 3);
-        // Windows line ends, too.
+        // Windows line ends and a byte-order mark, too.
         assert!(Creds::parse(&creds_for(PUBLIC).replace('\n', "\r\n")).is_ok());
+        assert!(Creds::parse(&format!("\u{feff}{}", creds_for(PUBLIC))).is_ok());
+        // An account's JWT is not a user's.
+        let account = creds_for(PUBLIC).replace(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .encode(format!(r#"{{"sub":"{PUBLIC}","nats":{{"type":"user"}}}}"#)),
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!(
+                r#"{{"sub":"{PUBLIC}","nats":{{"type":"account"}}}}"#
+            )),
+        );
+        let e = Creds::parse(&account).err().unwrap();
+        assert!(e.contains("not a NATS user JWT"), "{e}");
         let other = creds_for("UAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA");
         for (text, why) in [
             (other.as_str(), "another user"),
