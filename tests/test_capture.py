@@ -505,6 +505,42 @@ def test_backfill_keys_rows_by_their_replica_identity(s):
         s.execute("DROP TABLE IF EXISTS c_ri")
 
 
+def test_a_backfill_rolled_back_to_a_savepoint_leaves_refusals_to_on_error(s):
+    """A backfill makes the outbox limit refuse with an ERROR (it must not
+    say it queued rows it did not); rolled back to a savepoint, it no
+    longer does, and the transaction commits with pg_emit.on_error's
+    WARNING as it would have without it."""
+    port = free_port()
+    dest = f"tcp://127.0.0.1:{port}?framing=ndjson"
+    s.execute("CREATE TABLE c_strict (id int PRIMARY KEY)")
+    s.execute("INSERT INTO c_strict VALUES (1)")
+    try:
+        s.execute("SET pg_emit.on_error = 'warning'")
+        s.execute("SELECT send_message(%s, '{}')", (dest,))
+        # One page of outbox is past a 1 kB limit, for every destination.
+        s.execute("SET pg_emit.max_outbox_size = 1")
+        s.execute("BEGIN")
+        s.execute("SAVEPOINT a")
+        s.execute("SELECT emit.backfill('c_strict', %s)", (dest,))
+        s.execute("ROLLBACK TO SAVEPOINT a")
+        s.execute("INSERT INTO c_strict VALUES (2)")
+        s.execute("SELECT send_message(%s, '{}')", (dest,))
+        s.notices.clear()
+        s.execute("COMMIT")
+        assert any("max_outbox_size" in w for w in s.warnings()), s.warnings()
+        assert s.one("SELECT count(*) FROM c_strict") == 2
+        # Not rolled back: the COMMIT fails.
+        s.execute("BEGIN")
+        s.execute("SELECT emit.backfill('c_strict', %s)", (dest,))
+        with pytest.raises(psycopg.Error, match="max_outbox_size"):
+            s.execute("COMMIT")
+    finally:
+        s.execute("RESET pg_emit.max_outbox_size")
+        s.execute("RESET pg_emit.on_error")
+        s.execute("DELETE FROM emit.outbox WHERE port = %s", (port,))
+        s.execute("DROP TABLE IF EXISTS c_strict")
+
+
 def test_backfill_waiting_for_a_writer_reads_what_it_committed(s, wal):
     """The lock may wait for a writer; the rows are read after it, so the
     READ carries the writer's change and follows its event."""

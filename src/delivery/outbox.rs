@@ -56,9 +56,11 @@ thread_local! {
     /// must not refuse: they are committed already (capture checks the
     /// limit before it decodes, and stops decoding while it is reached).
     static CAPTURING: Cell<bool> = const { Cell::new(false) };
-    /// This transaction queued a backfill: the outbox limit refuses with
-    /// an ERROR, whatever `pg_emit.on_error` says.
-    static STRICT: Cell<bool> = const { Cell::new(false) };
+    /// This transaction queued a backfill, in this subtransaction (or one
+    /// it has since been released into): the outbox limit refuses with an
+    /// ERROR, whatever `pg_emit.on_error` says. A rollback to before it
+    /// ends that (see [`abort_sub`]).
+    static STRICT: Cell<Option<u32>> = const { Cell::new(None) };
     /// emit.outbox's size and when it was measured (see [`outbox_size`]).
     static SIZE: Cell<Option<(Instant, i64)>> = const { Cell::new(None) };
 }
@@ -119,12 +121,20 @@ pub fn commit_sub(sub: u32) {
 
 pub fn abort_sub(sub: u32) {
     QUEUED.with_borrow_mut(|p| p.abort_sub(sub));
+    // Subtransaction ids grow within a transaction: one set in `sub` or
+    // in a child of it is at least `sub`.
+    if STRICT.get().is_some_and(|at| at >= sub) {
+        STRICT.set(None);
+    }
 }
 
-/// For the rest of the transaction, `pg_emit.max_outbox_size` refuses
-/// with an ERROR (see [`STRICT`]).
+/// For the rest of the transaction (unless rolled back to before now),
+/// `pg_emit.max_outbox_size` refuses with an ERROR (see [`STRICT`]).
 pub fn refusal_is_error() {
-    STRICT.set(true);
+    if STRICT.get().is_none() {
+        // SAFETY: reads the transaction's state.
+        STRICT.set(Some(unsafe { pg_sys::GetCurrentSubTransactionId() }));
+    }
 }
 
 /// Sets whether this process's transactions queue captured changes (see
@@ -236,7 +246,7 @@ fn write_level(seq: Seq) -> Option<Seq> {
                     limit,
                     events: refused.iter().map(|r| r.events as usize).sum(),
                 };
-                if STRICT.get() || settings::ON_ERROR.get() == settings::OnError::Error {
+                if STRICT.get().is_some() || settings::ON_ERROR.get() == settings::OnError::Error {
                     e.raise();
                 }
                 e.warn();
@@ -515,14 +525,14 @@ pub fn pre_commit(prepare: bool) -> bool {
 /// [`crate::worker::wake::on_commit`]).
 pub fn on_commit() {
     WROTE.set(false);
-    STRICT.set(false);
+    STRICT.set(None);
     EARLY.with_borrow_mut(|e| e.clear());
     EARLY_RANGES.with_borrow_mut(|r| r.clear());
 }
 
 /// Abort (or PREPARE, whose rows the worker will see if it commits).
 pub fn forget() {
-    STRICT.set(false);
+    STRICT.set(None);
     QUEUED.with_borrow_mut(|p| p.clear());
     EARLY.with_borrow_mut(|e| e.clear());
     EARLY_RANGES.with_borrow_mut(|r| r.clear());
