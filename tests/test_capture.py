@@ -718,7 +718,9 @@ def test_a_failure_in_decoding_lets_go_of_the_slot_and_decodes_in_a_fresh_proces
         s.execute("INSERT INTO f_t VALUES (2)")
         assert wait_until(lambda: logged('its publication "f_pub" does not exist (dropped?)'), 15)
         assert not slot_active()
-        # Said in emit.captures too, with when it tries again.
+        # Said in emit.captures too (recorded just after the WARNING), with
+        # when it tries again.
+        assert wait_until(lambda: s.one("SELECT last_error FROM emit.captures WHERE name = 'f'"), 10)
         last_error, waits = s.execute("SELECT last_error, retry_at > now() FROM emit.captures "
                                       "WHERE name = 'f'").fetchone()
         assert "does not exist (dropped?)" in last_error and waits

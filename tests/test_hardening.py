@@ -395,7 +395,12 @@ def test_a_database_owner_cannot_change_the_worker_s_plans(hard):
                     "WHERE schemaname = 'emit' AND relname = 'outbox'").fetchone()
             # The worker reports its statistics after each transaction.
             assert wait_until(lambda: scans()[1] > 0, 10), scans()
-            assert scans()[0] == 0, scans()
+            # CREATE EXTENSION's index builds each count as a scan of the
+            # table, reported whenever that session flushes its statistics;
+            # the worker's 200 deliveries would add many more.
+            builds = c.execute("SELECT count(*) FROM pg_catalog.pg_index "
+                               "WHERE indrelid = 'emit.outbox'::pg_catalog.regclass").fetchone()[0]
+            assert scans()[0] <= builds, scans()
     finally:
         rx.close()
         with admin(hard, "postgres") as c:
