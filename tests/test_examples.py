@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from conftest import docs_block
+from pgcluster import wait_until
 from receivers import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -208,22 +209,23 @@ def test_docs_nats_consumer_reads_and_acks(db, table, tmp_path):
             assert [line.split(" ", 1)[0] for line in lines] == [
                 f"evt_{e['stream']}_{e['id']}" for e in printed_events(lines)]
             assert [e["new"]["id"] for e in printed_events(lines)] == [1, 2]
+            # It acknowledges what it printed (just after printing it): its
+            # durable consumer soon has nothing pending.
+            import asyncio
+
+            import nats
+
+            async def pending():
+                nc = await nats.connect(f"nats://127.0.0.1:{server.port}")
+                try:
+                    info = await nc.jetstream().consumer_info("ORDERS", "reader")
+                    return info.num_pending, info.num_ack_pending
+                finally:
+                    await nc.close()
+            assert wait_until(lambda: asyncio.run(pending()) == (0, 0), 10), asyncio.run(pending())
         finally:
             proc.kill()
             proc.wait()
-        # It acknowledged what it printed: its durable consumer has nothing pending.
-        import asyncio
-
-        import nats
-
-        async def pending():
-            nc = await nats.connect(f"nats://127.0.0.1:{server.port}")
-            try:
-                info = await nc.jetstream().consumer_info("ORDERS", "reader")
-                return info.num_pending, info.num_ack_pending
-            finally:
-                await nc.close()
-        assert asyncio.run(pending()) == (0, 0)
     finally:
         server.close()
 
