@@ -235,8 +235,7 @@ fn key_columns(relid: pg_sys::Oid, which: Index) -> Vec<KeyColumn> {
     let index = match which {
         Index::Primary => "i.indisprimary",
         Index::Identity => {
-            "((r.relreplident OPERATOR(pg_catalog.=) 'd' AND i.indisprimary) \
-               OR (r.relreplident OPERATOR(pg_catalog.=) 'i' AND i.indisreplident))"
+            "((r.relreplident = 'd' AND i.indisprimary) OR (r.relreplident = 'i' AND i.indisreplident))"
         }
     };
     Spi::connect(|c| {
@@ -245,7 +244,7 @@ fn key_columns(relid: pg_sys::Oid, which: Index) -> Vec<KeyColumn> {
                 "SELECT a.attname::pg_catalog.text, a.atttypid, a.atttypmod, t.typbyval, t.typlen, \
                         pg_catalog.array_position(i.indkey::pg_catalog.int2[], a.attnum) \
                    FROM pg_catalog.pg_index i \
-                   JOIN pg_catalog.pg_class r ON r.oid OPERATOR(pg_catalog.=) i.indrelid \
+                   JOIN pg_catalog.pg_class r ON r.oid = i.indrelid \
                    JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid \
                     AND a.attnum OPERATOR(pg_catalog.=) ANY (i.indkey::pg_catalog.int2[]) \
                    JOIN pg_catalog.pg_type t ON t.oid = a.atttypid \
