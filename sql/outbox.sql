@@ -61,7 +61,11 @@ CREATE TABLE emit.outbox (
     -- (0.3) The stream its ids were given in (NULL: the destination's
     -- current one). A restored copy or a promoted standby numbers new
     -- events in a new stream, and sends these again as they were.
-    stream          uuid
+    stream          uuid,
+    -- (0.3) Each event's key as text, for destinations that carry it
+    -- (Kafka's record_key "columns": a row's key columns as JSON); NULL
+    -- for an event without one, and for the whole row: none has one.
+    record_keys     text[]
 );
 CREATE INDEX outbox_queue ON emit.outbox (destination, tx_seq, part);
 CREATE INDEX outbox_unsequenced ON emit.outbox (tx) WHERE tx_seq IS NULL;

@@ -29,6 +29,8 @@ ALTER TABLE emit.outbox ADD COLUMN acked integer[];
 -- Numbered events keep the stream they were numbered in, also when a copy
 -- of the database starts a new one.
 ALTER TABLE emit.outbox ADD COLUMN stream uuid;
+-- Kafka's record_key "columns": each event's key as text.
+ALTER TABLE emit.outbox ADD COLUMN record_keys text[];
 ALTER TABLE emit.worker ADD COLUMN live_connections integer,
                         ADD COLUMN live_subscribers integer,
                         ADD COLUMN live_dropped bigint;

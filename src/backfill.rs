@@ -20,6 +20,7 @@ use crate::event::{self, Event, Kind, Op};
 use crate::made::Made;
 use crate::stored::{self, Resolved};
 use pg_emit_core::options::{Delivery, Format, OptionError};
+use pg_emit_core::schedule::Key;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use pgrx::PgMemoryContexts;
@@ -154,8 +155,19 @@ pub fn backfill(func: &'static str, relid: pg_sys::Oid, dest: &str, format: Opti
         .iter()
         .map(|k| format!("t.{}", quote(&k.name)))
         .collect();
+    // Kafka's `record_key: "columns"`: the key columns as JSON, made as a
+    // trigger makes them (row_to_json of just them), byte for byte, so
+    // that a row's later changes land in the READ event's partition.
+    let texts = target.target.record_keys() && !identity.is_empty();
+    let text_sql = match texts {
+        true => format!(
+            ", (SELECT pg_catalog.row_to_json(k.*) FROM (SELECT {}) k)::pg_catalog.text",
+            columns.join(", ")
+        ),
+        false => String::new(),
+    };
     let sql = format!(
-        "SELECT pg_catalog.row_to_json(t.*)::pg_catalog.text{} FROM {}.{} t ORDER BY {}",
+        "SELECT pg_catalog.row_to_json(t.*)::pg_catalog.text{}{text_sql} FROM {}.{} t ORDER BY {}",
         columns
             .iter()
             .map(|c| format!(", {c}::pg_catalog.text"))
@@ -202,12 +214,25 @@ pub fn backfill(func: &'static str, relid: pg_sys::Oid, dest: &str, format: Opti
                     .collect::<Result<_, _>>()?;
                 // SAFETY: the key's values are made and hashed in the
                 // batch's context, reset after the batch.
-                let key = (!identity.is_empty())
+                let order = (!identity.is_empty())
                     .then(|| unsafe { batch.switch_to(|_| key_of(relid, &identity, &values)) });
+                let text = match texts {
+                    true => r.get::<&str>(identity.len() + 2)?,
+                    false => None,
+                };
+                let text = text.map(|t| encoding::to_utf8(t.as_bytes(), &what));
+                let text = text
+                    .as_deref()
+                    .map(|t| std::str::from_utf8(t).unwrap_or_default());
                 buf.clear();
                 let row = encoding::to_utf8(json, &what);
                 event::write_event(&mut buf, format, &ev, Some(&row), None, true);
-                outbox::queue(&target.target, Kind::event(format), &buf, key);
+                outbox::queue(
+                    &target.target,
+                    Kind::event(format),
+                    &buf,
+                    Key { order, text },
+                );
                 count += 1;
             }
             // SAFETY: nothing made in it outlives the batch.

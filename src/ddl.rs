@@ -21,6 +21,7 @@ use crate::privileged::as_emit_owner;
 use crate::stored;
 use pg_emit_core::event::{write_ddl, Kind};
 use pg_emit_core::options::{Delivery, Format};
+use pg_emit_core::schedule::Key;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use std::ffi::CStr;
@@ -226,13 +227,13 @@ fn hand_over(route: &str, target: &Destination, format: Format, mode: Delivery, 
             // Events this statement's triggers hold for the same kept-open
             // connection go first.
             sync::flush_all();
-            sync::try_send(target, kind, &buf, None, &interrupts::Statement)
+            sync::try_send(target, kind, &buf, Key::default(), &interrupts::Statement)
                 .err()
                 .map(|f| f.into_error(context(), &target.name()))
         }
-        Delivery::Commit => commit::try_hold(&context, target, kind, &buf, None).err(),
+        Delivery::Commit => commit::try_hold(&context, target, kind, &buf, Key::default()).err(),
         Delivery::Async => {
-            outbox::queue(target, kind, &buf, None);
+            outbox::queue(target, kind, &buf, Key::default());
             None
         }
     };

@@ -9,6 +9,7 @@ use crate::options::{self, Delivery, Format, Framing, OptionError};
 use crate::settings;
 use crate::stored;
 use pg_emit_core::http_target::{self, UrlError};
+use pg_emit_core::schedule::Key;
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 use pgrx::{FromDatum, PgLogLevel, PgSqlErrorCode};
@@ -47,7 +48,7 @@ fn send_socket(msg: &str, host: &str, port: i32) -> i32 {
         &target,
         Kind::message(Format::Json),
         msg.as_bytes(),
-        None,
+        Key::default(),
         &interrupts::Statement,
     ) {
         Ok(()) => 1,
@@ -79,7 +80,7 @@ fn send_message(
     const FUNC: &str = "send_message";
     let (dest, msg) = (dest?, msg?);
     // No key: ordered against every other event of the destination.
-    let key = key.map(|k| pg_emit_core::schedule::key_hash([Some(k.as_bytes())]));
+    let order = key.map(|k| pg_emit_core::schedule::key_hash([Some(k.as_bytes())]));
     let mode = match delivery.map(str::to_ascii_lowercase).as_deref() {
         Some("sync") => Delivery::Sync,
         Some("commit") => Delivery::Commit,
@@ -96,6 +97,11 @@ fn send_message(
     };
     let resolved = stored::resolve(FUNC, dest);
     let target = &resolved.target;
+    // Kafka's `record_key: "columns"` keys the record by the key as given.
+    let key = Key {
+        order,
+        text: key.filter(|_| target.record_keys()),
+    };
     let mode = crate::delivery::for_target(&|| FUNC.to_string(), target, mode);
     let format = resolved.format.unwrap_or_default();
     let one_line = mode == Delivery::Async || target.coalesces() || format.is_cloudevents();
@@ -141,7 +147,7 @@ fn hand_over(
     kind: Kind,
     mode: Delivery,
     mut buf: Vec<u8>,
-    key: Option<i64>,
+    key: Key<'_>,
 ) -> bool {
     check_size(func, buf.len());
     if target.coalesces() && mode != Delivery::Async {

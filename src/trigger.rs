@@ -14,6 +14,7 @@ use crate::options::{self, Columns, Delivery, Format, OptionError, Options, Unch
 use crate::settings;
 use crate::stored::{self, Resolved};
 use pg_emit_core::destination;
+use pg_emit_core::schedule::Key;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use pgrx::PgMemoryContexts;
@@ -576,16 +577,33 @@ fn fire(td: &pg_sys::TriggerData, func: Func) -> pg_sys::Datum {
     // The ordering key of async events and of sinks that route by it
     // (Kafka's partitions): the trigger's key columns, else the row's
     // replica identity (its primary key unless the table says otherwise),
-    // before an UPDATE.
+    // before an UPDATE. Kafka's `record_key: "columns"` also takes those
+    // columns' values as JSON, as Debezium keys records.
     let keyed = mode == Delivery::Async || target.keyed();
-    let key = match op {
+    let (order, text) = match op {
         Op::Insert | Op::Update | Op::Delete if row_level && keyed => {
             let cols = key_columns(&firing, &plan);
             // SAFETY: the firing's own relation and tuple.
-            unsafe { row_key(td.tg_relation, td.tg_trigtuple, cols.as_deref()) }
+            unsafe {
+                let rel = td.tg_relation;
+                match key_attnums(rel, cols.as_deref()) {
+                    None => (None, None),
+                    Some(attnums) => (
+                        Some(row_key(rel, td.tg_trigtuple, &attnums)),
+                        target
+                            .record_keys()
+                            .then(|| key_json(rel, td.tg_trigtuple, &attnums)),
+                    ),
+                }
+            }
         }
-        _ => None,
+        _ => (None, None),
     };
+    let text = text.map(|b| encoding::to_utf8(b, &|| format!("a key for {}", firing.describe())));
+    let text = text
+        .as_deref()
+        .map(|t| std::str::from_utf8(t).unwrap_or_default());
+    let key = Key { order, text };
     let what = || format!("a row for {}", firing.describe());
     let new = new.map(|b| encoding::to_utf8(b, &what));
     let old = old.map(|b| encoding::to_utf8(b, &what));
@@ -626,40 +644,74 @@ fn fire(td: &pg_sys::TriggerData, func: Func) -> pg_sys::Datum {
     handed_back
 }
 
-/// A row's ordering key: its replica identity columns (the primary key by
-/// default) hashed with the table's oid; `None` for a table without one
-/// (its events are then ordered against every other event).
+/// The columns that key a row: `columns` (the trigger's `key=`), else its
+/// replica identity's (the primary key by default); `None` for a table
+/// without one (its events are then ordered against every other event).
 ///
 /// # Safety
-/// `rel` and `tuple` must belong to the firing.
-unsafe fn row_key(
+/// `rel` must be open.
+unsafe fn key_attnums(rel: pg_sys::Relation, columns: Option<&[i32]>) -> Option<Vec<i32>> {
+    if let Some(c) = columns {
+        return Some(c.to_vec());
+    }
+    let cols = pg_sys::RelationGetIndexAttrBitmap(
+        rel,
+        pg_sys::IndexAttrBitmapKind::INDEX_ATTR_BITMAP_IDENTITY_KEY,
+    );
+    if cols.is_null() {
+        return None;
+    }
+    let mut out = Vec::new();
+    let mut member = -1;
+    loop {
+        member = pg_sys::bms_next_member(cols, member);
+        if member < 0 {
+            break;
+        }
+        out.push(member + pg_sys::FirstLowInvalidHeapAttributeNumber);
+    }
+    pg_sys::bms_free(cols);
+    Some(out)
+}
+
+/// A row's key columns as a JSON object (`row_to_json` of just them, in
+/// the order of `attnums`): Debezium's record key with schemas off.
+///
+/// # Safety
+/// `rel` and `tuple` must belong to the firing; `attnums` are its columns.
+unsafe fn key_json<'a>(
     rel: pg_sys::Relation,
     tuple: pg_sys::HeapTuple,
-    columns: Option<&[i32]>,
-) -> Option<i64> {
-    let attnums: Vec<i32> = match columns {
-        Some(c) => c.to_vec(),
-        None => {
-            let cols = pg_sys::RelationGetIndexAttrBitmap(
-                rel,
-                pg_sys::IndexAttrBitmapKind::INDEX_ATTR_BITMAP_IDENTITY_KEY,
-            );
-            if cols.is_null() {
-                return None;
-            }
-            let mut out = Vec::new();
-            let mut member = -1;
-            loop {
-                member = pg_sys::bms_next_member(cols, member);
-                if member < 0 {
-                    break;
-                }
-                out.push(member + pg_sys::FirstLowInvalidHeapAttributeNumber);
-            }
-            pg_sys::bms_free(cols);
-            out
-        }
-    };
+    attnums: &[i32],
+) -> &'a [u8] {
+    let desc = (*rel).rd_att;
+    let sub = pg_sys::CreateTemplateTupleDesc(attnums.len() as std::ffi::c_int);
+    for (i, &attnum) in attnums.iter().enumerate() {
+        pg_sys::TupleDescCopyEntry(
+            sub,
+            (i + 1) as pg_sys::AttrNumber,
+            desc,
+            attnum as pg_sys::AttrNumber,
+        );
+    }
+    let sub = pg_sys::BlessTupleDesc(sub);
+    let (mut values, mut nulls): (Vec<pg_sys::Datum>, Vec<bool>) = attnums
+        .iter()
+        .map(|&n| {
+            let mut isnull = false;
+            let v = pg_sys::heap_getattr(tuple, n, desc, &mut isnull);
+            (v, isnull)
+        })
+        .unzip();
+    values_json(sub, &mut values, &mut nulls)
+}
+
+/// A row's ordering key: its key columns' values hashed with the table's
+/// oid.
+///
+/// # Safety
+/// `rel` and `tuple` must belong to the firing; `attnums` are its columns.
+unsafe fn row_key(rel: pg_sys::Relation, tuple: pg_sys::HeapTuple, attnums: &[i32]) -> i64 {
     let desc = (*rel).rd_att;
     // pgrx's accessor: PostgreSQL 18 moved the attributes behind compact
     // ones, so the array is not reached directly.
@@ -667,15 +719,13 @@ unsafe fn row_key(
     let mut parts: Vec<Option<Cow<'_, [u8]>>> = vec![Some(Cow::Owned(
         (*rel).rd_id.to_u32().to_le_bytes().to_vec(),
     ))];
-    for attnum in attnums {
+    for &attnum in attnums {
         let mut isnull = false;
         let datum = pg_sys::heap_getattr(tuple, attnum, desc, &mut isnull);
         let att = atts.get((attnum - 1) as usize).filter(|_| !isnull);
         parts.push(att.map(|att| datum_bytes(datum, att)));
     }
-    Some(pg_emit_core::schedule::key_hash(
-        parts.iter().map(|p| p.as_deref()),
-    ))
+    pg_emit_core::schedule::key_hash(parts.iter().map(|p| p.as_deref()))
 }
 
 /// The attribute numbers of the trigger's `key=` columns, looked up once
@@ -757,7 +807,7 @@ fn send(
     format: Format,
     mode: Delivery,
     buf: &mut Vec<u8>,
-    key: Option<i64>,
+    key: Key<'_>,
 ) {
     if target.coalesces() && mode != Delivery::Async {
         buf.push(b'\n');
@@ -895,7 +945,7 @@ fn fire_statement(
             let row_len = new.as_ref().map_or(4, Vec::len) + old.as_ref().map_or(4, Vec::len);
             if in_message > 0 && buf.len() + row_len > cap {
                 event::end_batch(&mut buf, format);
-                send(firing, target, format, mode, &mut buf, None);
+                send(firing, target, format, mode, &mut buf, Key::default());
                 buf.clear();
                 in_message = 0;
                 // Each message is an event of its own, with its own id.
@@ -920,7 +970,7 @@ fn fire_statement(
         }
         if in_message > 0 {
             event::end_batch(&mut buf, format);
-            send(firing, target, format, mode, &mut buf, None);
+            send(firing, target, format, mode, &mut buf, Key::default());
         }
         for (_, _, slot) in new_r.iter().chain(old_r.iter()) {
             pg_sys::ExecDropSingleTupleTableSlot(*slot);

@@ -742,6 +742,62 @@ def test_a_failure_in_decoding_lets_go_of_the_slot_and_decodes_in_a_fresh_proces
         log.close()
 
 
+def test_kafka_record_keys_are_the_same_from_a_backfill_a_trigger_and_capture(s):
+    """record_key "columns" (Debezium's record key, schemas off): a row's
+    key columns as JSON, byte for byte the same whichever made the event,
+    so that a row's events share a partition, the one Java's partitioner
+    gives the key; a message is keyed by its key as given."""
+    from receivers import KafkaServer
+
+    from test_kafka import java_partitions
+
+    k = KafkaServer()
+    try:
+        k.create_topic("keyed")
+        s.execute("SELECT emit.create_destination('keyed', %s, %s)",
+                  (f"kafka://127.0.0.1:{k.port}/keyed",
+                   json.dumps({"record_key": "columns", "format": "debezium"})))
+        s.execute("CREATE TABLE k_rows (v int, tenant text, id int, PRIMARY KEY (id, tenant))")
+        s.execute("INSERT INTO k_rows VALUES (0, 'a', 1), (0, 'b', 2)")
+        assert s.one("SELECT emit.backfill('k_rows', 'keyed')") == 2
+        s.execute("CREATE TRIGGER out AFTER INSERT OR UPDATE OR DELETE ON k_rows FOR EACH ROW "
+                  "EXECUTE FUNCTION row_to_destination('keyed', 'delivery=async')")
+        s.execute("UPDATE k_rows SET v = 1")
+        s.execute("DELETE FROM k_rows WHERE id = 2")
+        s.execute("CREATE TABLE k_captured (id bigint PRIMARY KEY, v int)")
+        s.execute("CREATE PUBLICATION k_pub FOR TABLE k_captured")
+        s.execute("SELECT emit.create_capture('keyed', 'keyed', 'k_pub')")
+        s.execute("INSERT INTO k_captured VALUES (10, 0)")
+        s.execute("UPDATE k_captured SET v = 1")
+        s.execute("DELETE FROM k_captured")
+        s.execute("SELECT send_message('keyed', '{\"n\": 1}', 'async', 'order-7')")
+        recs = sorted(k.records("keyed", 9), key=lambda r: (r["partition"], r["offset"]))
+        assert len(recs) == 9
+        by_key = {}
+        for r in recs:
+            v = r["value"]
+            by_key.setdefault(r["key"], []).append((r["partition"], v.get("op"), v.get("n")))
+        # The key columns in the table's order (as the replica identity
+        # lists them), as row_to_json writes them.
+        assert {k: [op for _, op, _ in seen] for k, seen in by_key.items()} == {
+            '{"tenant":"a","id":1}': ["r", "u"],
+            '{"tenant":"b","id":2}': ["r", "u", "d"],
+            '{"id":10}': ["c", "u", "d"],
+            "order-7": [None],
+        }
+        assert all(len({p for p, _, _ in seen}) == 1 for seen in by_key.values())
+        k.create_topic("java")
+        assert java_partitions(k, "java", list(by_key)) == {
+            key: seen[0][0] for key, seen in by_key.items()}
+    finally:
+        s.execute("SELECT emit.drop_capture(name) FROM emit.capture_definitions WHERE name = 'keyed'")
+        s.execute("DROP TABLE IF EXISTS k_rows, k_captured")
+        s.execute("DROP PUBLICATION IF EXISTS k_pub")
+        s.execute("SELECT emit.drop_destination(name) FROM emit.stored_destinations "
+                  "WHERE name = 'keyed'")
+        k.close()
+
+
 def test_wal_level_logical_is_required(db):
     with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState, match="wal_level = logical"):
         db.execute("SELECT emit.create_capture('x', 'tcp://127.0.0.1:9', 'p')")

@@ -137,6 +137,10 @@ def test_a_missing_topic_waits_and_says_why(db, table, server):
      "are for SASL, which security_protocol plaintext does not use"),
     ("emit.create_destination('x', 'kafka://127.0.0.1/a', "
      "'{\"format\": \"cloudevents\", \"cloudevents\": \"binary\"}')", "not http"),
+    ("emit.create_destination('x', 'kafka://127.0.0.1/a', '{\"record_key\": \"json\"}')",
+     'record_key "json" is not hash or columns'),
+    ("emit.create_destination('x', 'redis://127.0.0.1/a', '{\"record_key\": \"columns\"}')",
+     "record_key applies to kafka:// destinations only"),
 ])
 def test_bad_kafka_destinations(db, call, text):
     with pytest.raises(psycopg.errors.InvalidParameterValue) as e:
@@ -176,3 +180,30 @@ def test_the_next_bootstrap_broker_is_tried(db, table, server):
     db.execute(f"INSERT INTO {table} SELECT g, 'a' FROM generate_series(1, 20) g")
     assert sorted(r["value"]["new"]["id"] for r in server.records("orders", 20)) == list(range(1, 21))
     assert db.one("SELECT destination FROM emit.stats WHERE destination LIKE 'kafka://%%,%%'") == url
+
+
+@pytest.mark.parametrize("mode", ["sync", "commit", "async"])
+def test_record_key_columns_keys_records_by_the_triggers_key_columns(db, table, dest, server, mode):
+    """record_key "columns" with a trigger's key=: the record key is those
+    columns' values as JSON, in the order key= names them, whatever the
+    delivery mode; rows of one key share a partition, Java's for that key."""
+    db.execute("SELECT emit.create_destination(%s, %s, %s)",
+               (dest, f"kafka://127.0.0.1:{server.port}/orders", json.dumps({"record_key": "columns"})))
+    db.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, region text, shop int, v int)")
+    db.execute(f"CREATE TRIGGER out AFTER INSERT OR UPDATE ON {table} FOR EACH ROW EXECUTE FUNCTION "
+               f"row_to_destination('{dest}', 'delivery={mode}', 'key=shop,region')")
+    db.execute(f"INSERT INTO {table} SELECT g, CASE WHEN g % 2 = 0 THEN 'eu' ELSE 'us' END, g % 3, 0 "
+               "FROM generate_series(1, 12) g")
+    db.execute(f"UPDATE {table} SET v = 1")
+    recs = server.records("orders", 24)
+    assert len(recs) == 24
+    partitions = {}
+    for r in recs:
+        row = r["value"]["new"]
+        assert r["key"] == json.dumps({"shop": row["id"] % 3, "region": row["region"]},
+                                      separators=(",", ":"))
+        partitions.setdefault(r["key"], set()).add(r["partition"])
+    assert all(len(p) == 1 for p in partitions.values())
+    server.create_topic("java")
+    assert java_partitions(server, "java", list(partitions)) == {k: p.pop() for k, p in partitions.items()}
+    assert db.warnings() == []

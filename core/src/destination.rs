@@ -119,6 +119,12 @@ impl Destination {
         matches!(self.endpoint(), Destination::Broker(b) if b.keyed())
     }
 
+    /// Whether its events carry their key as text (see
+    /// [`crate::sink::Broker::record_keys`]).
+    pub fn record_keys(&self) -> bool {
+        matches!(self.endpoint(), Destination::Broker(b) if b.record_keys())
+    }
+
     /// Whether messages can share a write (kept-open ndjson connections).
     pub fn coalesces(&self) -> bool {
         matches!(
@@ -528,6 +534,10 @@ pub struct StoredOptions {
     /// Kafka: `none` (the default), `gzip`, `snappy`, `lz4`, `zstd`.
     #[serde(default)]
     pub compression: Option<String>,
+    /// Kafka: the record key, `hash` (the ordering key's 16 hex digits,
+    /// the default) or `columns` (a row's key columns as JSON).
+    #[serde(default)]
+    pub record_key: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -692,6 +702,7 @@ pub fn parse_stored(url: &str, options: &str) -> Result<Stored, OptionError> {
         ("security_protocol", opts.security_protocol.is_some()),
         ("sasl_mechanism", opts.sasl_mechanism.is_some()),
         ("compression", opts.compression.is_some()),
+        ("record_key", opts.record_key.is_some()),
     ];
     let https = matches!(&endpoint, Destination::Http { url, .. } if url.starts_with("https://"));
     for (name, _) in given.iter().filter(|(_, set)| *set) {
@@ -725,6 +736,7 @@ pub fn parse_stored(url: &str, options: &str) -> Result<Stored, OptionError> {
             security_protocol: opts.security_protocol.as_deref(),
             sasl_mechanism: opts.sasl_mechanism.as_deref(),
             compression: opts.compression.as_deref(),
+            record_key: opts.record_key.as_deref(),
             tls: crate::transport::tls::Options {
                 ca_file: opts.ca_file.clone(),
                 cert_file: opts.cert_file.clone(),

@@ -29,6 +29,10 @@ pub struct Row {
     /// Each event's ordering key (`None`: a barrier, see
     /// [`crate::schedule`]); `None` for the whole row: all barriers.
     pub keys: Option<Vec<Option<i64>>>,
+    /// Each event's key as text, for destinations that carry it (see
+    /// [`crate::sink::Broker::record_keys`]); `None` for the whole row:
+    /// no event has one.
+    pub record_keys: Option<Vec<Option<String>>>,
     /// Events past `sent` already delivered (ascending): they were sent
     /// while an earlier event of another key was failing, and are never
     /// sent again by parallel HTTP, which alone leaves such gaps.
@@ -405,6 +409,10 @@ pub fn send_job(conn: &mut Conn, job: &Job, intr: &dyn Interrupt) -> Outcome {
                             .keys
                             .as_ref()
                             .and_then(|ks| ks.get(pending[i][n].0).copied().flatten()),
+                        record_key: row
+                            .record_keys
+                            .as_ref()
+                            .and_then(|ks| ks.get(pending[i][n].0)?.as_deref()),
                         body: &buf[ends[n].clone()],
                         content_type,
                     })
@@ -1021,6 +1029,7 @@ mod tests {
             payload: payload.into(),
             kind: Kind::default(),
             keys: None,
+            record_keys: None,
             acked: Vec::new(),
         }
     }

@@ -9,6 +9,8 @@
 //! All messages share one byte arena: a million small events are two
 //! vectors, not a million allocations.
 
+use crate::schedule::Key;
+
 /// Held events for destinations of type `K`. Destinations are interned: a
 /// transaction usually talks to one or two, and events refer to them by
 /// index.
@@ -16,8 +18,7 @@
 pub struct Pending<K> {
     dests: Vec<K>,
     bytes: Vec<u8>,
-    /// (destination index, end offset in `bytes`, ordinal, ordering key).
-    events: Vec<(u32, usize, u64, Option<i64>)>,
+    events: Vec<Held>,
     /// (subtransaction id, events.len(), bytes.len()) at its start.
     marks: Vec<(u32, usize, usize)>,
     /// The ordinal of the next event: its place among all events of the
@@ -35,6 +36,17 @@ impl<K> Default for Pending<K> {
             next_ordinal: 0,
         }
     }
+}
+
+/// One held event; its message ends at `end` in the arena.
+#[derive(Debug)]
+struct Held {
+    dest: u32,
+    end: usize,
+    ordinal: u64,
+    key: Option<i64>,
+    /// [`Key::text`]: rare (destinations that ask for it), so allocated.
+    text: Option<Box<str>>,
 }
 
 /// Held events exceed the limit; nothing was added.
@@ -58,30 +70,19 @@ impl<K: PartialEq + Clone> Pending<K> {
 
     /// Adds one message for `dest`, refusing to grow past `limit` bytes.
     pub fn push(&mut self, dest: &K, msg: &[u8], limit: usize) -> Result<(), Full> {
-        self.push_keyed(dest, msg, None, limit)
+        self.push_to(|d| d == dest, || dest.clone(), msg, Key::default(), limit)
     }
 
-    /// [`Pending::push`] with the message's ordering key (see
-    /// [`crate::schedule`]).
-    pub fn push_keyed(
-        &mut self,
-        dest: &K,
-        msg: &[u8],
-        key: Option<i64>,
-        limit: usize,
-    ) -> Result<(), Full> {
-        self.push_to(|d| d == dest, || dest.clone(), msg, key, limit)
-    }
-
-    /// [`Pending::push_keyed`] to the destination `is` recognises, made by
-    /// `make` only the first time: a destination is cloned once per
-    /// transaction, not once per event.
+    /// [`Pending::push`] with the message's key (see [`crate::schedule`]),
+    /// to the destination `is` recognises, made by `make` only the first
+    /// time: a destination is cloned once per transaction, not once per
+    /// event.
     pub fn push_to(
         &mut self,
         is: impl Fn(&K) -> bool,
         make: impl FnOnce() -> K,
         msg: &[u8],
-        key: Option<i64>,
+        key: Key<'_>,
         limit: usize,
     ) -> Result<(), Full> {
         if self.bytes.len() + msg.len() > limit {
@@ -95,8 +96,13 @@ impl<K: PartialEq + Clone> Pending<K> {
             }
         } as u32;
         self.bytes.extend_from_slice(msg);
-        self.events
-            .push((idx, self.bytes.len(), self.next_ordinal, key));
+        self.events.push(Held {
+            dest: idx,
+            end: self.bytes.len(),
+            ordinal: self.next_ordinal,
+            key: key.order,
+            text: key.text.map(Box::from),
+        });
         self.next_ordinal += 1;
         Ok(())
     }
@@ -168,29 +174,31 @@ impl<K: PartialEq + Clone> Pending<K> {
         }
     }
 
-    /// Events in order, each with its destination.
-    pub fn iter(&self) -> impl Iterator<Item = (&K, &[u8], Option<i64>)> {
+    /// Events in order, each with its destination and key.
+    pub fn iter(&self) -> impl Iterator<Item = (&K, &[u8], Key<'_>)> {
         self.iter_from(0).map(|(d, m, _, k)| (d, m, k))
     }
 
     /// The current level's events in order, each with its destination,
-    /// ordinal and ordering key.
-    pub fn current_level(&self) -> impl Iterator<Item = (&K, &[u8], u64, Option<i64>)> {
+    /// ordinal and key.
+    pub fn current_level(&self) -> impl Iterator<Item = (&K, &[u8], u64, Key<'_>)> {
         self.iter_from(self.marks.last().map_or(0, |&(_, e, _)| e))
     }
 
-    fn iter_from(&self, first: usize) -> impl Iterator<Item = (&K, &[u8], u64, Option<i64>)> {
+    fn iter_from(&self, first: usize) -> impl Iterator<Item = (&K, &[u8], u64, Key<'_>)> {
         let mut start = match first {
             0 => 0,
-            i => self.events[i - 1].1,
+            i => self.events[i - 1].end,
         };
-        self.events[first..]
-            .iter()
-            .map(move |&(d, end, ordinal, key)| {
-                let msg = &self.bytes[start..end];
-                start = end;
-                (&self.dests[d as usize], msg, ordinal, key)
-            })
+        self.events[first..].iter().map(move |h| {
+            let msg = &self.bytes[start..h.end];
+            start = h.end;
+            let key = Key {
+                order: h.key,
+                text: h.text.as_deref(),
+            };
+            (&self.dests[h.dest as usize], msg, h.ordinal, key)
+        })
     }
 }
 
@@ -294,6 +302,40 @@ mod tests {
         p.commit_sub(2);
         let all: Vec<_> = p.iter_from(0).map(|(_, m, o, _)| (m.to_vec(), o)).collect();
         assert_eq!(all, [(b"outer".to_vec(), 0), (b"in3".to_vec(), 3)]);
+    }
+
+    #[test]
+    fn keys_stay_with_their_events() {
+        let mut p = Pending::default();
+        let key = |order, text| Key { order, text };
+        p.push_to(
+            |d| *d == "a",
+            || "a",
+            b"1",
+            key(Some(1), Some("{\"id\":1}")),
+            100,
+        )
+        .unwrap();
+        p.start_sub(2);
+        p.push_to(
+            |d| *d == "a",
+            || "a",
+            b"2",
+            key(Some(2), Some("{\"id\":2}")),
+            100,
+        )
+        .unwrap();
+        p.abort_sub(2);
+        p.push_to(|d| *d == "a", || "a", b"3", key(None, None), 100)
+            .unwrap();
+        let got: Vec<_> = p.iter().map(|(_, m, k)| (m.to_vec(), k)).collect();
+        assert_eq!(
+            got,
+            [
+                (b"1".to_vec(), key(Some(1), Some("{\"id\":1}"))),
+                (b"3".to_vec(), key(None, None))
+            ]
+        );
     }
 
     #[test]

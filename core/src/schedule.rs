@@ -46,6 +46,23 @@ impl Flow {
 /// to be polite to one that is small.
 pub const DEFAULT_CONCURRENCY: usize = 32;
 
+/// An event's key, from where it is made to its sink.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Key<'a> {
+    /// Its ordering key ([`key_hash`]); `None`: a barrier.
+    pub order: Option<i64>,
+    /// The key as text, for destinations that carry it
+    /// ([`crate::sink::Broker::record_keys`]).
+    pub text: Option<&'a str>,
+}
+
+impl Key<'_> {
+    /// Just an ordering key.
+    pub fn order(order: Option<i64>) -> Self {
+        Key { order, text: None }
+    }
+}
+
 /// An ordering key from its parts (a table's oid, then each key column's
 /// bytes, `None` for NULL): FNV-1a, whose values stay the same across Rust
 /// releases and builds. Equal keys give equal hashes; a collision only

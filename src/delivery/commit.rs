@@ -13,6 +13,7 @@ use crate::error::EmitError;
 use crate::interrupts;
 use crate::settings;
 use pg_emit_core::event::Kind;
+use pg_emit_core::schedule::Key;
 use std::cell::RefCell;
 
 thread_local! {
@@ -21,13 +22,13 @@ thread_local! {
 }
 
 /// Holds one event of `format` (newline-terminated for ndjson), with its
-/// ordering key (for Kafka's partitions), until commit.
+/// key (for Kafka's records and partitions), until commit.
 pub fn hold(
     context: &dyn Fn() -> String,
     target: &Destination,
     kind: Kind,
     msg: &[u8],
-    key: Option<i64>,
+    key: Key<'_>,
 ) {
     if let Err(e) = try_hold(context, target, kind, msg, key) {
         e.raise()
@@ -40,7 +41,7 @@ pub fn try_hold(
     target: &Destination,
     kind: Kind,
     msg: &[u8],
-    key: Option<i64>,
+    key: Key<'_>,
 ) -> Result<(), EmitError> {
     // Sent after the commit, where no wait event can be made.
     crate::interrupts::make_wait_events();

@@ -18,6 +18,7 @@ use crate::privileged::{as_emit_owner, schema, Schema};
 use crate::settings;
 use pg_emit_core::event::Kind;
 use pg_emit_core::options::Format;
+use pg_emit_core::schedule::Key;
 use pgrx::datum::DatumWithOid;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
@@ -39,6 +40,8 @@ struct Chunk {
     payload: Vec<u8>,
     /// Each event's ordering key (see pg_emit_core::schedule).
     keys: Vec<Option<i64>>,
+    /// Each event's key as text (see [`Key::text`]).
+    texts: Vec<Option<String>>,
 }
 
 thread_local! {
@@ -83,7 +86,7 @@ enum Seq {
 /// pass [`FLUSH_BYTES`]: rows written inside a subtransaction are rolled
 /// back with it, so memory stays bounded however much a transaction queues,
 /// at any nesting (see also [`pre_commit_sub`]).
-pub fn queue(target: &Destination, kind: Kind, event: &[u8], key: Option<i64>) {
+pub fn queue(target: &Destination, kind: Kind, event: &[u8], key: Key<'_>) {
     let full = QUEUED.with_borrow_mut(|p| {
         p.push_to(
             |(t, k)| *k == kind && t == target,
@@ -181,6 +184,7 @@ fn chunks(p: &Pending<(Destination, Kind)>, early: &[(u64, u64)]) -> Vec<Chunk> 
                     last: ordinal,
                     payload: Vec::new(),
                     keys: Vec::new(),
+                    texts: Vec::new(),
                 });
                 match slot {
                     Some(i) => open[i].1 = out.len() - 1,
@@ -194,7 +198,8 @@ fn chunks(p: &Pending<(Destination, Kind)>, early: &[(u64, u64)]) -> Vec<Chunk> 
             c.payload.push(b'\n');
         }
         c.payload.extend_from_slice(event);
-        c.keys.push(key);
+        c.keys.push(key.order);
+        c.texts.push(key.text.map(str::to_string));
         c.events += 1;
         c.last = ordinal;
     }
@@ -270,6 +275,7 @@ fn write_level(seq: Seq) -> Option<Seq> {
             first,
             payload,
             keys,
+            texts,
             ..
         } in &rows
         {
@@ -315,8 +321,13 @@ fn write_level(seq: Seq) -> Option<Seq> {
                 Seq::Known(n) => Some(n),
                 _ => None,
             };
-            // No keys at all (every event a barrier) is stored as NULL.
+            // No keys at all (every event a barrier) is stored as NULL,
+            // as are no texts.
             let keys = keys.iter().any(Option::is_some).then(|| keys.clone());
+            let texts = texts.iter().any(Option::is_some).then(|| texts.clone());
+            if texts.is_some() && schema() != Schema::Current {
+                EmitError::NeedsUpdate("record_key".into()).raise();
+            }
             args.extend([
                 known.into(),
                 matches!(seq, Seq::Draw).into(),
@@ -325,7 +336,12 @@ fn write_level(seq: Seq) -> Option<Seq> {
                 keys.into(),
                 kind.name().into(),
             ]);
-            let (id, drawn) = crate::plans::update(client, insert_sql(utf8_db), &args)?
+            let with_texts = texts.is_some();
+            if with_texts {
+                args.push(texts.into());
+            }
+            let sql = insert_sql(utf8_db, with_texts);
+            let (id, drawn) = crate::plans::update(client, sql, &args)?
                 .first()
                 .get_two::<i64, i64>()?;
             ids.extend(id);
@@ -354,21 +370,37 @@ fn write_level(seq: Seq) -> Option<Seq> {
 /// One outbox row; `$10` draws the commit-order number instead of taking
 /// `$9`, so a one-row commit is one statement, planned once per backend
 /// (see [`crate::plans`]).
-fn insert_sql(utf8_db: bool) -> &'static str {
-    if utf8_db {
-        "INSERT INTO emit.outbox (destination, host, port, framing, url, headers, events, payload, \
-                                  tx_seq, part, tx, keys, format) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, \
-                 CASE WHEN $10 THEN pg_catalog.nextval('emit.tx_seq'::pg_catalog.regclass) \
-                      ELSE $9 END, $11, $12, $13, $14) \
-         RETURNING id, tx_seq"
-    } else {
-        "INSERT INTO emit.outbox (destination, host, port, framing, url, headers, events, payload, \
-                                  tx_seq, part, tx, keys, format) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, pg_catalog.convert_from($8::pg_catalog.bytea, 'UTF8'), \
-                 CASE WHEN $10 THEN pg_catalog.nextval('emit.tx_seq'::pg_catalog.regclass) \
-                      ELSE $9 END, $11, $12, $13, $14) \
-         RETURNING id, tx_seq"
+/// (`texts`: with the events' keys as text, `$15`, which 0.2's outbox has
+/// no column for.)
+fn insert_sql(utf8_db: bool, texts: bool) -> &'static str {
+    macro_rules! insert {
+        ($payload:literal, $texts:literal, $value:literal) => {
+            concat!(
+                "INSERT INTO emit.outbox (destination, host, port, framing, url, headers, events, \
+                                          payload, tx_seq, part, tx, keys, format",
+                $texts,
+                ") VALUES ($1, $2, $3, $4, $5, $6, $7, ",
+                $payload,
+                ", CASE WHEN $10 THEN pg_catalog.nextval('emit.tx_seq'::pg_catalog.regclass) \
+                        ELSE $9 END, $11, $12, $13, $14",
+                $value,
+                ") RETURNING id, tx_seq"
+            )
+        };
+    }
+    match (utf8_db, texts) {
+        (true, false) => insert!("$8", "", ""),
+        (true, true) => insert!("$8", ", record_keys", ", $15"),
+        (false, false) => insert!(
+            "pg_catalog.convert_from($8::pg_catalog.bytea, 'UTF8')",
+            "",
+            ""
+        ),
+        (false, true) => insert!(
+            "pg_catalog.convert_from($8::pg_catalog.bytea, 'UTF8')",
+            ", record_keys",
+            ", $15"
+        ),
     }
 }
 

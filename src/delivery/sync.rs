@@ -21,6 +21,7 @@ use pg_emit_core::cloudevents;
 use pg_emit_core::destination::SignWith;
 use pg_emit_core::event::Kind;
 use pg_emit_core::options::Format;
+use pg_emit_core::schedule::Key;
 use pg_emit_core::sink::{self, Item};
 use std::cell::RefCell;
 use std::time::Instant;
@@ -158,14 +159,14 @@ impl Failure {
 }
 
 /// Sends `msg` (newline-terminated for ndjson, a whole body for HTTP), an
-/// event of `format` with ordering key `key` (Kafka partitions by it),
+/// event of `format` with key `key` (Kafka keys and partitions by it),
 /// through this backend's connections and cooldowns, without reporting. A
 /// response outside 2xx counts as a failure.
 pub fn try_send(
     target: &Destination,
     kind: Kind,
     msg: &[u8],
-    key: Option<i64>,
+    key: Key<'_>,
     intr: &dyn Interrupt,
 ) -> Result<(), Failure> {
     match target.endpoint() {
@@ -219,7 +220,8 @@ pub fn try_send(
             let id = event_id(kind, msg);
             let item = [Item {
                 id: &id,
-                key,
+                key: key.order,
+                record_key: key.text,
                 body: msg,
                 content_type: cloudevents::content_type(kind.format, false),
             }];
@@ -470,7 +472,7 @@ pub fn deliver(
     target: &Destination,
     format: Format,
     msg: &[u8],
-    key: Option<i64>,
+    key: Key<'_>,
 ) {
     if let Destination::Tcp {
         host,

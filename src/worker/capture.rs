@@ -31,6 +31,7 @@ use crate::settings;
 use crate::stored::{self, Resolved};
 use pg_emit_core::options::Format;
 use pg_emit_core::pgoutput::{self, Message, Relation, Value};
+use pg_emit_core::schedule::Key;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use pgrx::PgMemoryContexts;
@@ -835,7 +836,7 @@ fn queue_change(
             let mut n = 0;
             for relid in relids {
                 if let Some(t) = tables.get(&relid) {
-                    emit(def, t, txn, Op::Truncate, None, None, None);
+                    emit(def, t, txn, Op::Truncate, None, None, Key::default());
                     n += 1;
                 }
             }
@@ -856,7 +857,7 @@ fn queue_change(
         })
         && t.rel.columns.iter().any(|c| !c.key);
     let made = convert(t, new.as_deref(), old.as_deref(), key_only);
-    let (new_json, old_json, key) = match made {
+    let (new_json, old_json, key, text) = match made {
         Ok(made) => made,
         Err(e) => {
             // Sent all the same, in order: as text, and ordered against
@@ -871,6 +872,7 @@ fn queue_change(
                 new.as_deref().map(|v| text_row(t, v, false)),
                 old.as_deref().map(|v| text_row(t, v, key_only)),
                 None,
+                None,
             )
         }
     };
@@ -881,25 +883,35 @@ fn queue_change(
         op,
         new_json.as_deref(),
         old_json.as_deref(),
-        key,
+        Key {
+            order: key,
+            text: text.as_deref(),
+        },
     );
     1
 }
 
-/// The rows of a change as JSON, and its ordering key: made as the
+/// The rows of a change as JSON, its ordering key and, for a destination
+/// that carries it, its key columns as JSON (Kafka's `record_key`): made as the
 /// table's owner in a security-restricted operation, since input
 /// functions (a domain's CHECK) and casts to JSON may run code the owner
 /// wrote, which must not run as the worker. In a careful pass, in a
 /// subtransaction: an error is the change's, not the pass's.
-type Made3 = (Option<Vec<u8>>, Option<Vec<u8>>, Option<i64>);
+type Converted = (
+    Option<Vec<u8>>,
+    Option<Vec<u8>>,
+    Option<i64>,
+    Option<String>,
+);
 
 fn convert(
     t: &mut Table,
     new: Option<&[Value<'_>]>,
     old: Option<&[Value<'_>]>,
     key_only: bool,
-) -> Result<Made3, String> {
+) -> Result<Converted, String> {
     let owner = t.owner;
+    let texts = t.target.target.record_keys();
     let what = format!("a row of {}.{}", t.schema, t.table);
     let Some(typed) = t.typed.as_mut() else {
         return Err("its types could not be looked up".into());
@@ -914,8 +926,16 @@ fn convert(
                 old.map(|v| encoding::to_utf8(row(rel, typed, v, key_only), &what).into_owned());
             // The ordering key: the replica identity's values, before the
             // change when the WAL has them, as a trigger's key is.
-            let key = old.or(new).and_then(|v| key_of(rel, typed, v));
-            (new_json, old_json, key)
+            let keyed = old.or(new);
+            let key = keyed.and_then(|v| key_of(rel, typed, v));
+            let text = match keyed {
+                Some(v) if texts && key.is_some() => {
+                    let json = encoding::to_utf8(row(rel, typed, v, true), &what);
+                    Some(String::from_utf8_lossy(&json).into_owned())
+                }
+                _ => None,
+            };
+            (new_json, old_json, key, text)
         })
     })
 }
@@ -1083,7 +1103,7 @@ fn emit(
     op: Op,
     new: Option<&[u8]>,
     old: Option<&[u8]>,
-    key: Option<i64>,
+    key: Key<'_>,
 ) {
     let made = Made::captured(t.format, u64::from(txn.xid), txn.at, txn.commit_time);
     let ev = Event {

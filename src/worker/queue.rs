@@ -70,6 +70,7 @@ pub(super) fn claim(
                 payload: String::new(),
                 kind: Kind::default(),
                 keys: None,
+                record_keys: None,
                 acked: r
                     .get_by_name::<Vec<i32>, _>("acked")?
                     .unwrap_or_default()
@@ -391,6 +392,7 @@ fn read_payloads(
         let payload = String::from_utf8(payload)
             .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
         let keys = r.get_by_name::<Vec<Option<i64>>, _>("keys")?;
+        let texts = r.get_by_name::<Vec<Option<String>>, _>("record_keys")?;
         // Only this library writes the column; a name it does not know
         // (from a newer one, before a downgrade) gets 0.1.0's treatment.
         let kind = r
@@ -399,19 +401,19 @@ fn read_payloads(
             .unwrap_or_default();
         read.insert(
             r.get_by_name::<i64, _>("id")?.unwrap_or(0),
-            (payload, keys, kind),
+            (payload, keys, texts, kind),
         );
     }
     for row in rows.iter_mut() {
-        if let Some((payload, keys, kind)) = read.remove(&row.id) {
-            (row.payload, row.keys, row.kind) = (payload, keys, kind);
+        if let Some((payload, keys, texts, kind)) = read.remove(&row.id) {
+            (row.payload, row.keys, row.record_keys, row.kind) = (payload, keys, texts, kind);
         }
     }
     Ok(())
 }
 
 const PAYLOADS_SQL: &str = "
-SELECT id, pg_catalog.convert_to(payload, 'UTF8') AS payload, keys, format
+SELECT id, pg_catalog.convert_to(payload, 'UTF8') AS payload, keys, record_keys, format
   FROM emit.outbox WHERE id = ANY($1)";
 
 /// The head of a destination's queue, in commit order. LIMIT is in the SQL

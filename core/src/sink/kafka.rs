@@ -21,8 +21,11 @@
 //! and throttling fit the hand-written requests in a few hundred lines,
 //! each tested against librdkafka reading back what was produced.
 //!
-//! **Partitions.** A record's key is the event's ordering key (16 hex
-//! digits); its partition is `murmur2(key) mod partitions`, the Java
+//! **Keys and partitions.** A record's key is the event's ordering key
+//! (16 hex digits), or with `record_key: "columns"` the row's key columns
+//! as a JSON object (`{"id":5}`, as Debezium keys with schemas off:
+//! sinks that upsert by the record key need it) and a message's key as
+//! given. Its partition is `murmur2(key) mod partitions`, the Java
 //! client's default, so events of one row stay in one partition, in
 //! commit order. Events without a key (statement-level events, tables
 //! without a primary key) are spread as the Java client's sticky
@@ -60,6 +63,8 @@ pub struct Topic {
     pub sasl: Option<Credentials>,
     /// `compression`: how record batches are compressed.
     pub compression: Compression,
+    /// `record_key: "columns"`: records are keyed by [`Item::record_key`].
+    pub columns_key: bool,
 }
 
 /// The record batch codecs Kafka defines (the batch's attributes' low
@@ -132,6 +137,7 @@ impl Broker for Topic {
         "security_protocol",
         "sasl_mechanism",
         "compression",
+        "record_key",
         "username",
         "password",
         TLS_OPTIONS[0],
@@ -156,11 +162,16 @@ impl Broker for Topic {
             tls: None,
             sasl: None,
             compression: Compression::None,
+            columns_key: false,
         }))
     }
 
     fn tls_options(&self) -> Option<&tls::Options> {
         self.tls.as_ref()
+    }
+
+    fn record_keys(&self) -> bool {
+        self.columns_key
     }
 
     fn also(&mut self, servers: Vec<(String, Option<u16>)>) -> Result<(), String> {
@@ -187,6 +198,11 @@ impl Broker for Topic {
                 format!("compression {c:?} is not none, gzip, snappy, lz4 or zstd")
             })?;
         }
+        self.columns_key = match s.record_key {
+            None | Some("hash") => false,
+            Some("columns") => true,
+            Some(other) => return Err(format!("record_key {other:?} is not hash or columns")),
+        };
         let protocol = s.security_protocol.unwrap_or("plaintext");
         let (tls, sasl) = match protocol.to_ascii_lowercase().as_str() {
             "plaintext" => (false, false),
@@ -735,12 +751,13 @@ impl Conn {
         // chunk's the next partition (Kafka's sticky partitioner): spread
         // over the topic, each chunk's in order.
         let sticky = self.sticky % n;
+        let columns = self.opened_for.columns_key;
         if chunk.iter().any(|r| r.key.is_none()) {
             self.sticky = self.sticky.wrapping_add(1);
         }
         let partition_of: Vec<usize> = chunk
             .iter()
-            .map(|r| partition(r.key, n).unwrap_or(sticky))
+            .map(|r| partition(record_key(r, columns).as_deref(), n).unwrap_or(sticky))
             .collect();
         let mut by_partition: Vec<Vec<&Record<'_>>> = vec![Vec::new(); n];
         for (r, &p) in chunk.iter().zip(&partition_of) {
@@ -790,6 +807,7 @@ impl Conn {
                         sequence: self.sequences[p],
                     },
                     self.opened_for.compression,
+                    self.opened_for.columns_key,
                     now_ms,
                 )
                 .map_err(|e| (0, KafkaError::Send(SendError::Io(e))))?;
@@ -1025,8 +1043,8 @@ fn produce_results(
 /// The partition of a record with `key` among `n`: the Java client's
 /// default partitioner; `None` for a keyless record (see the sticky
 /// partition in `send_chunk`).
-fn partition(key: Option<i64>, n: usize) -> Option<usize> {
-    key.map(|k| (murmur2(key_bytes(k).as_bytes()) & 0x7fff_ffff) as usize % n)
+fn partition(key: Option<&[u8]>, n: usize) -> Option<usize> {
+    key.map(|k| (murmur2(k) & 0x7fff_ffff) as usize % n)
 }
 
 /// Where the chunk starting at `start` ends: at most [`CHUNK_RECORDS`]
@@ -1048,10 +1066,20 @@ fn chunk_end(records: &[Record<'_>], start: usize) -> usize {
 
 /// About what a record takes in a batch: value, key, headers, framing.
 fn encoded_size(r: &Record<'_>) -> usize {
-    r.body.len() + r.id.len() + r.content_type.len() + 16 + 40
+    r.body.len() + r.id.len() + r.content_type.len() + r.record_key.map_or(16, str::len) + 40
 }
 
-/// A record's key: the ordering key as 16 hex digits.
+/// A record's key: [`Item::record_key`] with `record_key: "columns"`
+/// (`columns`), else (and for events queued before that was set) the
+/// ordering key as 16 hex digits; `None` for an event without either.
+fn record_key<'a>(r: &Record<'a>, columns: bool) -> Option<std::borrow::Cow<'a, [u8]>> {
+    match r.record_key {
+        Some(k) if columns => Some(k.as_bytes().into()),
+        _ => r.key.map(|k| key_bytes(k).into_bytes().into()),
+    }
+}
+
+/// The ordering key as a record's key: 16 hex digits.
 fn key_bytes(key: i64) -> String {
     format!("{:016x}", key as u64)
 }
@@ -1070,6 +1098,7 @@ fn record_batch(
     records: &[&Record<'_>],
     producer: Producer,
     compression: Compression,
+    columns: bool,
     now_ms: i64,
 ) -> std::io::Result<()> {
     let start = out.len();
@@ -1094,8 +1123,8 @@ fn record_batch(
         rec.push(0); // attributes
         put_varint(&mut rec, 0); // timestamp_delta
         put_varint(&mut rec, delta as i64);
-        match r.key {
-            Some(k) => put_varbytes(&mut rec, key_bytes(k).as_bytes()),
+        match record_key(r, columns) {
+            Some(k) => put_varbytes(&mut rec, &k),
             None => put_varint(&mut rec, -1),
         }
         put_varbytes(&mut rec, r.body);
@@ -1378,11 +1407,80 @@ mod tests {
     fn keys_pick_partitions() {
         assert_eq!(partition(None, 7), None);
         for k in [0, 1, -1, i64::MAX, i64::MIN] {
-            assert!(partition(Some(k), 7).unwrap() < 7);
-            assert_eq!(partition(Some(k), 1), Some(0));
+            let key = key_bytes(k);
+            assert!(partition(Some(key.as_bytes()), 7).unwrap() < 7);
+            assert_eq!(partition(Some(key.as_bytes()), 1), Some(0));
         }
         assert_eq!(key_bytes(-1), "ffffffffffffffff");
         assert_eq!(key_bytes(10), "000000000000000a");
+        // The Java client's partition of these keys (murmur2, positive,
+        // modulo): a consumer keyed the same way finds the same partition.
+        assert_eq!(
+            partition(Some(b"{\"id\":1}"), 3),
+            Some((murmur2(b"{\"id\":1}") & 0x7fff_ffff) as usize % 3)
+        );
+    }
+
+    #[test]
+    fn records_are_keyed_by_columns_when_asked() {
+        let r = Record {
+            id: "evt_s_1",
+            key: Some(5),
+            record_key: Some("{\"id\":5}"),
+            body: b"{}",
+            content_type: "application/json",
+        };
+        assert_eq!(record_key(&r, true).as_deref(), Some(&b"{\"id\":5}"[..]));
+        assert_eq!(
+            record_key(&r, false).as_deref(),
+            Some(&b"0000000000000005"[..])
+        );
+        // Queued before record_key was set: the ordering key.
+        let old = Record {
+            record_key: None,
+            ..r
+        };
+        assert_eq!(
+            record_key(&old, true).as_deref(),
+            Some(&b"0000000000000005"[..])
+        );
+        let keyless = Record {
+            key: None,
+            record_key: None,
+            ..r
+        };
+        assert_eq!(record_key(&keyless, true), None);
+        let mut out = Vec::new();
+        let p = Producer {
+            id: 1,
+            epoch: 0,
+            sequence: 0,
+        };
+        record_batch(&mut out, &[&r], p, Compression::None, true, 0).unwrap();
+        assert!(out.windows(8).any(|w| w == b"{\"id\":5}"));
+        assert!(!out.windows(16).any(|w| w == b"0000000000000005"));
+    }
+
+    #[test]
+    fn record_key_option_is_checked() {
+        let u = url::Url::parse("kafka://127.0.0.1:9092/t").unwrap();
+        let mut t = Topic::from_url(&u, "127.0.0.1".into()).unwrap().unwrap();
+        for (v, columns) in [("columns", true), ("hash", false)] {
+            let s = Settings {
+                record_key: Some(v),
+                ..Settings::default()
+            };
+            t.configure(&s).unwrap();
+            assert_eq!(t.record_keys(), columns);
+        }
+        let s = Settings {
+            record_key: Some("json"),
+            ..Settings::default()
+        };
+        assert_eq!(
+            t.configure(&s).unwrap_err(),
+            "record_key \"json\" is not hash or columns"
+        );
     }
 
     #[test]
@@ -1391,12 +1489,14 @@ mod tests {
             Record {
                 id: "evt_s_1",
                 key: Some(5),
+                record_key: None,
                 body: b"{\"a\":1}",
                 content_type: "application/json",
             },
             Record {
                 id: "evt_s_2",
                 key: None,
+                record_key: None,
                 body: b"{}",
                 content_type: "application/json",
             },
@@ -1413,6 +1513,7 @@ mod tests {
             &refs,
             producer,
             Compression::None,
+            false,
             1_700_000_000_000,
         )
         .unwrap();
@@ -1443,6 +1544,7 @@ mod tests {
             .map(|_| Record {
                 id: "evt_s_1",
                 key: Some(1),
+                record_key: None,
                 body: &body,
                 content_type: "application/json",
             })
@@ -1455,7 +1557,7 @@ mod tests {
                 epoch: 0,
                 sequence: 0,
             };
-            record_batch(&mut out, &refs, p, c, 0).unwrap();
+            record_batch(&mut out, &refs, p, c, false, 0).unwrap();
             out
         };
         let plain = batch(Compression::None);
@@ -1516,6 +1618,7 @@ mod tests {
         let rec = |v: &'static [u8]| Record {
             id: "evt_s_1",
             key: None,
+            record_key: None,
             body: v,
             content_type: "application/json",
         };
@@ -1613,11 +1716,13 @@ mod tests {
             tls: None,
             sasl: None,
             compression: Compression::None,
+            columns_key: false,
         };
         let recs: Vec<Record<'_>> = (0..n)
             .map(|_| Record {
                 id: "evt_s_1",
                 key: None,
+                record_key: None,
                 body: b"{}",
                 content_type: "application/json",
             })

@@ -31,6 +31,10 @@ pub struct Item<'a> {
     pub id: &'a str,
     /// Its ordering key (Kafka partitions by it).
     pub key: Option<i64>,
+    /// Its key as the destination carries it, where the destination asks
+    /// for one ([`Broker::record_keys`]): a row's key columns as a JSON
+    /// object, or a message's key as given.
+    pub record_key: Option<&'a str>,
     /// The event's bytes.
     pub body: &'a [u8],
     /// Its media type (Kafka header `content-type`).
@@ -56,6 +60,8 @@ pub struct Settings<'a> {
     pub tls_first: bool,
     /// Kafka: `none`, `gzip`, `snappy`, `lz4`, `zstd`.
     pub compression: Option<&'a str>,
+    /// Kafka: `hash` or `columns` (see [`Broker::record_keys`]).
+    pub record_key: Option<&'a str>,
     /// `ca_file`, `cert_file`, `key_file`, `server_name`.
     pub tls: tls::Options,
 }
@@ -105,6 +111,13 @@ pub trait Broker: Sized {
 
     /// Whether its URL asks for TLS ([`Self::TLS_SCHEME`]).
     fn tls(&self) -> bool {
+        false
+    }
+
+    /// Whether events carry their key as text for it ([`Item::record_key`]):
+    /// worked out where they are made (a row's key columns as JSON), and
+    /// kept with them until they are sent.
+    fn record_keys(&self) -> bool {
         false
     }
 
@@ -259,6 +272,13 @@ macro_rules! brokers {
             pub fn keyed(&self) -> bool {
                 match self {
                     $(AnyBroker::$variant(_) => <$ty as Broker>::KEYED),*
+                }
+            }
+
+            /// See [`Broker::record_keys`].
+            pub fn record_keys(&self) -> bool {
+                match self {
+                    $(AnyBroker::$variant(b) => b.record_keys()),*
                 }
             }
 

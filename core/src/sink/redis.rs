@@ -507,6 +507,7 @@ mod tests {
             Item {
                 id: "1",
                 key: None,
+                record_key: None,
                 body: b"{}",
                 content_type: "application/json",
             };
