@@ -60,8 +60,10 @@ install:
 install-release:
 	cargo pgrx install --release $(SUDO) --pg-config $(PG_CONFIG)
 
+# ITEST_ARGS: more pytest arguments (test-versions.sh leaves some files to
+# one version).
 itest:
-	PG_BIN=/usr/lib/postgresql/$(PG)/bin .venv/bin/pytest -q tests
+	PG_BIN=/usr/lib/postgresql/$(PG)/bin .venv/bin/pytest -q tests $(ITEST_ARGS)
 
 ## make package: a .deb per PostgreSQL version, in target/deb/.
 package: setup
