@@ -18,8 +18,9 @@ use crate::encoding;
 use crate::error::EmitError;
 use crate::event::{self, Event, Kind, Op};
 use crate::made::Made;
+use crate::shape::{self, Column, Which};
 use crate::stored::{self, Resolved};
-use pg_emit_core::options::{Delivery, Format, OptionError};
+use pg_emit_core::options::{Delivery, Format, OptionError, Shape};
 use pg_emit_core::schedule::Key;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
@@ -36,26 +37,20 @@ fn fail(code: PgSqlErrorCode, message: String) -> ! {
     unreachable!("ERROR returned")
 }
 
-/// A column of the primary key or the replica identity: its name, and
-/// how to hash its value as a trigger's ordering key does.
-struct KeyColumn {
-    name: String,
-    /// Its place in its index (the primary key's: the order rows are
-    /// read in).
-    place: i32,
-    input: (pg_sys::Oid, pg_sys::Oid),
-    typmod: i32,
-    byval: bool,
-    len: i16,
-}
-
 fn quote(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
-/// Queues a READ event per row of `relid` for `dest`; returns how many.
-/// `func` names the caller in errors.
-pub fn backfill(func: &'static str, relid: pg_sys::Oid, dest: &str, format: Option<Format>) -> i64 {
+/// Queues a READ event per row of `relid` for `dest`, carrying and keyed
+/// by what `shape` says; returns how many. `func` names the caller in
+/// errors.
+pub fn backfill(
+    func: &'static str,
+    relid: pg_sys::Oid,
+    dest: &str,
+    format: Option<Format>,
+    shape: &Shape,
+) -> i64 {
     let resolved = stored::resolve(func, dest);
     crate::delivery::refuse_unless_allowed(&|| func.to_string(), &resolved.target);
     let (schema, table, kind) = Spi::connect(|c| {
@@ -127,11 +122,13 @@ pub fn backfill(func: &'static str, relid: pg_sys::Oid, dest: &str, format: Opti
     let http = matches!(target.target.endpoint(), Destination::Http { .. });
     let format = Format::combine(format, None, target.format, http)
         .unwrap_or_else(|source| EmitError::Argument { func, source }.raise());
-    let keys = key_columns(relid, Index::Primary);
+    let (carried, key) = shape::check(func, relid, &format!("{schema}.{table}"), shape, false);
+    let keys = shape::columns(relid, Which::Primary);
     // The events' ordering key is the replica identity's, as triggers and
     // capture give it (a row's later changes must share its key, or they
-    // could overtake its READ event): none for FULL or NOTHING.
-    let identity = key_columns(relid, Index::Identity);
+    // could overtake its READ event): none for FULL or NOTHING; or the
+    // columns `key` names, as a trigger's `key=`.
+    let identity = key.unwrap_or_else(|| shape::columns(relid, Which::Identity));
     if keys.is_empty() {
         EmitError::Argument {
             func,
@@ -149,7 +146,7 @@ pub fn backfill(func: &'static str, relid: pg_sys::Oid, dest: &str, format: Opti
         .iter()
         .map(|k| format!("t.{}", quote(&k.name)))
         .collect();
-    let mut order: Vec<&KeyColumn> = keys.iter().collect();
+    let mut order: Vec<&Column> = keys.iter().collect();
     order.sort_by_key(|k| k.place);
     let order: Vec<String> = order
         .iter()
@@ -166,8 +163,20 @@ pub fn backfill(func: &'static str, relid: pg_sys::Oid, dest: &str, format: Opti
         ),
         false => String::new(),
     };
+    // `columns`/`exclude`: just those, in the order a trigger's event has them.
+    let row_sql = match &carried {
+        None => "pg_catalog.row_to_json(t.*)".to_string(),
+        Some(names) => format!(
+            "(SELECT pg_catalog.row_to_json(c.*) FROM (SELECT {}) c)",
+            names
+                .iter()
+                .map(|n| format!("t.{}", quote(n)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    };
     let sql = format!(
-        "SELECT pg_catalog.row_to_json(t.*)::pg_catalog.text{}{text_sql} FROM {}.{} t ORDER BY {}",
+        "SELECT {row_sql}::pg_catalog.text{}{text_sql} FROM {}.{} t ORDER BY {}",
         columns
             .iter()
             .map(|c| format!(", {c}::pg_catalog.text"))
@@ -246,60 +255,9 @@ pub fn backfill(func: &'static str, relid: pg_sys::Oid, dest: &str, format: Opti
     count
 }
 
-/// Which index's columns [`key_columns`] gives.
-enum Index {
-    Primary,
-    /// The replica identity's: the primary key's unless the table names
-    /// another index; none for `FULL` or `NOTHING`.
-    Identity,
-}
-
-/// An index's columns, in the order of their numbers (as a trigger's key
-/// takes the replica identity's).
-fn key_columns(relid: pg_sys::Oid, which: Index) -> Vec<KeyColumn> {
-    let index = match which {
-        Index::Primary => "i.indisprimary",
-        Index::Identity => {
-            "((r.relreplident = 'd' AND i.indisprimary) OR (r.relreplident = 'i' AND i.indisreplident))"
-        }
-    };
-    Spi::connect(|c| {
-        c.select(
-            &format!(
-                "SELECT a.attname::pg_catalog.text, a.atttypid, a.atttypmod, t.typbyval, t.typlen, \
-                        pg_catalog.array_position(i.indkey::pg_catalog.int2[], a.attnum) \
-                   FROM pg_catalog.pg_index i \
-                   JOIN pg_catalog.pg_class r ON r.oid = i.indrelid \
-                   JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid \
-                    AND a.attnum OPERATOR(pg_catalog.=) ANY (i.indkey::pg_catalog.int2[]) \
-                   JOIN pg_catalog.pg_type t ON t.oid = a.atttypid \
-                  WHERE i.indrelid = $1 AND {index} ORDER BY a.attnum"
-            ),
-            None,
-            &[relid.into()],
-        )?
-        .map(|r| {
-            let typ = r.get::<pg_sys::Oid>(2)?.unwrap_or(pg_sys::InvalidOid);
-            let (mut func, mut ioparam) = (pg_sys::InvalidOid, pg_sys::InvalidOid);
-            // SAFETY: a catalog lookup of the column's type.
-            unsafe { pg_sys::getTypeInputInfo(typ, &mut func, &mut ioparam) };
-            Ok(KeyColumn {
-                name: r.get::<String>(1)?.unwrap_or_default(),
-                input: (func, ioparam),
-                typmod: r.get::<i32>(3)?.unwrap_or(-1),
-                byval: r.get::<bool>(4)?.unwrap_or(false),
-                len: r.get::<i16>(5)?.unwrap_or(-1),
-                place: r.get::<i32>(6)?.unwrap_or(0),
-            })
-        })
-        .collect::<Result<Vec<_>, pgrx::spi::Error>>()
-    })
-    .unwrap_or_else(|e| pgrx::error!("emit.backfill: {e}"))
-}
-
 /// The ordering key a trigger would give the row: its key values hashed
 /// with the table's oid.
-fn key_of(relid: pg_sys::Oid, keys: &[KeyColumn], values: &[Option<String>]) -> i64 {
+fn key_of(relid: pg_sys::Oid, keys: &[Column], values: &[Option<String>]) -> i64 {
     let mut parts: Vec<Option<Vec<u8>>> = vec![Some(relid.to_u32().to_le_bytes().to_vec())];
     for (k, v) in keys.iter().zip(values) {
         parts.push(v.as_ref().map(|text| {
@@ -328,7 +286,7 @@ mod emit {
     #[pg_extern(sql = false, volatile, parallel_unsafe)]
     fn backfill(tbl: pg_sys::Oid, dest: &str, options: JsonB) -> i64 {
         const F: &str = "emit.backfill";
-        let (format, _) = crate::capture::options_of(F, &options.0, false);
-        super::backfill(F, tbl, dest, format)
+        let o = crate::capture::options_of(F, &options.0, false);
+        super::backfill(F, tbl, dest, o.format, &o.shape)
     }
 }

@@ -14,7 +14,7 @@
 use crate::error::EmitError;
 use crate::privileged::as_emit_owner;
 use crate::stored;
-use pg_emit_core::options::{Format, OptionError};
+use pg_emit_core::options::{Format, OptionError, Shape};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use pgrx::PgSqlErrorCode;
@@ -43,20 +43,31 @@ fn fail(code: PgSqlErrorCode, message: String) -> ! {
     unreachable!("ERROR returned")
 }
 
-/// A capture's options: `{"format": "json" | "td" | "supabase" |
-/// "debezium" | "cloudevents", "snapshot": true | false}`; without
-/// `format`, the destination's own (or json). Backfill takes `format`
-/// only (`snapshot: false`). Unknown keys are refused.
-pub fn options_of(
-    func: &'static str,
-    options: &serde_json::Value,
-    snapshot: bool,
-) -> (Option<Format>, bool) {
+/// Capture's or backfill's options, parsed (not yet checked against the
+/// tables they name).
+pub struct Parsed {
+    /// Without it, the destination's own (or json).
+    pub format: Option<Format>,
+    /// Capture: backfill the published tables first.
+    pub snapshot: bool,
+    /// Backfill: what its events carry and what keys them.
+    pub shape: Shape,
+    /// Capture: the same per table, by the name given (resolved through
+    /// the caller's search_path when the capture is made).
+    pub tables: Vec<(String, Shape)>,
+}
+
+/// A capture's options (`capture`): `{"format": "json" | "td" |
+/// "supabase" | "debezium" | "cloudevents", "snapshot": true | false,
+/// "tables": {"<table>": {"key": …, "columns": … | "exclude": …}}}`; a
+/// backfill's: `format`, `key`, `columns`, `exclude`. Unknown keys are
+/// refused.
+pub fn options_of(func: &'static str, options: &serde_json::Value, capture: bool) -> Parsed {
     let bad = |why: String| -> ! { EmitError::bad_option(func, why) };
-    let known: &[&str] = if snapshot {
-        &["format", "snapshot"]
+    let known: &[&str] = if capture {
+        &["format", "snapshot", "tables"]
     } else {
-        &["format"]
+        &["format", "key", "columns", "exclude"]
     };
     let map = EmitError::options(func, options, known);
     let format = match map.get("format") {
@@ -73,7 +84,41 @@ pub fn options_of(
         Some(serde_json::Value::Bool(b)) => *b,
         Some(other) => bad(format!("snapshot {other} is not true or false")),
     };
-    (format, snapshot)
+    let tables = match map.get("tables") {
+        None => Vec::new(),
+        Some(serde_json::Value::Object(t)) => t
+            .iter()
+            .map(|(name, v)| {
+                const KNOWN: [&str; 3] = ["key", "columns", "exclude"];
+                let Some(o) = v.as_object() else {
+                    bad(format!(
+                        "tables: {name:?} is not an object of {}",
+                        KNOWN.join(", ")
+                    ))
+                };
+                if let Some(k) = o.keys().find(|k| !KNOWN.contains(&k.as_str())) {
+                    bad(format!(
+                        "tables: {name:?}: unknown option {k:?} (known: {})",
+                        KNOWN.join(", ")
+                    ))
+                }
+                let shape =
+                    Shape::from_json(o).unwrap_or_else(|e| bad(format!("tables: {name:?}: {e}")));
+                (name.clone(), shape)
+            })
+            .collect(),
+        Some(other) => bad(format!("tables {other} is not an object of table names")),
+    };
+    let shape = match capture {
+        true => Shape::default(),
+        false => Shape::from_json(map).unwrap_or_else(|e| bad(e)),
+    };
+    Parsed {
+        format,
+        snapshot,
+        shape,
+        tables,
+    }
 }
 
 /// Capture names become part of a slot's name, which PostgreSQL limits
@@ -119,7 +164,12 @@ mod emit {
         // SAFETY: reads the transaction's state.
         let wrote = unsafe { pg_sys::GetTopTransactionIdIfAny() } != pg_sys::InvalidTransactionId;
         check_name(F, name);
-        let (format, snapshot) = options_of(F, &options.0, true);
+        let Parsed {
+            format,
+            snapshot,
+            tables,
+            ..
+        } = options_of(F, &options.0, true);
         // SAFETY: reading a setting PostgreSQL keeps in a global.
         let logical = unsafe { pg_sys::wal_level } >= pg_sys::WalLevel::WAL_LEVEL_LOGICAL as i32;
         if !logical {
@@ -152,6 +202,16 @@ mod emit {
         );
         Format::combine(format, None, resolved.format, http)
             .unwrap_or_else(|source| EmitError::Argument { func: F, source }.raise());
+        // Each table's shape, checked now, its name read through the
+        // caller's search_path, and kept by oid: a renamed table keeps it.
+        let shapes: Vec<(pg_sys::Oid, String, Shape)> = tables
+            .iter()
+            .map(|(given, shape)| {
+                let (relid, name) = table_named(F, given);
+                crate::shape::check(F, relid, &name, shape, true);
+                (relid, name, shape.clone())
+            })
+            .collect();
         let (publication_exists, capture_exists) = as_emit_owner(|| {
             Spi::connect(|c| {
                 c.select(
@@ -189,11 +249,20 @@ mod emit {
         // SAFETY: the session's current user.
         let caller = unsafe { pg_sys::GetUserId() };
         let slot = slot_name(name);
-        let options = match format {
-            Some(f) => serde_json::json!({"format": f.name()}),
-            None => serde_json::json!({}),
+        let mut options = serde_json::Map::new();
+        if let Some(f) = format {
+            options.insert("format".into(), f.name().into());
         }
-        .to_string();
+        if !shapes.is_empty() {
+            let tables = shapes.iter().map(|(relid, name, shape)| {
+                let mut t = shape.to_json();
+                t.insert("relid".into(), relid.to_u32().into());
+                t.insert("table".into(), name.as_str().into());
+                serde_json::Value::Object(t)
+            });
+            options.insert("tables".into(), tables.collect());
+        }
+        let options = serde_json::Value::Object(options).to_string();
         // pgrx's read-write SPI gives the transaction an xid at once: the
         // slot is made through a read-only one, before anything is written.
         as_emit_owner(|| {
@@ -230,8 +299,10 @@ mod emit {
         if snapshot {
             // After the slot's start: a change committed between the two
             // is both in a READ event and captured after it, never lost.
+            let none = Shape::default();
             for relid in published_tables(publication) {
-                crate::backfill::backfill(F, relid, dest, format);
+                let shape = shapes.iter().find(|s| s.0 == relid).map_or(&none, |s| &s.2);
+                crate::backfill::backfill(F, relid, dest, format, shape);
             }
         }
         // Wakes the worker at commit (starting it if none runs).
@@ -263,6 +334,30 @@ mod emit {
 
 /// The tables of `publication` the caller may read (the others are not
 /// captured either, see `worker::capture`).
+/// The table `given` names (through the caller's search_path), and its
+/// schema-qualified name; an ERROR naming it when there is none.
+fn table_named(func: &'static str, given: &str) -> (pg_sys::Oid, String) {
+    let found = Spi::connect(|c| {
+        c.select(
+            "SELECT c.oid, n.nspname::pg_catalog.text || '.' || c.relname::pg_catalog.text \
+               FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+              WHERE c.oid = pg_catalog.to_regclass($1)",
+            None,
+            &[given.into()],
+        )?
+        .first()
+        .get_two::<pg_sys::Oid, String>()
+    });
+    match found {
+        Ok((Some(relid), Some(name))) => (relid, name),
+        // A name that does not parse is as unknown as one that is not there.
+        _ => fail(
+            PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE,
+            format!("{func}: options: tables: relation {given:?} does not exist"),
+        ),
+    }
+}
+
 fn published_tables(publication: &str) -> Vec<pg_sys::Oid> {
     Spi::connect(|c| {
         c.select(

@@ -225,6 +225,14 @@ impl EmitError {
         .raise()
     }
 
+    /// [`EmitError::bad_option`] with a SQLSTATE of its own (an unknown
+    /// column's, 42703).
+    pub fn bad_option_code(func: &'static str, code: PgSqlErrorCode, why: String) -> ! {
+        ErrorReport::new(code, format!("{func}: options: {why}"), "pg_emit")
+            .report(PgLogLevel::ERROR);
+        unreachable!("ERROR returned")
+    }
+
     /// Logs this as a WARNING and carries on.
     pub fn warn(self) {
         self.report().report(PgLogLevel::WARNING);

@@ -28,6 +28,7 @@ mod plans;
 mod privileged;
 mod send;
 mod settings;
+mod shape;
 mod stored;
 mod trigger;
 mod worker;

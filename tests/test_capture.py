@@ -292,7 +292,7 @@ def test_drop_capture_and_drop_extension_drop_their_slots(wal):
 
 
 def test_refusals(s, wal):
-    s.execute("CREATE TABLE c_ref (id int PRIMARY KEY)")
+    s.execute("CREATE TABLE c_ref (id int PRIMARY KEY, v int)")
     s.execute("CREATE PUBLICATION c_ref_pub FOR TABLE c_ref")
     try:
         with pytest.raises(psycopg.errors.UndefinedObject, match="publication \"nope\" does not exist"):
@@ -307,6 +307,23 @@ def test_refusals(s, wal):
             s.execute("SELECT emit.create_capture('x', 'no_such_dest', 'c_ref_pub')")
         with pytest.raises(psycopg.errors.InvalidParameterValue, match="live channel"):
             s.execute("SELECT emit.create_capture('x', 'channel:orders', 'c_ref_pub')")
+        # The option tables, checked against the tables it names.
+        for tables, error, text in [
+            ({"c_nope": {}}, psycopg.errors.UndefinedTable, 'tables: relation "c_nope" does not exist'),
+            ({"c_ref": {"columns": "id,nope"}}, psycopg.errors.UndefinedColumn,
+             'columns: column "nope" of public.c_ref does not exist'),
+            ({"c_ref": {"key": ["ghost"]}}, psycopg.errors.UndefinedColumn, 'key: column "ghost"'),
+            ({"c_ref": {"key": "v"}}, psycopg.errors.InvalidParameterValue,
+             'key: column "v" of public.c_ref is not in its replica identity'),
+            ({"c_ref": {"columns": "id", "exclude": "v"}}, psycopg.errors.InvalidParameterValue,
+             "columns and exclude cannot both be given"),
+            ({"c_ref": {"colums": "id"}}, psycopg.errors.InvalidParameterValue, 'unknown option "colums"'),
+            ({"c_ref": "id"}, psycopg.errors.InvalidParameterValue, "is not an object"),
+            (["c_ref"], psycopg.errors.InvalidParameterValue, "is not an object of table names"),
+        ]:
+            with pytest.raises(error, match=text):
+                s.execute("SELECT emit.create_capture('x', 'tcp://127.0.0.1:9', 'c_ref_pub', %s)",
+                          (json.dumps({"tables": tables}),))
         # Slots are not transactional: each in a transaction of its own.
         s.execute("BEGIN")
         with pytest.raises(psycopg.errors.ActiveSqlTransaction, match="transaction block"):
@@ -593,6 +610,8 @@ def test_backfill_refusals(s, wal):
             s.execute("SELECT emit.backfill('c_missing', 'tcp://127.0.0.1:9')")
         with pytest.raises(psycopg.errors.InvalidParameterValue, match="unknown option \"snapshot\""):
             s.execute("SELECT emit.backfill('c_keyed', 'tcp://127.0.0.1:9', '{\"snapshot\": true}')")
+        with pytest.raises(psycopg.errors.UndefinedColumn, match='exclude: column "nope" of public.c_keyed'):
+            s.execute("SELECT emit.backfill('c_keyed', 'tcp://127.0.0.1:9', '{\"exclude\": \"nope\"}')")
         s.execute("DROP ROLE IF EXISTS c_admin3")
         s.execute("CREATE ROLE c_admin3 LOGIN IN ROLE emit_admin")
         s.execute("DROP ROLE IF EXISTS c_plain3")
@@ -795,6 +814,78 @@ def test_kafka_record_keys_are_the_same_from_a_backfill_a_trigger_and_capture(s)
         s.execute("DROP PUBLICATION IF EXISTS k_pub")
         s.execute("SELECT emit.drop_destination(name) FROM emit.stored_destinations "
                   "WHERE name = 'keyed'")
+        k.close()
+
+
+def test_tables_option_shapes_a_captures_events_and_keys(s):
+    """The option tables: per table, the columns events carry (columns,
+    exclude, in the order given) and the columns that key them (key),
+    for the snapshot's READ events as for captured changes; seen through
+    Kafka record keys, which are the key columns. A key coarser than the
+    primary key puts rows of one tenant in one partition, in commit
+    order; a table with REPLICA IDENTITY FULL, whose events are otherwise
+    not keyed, gets a key."""
+    from receivers import KafkaServer
+
+    k = KafkaServer()
+    try:
+        k.create_topic("shaped")
+        s.execute("SELECT emit.create_destination('shaped', %s, %s)",
+                  (f"kafka://127.0.0.1:{k.port}/shaped", json.dumps({"record_key": "columns"})))
+        s.execute("CREATE TABLE k_tenants (tenant text, id int, secret text, note text, "
+                  "PRIMARY KEY (tenant, id))")
+        s.execute("CREATE TABLE k_full (id int PRIMARY KEY, v text)")
+        s.execute("ALTER TABLE k_full REPLICA IDENTITY FULL")
+        s.execute("INSERT INTO k_tenants VALUES ('a', 1, 's1', 'n1')")
+        s.execute("INSERT INTO k_full VALUES (1, 'x')")
+        s.execute("CREATE PUBLICATION k_shape_pub FOR TABLE k_tenants, k_full")
+        s.execute("SELECT emit.create_capture('shaped', 'shaped', 'k_shape_pub', %s)", (json.dumps({
+            "snapshot": True,
+            "tables": {"k_tenants": {"exclude": ["secret"], "key": "tenant"},
+                       "public.k_full": {"columns": "v,id", "key": ["id"]}}}),))
+        assert s.one("SELECT options->'tables' FROM emit.captures WHERE name = 'shaped'") == [
+            {"relid": s.one("SELECT 'k_tenants'::regclass::oid"), "table": "public.k_tenants",
+             "key": ["tenant"], "exclude": ["secret"]},
+            {"relid": s.one("SELECT 'k_full'::regclass::oid"), "table": "public.k_full",
+             "key": ["id"], "columns": ["v", "id"]}]
+        s.execute("INSERT INTO k_tenants VALUES ('a', 2, 's2', 'n2')")
+        s.execute("UPDATE k_tenants SET note = 'n2b' WHERE id = 2")
+        s.execute("DELETE FROM k_tenants WHERE id = 1")
+        s.execute("UPDATE k_full SET v = 'y'")
+        s.execute("DELETE FROM k_full")
+        recs = sorted(k.records("shaped", 7), key=lambda r: (r["partition"], r["offset"]))
+        assert len(recs) == 7
+        tenants = [r for r in recs if r["value"]["table"] == "k_tenants"]
+        full = [r for r in recs if r["value"]["table"] == "k_full"]
+        # One key for the tenant's rows: one partition, in commit order.
+        assert {r["key"] for r in tenants} == {'{"tenant":"a"}'}
+        assert len({r["partition"] for r in tenants}) == 1
+        assert [(e["op"], e["new"], e["old"]) for e in (r["value"] for r in tenants)] == [
+            ("READ", {"tenant": "a", "id": 1, "note": "n1"}, None),
+            ("INSERT", {"tenant": "a", "id": 2, "note": "n2"}, None),
+            ("UPDATE", {"tenant": "a", "id": 2, "note": "n2b"}, None),
+            ("DELETE", None, {"tenant": "a", "id": 1}),
+        ]
+        assert {r["key"] for r in full} == {'{"id":1}'}
+        assert [(e["op"], list((e["new"] or e["old"]).items())) for e in (r["value"] for r in full)] == [
+            ("READ", [("v", "x"), ("id", 1)]),
+            ("UPDATE", [("v", "y"), ("id", 1)]),
+            ("DELETE", [("v", "y"), ("id", 1)]),
+        ]
+        # A backfill takes the same options, and keys the same way.
+        s.execute("SELECT emit.backfill('k_tenants', 'shaped', %s)",
+                  (json.dumps({"exclude": "secret", "key": "tenant"}),))
+        same = [r for r in k.records("shaped", 8) if r["partition"] == tenants[0]["partition"]]
+        again = max(same, key=lambda r: r["offset"])
+        assert again["key"] == '{"tenant":"a"}'
+        assert (again["value"]["op"], again["value"]["new"]) == (
+            "READ", {"tenant": "a", "id": 2, "note": "n2b"})
+    finally:
+        s.execute("SELECT emit.drop_capture(name) FROM emit.capture_definitions WHERE name = 'shaped'")
+        s.execute("DROP TABLE IF EXISTS k_tenants, k_full")
+        s.execute("DROP PUBLICATION IF EXISTS k_shape_pub")
+        s.execute("SELECT emit.drop_destination(name) FROM emit.stored_destinations "
+                  "WHERE name = 'shaped'")
         k.close()
 
 

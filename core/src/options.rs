@@ -152,6 +152,72 @@ pub enum Columns {
     Except(Vec<String>),
 }
 
+/// What a table's row events carry and which columns key them, given as
+/// JSON where there is no trigger to give them (capture's `tables`,
+/// backfill's options): `key`, and `columns` or `exclude`, each an array
+/// of column names or a comma-separated list as trigger options take them.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Shape {
+    /// The ordering key's columns, in this order (default: the replica
+    /// identity's).
+    pub key: Option<Vec<String>>,
+    pub columns: Columns,
+}
+
+impl Shape {
+    /// The shape `map` gives (its other entries are the caller's); the
+    /// error names the option.
+    pub fn from_json(map: &serde_json::Map<String, serde_json::Value>) -> Result<Shape, String> {
+        let list = |name: &str| -> Result<Option<Vec<String>>, String> {
+            let bad = || format!("{name} is not {COLUMN_LIST} or an array of column names");
+            match map.get(name) {
+                None => Ok(None),
+                Some(serde_json::Value::String(s)) => column_list(s).map(Some).ok_or_else(bad),
+                Some(serde_json::Value::Array(a)) => {
+                    let names: Option<Vec<String>> =
+                        a.iter().map(|v| v.as_str().map(str::to_string)).collect();
+                    match names {
+                        Some(n) if !n.is_empty() => column_list(&n.join(","))
+                            .filter(|c| c == &n)
+                            .map(Some)
+                            .ok_or_else(bad),
+                        _ => Err(bad()),
+                    }
+                }
+                Some(_) => Err(bad()),
+            }
+        };
+        let columns = match (list("columns")?, list("exclude")?) {
+            (Some(_), Some(_)) => return Err("columns and exclude cannot both be given".into()),
+            (Some(c), None) => Columns::Only(c),
+            (None, Some(e)) => Columns::Except(e),
+            (None, None) => Columns::All,
+        };
+        Ok(Shape {
+            key: list("key")?,
+            columns,
+        })
+    }
+
+    /// As JSON again (arrays), for storing.
+    pub fn to_json(&self) -> serde_json::Map<String, serde_json::Value> {
+        let mut m = serde_json::Map::new();
+        if let Some(k) = &self.key {
+            m.insert("key".into(), k.clone().into());
+        }
+        match &self.columns {
+            Columns::All => {}
+            Columns::Only(c) => {
+                m.insert("columns".into(), c.clone().into());
+            }
+            Columns::Except(e) => {
+                m.insert("exclude".into(), e.clone().into());
+            }
+        }
+        m
+    }
+}
+
 /// Parsed `'key=value'` options. `delivery` stays `None` when not given so
 /// that `pg_emit.default_delivery` is read at firing time, not frozen.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -474,6 +540,32 @@ impl fmt::Display for Framing {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shapes_from_json() {
+        let shape = |j: serde_json::Value| Shape::from_json(j.as_object().unwrap());
+        assert_eq!(shape(serde_json::json!({})).unwrap(), Shape::default());
+        let s = shape(serde_json::json!({"key": "tenant, id", "columns": ["id", "b"]})).unwrap();
+        assert_eq!(s.key, Some(vec!["tenant".into(), "id".into()]));
+        assert_eq!(s.columns, Columns::Only(vec!["id".into(), "b".into()]));
+        assert_eq!(Shape::from_json(&s.to_json()).unwrap(), s);
+        let e = shape(serde_json::json!({"exclude": "secret"})).unwrap();
+        assert_eq!(e.columns, Columns::Except(vec!["secret".into()]));
+        for bad in [
+            serde_json::json!({"columns": "a", "exclude": "b"}),
+            serde_json::json!({"key": []}),
+            serde_json::json!({"key": "a,,b"}),
+            serde_json::json!({"columns": ["a", "a"]}),
+            serde_json::json!({"columns": ["a,b"]}),
+            serde_json::json!({"exclude": 5}),
+        ] {
+            assert!(shape(bad.clone()).is_err(), "{bad}");
+        }
+        assert_eq!(
+            shape(serde_json::json!({"key": 1})).unwrap_err(),
+            format!("key is not {COLUMN_LIST} or an array of column names")
+        );
+    }
 
     #[test]
     fn formats_combine() {

@@ -29,7 +29,7 @@ use crate::event::{self, Event, Kind, Op};
 use crate::made::Made;
 use crate::settings;
 use crate::stored::{self, Resolved};
-use pg_emit_core::options::Format;
+use pg_emit_core::options::{Columns, Format, Shape};
 use pg_emit_core::pgoutput::{self, Message, Relation, Value};
 use pg_emit_core::schedule::Key;
 use pgrx::pg_sys;
@@ -98,6 +98,9 @@ struct Definition {
     publication: String,
     slot: String,
     format: Option<Format>,
+    /// What the events of some tables carry and what keys them (its
+    /// option `tables`, by table oid).
+    shapes: HashMap<u32, Shape>,
     /// The role that created it (see [`readable`]).
     created_by: pg_sys::Oid,
     /// Its failed passes in a row.
@@ -375,7 +378,8 @@ fn definitions() -> Result<Vec<Definition>, pgrx::spi::Error> {
     Spi::connect(|c| {
         c.select(
             "SELECT c.name, c.dest, c.publication, c.slot, c.options->>'format', c.created_by, \
-                    c.failures, c.retry_at IS NOT NULL AND c.retry_at > pg_catalog.now() \
+                    c.failures, c.retry_at IS NOT NULL AND c.retry_at > pg_catalog.now(), \
+                    (c.options->'tables')::pg_catalog.text \
                FROM emit.capture_definitions c ORDER BY c.name",
             None,
             &[],
@@ -390,10 +394,25 @@ fn definitions() -> Result<Vec<Definition>, pgrx::spi::Error> {
                 created_by: r.get::<pg_sys::Oid>(6)?.unwrap_or(pg_sys::InvalidOid),
                 failures: r.get::<i32>(7)?.unwrap_or(0),
                 waiting: r.get::<bool>(8)?.unwrap_or(false),
+                shapes: shapes(r.get::<String>(9)?.as_deref()),
             })
         })
         .collect()
     })
+}
+
+/// The shapes create_capture stored (`[{"relid": …, "key": …, …}]`).
+fn shapes(tables: Option<&str>) -> HashMap<u32, Shape> {
+    let Some(Ok(serde_json::Value::Array(list))) = tables.map(serde_json::from_str) else {
+        return HashMap::new();
+    };
+    list.iter()
+        .filter_map(|t| {
+            let t = t.as_object()?;
+            let relid = u32::try_from(t.get("relid")?.as_u64()?).ok()?;
+            Some((relid, Shape::from_json(t).ok()?))
+        })
+        .collect()
 }
 
 /// Drops this database's capture slots that have no capture now and had
@@ -486,6 +505,12 @@ struct Table {
     typed: Option<Typed>,
     target: Rc<Resolved>,
     format: Format,
+    /// The columns its events carry, in their order (indexes into
+    /// `rel.columns`; `tables`' `columns`/`exclude`), or every one.
+    carried: Option<Vec<usize>>,
+    /// Its key's columns in the key's order (`tables`' `key`), else those
+    /// the relation marks as its replica identity's.
+    key: Vec<usize>,
 }
 
 /// How values of a relation are made.
@@ -495,8 +520,8 @@ struct Typed {
     desc: pg_sys::TupleDesc,
     inputs: Vec<(pg_sys::Oid, pg_sys::Oid)>,
     /// Row types of column subsets (an old row's key, a new row without
-    /// unchanged TOASTed values), by which columns they hold.
-    subsets: HashMap<Vec<bool>, pg_sys::TupleDesc>,
+    /// unchanged TOASTed values), by which columns they hold, in order.
+    subsets: HashMap<Vec<usize>, pg_sys::TupleDesc>,
 }
 
 /// The current transaction of the stream.
@@ -756,7 +781,8 @@ fn table(
     let http = matches!(target.target.endpoint(), Destination::Http { .. });
     let format = Format::combine(def.format, None, target.format, http)
         .unwrap_or_else(|e| pgrx::error!("{e}"));
-    let all = vec![true; rel.columns.len()];
+    let all: Vec<usize> = (0..rel.columns.len()).collect();
+    let (carried, key) = shaped(def, &rel);
     // SAFETY: catalog lookups and a descriptor in the transaction's
     // memory, which outlives the pass.
     let typed = guarded(|| unsafe {
@@ -795,19 +821,82 @@ fn table(
         typed,
         target,
         format,
+        carried,
+        key,
     })
 }
 
-/// A blessed row type of the columns of `rel` that `which` marks.
+/// What the capture's `tables` option says of `rel`, as indexes into its
+/// columns: the carried ones (`None`: all) and the key's. A column named
+/// there that is gone now (dropped since) is left out, and said so; a key
+/// that lost a column is no key (its events are ordered against every
+/// other), rather than a key that no longer tells rows apart.
+fn shaped(def: &Definition, rel: &Relation) -> (Option<Vec<usize>>, Vec<usize>) {
+    // REPLICA IDENTITY FULL marks every column: each version of a row
+    // would get a key of its own. A trigger has no key there either.
+    let identity = || match rel.identity {
+        b'f' => Vec::new(),
+        _ => rel
+            .columns
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.key)
+            .map(|(i, _)| i)
+            .collect(),
+    };
+    let Some(shape) = def.shapes.get(&rel.relid) else {
+        return (None, identity());
+    };
+    let find = |option: &str, names: &[String]| -> Vec<usize> {
+        names
+            .iter()
+            .filter_map(|n| {
+                let i = rel.columns.iter().position(|c| c.name == *n);
+                if i.is_none() {
+                    note(format!(
+                        "capture {:?}: {}.{} has no column {n:?} ({option} in its option tables) any more",
+                        def.name, rel.schema, rel.table
+                    ));
+                }
+                i
+            })
+            .collect()
+    };
+    let carried = match &shape.columns {
+        Columns::All => None,
+        Columns::Only(names) => Some(find("columns", names)),
+        Columns::Except(names) => {
+            let out = find("exclude", names);
+            Some(
+                (0..rel.columns.len())
+                    .filter(|i| !out.contains(i))
+                    .collect(),
+            )
+        }
+    };
+    let key = match &shape.key {
+        None => identity(),
+        Some(names) => {
+            let key = find("key", names);
+            if key.len() == names.len() {
+                key
+            } else {
+                Vec::new()
+            }
+        }
+    };
+    (carried, key)
+}
+
+/// A blessed row type of the columns of `rel` that `which` lists, in
+/// that order.
 ///
 /// # Safety
 /// In a transaction; allocates in the current memory context.
-unsafe fn row_type(rel: &Relation, which: &[bool]) -> pg_sys::TupleDesc {
-    let n = which.iter().filter(|w| **w).count();
-    let d = pg_sys::CreateTemplateTupleDesc(n as std::ffi::c_int);
-    let mut i = 0;
-    for (col, _) in rel.columns.iter().zip(which).filter(|(_, w)| **w) {
-        i += 1;
+unsafe fn row_type(rel: &Relation, which: &[usize]) -> pg_sys::TupleDesc {
+    let d = pg_sys::CreateTemplateTupleDesc(which.len() as std::ffi::c_int);
+    for (i, col) in which.iter().map(|&w| &rel.columns[w]).enumerate() {
+        let i = i + 1;
         let name = CString::new(col.name.as_str()).unwrap_or_default();
         pg_sys::TupleDescInitEntry(
             d,
@@ -869,8 +958,9 @@ fn queue_change(
                 def.name, t.schema, t.table
             ));
             (
-                new.as_deref().map(|v| text_row(t, v, false)),
-                old.as_deref().map(|v| text_row(t, v, key_only)),
+                new.as_deref().map(|v| text_row(t, v, &carried(t, false))),
+                old.as_deref()
+                    .map(|v| text_row(t, v, &carried(t, key_only))),
                 None,
                 None,
             )
@@ -913,24 +1003,29 @@ fn convert(
     let owner = t.owner;
     let texts = t.target.target.record_keys();
     let what = format!("a row of {}.{}", t.schema, t.table);
+    let new_cols = carried(t, false);
+    let old_cols = carried(t, key_only);
     let Some(typed) = t.typed.as_mut() else {
         return Err("its types could not be looked up".into());
     };
-    let rel = &t.rel;
+    let (rel, key_cols) = (&t.rel, &t.key);
     guarded(|| {
         crate::privileged::as_role(owner, false, || {
             let what = || what.clone();
             let new_json =
-                new.map(|v| encoding::to_utf8(row(rel, typed, v, false), &what).into_owned());
+                new.map(|v| encoding::to_utf8(row(rel, typed, v, &new_cols), &what).into_owned());
             let old_json =
-                old.map(|v| encoding::to_utf8(row(rel, typed, v, key_only), &what).into_owned());
-            // The ordering key: the replica identity's values, before the
-            // change when the WAL has them, as a trigger's key is.
-            let keyed = old.or(new);
-            let key = keyed.and_then(|v| key_of(rel, typed, v));
+                old.map(|v| encoding::to_utf8(row(rel, typed, v, &old_cols), &what).into_owned());
+            // The ordering key: the key columns' values, before the change
+            // when the WAL has them, as a trigger's key is.
+            let (keyed, keyed_only) = match old {
+                Some(v) => (Some(v), key_only),
+                None => (new, false),
+            };
+            let key = keyed.and_then(|v| key_of(rel, typed, v, key_cols, keyed_only));
             let text = match keyed {
                 Some(v) if texts && key.is_some() => {
-                    let json = encoding::to_utf8(row(rel, typed, v, true), &what);
+                    let json = encoding::to_utf8(row(rel, typed, v, key_cols), &what);
                     Some(String::from_utf8_lossy(&json).into_owned())
                 }
                 _ => None,
@@ -938,6 +1033,19 @@ fn convert(
             (new_json, old_json, key, text)
         })
     })
+}
+
+/// The columns an event of `t` carries, in order (indexes into its
+/// columns): the option `tables`' `columns`/`exclude`, else every one;
+/// of an old row that has only the replica identity's (`key_only`), those
+/// of them it has.
+fn carried(t: &Table, key_only: bool) -> Vec<usize> {
+    let all = || (0..t.rel.columns.len()).collect();
+    let cols: Vec<usize> = t.carried.clone().unwrap_or_else(all);
+    match key_only {
+        true => cols.into_iter().filter(|&i| t.rel.columns[i].key).collect(),
+        false => cols,
+    }
 }
 
 /// In a careful pass, runs `f` in a subtransaction and returns its ERROR
@@ -998,14 +1106,14 @@ fn guarded<R>(f: impl FnOnce() -> R) -> Result<R, String> {
     }
 }
 
-/// A row as its values' text: what a change that cannot be made into
-/// values is sent as.
-fn text_row(t: &Table, values: &[Value<'_>], key_only: bool) -> Vec<u8> {
+/// A row's columns `cols` as their values' text: what a change that
+/// cannot be made into values is sent as.
+fn text_row(t: &Table, values: &[Value<'_>], cols: &[usize]) -> Vec<u8> {
     let mut map = serde_json::Map::new();
-    for (v, c) in values.iter().zip(&t.rel.columns) {
-        if key_only && !c.key {
-            continue;
-        }
+    for (v, c) in cols
+        .iter()
+        .filter_map(|&i| Some((values.get(i)?, &t.rel.columns[i])))
+    {
         let what = || format!("a value of {}.{}", t.schema, t.table);
         match v {
             Value::Text(b) => {
@@ -1021,15 +1129,16 @@ fn text_row(t: &Table, values: &[Value<'_>], key_only: bool) -> Vec<u8> {
     serde_json::Value::Object(map).to_string().into_bytes()
 }
 
-/// `values` as `row_to_json` JSON: every column the WAL has (`key_only`:
-/// the replica identity's), in the relation's order.
-fn row<'a>(rel: &Relation, typed: &mut Typed, values: &[Value<'_>], key_only: bool) -> &'a [u8] {
-    let which: Vec<bool> = values
+/// `values`' columns `cols` as `row_to_json` JSON, in that order, but
+/// those the WAL does not have (unchanged TOASTed values).
+fn row<'a>(rel: &Relation, typed: &mut Typed, values: &[Value<'_>], cols: &[usize]) -> &'a [u8] {
+    let which: Vec<usize> = cols
         .iter()
-        .zip(&rel.columns)
-        .map(|(v, c)| *v != Value::Unchanged && (!key_only || c.key))
+        .copied()
+        .filter(|&i| values.get(i).is_some_and(|v| *v != Value::Unchanged))
         .collect();
-    let desc = if which.iter().all(|w| *w) {
+    let desc = if which.len() == rel.columns.len() && which.iter().enumerate().all(|(n, &i)| n == i)
+    {
         typed.desc
     } else {
         *typed.subsets.entry(which.clone()).or_insert_with(|| {
@@ -1037,15 +1146,14 @@ fn row<'a>(rel: &Relation, typed: &mut Typed, values: &[Value<'_>], key_only: bo
             unsafe { PgMemoryContexts::TopTransactionContext.switch_to(|_| row_type(rel, &which)) }
         })
     };
-    let (mut datums, mut nulls): (Vec<pg_sys::Datum>, Vec<bool>) = values
+    let (mut datums, mut nulls): (Vec<pg_sys::Datum>, Vec<bool>) = which
         .iter()
-        .zip(&rel.columns)
-        .zip(&typed.inputs)
-        .zip(&which)
-        .filter(|(_, w)| **w)
-        .map(|(((v, col), (func, ioparam)), _)| match v {
-            Value::Text(text) => (input(text, *func, *ioparam, col.typmod), false),
-            _ => (pg_sys::Datum::from(0), true),
+        .map(|&i| {
+            let ((func, ioparam), col) = (typed.inputs[i], &rel.columns[i]);
+            match &values[i] {
+                Value::Text(text) => (input(text, func, ioparam, col.typmod), false),
+                _ => (pg_sys::Datum::from(0), true),
+            }
         })
         .unzip();
     // SAFETY: one value (or NULL) per attribute of `desc`, of its types.
@@ -1060,34 +1168,40 @@ fn input(text: &[u8], func: pg_sys::Oid, ioparam: pg_sys::Oid, typmod: i32) -> p
 }
 
 /// The ordering key of a row of `rel` (see `trigger::row_key`, which this
-/// matches for the same row): the replica identity's values hashed with
-/// the table's oid; `None` for a table without one.
-fn key_of(rel: &Relation, typed: &Typed, values: &[Value<'_>]) -> Option<i64> {
-    // REPLICA IDENTITY FULL marks every column: each version of a row
-    // would get a key of its own. A trigger has no key there either.
-    if rel.identity == b'f' || !rel.columns.iter().any(|c| c.key) {
+/// matches for the same row): the values of its key columns `key`, in
+/// that order, hashed with the table's oid. `None` for a table without
+/// key columns, and when the WAL does not have a key column's value (an
+/// old row that has only the replica identity's, `key_only`; an
+/// unchanged TOASTed value): no key rather than one that would differ
+/// from the row's other events'.
+fn key_of(
+    rel: &Relation,
+    typed: &Typed,
+    values: &[Value<'_>],
+    key: &[usize],
+    key_only: bool,
+) -> Option<i64> {
+    if key.is_empty() {
         return None;
     }
     // SAFETY: the descriptor made for this relation.
     let atts = unsafe { pgrx::PgTupleDesc::from_pg_unchecked(typed.desc) };
     let mut parts: Vec<Option<Vec<u8>>> = vec![Some(rel.relid.to_le_bytes().to_vec())];
-    for (i, ((v, col), (func, ioparam))) in values
-        .iter()
-        .zip(&rel.columns)
-        .zip(&typed.inputs)
-        .enumerate()
-    {
-        if !col.key {
-            continue;
+    for &i in key {
+        let col = &rel.columns[i];
+        if key_only && !col.key {
+            return None;
         }
-        parts.push(match v {
+        parts.push(match values.get(i)? {
             Value::Text(text) => {
-                let datum = input(text, *func, *ioparam, col.typmod);
+                let (func, ioparam) = typed.inputs[i];
+                let datum = input(text, func, ioparam, col.typmod);
                 let att = atts.get(i).expect("one attribute per column");
                 // SAFETY: a value of the attribute's type.
                 Some(unsafe { crate::trigger::datum_bytes(datum, att) }.into_owned())
             }
-            _ => None,
+            Value::Null => None,
+            Value::Unchanged => return None,
         });
     }
     Some(pg_emit_core::schedule::key_hash(
