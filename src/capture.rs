@@ -358,10 +358,17 @@ fn table_named(func: &'static str, given: &str) -> (pg_sys::Oid, String) {
     }
 }
 
+/// The tables of `publication` a snapshot reads: those the caller may
+/// SELECT from and that no row security applies to for it, which are
+/// those the capture sends the changes of. One that row security applies
+/// to is left out with a WARNING (its rows as the policies show them would
+/// be a snapshot of rows whose changes are not sent).
 fn published_tables(publication: &str) -> Vec<pg_sys::Oid> {
-    Spi::connect(|c| {
+    let tables = Spi::connect(|c| {
         c.select(
-            "SELECT c.oid FROM pg_catalog.pg_publication_tables p \
+            "SELECT c.oid, pg_catalog.row_security_active(c.oid), \
+                    n.nspname::pg_catalog.text || '.' || c.relname::pg_catalog.text \
+               FROM pg_catalog.pg_publication_tables p \
                JOIN pg_catalog.pg_namespace n ON n.nspname = p.schemaname \
                JOIN pg_catalog.pg_class c ON c.relnamespace = n.oid AND c.relname = p.tablename \
               WHERE p.pubname = $1 \
@@ -371,10 +378,28 @@ fn published_tables(publication: &str) -> Vec<pg_sys::Oid> {
             None,
             &[publication.into()],
         )?
-        .map(|r| r.get::<pg_sys::Oid>(1).map(Option::unwrap_or_default))
-        .collect::<Result<Vec<_>, _>>()
+        .map(|r| {
+            Ok((
+                r.get::<pg_sys::Oid>(1)?.unwrap_or_default(),
+                r.get::<bool>(2)?.unwrap_or(false),
+                r.get::<String>(3)?.unwrap_or_default(),
+            ))
+        })
+        .collect::<Result<Vec<_>, pgrx::spi::Error>>()
     })
-    .unwrap_or_else(|e| pgrx::error!("emit.create_capture: {e}"))
+    .unwrap_or_else(|e| pgrx::error!("emit.create_capture: {e}"));
+    tables
+        .into_iter()
+        .filter_map(|(relid, rls, name)| {
+            if rls {
+                pgrx::warning!(
+                    "emit.create_capture: the snapshot leaves out {name}: row security applies to \
+                     you there, and the capture leaves out its changes"
+                );
+            }
+            (!rls).then_some(relid)
+        })
+        .collect()
 }
 
 /// Drops `slot` if it exists, as the current user, waiting for the

@@ -412,7 +412,8 @@ def test_a_large_value_an_update_left_alone_is_left_out(s):
 
 def test_only_tables_the_creator_may_read_are_captured(s, wal):
     """emit_admin may capture a publication someone else made, but gets
-    only the tables it may SELECT from, however the publication grows."""
+    only the tables it may SELECT from, however the publication grows;
+    its snapshot reads the same tables."""
     rx = Receiver("ndjson")
     s.execute("CREATE TABLE c_open (id int PRIMARY KEY, v text)")
     s.execute("CREATE TABLE c_secret (id int PRIMARY KEY, v text)")
@@ -424,9 +425,16 @@ def test_only_tables_the_creator_may_read_are_captured(s, wal):
     s.execute("DROP ROLE IF EXISTS c_admin2")
     s.execute("CREATE ROLE c_admin2 LOGIN IN ROLE emit_admin")
     s.execute("GRANT SELECT ON c_open, c_rls, c_parts TO c_admin2")
+    s.execute("INSERT INTO c_rls VALUES (0, 'policy-hidden, before')")
+    s.execute("INSERT INTO c_open VALUES (0, 'public, before')")
     try:
         with wal.connect(DB, user="c_admin2") as c:
-            c.execute("SELECT emit.create_capture('mixed', %s, 'c_mixed')", (url(rx),))
+            notices = []
+            c.add_notice_handler(lambda d: notices.append(d.message_primary))
+            c.execute("SELECT emit.create_capture('mixed', %s, 'c_mixed', '{\"snapshot\": true}')",
+                      (url(rx),))
+            assert notices == ["emit.create_capture: the snapshot leaves out public.c_rls: row "
+                               "security applies to you there, and the capture leaves out its changes"]
         s.execute("ALTER PUBLICATION c_mixed ADD TABLE c_secret")
         s.execute("INSERT INTO c_secret VALUES (1, 'password')")
         # Row security would show c_admin2 no row of c_rls: none is captured.
@@ -435,11 +443,11 @@ def test_only_tables_the_creator_may_read_are_captured(s, wal):
         # partitioned table is enough.
         s.execute("INSERT INTO c_parts VALUES (5, 'partitioned')")
         s.execute("INSERT INTO c_open VALUES (1, 'public')")
-        got = events(rx.wait_for(2, timeout=20))
+        got = events(rx.wait_for(3, timeout=20))
         assert [(e["table"], e["new"]["v"]) for e in got] == [
-            ("c_part1", "partitioned"), ("c_open", "public")]
+            ("c_open", "public, before"), ("c_part1", "partitioned"), ("c_open", "public")]
         time.sleep(1)
-        assert len(rx.messages) == 2
+        assert len(rx.messages) == 3
         assert s.one("SELECT created_by::text FROM emit.captures WHERE name = 'mixed'") == "c_admin2"
     finally:
         rx.close()
