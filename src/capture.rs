@@ -50,6 +50,9 @@ pub struct Parsed {
     pub format: Option<Format>,
     /// Capture: backfill the published tables first.
     pub snapshot: bool,
+    /// Capture: a failover slot (PostgreSQL 17 on), which standbys with
+    /// `sync_replication_slots` keep a copy of.
+    pub failover: bool,
     /// Backfill: what its events carry and what keys them.
     pub shape: Shape,
     /// Capture: the same per table, by the name given (resolved through
@@ -59,13 +62,14 @@ pub struct Parsed {
 
 /// A capture's options (`capture`): `{"format": "json" | "td" |
 /// "supabase" | "debezium" | "cloudevents", "snapshot": true | false,
-/// "tables": {"<table>": {"key": …, "columns": … | "exclude": …}}}`; a
+/// "failover": true | false, "tables": {"<table>": {"key": …,
+/// "columns": … | "exclude": …}}}`; a
 /// backfill's: `format`, `key`, `columns`, `exclude`. Unknown keys are
 /// refused.
 pub fn options_of(func: &'static str, options: &serde_json::Value, capture: bool) -> Parsed {
     let bad = |why: String| -> ! { EmitError::bad_option(func, why) };
     let known: &[&str] = if capture {
-        &["format", "snapshot", "tables"]
+        &["format", "snapshot", "failover", "tables"]
     } else {
         &["format", "key", "columns", "exclude"]
     };
@@ -79,11 +83,12 @@ pub fn options_of(func: &'static str, options: &serde_json::Value, capture: bool
         })),
         Some(other) => bad(format!("format {other} is not a string")),
     };
-    let snapshot = match map.get("snapshot") {
+    let flag = |name: &str| match map.get(name) {
         None => false,
         Some(serde_json::Value::Bool(b)) => *b,
-        Some(other) => bad(format!("snapshot {other} is not true or false")),
+        Some(other) => bad(format!("{name} {other} is not true or false")),
     };
+    let (snapshot, failover) = (flag("snapshot"), flag("failover"));
     let tables = match map.get("tables") {
         None => Vec::new(),
         Some(serde_json::Value::Object(t)) => t
@@ -116,6 +121,7 @@ pub fn options_of(func: &'static str, options: &serde_json::Value, capture: bool
     Parsed {
         format,
         snapshot,
+        failover,
         shape,
         tables,
     }
@@ -167,9 +173,16 @@ mod emit {
         let Parsed {
             format,
             snapshot,
+            failover,
             tables,
             ..
         } = options_of(F, &options.0, true);
+        if failover && pg_sys::PG_VERSION_NUM < 170_000 {
+            fail(
+                PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+                format!("{F}: options: failover slots need PostgreSQL 17 or later"),
+            );
+        }
         // SAFETY: reading a setting PostgreSQL keeps in a global.
         let logical = unsafe { pg_sys::wal_level } >= pg_sys::WalLevel::WAL_LEVEL_LOGICAL as i32;
         if !logical {
@@ -253,6 +266,9 @@ mod emit {
         if let Some(f) = format {
             options.insert("format".into(), f.name().into());
         }
+        if failover {
+            options.insert("failover".into(), true.into());
+        }
         if !shapes.is_empty() {
             let tables = shapes.iter().map(|(relid, name, shape)| {
                 let mut t = shape.to_json();
@@ -266,15 +282,23 @@ mod emit {
         // pgrx's read-write SPI gives the transaction an xid at once: the
         // slot is made through a read-only one, before anything is written.
         as_emit_owner(|| {
-            let lsn = Spi::connect(|c| {
-                c.select(
+            // (failover, PostgreSQL 17's fifth argument, only when asked:
+            // older servers have four.)
+            let create = match failover {
+                false => {
                     "SELECT s.lsn::pg_catalog.text \
-                       FROM pg_catalog.pg_create_logical_replication_slot($1, 'pgoutput') s",
-                    None,
-                    &[slot.as_str().into()],
-                )?
-                .first()
-                .get_one::<String>()
+                            FROM pg_catalog.pg_create_logical_replication_slot($1, 'pgoutput') s"
+                }
+                true => {
+                    "SELECT s.lsn::pg_catalog.text \
+                           FROM pg_catalog.pg_create_logical_replication_slot($1, 'pgoutput', \
+                                false, false, true) s"
+                }
+            };
+            let lsn = Spi::connect(|c| {
+                c.select(create, None, &[slot.as_str().into()])?
+                    .first()
+                    .get_one::<String>()
             })?;
             Spi::connect_mut(|c| {
                 c.update(

@@ -897,6 +897,70 @@ def test_tables_option_shapes_a_captures_events_and_keys(s):
         k.close()
 
 
+def test_a_failover_slot_carries_the_capture_over_to_a_promoted_standby(s):
+    """{"failover": true} (PostgreSQL 17 on): the capture's slot is one a
+    standby with sync_replication_slots keeps a copy of. The primary is
+    killed, the standby promoted, and the capture goes on there from the
+    copy: a change made after the promotion arrives, and none before it is
+    lost. Before 17 the option is refused."""
+    from pgcluster import BIN
+
+    if int(s.one("SHOW server_version_num")) < 170000:
+        with pytest.raises(psycopg.errors.FeatureNotSupported, match="failover slots need PostgreSQL 17"):
+            s.execute("SELECT emit.create_capture('fo', 'tcp://127.0.0.1:9', 'nope', "
+                      "'{\"failover\": true}')")
+        return
+    conf = {"shared_preload_libraries": "'pg_emit'", "wal_level": "logical",
+            "max_replication_slots": "10", "max_wal_senders": "10", "hot_standby_feedback": "on"}
+    primary = Cluster("pg_emit-fo-primary", port=54351, conf=conf).init().start()
+    standby = Cluster("pg_emit-fo-standby", port=54352, conf=conf)
+    rx = Receiver("ndjson")
+    try:
+        with primary.connect() as c:
+            c.execute("CREATE EXTENSION pg_emit")
+            c.execute("SELECT pg_catalog.pg_create_physical_replication_slot('standby1', true)")
+            c.execute("CREATE TABLE fo (id int PRIMARY KEY)")
+            c.execute("CREATE PUBLICATION fo_pub FOR TABLE fo")
+            c.execute("SELECT emit.create_capture('fo', %s, 'fo_pub', '{\"failover\": true}')", (url(rx),))
+            slot = c.execute("SELECT slot FROM emit.captures").fetchone()[0]
+            assert c.execute("SELECT failover FROM pg_replication_slots WHERE slot_name = %s",
+                             (slot,)).fetchone()[0] is True
+            c.execute("INSERT INTO fo VALUES (1)")
+            assert len(rx.wait_for(1, timeout=20)) == 1
+        primary.run(f"{BIN}/pg_basebackup", "-h", primary.sock, "-p", str(primary.port), "-U", "postgres",
+                    "-D", standby.data, "-X", "stream")
+        standby.set_conf(
+            primary_conninfo=f"'host={primary.sock} port={primary.port} user=postgres dbname=postgres'",
+            primary_slot_name="'standby1'", sync_replication_slots="on")
+        primary.run("touch", f"{standby.data}/standby.signal")
+        standby.start()
+        with primary.connect() as c:
+            c.execute("INSERT INTO fo VALUES (2)")
+            assert len(rx.wait_for(2, timeout=20)) == 2
+
+            def synced():
+                at = c.execute("SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = %s",
+                               (slot,)).fetchone()[0]
+                with standby.connect() as sc:
+                    row = sc.execute("SELECT synced, confirmed_flush_lsn >= %s::pg_lsn FROM "
+                                     "pg_replication_slots WHERE slot_name = %s", (at, slot)).fetchone()
+                return row == (True, True)
+            # The standby's slot sync worker copies it (every few seconds).
+            assert wait_until(synced, 60, every=0.5), standby.tail_log()
+        # The primary fails; the standby takes over, and the capture with it.
+        assert primary.stop("immediate").returncode == 0
+        standby.run(f"{BIN}/pg_ctl", "-D", standby.data, "-w", "promote")
+        with standby.connect() as c:
+            c.execute("INSERT INTO fo VALUES (3)")
+        got = events(rx.wait_for(3, timeout=40))
+        assert got[-1]["new"] == {"id": 3}, standby.tail_log()
+        assert sorted({e["new"]["id"] for e in got}) == [1, 2, 3]
+    finally:
+        rx.close()
+        standby.destroy()
+        primary.destroy()
+
+
 def test_wal_level_logical_is_required(db):
     with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState, match="wal_level = logical"):
         db.execute("SELECT emit.create_capture('x', 'tcp://127.0.0.1:9', 'p')")
