@@ -122,7 +122,8 @@ pub fn backfill(
     let http = matches!(target.target.endpoint(), Destination::Http { .. });
     let format = Format::combine(format, None, target.format, http)
         .unwrap_or_else(|source| EmitError::Argument { func, source }.raise());
-    let (carried, key) = shape::check(func, relid, &format!("{schema}.{table}"), shape, false);
+    let shape::Checked { carried, key, .. } =
+        shape::check(func, relid, &format!("{schema}.{table}"), shape, false);
     let keys = shape::columns(relid, Which::Primary);
     // The events' ordering key is the replica identity's, as triggers and
     // capture give it (a row's later changes must share its key, or they
@@ -153,16 +154,13 @@ pub fn backfill(
         .map(|k| format!("t.{}", quote(&k.name)))
         .collect();
     // Kafka's `record_key: "columns"`: the key columns as JSON, made as a
-    // trigger makes them (row_to_json of just them), byte for byte, so
-    // that a row's later changes land in the READ event's partition.
-    let texts = target.target.record_keys() && !identity.is_empty();
-    let text_sql = match texts {
-        true => format!(
-            ", (SELECT pg_catalog.row_to_json(k.*) FROM (SELECT {}) k)::pg_catalog.text",
-            columns.join(", ")
-        ),
-        false => String::new(),
-    };
+    // trigger makes them (row_to_json of just them, with the same fixed
+    // output settings), byte for byte, so that a row's later changes land
+    // in the READ event's partition.
+    let key_desc = (target.target.record_keys() && !identity.is_empty())
+        // SAFETY: the table is locked; the row type is made in the
+        // function's memory, which outlives the batches.
+        .then(|| unsafe { key_type(relid, &identity) });
     // `columns`/`exclude`: just those, in the order a trigger's event has them.
     let row_sql = match &carried {
         None => "pg_catalog.row_to_json(t.*)".to_string(),
@@ -175,11 +173,14 @@ pub fn backfill(
                 .join(", ")
         ),
     };
+    // Read as bytes: the row as UTF-8, the key values in the database's
+    // encoding, for their input functions (pgrx reads text only as UTF-8).
     let sql = format!(
-        "SELECT {row_sql}::pg_catalog.text{}{text_sql} FROM {}.{} t ORDER BY {}",
+        "SELECT pg_catalog.convert_to({row_sql}::pg_catalog.text, 'UTF8'){} \
+           FROM {}.{} t ORDER BY {}",
         columns
             .iter()
-            .map(|c| format!(", {c}::pg_catalog.text"))
+            .map(|c| format!(", pg_catalog.textsend({c}::pg_catalog.text)"))
             .collect::<String>(),
         quote(&schema),
         quote(&table),
@@ -200,7 +201,6 @@ pub fn backfill(
     // The outbox limit refuses these with an ERROR, never a WARNING: a
     // backfill that says it queued N events did.
     outbox::refusal_is_error();
-    let what = || format!("a row of {schema}.{table}");
     let mut count = 0i64;
     let mut buf = Vec::new();
     let mut batch = PgMemoryContexts::new("pg_emit backfill rows");
@@ -217,25 +217,36 @@ pub fn backfill(
                 break;
             }
             for r in rows {
-                let json = r.get::<&str>(1)?.unwrap_or("null").as_bytes();
-                let values: Vec<Option<String>> = (0..identity.len())
-                    .map(|i| r.get::<String>(i + 2))
+                let row = r.get::<&[u8]>(1)?.unwrap_or(b"null");
+                let values: Vec<Option<&[u8]>> = (0..identity.len())
+                    .map(|i| r.get::<&[u8]>(i + 2))
                     .collect::<Result<_, _>>()?;
-                // SAFETY: the key's values are made and hashed in the
-                // batch's context, reset after the batch.
-                let order = (!identity.is_empty())
-                    .then(|| unsafe { batch.switch_to(|_| key_of(relid, &identity, &values)) });
-                let text = match texts {
-                    true => r.get::<&str>(identity.len() + 2)?,
-                    false => None,
+                // SAFETY: the key's values are made, hashed and written
+                // in the batch's context, reset after the batch.
+                let (order, text) = unsafe {
+                    batch.switch_to(|_| {
+                        if identity.is_empty() {
+                            return (None, None);
+                        }
+                        let datums = key_values(&identity, &values);
+                        let order = key_of(relid, &identity, &datums);
+                        let text = key_desc.map(|desc| {
+                            let (mut d, mut n): (Vec<_>, Vec<_>) = datums
+                                .iter()
+                                .map(|v| (v.unwrap_or(pg_sys::Datum::from(0)), v.is_none()))
+                                .unzip();
+                            let json = crate::privileged::with_key_output(|| {
+                                crate::trigger::values_json(desc, &mut d, &mut n)
+                            });
+                            let what = || format!("a key of {schema}.{table}");
+                            String::from_utf8_lossy(&encoding::to_utf8(json, &what)).into_owned()
+                        });
+                        (Some(order), text)
+                    })
                 };
-                let text = text.map(|t| encoding::to_utf8(t.as_bytes(), &what));
-                let text = text
-                    .as_deref()
-                    .map(|t| std::str::from_utf8(t).unwrap_or_default());
                 buf.clear();
-                let row = encoding::to_utf8(json, &what);
-                event::write_event(&mut buf, format, &ev, Some(&row), None, true);
+                event::write_event(&mut buf, format, &ev, Some(row), None, true);
+                let text = text.as_deref();
                 outbox::queue(
                     &target.target,
                     Kind::event(format),
@@ -255,26 +266,54 @@ pub fn backfill(
     count
 }
 
+/// A row's key values (`values`: their text in the database's encoding)
+/// through their types' input functions.
+fn key_values(keys: &[Column], values: &[Option<&[u8]>]) -> Vec<Option<pg_sys::Datum>> {
+    keys.iter()
+        .zip(values)
+        .map(|(k, v)| {
+            v.map(|text| {
+                let s = CString::new(text).unwrap_or_default();
+                // SAFETY: the type's own input function and the value's text.
+                unsafe {
+                    pg_sys::OidInputFunctionCall(
+                        k.input.0,
+                        s.as_ptr().cast_mut(),
+                        k.input.1,
+                        k.typmod,
+                    )
+                }
+            })
+        })
+        .collect()
+}
+
 /// The ordering key a trigger would give the row: its key values hashed
 /// with the table's oid.
-fn key_of(relid: pg_sys::Oid, keys: &[Column], values: &[Option<String>]) -> i64 {
+fn key_of(relid: pg_sys::Oid, keys: &[Column], datums: &[Option<pg_sys::Datum>]) -> i64 {
     let mut parts: Vec<Option<Vec<u8>>> = vec![Some(relid.to_u32().to_le_bytes().to_vec())];
-    for (k, v) in keys.iter().zip(values) {
-        parts.push(v.as_ref().map(|text| {
-            let s = CString::new(text.as_str()).unwrap_or_default();
-            // SAFETY: the type's own input function and the value's bytes.
-            unsafe {
-                let datum = pg_sys::OidInputFunctionCall(
-                    k.input.0,
-                    s.as_ptr().cast_mut(),
-                    k.input.1,
-                    k.typmod,
-                );
-                crate::trigger::value_bytes(datum, k.byval, k.len).into_owned()
-            }
-        }));
+    for (k, v) in keys.iter().zip(datums) {
+        // SAFETY: a value of the column's type.
+        parts.push(
+            v.map(|d| unsafe { crate::trigger::value_bytes(d, k.byval, k.len).into_owned() }),
+        );
     }
     pg_emit_core::schedule::key_hash(parts.iter().map(|p| p.as_deref()))
+}
+
+/// A blessed row type of `keys`, columns of `relid`, in that order: what
+/// a trigger's record key is made of (see `trigger::key_json`).
+///
+/// # Safety
+/// In a transaction, with `relid` locked.
+unsafe fn key_type(relid: pg_sys::Oid, keys: &[Column]) -> pg_sys::TupleDesc {
+    let rel = pg_sys::relation_open(relid, pg_sys::NoLock as pg_sys::LOCKMODE);
+    let d = pg_sys::CreateTemplateTupleDesc(keys.len() as std::ffi::c_int);
+    for (i, k) in keys.iter().enumerate() {
+        pg_sys::TupleDescCopyEntry(d, (i + 1) as pg_sys::AttrNumber, (*rel).rd_att, k.attnum);
+    }
+    pg_sys::relation_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
+    pg_sys::BlessTupleDesc(d)
 }
 
 #[pgrx::pg_schema]

@@ -217,14 +217,18 @@ mod emit {
             .unwrap_or_else(|source| EmitError::Argument { func: F, source }.raise());
         // Each table's shape, checked now, its name read through the
         // caller's search_path, and kept by oid: a renamed table keeps it.
-        let shapes: Vec<(pg_sys::Oid, String, Shape)> = tables
-            .iter()
-            .map(|(given, shape)| {
-                let (relid, name) = table_named(F, given);
-                crate::shape::check(F, relid, &name, shape, true);
-                (relid, name, shape.clone())
-            })
-            .collect();
+        let mut shapes: Vec<(pg_sys::Oid, String, Shape, crate::shape::Checked)> = Vec::new();
+        for (given, shape) in &tables {
+            let (relid, name) = table_named(F, given);
+            if shapes.iter().any(|s| s.0 == relid) {
+                fail(
+                    PgSqlErrorCode::ERRCODE_DUPLICATE_OBJECT,
+                    format!("{F}: options: tables: {name} is named twice"),
+                );
+            }
+            let checked = crate::shape::check(F, relid, &name, shape, true);
+            shapes.push((relid, name, shape.clone(), checked));
+        }
         let (publication_exists, capture_exists) = as_emit_owner(|| {
             Spi::connect(|c| {
                 c.select(
@@ -270,10 +274,18 @@ mod emit {
             options.insert("failover".into(), true.into());
         }
         if !shapes.is_empty() {
-            let tables = shapes.iter().map(|(relid, name, shape)| {
+            // The columns' numbers too: a column renamed later is still
+            // found (see worker::capture::shaped).
+            let tables = shapes.iter().map(|(relid, name, shape, checked)| {
                 let mut t = shape.to_json();
                 t.insert("relid".into(), relid.to_u32().into());
                 t.insert("table".into(), name.as_str().into());
+                let attnums: serde_json::Map<_, _> = checked
+                    .attnums
+                    .iter()
+                    .map(|(c, n)| (c.clone(), (*n).into()))
+                    .collect();
+                t.insert("attnums".into(), attnums.into());
                 serde_json::Value::Object(t)
             });
             options.insert("tables".into(), tables.collect());
@@ -356,29 +368,40 @@ mod emit {
     }
 }
 
-/// The tables of `publication` the caller may read (the others are not
-/// captured either, see `worker::capture`).
 /// The table `given` names (through the caller's search_path), and its
-/// schema-qualified name; an ERROR naming it when there is none.
+/// schema-qualified name; an ERROR naming it when there is none, and when
+/// it is not a table whose changes arrive under its own name. (A name
+/// that does not parse is an ERROR of `to_regclass`'s own before
+/// PostgreSQL 16, 42602.)
 fn table_named(func: &'static str, given: &str) -> (pg_sys::Oid, String) {
     let found = Spi::connect(|c| {
         c.select(
-            "SELECT c.oid, n.nspname::pg_catalog.text || '.' || c.relname::pg_catalog.text \
+            "SELECT c.oid, n.nspname::pg_catalog.text || '.' || c.relname::pg_catalog.text, \
+                    c.relkind::pg_catalog.text \
                FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
               WHERE c.oid = pg_catalog.to_regclass($1)",
             None,
             &[given.into()],
         )?
         .first()
-        .get_two::<pg_sys::Oid, String>()
+        .get_three::<pg_sys::Oid, String, String>()
     });
-    match found {
-        Ok((Some(relid), Some(name))) => (relid, name),
-        // A name that does not parse is as unknown as one that is not there.
+    let (relid, name, kind) = match found {
+        Ok((Some(relid), Some(name), kind)) => (relid, name, kind),
         _ => fail(
             PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE,
             format!("{func}: options: tables: relation {given:?} does not exist"),
         ),
+    };
+    match kind.as_deref() {
+        Some("r") => (relid, name),
+        // Without publish_via_partition_root its changes come under its
+        // partitions' names, which the options would not be found by.
+        Some("p") => EmitError::bad_option(
+            func,
+            format!("tables: {name} is partitioned: name each of its partitions"),
+        ),
+        _ => EmitError::bad_option(func, format!("tables: {name} is not a table")),
     }
 }
 

@@ -206,6 +206,44 @@ const WORKER_SETTINGS: &[(&CStr, &CStr)] = &[
     (c"IntervalStyle", c"postgres"),
 ];
 
+/// The settings that change how `row_to_json` writes a value of a key
+/// column, at fixed values: a record key (Kafka's `record_key:
+/// "columns"`) must be the same bytes for a row whichever session, worker
+/// or backfill made it, or the row's events would be keyed apart.
+const KEY_OUTPUT: &[(&CStr, &CStr)] = &[
+    (c"TimeZone", c"UTC"),
+    (c"IntervalStyle", c"postgres"),
+    (c"bytea_output", c"hex"),
+    (c"extra_float_digits", c"1"),
+    (c"lc_monetary", c"C"),
+];
+
+/// Runs `f` with [`KEY_OUTPUT`], then restores the settings (an ERROR in
+/// `f` restores them with the (sub)transaction's abort).
+pub fn with_key_output<R>(f: impl FnOnce() -> R) -> R {
+    // SAFETY: a GUC nest level around `f`, as as_role keeps one.
+    let nest = unsafe {
+        let nest = pg_sys::NewGUCNestLevel();
+        for (name, value) in KEY_OUTPUT {
+            pg_sys::set_config_option(
+                name.as_ptr(),
+                value.as_ptr(),
+                pg_sys::GucContext::PGC_USERSET,
+                pg_sys::GucSource::PGC_S_SESSION,
+                pg_sys::GucAction::GUC_ACTION_SAVE,
+                true,
+                pg_sys::PGERROR as i32,
+                false,
+            );
+        }
+        nest
+    };
+    let r = f();
+    // SAFETY: ends the level made above.
+    unsafe { pg_sys::AtEOXact_GUC(false, nest) };
+    r
+}
+
 /// Pins the worker's `search_path` and [`WORKER_SETTINGS`] after it has
 /// connected to its database (which applied the database's own settings).
 pub fn pin_worker_settings() {

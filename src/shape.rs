@@ -13,6 +13,10 @@ use pgrx::PgSqlErrorCode;
 /// trigger's ordering key does.
 pub struct Column {
     pub name: String,
+    pub attnum: i16,
+    /// A generated column's (which the WAL does not carry before
+    /// PostgreSQL 18).
+    pub generated: bool,
     /// Its place in the index it was read from (the primary key's: the
     /// order backfill reads rows in); 0 for a column read by name.
     pub place: i32,
@@ -64,7 +68,7 @@ pub fn columns(relid: pg_sys::Oid, which: Which) -> Vec<Column> {
         c.select(
             &format!(
                 "SELECT a.attname::pg_catalog.text, a.atttypid, a.atttypmod, t.typbyval, \
-                        t.typlen, {from} ORDER BY a.attnum"
+                        t.typlen, a.attnum, a.attgenerated <> '', {from} ORDER BY a.attnum"
             ),
             None,
             &[relid.into()],
@@ -80,7 +84,9 @@ pub fn columns(relid: pg_sys::Oid, which: Which) -> Vec<Column> {
                 typmod: r.get::<i32>(3)?.unwrap_or(-1),
                 byval: r.get::<bool>(4)?.unwrap_or(false),
                 len: r.get::<i16>(5)?.unwrap_or(-1),
-                place: r.get::<i32>(6)?.unwrap_or(0),
+                attnum: r.get::<i16>(6)?.unwrap_or(0),
+                generated: r.get::<bool>(7)?.unwrap_or(false),
+                place: r.get::<i32>(8)?.unwrap_or(0),
             })
         })
         .collect::<Result<Vec<_>, pgrx::spi::Error>>()
@@ -88,20 +94,31 @@ pub fn columns(relid: pg_sys::Oid, which: Which) -> Vec<Column> {
     .unwrap_or_else(|e| pgrx::error!("pg_emit: could not read the columns of a table: {e}"))
 }
 
-/// `shape` checked against table `relid` (`name` in errors): the columns
-/// its events carry, by name in their order (`None`: every column), and
-/// its key's columns in the key's order (`None`: the replica identity's).
-/// `logged`: the key's columns must be ones a DELETE's WAL record carries
-/// (capture), the replica identity's or, with `REPLICA IDENTITY FULL`,
-/// any.
+/// A [`Shape`] checked against its table.
+pub struct Checked {
+    /// The columns its events carry, by name in their order (`None`:
+    /// every column).
+    pub carried: Option<Vec<String>>,
+    /// Its key's columns in the key's order (`None`: the replica
+    /// identity's).
+    pub key: Option<Vec<Column>>,
+    /// The number of each column it names.
+    pub attnums: Vec<(String, i16)>,
+}
+
+/// `shape` checked against table `relid` (`name` in errors). `logged`
+/// (capture): the columns it names must be ones the WAL carries (not
+/// generated), and the key's ones a DELETE's WAL record carries, the
+/// replica identity's or, with `REPLICA IDENTITY FULL`, any.
 pub fn check(
     func: &'static str,
     relid: pg_sys::Oid,
     name: &str,
     shape: &Shape,
     logged: bool,
-) -> (Option<Vec<String>>, Option<Vec<Column>>) {
+) -> Checked {
     let mut all = columns(relid, Which::All);
+    let mut attnums = Vec::new();
     let unknown = |option: &str, column: &str| -> ! {
         EmitError::bad_option_code(
             func,
@@ -109,10 +126,21 @@ pub fn check(
             format!("{option}: column {column:?} of {name} does not exist"),
         )
     };
-    let find = |option: &str, column: &String| {
-        if !all.iter().any(|c| c.name == *column) {
+    let mut find = |option: &str, column: &String| {
+        let Some(c) = all.iter().find(|c| c.name == *column) else {
             unknown(option, column)
+        };
+        // (Excluding one is harmless: it is not there to send.)
+        if logged && c.generated && option != "exclude" {
+            EmitError::bad_option(
+                func,
+                format!(
+                    "{option}: column {column:?} of {name} is generated, which the WAL does not \
+                     carry"
+                ),
+            )
         }
+        attnums.push((column.clone(), c.attnum));
     };
     let carried = match &shape.columns {
         Columns::All => None,
@@ -131,7 +159,11 @@ pub fn check(
         }
     };
     let Some(key) = &shape.key else {
-        return (carried, None);
+        return Checked {
+            carried,
+            key: None,
+            attnums,
+        };
     };
     key.iter().for_each(|c| find("key", c));
     if logged {
@@ -174,5 +206,9 @@ pub fn check(
             all.swap_remove(i)
         })
         .collect();
-    (carried, Some(key))
+    Checked {
+        carried,
+        key: Some(key),
+        attnums,
+    }
 }

@@ -590,9 +590,11 @@ fn fire(td: &pg_sys::TriggerData, func: Func) -> pg_sys::Datum {
                     None => (None, None),
                     Some(attnums) => (
                         Some(row_key(rel, td.tg_trigtuple, &attnums)),
-                        target
-                            .record_keys()
-                            .then(|| key_json(rel, td.tg_trigtuple, &attnums)),
+                        target.record_keys().then(|| {
+                            crate::privileged::with_key_output(|| {
+                                key_json(rel, td.tg_trigtuple, &attnums)
+                            })
+                        }),
                     ),
                 }
             }

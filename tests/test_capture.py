@@ -292,7 +292,8 @@ def test_drop_capture_and_drop_extension_drop_their_slots(wal):
 
 
 def test_refusals(s, wal):
-    s.execute("CREATE TABLE c_ref (id int PRIMARY KEY, v int)")
+    s.execute("CREATE TABLE c_ref (id int PRIMARY KEY, v int, g int GENERATED ALWAYS AS (id * 2) STORED)")
+    s.execute("CREATE TABLE c_ref_parted (id int PRIMARY KEY) PARTITION BY RANGE (id)")
     s.execute("CREATE PUBLICATION c_ref_pub FOR TABLE c_ref")
     try:
         with pytest.raises(psycopg.errors.UndefinedObject, match="publication \"nope\" does not exist"):
@@ -318,6 +319,12 @@ def test_refusals(s, wal):
             ({"c_ref": {"columns": "id", "exclude": "v"}}, psycopg.errors.InvalidParameterValue,
              "columns and exclude cannot both be given"),
             ({"c_ref": {"colums": "id"}}, psycopg.errors.InvalidParameterValue, 'unknown option "colums"'),
+            ({"c_ref": {}, "public.c_ref": {}}, psycopg.errors.DuplicateObject,
+             "tables: public.c_ref is named twice"),
+            ({"c_ref": {"columns": ["id", "g"]}}, psycopg.errors.InvalidParameterValue,
+             'columns: column "g" of public.c_ref is generated, which the WAL does not carry'),
+            ({"c_ref_parted": {}}, psycopg.errors.InvalidParameterValue,
+             "public.c_ref_parted is partitioned: name each of its partitions"),
             ({"c_ref": "id"}, psycopg.errors.InvalidParameterValue, "is not an object"),
             (["c_ref"], psycopg.errors.InvalidParameterValue, "is not an object of table names"),
         ]:
@@ -355,7 +362,7 @@ def test_refusals(s, wal):
             c.execute("SELECT emit.drop_capture('z')")
     finally:
         s.execute("DROP PUBLICATION IF EXISTS c_ref_pub")
-        s.execute("DROP TABLE IF EXISTS c_ref")
+        s.execute("DROP TABLE IF EXISTS c_ref, c_ref_parted")
 
 
 def test_publication_and_table_changes_follow_the_wal(s):
@@ -853,16 +860,19 @@ def test_tables_option_shapes_a_captures_events_and_keys(s):
                        "public.k_full": {"columns": "v,id", "key": ["id"]}}}),))
         assert s.one("SELECT options->'tables' FROM emit.captures WHERE name = 'shaped'") == [
             {"relid": s.one("SELECT 'k_tenants'::regclass::oid"), "table": "public.k_tenants",
-             "key": ["tenant"], "exclude": ["secret"]},
+             "key": ["tenant"], "exclude": ["secret"], "attnums": {"secret": 3, "tenant": 1}},
             {"relid": s.one("SELECT 'k_full'::regclass::oid"), "table": "public.k_full",
-             "key": ["id"], "columns": ["v", "id"]}]
+             "key": ["id"], "columns": ["v", "id"], "attnums": {"v": 2, "id": 1}}]
         s.execute("INSERT INTO k_tenants VALUES ('a', 2, 's2', 'n2')")
         s.execute("UPDATE k_tenants SET note = 'n2b' WHERE id = 2")
         s.execute("DELETE FROM k_tenants WHERE id = 1")
+        # Renamed, an excluded column stays excluded.
+        s.execute("ALTER TABLE k_tenants RENAME COLUMN secret TO hidden")
+        s.execute("INSERT INTO k_tenants VALUES ('a', 3, 's3', 'n3')")
         s.execute("UPDATE k_full SET v = 'y'")
         s.execute("DELETE FROM k_full")
-        recs = sorted(k.records("shaped", 7), key=lambda r: (r["partition"], r["offset"]))
-        assert len(recs) == 7
+        recs = sorted(k.records("shaped", 8), key=lambda r: (r["partition"], r["offset"]))
+        assert len(recs) == 8
         tenants = [r for r in recs if r["value"]["table"] == "k_tenants"]
         full = [r for r in recs if r["value"]["table"] == "k_full"]
         # One key for the tenant's rows: one partition, in commit order.
@@ -873,6 +883,7 @@ def test_tables_option_shapes_a_captures_events_and_keys(s):
             ("INSERT", {"tenant": "a", "id": 2, "note": "n2"}, None),
             ("UPDATE", {"tenant": "a", "id": 2, "note": "n2b"}, None),
             ("DELETE", None, {"tenant": "a", "id": 1}),
+            ("INSERT", {"tenant": "a", "id": 3, "note": "n3"}, None),
         ]
         assert {r["key"] for r in full} == {'{"id":1}'}
         assert [(e["op"], list((e["new"] or e["old"]).items())) for e in (r["value"] for r in full)] == [
@@ -882,12 +893,13 @@ def test_tables_option_shapes_a_captures_events_and_keys(s):
         ]
         # A backfill takes the same options, and keys the same way.
         s.execute("SELECT emit.backfill('k_tenants', 'shaped', %s)",
-                  (json.dumps({"exclude": "secret", "key": "tenant"}),))
-        same = [r for r in k.records("shaped", 8) if r["partition"] == tenants[0]["partition"]]
-        again = max(same, key=lambda r: r["offset"])
-        assert again["key"] == '{"tenant":"a"}'
-        assert (again["value"]["op"], again["value"]["new"]) == (
-            "READ", {"tenant": "a", "id": 2, "note": "n2b"})
+                  (json.dumps({"exclude": "hidden", "key": "tenant"}),))
+        same = [r for r in k.records("shaped", 10) if r["partition"] == tenants[0]["partition"]]
+        again = sorted(same, key=lambda r: r["offset"])[-2:]
+        assert {r["key"] for r in again} == {'{"tenant":"a"}'}
+        assert [(r["value"]["op"], r["value"]["new"]) for r in again] == [
+            ("READ", {"tenant": "a", "id": 2, "note": "n2b"}),
+            ("READ", {"tenant": "a", "id": 3, "note": "n3"})]
     finally:
         s.execute("SELECT emit.drop_capture(name) FROM emit.capture_definitions WHERE name = 'shaped'")
         s.execute("DROP TABLE IF EXISTS k_tenants, k_full")

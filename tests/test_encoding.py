@@ -94,3 +94,42 @@ def test_sql_ascii_database_sends_utf8_bytes_and_refuses_others(cluster, encoded
         assert wait_until(lambda: c.execute(
             "SELECT count(*) FROM emit.outbox").fetchone()[0] == 0, 10)
         assert c.execute("SELECT count(*) FROM emit.dead_letter").fetchone()[0] == 0
+
+
+@pytest.mark.parametrize("encoded_db", ["LATIN1"], indirect=True)
+def test_latin1_database_backfills_and_keys_kafka_records_in_utf8(cluster, encoded_db):
+    """Backfill reads rows and key values whatever the encoding, and Kafka
+    record keys (record_key "columns") are UTF-8 in every mode: from the
+    trigger, and from the backfill, kept in the outbox as the database's
+    text. (Names are ASCII here: backfill does not take others in such a
+    database.)"""
+    from receivers import KafkaServer
+
+    k = KafkaServer()
+    rx = Receiver("ndjson")
+    try:
+        k.create_topic("keys")
+        with cluster.connect(encoded_db) as c:
+            c.execute("SELECT emit.create_destination('keys', %s, %s)",
+                      (f"kafka://127.0.0.1:{k.port}/keys", json.dumps({"record_key": "columns"})))
+            c.execute('CREATE TABLE cle (nom text PRIMARY KEY, v text)')
+            c.execute("INSERT INTO cle VALUES ('àé', 'ß')")
+            assert c.execute("SELECT emit.backfill('cle', 'keys')").fetchone()[0] == 1
+            ndjson = f"tcp://127.0.0.1:{rx.port}?framing=ndjson"
+            assert c.execute("SELECT emit.backfill('cle', %s)", (ndjson,)).fetchone()[0] == 1
+            for mode in ("sync", "async"):
+                c.execute(f'CREATE TRIGGER "{mode}" AFTER INSERT ON cle FOR EACH ROW EXECUTE FUNCTION '
+                          f"row_to_destination('keys', 'delivery={mode}')")
+            c.execute("INSERT INTO cle VALUES ('ÿ', 'x')")
+        got = k.records("keys", 3)
+        assert sorted((r["key"], r["value"]["op"]) for r in got) == [
+            ('{"nom":"àé"}', "READ"), ('{"nom":"ÿ"}', "INSERT"), ('{"nom":"ÿ"}', "INSERT")]
+        (read,) = [json.loads(m.decode("utf-8")) for m in rx.wait_for(1, timeout=10)]
+        assert (read["table"], read["new"]) == ("cle", {"nom": "àé", "v": "ß"})
+        with cluster.connect(encoded_db) as c:
+            assert wait_until(lambda: c.execute(
+                "SELECT count(*) FROM emit.outbox").fetchone()[0] == 0, 10)
+            assert c.execute("SELECT count(*) FROM emit.dead_letter").fetchone()[0] == 0
+    finally:
+        rx.close()
+        k.close()

@@ -19,6 +19,9 @@ pub struct Pending<K> {
     dests: Vec<K>,
     bytes: Vec<u8>,
     events: Vec<Held>,
+    /// Bytes of the events' [`Key::text`]s, held beside the arena and
+    /// counted against the limit with it.
+    texts: usize,
     /// (subtransaction id, events.len(), bytes.len()) at its start.
     marks: Vec<(u32, usize, usize)>,
     /// The ordinal of the next event: its place among all events of the
@@ -32,6 +35,7 @@ impl<K> Default for Pending<K> {
             dests: Vec::new(),
             bytes: Vec::new(),
             events: Vec::new(),
+            texts: 0,
             marks: Vec::new(),
             next_ordinal: 0,
         }
@@ -85,9 +89,11 @@ impl<K: PartialEq + Clone> Pending<K> {
         key: Key<'_>,
         limit: usize,
     ) -> Result<(), Full> {
-        if self.bytes.len() + msg.len() > limit {
+        let text = key.text.map_or(0, str::len);
+        if self.bytes.len() + self.texts + msg.len() + text > limit {
             return Err(Full { limit });
         }
+        self.texts += text;
         let idx = match self.dests.iter().position(is) {
             Some(i) => i,
             None => {
@@ -145,8 +151,7 @@ impl<K: PartialEq + Clone> Pending<K> {
     pub fn abort_sub(&mut self, sub: u32) {
         if let Some(i) = self.marks.iter().rposition(|m| m.0 == sub) {
             let (_, events, bytes) = self.marks[i];
-            self.events.truncate(events);
-            self.bytes.truncate(bytes);
+            self.truncate(events, bytes);
             self.marks.truncate(i);
         }
     }
@@ -156,6 +161,16 @@ impl<K: PartialEq + Clone> Pending<K> {
     /// correct.
     pub fn drain_current_level(&mut self) {
         let (events, bytes) = self.marks.last().map_or((0, 0), |&(_, e, b)| (e, b));
+        self.truncate(events, bytes);
+    }
+
+    /// Keeps the first `events` events and `bytes` of the arena.
+    fn truncate(&mut self, events: usize, bytes: usize) {
+        let gone: usize = self.events[events.min(self.events.len())..]
+            .iter()
+            .map(|h| h.text.as_deref().map_or(0, str::len))
+            .sum();
+        self.texts -= gone;
         self.events.truncate(events);
         self.bytes.truncate(bytes);
     }
@@ -165,6 +180,7 @@ impl<K: PartialEq + Clone> Pending<K> {
         self.dests.clear();
         self.bytes.clear();
         self.events.clear();
+        self.texts = 0;
         self.marks.clear();
         self.next_ordinal = 0;
         // Do not keep a 64 MB arena alive for the rest of the session.
@@ -336,6 +352,18 @@ mod tests {
                 (b"3".to_vec(), key(None, None))
             ]
         );
+        // Texts count against the limit, and leave it with their events
+        // (2 bytes and 8 of text held: one more byte with 89 of text fits).
+        let (fits, over) = ("k".repeat(89), "k".repeat(90));
+        let push = |p: &mut Pending<&str>, t: &str| {
+            let k = Key {
+                order: None,
+                text: Some(t),
+            };
+            p.push_to(|d| *d == "a", || "a", b"4", k, 100)
+        };
+        assert_eq!(push(&mut p, &over), Err(Full { limit: 100 }));
+        assert_eq!(push(&mut p, &fits), Ok(()));
     }
 
     #[test]

@@ -337,8 +337,16 @@ fn write_level(seq: Seq) -> Option<Seq> {
                 kind.name().into(),
             ]);
             let with_texts = texts.is_some();
-            if with_texts {
-                args.push(texts.into());
+            match (texts, utf8_db) {
+                (None, _) => {}
+                (Some(t), true) => args.push(t.into()),
+                // As the payload: UTF-8 bytes (in hex: pgrx passes text
+                // as it is), converted by the server.
+                (Some(t), false) => {
+                    let hex: Vec<Option<String>> =
+                        t.iter().map(|k| k.as_deref().map(hex)).collect();
+                    args.push(hex.into());
+                }
             }
             let sql = insert_sql(utf8_db, with_texts);
             let (id, drawn) = crate::plans::update(client, sql, &args)?
@@ -399,9 +407,16 @@ fn insert_sql(utf8_db: bool, texts: bool) -> &'static str {
         (false, true) => insert!(
             "pg_catalog.convert_from($8::pg_catalog.bytea, 'UTF8')",
             ", record_keys",
-            ", $15"
+            ", ARRAY(SELECT pg_catalog.convert_from(pg_catalog.decode(u.k, 'hex'), 'UTF8') \
+                       FROM pg_catalog.unnest($15::pg_catalog.text[]) WITH ORDINALITY u(k, n) \
+                      ORDER BY u.n)"
         ),
     }
+}
+
+/// `s`'s bytes in hex.
+fn hex(s: &str) -> String {
+    s.bytes().map(|b| format!("{b:02x}")).collect()
 }
 
 fn legacy_insert_sql(utf8_db: bool) -> &'static str {

@@ -99,8 +99,9 @@ struct Definition {
     slot: String,
     format: Option<Format>,
     /// What the events of some tables carry and what keys them (its
-    /// option `tables`, by table oid).
-    shapes: HashMap<u32, Shape>,
+    /// option `tables`, by table oid), with the numbers of the columns
+    /// named there.
+    shapes: HashMap<u32, (Shape, HashMap<String, i64>)>,
     /// The role that created it (see [`readable`]).
     created_by: pg_sys::Oid,
     /// Its failed passes in a row.
@@ -401,8 +402,9 @@ fn definitions() -> Result<Vec<Definition>, pgrx::spi::Error> {
     })
 }
 
-/// The shapes create_capture stored (`[{"relid": …, "key": …, …}]`).
-fn shapes(tables: Option<&str>) -> HashMap<u32, Shape> {
+/// The shapes create_capture stored (`[{"relid": …, "attnums": {…},
+/// "key": …, …}]`).
+fn shapes(tables: Option<&str>) -> HashMap<u32, (Shape, HashMap<String, i64>)> {
     let Some(Ok(serde_json::Value::Array(list))) = tables.map(serde_json::from_str) else {
         return HashMap::new();
     };
@@ -410,7 +412,16 @@ fn shapes(tables: Option<&str>) -> HashMap<u32, Shape> {
         .filter_map(|t| {
             let t = t.as_object()?;
             let relid = u32::try_from(t.get("relid")?.as_u64()?).ok()?;
-            Some((relid, Shape::from_json(t).ok()?))
+            let attnums = t
+                .get("attnums")
+                .and_then(|a| a.as_object())
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|(k, v)| Some((k.clone(), v.as_i64()?)))
+                        .collect()
+                })
+                .unwrap_or_default();
+            Some((relid, (Shape::from_json(t).ok()?, attnums)))
         })
         .collect()
 }
@@ -506,8 +517,10 @@ struct Table {
     target: Rc<Resolved>,
     format: Format,
     /// The columns its events carry, in their order (indexes into
-    /// `rel.columns`; `tables`' `columns`/`exclude`), or every one.
-    carried: Option<Vec<usize>>,
+    /// `rel.columns`): `tables`' `columns`/`exclude`, else every one; and
+    /// those of them an old row with only the replica identity's has.
+    carried: Vec<usize>,
+    carried_key_only: Vec<usize>,
     /// Its key's columns in the key's order (`tables`' `key`), else those
     /// the relation marks as its replica identity's.
     key: Vec<usize>,
@@ -813,6 +826,12 @@ fn table(
             None
         }
     };
+    let carried = carried.unwrap_or(all);
+    let carried_key_only = carried
+        .iter()
+        .copied()
+        .filter(|&i| rel.columns[i].key)
+        .collect();
     Some(Table {
         schema: rel.schema.as_str().into(),
         table: rel.table.as_str().into(),
@@ -822,6 +841,7 @@ fn table(
         target,
         format,
         carried,
+        carried_key_only,
         key,
     })
 }
@@ -844,14 +864,33 @@ fn shaped(def: &Definition, rel: &Relation) -> (Option<Vec<usize>>, Vec<usize>) 
             .map(|(i, _)| i)
             .collect(),
     };
-    let Some(shape) = def.shapes.get(&rel.relid) else {
+    let Some((shape, attnums)) = def.shapes.get(&rel.relid) else {
         return (None, identity());
+    };
+    // A column is found by the name it had when the capture was made, else
+    // by its number: renamed since, it is still the column meant (an
+    // excluded one stays excluded).
+    let renamed = |name: &str| -> Option<String> {
+        let attnum = *attnums.get(name)?;
+        Spi::connect(|c| {
+            c.select(
+                "SELECT a.attname::pg_catalog.text FROM pg_catalog.pg_attribute a \
+                  WHERE a.attrelid = $1 AND a.attnum = $2 AND NOT a.attisdropped",
+                None,
+                &[pg_sys::Oid::from(rel.relid).into(), (attnum as i16).into()],
+            )?
+            .first()
+            .get_one::<String>()
+        })
+        .ok()
+        .flatten()
     };
     let find = |option: &str, names: &[String]| -> Vec<usize> {
         names
             .iter()
             .filter_map(|n| {
-                let i = rel.columns.iter().position(|c| c.name == *n);
+                let at = |n: &str| rel.columns.iter().position(|c| c.name == n);
+                let i = at(n).or_else(|| renamed(n).and_then(|now| at(&now)));
                 if i.is_none() {
                     note(format!(
                         "capture {:?}: {}.{} has no column {n:?} ({option} in its option tables) any more",
@@ -958,9 +997,8 @@ fn queue_change(
                 def.name, t.schema, t.table
             ));
             (
-                new.as_deref().map(|v| text_row(t, v, &carried(t, false))),
-                old.as_deref()
-                    .map(|v| text_row(t, v, &carried(t, key_only))),
+                new.as_deref().map(|v| text_row(t, v, carried(t, false))),
+                old.as_deref().map(|v| text_row(t, v, carried(t, key_only))),
                 None,
                 None,
             )
@@ -1003,19 +1041,21 @@ fn convert(
     let owner = t.owner;
     let texts = t.target.target.record_keys();
     let what = format!("a row of {}.{}", t.schema, t.table);
-    let new_cols = carried(t, false);
-    let old_cols = carried(t, key_only);
     let Some(typed) = t.typed.as_mut() else {
         return Err("its types could not be looked up".into());
     };
-    let (rel, key_cols) = (&t.rel, &t.key);
+    let (rel, key_cols, new_cols) = (&t.rel, &t.key, &t.carried);
+    let old_cols = match key_only {
+        true => &t.carried_key_only,
+        false => &t.carried,
+    };
     guarded(|| {
         crate::privileged::as_role(owner, false, || {
             let what = || what.clone();
             let new_json =
-                new.map(|v| encoding::to_utf8(row(rel, typed, v, &new_cols), &what).into_owned());
+                new.map(|v| encoding::to_utf8(row(rel, typed, v, new_cols), &what).into_owned());
             let old_json =
-                old.map(|v| encoding::to_utf8(row(rel, typed, v, &old_cols), &what).into_owned());
+                old.map(|v| encoding::to_utf8(row(rel, typed, v, old_cols), &what).into_owned());
             // The ordering key: the key columns' values, before the change
             // when the WAL has them, as a trigger's key is.
             let (keyed, keyed_only) = match old {
@@ -1025,7 +1065,9 @@ fn convert(
             let key = keyed.and_then(|v| key_of(rel, typed, v, key_cols, keyed_only));
             let text = match keyed {
                 Some(v) if texts && key.is_some() => {
-                    let json = encoding::to_utf8(row(rel, typed, v, key_cols), &what);
+                    let json = crate::privileged::with_key_output(|| {
+                        encoding::to_utf8(row(rel, typed, v, key_cols), &what).into_owned()
+                    });
                     Some(String::from_utf8_lossy(&json).into_owned())
                 }
                 _ => None,
@@ -1036,15 +1078,12 @@ fn convert(
 }
 
 /// The columns an event of `t` carries, in order (indexes into its
-/// columns): the option `tables`' `columns`/`exclude`, else every one;
-/// of an old row that has only the replica identity's (`key_only`), those
-/// of them it has.
-fn carried(t: &Table, key_only: bool) -> Vec<usize> {
-    let all = || (0..t.rel.columns.len()).collect();
-    let cols: Vec<usize> = t.carried.clone().unwrap_or_else(all);
+/// columns); of an old row that has only the replica identity's
+/// (`key_only`), those of them it has.
+fn carried(t: &Table, key_only: bool) -> &[usize] {
     match key_only {
-        true => cols.into_iter().filter(|&i| t.rel.columns[i].key).collect(),
-        false => cols,
+        true => &t.carried_key_only,
+        false => &t.carried,
     }
 }
 

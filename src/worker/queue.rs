@@ -392,7 +392,10 @@ fn read_payloads(
         let payload = String::from_utf8(payload)
             .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
         let keys = r.get_by_name::<Vec<Option<i64>>, _>("keys")?;
-        let texts = r.get_by_name::<Vec<Option<String>>, _>("record_keys")?;
+        // In hex, as UTF-8 whatever the database's encoding.
+        let texts = r
+            .get_by_name::<Vec<Option<String>>, _>("record_keys")?
+            .map(|ks| ks.into_iter().map(|k| k.map(|h| unhex(&h))).collect());
         // Only this library writes the column; a name it does not know
         // (from a newer one, before a downgrade) gets 0.1.0's treatment.
         let kind = r
@@ -412,9 +415,21 @@ fn read_payloads(
     Ok(())
 }
 
+/// Text from its UTF-8 bytes in hex (as PAYLOADS_SQL reads record keys).
+fn unhex(h: &str) -> String {
+    let bytes: Vec<u8> = (0..h.len() / 2)
+        .filter_map(|i| u8::from_str_radix(h.get(2 * i..2 * i + 2)?, 16).ok())
+        .collect();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
 const PAYLOADS_SQL: &str = "
-SELECT id, pg_catalog.convert_to(payload, 'UTF8') AS payload, keys, record_keys, format
-  FROM emit.outbox WHERE id = ANY($1)";
+SELECT o.id, pg_catalog.convert_to(o.payload, 'UTF8') AS payload, o.keys,
+       (SELECT pg_catalog.array_agg(pg_catalog.encode(pg_catalog.convert_to(u.k, 'UTF8'), 'hex')
+                                    ORDER BY u.n)
+          FROM pg_catalog.unnest(o.record_keys) WITH ORDINALITY u(k, n)) AS record_keys,
+       o.format
+  FROM emit.outbox o WHERE o.id = ANY($1)";
 
 /// The head of a destination's queue, in commit order. LIMIT is in the SQL
 /// so that the kept plan is an ordered index scan that stops early (and

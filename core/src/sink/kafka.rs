@@ -371,7 +371,7 @@ fn produce(
     };
     let mut done = 0;
     while done < records.len() {
-        let end = chunk_end(records, done);
+        let end = chunk_end(records, done, target.columns_key);
         let chunk = &records[done..end];
         if let Err(e) = conn.hold_off(intr) {
             *slot = Some(conn);
@@ -1050,11 +1050,11 @@ fn partition(key: Option<&[u8]>, n: usize) -> Option<usize> {
 /// Where the chunk starting at `start` ends: at most [`CHUNK_RECORDS`]
 /// records and [`CHUNK_BYTES`], counted whole; a record larger than a
 /// chunk goes alone.
-fn chunk_end(records: &[Record<'_>], start: usize) -> usize {
+fn chunk_end(records: &[Record<'_>], start: usize, columns: bool) -> usize {
     let mut end = start;
     let mut bytes = 0;
     while end < records.len() && end - start < CHUNK_RECORDS {
-        let size = encoded_size(&records[end]);
+        let size = encoded_size(&records[end], columns);
         if end > start && bytes + size > CHUNK_BYTES {
             break;
         }
@@ -1065,8 +1065,9 @@ fn chunk_end(records: &[Record<'_>], start: usize) -> usize {
 }
 
 /// About what a record takes in a batch: value, key, headers, framing.
-fn encoded_size(r: &Record<'_>) -> usize {
-    r.body.len() + r.id.len() + r.content_type.len() + r.record_key.map_or(16, str::len) + 40
+fn encoded_size(r: &Record<'_>, columns: bool) -> usize {
+    let key = record_key(r, columns).map_or(0, |k| k.len());
+    r.body.len() + r.id.len() + r.content_type.len() + key + 40
 }
 
 /// A record's key: [`Item::record_key`] with `record_key: "columns"`
@@ -1633,11 +1634,11 @@ mod tests {
             rec(big),
             rec(small),
         ];
-        assert_eq!(chunk_end(&recs, 0), 5);
-        assert_eq!(chunk_end(&recs, 5), 6);
-        assert_eq!(chunk_end(&recs, 6), 7);
+        assert_eq!(chunk_end(&recs, 0, false), 5);
+        assert_eq!(chunk_end(&recs, 5, false), 6);
+        assert_eq!(chunk_end(&recs, 6, false), 7);
         let tiny: Vec<Record<'_>> = (0..5000).map(|_| rec(b"{}")).collect();
-        assert_eq!(chunk_end(&tiny, 0), CHUNK_RECORDS);
+        assert_eq!(chunk_end(&tiny, 0, false), CHUNK_RECORDS);
     }
 
     /// A one-partition broker on loopback that answers Metadata and
