@@ -791,8 +791,11 @@ def test_kafka_record_keys_are_the_same_from_a_backfill_a_trigger_and_capture(s)
         s.execute("SELECT emit.create_destination('keyed', %s, %s)",
                   (f"kafka://127.0.0.1:{k.port}/keyed",
                    json.dumps({"record_key": "columns", "format": "debezium"})))
-        s.execute("CREATE TABLE k_rows (v int, tenant text, id int, PRIMARY KEY (id, tenant))")
-        s.execute("INSERT INTO k_rows VALUES (0, 'a', 1), (0, 'b', 2)")
+        s.execute("CREATE TABLE k_rows (v int, tenant text, id int, at timestamptz, "
+                  "PRIMARY KEY (id, tenant, at))")
+        s.execute("INSERT INTO k_rows VALUES (0, 'a', 1, '2026-01-01Z'), (0, 'b', 2, '2026-01-01Z')")
+        # Keys are written with fixed settings, whatever the session's.
+        s.execute("SET TimeZone = 'Asia/Tokyo'")
         assert s.one("SELECT emit.backfill('k_rows', 'keyed')") == 2
         s.execute("CREATE TRIGGER out AFTER INSERT OR UPDATE OR DELETE ON k_rows FOR EACH ROW "
                   "EXECUTE FUNCTION row_to_destination('keyed', 'delivery=async')")
@@ -814,8 +817,8 @@ def test_kafka_record_keys_are_the_same_from_a_backfill_a_trigger_and_capture(s)
         # The key columns in the table's order (as the replica identity
         # lists them), as row_to_json writes them.
         assert {k: [op for _, op, _ in seen] for k, seen in by_key.items()} == {
-            '{"tenant":"a","id":1}': ["r", "u"],
-            '{"tenant":"b","id":2}': ["r", "u", "d"],
+            '{"tenant":"a","id":1,"at":"2026-01-01T00:00:00+00:00"}': ["r", "u"],
+            '{"tenant":"b","id":2,"at":"2026-01-01T00:00:00+00:00"}': ["r", "u", "d"],
             '{"id":10}': ["c", "u", "d"],
             "order-7": [None],
         }
@@ -824,6 +827,7 @@ def test_kafka_record_keys_are_the_same_from_a_backfill_a_trigger_and_capture(s)
         assert java_partitions(k, "java", list(by_key)) == {
             key: seen[0][0] for key, seen in by_key.items()}
     finally:
+        s.execute("RESET TimeZone")
         s.execute("SELECT emit.drop_capture(name) FROM emit.capture_definitions WHERE name = 'keyed'")
         s.execute("DROP TABLE IF EXISTS k_rows, k_captured")
         s.execute("DROP PUBLICATION IF EXISTS k_pub")
