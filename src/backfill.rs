@@ -24,7 +24,6 @@ use pg_emit_core::options::{Delivery, Format, OptionError, Shape};
 use pg_emit_core::schedule::Key;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
-use pgrx::PgMemoryContexts;
 use pgrx::PgSqlErrorCode;
 use std::ffi::CString;
 use std::rc::Rc;
@@ -203,7 +202,6 @@ pub fn backfill(
     outbox::refusal_is_error();
     let mut count = 0i64;
     let mut buf = Vec::new();
-    let mut batch = PgMemoryContexts::new("pg_emit backfill rows");
     // A snapshot taken now, after the lock: the statement's own predates
     // it and would miss what a writer committed while the lock waited.
     // SAFETY: pushed here, popped below on success; an ERROR in between
@@ -211,38 +209,33 @@ pub fn backfill(
     unsafe { pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot()) };
     Spi::connect(|c| {
         let mut cursor = c.open_cursor(sql.as_str(), &[]);
-        loop {
-            let rows = cursor.fetch(FETCH)?;
-            if rows.is_empty() {
-                break;
-            }
-            for r in rows {
-                let row = r.get::<&[u8]>(1)?.unwrap_or(b"null");
+        // Bounded memory: the rows, key values and JSON of a batch are
+        // freed after it.
+        crate::batches::each(&mut cursor, FETCH, |batch| {
+            for i in 0..batch.len() {
+                let row = batch.bytes(i, 1).unwrap_or(b"null");
                 let values: Vec<Option<&[u8]>> = (0..identity.len())
-                    .map(|i| r.get::<&[u8]>(i + 2))
-                    .collect::<Result<_, _>>()?;
-                // SAFETY: the key's values are made, hashed and written
-                // in the batch's context, reset after the batch.
-                let (order, text) = unsafe {
-                    batch.switch_to(|_| {
-                        if identity.is_empty() {
-                            return (None, None);
-                        }
-                        let datums = key_values(&identity, &values);
-                        let order = key_of(relid, &identity, &datums);
-                        let text = key_desc.map(|desc| {
-                            let (mut d, mut n): (Vec<_>, Vec<_>) = datums
-                                .iter()
-                                .map(|v| (v.unwrap_or(pg_sys::Datum::from(0)), v.is_none()))
-                                .unzip();
-                            let json = crate::privileged::with_key_output(|| {
-                                crate::trigger::values_json(desc, &mut d, &mut n)
-                            });
-                            let what = || format!("a key of {schema}.{table}");
-                            String::from_utf8_lossy(&encoding::to_utf8(json, &what)).into_owned()
+                    .map(|k| batch.bytes(i, k as i32 + 2))
+                    .collect();
+                let (order, text) = if identity.is_empty() {
+                    (None, None)
+                } else {
+                    let datums = key_values(&identity, &values);
+                    let order = key_of(relid, &identity, &datums);
+                    let text = key_desc.map(|desc| {
+                        let (mut d, mut n): (Vec<_>, Vec<_>) = datums
+                            .iter()
+                            .map(|v| (v.unwrap_or(pg_sys::Datum::from(0)), v.is_none()))
+                            .unzip();
+                        // SAFETY: one value (or NULL) per key column, of
+                        // the key row type's.
+                        let json = crate::privileged::with_key_output(|| unsafe {
+                            crate::trigger::values_json(desc, &mut d, &mut n)
                         });
-                        (Some(order), text)
-                    })
+                        let what = || format!("a key of {schema}.{table}");
+                        String::from_utf8_lossy(&encoding::to_utf8(json, &what)).into_owned()
+                    });
+                    (Some(order), text)
                 };
                 buf.clear();
                 event::write_event(&mut buf, format, &ev, Some(row), None, true);
@@ -255,10 +248,8 @@ pub fn backfill(
                 );
                 count += 1;
             }
-            // SAFETY: nothing made in it outlives the batch.
-            unsafe { batch.reset() };
-        }
-        Ok::<_, pgrx::spi::Error>(())
+            Ok::<_, pgrx::spi::Error>(())
+        })
     })
     .unwrap_or_else(|e| pgrx::error!("{func}: {e}"));
     // SAFETY: the snapshot pushed above.

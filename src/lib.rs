@@ -14,6 +14,7 @@ use pg_emit_core::{backoff, cooldown, event, options, security, transport};
 
 mod admin;
 mod backfill;
+mod batches;
 mod capture;
 mod ddl;
 mod delivery;

@@ -616,23 +616,19 @@ fn capture(def: &Definition, seen: u64, stale: bool) -> Result<Pass, pgrx::spi::
         let mut rows: i64 = 0;
         let mut last_end = 0u64;
         let mut events = 0usize;
-        let mut batch = PgMemoryContexts::new("pg_emit capture rows");
-        loop {
-            let fetched = cursor.fetch(FETCH)?;
-            if fetched.is_empty() {
-                break;
-            }
-            // pgrx leaves fetched rows to SPI_finish: freed after the batch
-            // instead, so a transaction of millions of rows is never held.
-            // SAFETY: the table this fetch made; nested SPI (an outbox
-            // flush) restores the global when it finishes.
-            let tuptable = unsafe { pg_sys::SPI_tuptable };
-            for r in fetched {
+        // A transaction of millions of rows is read a batch at a time:
+        // values, rows and JSON of a batch are freed after it.
+        crate::batches::each(&mut cursor, FETCH, |batch| {
+            for i in 0..batch.len() {
                 rows += 1;
-                let Some(data) = r.get::<&[u8]>(2)? else {
+                let Some(data) = batch.bytes(i, 2) else {
                     continue;
                 };
-                let at = lsn(r.get::<String>(1)?);
+                let at = batch
+                    .bytes(i, 1)
+                    .and_then(|b| std::str::from_utf8(b).ok())
+                    .and_then(pgoutput::parse_lsn)
+                    .unwrap_or(0);
                 let msg = pgoutput::parse(data).unwrap_or_else(|e| pgrx::error!("{e}"));
                 match msg {
                     Message::Begin {
@@ -662,22 +658,13 @@ fn capture(def: &Definition, seen: u64, stale: bool) -> Result<Pass, pgrx::spi::
                     Message::Other(_) => {}
                     change if !txn.skip => {
                         txn.at = at;
-                        // SAFETY: values, rows and JSON of this batch live
-                        // in its context, reset after the batch.
-                        events += unsafe {
-                            batch.switch_to(|_| queue_change(def, &mut tables, &txn, change))
-                        };
+                        events += queue_change(def, &mut tables, &txn, change);
                     }
                     _ => {}
                 }
             }
-            // SAFETY: nothing allocated in it is used after the batch (the
-            // events were copied into the outbox buffer).
-            unsafe {
-                batch.reset();
-                pg_sys::SPI_freetuptable(tuptable);
-            }
-        }
+            Ok::<_, pgrx::spi::Error>(())
+        })?;
         drop(cursor);
         let full = rows >= CHANGES_PER_PASS;
         // Everything up to the flushed WAL was decoded, unless the call
