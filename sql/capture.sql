@@ -27,6 +27,25 @@ COMMENT ON TABLE emit.capture_definitions IS
     'pg_emit: captures from the WAL (emit.create_capture) and how far each has queued';
 REVOKE ALL ON emit.capture_definitions FROM PUBLIC;
 
+-- (0.3) Where a backfill in parts (emit.backfill's options limit and
+-- resume) stands, per table and destination (as the caller named it): the
+-- primary key of the last row queued (each value's textsend, in the key's
+-- order; attnums: its columns then), and whether the last part reached the
+-- end. Written in the part's transaction, as the emit schema's owner.
+-- Not dumped (table oids do not survive a restore).
+CREATE TABLE emit.backfill_progress (
+    relid      oid NOT NULL,
+    dest       text NOT NULL,
+    attnums    int2[] NOT NULL,
+    after      bytea[] NOT NULL,
+    done       boolean NOT NULL,
+    updated_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    PRIMARY KEY (relid, dest)
+);
+COMMENT ON TABLE emit.backfill_progress IS
+    'pg_emit: where each backfill in parts (emit.backfill with limit, resume) stopped';
+REVOKE ALL ON emit.backfill_progress FROM PUBLIC;
+
 CREATE VIEW emit.captures AS
 SELECT c.name, c.dest, c.publication, c.slot, c.options,
        c.created_by::pg_catalog.regrole AS created_by,

@@ -11,6 +11,15 @@
 //! change of a row is then either in the row as read, or committed after
 //! the backfill and so queued, by a trigger or a capture, after its events.
 //! A backfill that fails leaves nothing queued: run it again.
+//!
+//! A large table can be backfilled in parts (`limit`, `resume`), each in a
+//! transaction of its own, so that no transaction, nor the writers' wait
+//! for its lock, grows with the table. Each part records in
+//! `emit.backfill_progress` the primary key of the last row it queued; a
+//! part with `resume` reads on from there. A change to a row of a later
+//! part, committed between parts, is queued before that row's READ event,
+//! which carries the row as it then is: receivers that apply events in
+//! order still end with every row as it is.
 
 use crate::delivery::outbox;
 use crate::delivery::Destination;
@@ -18,10 +27,12 @@ use crate::encoding;
 use crate::error::EmitError;
 use crate::event::{self, Event, Kind, Op};
 use crate::made::Made;
+use crate::privileged::as_emit_owner;
 use crate::shape::{self, Column, Which};
 use crate::stored::{self, Resolved};
 use pg_emit_core::options::{Delivery, Format, OptionError, Shape};
 use pg_emit_core::schedule::Key;
+use pgrx::datum::DatumWithOid;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use pgrx::PgSqlErrorCode;
@@ -34,6 +45,28 @@ const FETCH: i64 = 1000;
 fn fail(code: PgSqlErrorCode, message: String) -> ! {
     pgrx::pg_sys::panic::ErrorReport::new(code, message, "pg_emit").report(pgrx::PgLogLevel::ERROR);
     unreachable!("ERROR returned")
+}
+
+/// Which rows of the table a backfill queues.
+#[derive(Clone, Copy, Default)]
+pub struct Part {
+    /// At most this many, in primary-key order.
+    pub limit: Option<i64>,
+    /// Those after the last row the previous part queued (of a backfill
+    /// of the same table to the same destination, as recorded in
+    /// `emit.backfill_progress`); without it, a part starts from the
+    /// first row.
+    pub resume: bool,
+}
+
+/// Where a backfill in parts stands.
+struct Progress {
+    /// The primary key's column numbers when it was recorded.
+    attnums: Vec<i16>,
+    /// The last queued row's primary key: each value's text (`textsend`).
+    after: Vec<Vec<u8>>,
+    /// The last part reached the end of the table.
+    done: bool,
 }
 
 fn quote(name: &str) -> String {
@@ -49,6 +82,7 @@ pub fn backfill(
     dest: &str,
     format: Option<Format>,
     shape: &Shape,
+    part: Part,
 ) -> i64 {
     let resolved = stored::resolve(func, dest);
     crate::delivery::refuse_unless_allowed(&|| func.to_string(), &resolved.target);
@@ -123,7 +157,9 @@ pub fn backfill(
         .unwrap_or_else(|source| EmitError::Argument { func, source }.raise());
     let shape::Checked { carried, key, .. } =
         shape::check(func, relid, &format!("{schema}.{table}"), shape, false);
-    let keys = shape::columns(relid, Which::Primary);
+    let mut keys = shape::columns(relid, Which::Primary);
+    // The order rows are read in, and what a part resumes after.
+    keys.sort_by_key(|k| k.place);
     // The events' ordering key is the replica identity's, as triggers and
     // capture give it (a row's later changes must share its key, or they
     // could overtake its READ event): none for FULL or NOTHING; or the
@@ -138,6 +174,25 @@ pub fn backfill(
         }
         .raise()
     }
+    let attnums: Vec<i16> = keys.iter().map(|k| k.attnum).collect();
+    let after = match part.resume {
+        true => progress(relid, dest),
+        false => None,
+    };
+    if let Some(p) = &after {
+        if p.done {
+            return 0;
+        }
+        if p.attnums != attnums {
+            fail(
+                PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                format!(
+                    "{func}: the primary key of {schema}.{table} changed since the last part \
+                     of this backfill: start it again without resume"
+                ),
+            );
+        }
+    }
     // SAFETY: a lock on a table the caller names, held to the end of its
     // transaction; PostgreSQL checks nothing here, the SELECT below
     // checks the caller may read it.
@@ -146,12 +201,11 @@ pub fn backfill(
         .iter()
         .map(|k| format!("t.{}", quote(&k.name)))
         .collect();
-    let mut order: Vec<&Column> = keys.iter().collect();
-    order.sort_by_key(|k| k.place);
-    let order: Vec<String> = order
+    let order: Vec<String> = keys
         .iter()
         .map(|k| format!("t.{}", quote(&k.name)))
         .collect();
+    let order = order.join(", ");
     // Kafka's `record_key: "columns"`: the key columns as JSON, made as a
     // trigger makes them (row_to_json of just them, with the same fixed
     // output settings), byte for byte, so that a row's later changes land
@@ -174,17 +228,55 @@ pub fn backfill(
     };
     // Read as bytes: the row as UTF-8, the key values in the database's
     // encoding, for their input functions (pgrx reads text only as UTF-8).
+    // The primary key's values come last: a part records the last row's.
+    let texts = |cols: &mut dyn Iterator<Item = String>| -> String {
+        cols.map(|c| format!(", pg_catalog.textsend({c}::pg_catalog.text)"))
+            .collect()
+    };
+    let (identity_sql, key_sql) = (
+        texts(&mut columns.iter().cloned()),
+        texts(&mut keys.iter().map(|k| format!("t.{}", quote(&k.name)))),
+    );
+    let after = after.map(|p| p.after).filter(|a| !a.is_empty());
+    let from = match &after {
+        None => String::new(),
+        Some(_) => format!(
+            " WHERE ({order}) > ({})",
+            (1..=keys.len())
+                .map(|i| format!("${i}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    };
+    let limit = part
+        .limit
+        .map(|n| format!(" LIMIT {n}"))
+        .unwrap_or_default();
     let sql = format!(
-        "SELECT pg_catalog.convert_to({row_sql}::pg_catalog.text, 'UTF8'){} \
-           FROM {}.{} t ORDER BY {}",
-        columns
-            .iter()
-            .map(|c| format!(", pg_catalog.textsend({c}::pg_catalog.text)"))
-            .collect::<String>(),
+        "SELECT pg_catalog.convert_to({row_sql}::pg_catalog.text, 'UTF8'){identity_sql}{key_sql} \
+           FROM {}.{} t{from} ORDER BY {order}{limit}",
         quote(&schema),
         quote(&table),
-        order.join(", ")
     );
+    // The values a part resumes after, through their types' input
+    // functions (as the caller: they are values of its table).
+    let args: Vec<DatumWithOid> = match &after {
+        None => Vec::new(),
+        Some(after) => {
+            let values: Vec<Option<&[u8]>> = after.iter().map(|v| Some(v.as_slice())).collect();
+            key_values(&keys, &values)
+                .into_iter()
+                .zip(&keys)
+                // SAFETY: a value of the column's type, made by its input
+                // function.
+                .map(|(d, k)| match d {
+                    Some(d) => unsafe { DatumWithOid::new(d, k.type_oid) },
+                    None => DatumWithOid::null_oid(k.type_oid),
+                })
+                .collect()
+        }
+    };
+    let mut last: Option<Vec<Vec<u8>>> = None;
     let made = Made::now(format, Delivery::Async);
     let ev = Event {
         op: Op::Read,
@@ -208,7 +300,7 @@ pub fn backfill(
     // aborts the transaction, which pops it.
     unsafe { pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot()) };
     Spi::connect(|c| {
-        let mut cursor = c.open_cursor(sql.as_str(), &[]);
+        let mut cursor = c.open_cursor(sql.as_str(), &args);
         // Bounded memory: the rows, key values and JSON of a batch are
         // freed after it.
         crate::batches::each(&mut cursor, FETCH, |batch| {
@@ -248,13 +340,85 @@ pub fn backfill(
                 );
                 count += 1;
             }
+            let end = batch.len() - 1;
+            last = Some(
+                (0..keys.len())
+                    .map(|k| {
+                        let col = (2 + identity.len() + k) as i32;
+                        batch.bytes(end, col).unwrap_or_default().to_vec()
+                    })
+                    .collect(),
+            );
             Ok::<_, pgrx::spi::Error>(())
         })
     })
     .unwrap_or_else(|e| pgrx::error!("{func}: {e}"));
     // SAFETY: the snapshot pushed above.
     unsafe { pg_sys::PopActiveSnapshot() };
+    if part.limit.is_some() || part.resume {
+        let done = part.limit.is_none_or(|n| count < n);
+        let after = last.or(after).unwrap_or_default();
+        record(relid, dest, &attnums, after, done);
+    }
     count
+}
+
+/// Where the backfill of `relid` to `dest` in parts stands, if one was
+/// recorded.
+fn progress(relid: pg_sys::Oid, dest: &str) -> Option<Progress> {
+    as_emit_owner(|| {
+        Spi::connect(|c| {
+            let row = c
+                .select(
+                    "SELECT p.done, p.attnums FROM emit.backfill_progress p \
+                      WHERE p.relid = $1 AND p.dest = $2",
+                    None,
+                    &[relid.into(), dest.into()],
+                )?
+                .first();
+            if row.is_empty() {
+                return Ok(None);
+            }
+            let (done, attnums) = row.get_two::<bool, Vec<i16>>()?;
+            let after = c
+                .select(
+                    "SELECT u.v FROM emit.backfill_progress p, \
+                            pg_catalog.unnest(p.after) WITH ORDINALITY u(v, n) \
+                      WHERE p.relid = $1 AND p.dest = $2 ORDER BY u.n",
+                    None,
+                    &[relid.into(), dest.into()],
+                )?
+                .map(|r| r.get::<Vec<u8>>(1).map(Option::unwrap_or_default))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok::<_, pgrx::spi::Error>(Some(Progress {
+                attnums: attnums.unwrap_or_default(),
+                after,
+                done: done.unwrap_or(false),
+            }))
+        })
+    })
+    .unwrap_or_else(|e| pgrx::error!("emit.backfill: {e}"))
+}
+
+/// Records where a part of the backfill of `relid` to `dest` stopped, in
+/// its transaction: a part that rolls back leaves the record as it was.
+fn record(relid: pg_sys::Oid, dest: &str, attnums: &[i16], after: Vec<Vec<u8>>, done: bool) {
+    as_emit_owner(|| {
+        Spi::run_with_args(
+            "INSERT INTO emit.backfill_progress (relid, dest, attnums, after, done) \
+             VALUES ($1, $2, $3, $4, $5) \
+             ON CONFLICT (relid, dest) DO UPDATE SET attnums = EXCLUDED.attnums, \
+                 after = EXCLUDED.after, done = EXCLUDED.done, updated_at = pg_catalog.now()",
+            &[
+                relid.into(),
+                dest.into(),
+                attnums.to_vec().into(),
+                after.into(),
+                done.into(),
+            ],
+        )
+    })
+    .unwrap_or_else(|e| pgrx::error!("emit.backfill: {e}"))
 }
 
 /// A row's key values (`values`: their text in the database's encoding)
@@ -317,6 +481,6 @@ mod emit {
     fn backfill(tbl: pg_sys::Oid, dest: &str, options: JsonB) -> i64 {
         const F: &str = "emit.backfill";
         let o = crate::capture::options_of(F, &options.0, false);
-        super::backfill(F, tbl, dest, o.format, &o.shape)
+        super::backfill(F, tbl, dest, o.format, &o.shape, o.part)
     }
 }

@@ -58,20 +58,22 @@ pub struct Parsed {
     /// Capture: the same per table, by the name given (resolved through
     /// the caller's search_path when the capture is made).
     pub tables: Vec<(String, Shape)>,
+    /// Backfill: which part of the table.
+    pub part: crate::backfill::Part,
 }
 
 /// A capture's options (`capture`): `{"format": "json" | "td" |
 /// "supabase" | "debezium" | "cloudevents", "snapshot": true | false,
 /// "failover": true | false, "tables": {"<table>": {"key": …,
 /// "columns": … | "exclude": …}}}`; a
-/// backfill's: `format`, `key`, `columns`, `exclude`. Unknown keys are
-/// refused.
+/// backfill's: `format`, `key`, `columns`, `exclude`, `limit` (a positive
+/// integer), `resume` (true or false). Unknown keys are refused.
 pub fn options_of(func: &'static str, options: &serde_json::Value, capture: bool) -> Parsed {
     let bad = |why: String| -> ! { EmitError::bad_option(func, why) };
     let known: &[&str] = if capture {
         &["format", "snapshot", "failover", "tables"]
     } else {
-        &["format", "key", "columns", "exclude"]
+        &["format", "key", "columns", "exclude", "limit", "resume"]
     };
     let map = EmitError::options(func, options, known);
     let format = match map.get("format") {
@@ -89,6 +91,14 @@ pub fn options_of(func: &'static str, options: &serde_json::Value, capture: bool
         Some(other) => bad(format!("{name} {other} is not true or false")),
     };
     let (snapshot, failover) = (flag("snapshot"), flag("failover"));
+    let limit = map.get("limit").map(|v| match v.as_i64() {
+        Some(n) if n > 0 => n,
+        _ => bad(format!("limit {v} is not a positive integer")),
+    });
+    let part = crate::backfill::Part {
+        limit,
+        resume: flag("resume"),
+    };
     let tables = match map.get("tables") {
         None => Vec::new(),
         Some(serde_json::Value::Object(t)) => t
@@ -124,6 +134,7 @@ pub fn options_of(func: &'static str, options: &serde_json::Value, capture: bool
         failover,
         shape,
         tables,
+        part,
     }
 }
 
@@ -338,7 +349,7 @@ mod emit {
             let none = Shape::default();
             for relid in published_tables(publication) {
                 let shape = shapes.iter().find(|s| s.0 == relid).map_or(&none, |s| &s.2);
-                crate::backfill::backfill(F, relid, dest, format, shape);
+                crate::backfill::backfill(F, relid, dest, format, shape, Default::default());
             }
         }
         // Wakes the worker at commit (starting it if none runs).

@@ -20,6 +20,7 @@ pub struct Column {
     /// Its place in the index it was read from (the primary key's: the
     /// order backfill reads rows in); 0 for a column read by name.
     pub place: i32,
+    pub type_oid: pg_sys::Oid,
     pub input: (pg_sys::Oid, pg_sys::Oid),
     pub typmod: i32,
     pub byval: bool,
@@ -80,6 +81,7 @@ pub fn columns(relid: pg_sys::Oid, which: Which) -> Vec<Column> {
             unsafe { pg_sys::getTypeInputInfo(typ, &mut func, &mut ioparam) };
             Ok(Column {
                 name: r.get::<String>(1)?.unwrap_or_default(),
+                type_oid: typ,
                 input: (func, ioparam),
                 typmod: r.get::<i32>(3)?.unwrap_or(-1),
                 byval: r.get::<bool>(4)?.unwrap_or(false),

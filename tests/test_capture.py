@@ -1046,3 +1046,64 @@ def test_a_large_transaction_and_a_large_backfill_hold_a_batch_not_every_row(s, 
         s.execute("DELETE FROM emit.outbox WHERE port = %s", (port,))
         s.execute("DROP PUBLICATION IF EXISTS c_wide_pub")
         s.execute("DROP TABLE IF EXISTS c_wide")
+
+
+def test_a_backfill_in_parts_resumes_after_the_last_committed_part(s, wal):
+    """`limit` and `resume`: a table backfilled in parts, each in a
+    transaction of its own (a DO loop that commits after each), in key
+    order; a part that rolled back is read again, a row changed between
+    parts is read as it then is, and a finished backfill resumes to 0."""
+    rx = Receiver("ndjson")
+    dest = url(rx)
+    s.execute("CREATE TABLE c_parts (tenant text, id int, v int, PRIMARY KEY (tenant, id))")
+    s.execute("INSERT INTO c_parts SELECT t, g, g FROM unnest(ARRAY['b', 'a']) t, generate_series(1, 13) g")
+    part = lambda opts: s.one("SELECT emit.backfill('c_parts', %s, %s)", (dest, json.dumps(opts)))
+    try:
+        assert part({"limit": 10}) == 10
+        s.execute("BEGIN")
+        assert part({"limit": 10, "resume": True}) == 10
+        s.execute("ROLLBACK")
+        # Between parts: a row of a later part changes, another goes.
+        s.execute("UPDATE c_parts SET v = -1 WHERE tenant = 'b' AND id = 1")
+        s.execute("DELETE FROM c_parts WHERE tenant = 'a' AND id = 13")
+        s.execute("""DO $$ BEGIN
+                       WHILE emit.backfill('c_parts', '%s', '{"limit": 10, "resume": true}') = 10 LOOP
+                         COMMIT;
+                       END LOOP;
+                     END $$""" % dest)
+        assert part({"limit": 10, "resume": True}) == 0
+        got = events(rx.wait_for(25, timeout=30))
+        time.sleep(0.5)
+        assert len(rx.messages) == 25
+        keys = [(e["new"]["tenant"], e["new"]["id"]) for e in got]
+        assert keys == sorted((t, i) for t in "ab" for i in range(1, 14) if (t, i) != ("a", 13))
+        assert {e["op"] for e in got} == {"READ"}
+        assert got[keys.index(("b", 1))]["new"] == {"tenant": "b", "id": 1, "v": -1}
+        # Without resume, a part starts again from the first row.
+        assert part({"limit": 3}) == 3
+        assert events(rx.wait_for(28, timeout=30))[-3]["new"]["id"] == 1
+        # An emit_admin goes on with it (where it stands is written as the
+        # extension's owner).
+        s.execute("DROP ROLE IF EXISTS c_admin4")
+        s.execute("CREATE ROLE c_admin4 IN ROLE emit_admin")
+        s.execute("GRANT SELECT ON c_parts TO c_admin4")
+        s.execute("SET ROLE c_admin4")
+        assert part({"limit": 3, "resume": True}) == 3
+        s.execute("RESET ROLE")
+        assert [e["new"]["id"] for e in events(rx.wait_for(31, timeout=30))[-3:]] == [4, 5, 6]
+        # Resuming after the primary key changed would skip or repeat rows.
+        s.execute("ALTER TABLE c_parts DROP CONSTRAINT c_parts_pkey, ADD PRIMARY KEY (id, tenant)")
+        with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState, match="primary key of public.c_parts changed"):
+            part({"limit": 3, "resume": True})
+        for opts, why in [({"limit": 0}, "limit 0 is not a positive integer"),
+                          ({"limit": "5"}, 'limit "5" is not a positive integer'),
+                          ({"resume": "yes"}, 'resume "yes" is not true or false')]:
+            with pytest.raises(psycopg.errors.InvalidParameterValue, match=why):
+                part(opts)
+        # Only the extension's owner reads or writes where backfills stand.
+        assert s.one("SELECT has_table_privilege('emit_admin', 'emit.backfill_progress', 'SELECT')") is False
+    finally:
+        rx.close()
+        s.execute("RESET ROLE")
+        s.execute("DROP TABLE IF EXISTS c_parts")
+        s.execute("DROP ROLE IF EXISTS c_admin4")
