@@ -118,14 +118,15 @@ REVOKE ALL ON emit.capture_definitions FROM PUBLIC;
 
 -- (0.3) Where a backfill in parts (emit.backfill's options limit and
 -- resume) stands, per table and destination (as the caller named it): the
--- primary key of the last row queued (each value's textsend, in the key's
--- order; attnums: its columns then), and whether the last part reached the
--- end. Written in the part's transaction, as the emit schema's owner.
--- Not dumped (table oids do not survive a restore).
+-- primary key of the last row queued (each value's text, made with fixed
+-- settings, in the key's order; signature: the key's columns, types and
+-- collations then), and whether the last part reached the end. Written
+-- in the part's transaction, as the emit schema's owner. Not dumped
+-- (table oids do not survive a restore).
 CREATE TABLE emit.backfill_progress (
     relid      oid NOT NULL,
     dest       text NOT NULL,
-    attnums    int2[] NOT NULL,
+    signature  text NOT NULL,
     after      bytea[] NOT NULL,
     done       boolean NOT NULL,
     updated_at timestamptz NOT NULL DEFAULT pg_catalog.now(),

@@ -1,6 +1,7 @@
 //! `emit.backfill(tbl, dest, options)`: the rows a table has now, as `READ`
 //! events (`"op":"r"` in Debezium, `pg_emit.row.read` in CloudEvents), in
-//! primary-key order, queued for async delivery to `dest` in the caller's
+//! primary-key order (a partitioned table's under its own name, as
+//! `publish_via_partition_root` publishes them), queued for async delivery to `dest` in the caller's
 //! transaction; and capture's `snapshot` option, which backfills every
 //! table of the publication when the capture starts.
 //!
@@ -61,9 +62,11 @@ pub struct Part {
 
 /// Where a backfill in parts stands.
 struct Progress {
-    /// The primary key's column numbers when it was recorded.
-    attnums: Vec<i16>,
-    /// The last queued row's primary key: each value's text (`textsend`).
+    /// What ordered the rows: the primary key's columns, their types and
+    /// collations.
+    signature: String,
+    /// The last queued row's primary key: each value's text (see
+    /// `resume_text`).
     after: Vec<Vec<u8>>,
     /// The last part reached the end of the table.
     done: bool,
@@ -111,13 +114,15 @@ pub fn backfill(
         }
         .raise()
     };
-    match kind.as_deref() {
-        Some("r") => {}
-        // Its partitions take writes the parent's lock does not hold off,
-        // and their events carry their own names and keys.
-        Some("p") => refuse("is partitioned: backfill each of its partitions".into()),
+    // A partitioned table's rows come under its own name and keys, as a
+    // publication with publish_via_partition_root sends their changes
+    // (its partitions are backfilled under theirs, as their triggers and
+    // other publications send them).
+    let partitioned = match kind.as_deref() {
+        Some("r") => false,
+        Some("p") => true,
         _ => refuse("is not a table".into()),
-    }
+    };
     if relid.to_u32() < pg_sys::FirstNormalObjectId
         || ["pg_catalog", "information_schema", "emit"].contains(&schema.as_str())
     {
@@ -174,7 +179,30 @@ pub fn backfill(
         }
         .raise()
     }
-    let attnums: Vec<i16> = keys.iter().map(|k| k.attnum).collect();
+    let in_parts = part.limit.is_some() || part.resume;
+    // A part of a series locks out the table's writers as SHARE does, and
+    // other parts too: a second one waits, then reads on after it.
+    let mode = match in_parts {
+        true => pg_sys::ShareRowExclusiveLock,
+        false => pg_sys::ShareLock,
+    } as pg_sys::LOCKMODE;
+    // SAFETY: a lock on a table the caller names, held to the end of its
+    // transaction; PostgreSQL checks nothing here, the SELECT below
+    // checks the caller may read it.
+    unsafe { pg_sys::LockRelationOid(relid, mode) };
+    // What orders the rows: a series is refused to go on in another order.
+    let signature = keys
+        .iter()
+        .map(|k| {
+            format!(
+                "{}:{}:{}",
+                k.attnum,
+                k.type_oid.to_u32(),
+                k.collation.to_u32()
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(",");
     let after = match part.resume {
         true => progress(relid, dest),
         false => None,
@@ -183,7 +211,7 @@ pub fn backfill(
         if p.done {
             return 0;
         }
-        if p.attnums != attnums {
+        if p.signature != signature {
             fail(
                 PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
                 format!(
@@ -193,10 +221,24 @@ pub fn backfill(
             );
         }
     }
-    // SAFETY: a lock on a table the caller names, held to the end of its
-    // transaction; PostgreSQL checks nothing here, the SELECT below
-    // checks the caller may read it.
-    unsafe { pg_sys::LockRelationOid(relid, pg_sys::ShareLock as pg_sys::LOCKMODE) };
+    if partitioned {
+        // Every partition too, as LOCK TABLE would: a write straight into
+        // one takes no lock on the partitioned table.
+        let partitions = Spi::connect(|c| {
+            c.select(
+                "SELECT t.relid FROM pg_catalog.pg_partition_tree($1) t WHERE t.level > 0",
+                None,
+                &[relid.into()],
+            )?
+            .map(|r| r.get::<pg_sys::Oid>(1))
+            .collect::<Result<Vec<_>, _>>()
+        })
+        .unwrap_or_else(|e| pgrx::error!("{func}: {e}"));
+        for p in partitions.into_iter().flatten() {
+            // SAFETY: as above.
+            unsafe { pg_sys::LockRelationOid(p, mode) };
+        }
+    }
     let columns: Vec<String> = identity
         .iter()
         .map(|k| format!("t.{}", quote(&k.name)))
@@ -228,20 +270,21 @@ pub fn backfill(
     };
     // Read as bytes: the row as UTF-8, the key values in the database's
     // encoding, for their input functions (pgrx reads text only as UTF-8).
-    // The primary key's values come last: a part records the last row's.
-    let texts = |cols: &mut dyn Iterator<Item = String>| -> String {
-        cols.map(|c| format!(", pg_catalog.textsend({c}::pg_catalog.text)"))
-            .collect()
-    };
-    let (identity_sql, key_sql) = (
-        texts(&mut columns.iter().cloned()),
-        texts(&mut keys.iter().map(|k| format!("t.{}", quote(&k.name)))),
-    );
+    let identity_sql: String = columns
+        .iter()
+        .map(|c| format!(", pg_catalog.textsend({c}::pg_catalog.text)"))
+        .collect();
+    // The primary key's values come last, as they are: a part records the
+    // last row's (see `resume_text`).
+    let key_sql: String = keys
+        .iter()
+        .map(|k| format!(", t.{}", quote(&k.name)))
+        .collect();
     let after = after.map(|p| p.after).filter(|a| !a.is_empty());
     let from = match &after {
         None => String::new(),
         Some(_) => format!(
-            " WHERE ({order}) > ({})",
+            " WHERE ({order}) OPERATOR(pg_catalog.>) ({})",
             (1..=keys.len())
                 .map(|i| format!("${i}"))
                 .collect::<Vec<_>>()
@@ -259,12 +302,13 @@ pub fn backfill(
         quote(&table),
     );
     // The values a part resumes after, through their types' input
-    // functions (as the caller: they are values of its table).
+    // functions (as the caller: they are values of its table), with the
+    // settings they were written with.
     let args: Vec<DatumWithOid> = match &after {
         None => Vec::new(),
         Some(after) => {
             let values: Vec<Option<&[u8]>> = after.iter().map(|v| Some(v.as_slice())).collect();
-            key_values(&keys, &values)
+            crate::privileged::with_key_output(|| key_values(&keys, &values))
                 .into_iter()
                 .zip(&keys)
                 // SAFETY: a value of the column's type, made by its input
@@ -345,7 +389,7 @@ pub fn backfill(
                 (0..keys.len())
                     .map(|k| {
                         let col = (2 + identity.len() + k) as i32;
-                        batch.bytes(end, col).unwrap_or_default().to_vec()
+                        resume_text(&keys[k], batch.datum(end, col))
                     })
                     .collect(),
             );
@@ -355,22 +399,24 @@ pub fn backfill(
     .unwrap_or_else(|e| pgrx::error!("{func}: {e}"));
     // SAFETY: the snapshot pushed above.
     unsafe { pg_sys::PopActiveSnapshot() };
-    if part.limit.is_some() || part.resume {
+    if in_parts {
         let done = part.limit.is_none_or(|n| count < n);
         let after = last.or(after).unwrap_or_default();
-        record(relid, dest, &attnums, after, done);
+        record(relid, dest, &signature, after, done);
     }
     count
 }
 
 /// Where the backfill of `relid` to `dest` in parts stands, if one was
-/// recorded.
+/// recorded. Read after the table's lock, with snapshots taken then (a
+/// read-write SPI takes one per statement): a part that held the lock
+/// before has committed what it recorded.
 fn progress(relid: pg_sys::Oid, dest: &str) -> Option<Progress> {
     as_emit_owner(|| {
-        Spi::connect(|c| {
+        Spi::connect_mut(|c| {
             let row = c
-                .select(
-                    "SELECT p.done, p.attnums FROM emit.backfill_progress p \
+                .update(
+                    "SELECT p.done, p.signature FROM emit.backfill_progress p \
                       WHERE p.relid = $1 AND p.dest = $2",
                     None,
                     &[relid.into(), dest.into()],
@@ -379,9 +425,9 @@ fn progress(relid: pg_sys::Oid, dest: &str) -> Option<Progress> {
             if row.is_empty() {
                 return Ok(None);
             }
-            let (done, attnums) = row.get_two::<bool, Vec<i16>>()?;
+            let (done, signature) = row.get_two::<bool, String>()?;
             let after = c
-                .select(
+                .update(
                     "SELECT u.v FROM emit.backfill_progress p, \
                             pg_catalog.unnest(p.after) WITH ORDINALITY u(v, n) \
                       WHERE p.relid = $1 AND p.dest = $2 ORDER BY u.n",
@@ -391,7 +437,7 @@ fn progress(relid: pg_sys::Oid, dest: &str) -> Option<Progress> {
                 .map(|r| r.get::<Vec<u8>>(1).map(Option::unwrap_or_default))
                 .collect::<Result<Vec<_>, _>>()?;
             Ok::<_, pgrx::spi::Error>(Some(Progress {
-                attnums: attnums.unwrap_or_default(),
+                signature: signature.unwrap_or_default(),
                 after,
                 done: done.unwrap_or(false),
             }))
@@ -402,23 +448,43 @@ fn progress(relid: pg_sys::Oid, dest: &str) -> Option<Progress> {
 
 /// Records where a part of the backfill of `relid` to `dest` stopped, in
 /// its transaction: a part that rolls back leaves the record as it was.
-fn record(relid: pg_sys::Oid, dest: &str, attnums: &[i16], after: Vec<Vec<u8>>, done: bool) {
+fn record(relid: pg_sys::Oid, dest: &str, signature: &str, after: Vec<Vec<u8>>, done: bool) {
     as_emit_owner(|| {
         Spi::run_with_args(
-            "INSERT INTO emit.backfill_progress (relid, dest, attnums, after, done) \
+            "INSERT INTO emit.backfill_progress (relid, dest, signature, after, done) \
              VALUES ($1, $2, $3, $4, $5) \
-             ON CONFLICT (relid, dest) DO UPDATE SET attnums = EXCLUDED.attnums, \
+             ON CONFLICT (relid, dest) DO UPDATE SET signature = EXCLUDED.signature, \
                  after = EXCLUDED.after, done = EXCLUDED.done, updated_at = pg_catalog.now()",
             &[
                 relid.into(),
                 dest.into(),
-                attnums.to_vec().into(),
+                signature.into(),
                 after.into(),
                 done.into(),
             ],
         )
     })
     .unwrap_or_else(|e| pgrx::error!("emit.backfill: {e}"))
+}
+
+/// A primary key value's text, as a part records it to resume after: made
+/// with fixed settings (`with_key_output`), with which it is read back, so
+/// that a session with other settings (`DateStyle`, `extra_float_digits`,
+/// `TimeZone`) reads back the same value.
+fn resume_text(k: &Column, value: Option<pg_sys::Datum>) -> Vec<u8> {
+    let Some(value) = value else {
+        return Vec::new();
+    };
+    let (mut func, mut varlena) = (pg_sys::InvalidOid, false);
+    // SAFETY: the output function of the value's own type; its text is
+    // copied out before the batch's memory goes.
+    unsafe {
+        pg_sys::getTypeOutputInfo(k.type_oid, &mut func, &mut varlena);
+        crate::privileged::with_key_output(|| {
+            let text = pg_sys::OidOutputFunctionCall(func, value);
+            std::ffi::CStr::from_ptr(text).to_bytes().to_vec()
+        })
+    }
 }
 
 /// A row's key values (`values`: their text in the database's encoding)

@@ -24,20 +24,31 @@ impl Batch {
         self.len
     }
 
-    /// Column `col` (from 1) of row `row` as bytes: the column must be
-    /// `bytea` or text. They live until the batch is freed.
-    pub fn bytes(&self, row: usize, col: i32) -> Option<&[u8]> {
+    /// Column `col` (from 1) of row `row`, as it is; pointers in it live
+    /// until the batch is freed.
+    pub fn datum(&self, row: usize, col: i32) -> Option<pg_sys::Datum> {
         assert!(row < self.len, "row {row} of a batch of {}", self.len);
         // SAFETY: `table` is the fetch's own, not yet freed, and has `len`
-        // rows; a compressed or out-of-line value is expanded into the
-        // batch's memory context (see `each`).
+        // rows (SPI_getbinval checks `col`).
         unsafe {
             let tuple = *(*self.table).vals.add(row);
             let mut null = false;
             let datum = pg_sys::SPI_getbinval(tuple, (*self.table).tupdesc, col, &mut null);
-            if null {
-                return None;
-            }
+            (!null).then_some(datum)
+        }
+    }
+
+    /// Column `col` (from 1) of row `row` as bytes: the column must be
+    /// `bytea` or text. They live until the batch is freed.
+    pub fn bytes(&self, row: usize, col: i32) -> Option<&[u8]> {
+        // SAFETY: the table's own descriptor.
+        let desc = unsafe { pgrx::PgTupleDesc::from_pg_unchecked((*self.table).tupdesc) };
+        let varlena = desc.get(col as usize - 1).is_some_and(|a| a.attlen == -1);
+        assert!(varlena, "column {col} of a batch is not bytea or text");
+        let datum = self.datum(row, col)?;
+        // SAFETY: a varlena of the table; a compressed or out-of-line one
+        // is expanded into the batch's memory context (see `each`).
+        unsafe {
             let value = pg_sys::pg_detoast_datum_packed(datum.cast_mut_ptr());
             Some(pgrx::varlena::varlena_to_byte_slice(value))
         }

@@ -9,7 +9,8 @@
 //! (PostgreSQL refuses to make one in a transaction that has written), and
 //! dropped after its row is deleted. A slot left without a capture by a
 //! rolled-back `create_capture` is dropped by the worker (see
-//! `worker::capture`); a capture whose slot is gone says so in a WARNING.
+//! `worker::capture`), or taken over by the next `create_capture` of its
+//! name; a capture whose slot is gone says so in a WARNING.
 
 use crate::error::EmitError;
 use crate::privileged::as_emit_owner;
@@ -29,6 +30,42 @@ pub fn slot_name(name: &str) -> String {
     // SAFETY: the backend's database oid.
     let db = unsafe { pg_sys::MyDatabaseId }.to_u32();
     format!("{SLOT_PREFIX}{db}_{name}")
+}
+
+/// Tells the lock of [`lock_name`] apart from every advisory lock SQL can
+/// take (`pg_advisory_lock` puts 1 or 2 in the tag's last field), so that
+/// no role can hold it to keep a capture from being made.
+const NAME_LOCK_KIND: u16 = 0x4363;
+
+/// Makes `create_capture` of `name` wait for another one of the same name
+/// in this database until that transaction ends: then it finds that
+/// capture (committed), or its slot left over (rolled back), which it
+/// takes the place of. The lock writes nothing, which a transaction that
+/// creates a slot must not have done.
+fn lock_name(name: &str) {
+    // SAFETY: a transaction lock on a tag of our own, released when the
+    // transaction ends; the hash only spreads names over tags.
+    unsafe {
+        let db = pg_sys::MyDatabaseId.to_u32();
+        // FNV-1a.
+        let hash = name.bytes().fold(0x811c_9dc5u32, |h, b| {
+            (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+        });
+        let tag = pg_sys::LOCKTAG {
+            locktag_field1: db,
+            locktag_field2: hash,
+            locktag_field3: 0,
+            locktag_field4: NAME_LOCK_KIND,
+            locktag_type: pg_sys::LockTagType::LOCKTAG_ADVISORY as u8,
+            locktag_lockmethodid: pg_sys::USER_LOCKMETHOD as u8,
+        };
+        pg_sys::LockAcquire(
+            &tag,
+            pg_sys::ExclusiveLock as pg_sys::LOCKMODE,
+            false,
+            false,
+        );
+    }
 }
 
 /// The prefix of this database's capture slots (for LIKE, `_` escaped).
@@ -240,6 +277,8 @@ mod emit {
             let checked = crate::shape::check(F, relid, &name, shape, true);
             shapes.push((relid, name, shape.clone(), checked));
         }
+        let slot = slot_name(name);
+        lock_name(name);
         let (publication_exists, capture_exists) = as_emit_owner(|| {
             Spi::connect(|c| {
                 c.select(
@@ -276,7 +315,6 @@ mod emit {
         }
         // SAFETY: the session's current user.
         let caller = unsafe { pg_sys::GetUserId() };
-        let slot = slot_name(name);
         let mut options = serde_json::Map::new();
         if let Some(f) = format {
             options.insert("format".into(), f.name().into());
@@ -319,6 +357,17 @@ mod emit {
                 }
             };
             let lsn = Spi::connect(|c| {
+                // A slot of this name without its capture was left by a
+                // create_capture that rolled back (a slot is not undone
+                // with its transaction): a retry takes its place rather
+                // than failing until the worker has dropped it.
+                c.select(
+                    "SELECT pg_catalog.pg_drop_replication_slot(s.slot_name) \
+                       FROM pg_catalog.pg_replication_slots s \
+                      WHERE s.slot_name = $1 AND NOT s.active",
+                    None,
+                    &[slot.as_str().into()],
+                )?;
                 c.select(create, None, &[slot.as_str().into()])?
                     .first()
                     .get_one::<String>()

@@ -207,11 +207,14 @@ const WORKER_SETTINGS: &[(&CStr, &CStr)] = &[
 ];
 
 /// The settings that change how `row_to_json` writes a value of a key
-/// column, at fixed values: a record key (Kafka's `record_key:
-/// "columns"`) must be the same bytes for a row whichever session, worker
-/// or backfill made it, or the row's events would be keyed apart.
+/// column, or how a value's text reads back, at fixed values: a record
+/// key (Kafka's `record_key: "columns"`) must be the same bytes for a row
+/// whichever session, worker or backfill made it, or the row's events
+/// would be keyed apart; and a backfill in parts resumes after a key
+/// written by one session and read by another.
 const KEY_OUTPUT: &[(&CStr, &CStr)] = &[
     (c"TimeZone", c"UTC"),
+    (c"DateStyle", c"ISO, MDY"),
     (c"IntervalStyle", c"postgres"),
     (c"bytea_output", c"hex"),
     (c"extra_float_digits", c"1"),

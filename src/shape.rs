@@ -21,6 +21,7 @@ pub struct Column {
     /// order backfill reads rows in); 0 for a column read by name.
     pub place: i32,
     pub type_oid: pg_sys::Oid,
+    pub collation: pg_sys::Oid,
     pub input: (pg_sys::Oid, pg_sys::Oid),
     pub typmod: i32,
     pub byval: bool,
@@ -69,7 +70,8 @@ pub fn columns(relid: pg_sys::Oid, which: Which) -> Vec<Column> {
         c.select(
             &format!(
                 "SELECT a.attname::pg_catalog.text, a.atttypid, a.atttypmod, t.typbyval, \
-                        t.typlen, a.attnum, a.attgenerated <> '', {from} ORDER BY a.attnum"
+                        t.typlen, a.attnum, a.attgenerated <> '', a.attcollation, {from} \
+                   ORDER BY a.attnum"
             ),
             None,
             &[relid.into()],
@@ -82,13 +84,14 @@ pub fn columns(relid: pg_sys::Oid, which: Which) -> Vec<Column> {
             Ok(Column {
                 name: r.get::<String>(1)?.unwrap_or_default(),
                 type_oid: typ,
+                collation: r.get::<pg_sys::Oid>(8)?.unwrap_or(pg_sys::InvalidOid),
                 input: (func, ioparam),
                 typmod: r.get::<i32>(3)?.unwrap_or(-1),
                 byval: r.get::<bool>(4)?.unwrap_or(false),
                 len: r.get::<i16>(5)?.unwrap_or(-1),
                 attnum: r.get::<i16>(6)?.unwrap_or(0),
                 generated: r.get::<bool>(7)?.unwrap_or(false),
-                place: r.get::<i32>(8)?.unwrap_or(0),
+                place: r.get::<i32>(9)?.unwrap_or(0),
             })
         })
         .collect::<Result<Vec<_>, pgrx::spi::Error>>()
