@@ -112,7 +112,11 @@ CREATE TABLE emit.dead_letter (
     response        text,
     enqueued_at     timestamptz NOT NULL,
     dead_at         timestamptz NOT NULL DEFAULT clock_timestamp(),
-    format          text    NOT NULL DEFAULT 'json'
+    format          text    NOT NULL DEFAULT 'json',
+    -- (0.3) Its events' ordering keys and record keys, as in emit.outbox:
+    -- a re-queued event is ordered and (Kafka) partitioned as before.
+    keys            bigint[],
+    record_keys     text[]
 );
 COMMENT ON TABLE emit.dead_letter IS
     'pg_emit: async events given up on after pg_emit.max_attempts or pg_emit.max_age';

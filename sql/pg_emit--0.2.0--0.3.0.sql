@@ -31,6 +31,10 @@ ALTER TABLE emit.outbox ADD COLUMN acked integer[];
 ALTER TABLE emit.outbox ADD COLUMN stream uuid;
 -- Kafka's record_key "columns": each event's key as text.
 ALTER TABLE emit.outbox ADD COLUMN record_keys text[];
+-- A dead letter keeps its events' keys: re-queued, they are ordered and
+-- partitioned as before.
+ALTER TABLE emit.dead_letter ADD COLUMN keys bigint[],
+                             ADD COLUMN record_keys text[];
 ALTER TABLE emit.worker ADD COLUMN live_connections integer,
                         ADD COLUMN live_subscribers integer,
                         ADD COLUMN live_dropped bigint;

@@ -24,9 +24,10 @@ mod emit {
              ), queued AS (
                  INSERT INTO emit.outbox
                      (destination, host, port, framing, url, headers, events, payload, tx_seq,
-                      format)
+                      format, keys, record_keys)
                  SELECT destination, host, port, framing, url, headers, events, payload,
-                        pg_catalog.nextval('emit.tx_seq'::pg_catalog.regclass), format
+                        pg_catalog.nextval('emit.tx_seq'::pg_catalog.regclass), format, keys,
+                        record_keys
                    FROM (SELECT * FROM moved ORDER BY id) m
                  RETURNING events
              )

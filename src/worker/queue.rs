@@ -554,6 +554,7 @@ pub(super) fn record(
                     message_text(message).as_ref().into(),
                     i32::from(*status).into(),
                     message_text(excerpt).as_ref().into(),
+                    (k as i32).into(),
                 ],
             )?;
             sent_now[r] += 1;
@@ -701,18 +702,23 @@ pub(super) fn record(
     Ok(dead)
 }
 
-/// One event the receiver refused, as a dead letter of its own.
+/// One event (the `$6`th, from 0) the receiver refused, as a dead letter of
+/// its own, with its keys.
 const REJECTED_SQL: &str = "
 INSERT INTO emit.dead_letter
     (outbox_id, destination, host, port, framing, url, headers, events, payload, attempts,
-     last_error, status, response, enqueued_at, format)
+     last_error, status, response, enqueued_at, format, keys, record_keys)
 SELECT id, destination, host, port, framing, url, headers, 1,
-       pg_catalog.convert_from($2, 'UTF8'), attempts + 1, $3, $4, $5, enqueued_at, format
+       pg_catalog.convert_from($2, 'UTF8'), attempts + 1, $3, $4, $5, enqueued_at, format,
+       CASE WHEN keys IS NOT NULL THEN ARRAY[keys[$6 + 1]] END,
+       CASE WHEN record_keys IS NOT NULL THEN ARRAY[record_keys[$6 + 1]] END
   FROM emit.outbox WHERE id = $1";
 
 /// Moves unfinished rows past `max_attempts` (when positive) or older than
 /// `max_age` seconds (when positive) to `emit.dead_letter`, keeping only
-/// their undelivered events (neither in the first `sent` nor `acked`). Returns how many events moved.
+/// their undelivered events (neither in the first `sent` nor `acked`), and
+/// those events' keys, which a re-queued event is ordered and (Kafka)
+/// partitioned by again. Returns how many events moved.
 const DEAD_LETTER_SQL: &str = "
 WITH dead AS (
     DELETE FROM emit.outbox
@@ -723,7 +729,7 @@ WITH dead AS (
 ), moved AS (
     INSERT INTO emit.dead_letter
         (outbox_id, destination, host, port, framing, url, headers, events, payload, attempts,
-         last_error, enqueued_at, format)
+         last_error, enqueued_at, format, keys, record_keys)
     SELECT id, destination, host, port, framing, url, headers,
            events - sent - coalesce(pg_catalog.cardinality(acked), 0),
            CASE WHEN sent = 0 AND acked IS NULL THEN payload
@@ -733,7 +739,15 @@ WITH dead AS (
                         FROM pg_catalog.unnest(pg_catalog.string_to_array(payload, E'\\n'))
                              WITH ORDINALITY l(line, n)
                        WHERE l.n > sent AND (l.n - 1)::pg_catalog.int4 <> ALL (acked)) END,
-           attempts, last_error, enqueued_at, format
+           attempts, last_error, enqueued_at, format,
+           CASE WHEN keys IS NOT NULL THEN
+               ARRAY(SELECT k.k FROM pg_catalog.unnest(keys) WITH ORDINALITY k(k, n)
+                      WHERE k.n > sent AND (k.n - 1)::pg_catalog.int4 <> ALL (coalesce(acked, '{}'))
+                      ORDER BY k.n) END,
+           CASE WHEN record_keys IS NOT NULL THEN
+               ARRAY(SELECT k.k FROM pg_catalog.unnest(record_keys) WITH ORDINALITY k(k, n)
+                      WHERE k.n > sent AND (k.n - 1)::pg_catalog.int4 <> ALL (coalesce(acked, '{}'))
+                      ORDER BY k.n) END
       FROM dead
     RETURNING events
 )
