@@ -1,6 +1,7 @@
 """Fixtures: one real PostgreSQL 15 cluster for the session, with pg_emit
 installed by `make test` (cargo pgrx install) before pytest starts."""
 
+import contextlib
 import hashlib
 import os
 import re
@@ -18,6 +19,28 @@ from pgcluster import Cluster  # noqa: E402
 from receivers import Receiver  # noqa: E402
 
 DB = "emit_test"
+
+
+@contextlib.contextmanager
+def worker_settings(cluster, **settings):
+    """`pg_emit.<name> = value` for the server (ALTER SYSTEM, reloaded)
+    while the block runs, reset after it."""
+
+    def apply(reset):
+        with cluster.connect() as c:
+            c.execute("LOAD 'pg_emit'")  # ALTER SYSTEM checks the setting exists
+            for name, value in settings.items():
+                if reset:
+                    c.execute(f"ALTER SYSTEM RESET pg_emit.{name}")
+                else:
+                    c.execute(f"ALTER SYSTEM SET pg_emit.{name} = '{value}'")
+            c.execute("SELECT pg_reload_conf()")
+
+    apply(reset=False)
+    try:
+        yield
+    finally:
+        apply(reset=True)
 
 
 @pytest.fixture(scope="session")

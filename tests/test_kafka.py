@@ -11,7 +11,7 @@ import json
 import psycopg
 import pytest
 
-from conftest import attach
+from conftest import attach, worker_settings
 from pgcluster import wait_until
 from receivers import KafkaServer
 
@@ -213,37 +213,30 @@ def test_dead_letters_keep_their_keys_when_requeued(cluster, db, table, dest, se
     """A dead letter keeps each event's ordering key and record key:
     re-queued, a row's events go to its key's partition in order, under
     its record key (before, they went out keyless)."""
-    with cluster.connect() as c:
-        c.execute("LOAD 'pg_emit'")
-        c.execute("ALTER SYSTEM SET pg_emit.max_attempts = 2")
-        c.execute("SELECT pg_reload_conf()")
     try:
-        db.execute("SELECT emit.create_destination(%s, %s, %s)",
-                   (dest, f"kafka://127.0.0.1:{server.port}/invoices", json.dumps({"record_key": "columns"})))
-        db.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, v int)")
-        db.execute(f"CREATE TRIGGER out AFTER INSERT OR UPDATE ON {table} FOR EACH ROW EXECUTE FUNCTION "
-                   f"row_to_destination('{dest}', 'delivery=async')")
-        db.execute(f"INSERT INTO {table} SELECT g, 0 FROM generate_series(1, 6) g")
-        db.execute(f"UPDATE {table} SET v = 1")
-        dead = lambda: db.one("SELECT coalesce(sum(events), 0) FROM emit.dead_letter WHERE destination = %s",
-                              (dest,))
-        assert wait_until(lambda: dead() == 12, 20)
-        assert db.one("SELECT bool_and(cardinality(keys) = events AND cardinality(record_keys) = events) "
-                      "FROM emit.dead_letter WHERE destination = %s", (dest,))
-        server.create_topic("invoices")
-        assert db.one("SELECT emit.requeue_dead_letters(%s)", (dest,)) == 12
-        recs = server.records("invoices", 12)
-        assert len(recs) == 12
-        by_key = {}
-        for r in sorted(recs, key=lambda r: (r["partition"], r["offset"])):
-            assert r["key"] == json.dumps({"id": r["value"]["new"]["id"]}, separators=(",", ":"))
-            by_key.setdefault(r["key"], []).append((r["partition"], r["value"]["op"]))
-        assert all(len({p for p, _ in evs}) == 1 and [op for _, op in evs] == ["INSERT", "UPDATE"]
-                   for evs in by_key.values())
-        assert java_partitions(server, "invoices", list(by_key)) == {k: v[0][0] for k, v in by_key.items()}
+        with worker_settings(cluster, max_attempts=2):
+            db.execute("SELECT emit.create_destination(%s, %s, %s)",
+                       (dest, f"kafka://127.0.0.1:{server.port}/invoices", json.dumps({"record_key": "columns"})))
+            db.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, v int)")
+            db.execute(f"CREATE TRIGGER out AFTER INSERT OR UPDATE ON {table} FOR EACH ROW EXECUTE FUNCTION "
+                       f"row_to_destination('{dest}', 'delivery=async')")
+            db.execute(f"INSERT INTO {table} SELECT g, 0 FROM generate_series(1, 6) g")
+            db.execute(f"UPDATE {table} SET v = 1")
+            dead = lambda: db.one("SELECT coalesce(sum(events), 0) FROM emit.dead_letter WHERE destination = %s",
+                                  (dest,))
+            assert wait_until(lambda: dead() == 12, 20)
+            assert db.one("SELECT bool_and(cardinality(keys) = events AND cardinality(record_keys) = events) "
+                          "FROM emit.dead_letter WHERE destination = %s", (dest,))
+            server.create_topic("invoices")
+            assert db.one("SELECT emit.requeue_dead_letters(%s)", (dest,)) == 12
+            recs = server.records("invoices", 12)
+            assert len(recs) == 12
+            by_key = {}
+            for r in sorted(recs, key=lambda r: (r["partition"], r["offset"])):
+                assert r["key"] == json.dumps({"id": r["value"]["new"]["id"]}, separators=(",", ":"))
+                by_key.setdefault(r["key"], []).append((r["partition"], r["value"]["op"]))
+            assert all(len({p for p, _ in evs}) == 1 and [op for _, op in evs] == ["INSERT", "UPDATE"]
+                       for evs in by_key.values())
+            assert java_partitions(server, "invoices", list(by_key)) == {k: v[0][0] for k, v in by_key.items()}
     finally:
         db.execute("DELETE FROM emit.dead_letter WHERE destination = %s", (dest,))
-        with cluster.connect() as c:
-            c.execute("LOAD 'pg_emit'")
-            c.execute("ALTER SYSTEM RESET pg_emit.max_attempts")
-            c.execute("SELECT pg_reload_conf()")
