@@ -57,20 +57,8 @@ def cluster():
 @pytest.fixture(scope="module")
 def fast_retries(cluster):
     """Worker retry delays of 20–300 ms (reloaded), reset afterwards."""
-
-    def configure(reset):
-        with cluster.connect() as c:
-            c.execute("LOAD 'pg_emit'")  # ALTER SYSTEM checks the setting exists
-            for name, value in (("retry_backoff_min", "20ms"), ("retry_backoff_max", "300ms")):
-                if reset:
-                    c.execute(f"ALTER SYSTEM RESET pg_emit.{name}")
-                else:
-                    c.execute(f"ALTER SYSTEM SET pg_emit.{name} = '{value}'")
-            c.execute("SELECT pg_reload_conf()")
-
-    configure(reset=False)
-    yield
-    configure(reset=True)
+    with worker_settings(cluster, retry_backoff_min="20ms", retry_backoff_max="300ms"):
+        yield
 
 
 class Session:
