@@ -16,22 +16,29 @@ mod emit {
     #[search_path(pg_catalog, pg_temp)]
     fn requeue_dead_letters(destination: default!(Option<&str>, "NULL")) -> i64 {
         refuse_on_standby("requeue_dead_letters");
+        // A 0.2 schema (before ALTER EXTENSION UPDATE) has no keys on its
+        // dead letters.
+        let keys = match crate::privileged::schema() {
+            crate::privileged::Schema::Current => ", keys, record_keys",
+            _ => "",
+        };
         let n = Spi::get_one_with_args::<i64>(
-            "WITH moved AS (
+            &format!(
+                "WITH moved AS (
                  DELETE FROM emit.dead_letter
                   WHERE $1::text IS NULL OR destination = $1
                  RETURNING *
              ), queued AS (
                  INSERT INTO emit.outbox
                      (destination, host, port, framing, url, headers, events, payload, tx_seq,
-                      format, keys, record_keys)
+                      format{keys})
                  SELECT destination, host, port, framing, url, headers, events, payload,
-                        pg_catalog.nextval('emit.tx_seq'::pg_catalog.regclass), format, keys,
-                        record_keys
+                        pg_catalog.nextval('emit.tx_seq'::pg_catalog.regclass), format{keys}
                    FROM (SELECT * FROM moved ORDER BY id) m
                  RETURNING events
              )
-             SELECT coalesce(pg_catalog.sum(events), 0)::pg_catalog.int8 FROM queued",
+             SELECT coalesce(pg_catalog.sum(events), 0)::pg_catalog.int8 FROM queued"
+            ),
             &[destination.into()],
         )
         .unwrap_or_else(|e| error!("pg_emit: re-queueing dead letters failed: {e}"))

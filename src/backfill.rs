@@ -283,13 +283,7 @@ pub fn backfill(
     let after = after.map(|p| p.after).filter(|a| !a.is_empty());
     let from = match &after {
         None => String::new(),
-        Some(_) => format!(
-            " WHERE ({order}) OPERATOR(pg_catalog.>) ({})",
-            (1..=keys.len())
-                .map(|i| format!("${i}"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
+        Some(_) => format!(" WHERE {}", after_condition(&keys)),
     };
     let limit = part
         .limit
@@ -465,6 +459,68 @@ fn record(relid: pg_sys::Oid, dest: &str, signature: &str, after: Vec<Vec<u8>>, 
         )
     })
     .unwrap_or_else(|e| pgrx::error!("emit.backfill: {e}"))
+}
+
+/// `(key) > ($1, …)` as the key's types order it: their default btree
+/// operator classes' operators, which `ORDER BY` uses, named with their
+/// schemas. (`OPERATOR(pg_catalog.>)` would compare a `citext` key as text,
+/// in another order, and find none for many extensions' types.) Spelled
+/// out column by column, after a `>=` on the first that an index scan
+/// starts from.
+fn after_condition(keys: &[Column]) -> String {
+    let ops: Vec<[String; 3]> = keys
+        .iter()
+        .map(|k| {
+            // SAFETY: catalog lookups of the column type's operator class.
+            let (family, input) = unsafe {
+                let class = pg_sys::GetDefaultOpClass(k.type_oid, pg_sys::BTREE_AM_OID);
+                (
+                    pg_sys::get_opclass_family(class),
+                    pg_sys::get_opclass_input_type(class),
+                )
+            };
+            [
+                pg_sys::BTGreaterEqualStrategyNumber,
+                pg_sys::BTGreaterStrategyNumber,
+                pg_sys::BTEqualStrategyNumber,
+            ]
+            .map(|strategy| {
+                // SAFETY: as above.
+                let op =
+                    unsafe { pg_sys::get_opfamily_member(family, input, input, strategy as i16) };
+                operator_sql(op)
+            })
+        })
+        .collect();
+    let col = |i: usize| format!("t.{}", quote(&keys[i].name));
+    let alternatives: Vec<String> = (0..keys.len())
+        .map(|i| {
+            let mut terms: Vec<String> = (0..i)
+                .map(|j| format!("{} {} ${}", col(j), ops[j][2], j + 1))
+                .collect();
+            terms.push(format!("{} {} ${}", col(i), ops[i][1], i + 1));
+            format!("({})", terms.join(" AND "))
+        })
+        .collect();
+    format!(
+        "{} {} $1 AND ({})",
+        col(0),
+        ops[0][0],
+        alternatives.join(" OR ")
+    )
+}
+
+/// `OPERATOR(schema.name)` of operator `op`.
+fn operator_sql(op: pg_sys::Oid) -> String {
+    Spi::get_one_with_args::<String>(
+        "SELECT pg_catalog.format('OPERATOR(%I.%s)', n.nspname, o.oprname) \
+           FROM pg_catalog.pg_operator o \
+           JOIN pg_catalog.pg_namespace n ON n.oid = o.oprnamespace WHERE o.oid = $1",
+        &[op.into()],
+    )
+    .ok()
+    .flatten()
+    .unwrap_or_else(|| pgrx::error!("emit.backfill: no btree operator {} found", op.to_u32()))
 }
 
 /// A primary key value's text, as a part records it to resume after: made

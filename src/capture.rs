@@ -41,8 +41,10 @@ const NAME_LOCK_KIND: u16 = 0x4363;
 /// in this database until that transaction ends: then it finds that
 /// capture (committed), or its slot left over (rolled back), which it
 /// takes the place of. The lock writes nothing, which a transaction that
-/// creates a slot must not have done.
-fn lock_name(name: &str) {
+/// creates a slot must not have done. The worker takes it (`wait` false:
+/// false if another holds it) before it drops a slot left over, so as not
+/// to drop one a `create_capture` of that name has just made again.
+pub fn lock_name(name: &str, wait: bool) -> bool {
     // SAFETY: a transaction lock on a tag of our own, released when the
     // transaction ends; the hash only spreads names over tags.
     unsafe {
@@ -63,9 +65,21 @@ fn lock_name(name: &str) {
             &tag,
             pg_sys::ExclusiveLock as pg_sys::LOCKMODE,
             false,
-            false,
-        );
+            !wait,
+        ) != pg_sys::LockAcquireResult::LOCKACQUIRE_NOT_AVAIL
     }
+}
+
+/// Runs `f` with a snapshot taken now, which sees what a transaction that
+/// held [`lock_name`] committed (the statement's own snapshot, or under
+/// REPEATABLE READ the transaction's, predates the wait for it).
+fn now_visible<R>(f: impl FnOnce() -> R) -> R {
+    // SAFETY: pushed and popped around `f`; an ERROR pops it by abort.
+    unsafe { pg_sys::PushActiveSnapshot(pg_sys::GetLatestSnapshot()) };
+    let r = f();
+    // SAFETY: as above.
+    unsafe { pg_sys::PopActiveSnapshot() };
+    r
 }
 
 /// The prefix of this database's capture slots (for LIKE, `_` escaped).
@@ -277,18 +291,29 @@ mod emit {
             let checked = crate::shape::check(F, relid, &name, shape, true);
             shapes.push((relid, name, shape.clone(), checked));
         }
+        if wrote {
+            fail(
+                PgSqlErrorCode::ERRCODE_ACTIVE_SQL_TRANSACTION,
+                format!(
+                    "{F}: must run before the transaction writes anything: it creates a \
+                     replication slot, which PostgreSQL refuses in a transaction that has written"
+                ),
+            );
+        }
         let slot = slot_name(name);
-        lock_name(name);
+        lock_name(name, true);
         let (publication_exists, capture_exists) = as_emit_owner(|| {
-            Spi::connect(|c| {
-                c.select(
-                    "SELECT EXISTS (SELECT FROM pg_catalog.pg_publication p WHERE p.pubname = $1), \
-                            EXISTS (SELECT FROM emit.capture_definitions c WHERE c.name = $2)",
-                    None,
-                    &[publication.into(), name.into()],
-                )?
-                .first()
-                .get_two::<bool, bool>()
+            now_visible(|| {
+                Spi::connect(|c| {
+                    c.select(
+                        "SELECT EXISTS (SELECT FROM pg_catalog.pg_publication p WHERE p.pubname = $1), \
+                                EXISTS (SELECT FROM emit.capture_definitions c WHERE c.name = $2)",
+                        None,
+                        &[publication.into(), name.into()],
+                    )?
+                    .first()
+                    .get_two::<bool, bool>()
+                })
             })
         })
         .unwrap_or_else(|e| pgrx::error!("{F}: {e}"));
@@ -302,15 +327,6 @@ mod emit {
             fail(
                 PgSqlErrorCode::ERRCODE_DUPLICATE_OBJECT,
                 format!("{F}: capture {name:?} already exists"),
-            );
-        }
-        if wrote {
-            fail(
-                PgSqlErrorCode::ERRCODE_ACTIVE_SQL_TRANSACTION,
-                format!(
-                    "{F}: must run before the transaction writes anything: it creates a \
-                     replication slot, which PostgreSQL refuses in a transaction that has written"
-                ),
             );
         }
         // SAFETY: the session's current user.
@@ -361,13 +377,17 @@ mod emit {
                 // create_capture that rolled back (a slot is not undone
                 // with its transaction): a retry takes its place rather
                 // than failing until the worker has dropped it.
-                c.select(
-                    "SELECT pg_catalog.pg_drop_replication_slot(s.slot_name) \
-                       FROM pg_catalog.pg_replication_slots s \
-                      WHERE s.slot_name = $1 AND NOT s.active",
-                    None,
-                    &[slot.as_str().into()],
-                )?;
+                now_visible(|| {
+                    c.select(
+                        "SELECT pg_catalog.pg_drop_replication_slot(s.slot_name) \
+                           FROM pg_catalog.pg_replication_slots s \
+                          WHERE s.slot_name = $1 AND NOT s.active \
+                            AND NOT EXISTS (SELECT FROM emit.capture_definitions c \
+                                             WHERE c.slot = s.slot_name)",
+                        None,
+                        &[slot.as_str().into()],
+                    )
+                })?;
                 c.select(create, None, &[slot.as_str().into()])?
                     .first()
                     .get_one::<String>()

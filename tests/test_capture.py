@@ -1209,7 +1209,16 @@ def test_a_backfill_in_parts_resumes_at_the_same_row_whatever_the_settings(s, wa
         s.execute("ALTER TABLE c_fk ALTER COLUMN d TYPE timestamp")
         with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState, match="changed since the last part"):
             s.execute("SELECT emit.backfill('c_fk', %s, '{\"limit\": 2, \"resume\": true}')", (dest,))
+        # A key type with its own order (citext: case-insensitive, where
+        # "B" comes after "_x", which text in "C" puts before it).
+        s.execute("CREATE EXTENSION IF NOT EXISTS citext")
+        s.execute('CREATE TABLE c_ci (k citext COLLATE "C" PRIMARY KEY)')
+        s.execute("INSERT INTO c_ci VALUES ('B'), ('_x'), ('a')")
+        assert s.one("SELECT emit.backfill('c_ci', %s, '{\"limit\": 1}')", (dest,)) == 1
+        assert s.one("SELECT emit.backfill('c_ci', %s, '{\"limit\": 5, \"resume\": true}')", (dest,)) == 2
+        assert [e["new"]["k"] for e in events(rx.wait_for(14, timeout=30))[-3:]] == ["_x", "a", "B"]
     finally:
         rx.close()
         s.execute("RESET ALL")
-        s.execute("DROP TABLE IF EXISTS c_fk")
+        s.execute("DROP TABLE IF EXISTS c_fk, c_ci")
+        s.execute("DROP EXTENSION IF EXISTS citext")

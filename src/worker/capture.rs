@@ -451,15 +451,31 @@ fn drop_orphans(seen: &[String]) -> Result<Vec<String>, pgrx::spi::Error> {
     .flatten()
     .collect();
     let mut left = Vec::new();
+    let prefix = crate::capture::slot_name("");
     for slot in now {
-        if seen.contains(&slot) {
-            pgrx::log!("pg_emit worker: dropping replication slot {slot:?}: no capture uses it");
-            Spi::run_with_args(
-                "SELECT pg_catalog.pg_drop_replication_slot($1)",
+        // Not while a create_capture of its name runs: it may have just
+        // dropped this slot and made one of the same name, its own.
+        let free = || crate::capture::lock_name(slot.strip_prefix(&prefix).unwrap_or(&slot), false);
+        if !seen.contains(&slot) || !free() {
+            left.push(slot);
+            continue;
+        }
+        // Looked at again now that no create_capture of it runs (a
+        // read-write statement takes a new snapshot).
+        let dropped = Spi::connect_mut(|c| {
+            let rows = c.update(
+                "SELECT pg_catalog.pg_drop_replication_slot(s.slot_name) IS NULL \
+                   FROM pg_catalog.pg_replication_slots s \
+                  WHERE s.slot_name = $1 AND NOT s.active \
+                    AND NOT EXISTS (SELECT FROM emit.capture_definitions c \
+                                     WHERE c.slot = s.slot_name)",
+                None,
                 &[slot.as_str().into()],
             )?;
-        } else {
-            left.push(slot);
+            Ok::<_, pgrx::spi::Error>(!rows.is_empty())
+        })?;
+        if dropped {
+            pgrx::log!("pg_emit worker: dropped replication slot {slot:?}: no capture uses it");
         }
     }
     Ok(left)
