@@ -70,6 +70,14 @@ pub fn lock_name(name: &str, wait: bool) -> bool {
     }
 }
 
+/// Drops slot `$1` if it is left without a capture and unused; a row when
+/// it did. Run with [`lock_name`] held and a snapshot taken after it.
+pub const DROP_LEFT_SLOT: &str = "
+SELECT pg_catalog.pg_drop_replication_slot(s.slot_name) IS NULL
+  FROM pg_catalog.pg_replication_slots s
+ WHERE s.slot_name = $1 AND NOT s.active
+   AND NOT EXISTS (SELECT FROM emit.capture_definitions c WHERE c.slot = s.slot_name)";
+
 /// Runs `f` with a snapshot taken now, which sees what a transaction that
 /// held [`lock_name`] committed (the statement's own snapshot, or under
 /// REPEATABLE READ the transaction's, predates the wait for it).
@@ -377,17 +385,7 @@ mod emit {
                 // create_capture that rolled back (a slot is not undone
                 // with its transaction): a retry takes its place rather
                 // than failing until the worker has dropped it.
-                now_visible(|| {
-                    c.select(
-                        "SELECT pg_catalog.pg_drop_replication_slot(s.slot_name) \
-                           FROM pg_catalog.pg_replication_slots s \
-                          WHERE s.slot_name = $1 AND NOT s.active \
-                            AND NOT EXISTS (SELECT FROM emit.capture_definitions c \
-                                             WHERE c.slot = s.slot_name)",
-                        None,
-                        &[slot.as_str().into()],
-                    )
-                })?;
+                now_visible(|| c.select(DROP_LEFT_SLOT, None, &[slot.as_str().into()]))?;
                 c.select(create, None, &[slot.as_str().into()])?
                     .first()
                     .get_one::<String>()

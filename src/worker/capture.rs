@@ -464,11 +464,7 @@ fn drop_orphans(seen: &[String]) -> Result<Vec<String>, pgrx::spi::Error> {
         // read-write statement takes a new snapshot).
         let dropped = Spi::connect_mut(|c| {
             let rows = c.update(
-                "SELECT pg_catalog.pg_drop_replication_slot(s.slot_name) IS NULL \
-                   FROM pg_catalog.pg_replication_slots s \
-                  WHERE s.slot_name = $1 AND NOT s.active \
-                    AND NOT EXISTS (SELECT FROM emit.capture_definitions c \
-                                     WHERE c.slot = s.slot_name)",
+                crate::capture::DROP_LEFT_SLOT,
                 None,
                 &[slot.as_str().into()],
             )?;
