@@ -226,7 +226,8 @@ pub fn backfill(
         // one takes no lock on the partitioned table.
         let partitions = Spi::connect(|c| {
             c.select(
-                "SELECT t.relid FROM pg_catalog.pg_partition_tree($1) t WHERE t.level > 0",
+                "SELECT t.relid FROM pg_catalog.pg_partition_tree($1) t \
+                  WHERE t.level OPERATOR(pg_catalog.>) 0",
                 None,
                 &[relid.into()],
             )?

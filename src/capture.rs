@@ -49,10 +49,7 @@ pub fn lock_name(name: &str, wait: bool) -> bool {
     // transaction ends; the hash only spreads names over tags.
     unsafe {
         let db = pg_sys::MyDatabaseId.to_u32();
-        // FNV-1a.
-        let hash = name.bytes().fold(0x811c_9dc5u32, |h, b| {
-            (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
-        });
+        let hash = pg_emit_core::schedule::key_hash([Some(name.as_bytes())]) as u32;
         let tag = pg_sys::LOCKTAG {
             locktag_field1: db,
             locktag_field2: hash,
