@@ -280,8 +280,7 @@ impl Worker {
                     return Ok(Err(Stop::Reinstalled));
                 }
                 plans::update(c, SEQUENCE_PREPARED_SQL, &[])?;
-                let keys: Vec<String> = c
-                    .select(DESTINATIONS_SQL, None, &[])?
+                let keys: Vec<String> = plans::select(c, DESTINATIONS_SQL, None, &[])?
                     .filter_map(|r| r.get::<String>(1).ok().flatten())
                     .collect();
                 let mut jobs = Vec::new();
@@ -384,6 +383,7 @@ impl Worker {
         let ws = worker_settings();
         let mut logs = Vec::new();
         let result = transaction(c"pg_emit: recording deliveries", || {
+            crate::privileged::commit_without_waiting();
             Spi::connect_mut(|c| -> Result<Vec<i64>, pgrx::spi::Error> {
                 let mut dead = Vec::new();
                 for (key, job, out) in &done {
