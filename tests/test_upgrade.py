@@ -145,3 +145,33 @@ def test_update_matches_a_fresh_install_and_keeps_the_backlog(cluster, old_scrip
         with cluster.connect() as c:
             for db in ("emit_old", "emit_new"):
                 c.execute(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
+
+
+def test_dead_letters_requeued_before_the_update_are_delivered_after_it(cluster, old_scripts):
+    """Between installing this library and ALTER EXTENSION UPDATE, the
+    0.2 schema's requeue_dead_letters runs this library's code, which
+    must not name the 0.3 columns (keys, record_keys) its tables lack."""
+    port = free_port()
+    cluster.create_db("emit_requeue")
+    try:
+        with cluster.connect("emit_requeue") as c:
+            c.execute("CREATE EXTENSION pg_emit VERSION '0.2.0'")
+            dest = f"tcp://127.0.0.1:{port}?framing=ndjson"
+            c.execute(
+                "INSERT INTO emit.dead_letter (outbox_id, destination, host, port, framing, events, "
+                "payload, attempts, last_error, enqueued_at) VALUES (1, %s, '127.0.0.1', %s, 'ndjson', "
+                "1, '{\"dead\":1}', 10, 'connection refused', now())", (dest, port))
+            assert c.execute("SELECT emit.requeue_dead_letters(%s)", (dest,)).fetchone()[0] == 1
+            assert c.execute("SELECT count(*) FROM emit.dead_letter").fetchone()[0] == 0
+            assert c.execute("SELECT destination, events, format FROM emit.outbox").fetchall() == [
+                (dest, 1, "json")]
+            c.execute("ALTER EXTENSION pg_emit UPDATE")
+        nd = Receiver("ndjson", port=port)
+        try:
+            got = [json.loads(m) for m in nd.wait_for(1, timeout=20)]
+            assert got[0]["dead"] == 1
+        finally:
+            nd.close()
+    finally:
+        with cluster.connect() as c:
+            c.execute("DROP DATABASE IF EXISTS emit_requeue WITH (FORCE)")
