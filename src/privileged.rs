@@ -247,31 +247,6 @@ pub fn with_key_output<R>(f: impl FnOnce() -> R) -> R {
     r
 }
 
-/// The current transaction's commit does not wait for its WAL to reach
-/// disk (`synchronous_commit = off` until it ends). Only for the worker's
-/// records of what it delivered: losing them in a crash makes it send
-/// those events again, under the same ids, which receivers drop as
-/// repeats; and the next transaction that numbers events (which waits)
-/// flushes them anyway. Writers' commits then share one flush with fewer
-/// others (a wait per acknowledgement cost a fifth of the async commit
-/// rate on two cores).
-pub fn commit_without_waiting() {
-    // SAFETY: inside a transaction; LOCAL ends with it. At override
-    // priority, as the worker's own setting (see WORKER_SETTINGS).
-    unsafe {
-        pg_sys::set_config_option(
-            c"synchronous_commit".as_ptr(),
-            c"off".as_ptr(),
-            pg_sys::GucContext::PGC_SUSET,
-            pg_sys::GucSource::PGC_S_OVERRIDE,
-            pg_sys::GucAction::GUC_ACTION_LOCAL,
-            true,
-            pg_sys::PGERROR as i32,
-            false,
-        );
-    }
-}
-
 /// Pins the worker's `search_path` and [`WORKER_SETTINGS`] after it has
 /// connected to its database (which applied the database's own settings).
 pub fn pin_worker_settings() {

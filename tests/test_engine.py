@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import attach, worker_settings
+from conftest import DB, attach, worker_settings
 from pgcluster import Cluster, wait_until
 from receivers import HttpReceiver
 
@@ -254,3 +254,44 @@ def test_hanging_receivers_cost_only_themselves(few_files):
         healthy.close()
         for s in hanging:
             s.close()
+
+
+def test_events_are_numbered_durably_after_acknowledgements_that_do_not_wait(cluster, db, table):
+    """The worker's records of what it delivered commit without waiting
+    for the WAL (a lost one only re-sends events under their ids); the
+    claim that numbers events still waits, also for a synchronous standby:
+    a standby promoted without the numbering would send those events
+    again under other ids. Here the standby never answers, so the claim
+    after an acknowledgement waits for it, and nothing is sent meanwhile."""
+    from receivers import Receiver, free_port
+    port = free_port()
+    rx = Receiver("ndjson", port=port)
+    db.execute(f"CREATE TABLE {table} (id int PRIMARY KEY)")
+    db.execute(f"CREATE TRIGGER out AFTER INSERT ON {table} FOR EACH ROW EXECUTE FUNCTION "
+               f"row_to_socket('127.0.0.1', {port}, 'delivery=async', 'framing=ndjson')")
+    waiting = ("SELECT count(*) FROM pg_stat_activity "
+               "WHERE backend_type = 'pg_emit worker' AND wait_event = 'SyncRep'")
+
+    def standby(names):
+        with cluster.connect() as c:
+            c.execute(f"ALTER SYSTEM SET synchronous_standby_names = '{names}'")
+            c.execute("SELECT pg_reload_conf()")
+    try:
+        db.execute(f"INSERT INTO {table} VALUES (1)")
+        assert len(rx.wait_for(1, timeout=10)) == 1
+        assert wait_until(lambda: db.one(
+            "SELECT count(*) FROM emit.outbox WHERE port = %s", (port,)) == 0, 10)
+        standby("nobody")
+        try:
+            with cluster.connect(DB) as w:
+                w.execute("SET synchronous_commit = local")  # this writer does not wait
+                w.execute(f"INSERT INTO {table} VALUES (2)")
+            assert wait_until(lambda: db.one(waiting) == 1, 10)
+            time.sleep(0.5)
+            assert len(rx.messages) == 1
+        finally:
+            standby("")
+        assert len(rx.wait_for(2, timeout=10)) == 2
+        assert db.one(waiting) == 0
+    finally:
+        rx.close()

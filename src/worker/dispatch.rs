@@ -6,7 +6,7 @@
 use super::capture::Captures;
 use super::live::{self, Live};
 use super::queue::{claim, record, DESTINATIONS_SQL};
-use super::txn::{stop_or_raise, transaction};
+use super::txn::{commit_without_waiting, stop_or_raise, transaction};
 use super::{database_wanted, Stop, Stopping};
 use crate::backoff::{self, Backoff};
 use crate::plans;
@@ -383,11 +383,16 @@ impl Worker {
         let ws = worker_settings();
         let mut logs = Vec::new();
         let result = transaction(c"pg_emit: recording deliveries", || {
-            crate::privileged::commit_without_waiting();
             Spi::connect_mut(|c| -> Result<Vec<i64>, pgrx::spi::Error> {
                 let mut dead = Vec::new();
                 for (key, job, out) in &done {
                     dead.push(record(c, key, job, out, &ws)?);
+                }
+                // A dead letter waits: lost, its event would come back
+                // and go out after later events of its key that were sent
+                // meanwhile.
+                if dead.iter().all(|&d| d == 0) {
+                    commit_without_waiting();
                 }
                 Ok(dead)
             })
