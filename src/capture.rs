@@ -43,7 +43,10 @@ const NAME_LOCK_KIND: u16 = 0x4363;
 /// takes the place of. The lock writes nothing, which a transaction that
 /// creates a slot must not have done. The worker takes it (`wait` false:
 /// false if another holds it) before it drops a slot left over, so as not
-/// to drop one a `create_capture` of that name has just made again.
+/// to drop one a `create_capture` of that name has just made again, and
+/// before it reads or moves a capture's slot: `drop_capture` takes it
+/// (waiting for the worker's pass to end) so that the worker cannot take
+/// up the slot between `drop_capture` finding it unused and dropping it.
 pub fn lock_name(name: &str, wait: bool) -> bool {
     // SAFETY: a transaction lock on a tag of our own, released when the
     // transaction ends; the hash only spreads names over tags.
@@ -426,6 +429,7 @@ mod emit {
         const F: &str = "emit.drop_capture";
         // SAFETY: as in create_capture.
         unsafe { pg_sys::PreventInTransactionBlock(true, c"emit.drop_capture()".as_ptr()) };
+        lock_name(name, true);
         let slot = as_emit_owner(|| {
             Spi::get_one_with_args::<String>(
                 "DELETE FROM emit.capture_definitions WHERE name = $1 RETURNING slot",

@@ -479,6 +479,10 @@ fn drop_orphans(seen: &[String]) -> Result<Vec<String>, pgrx::spi::Error> {
 
 /// Moves the slot to what is queued (see the module's comment).
 fn advance(def: &Definition) -> Result<(), pgrx::spi::Error> {
+    // As in capture(): the next pass moves it.
+    if !crate::capture::lock_name(&def.name, false) {
+        return Ok(());
+    }
     Spi::connect(|c| {
         quiet(c)?;
         c.select(
@@ -564,6 +568,16 @@ fn capture(def: &Definition, seen: u64, stale: bool) -> Result<Pass, pgrx::spi::
     // Read-only until there is something to queue: a look that writes
     // nothing writes no WAL, which the next look would decode again.
     // (pgrx's read-write SPI gives the transaction an xid at once.)
+    let skipped = Pass {
+        events: 0,
+        full: false,
+        flushed: seen,
+        recorded: false,
+    };
+    // A drop_capture of it is under way: leave its slot alone.
+    if !crate::capture::lock_name(&def.name, false) {
+        return Ok(skipped);
+    }
     Spi::connect(|c| {
         quiet(c)?;
         let row = c
@@ -577,12 +591,7 @@ fn capture(def: &Definition, seen: u64, stale: bool) -> Result<Pass, pgrx::spi::
             )?
             .first();
         if row.is_empty() {
-            return Ok(Pass {
-                events: 0,
-                full: false,
-                flushed: seen,
-                recorded: false,
-            });
+            return Ok(skipped);
         }
         let (queued, flushed, slot_exists) = row.get_three::<String, String, bool>()?;
         if slot_exists != Some(true) {
