@@ -19,9 +19,9 @@ thread_local! {
 /// its order: a job's deliveries and progress (those events are sent
 /// again under the same ids, which receivers drop), its failed attempts,
 /// counters and response-log rows. The next transaction that waits (a
-/// claim that numbers events) flushes it too. Writers' commits share
-/// their flushes with fewer others: a wait per acknowledgement cost the
-/// worker a fifth of its CPU per event under pgbench.
+/// claim that numbers events) flushes it too. The worker then makes one
+/// WAL flush per job instead of two, and writers' commits share theirs
+/// with fewer others (see docs/performance.md for what it measured).
 pub(super) fn commit_without_waiting() {
     NO_WAIT.set(true);
 }
